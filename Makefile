@@ -1,0 +1,33 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := proto/fleetwatch/v1/telemetry.proto
+
+.PHONY: demo test proto bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fleetwatchctl demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerates the committed gRPC modules with the grpcio-tools pinned in pyproject's test extra.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)
+
+bench: $(STAMP)
+	$(PY) tests/bench/agent_cycle.py
+	$(PY) tests/bench/demo_ingest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

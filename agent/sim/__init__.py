@@ -1,0 +1,1 @@
+"""Simulated GPUs: a pynvml-compatible fake NVML over a simulated node with fault injection."""

@@ -1,0 +1,1 @@
+"""Agent data sources: one module per source (NVML, host, ...)."""

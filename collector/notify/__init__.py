@@ -1,0 +1,1 @@
+"""Notifiers: one module per alert destination."""

@@ -1,0 +1,1 @@
+"""Storage through SQLAlchemy Core: SQLite (embedded default) or PostgreSQL."""

@@ -1,0 +1,1 @@
+"""Detectors: one module per detector, pure functions of recent data -> findings."""

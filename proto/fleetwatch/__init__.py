@@ -1,0 +1,1 @@
+"""fleetwatch: the wire contract package (generated modules live in fleetwatch.v1)."""
