@@ -1,1 +1,28 @@
-"""Detectors: one module per detector, pure functions of recent data -> findings."""
+"""Detectors: one module per detector, pure functions of recent data -> findings; the registry."""
+
+from __future__ import annotations
+
+from detectors.gpu_lost import GpuLostDetector
+from detectors.model import Detector
+from detectors.node_silent import NodeSilentDetector
+from detectors.thermal import ThermalDetector
+from detectors.xid import XidDetector
+
+# The registry: every detector the collector and replay run by default, in evaluation order.
+# Adding a detector is one line here; importing this package registers nothing else.
+DETECTORS: tuple[type[Detector], ...] = (
+    XidDetector,
+    GpuLostDetector,
+    ThermalDetector,
+    NodeSilentDetector,
+)
+
+
+def default_detectors() -> list[Detector]:
+    """One instance of every registered detector, with its default thresholds."""
+    return [cls() for cls in DETECTORS]
+
+
+def detector_ids() -> list[str]:
+    """The ids of the registered detectors, in registry order."""
+    return [cls.id for cls in DETECTORS]

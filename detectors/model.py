@@ -132,3 +132,32 @@ class Detector(Protocol):
     window_seconds: float
 
     def detect(self, window: Window) -> list[Finding]: ...
+
+
+def rebooted_after(nodes: Mapping[str, NodeState], node: str, t: float) -> bool:
+    """True when `node` has come up in a new boot since time `t` (its boot_id changed after t)."""
+    state = nodes.get(node)
+    return state is not None and state.boot_seen_at is not None and state.boot_seen_at > t
+
+
+def held_episode(
+    times: Sequence[float], now: float, hold_seconds: float, boot_seen_at: float | None
+) -> Sequence[float]:
+    """The occurrences (sorted times, all <= now) of the episode still held at `now`, or empty.
+
+    An episode ends when the node reboots after an occurrence (boot_seen_at later than it) or when
+    more than `hold_seconds` pass without a new one; a later occurrence starts a new episode.
+    """
+    if not times:
+        return ()
+    last = times[-1]
+    if (boot_seen_at is not None and boot_seen_at > last) or now - last > hold_seconds:
+        return ()
+    first = len(times) - 1
+    while first > 0:
+        previous = times[first - 1]
+        rebooted_between = boot_seen_at is not None and boot_seen_at > previous
+        if rebooted_between or times[first] - previous > hold_seconds:
+            break
+        first -= 1
+    return times[first:]

@@ -237,20 +237,26 @@ class StepReport(_message.Message):
     def __init__(self, t: _Optional[float] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., gpu: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("seq", "t", "gpus", "host", "events", "steps")
+    __slots__ = ("seq", "t", "gpus", "host", "events", "steps", "spool_bytes", "spool_batches", "boot_id")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     seq: int
     t: float
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSample]
     host: HostSample
     events: _containers.RepeatedCompositeFieldContainer[Event]
     steps: _containers.RepeatedCompositeFieldContainer[StepReport]
-    def __init__(self, seq: _Optional[int] = ..., t: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., host: _Optional[_Union[HostSample, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ...) -> None: ...
+    spool_bytes: int
+    spool_batches: int
+    boot_id: str
+    def __init__(self, seq: _Optional[int] = ..., t: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., host: _Optional[_Union[HostSample, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., spool_bytes: _Optional[int] = ..., spool_batches: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "batch")

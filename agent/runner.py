@@ -1,0 +1,305 @@
+"""The agent's loops: sample on a timer, send events the moment they are seen, spool, stream, resend.
+
+Every batch goes to the on-disk spool before it is sent and leaves it only when the collector
+acks it, so a collector restart, a network cut or an agent restart loses nothing: after
+reconnecting, the agent resends every un-acked batch in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+
+from agent import __version__
+from agent.asyncwait import wait_any
+from agent.config import AgentConfig
+from agent.sources.host import HostSource
+from agent.sources.nvml import NvmlSource
+from agent.spool import Spool
+from agent.systemd import notify, watchdog_interval_seconds
+from fleetwatch.v1 import telemetry_pb2 as pb
+from fleetwatch.wire import event_from_dict, fill_metrics
+
+log = logging.getLogger(__name__)
+
+STREAM_METHOD = "/fleetwatch.v1.Telemetry/Stream"
+WELCOME_TIMEOUT_SECONDS = 10.0
+
+
+def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: a fleet of agents must not reconnect in lockstep."""
+    ceiling = min(maximum, minimum * (2**attempt))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+def gpu_sample_message(sample: dict[str, Any]) -> pb.GpuSample:
+    msg = pb.GpuSample(gpu=int(sample["gpu"]), t=float(sample["t"]), uuid=sample.get("uuid") or "")
+    if sample.get("job"):
+        msg.job = str(sample["job"])
+    if sample.get("rank") is not None:
+        msg.rank = int(sample["rank"])
+    fill_metrics(msg.metrics, sample["metrics"])
+    return msg
+
+
+class Agent:
+    """One node's agent. `run(stop)` returns after `stop` is set and the spool is drained (bounded)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        node: str,
+        host: HostSource,
+        spool: Spool,
+        nvml: NvmlSource | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.host = host
+        self.spool = spool
+        self.nvml = nvml
+        self.clock = clock
+        self.sampling_interval_seconds = config.sampling_interval_seconds
+        self.boot_id = host.boot_id()
+        self.connected = False
+        self._welcomed = False  # set once per connection, when the collector answered the hello
+        self.acked_seq = 0
+        self.batches_made = 0
+        self.sample_seconds_last = 0.0
+        self._spool_lock = threading.Lock()  # the sampler and the XID thread both append
+        self._stopping = threading.Event()
+        self._rng = random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_sender: asyncio.Event | None = None
+        self._acked: asyncio.Event | None = None
+
+    # -- producing batches -------------------------------------------------------------------
+
+    def _spool_batch(self, gpus: list[dict], host_metrics: dict | None, events: list[dict], t: float) -> int:
+        batch = pb.Batch(t=t, boot_id=self.boot_id)
+        batch.gpus.extend(gpu_sample_message(s) for s in gpus)
+        if host_metrics is not None:
+            batch.host.t = t
+            fill_metrics(batch.host.metrics, host_metrics)
+        batch.events.extend(event_from_dict(e) for e in events)
+        with self._spool_lock:
+            seq = self.spool.next_seq()
+            batch.seq = seq
+            batch.spool_bytes = self.spool.bytes
+            batch.spool_batches = self.spool.count
+            self.spool.append(seq, pb.AgentMessage(batch=batch).SerializeToString())
+            self.batches_made += 1
+        if self._loop is not None and self._wake_sender is not None:
+            self._loop.call_soon_threadsafe(self._wake_sender.set)
+        return seq
+
+    def sample_once(self) -> int:
+        """One sampling cycle (blocking: NVML and psutil calls); returns the batch's seq."""
+        started = time.process_time()
+        t = self.clock()
+        gpus, events = self.nvml.sample() if self.nvml is not None else ([], [])
+        host_metrics = self.host.sample()
+        for event in events:
+            log.warning("GPU %s: %s (%s)", event.get("gpu"), event.get("kind"), event.get("message"))
+        seq = self._spool_batch(gpus, host_metrics, events, t)
+        self.sample_seconds_last = time.process_time() - started
+        return seq
+
+    def _xid_thread(self) -> None:
+        """Waits on NVML events in its own thread; each XID goes out in a batch of its own at once."""
+        assert self.nvml is not None
+        while not self._stopping.is_set():
+            try:
+                events = self.nvml.wait_events(1.0)
+            except Exception:  # a driver hiccup must not end XID watching for good
+                log.exception("waiting for NVML events failed; retrying in 5 s")
+                self._stopping.wait(5.0)
+                continue
+            if events:
+                for event in events:
+                    log.warning("XID %s on GPU %s", event.get("xid"), event.get("gpu"))
+                self._spool_batch([], None, events, self.clock())
+
+    async def _sample_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        watchdog = watchdog_interval_seconds()
+        next_tick = loop.time()
+        while not stop.is_set():
+            try:
+                await asyncio.to_thread(self.sample_once)
+            except Exception:  # e.g. a full disk under the spool: keep the loop alive and say so
+                log.exception("sampling cycle failed")
+            if watchdog is not None:
+                notify("WATCHDOG=1")
+            next_tick += self.sampling_interval_seconds
+            if next_tick < loop.time():  # fell behind: skip missed ticks instead of bursting
+                next_tick = loop.time()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_tick - loop.time()))
+            except TimeoutError:
+                pass
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def _hello(self) -> bytes:
+        hello = pb.Hello(
+            node=self.node,
+            boot_id=self.boot_id,
+            agent_version=__version__,
+            sampling_interval_seconds=self.sampling_interval_seconds,
+            t=self.clock(),
+            nvml_available=self.nvml is not None,
+        )
+        for info in self.nvml.inventory if self.nvml is not None else []:
+            gpu = hello.gpus.add(
+                index=info["index"],
+                uuid=info.get("uuid") or "",
+                name=info.get("name") or "",
+                pci_bus_id=info.get("pci_bus_id") or "",
+                serial=info.get("serial") or "",
+                driver_version=info.get("driver_version") or "",
+                cuda_version=info.get("cuda_version") or "",
+            )
+            for key in ("memory_total_bytes", "power_limit_watts", "sm_clock_max_mhz", "mem_clock_max_mhz"):
+                if info.get(key) is not None:
+                    setattr(gpu, key, type(getattr(gpu, key))(info[key]))
+        return pb.AgentMessage(hello=hello).SerializeToString()
+
+    def _on_ack(self, seq: int) -> None:
+        with self._spool_lock:
+            self.spool.ack(seq)
+        self.acked_seq = max(self.acked_seq, seq)
+
+    async def _read_replies(self, call: Any) -> None:
+        assert self._acked is not None
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                raise ConnectionError("collector closed the stream")
+            body = msg.WhichOneof("body")
+            if body == "ack":
+                self._on_ack(msg.ack.seq)
+                self._acked.set()
+            elif body == "settings":
+                interval = msg.settings.sampling_interval_seconds
+                if interval > 0 and interval != self.sampling_interval_seconds:
+                    log.info("collector set the sampling interval to %.3g s", interval)
+                    self.sampling_interval_seconds = interval
+
+    async def _stream_once(self, channel: grpc.aio.Channel, stop_sending: asyncio.Event) -> None:
+        assert self._wake_sender is not None and self._acked is not None
+        call = channel.stream_stream(
+            STREAM_METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString
+        )()
+        try:
+            await call.write(self._hello())
+            first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_SECONDS)
+            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+                raise ConnectionError("collector did not answer the hello with a welcome")
+            held = first.welcome.last_seq
+            with self._spool_lock:
+                self.spool.ensure_seq_above(held)
+            self._on_ack(held)
+            self.connected = True
+            self._welcomed = True
+            log.info(
+                "connected to collector %s (it holds up to seq %d; %d batches to send)",
+                self.config.collector_address,
+                held,
+                self.spool.count,
+            )
+            reader = asyncio.create_task(self._read_replies(call))
+            sent = self.acked_seq
+            try:
+                while True:
+                    if reader.done():
+                        reader.result()  # raises why the stream ended
+                    self._wake_sender.clear()
+                    room = self.config.max_in_flight_batches - (sent - self.acked_seq)
+                    if room > 0:
+                        with self._spool_lock:
+                            pending = self.spool.pending(after_seq=sent)[:room]
+                        for seq, payload in pending:
+                            await call.write(payload)
+                            sent = seq
+                    if stop_sending.is_set() and self.spool.count == 0:
+                        return
+                    self._acked.clear()
+                    await wait_any(self._wake_sender, self._acked, reader, timeout_seconds=1.0)
+            finally:
+                reader.cancel()
+        finally:
+            self.connected = False
+            call.cancel()
+
+    async def _send_loop(self, stop_sending: asyncio.Event) -> None:
+        attempt = 0
+        options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.config.collector_address, options=options) as channel:
+                    await self._stream_once(channel, stop_sending)
+                    return  # drained after stop
+            except asyncio.CancelledError:
+                raise
+            except (grpc.aio.AioRpcError, ConnectionError, TimeoutError, OSError) as exc:
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                attempt = 0 if self._welcomed else attempt + 1
+                self._welcomed = False
+                delay = backoff_seconds(attempt, self.config.reconnect_min_seconds, self.config.reconnect_max_seconds, self._rng)
+                log.warning(
+                    "collector %s: %s; %d batches spooled; reconnecting in %.1f s",
+                    self.config.collector_address,
+                    detail,
+                    self.spool.count,
+                    delay,
+                )
+            if stop_sending.is_set() and self.spool.count == 0:
+                return
+            await asyncio.sleep(delay)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake_sender = asyncio.Event()
+        self._acked = asyncio.Event()
+        self._stopping.clear()
+        stop_sending = asyncio.Event()
+        xid_thread = None
+        if self.nvml is not None:
+            xid_thread = threading.Thread(target=self._xid_thread, name=f"xid-{self.node}", daemon=True)
+            xid_thread.start()
+        sampler = asyncio.create_task(self._sample_loop(stop))
+        sender = asyncio.create_task(self._send_loop(stop_sending))
+        notify("READY=1")
+        log.info(
+            "agent for node %s sampling every %.3g s (%s)",
+            self.node,
+            self.sampling_interval_seconds,
+            f"{len(self.nvml.inventory)} GPUs" if self.nvml is not None else "host only, no NVML",
+        )
+        try:
+            await stop.wait()
+        finally:
+            notify("STOPPING=1")
+            self._stopping.set()
+            await asyncio.gather(sampler, return_exceptions=True)
+            stop_sending.set()
+            self._wake_sender.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(sender), self.config.stop_drain_seconds)
+            except TimeoutError:
+                log.warning("stopping with %d batches still spooled; they are sent on the next start", self.spool.count)
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            if xid_thread is not None:
+                xid_thread.join(timeout=2.0)

@@ -1,0 +1,184 @@
+"""Wires the collector together: store, ingest writer, gRPC service, detection loop, outbox, HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Sequence
+
+import grpc
+
+from agent.asyncwait import wait_any
+from collector.config import CollectorConfig
+from collector.detection import DetectionLoop, finding_from_alert
+from collector.ingest import IngestWriter
+from collector.outbox import Outbox
+from collector.server import IngestStats, TelemetryService
+from collector.storage.store import IngestBatch, Store
+from collector.web import WebServer
+from detectors import default_detectors
+from detectors.engine import RecentData, Tracker
+from fleetwatch.v1 import telemetry_pb2 as pb
+from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+PURGE_EVERY_SECONDS = 600.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class CollectorApp:
+    def __init__(self, config: CollectorConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = Store(config.database_url)
+        detectors = default_detectors()
+        self.recent = RecentData(retention_seconds=max(d.window_seconds for d in detectors))
+        self.tracker = Tracker(detectors)
+        self.stats = IngestStats()
+        self.writer = IngestWriter(self.store, self._on_stored, config.ingest_max_batches_per_commit)
+        self.targets = (["log"] if config.log_alerts else []) + [f"webhook:{url}" for url in config.webhook_urls]
+        self.outbox = Outbox(
+            self.store,
+            max_attempts=config.delivery_max_attempts,
+            backoff_min_seconds=config.delivery_backoff_min_seconds,
+            backoff_max_seconds=config.delivery_backoff_max_seconds,
+            timeout_seconds=config.webhook_timeout_seconds,
+            clock=clock,
+        )
+        self.detection = DetectionLoop(
+            self.store,
+            self.recent,
+            self.tracker,
+            targets=self.targets,
+            interval_seconds=config.detect_interval_seconds,
+            on_alerts_changed=self.outbox.wake,
+            clock=clock,
+        )
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._web: WebServer | None = None
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # -- ingest callbacks (event loop thread) -------------------------------------------------
+
+    def _on_hello(self, hello: pb.Hello, now: float) -> None:
+        interval = self.config.agent_sampling_interval_seconds or hello.sampling_interval_seconds or 1.0
+        self.recent.note_node(
+            hello.node, now, boot_id=hello.boot_id, sampling_interval_seconds=interval, gpu_count=len(hello.gpus) or None
+        )
+
+    def _on_stored(self, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
+        has_events = False
+        for item, new in zip(items, stored):
+            self.recent.note_node(item.node, item.received_at)
+            if not new:
+                continue
+            self.stats.batches += 1
+            self.stats.gpu_samples += len(item.gpu_samples)
+            self.stats.host_samples += len(item.host_samples)
+            self.stats.events += len(item.events)
+            for s in item.gpu_samples:
+                self.recent.add_gpu(s)
+            for h in item.host_samples:
+                self.recent.add_host(h)
+            for e in item.events:
+                self.recent.add_event(e)
+                has_events = True
+            for st in item.steps:
+                self.recent.add_step(st)
+        if has_events:
+            self.detection.trigger()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _warm_start(self) -> None:
+        """Reload what detection needs after a restart: firing alerts and the recent window."""
+        self.store.create_schema()
+        self.tracker.restore(finding_from_alert(a) for a in self.store.firing_alerts())
+        since = self.clock() - self.recent.retention_seconds
+        for node in self.store.nodes():
+            self.recent.note_node(
+                node["node"],
+                node["last_seen"],
+                boot_id=node["boot_id"],
+                sampling_interval_seconds=node["sampling_interval_seconds"],
+            )
+        for s in self.store.gpu_samples_since(since):
+            self.recent.add_gpu(s)
+        for h in self.store.host_samples_since(since):
+            self.recent.add_host(h)
+        for e in self.store.events_since(since):
+            self.recent.add_event(e)
+        for st in self.store.steps_since(since):
+            self.recent.add_step(st)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._warm_start)
+        self.writer.start()
+        service = TelemetryService(
+            self.store,
+            self.writer,
+            self.stats,
+            sampling_interval_seconds=self.config.agent_sampling_interval_seconds,
+            on_hello=self._on_hello,
+            clock=self.clock,
+        )
+        limit = self.config.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
+        )
+        pb_grpc.add_TelemetryServicer_to_server(service, self._server)
+        try:
+            self.grpc_port = self._server.add_insecure_port(self.config.grpc_listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for agents on {self.config.grpc_listen}: {exc}") from None
+        await self._server.start()
+        host, port = split_address(self.config.http_listen)
+        self._web = WebServer(self, host, port)
+        self.http_port = self._web.port
+        self._web.start()
+        self._tasks = [
+            asyncio.create_task(self.detection.run(self._stop), name="detection"),
+            asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
+            asyncio.create_task(self._purge_loop(), name="purge"),
+        ]
+        log.info(
+            "collector listening: gRPC %s (port %d), HTTP %s (port %d), database %s, %d alert targets",
+            self.config.grpc_listen,
+            self.grpc_port,
+            self.config.http_listen,
+            self.http_port,
+            self.store.url_for_log,
+            len(self.targets),
+        )
+
+    async def _purge_loop(self) -> None:
+        retention_seconds = self.config.retention_hours * 3600
+        while not self._stop.is_set():
+            try:
+                deleted = await asyncio.to_thread(self.store.purge, self.clock() - retention_seconds)
+                if deleted:
+                    log.info("retention: purged %d rows older than %.0f h", deleted, self.config.retention_hours)
+            except Exception:
+                log.exception("retention purge failed")
+            await wait_any(self._stop, timeout_seconds=PURGE_EVERY_SECONDS)
+
+    async def stop(self, grace_seconds: float = 2.0) -> None:
+        self._stop.set()
+        if self._server is not None:
+            await self._server.stop(grace_seconds)
+        await asyncio.to_thread(self.writer.stop)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._web is not None:
+            self._web.stop()
+        self.store.close()

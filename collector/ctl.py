@@ -1,0 +1,151 @@
+"""`fleetwatchctl`: fleet status and alerts from a running collector, offline detection, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+from collector.web import HEALTH_MARK
+
+DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9471"
+
+
+class CtlError(Exception):
+    pass
+
+
+def fetch_json(base_url: str, path: str, timeout_seconds: float = 10.0) -> Any:
+    url = base_url.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_seconds) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise CtlError(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise CtlError(f"cannot reach the collector at {base_url} ({getattr(exc, 'reason', exc)}); is it running? (--collector URL)") from None
+
+
+def format_status(status: dict, out: TextIO) -> None:
+    nodes = status["nodes"]
+    if not nodes:
+        print("no nodes have reported yet", file=out)
+        return
+    print(f"{'NODE':<16} {'AGENT':<8} {'HEALTH':<9} GPUS (. ok, W warning, C critical)", file=out)
+    for node in nodes:
+        marks = "".join(HEALTH_MARK[g["health"]] for g in node["gpus"]) or "-"
+        agent = "up" if node["connected"] else "down"
+        print(f"{node['node']:<16} {agent:<8} {node['health']:<9} {marks}", file=out)
+        for gpu in node["gpus"]:
+            if gpu["alerts"]:
+                print(f"{'':<16}   gpu {gpu['gpu']} {gpu['uuid'] or ''}: {', '.join(gpu['alerts'])}", file=out)
+    print(f"{status['alerts_firing']} alerts firing", file=out)
+
+
+def format_alerts(alerts: list[dict], out: TextIO) -> None:
+    if not alerts:
+        print("no alerts", file=out)
+        return
+    print(f"{'STATUS':<9} {'SEVERITY':<9} {'DETECTOR':<20} {'NODE':<12} {'GPU':<4} {'ACTION':<17} SUMMARY", file=out)
+    for a in alerts:
+        gpu = "-" if a["gpu"] is None else str(a["gpu"])
+        print(
+            f"{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} {a['action']:<17} {a['summary']}",
+            file=out,
+        )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = fetch_json(args.collector, "/api/v1/status")
+    if args.json:
+        json.dump(status, sys.stdout)
+        print()
+    else:
+        format_status(status, sys.stdout)
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    alerts = fetch_json(args.collector, f"/api/v1/alerts?status={args.status}&limit={args.limit}")["alerts"]
+    if args.json:
+        for a in alerts:
+            print(json.dumps(a))
+    else:
+        format_alerts(alerts, sys.stdout)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from detectors.replay import ReplayError, read_records, replay
+
+    source = sys.stdin if args.replay == "-" else open(args.replay, encoding="utf-8")
+    try:
+        with source:
+            findings = replay(read_records(source))
+    except ReplayError as exc:
+        raise CtlError(f"{args.replay}: {exc}") from None
+    for finding in findings:
+        print(finding.to_json())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from collector.demo import run_demo
+
+    summary = run_demo(duration_seconds=args.duration, nodes=args.nodes, gpus=args.gpus, json_output=args.json)
+    return 0 if summary["alerts"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetwatchctl", description="Look at and test a fleetwatch deployment.")
+    parser.add_argument(
+        "--collector",
+        default=os.environ.get("FLEETWATCH_COLLECTOR_URL", DEFAULT_COLLECTOR_URL),
+        help=f"collector HTTP address [default: {DEFAULT_COLLECTOR_URL}; env FLEETWATCH_COLLECTOR_URL]",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("status", help="nodes and GPUs with their health")
+    p.add_argument("--json", action="store_true", help="print the status API's JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("alerts", help="alerts, firing by default")
+    p.add_argument("--status", choices=("firing", "resolved", "all"), default="firing")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("detect", help="run the detectors offline over a replay file; findings as JSON Lines")
+    p.add_argument("--replay", required=True, metavar="FILE", help="JSON Lines replay records (see DESIGN.md); - for stdin")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser(
+        "demo",
+        help="a collector, 4 simulated 8-GPU nodes and a webhook receiver on loopback, with an XID 79 and a thermal slowdown",
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="seconds to run [default: 30]")
+    p.add_argument("--nodes", type=int, default=4, help="simulated nodes [default: 4]")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per node [default: 8]")
+    p.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CtlError as exc:
+        print(f"fleetwatchctl: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"fleetwatchctl: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

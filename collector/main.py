@@ -1,0 +1,68 @@
+"""`fleetwatch-collector`: the fleet's collector daemon (one per cluster, run by systemd)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from agent.configfile import ConfigError, add_flags, describe, load_config
+from agent.systemd import notify, setup_logging
+from collector.app import CollectorApp
+from collector.config import DEFAULT_PATH, CollectorConfig
+from collector.storage.store import StoreError
+
+log = logging.getLogger("collector")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetwatch-collector",
+        description=(
+            "Receives agent streams over gRPC, stores them (SQLite by default, PostgreSQL by URL), "
+            "runs the detectors, raises alerts to the log and webhooks, and serves /metrics and a "
+            "JSON API. Settings come from the TOML file, then FLEETWATCH_<KEY> variables, then flags."
+        ),
+    )
+    parser.add_argument("--config", default=DEFAULT_PATH, help=f"TOML configuration file [default: {DEFAULT_PATH}; missing is fine]")
+    add_flags(parser, CollectorConfig)
+    return parser
+
+
+async def serve(config: CollectorConfig) -> None:
+    app = CollectorApp(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    notify("READY=1")
+    try:
+        await stop.wait()
+    finally:
+        notify("STOPPING=1")
+        log.info("stopping")
+        await app.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(CollectorConfig, path=args.config, flags=args)
+    except ConfigError as exc:
+        print(f"fleetwatch-collector: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    log.info("starting with %s", describe(config))
+    try:
+        asyncio.run(serve(config))
+    except (StoreError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Writes every alert transition to the collector's log (journald under systemd)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from collector.notify.base import Notifier
+
+log = logging.getLogger("fleetwatch.alerts")
+
+
+class LogNotifier(Notifier):
+    scheme = "log"
+
+    def send(self, alert: Mapping[str, Any], transition: str) -> None:
+        where = " ".join(f"{k}={alert[k]}" for k in ("node", "gpu", "job", "rank") if alert.get(k) is not None)
+        level = logging.WARNING if transition == "firing" and alert["severity"] != "info" else logging.INFO
+        log.log(
+            level,
+            "%s %s %s [%s] %s (action: %s)",
+            transition.upper(),
+            alert["severity"],
+            alert["detector"],
+            where,
+            alert["summary"],
+            alert["action"],
+        )

@@ -1,0 +1,250 @@
+"""The collector's tables as SQLAlchemy Core metadata, the same on SQLite and PostgreSQL.
+
+Timestamps are float Unix seconds (the wire's `t`), so no dialect's datetime handling is involved.
+GPU, host and InfiniBand sample tables are wide: one nullable column per canonical field, generated
+from `fleetwatch.wire`, so a field the hardware does not support is stored as NULL, never 0.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.types import TypeEngine
+
+from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
+
+# Bump when a table or column changes; Store.create_schema refuses a database with a newer one.
+SCHEMA_VERSION = 1
+
+# meta row holding SCHEMA_VERSION.
+SCHEMA_VERSION_KEY = "schema_version"
+
+ALERT_STATUSES = ("firing", "resolved")
+DELIVERY_STATES = ("pending", "sent", "failed")
+
+# A column named in IB_FIELDS that is text, not a number.
+_IB_TEXT_FIELDS = frozenset({"ib_state"})
+
+# Deterministic constraint names keep DDL identical on both dialects and readable in errors.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+# SQLite only makes "INTEGER PRIMARY KEY" an alias of rowid (auto-increment); BIGINT elsewhere.
+_ROW_ID_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _row_id() -> Column:
+    return Column("id", _ROW_ID_TYPE, primary_key=True)
+
+
+def _metric_type(name: str) -> TypeEngine:
+    # Counters and bitmasks are uint64 on the wire; BIGINT keeps them exact (a double would not).
+    return BigInteger() if name in INTEGER_FIELDS else Double()
+
+
+def _metric_columns(names: tuple[str, ...]) -> list[Column]:
+    return [Column(name, _metric_type(name), nullable=True) for name in names]
+
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("node", String(255), primary_key=True),
+    Column("boot_id", String(64), nullable=False),
+    Column("agent_version", String(64), nullable=False, default=""),
+    Column("nvml_available", Boolean, nullable=False, default=True),
+    Column("sampling_interval_seconds", Double, nullable=True),
+    Column("first_seen", Double, nullable=False),
+    Column("last_seen", Double, nullable=False),
+    Column("boot_seen_at", Double, nullable=False),
+)
+
+gpus = Table(
+    "gpus",
+    metadata,
+    Column("node", String(255), ForeignKey("nodes.node", ondelete="CASCADE"), primary_key=True),
+    Column("gpu", Integer, primary_key=True),  # NVML index
+    Column("uuid", String(64), nullable=True),
+    Column("name", String(255), nullable=True),
+    Column("pci_bus_id", String(32), nullable=True),
+    Column("serial", String(64), nullable=True),
+    Column("memory_total_bytes", BigInteger, nullable=True),
+    Column("driver_version", String(64), nullable=True),
+    Column("cuda_version", String(64), nullable=True),
+    Column("power_limit_watts", Double, nullable=True),
+    Column("sm_clock_max_mhz", Double, nullable=True),
+    Column("mem_clock_max_mhz", Double, nullable=True),
+    Column("updated_at", Double, nullable=False),
+)
+
+# One row per stored agent batch: the key that makes ingest idempotent across resends.
+batches = Table(
+    "batches",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("boot_id", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("received_at", Double, nullable=False),
+    UniqueConstraint("node", "boot_id", "seq"),
+    Index(None, "received_at"),
+)
+
+gpu_samples = Table(
+    "gpu_samples",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("gpu", Integer, nullable=False),
+    Column("ts", Double, nullable=False),
+    Column("uuid", String(64), nullable=True),
+    Column("job", String(255), nullable=True),
+    Column("rank", Integer, nullable=True),
+    *_metric_columns(GPU_FIELDS),
+    Index(None, "node", "gpu", "ts"),
+    # Fleet-wide window reads and retention select by time alone.
+    Index(None, "ts"),
+)
+
+host_samples = Table(
+    "host_samples",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("ts", Double, nullable=False),
+    *_metric_columns(HOST_FIELDS),
+    Index(None, "node", "ts"),
+    Index(None, "ts"),
+)
+
+ib_samples = Table(
+    "ib_samples",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("ts", Double, nullable=False),
+    Column("device", String(64), nullable=False),
+    Column("port", Integer, nullable=False),
+    *(
+        Column(name, String(32) if name in _IB_TEXT_FIELDS else _metric_type(name), nullable=True)
+        for name in IB_FIELDS
+    ),
+    Index(None, "node", "ts"),
+    Index(None, "ts"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("ts", Double, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("gpu", Integer, nullable=True),
+    Column("xid", Integer, nullable=True),
+    Column("pci_bus_id", String(32), nullable=True),
+    Column("uuid", String(64), nullable=True),
+    Column("message", Text, nullable=False, default=""),
+    Column("source", String(32), nullable=True),
+    Index(None, "node", "ts"),
+    Index(None, "ts"),
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("ts", Double, nullable=False),
+    Column("job", String(255), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("seconds", Double, nullable=False),
+    Column("gpu", Integer, nullable=True),
+    Index(None, "job", "rank", "ts"),
+    Index(None, "ts"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    _row_id(),
+    Column("fingerprint", String(512), nullable=False),
+    Column("detector", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("node", String(255), nullable=True),
+    Column("gpu", Integer, nullable=True),
+    Column("job", String(255), nullable=True),
+    Column("rank", Integer, nullable=True),
+    Column("summary", Text, nullable=False),
+    Column("evidence", Text, nullable=False, default="{}"),  # JSON object
+    Column("status", String(16), nullable=False),
+    Column("starts_at", Double, nullable=False),
+    Column("ends_at", Double, nullable=True),
+    Column("updated_at", Double, nullable=False),
+    Index(None, "status", "fingerprint"),
+    # At most one firing alert per fingerprint, even when two collectors share the database.
+    Index(
+        "uq_alerts_firing_fingerprint",
+        "fingerprint",
+        unique=True,
+        sqlite_where=text("status = 'firing'"),
+        postgresql_where=text("status = 'firing'"),
+    ),
+)
+
+# The outbox: one row per (alert transition, notifier target), committed with the alert change.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    _row_id(),
+    Column("alert_id", _ROW_ID_TYPE, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("transition", String(16), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("sent_at", Double, nullable=True),
+    Index(None, "state", "next_attempt_at"),
+    Index(None, "alert_id"),
+)
+
+# Tables whose rows age out (Store.purge), each with the column that holds the row's time.
+RETENTION_TABLES: tuple[tuple[Table, str], ...] = (
+    (gpu_samples, "ts"),
+    (host_samples, "ts"),
+    (ib_samples, "ts"),
+    (events, "ts"),
+    (steps, "ts"),
+    (batches, "received_at"),
+)

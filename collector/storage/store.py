@@ -1,0 +1,875 @@
+"""Every database read and write of the collector, on SQLite (embedded) or PostgreSQL (shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RowMapping,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from collector.storage import schema
+from detectors.model import Event, Finding, GpuSample, HostSample, Step
+from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
+
+# How long an SQLite writer waits for another writer's lock; well above one purge chunk's time.
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+# A collector should fail start-up within seconds, not hang, when PostgreSQL is unreachable.
+PG_CONNECT_TIMEOUT_SECONDS = 10
+# Notifier errors can be whole HTTP bodies; keep what fits a log line.
+LAST_ERROR_MAX_CHARS = 2000
+
+# BIGINT is signed; NVML reports "not available" in uint64 fields as all-ones, never a real count.
+_INT64_MAX = 2**63 - 1
+_INT64_MIN = -(2**63)
+
+# IB_FIELDS holds ib_state (text) beside the numeric port counters.
+_IB_METRIC_FIELDS: tuple[str, ...] = tuple(f for f in IB_FIELDS if f != "ib_state")
+
+# Execution option that makes the SQLite "begin" hook take the write lock up front.
+_WRITE_OPTION = "fleetwatch_write"
+
+
+class StoreError(Exception):
+    """The database cannot be reached or cannot take the write (full disk, lost connection).
+
+    Nothing of the failed call was committed; the caller may keep serving and retry later.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class IngestBatch:
+    """One agent batch as stored: its idempotency key (node, boot_id, seq) and its records."""
+
+    node: str
+    boot_id: str
+    seq: int
+    received_at: float
+    gpu_samples: Sequence[GpuSample] = ()
+    host_samples: Sequence[HostSample] = ()
+    # Dicts with keys t, device, port, ib_state and the numeric IB_FIELDS (absent = unsupported).
+    ib_ports: Sequence[Mapping[str, Any]] = ()
+    events: Sequence[Event] = ()
+    steps: Sequence[Step] = ()
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.node, self.boot_id, int(self.seq))
+
+
+def redact_url(url: str | URL) -> str:
+    """The database URL with its password replaced, fit for logs and error messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (sa_exc.ArgumentError, ValueError, TypeError):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+
+
+class Store:
+    """The collector's database: samples, node inventory, alerts and their delivery outbox."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = redact_url(url)
+        try:
+            parsed = make_url(url)
+        except sa_exc.ArgumentError as exc:
+            raise StoreError(f"invalid database URL {self.url!r}: {exc}") from None
+        backend = parsed.get_backend_name()
+        engine_args: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+        if backend == "postgresql":
+            if parsed.drivername == "postgresql":
+                # The bare scheme means psycopg2 to SQLAlchemy; fleetwatch ships psycopg 3 only.
+                parsed = parsed.set(drivername="postgresql+psycopg")
+            if "connect_timeout" not in parsed.query:
+                engine_args["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
+        elif backend != "sqlite":
+            raise StoreError(
+                f"unsupported database {self.url!r}: use sqlite:///PATH or postgresql+psycopg://..."
+            )
+        try:
+            self._engine = create_engine(parsed, **engine_args)
+        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
+            raise StoreError(f"cannot use database {self.url!r}: {exc}") from None
+        self._sqlite = backend == "sqlite"
+        if self._sqlite:
+            _install_sqlite_hooks(self._engine)
+        self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
+        # Fail at start-up, naming the database, rather than at the first batch.
+        with self._read("connect") as conn:
+            conn.execute(select(1))
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            raise StoreError(self._describe(what, exc)) from exc
+        except sa_exc.TimeoutError as exc:  # every pooled connection busy
+            raise StoreError(f"{what} on {self.url}: {exc}") from exc
+
+    def _describe(self, what: str, exc: sa_exc.DBAPIError) -> str:
+        reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
+        message = f"{what} on {self.url} failed: {reason}"
+        if "full" in reason.lower():
+            message += " (free disk space or shorten retention; nothing of this call was stored)"
+        return message
+
+    @contextmanager
+    def _read(self, what: str) -> Iterator[Connection]:
+        with self._errors(what), self._engine.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _write(self, what: str) -> Iterator[Connection]:
+        """One transaction: committed when the block ends, rolled back when it raises."""
+        with self._errors(what), self._write_engine.begin() as conn:
+            yield conn
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create missing tables and record the schema version; refuse a newer database."""
+        for attempt in (1, 2):
+            try:
+                with self._write("create schema") as conn:
+                    version = _stored_schema_version(conn)
+                    if version is not None and version != schema.SCHEMA_VERSION:
+                        relation = "newer" if version > schema.SCHEMA_VERSION else "older"
+                        raise StoreError(
+                            f"database {self.url} has schema version {version}, {relation} than "
+                            f"this fleetwatch's {schema.SCHEMA_VERSION}; "
+                            + (
+                                "upgrade fleetwatch"
+                                if relation == "newer"
+                                else "no migration exists for it"
+                            )
+                        )
+                    schema.metadata.create_all(conn)
+                    if version is None:
+                        conn.execute(
+                            insert(schema.meta).values(
+                                key=schema.SCHEMA_VERSION_KEY, value=str(schema.SCHEMA_VERSION)
+                            )
+                        )
+                return
+            except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
+                # Two collectors creating the schema at once on PostgreSQL: the loser's CREATE
+                # fails; on the second pass it finds the winner's tables.
+                if attempt == 2:
+                    raise
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    def ingest(self, items: Sequence[IngestBatch]) -> list[bool]:
+        """Store batches in one transaction; per item True = stored, False = already held."""
+        stored = [False] * len(items)
+        first_index: dict[tuple[str, str, int], int] = {}
+        for i, item in enumerate(items):
+            first_index.setdefault(item.key, i)  # a repeat inside the list is a duplicate too
+        unique = [(i, items[i]) for i in first_index.values()]
+        if not unique:
+            return stored
+        try:
+            with self._write("ingest") as conn:
+                held = _held_batch_keys(conn, [item.key for _, item in unique])
+                fresh = [(i, item) for i, item in unique if item.key not in held]
+                _insert_batches(conn, [item for _, item in fresh])
+        except sa_exc.IntegrityError:
+            # Another collector sharing this database stored one of these keys between our check
+            # and our insert; settle item by item so the others still go in.
+            return self._ingest_one_by_one(unique, stored)
+        for i, _ in fresh:
+            stored[i] = True
+        return stored
+
+    def _ingest_one_by_one(
+        self, unique: list[tuple[int, IngestBatch]], stored: list[bool]
+    ) -> list[bool]:
+        for i, item in unique:
+            try:
+                with self._write("ingest") as conn:
+                    if _held_batch_keys(conn, [item.key]):
+                        continue
+                    _insert_batches(conn, [item])
+                stored[i] = True
+            except sa_exc.IntegrityError:
+                with self._read("ingest") as conn:
+                    if not _held_batch_keys(conn, [item.key]):
+                        raise  # a bad record, not a duplicate: acking it would lose it
+        return stored
+
+    def last_seq(self, node: str, boot_id: str) -> int:
+        """Highest stored seq of this node's boot; 0 when none (the wire's Welcome.last_seq)."""
+        b = schema.batches
+        with self._read("last_seq") as conn:
+            value = conn.execute(
+                select(func.max(b.c.seq)).where(b.c.node == node, b.c.boot_id == boot_id)
+            ).scalar()
+        return 0 if value is None else int(value)
+
+    # -- node inventory ---------------------------------------------------------------------
+
+    def upsert_node(
+        self,
+        node: str,
+        boot_id: str,
+        agent_version: str,
+        nvml_available: bool,
+        sampling_interval_seconds: float,
+        gpus: Sequence[Mapping[str, Any]],
+        seen_at: float,
+    ) -> None:
+        """Record an agent's Hello: node row (boot_seen_at moves only on a new boot), GPU rows."""
+        n, g = schema.nodes, schema.gpus
+        gpu_rows = [_gpu_info_row(node, info, seen_at) for info in gpus]
+        for attempt in (1, 2):
+            try:
+                with self._write("upsert node") as conn:
+                    current = conn.execute(
+                        select(n.c.boot_id, n.c.last_seen).where(n.c.node == node).with_for_update()
+                    ).first()
+                    values = {
+                        "boot_id": boot_id,
+                        "agent_version": agent_version or "",
+                        "nvml_available": bool(nvml_available),
+                        "sampling_interval_seconds": sampling_interval_seconds,
+                    }
+                    if current is None:
+                        conn.execute(
+                            insert(n).values(
+                                node=node,
+                                first_seen=seen_at,
+                                last_seen=seen_at,
+                                boot_seen_at=seen_at,
+                                **values,
+                            )
+                        )
+                    else:
+                        values["last_seen"] = max(current.last_seen, seen_at)
+                        if current.boot_id != boot_id:
+                            values["boot_seen_at"] = seen_at
+                        conn.execute(update(n).where(n.c.node == node).values(**values))
+                    conn.execute(delete(g).where(g.c.node == node))
+                    if gpu_rows:
+                        conn.execute(insert(g), gpu_rows)
+                return
+            except sa_exc.IntegrityError:
+                # Another collector inserted this node at the same moment; retry as an update.
+                if attempt == 2:
+                    raise
+
+    def touch_nodes(self, last_seen: Mapping[str, float]) -> None:
+        """Move each known node's last_seen forward (never back); unknown nodes are ignored."""
+        if not last_seen:
+            return
+        n = schema.nodes
+        stmt = (
+            update(n)
+            .where(n.c.node == bindparam("b_node"), n.c.last_seen < bindparam("b_seen_at"))
+            .values(last_seen=bindparam("b_seen_at"))
+        )
+        rows = [{"b_node": node, "b_seen_at": float(t)} for node, t in last_seen.items()]
+        with self._write("touch nodes") as conn:
+            conn.execute(stmt, rows)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        n = schema.nodes
+        with self._read("read nodes") as conn:
+            rows = conn.execute(select(n).order_by(n.c.node)).mappings().all()
+        return [{**row, "nvml_available": bool(row["nvml_available"])} for row in rows]
+
+    def gpus(self, node: str | None = None) -> list[dict[str, Any]]:
+        """GPU inventory rows: node, the GpuInfo keys (index = NVML index) and updated_at."""
+        g = schema.gpus
+        query = select(g).order_by(g.c.node, g.c.gpu)
+        if node is not None:
+            query = query.where(g.c.node == node)
+        with self._read("read gpus") as conn:
+            rows = conn.execute(query).mappings().all()
+        result = []
+        for row in rows:
+            info = {("index" if key == "gpu" else key): value for key, value in row.items()}
+            result.append(info)
+        return result
+
+    # -- sample reads -----------------------------------------------------------------------
+
+    def gpu_samples_since(self, ts: float) -> list[GpuSample]:
+        """GPU samples with t >= ts, oldest first."""
+        g = schema.gpu_samples
+        with self._read("read gpu samples") as conn:
+            rows = conn.execute(
+                select(g).where(g.c.ts >= ts).order_by(g.c.ts, g.c.id)
+            ).mappings()
+            return [_gpu_sample(row) for row in rows]
+
+    def latest_gpu_samples(self) -> dict[tuple[str, int], GpuSample]:
+        """The newest stored sample of every (node, gpu)."""
+        g = schema.gpu_samples
+        newest = (
+            select(g.c.node, g.c.gpu, func.max(g.c.ts).label("ts"))
+            .group_by(g.c.node, g.c.gpu)
+            .subquery()
+        )
+        query = (
+            select(g)
+            .join(
+                newest,
+                and_(g.c.node == newest.c.node, g.c.gpu == newest.c.gpu, g.c.ts == newest.c.ts),
+            )
+            .order_by(g.c.id)
+        )
+        latest: dict[tuple[str, int], GpuSample] = {}
+        with self._read("read latest gpu samples") as conn:
+            for row in conn.execute(query).mappings():
+                sample = _gpu_sample(row)
+                latest[(sample.node, sample.gpu)] = sample  # on a tie of ts the later row wins
+        return latest
+
+    def host_samples_since(self, ts: float) -> list[HostSample]:
+        """Host samples with t >= ts, oldest first."""
+        h = schema.host_samples
+        with self._read("read host samples") as conn:
+            rows = conn.execute(
+                select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)
+            ).mappings()
+            return [
+                HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS))
+                for row in rows
+            ]
+
+    def ib_samples_since(self, ts: float) -> list[dict[str, Any]]:
+        """InfiniBand port samples with t >= ts, oldest first, in the ingest dict shape plus node."""
+        ib = schema.ib_samples
+        with self._read("read ib samples") as conn:
+            rows = conn.execute(
+                select(ib).where(ib.c.ts >= ts).order_by(ib.c.ts, ib.c.id)
+            ).mappings()
+            result = []
+            for row in rows:
+                port: dict[str, Any] = {
+                    "t": row["ts"],
+                    "node": row["node"],
+                    "device": row["device"],
+                    "port": row["port"],
+                }
+                if row["ib_state"] is not None:
+                    port["ib_state"] = row["ib_state"]
+                port.update(_row_metrics(row, _IB_METRIC_FIELDS))
+                result.append(port)
+            return result
+
+    def events_since(self, ts: float) -> list[Event]:
+        """Events with t >= ts, oldest first."""
+        e = schema.events
+        with self._read("read events") as conn:
+            rows = conn.execute(
+                select(e).where(e.c.ts >= ts).order_by(e.c.ts, e.c.id)
+            ).mappings()
+            return [
+                Event(
+                    t=row["ts"],
+                    node=row["node"],
+                    kind=row["kind"],
+                    gpu=row["gpu"],
+                    xid=row["xid"],
+                    pci_bus_id=row["pci_bus_id"],
+                    uuid=row["uuid"],
+                    message=row["message"],
+                    source=row["source"],
+                )
+                for row in rows
+            ]
+
+    def steps_since(self, ts: float) -> list[Step]:
+        """Step reports with t >= ts, oldest first."""
+        s = schema.steps
+        with self._read("read steps") as conn:
+            rows = conn.execute(
+                select(s).where(s.c.ts >= ts).order_by(s.c.ts, s.c.id)
+            ).mappings()
+            return [
+                Step(
+                    t=row["ts"],
+                    job=row["job"],
+                    rank=row["rank"],
+                    node=row["node"],
+                    step=row["step"],
+                    seconds=row["seconds"],
+                    gpu=row["gpu"],
+                )
+                for row in rows
+            ]
+
+    def count_rows(self, table: str) -> int:
+        if table not in schema.metadata.tables:
+            raise ValueError(f"unknown table {table!r}; known: {sorted(schema.metadata.tables)}")
+        with self._read(f"count {table}") as conn:
+            return int(
+                conn.execute(select(func.count()).select_from(schema.metadata.tables[table])).scalar()
+            )
+
+    # -- alerts and the delivery outbox -----------------------------------------------------
+
+    def open_alert(self, finding: Finding, now: float, targets: Sequence[str]) -> int:
+        """Insert a firing alert and one pending delivery per target, in one transaction.
+
+        When an alert with the same fingerprint is already firing, return its id and add nothing.
+        """
+        a = schema.alerts
+        fingerprint = finding.fingerprint
+        try:
+            with self._write("open alert") as conn:
+                alert_id = _firing_alert_id(conn, fingerprint)
+                if alert_id is not None:
+                    return alert_id
+                alert_id = int(
+                    conn.execute(
+                        insert(a).values(
+                            fingerprint=fingerprint,
+                            detector=finding.detector,
+                            severity=finding.severity,
+                            action=finding.action,
+                            node=finding.node,
+                            gpu=finding.gpu,
+                            job=finding.job,
+                            rank=finding.rank,
+                            summary=finding.summary,
+                            evidence=json.dumps(dict(finding.evidence), sort_keys=True, default=str),
+                            status="firing",
+                            starts_at=finding.start,
+                            ends_at=None,
+                            updated_at=now,
+                        )
+                    ).inserted_primary_key[0]
+                )
+                _add_deliveries(conn, alert_id, "firing", targets, now)
+                return alert_id
+        except sa_exc.IntegrityError:
+            # Another collector sharing the database opened the same alert first (the firing
+            # fingerprint is unique); its alert is ours.
+            with self._read("open alert") as conn:
+                alert_id = _firing_alert_id(conn, fingerprint)
+            if alert_id is None:
+                raise
+            return alert_id
+
+    def resolve_alert(
+        self, fingerprint: str, end: float, now: float, targets: Sequence[str]
+    ) -> int | None:
+        """Mark the firing alert resolved and queue its 'resolved' deliveries; None when none fires."""
+        a = schema.alerts
+        with self._write("resolve alert") as conn:
+            alert_id = _firing_alert_id(conn, fingerprint, for_update=True)
+            if alert_id is None:
+                return None
+            changed = conn.execute(
+                update(a)
+                .where(a.c.id == alert_id, a.c.status == "firing")
+                .values(status="resolved", ends_at=end, updated_at=now)
+            ).rowcount
+            if changed != 1:
+                return None
+            _add_deliveries(conn, alert_id, "resolved", targets, now)
+            return alert_id
+
+    def firing_alerts(self) -> list[dict[str, Any]]:
+        """Every firing alert, oldest start first."""
+        a = schema.alerts
+        with self._read("read alerts") as conn:
+            rows = conn.execute(
+                select(a).where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id)
+            ).mappings()
+            return [_alert_dict(row) for row in rows]
+
+    def alerts(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts newest start first, optionally only those with `status`."""
+        if status is not None and status not in schema.ALERT_STATUSES:
+            raise ValueError(f"status {status!r} not in {schema.ALERT_STATUSES}")
+        a = schema.alerts
+        query = select(a).order_by(a.c.starts_at.desc(), a.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(a.c.status == status)
+        with self._read("read alerts") as conn:
+            return [_alert_dict(row) for row in conn.execute(query).mappings()]
+
+    def due_deliveries(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+        """Pending deliveries due by `now`, oldest first, each with its alert's fields.
+
+        Keys: id (the delivery's), alert_id, target, transition, state, attempts,
+        next_attempt_at, last_error, created_at, and the alert's fingerprint, detector, severity,
+        action, node, gpu, job, rank, summary, evidence (dict), status, starts_at, ends_at.
+        A delivery waits while an older one for the same alert and target is still pending, so a
+        receiver never sees 'resolved' before the 'firing' that is being retried.
+        """
+        d, a = schema.deliveries, schema.alerts
+        query = (
+            select(
+                d.c.id,
+                d.c.alert_id,
+                d.c.target,
+                d.c.transition,
+                d.c.state,
+                d.c.attempts,
+                d.c.next_attempt_at,
+                d.c.last_error,
+                d.c.created_at,
+                *(a.c[name] for name in _ALERT_KEYS if name != "id"),
+            )
+            .join(a, a.c.id == d.c.alert_id)
+            .where(d.c.state == "pending", d.c.next_attempt_at <= now, _not_blocked(d))
+            .order_by(d.c.created_at, d.c.id)
+            .limit(limit)
+        )
+        with self._read("read due deliveries") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{**row, "evidence": _parse_evidence(row["evidence"])} for row in rows]
+
+    def next_delivery_due(self) -> float | None:
+        """When the next pending delivery falls due (may be in the past); None when none pends."""
+        d = schema.deliveries
+        with self._read("read next delivery") as conn:
+            value = conn.execute(
+                select(func.min(d.c.next_attempt_at)).where(d.c.state == "pending", _not_blocked(d))
+            ).scalar()
+        return None if value is None else float(value)
+
+    def mark_delivered(self, delivery_id: int, now: float) -> None:
+        # last_error stays: it tells why earlier attempts failed.
+        self._finish_attempt(delivery_id, "mark delivered", state="sent", sent_at=now)
+
+    def mark_retry(self, delivery_id: int, error: str, next_attempt_at: float) -> None:
+        self._finish_attempt(
+            delivery_id,
+            "mark retry",
+            last_error=error[:LAST_ERROR_MAX_CHARS],
+            next_attempt_at=next_attempt_at,
+        )
+
+    def mark_failed(self, delivery_id: int, error: str) -> None:
+        """Give up on a delivery: it stays in the outbox as 'failed' with the last error."""
+        self._finish_attempt(
+            delivery_id, "mark failed", state="failed", last_error=error[:LAST_ERROR_MAX_CHARS]
+        )
+
+    def _finish_attempt(self, delivery_id: int, what: str, **values: Any) -> None:
+        """Count one attempt on a pending delivery; a delivery already settled stays as it is."""
+        d = schema.deliveries
+        with self._write(what) as conn:
+            changed = conn.execute(
+                update(d)
+                .where(d.c.id == delivery_id, d.c.state == "pending")
+                .values(attempts=d.c.attempts + 1, **values)
+            ).rowcount
+            if changed == 0 and conn.execute(
+                select(d.c.id).where(d.c.id == delivery_id)
+            ).first() is None:
+                raise KeyError(f"no delivery with id {delivery_id}")
+
+    # -- retention --------------------------------------------------------------------------
+
+    def purge(self, older_than: float, batch_rows: int = 5000) -> int:
+        """Delete samples, events, steps and batch keys older than `older_than`; rows deleted.
+
+        Each DELETE removes at most `batch_rows` rows in its own transaction, so ingest is never
+        locked out for long and the WAL / PostgreSQL undo stays small.
+        """
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        deleted_rows = 0
+        for table, ts_column in schema.RETENTION_TABLES:
+            chunk = select(table.c.id).where(table.c[ts_column] < older_than).limit(batch_rows)
+            while True:
+                with self._write(f"purge {table.name}") as conn:
+                    deleted = conn.execute(delete(table).where(table.c.id.in_(chunk))).rowcount
+                deleted_rows += deleted
+                if deleted < batch_rows:
+                    break
+        return deleted_rows
+
+
+# -- helpers (module level: they take the connection of the caller's transaction) -----------
+
+_ALERT_KEYS = (
+    "id",
+    "fingerprint",
+    "detector",
+    "severity",
+    "action",
+    "node",
+    "gpu",
+    "job",
+    "rank",
+    "summary",
+    "evidence",
+    "status",
+    "starts_at",
+    "ends_at",
+)
+
+
+def _install_sqlite_hooks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to the "begin" hook below: pysqlite's own implicit BEGIN is
+        # deferred, and a deferred writer can fail with SQLITE_BUSY without waiting busy_timeout.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the ingest writer
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _stored_schema_version(conn: Connection) -> int | None:
+    if not inspect(conn).has_table(schema.meta.name):
+        return None
+    value = conn.execute(
+        select(schema.meta.c.value).where(schema.meta.c.key == schema.SCHEMA_VERSION_KEY)
+    ).scalar()
+    return None if value is None else int(value)
+
+
+def _held_batch_keys(
+    conn: Connection, keys: Sequence[tuple[str, str, int]]
+) -> set[tuple[str, str, int]]:
+    """Which of these (node, boot_id, seq) keys are already stored."""
+    b = schema.batches
+    seqs_by_boot: dict[tuple[str, str], list[int]] = {}
+    for node, boot_id, seq in keys:
+        seqs_by_boot.setdefault((node, boot_id), []).append(seq)
+    # One (node, boot_id) group per agent stream; its seqs go in one IN list.
+    condition = or_(
+        *(
+            and_(b.c.node == node, b.c.boot_id == boot_id, b.c.seq.in_(seqs))
+            for (node, boot_id), seqs in seqs_by_boot.items()
+        )
+    )
+    rows = conn.execute(select(b.c.node, b.c.boot_id, b.c.seq).where(condition))
+    return {(node, boot_id, int(seq)) for node, boot_id, seq in rows}
+
+
+def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> None:
+    """One executemany INSERT per table for all records of `items`."""
+    rows: dict[Any, list[dict[str, Any]]] = {
+        schema.batches: [],
+        schema.gpu_samples: [],
+        schema.host_samples: [],
+        schema.ib_samples: [],
+        schema.events: [],
+        schema.steps: [],
+    }
+    for item in items:
+        rows[schema.batches].append(
+            {
+                "node": item.node,
+                "boot_id": item.boot_id,
+                "seq": int(item.seq),
+                "received_at": item.received_at,
+            }
+        )
+        rows[schema.gpu_samples].extend(_gpu_sample_row(s) for s in item.gpu_samples)
+        rows[schema.host_samples].extend(
+            {"node": s.node, "ts": s.t, **_metric_values(HOST_FIELDS, s.metrics)}
+            for s in item.host_samples
+        )
+        rows[schema.ib_samples].extend(_ib_row(item.node, port) for port in item.ib_ports)
+        rows[schema.events].extend(_event_row(ev) for ev in item.events)
+        rows[schema.steps].extend(_step_row(st) for st in item.steps)
+    for table, table_rows in rows.items():
+        if table_rows:
+            conn.execute(insert(table), table_rows)
+
+
+def _coerce_metric(name: str, value: Any) -> float | int | None:
+    if value is None:
+        return None
+    if name in INTEGER_FIELDS:
+        number = int(value)
+        # An all-ones uint64 is NVML's "not available"; BIGINT could not hold it anyway.
+        return number if _INT64_MIN <= number <= _INT64_MAX else None
+    number = float(value)
+    # NaN means "no reading"; SQLite would store NULL and PostgreSQL NaN, so make both NULL.
+    return None if math.isnan(number) else number
+
+
+def _metric_values(names: Sequence[str], metrics: Mapping[str, Any]) -> dict[str, Any]:
+    # Every column in every row (None when absent) so executemany sees one statement shape.
+    # Names outside the canonical list are dropped: a newer agent's extra field must not fail
+    # the whole batch (the proto decoder drops unknown fields the same way).
+    return {name: _coerce_metric(name, metrics.get(name)) for name in names}
+
+
+def _row_metrics(row: RowMapping, names: Sequence[str]) -> dict[str, float | int]:
+    """The non-NULL metric columns of a row, as int for integer fields and float otherwise."""
+    metrics: dict[str, float | int] = {}
+    for name in names:
+        value = row[name]
+        if value is not None:
+            metrics[name] = int(value) if name in INTEGER_FIELDS else float(value)
+    return metrics
+
+
+def _gpu_sample_row(sample: GpuSample) -> dict[str, Any]:
+    return {
+        "node": sample.node,
+        "gpu": int(sample.gpu),
+        "ts": sample.t,
+        "uuid": sample.uuid or None,
+        "job": sample.job or None,
+        "rank": sample.rank,
+        **_metric_values(GPU_FIELDS, sample.metrics),
+    }
+
+
+def _gpu_sample(row: RowMapping) -> GpuSample:
+    return GpuSample(
+        t=row["ts"],
+        node=row["node"],
+        gpu=row["gpu"],
+        metrics=_row_metrics(row, GPU_FIELDS),
+        uuid=row["uuid"],
+        job=row["job"],
+        rank=row["rank"],
+    )
+
+
+def _ib_row(node: str, port: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "node": node,
+        "ts": float(port["t"]),
+        "device": str(port["device"]),
+        "port": int(port["port"]),
+        "ib_state": port.get("ib_state") or None,
+        **_metric_values(_IB_METRIC_FIELDS, port),
+    }
+
+
+def _event_row(ev: Event) -> dict[str, Any]:
+    return {
+        "node": ev.node,
+        "ts": ev.t,
+        "kind": ev.kind,
+        "gpu": ev.gpu,
+        "xid": ev.xid,
+        "pci_bus_id": ev.pci_bus_id or None,
+        "uuid": ev.uuid or None,
+        "message": ev.message or "",
+        "source": ev.source or None,
+    }
+
+
+def _step_row(st: Step) -> dict[str, Any]:
+    return {
+        "node": st.node,
+        "ts": st.t,
+        "job": st.job,
+        "rank": int(st.rank),
+        "step": int(st.step),
+        "seconds": float(st.seconds),
+        "gpu": st.gpu,
+    }
+
+
+_GPU_INFO_TEXT = ("uuid", "name", "pci_bus_id", "serial", "driver_version", "cuda_version")
+_GPU_INFO_FLOAT = ("power_limit_watts", "sm_clock_max_mhz", "mem_clock_max_mhz")
+
+
+def _gpu_info_row(node: str, info: Mapping[str, Any], seen_at: float) -> dict[str, Any]:
+    row: dict[str, Any] = {"node": node, "gpu": int(info["index"]), "updated_at": seen_at}
+    # The wire's GpuInfo strings are "" when unknown; store NULL, as for absent metrics.
+    row.update({key: (info.get(key) or None) for key in _GPU_INFO_TEXT})
+    memory_total_bytes = info.get("memory_total_bytes")
+    row["memory_total_bytes"] = None if memory_total_bytes is None else int(memory_total_bytes)
+    for key in _GPU_INFO_FLOAT:
+        value = info.get(key)
+        row[key] = None if value is None else float(value)
+    return row
+
+
+def _firing_alert_id(conn: Connection, fingerprint: str, *, for_update: bool = False) -> int | None:
+    a = schema.alerts
+    query = select(a.c.id).where(a.c.status == "firing", a.c.fingerprint == fingerprint)
+    if for_update:
+        query = query.with_for_update()  # PostgreSQL: two collectors resolve it once
+    value = conn.execute(query).scalar()
+    return None if value is None else int(value)
+
+
+def _add_deliveries(
+    conn: Connection, alert_id: int, transition: str, targets: Sequence[str], now: float
+) -> None:
+    # A target listed twice would be notified twice; keep the first of each.
+    rows = [
+        {
+            "alert_id": alert_id,
+            "target": target,
+            "transition": transition,
+            "state": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "last_error": None,
+            "created_at": now,
+            "sent_at": None,
+        }
+        for target in dict.fromkeys(targets)
+    ]
+    if rows:
+        conn.execute(insert(schema.deliveries), rows)
+
+
+def _not_blocked(d: Any) -> Any:
+    """No older pending delivery exists for the same alert and target."""
+    older = d.alias("older")
+    return ~exists().where(
+        older.c.alert_id == d.c.alert_id,
+        older.c.target == d.c.target,
+        older.c.state == "pending",
+        older.c.id < d.c.id,
+    )
+
+
+def _parse_evidence(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _alert_dict(row: RowMapping) -> dict[str, Any]:
+    alert = {key: row[key] for key in _ALERT_KEYS}
+    alert["evidence"] = _parse_evidence(alert["evidence"])
+    return alert

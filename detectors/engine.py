@@ -1,0 +1,425 @@
+"""The detection engine shared by the live collector and offline replay: data in, findings out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar, overload
+
+from detectors.model import (
+    Detector,
+    Event,
+    Finding,
+    GpuSample,
+    HostSample,
+    NodeState,
+    Step,
+    Window,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_EVENT_RETENTION_SECONDS = 86400.0  # s; the longest XID / GPU-lost hold (detectors/xid.py)
+DEFAULT_MAX_SAMPLES_PER_SERIES = 10_000  # samples; 2.7 h at 1 s, far beyond any sample window
+DEFAULT_MAX_EVENTS = 100_000  # events; an XID storm must not grow memory without bound
+DEFAULT_MAX_STEPS = 1_000_000  # step reports; e.g. 1,000 ranks x 1,000 steps
+DEFAULT_SAMPLING_INTERVAL_SECONDS = 1.0  # s; the agent's default, until a node tells us its own
+
+
+class SeriesView(Sequence[T]):
+    """A read-only, oldest-first view of the first `length` items of a deque; no copy.
+
+    Valid until the RecentData it came from is next changed (add_*, note_node, window): those may
+    drop items from the left. Indexing and slicing near either end are cheap.
+    """
+
+    __slots__ = ("_items", "_length")
+
+    def __init__(self, items: deque[T], length: int | None = None) -> None:
+        self._items = items
+        self._length = len(items) if length is None else length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[T]: ...
+
+    def __getitem__(self, index: int | slice) -> T | list[T]:
+        if isinstance(index, slice):
+            start, stop, stride = index.indices(self._length)
+            if stride != 1:
+                return [self[i] for i in range(start, stop, stride)]
+            if stop <= start:
+                return []
+            if start >= self._length // 2:
+                # Tail slices (the common `series[-3:]`) walk in from the right end.
+                end = len(self._items)  # items past self._length are hidden, newer than now
+                picked = list(itertools.islice(reversed(self._items), end - stop, end - start))
+                picked.reverse()
+                return picked
+            return list(itertools.islice(self._items, start, stop))
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError("series index out of range")
+        return self._items[index]
+
+    def __iter__(self) -> Iterator[T]:
+        return itertools.islice(self._items, self._length)
+
+    def __reversed__(self) -> Iterator[T]:
+        return itertools.islice(reversed(self._items), len(self._items) - self._length, None)
+
+    def __repr__(self) -> str:
+        return f"SeriesView(len={self._length})"
+
+
+def _insert_in_time_order(items: deque[Any], item: Any) -> bool:
+    """Appends `item` keeping `items` sorted by t; returns False when it was dropped (full, oldest).
+
+    Data normally arrives in time order (an append); late data (a spool replay after an outage)
+    is inserted from the right, where it usually belongs.
+    """
+    if not items or items[-1].t <= item.t:
+        items.append(item)  # a full deque with maxlen drops its oldest item
+        return True
+    if items.maxlen is not None and len(items) == items.maxlen:
+        if item.t < items[0].t:
+            return False  # older than everything we keep and no room: it would be dropped first
+        items.popleft()
+    position = len(items)
+    for existing in reversed(items):
+        if existing.t <= item.t:
+            break
+        position -= 1
+    items.insert(position, item)
+    return True
+
+
+def _prune(items: deque[Any], oldest_t: float) -> None:
+    while items and items[0].t < oldest_t:
+        items.popleft()
+
+
+def _visible_length(items: deque[Any], now: float) -> int:
+    """How many items are at or before `now` (items from a clock ahead of ours stay hidden)."""
+    length = len(items)
+    while length and items[length - 1].t > now:
+        length -= 1
+    return length
+
+
+class _NodeRecord:
+    __slots__ = (
+        "node", "last_seen", "sampling_interval_seconds", "gpu_count", "boot_id",
+        "boot_seen_at", "boot_last_t", "_state",
+    )
+
+    def __init__(self, node: str, sampling_interval_seconds: float) -> None:
+        self.node = node
+        self.last_seen: float | None = None
+        self.sampling_interval_seconds = sampling_interval_seconds
+        self.gpu_count: int | None = None
+        self.boot_id: str | None = None
+        self.boot_seen_at: float | None = None
+        self.boot_last_t: float | None = None  # newest time that carried the current boot_id
+        self._state: NodeState | None = None
+
+    def seen(self, t: float) -> None:
+        if self.last_seen is None or t > self.last_seen:
+            self.last_seen = t
+            self._state = None
+
+    def state(self) -> NodeState:
+        # Rebuilt only after a change: most nodes change once per sampling interval, not per call.
+        if self._state is None:
+            self._state = NodeState(
+                node=self.node,
+                last_seen=self.last_seen,
+                sampling_interval_seconds=self.sampling_interval_seconds,
+                gpu_count=self.gpu_count,
+                boot_id=self.boot_id,
+                boot_seen_at=self.boot_seen_at,
+            )
+        return self._state
+
+
+class RecentData:
+    """A bounded buffer of recent samples, events and steps that hands out Windows without copying.
+
+    Samples and steps are kept for `retention_seconds`, events for `event_retention_seconds`; each
+    GPU/host series is a deque of at most `max_samples_per_series`. Not thread-safe: feed it and
+    take windows from one thread or event loop.
+    """
+
+    def __init__(
+        self,
+        retention_seconds: float,
+        event_retention_seconds: float = DEFAULT_EVENT_RETENTION_SECONDS,
+        max_samples_per_series: int = DEFAULT_MAX_SAMPLES_PER_SERIES,
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        default_sampling_interval_seconds: float = DEFAULT_SAMPLING_INTERVAL_SECONDS,
+    ) -> None:
+        if retention_seconds < 0 or event_retention_seconds < 0:
+            raise ValueError("retention must not be negative")
+        if max_samples_per_series < 1 or max_events < 1 or max_steps < 1:
+            raise ValueError("buffer limits must be at least 1")
+        self.retention_seconds = float(retention_seconds)
+        self.event_retention_seconds = float(event_retention_seconds)
+        self.max_samples_per_series = max_samples_per_series
+        self.default_sampling_interval_seconds = default_sampling_interval_seconds
+        self._gpu: dict[tuple[str, int], deque[GpuSample]] = {}
+        self._host: dict[str, deque[HostSample]] = {}
+        self._events: deque[Event] = deque(maxlen=max_events)
+        self._steps: deque[Step] = deque(maxlen=max_steps)
+        self._nodes: dict[str, _NodeRecord] = {}
+        # What hit a bound, by kind ("gpu", "host", "event", "step"): exported as a metric.
+        self.dropped: dict[str, int] = {"gpu": 0, "host": 0, "event": 0, "step": 0}
+
+    @classmethod
+    def for_detectors(cls, detectors: Iterable[Detector], **kwargs: Any) -> RecentData:
+        """A buffer that keeps as much as `detectors` need: max window_seconds of samples, and
+        events for at least the longest `event_window_seconds` a detector declares."""
+        detectors = list(detectors)
+        retention_seconds = max((float(d.window_seconds) for d in detectors), default=0.0)
+        event_retention_seconds = max(
+            [kwargs.pop("event_retention_seconds", DEFAULT_EVENT_RETENTION_SECONDS)]
+            + [float(getattr(d, "event_window_seconds", 0.0)) for d in detectors]
+        )
+        return cls(retention_seconds, event_retention_seconds, **kwargs)
+
+    # --- feeding ---------------------------------------------------------------------------------
+
+    def _node(self, node: str) -> _NodeRecord:
+        record = self._nodes.get(node)
+        if record is None:
+            record = self._nodes[node] = _NodeRecord(node, self.default_sampling_interval_seconds)
+        return record
+
+    def _add(self, kind: str, items: deque[Any], item: Any) -> None:
+        full = items.maxlen is not None and len(items) == items.maxlen
+        if not _insert_in_time_order(items, item) or full:
+            self.dropped[kind] += 1
+
+    def add_gpu(self, s: GpuSample) -> None:
+        series = self._gpu.get((s.node, s.gpu))
+        if series is None:
+            series = self._gpu[(s.node, s.gpu)] = deque(maxlen=self.max_samples_per_series)
+        self._add("gpu", series, s)
+        self._node(s.node).seen(s.t)
+
+    def add_host(self, s: HostSample) -> None:
+        series = self._host.get(s.node)
+        if series is None:
+            series = self._host[s.node] = deque(maxlen=self.max_samples_per_series)
+        self._add("host", series, s)
+        self._node(s.node).seen(s.t)
+
+    def add_event(self, e: Event) -> None:
+        self._add("event", self._events, e)
+        self._node(e.node).seen(e.t)
+
+    def add_step(self, s: Step) -> None:
+        self._add("step", self._steps, s)
+        self._node(s.node).seen(s.t)
+
+    def note_node(
+        self,
+        node: str,
+        t: float,
+        *,
+        boot_id: str | None = None,
+        sampling_interval_seconds: float | None = None,
+        gpu_count: int | None = None,
+    ) -> None:
+        """Records that `node` sent something at `t` (last_seen is the max), and what it said.
+
+        boot_seen_at becomes `t` when the node reports a boot_id different from the one it had.
+        The first boot_id we learn is not a change (we cannot tell when that boot began, and a
+        collector restart must not look like every node rebooting): to carry boot knowledge over a
+        restart, note the inventory's last boot_id first. Late data from an older boot (t before
+        the newest data of the current boot) does not count as a change back.
+        """
+        record = self._node(node)
+        record.seen(t)
+        if sampling_interval_seconds is not None and sampling_interval_seconds > 0:
+            if sampling_interval_seconds != record.sampling_interval_seconds:
+                record.sampling_interval_seconds = float(sampling_interval_seconds)
+                record._state = None
+        if gpu_count is not None and gpu_count != record.gpu_count:
+            record.gpu_count = gpu_count
+            record._state = None
+        if boot_id is not None:
+            if record.boot_id is None:
+                record.boot_id, record.boot_last_t = boot_id, t
+                record._state = None
+            elif boot_id == record.boot_id:
+                if record.boot_last_t is None or t > record.boot_last_t:
+                    record.boot_last_t = t
+            elif record.boot_last_t is None or t >= record.boot_last_t:
+                record.boot_id, record.boot_seen_at, record.boot_last_t = boot_id, t, t
+                record._state = None
+
+    def forget_node(self, node: str) -> None:
+        """Drops a decommissioned node and its series (node_silent would otherwise fire forever)."""
+        self._nodes.pop(node, None)
+        self._host.pop(node, None)
+        for key in [key for key in self._gpu if key[0] == node]:
+            del self._gpu[key]
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def window(self, now: float, watching_since: float) -> Window:
+        """Prunes what is older than retention and returns views of the rest as of `now`.
+
+        The views share storage with this buffer: use the Window before feeding more data.
+        """
+        oldest_sample_t = now - self.retention_seconds
+        gpu: dict[tuple[str, int], SeriesView[GpuSample]] = {}
+        for key, series in list(self._gpu.items()):
+            _prune(series, oldest_sample_t)
+            if not series:
+                del self._gpu[key]  # a GPU that stopped reporting leaves no empty series behind
+                continue
+            length = _visible_length(series, now)
+            if length:
+                gpu[key] = SeriesView(series, length)
+        host: dict[str, SeriesView[HostSample]] = {}
+        for node, host_series in list(self._host.items()):
+            _prune(host_series, oldest_sample_t)
+            if not host_series:
+                del self._host[node]
+                continue
+            length = _visible_length(host_series, now)
+            if length:
+                host[node] = SeriesView(host_series, length)
+        _prune(self._events, now - self.event_retention_seconds)
+        _prune(self._steps, oldest_sample_t)
+        return Window(
+            now=now,
+            gpu=gpu,
+            host=host,
+            events=SeriesView(self._events, _visible_length(self._events, now)),
+            steps=SeriesView(self._steps, _visible_length(self._steps, now)),
+            nodes={node: record.state() for node, record in self._nodes.items()},
+            watching_since=watching_since,
+        )
+
+    @property
+    def series_count(self) -> int:
+        return len(self._gpu) + len(self._host)
+
+
+@dataclass(slots=True)
+class DetectorStats:
+    """Per-detector run accounting for /metrics, like node_exporter's per-collector duration."""
+
+    runs: int = 0
+    errors: int = 0
+    last_duration_seconds: float = 0.0
+    last_ok: bool = True
+    last_error: str | None = None  # repr of the last exception, for the API and logs
+
+
+class Tracker:
+    """Runs the detectors over each Window and keeps the open findings: the alert lifecycle diff.
+
+    A finding opens the first time its fingerprint appears, stays open (updated with the newest
+    summary and evidence, its start kept) while it keeps appearing, and closes with end=window.now
+    the first evaluation it does not. A detector that raises keeps its open findings open.
+    """
+
+    def __init__(self, detectors: Sequence[Detector]) -> None:
+        self.detectors: tuple[Detector, ...] = tuple(detectors)
+        ids = [d.id for d in self.detectors]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"detector ids must be unique, repeated: {duplicated}")
+        self.open: dict[str, Finding] = {}
+        self._owner: dict[str, str] = {}  # fingerprint -> id of the detector that raised it
+        self.stats: dict[str, DetectorStats] = {d.id: DetectorStats() for d in self.detectors}
+
+    def restore(self, findings: Iterable[Finding]) -> None:
+        """Re-opens findings that were open before (e.g. firing alerts reloaded after a restart).
+
+        They are not reported as opened again when their detector still finds them; they close
+        normally when it does not.
+        """
+        for finding in findings:
+            if finding.end is not None:
+                continue
+            self.open[finding.fingerprint] = finding
+            self._owner[finding.fingerprint] = finding.detector
+
+    def _run(self, detector: Detector, window: Window) -> dict[str, Finding] | None:
+        stats = self.stats[detector.id]
+        started = time.perf_counter()
+        try:
+            found: dict[str, Finding] = {}
+            for finding in detector.detect(window):
+                found.setdefault(finding.fingerprint, finding)
+        except Exception as exc:  # one broken detector must not hide the others
+            stats.errors += 1
+            stats.last_error = repr(exc)
+            if stats.last_ok:
+                log.exception("detector %s failed; its open findings stay open", detector.id)
+            else:
+                log.debug("detector %s still failing: %r", detector.id, exc)
+            stats.last_ok = False
+            return None
+        finally:
+            stats.runs += 1
+            stats.last_duration_seconds = time.perf_counter() - started
+        if not stats.last_ok:
+            log.info("detector %s recovered", detector.id)
+        stats.last_ok = True
+        stats.last_error = None
+        return found
+
+    def evaluate(self, window: Window) -> tuple[list[Finding], list[Finding]]:
+        """Runs every detector; returns (opened, closed) findings, closed ones with end=now."""
+        seen: dict[str, Finding] = {}
+        failed: set[str] = set()
+        for detector in self.detectors:
+            found = self._run(detector, window)
+            if found is None:
+                failed.add(detector.id)
+                continue
+            for fingerprint, finding in found.items():
+                if fingerprint not in seen:
+                    seen[fingerprint] = finding
+                    self._owner.setdefault(fingerprint, detector.id)
+
+        opened: list[Finding] = []
+        for fingerprint, finding in seen.items():
+            previous = self.open.get(fingerprint)
+            if previous is None:
+                if finding.end is not None:
+                    finding = replace(finding, end=None)
+                opened.append(finding)
+            elif finding.start != previous.start or finding.end is not None:
+                # The episode began when it first opened, whatever the detector now sees.
+                finding = replace(finding, start=previous.start, end=None)
+            self.open[fingerprint] = finding
+
+        closed: list[Finding] = []
+        for fingerprint in [fp for fp in self.open if fp not in seen]:
+            if self._owner.get(fingerprint) in failed:
+                continue  # a crash says nothing about whether the condition still holds
+            closed.append(replace(self.open.pop(fingerprint), end=window.now))
+            self._owner.pop(fingerprint, None)
+        return opened, closed
+
+    def open_findings(self) -> list[Finding]:
+        """The open findings, ordered by start."""
+        return sorted(self.open.values(), key=lambda f: (f.start, f.fingerprint))

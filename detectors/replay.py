@@ -1,0 +1,269 @@
+"""Offline replay: run the detectors over a JSON Lines recording (DESIGN.md's replay format)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from itertools import groupby
+from typing import Any, Iterable, Iterator, Sequence
+
+from detectors import default_detectors
+from detectors.engine import RecentData, Tracker
+from detectors.model import Detector, Event, Finding, GpuSample, HostSample, Step
+
+Record = GpuSample | HostSample | Event | Step
+
+
+class ReplayError(ValueError):
+    """A replay line that cannot be read; says which line and why."""
+
+    def __init__(self, line_number: int, reason: str) -> None:
+        super().__init__(f"line {line_number}: {reason}")
+        self.line_number = line_number
+        self.reason = reason
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Fields:
+    """Typed access to one record's JSON object; every failure names the field."""
+
+    def __init__(self, obj: dict[str, Any], line_number: int) -> None:
+        self.obj = obj
+        self.line_number = line_number
+
+    def fail(self, reason: str) -> ReplayError:
+        return ReplayError(self.line_number, reason)
+
+    def number(self, name: str) -> float:
+        value = self.obj.get(name)
+        if value is None:
+            raise self.fail(f"missing {name!r}")
+        if not _is_number(value) or not math.isfinite(value):
+            raise self.fail(f"{name!r} must be a finite number, got {value!r}")
+        return float(value)
+
+    def string(self, name: str) -> str:
+        value = self.obj.get(name)
+        if value is None:
+            raise self.fail(f"missing {name!r}")
+        if not isinstance(value, str) or not value:
+            raise self.fail(f"{name!r} must be a non-empty string, got {value!r}")
+        return value
+
+    def optional_string(self, name: str) -> str | None:
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.fail(f"{name!r} must be a string, got {value!r}")
+        return value
+
+    def integer(self, name: str) -> int:
+        value = self.obj.get(name)
+        if value is None:
+            raise self.fail(f"missing {name!r}")
+        return self._integer(name, value)
+
+    def optional_integer(self, name: str) -> int | None:
+        value = self.obj.get(name)
+        return None if value is None else self._integer(name, value)
+
+    def _integer(self, name: str, value: Any) -> int:
+        if not _is_number(value) or not math.isfinite(value) or value != int(value):
+            raise self.fail(f"{name!r} must be an integer, got {value!r}")
+        if value < 0:
+            raise self.fail(f"{name!r} must not be negative, got {value!r}")
+        return int(value)
+
+    def metrics(self) -> dict[str, float | int]:
+        value = self.obj.get("metrics")
+        if not isinstance(value, dict):
+            raise self.fail(f"'metrics' must be an object, got {value!r}")
+        metrics: dict[str, float | int] = {}
+        for name, metric in value.items():
+            if metric is None:
+                continue  # null reads as "not supported": absent, never 0
+            if isinstance(metric, bool):
+                metric = int(metric)
+            if not isinstance(metric, (int, float)) or not math.isfinite(metric):
+                raise self.fail(f"metric {name!r} must be a finite number, got {metric!r}")
+            metrics[name] = metric
+        return metrics
+
+    def job(self) -> str | None:
+        value = self.obj.get("job")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self.fail(f"'job' must be a string, got {value!r}")
+        return str(value)  # Slurm job ids are often written as numbers
+
+
+def _event(fields: _Fields, t: float, kind: str) -> Event:
+    xid = fields.integer("xid") if kind == "xid" else fields.optional_integer("xid")
+    message = fields.optional_string("message") or ""
+    return Event(
+        t=t,
+        node=fields.string("node"),
+        kind=kind,
+        gpu=fields.optional_integer("gpu"),
+        xid=xid,
+        pci_bus_id=fields.optional_string("pci_bus_id"),
+        uuid=fields.optional_string("uuid"),
+        message=message,
+        source=fields.optional_string("source") or "replay",
+    )
+
+
+def _record(obj: dict[str, Any], line_number: int) -> Record:
+    fields = _Fields(obj, line_number)
+    t = fields.number("t")
+    kind = fields.string("kind")
+    if kind == "gpu":
+        return GpuSample(
+            t=t,
+            node=fields.string("node"),
+            gpu=fields.integer("gpu"),
+            metrics=fields.metrics(),
+            uuid=fields.optional_string("uuid"),
+            job=fields.job(),
+            rank=fields.optional_integer("rank"),
+        )
+    if kind == "host":
+        return HostSample(t=t, node=fields.string("node"), metrics=fields.metrics())
+    if kind == "step":
+        seconds = fields.number("seconds")
+        if seconds < 0:
+            raise fields.fail(f"'seconds' must not be negative, got {seconds!r}")
+        job = fields.job()
+        if job is None:
+            raise fields.fail("missing 'job'")
+        return Step(
+            t=t,
+            job=job,
+            rank=fields.integer("rank"),
+            node=fields.string("node"),
+            step=fields.integer("step"),
+            seconds=seconds,
+            gpu=fields.optional_integer("gpu"),
+        )
+    if kind == "event":
+        # A generic event names its own type: {"kind": "event", "type": "gpu_lost", ...}.
+        event_kind = fields.optional_string("type") or fields.optional_string("event")
+        if not event_kind:
+            raise fields.fail("an 'event' record needs a 'type' (e.g. \"gpu_lost\")")
+        return _event(fields, t, event_kind)
+    if kind in ("xid", "gpu_lost"):
+        return _event(fields, t, kind)
+    raise fields.fail(f"unknown kind {kind!r} (expected gpu, host, xid, step, gpu_lost or event)")
+
+
+def read_records(lines: Iterable[str]) -> Iterator[Record]:
+    """Parses replay JSON Lines; blank lines are skipped, anything else bad raises ReplayError."""
+    for line_number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReplayError(line_number, f"not JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(obj, dict):
+            raise ReplayError(line_number, f"expected a JSON object, got {type(obj).__name__}")
+        yield _record(obj, line_number)
+
+
+def infer_sampling_intervals(records: Iterable[Record]) -> dict[str, float]:
+    """Per node, the median gap between consecutive samples of each of its GPU and host series."""
+    last_t: dict[tuple[str, int | None], float] = {}
+    gaps: dict[str, list[float]] = {}
+    for record in sorted(records, key=lambda r: r.t):
+        if isinstance(record, GpuSample):
+            series = (record.node, record.gpu)
+        elif isinstance(record, HostSample):
+            series = (record.node, None)
+        else:
+            continue
+        previous = last_t.get(series)
+        if previous is not None and record.t > previous:
+            gaps.setdefault(record.node, []).append(record.t - previous)
+        last_t[series] = record.t
+    return {node: statistics.median(node_gaps) for node, node_gaps in gaps.items()}
+
+
+def replay(
+    records: Iterable[Record],
+    detectors: Sequence[Detector] | None = None,
+    step_seconds: float = 1.0,
+) -> list[Finding]:
+    """Runs `detectors` (default: the registry) over `records` as the collector would live.
+
+    Records are fed in time order; the detectors run every `step_seconds` of data time and at once
+    after each event. Returns every finding episode once, ordered by start: `end` is when it
+    closed, or None when it still held at the last record.
+    """
+    if not step_seconds > 0:
+        raise ValueError(f"step_seconds must be positive, got {step_seconds!r}")
+    ordered = sorted(records, key=lambda r: r.t)  # stable: same-time records keep file order
+    if not ordered:
+        return []
+    if detectors is None:
+        detectors = default_detectors()
+    intervals = infer_sampling_intervals(ordered)
+    data = RecentData.for_detectors(detectors)
+    tracker = Tracker(detectors)
+    first_t = ordered[0].t
+    episodes: list[Finding] = []
+    open_episode: dict[str, int] = {}  # fingerprint -> index in episodes
+
+    def evaluate(now: float) -> None:
+        opened, closed = tracker.evaluate(data.window(now, watching_since=first_t))
+        for finding in closed:
+            episodes[open_episode.pop(finding.fingerprint)] = finding
+        for finding in opened:
+            open_episode[finding.fingerprint] = len(episodes)
+            episodes.append(finding)
+
+    known_nodes: set[str] = set()
+    tick = 0  # grid times are first_t + tick * step_seconds (no drift from repeated addition)
+    last_evaluated: float | None = None
+    for t, group in groupby(ordered, key=lambda r: r.t):
+        while first_t + tick * step_seconds < t:
+            evaluate(first_t + tick * step_seconds)
+            tick += 1
+        has_event = False
+        for record in group:
+            if record.node not in known_nodes:
+                known_nodes.add(record.node)
+                interval_seconds = intervals.get(record.node)
+                data.note_node(record.node, t, sampling_interval_seconds=interval_seconds)
+            if isinstance(record, GpuSample):
+                data.add_gpu(record)
+            elif isinstance(record, HostSample):
+                data.add_host(record)
+            elif isinstance(record, Event):
+                data.add_event(record)
+                has_event = True
+            else:
+                data.add_step(record)
+        on_grid = first_t + tick * step_seconds == t
+        if has_event or on_grid:
+            evaluate(t)
+            last_evaluated = t
+            if on_grid:
+                tick += 1
+    if last_evaluated != ordered[-1].t:
+        evaluate(ordered[-1].t)
+
+    for fingerprint, index in open_episode.items():
+        episodes[index] = tracker.open[fingerprint]  # the newest evidence, end still None
+    episodes.sort(key=_episode_order)
+    return episodes
+
+
+def _episode_order(f: Finding) -> tuple[float, str, str, int, str]:
+    return (f.start, f.detector, f.node or "", -1 if f.gpu is None else f.gpu, f.key)

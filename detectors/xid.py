@@ -1,0 +1,72 @@
+"""XID detector: a finding per (node, GPU, XID) from the kernel log, graded by the XID catalog."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from detectors.model import Finding, Window, held_episode
+from detectors.xid_catalog import lookup
+
+# Actions that need someone to touch the node: the condition does not clear by itself, so the
+# finding holds until the node reboots (or the hold limit passes).
+REBOOT_CLASS_ACTIONS = frozenset({"reboot", "reset_gpu", "inspect_hardware"})
+
+
+@dataclass(frozen=True, slots=True)
+class XidThresholds:
+    # s; app XIDs (13, 31, 43) repeat per failing launch: one finding a burst (our choice)
+    hold_seconds: float = 600.0
+    # s; until reboot, at most a day (Azure NHC azure_gpu_xid.nhc reads the log since boot)
+    reboot_hold_limit_seconds: float = 86400.0
+
+
+@dataclass(slots=True)
+class XidDetector:
+    """XID events -> findings; severity and action from detectors/xid_catalog.csv."""
+
+    thresholds: XidThresholds = field(default_factory=XidThresholds)
+    id: ClassVar[str] = "xid"
+    # Reads only events, which RecentData keeps for event_retention_seconds, not samples.
+    window_seconds: ClassVar[float] = 0.0
+
+    @property
+    def event_window_seconds(self) -> float:
+        """How far back events must be kept for the longest hold to work."""
+        return max(self.thresholds.hold_seconds, self.thresholds.reboot_hold_limit_seconds)
+
+    def detect(self, window: Window) -> list[Finding]:
+        times: dict[tuple[str, int | None, int], list[float]] = {}
+        for event in window.events:
+            if event.kind != "xid" or event.xid is None or event.t > window.now:
+                continue
+            times.setdefault((event.node, event.gpu, event.xid), []).append(event.t)
+
+        findings = []
+        for (node, gpu, xid), occurrences in times.items():
+            info = lookup(xid)
+            if info.action in REBOOT_CLASS_ACTIONS:
+                hold_seconds = self.thresholds.reboot_hold_limit_seconds
+            else:
+                hold_seconds = self.thresholds.hold_seconds
+            state = window.nodes.get(node)
+            # A reboot clears every XID: the process that caused an application XID is gone too.
+            boot_seen_at = state.boot_seen_at if state is not None else None
+            episode = held_episode(occurrences, window.now, hold_seconds, boot_seen_at)
+            if not episode:
+                continue
+            findings.append(
+                Finding(
+                    detector=self.id,
+                    severity=info.severity,
+                    action=info.action,
+                    summary=f"XID {xid}: {info.meaning}",
+                    start=episode[0],
+                    node=node,
+                    gpu=gpu,
+                    evidence={"xid": xid, "count": len(episode)},
+                    key=str(xid),
+                )
+            )
+        findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu, f.key))
+        return findings

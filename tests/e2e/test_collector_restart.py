@@ -1,0 +1,133 @@
+"""Kill the collector (SIGKILL) and restart it while two agents stream: every batch stored exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+GPUS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
+
+
+def wait_for(predicate, timeout_seconds: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
+
+
+class Collector:
+    def __init__(self, db: Path, grpc_port: int, http_port: int, log: Path) -> None:
+        self.args = [
+            sys.executable, "-m", "collector.main", "--config", "/nonexistent.toml",
+            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
+            "--database-url", f"sqlite:///{db}", "--no-log-alerts",
+        ]
+        self.http_port = http_port
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, env=clean_env(), stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_for(self.healthy, 20, "the collector to answer /healthz")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as r:
+                return json.load(r)["ok"]
+        except OSError:
+            return False
+
+    def agents_connected(self) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as r:
+            return json.load(r)["agents_connected"]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+
+
+def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "agent.main", "--config", "/nonexistent.toml", "--simulate",
+            "--node", node, "--sim-gpus", str(GPUS), "--collector-address", f"127.0.0.1:{grpc_port}",
+            "--sampling-interval-seconds", "0.1", "--spool-dir", str(spool), "--no-spool-fsync",
+            "--reconnect-min-seconds", "0.1", "--reconnect-max-seconds", "0.5", "--stop-drain-seconds", "30",
+        ],
+        env=clean_env(),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stored_batches(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT count(*) FROM batches").fetchone()[0]
+
+
+def test_every_batch_stored_exactly_once_across_collector_kills(tmp_path: Path) -> None:
+    db = tmp_path / "collector.db"
+    log = tmp_path / "processes.log"
+    collector = Collector(db, free_port(), free_port(), log)
+    grpc_port = int(collector.args[collector.args.index("--grpc-listen") + 1].rsplit(":", 1)[1])
+    collector.start()
+    spools = {node: tmp_path / f"spool-{node}" for node in ("a1", "a2")}
+    agents = {node: start_agent(node, grpc_port, spool, log) for node, spool in spools.items()}
+    try:
+        wait_for(lambda: collector.agents_connected() == 2, 20, "both agents to connect")
+        for _ in range(2):
+            wait_for(lambda: stored_batches(db) > 20, 20, "batches to be stored")
+            collector.kill()
+            time.sleep(1.5)  # agents keep sampling into their spools meanwhile
+            before = stored_batches(db)
+            collector.start()
+            wait_for(lambda: stored_batches(db) > before + 20, 20, "the spooled backlog to arrive")
+        for proc in agents.values():
+            proc.send_signal(signal.SIGTERM)
+        for node, proc in agents.items():
+            assert proc.wait(40) == 0, f"agent {node} exited with {proc.returncode}"
+    finally:
+        for proc in agents.values():
+            if proc.poll() is None:
+                proc.kill()
+        collector.stop()
+        print(log.read_text()[-5000:])
+
+    with sqlite3.connect(db) as conn:
+        for node, spool in spools.items():
+            produced = int((spool / "seq.state").read_text())
+            assert not list(spool.glob("*.batch")), f"agent {node} stopped with un-acked batches"
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM batches WHERE node = ? ORDER BY seq", (node,))]
+            assert seqs == list(range(1, produced + 1)), f"{node}: stored seqs are not exactly 1..{produced}"
+            samples, distinct = conn.execute(
+                "SELECT count(*), count(DISTINCT gpu || '/' || ts) FROM gpu_samples WHERE node = ?", (node,)
+            ).fetchone()
+            assert samples == distinct == GPUS * produced, f"{node}: {samples} GPU rows for {produced} batches"
