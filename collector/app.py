@@ -25,6 +25,8 @@ from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 PURGE_EVERY_SECONDS = 600.0
+# How often each node's last_seen is written to the database (what a restarted collector starts from).
+TOUCH_NODES_EVERY_SECONDS = 10.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -38,7 +40,7 @@ class CollectorApp:
         self.clock = clock
         self.store = Store(config.database_url)
         detectors = default_detectors()
-        self.recent = RecentData(retention_seconds=max(d.window_seconds for d in detectors))
+        self.recent = RecentData.for_detectors(detectors)
         self.tracker = Tracker(detectors)
         self.stats = IngestStats()
         self.writer = IngestWriter(self.store, self._on_stored, config.ingest_max_batches_per_commit)
@@ -115,7 +117,7 @@ class CollectorApp:
             self.recent.add_gpu(s)
         for h in self.store.host_samples_since(since):
             self.recent.add_host(h)
-        for e in self.store.events_since(since):
+        for e in self.store.events_since(self.clock() - self.recent.event_retention_seconds):
             self.recent.add_event(e)
         for st in self.store.steps_since(since):
             self.recent.add_step(st)
@@ -148,7 +150,7 @@ class CollectorApp:
         self._tasks = [
             asyncio.create_task(self.detection.run(self._stop), name="detection"),
             asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
-            asyncio.create_task(self._purge_loop(), name="purge"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
         ]
         log.info(
             "collector listening: gRPC %s (port %d), HTTP %s (port %d), database %s, %d alert targets",
@@ -160,16 +162,22 @@ class CollectorApp:
             len(self.targets),
         )
 
-    async def _purge_loop(self) -> None:
+    async def _housekeeping_loop(self) -> None:
         retention_seconds = self.config.retention_hours * 3600
+        next_purge = self.clock()
         while not self._stop.is_set():
             try:
-                deleted = await asyncio.to_thread(self.store.purge, self.clock() - retention_seconds)
-                if deleted:
-                    log.info("retention: purged %d rows older than %.0f h", deleted, self.config.retention_hours)
+                seen = {n: link.last_received_at for n, link in self.stats.links.items() if link.last_received_at}
+                if seen:
+                    await asyncio.to_thread(self.store.touch_nodes, seen)
+                if self.clock() >= next_purge:
+                    next_purge = self.clock() + PURGE_EVERY_SECONDS
+                    deleted = await asyncio.to_thread(self.store.purge, self.clock() - retention_seconds)
+                    if deleted:
+                        log.info("retention: purged %d rows older than %.0f h", deleted, self.config.retention_hours)
             except Exception:
-                log.exception("retention purge failed")
-            await wait_any(self._stop, timeout_seconds=PURGE_EVERY_SECONDS)
+                log.exception("housekeeping (node last_seen, retention) failed")
+            await wait_any(self._stop, timeout_seconds=TOUCH_NODES_EVERY_SECONDS)
 
     async def stop(self, grace_seconds: float = 2.0) -> None:
         self._stop.set()

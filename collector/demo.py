@@ -54,7 +54,7 @@ def demo_faults(node_count: int, gpu_count: int) -> list[InjectedFault]:
 class WebhookReceiver:
     """A local HTTP endpoint that records every webhook body with its arrival time."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[tuple[float, dict]] = []
         self._lock = threading.Lock()
         receiver = self
@@ -71,7 +71,7 @@ class WebhookReceiver:
                 self.send_response(200)
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 
     @property

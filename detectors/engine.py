@@ -7,7 +7,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar, overload
+from typing import Any, Iterable, Iterator, Sequence, TypeVar, overload
 
 from detectors.model import (
     Detector,
@@ -28,7 +28,7 @@ DEFAULT_EVENT_RETENTION_SECONDS = 86400.0  # s; the longest XID / GPU-lost hold 
 DEFAULT_MAX_SAMPLES_PER_SERIES = 10_000  # samples; 2.7 h at 1 s, far beyond any sample window
 DEFAULT_MAX_EVENTS = 100_000  # events; an XID storm must not grow memory without bound
 DEFAULT_MAX_STEPS = 1_000_000  # step reports; e.g. 1,000 ranks x 1,000 steps
-DEFAULT_SAMPLING_INTERVAL_SECONDS = 1.0  # s; the agent's default, until a node tells us its own
+DEFAULT_SAMPLING_INTERVAL_SECONDS = 1.0  # s; assumed until a node states its own (as replay does)
 
 
 class SeriesView(Sequence[T]):
@@ -119,8 +119,14 @@ def _visible_length(items: deque[Any], now: float) -> int:
 
 class _NodeRecord:
     __slots__ = (
-        "node", "last_seen", "sampling_interval_seconds", "gpu_count", "boot_id",
-        "boot_seen_at", "boot_last_t", "_state",
+        "node",
+        "last_seen",
+        "sampling_interval_seconds",
+        "gpu_count",
+        "boot_id",
+        "boot_seen_at",
+        "boot_last_t",
+        "_state",
     )
 
     def __init__(self, node: str, sampling_interval_seconds: float) -> None:

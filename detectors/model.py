@@ -134,12 +134,6 @@ class Detector(Protocol):
     def detect(self, window: Window) -> list[Finding]: ...
 
 
-def rebooted_after(nodes: Mapping[str, NodeState], node: str, t: float) -> bool:
-    """True when `node` has come up in a new boot since time `t` (its boot_id changed after t)."""
-    state = nodes.get(node)
-    return state is not None and state.boot_seen_at is not None and state.boot_seen_at > t
-
-
 def held_episode(
     times: Sequence[float], now: float, hold_seconds: float, boot_seen_at: float | None
 ) -> Sequence[float]:

@@ -18,6 +18,10 @@ class NodeSilentThresholds:
     # s; a floor so sub-second sampling does not turn ordinary batching delay into silence
     min_silent_seconds: float = 2.0
 
+    def __post_init__(self) -> None:
+        if self.silent_intervals <= 0 or self.min_silent_seconds < 0:
+            raise ValueError("silent_intervals must be positive, min_silent_seconds not negative")
+
 
 @dataclass(slots=True)
 class NodeSilentDetector:

@@ -21,6 +21,12 @@ class ThermalThresholds:
     # s; older samples say nothing about now; a quiet node is node_silent's finding (our choice)
     max_sample_age_seconds: float = 30.0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_hot_samples <= self.recent_samples:
+            raise ValueError("need 1 <= min_hot_samples <= recent_samples")
+        if self.max_sample_age_seconds <= 0:
+            raise ValueError("max_sample_age_seconds must be positive")
+
 
 def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
     value = metrics.get(name)

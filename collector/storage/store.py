@@ -14,6 +14,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     RowMapping,
+    Table,
     and_,
     bindparam,
     create_engine,
@@ -29,6 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.sql.elements import ColumnElement
 
 from collector.storage import schema
 from detectors.model import Event, Finding, GpuSample, HostSample, Step
@@ -91,11 +93,11 @@ class Store:
     """The collector's database: samples, node inventory, alerts and their delivery outbox."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
-        self.url = redact_url(url)
+        self.url_for_log = redact_url(url)
         try:
             parsed = make_url(url)
         except sa_exc.ArgumentError as exc:
-            raise StoreError(f"invalid database URL {self.url!r}: {exc}") from None
+            raise StoreError(f"invalid database URL {self.url_for_log!r}: {exc}") from None
         backend = parsed.get_backend_name()
         engine_args: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
         if backend == "postgresql":
@@ -106,14 +108,14 @@ class Store:
                 engine_args["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
         elif backend != "sqlite":
             raise StoreError(
-                f"unsupported database {self.url!r}: use sqlite:///PATH or postgresql+psycopg://..."
+                f"unsupported database {self.url_for_log!r}: "
+                "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
             )
         try:
             self._engine = create_engine(parsed, **engine_args)
         except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as exc:
-            raise StoreError(f"cannot use database {self.url!r}: {exc}") from None
-        self._sqlite = backend == "sqlite"
-        if self._sqlite:
+            raise StoreError(f"cannot use database {self.url_for_log!r}: {exc}") from None
+        if backend == "sqlite":
             _install_sqlite_hooks(self._engine)
         self._write_engine = self._engine.execution_options(**{_WRITE_OPTION: True})
         # Fail at start-up, naming the database, rather than at the first batch.
@@ -129,12 +131,12 @@ class Store:
         except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
             raise StoreError(self._describe(what, exc)) from exc
         except sa_exc.TimeoutError as exc:  # every pooled connection busy
-            raise StoreError(f"{what} on {self.url}: {exc}") from exc
+            raise StoreError(f"database {self.url_for_log}: {what} failed: {exc}") from exc
 
     def _describe(self, what: str, exc: sa_exc.DBAPIError) -> str:
         reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()[0]
-        message = f"{what} on {self.url} failed: {reason}"
-        if "full" in reason.lower():
+        message = f"database {self.url_for_log}: {what} failed: {reason}"
+        if "full" in reason.lower() or "no space" in reason.lower():
             message += " (free disk space or shorten retention; nothing of this call was stored)"
         return message
 
@@ -161,16 +163,7 @@ class Store:
                 with self._write("create schema") as conn:
                     version = _stored_schema_version(conn)
                     if version is not None and version != schema.SCHEMA_VERSION:
-                        relation = "newer" if version > schema.SCHEMA_VERSION else "older"
-                        raise StoreError(
-                            f"database {self.url} has schema version {version}, {relation} than "
-                            f"this fleetwatch's {schema.SCHEMA_VERSION}; "
-                            + (
-                                "upgrade fleetwatch"
-                                if relation == "newer"
-                                else "no migration exists for it"
-                            )
-                        )
+                        raise StoreError(self._version_mismatch(version))
                     schema.metadata.create_all(conn)
                     if version is None:
                         conn.execute(
@@ -185,10 +178,25 @@ class Store:
                 if attempt == 2:
                     raise
 
+    def _version_mismatch(self, version: int) -> str:
+        if version > schema.SCHEMA_VERSION:
+            advice = "newer than this fleetwatch's; upgrade fleetwatch"
+        else:
+            advice = "older than this fleetwatch's, and no migration exists for it"
+        return (
+            f"database {self.url_for_log} has schema version {version} "
+            f"(this fleetwatch: {schema.SCHEMA_VERSION}), {advice}"
+        )
+
     # -- ingest -----------------------------------------------------------------------------
 
     def ingest(self, items: Sequence[IngestBatch]) -> list[bool]:
-        """Store batches in one transaction; per item True = stored, False = already held."""
+        """Store batches in one transaction; per item True = stored, False = already held.
+
+        A repeat of a key within `items` is False too. Raises StoreError when the database is
+        unreachable or full (nothing stored), and IntegrityError for a record that violates the
+        schema (never reported as a duplicate, so the agent keeps it and nothing is lost).
+        """
         stored = [False] * len(items)
         first_index: dict[tuple[str, str, int], int] = {}
         for i, item in enumerate(items):
@@ -306,18 +314,14 @@ class Store:
         return [{**row, "nvml_available": bool(row["nvml_available"])} for row in rows]
 
     def gpus(self, node: str | None = None) -> list[dict[str, Any]]:
-        """GPU inventory rows: node, the GpuInfo keys (index = NVML index) and updated_at."""
+        """GPU inventory rows by node and index: node, gpu (the NVML index), the other GpuInfo
+        keys, updated_at."""
         g = schema.gpus
         query = select(g).order_by(g.c.node, g.c.gpu)
         if node is not None:
             query = query.where(g.c.node == node)
         with self._read("read gpus") as conn:
-            rows = conn.execute(query).mappings().all()
-        result = []
-        for row in rows:
-            info = {("index" if key == "gpu" else key): value for key, value in row.items()}
-            result.append(info)
-        return result
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     # -- sample reads -----------------------------------------------------------------------
 
@@ -325,9 +329,7 @@ class Store:
         """GPU samples with t >= ts, oldest first."""
         g = schema.gpu_samples
         with self._read("read gpu samples") as conn:
-            rows = conn.execute(
-                select(g).where(g.c.ts >= ts).order_by(g.c.ts, g.c.id)
-            ).mappings()
+            rows = conn.execute(select(g).where(g.c.ts >= ts).order_by(g.c.ts, g.c.id)).mappings()
             return [_gpu_sample(row) for row in rows]
 
     def latest_gpu_samples(self) -> dict[tuple[str, int], GpuSample]:
@@ -357,16 +359,14 @@ class Store:
         """Host samples with t >= ts, oldest first."""
         h = schema.host_samples
         with self._read("read host samples") as conn:
-            rows = conn.execute(
-                select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)
-            ).mappings()
+            rows = conn.execute(select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)).mappings()
             return [
                 HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS))
                 for row in rows
             ]
 
     def ib_samples_since(self, ts: float) -> list[dict[str, Any]]:
-        """InfiniBand port samples with t >= ts, oldest first, in the ingest dict shape plus node."""
+        """InfiniBand port samples with t >= ts, oldest first: the ingest dict shape plus node."""
         ib = schema.ib_samples
         with self._read("read ib samples") as conn:
             rows = conn.execute(
@@ -390,9 +390,7 @@ class Store:
         """Events with t >= ts, oldest first."""
         e = schema.events
         with self._read("read events") as conn:
-            rows = conn.execute(
-                select(e).where(e.c.ts >= ts).order_by(e.c.ts, e.c.id)
-            ).mappings()
+            rows = conn.execute(select(e).where(e.c.ts >= ts).order_by(e.c.ts, e.c.id)).mappings()
             return [
                 Event(
                     t=row["ts"],
@@ -412,9 +410,7 @@ class Store:
         """Step reports with t >= ts, oldest first."""
         s = schema.steps
         with self._read("read steps") as conn:
-            rows = conn.execute(
-                select(s).where(s.c.ts >= ts).order_by(s.c.ts, s.c.id)
-            ).mappings()
+            rows = conn.execute(select(s).where(s.c.ts >= ts).order_by(s.c.ts, s.c.id)).mappings()
             return [
                 Step(
                     t=row["ts"],
@@ -433,7 +429,9 @@ class Store:
             raise ValueError(f"unknown table {table!r}; known: {sorted(schema.metadata.tables)}")
         with self._read(f"count {table}") as conn:
             return int(
-                conn.execute(select(func.count()).select_from(schema.metadata.tables[table])).scalar()
+                conn.execute(
+                    select(func.count()).select_from(schema.metadata.tables[table])
+                ).scalar()
             )
 
     # -- alerts and the delivery outbox -----------------------------------------------------
@@ -462,7 +460,9 @@ class Store:
                             job=finding.job,
                             rank=finding.rank,
                             summary=finding.summary,
-                            evidence=json.dumps(dict(finding.evidence), sort_keys=True, default=str),
+                            evidence=json.dumps(
+                                dict(finding.evidence), sort_keys=True, default=str
+                            ),
                             status="firing",
                             starts_at=finding.start,
                             ends_at=None,
@@ -484,7 +484,7 @@ class Store:
     def resolve_alert(
         self, fingerprint: str, end: float, now: float, targets: Sequence[str]
     ) -> int | None:
-        """Mark the firing alert resolved and queue its 'resolved' deliveries; None when none fires."""
+        """Resolve the firing alert and queue its 'resolved' deliveries; None when none fires."""
         a = schema.alerts
         with self._write("resolve alert") as conn:
             alert_id = _firing_alert_id(conn, fingerprint, for_update=True)
@@ -588,9 +588,10 @@ class Store:
                 .where(d.c.id == delivery_id, d.c.state == "pending")
                 .values(attempts=d.c.attempts + 1, **values)
             ).rowcount
-            if changed == 0 and conn.execute(
-                select(d.c.id).where(d.c.id == delivery_id)
-            ).first() is None:
+            if (
+                changed == 0
+                and conn.execute(select(d.c.id).where(d.c.id == delivery_id)).first() is None
+            ):
                 raise KeyError(f"no delivery with id {delivery_id}")
 
     # -- retention --------------------------------------------------------------------------
@@ -684,7 +685,7 @@ def _held_batch_keys(
 
 def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> None:
     """One executemany INSERT per table for all records of `items`."""
-    rows: dict[Any, list[dict[str, Any]]] = {
+    rows: dict[Table, list[dict[str, Any]]] = {
         schema.batches: [],
         schema.gpu_samples: [],
         schema.host_samples: [],
@@ -709,6 +710,9 @@ def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> None:
         rows[schema.ib_samples].extend(_ib_row(item.node, port) for port in item.ib_ports)
         rows[schema.events].extend(_event_row(ev) for ev in item.events)
         rows[schema.steps].extend(_step_row(st) for st in item.steps)
+    # Keys in one global order: two collectors inserting overlapping lists on PostgreSQL then
+    # wait on each other's unique-index entries in the same order and cannot deadlock.
+    rows[schema.batches].sort(key=lambda row: (row["node"], row["boot_id"], row["seq"]))
     for table, table_rows in rows.items():
         if table_rows:
             conn.execute(insert(table), table_rows)
@@ -851,7 +855,7 @@ def _add_deliveries(
         conn.execute(insert(schema.deliveries), rows)
 
 
-def _not_blocked(d: Any) -> Any:
+def _not_blocked(d: Table) -> ColumnElement[bool]:
     """No older pending delivery exists for the same alert and target."""
     older = d.alias("older")
     return ~exists().where(

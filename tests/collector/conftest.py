@@ -47,7 +47,8 @@ def pg_admin_engine() -> Iterator[tuple[str, Engine]]:
             conn.execute(text("SELECT 1"))
     except Exception as exc:  # any failure to reach the server means "no PostgreSQL here"
         engine.dispose()
-        reason = f"PostgreSQL at {redact_url(url)} ({PG_URL_ENV}) unreachable: {exc}"
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = f"PostgreSQL at {redact_url(url)} ({PG_URL_ENV}) unreachable: {detail}"
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)

@@ -4,6 +4,7 @@ with their outbox, retention in bounded batches, and failures surfaced as StoreE
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 from sqlalchemy import event, select, text, update
@@ -22,7 +23,9 @@ def gpu_sample(t: float, gpu: int = 0, node: str = "n01", **metrics: float | int
     return GpuSample(t=t, node=node, gpu=gpu, metrics=metrics or {"power_watts": 300.0})
 
 
-def batch(seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float = T0, **records) -> IngestBatch:
+def batch(
+    seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float = T0, **records
+) -> IngestBatch:
     records.setdefault("gpu_samples", [gpu_sample(t, g, node) for g in range(2)])
     return IngestBatch(node=node, boot_id=boot_id, seq=seq, received_at=t + 0.5, **records)
 
@@ -94,15 +97,26 @@ def test_same_batch_twice_is_stored_once(store: Store) -> None:
     )
     assert store.ingest([item]) == [True]
     assert store.ingest([item]) == [False]
-    counts = {t: store.count_rows(t) for t in ("batches", "gpu_samples", "host_samples",
-                                               "ib_samples", "events", "steps")}
-    assert counts == {"batches": 1, "gpu_samples": 2, "host_samples": 1, "ib_samples": 1,
-                      "events": 1, "steps": 1}
+    counts = {
+        t: store.count_rows(t)
+        for t in ("batches", "gpu_samples", "host_samples", "ib_samples", "events", "steps")
+    }
+    assert counts == {
+        "batches": 1,
+        "gpu_samples": 2,
+        "host_samples": 1,
+        "ib_samples": 1,
+        "events": 1,
+        "steps": 1,
+    }
 
 
 def test_duplicates_inside_one_list_are_stored_once(store: Store) -> None:
     assert store.ingest([batch(1), batch(2), batch(1), batch(1, boot_id="boot-b")]) == [
-        True, True, False, True,
+        True,
+        True,
+        False,
+        True,
     ]
     assert store.ingest([batch(2), batch(3)]) == [False, True]
     assert store.count_rows("batches") == 4
@@ -132,6 +146,37 @@ def test_key_race_with_another_collector_falls_back_item_by_item(
     assert store.count_rows("gpu_samples") == 6
 
 
+def test_two_collectors_ingesting_the_same_batches_store_each_once(store: Store, database) -> None:
+    # Two collectors behind a load balancer: an agent reconnects and resends to the other one.
+    other = Store(database.url)
+    items = [batch(seq, node=f"n{seq % 3:02d}") for seq in range(1, 61)]
+    results: dict[str, list[tuple[tuple[str, str, int], bool]]] = {}
+
+    def run(name: str, st: Store, chunks: list[list[IngestBatch]]) -> None:
+        results[name] = [
+            (b.key, ok) for chunk in chunks for b, ok in zip(chunk, st.ingest(chunk), strict=True)
+        ]
+
+    forward = [items[i : i + 7] for i in range(0, len(items), 7)]
+    backward = [list(reversed(items))[i : i + 5] for i in range(0, len(items), 5)]
+    try:
+        threads = [
+            threading.Thread(target=run, args=("a", store, forward)),
+            threading.Thread(target=run, args=("b", other, backward)),
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+    finally:
+        other.close()
+    assert set(results) == {"a", "b"}
+    stored_by = [key for name in results for key, ok in results[name] if ok]
+    assert sorted(stored_by) == sorted(b.key for b in items)  # every key stored exactly once
+    assert store.count_rows("batches") == 60
+    assert store.count_rows("gpu_samples") == 120
+
+
 def test_a_bad_record_is_not_acked_as_a_duplicate(store: Store) -> None:
     bad = batch(2, steps=[Step(t=T0, job=None, rank=0, node="n01", step=1, seconds=1.0)])
     with pytest.raises(sa_exc.IntegrityError):
@@ -141,7 +186,9 @@ def test_a_bad_record_is_not_acked_as_a_duplicate(store: Store) -> None:
 
 
 def test_absent_fields_stay_null_and_come_back_absent(store: Store) -> None:
-    sample = GpuSample(t=T0, node="n01", gpu=0, metrics={"power_watts": 312.5, "ecc_dbe_volatile_total": 0})
+    sample = GpuSample(
+        t=T0, node="n01", gpu=0, metrics={"power_watts": 312.5, "ecc_dbe_volatile_total": 0}
+    )
     host = HostSample(t=T0, node="n01", metrics={"load1": 0.0})
     store.ingest([batch(1, gpu_samples=[sample], host_samples=[host])])
 
@@ -169,17 +216,31 @@ def test_unrepresentable_values_are_stored_as_absent(store: Store) -> None:
 
 def test_every_canonical_field_round_trips_with_its_type(store: Store) -> None:
     metrics = every_gpu_metric()
-    sample = GpuSample(t=T0 + 0.125, node="n01", gpu=7, metrics=metrics, uuid="GPU-1234", job="j7", rank=6)
+    sample = GpuSample(
+        t=T0 + 0.125, node="n01", gpu=7, metrics=metrics, uuid="GPU-1234", job="j7", rank=6
+    )
     host_metrics = {
         name: (2**41 + i) if name in INTEGER_FIELDS else 1.5 + i
         for i, name in enumerate(HOST_FIELDS)
     }
     port = {"t": T0, "device": "mlx5_0", "port": 1, "ib_state": "ACTIVE"}
-    port.update({name: (2**42 + i) if name in INTEGER_FIELDS else 400.5
-                 for i, name in enumerate(IB_FIELDS) if name != "ib_state"})
-    store.ingest([batch(1, gpu_samples=[sample],
-                        host_samples=[HostSample(t=T0, node="n01", metrics=host_metrics)],
-                        ib_ports=[port])])
+    port.update(
+        {
+            name: (2**42 + i) if name in INTEGER_FIELDS else 400.5
+            for i, name in enumerate(IB_FIELDS)
+            if name != "ib_state"
+        }
+    )
+    store.ingest(
+        [
+            batch(
+                1,
+                gpu_samples=[sample],
+                host_samples=[HostSample(t=T0, node="n01", metrics=host_metrics)],
+                ib_ports=[port],
+            )
+        ]
+    )
 
     [back] = store.gpu_samples_since(T0)
     assert back == sample
@@ -201,8 +262,16 @@ def test_every_canonical_field_round_trips_with_its_type(store: Store) -> None:
 def test_events_and_steps_round_trip_oldest_first(store: Store) -> None:
     events = [
         Event(t=T0 + 2, node="n01", kind="gpu_lost", gpu=2, uuid="GPU-2", source="nvml"),
-        Event(t=T0 + 1, node="n01", kind="xid", gpu=3, xid=79, pci_bus_id="0000:9b:00",
-              message="GPU has fallen off the bus.", source="kmsg"),
+        Event(
+            t=T0 + 1,
+            node="n01",
+            kind="xid",
+            gpu=3,
+            xid=79,
+            pci_bus_id="0000:9b:00",
+            message="GPU has fallen off the bus.",
+            source="kmsg",
+        ),
     ]
     steps = [
         Step(t=T0 + 1.5, job="j7", rank=6, node="n01", step=1811, seconds=0.93, gpu=6),
@@ -217,11 +286,31 @@ def test_events_and_steps_round_trip_oldest_first(store: Store) -> None:
 
 def test_latest_gpu_samples_is_the_newest_row_per_gpu(store: Store) -> None:
     # The spooled batch 1 arrives after batch 2 but holds older samples.
-    store.ingest([batch(2, gpu_samples=[gpu_sample(T0 + 10, 0, power_watts=2.0),
-                                        gpu_sample(T0 + 10, 1, power_watts=2.0)])])
-    store.ingest([batch(1, gpu_samples=[gpu_sample(T0, 0, power_watts=1.0),
-                                        gpu_sample(T0 + 20, 1, power_watts=3.0)])])
-    store.ingest([batch(1, node="n02", gpu_samples=[gpu_sample(T0, 0, node="n02", power_watts=9.0)])])
+    store.ingest(
+        [
+            batch(
+                2,
+                gpu_samples=[
+                    gpu_sample(T0 + 10, 0, power_watts=2.0),
+                    gpu_sample(T0 + 10, 1, power_watts=2.0),
+                ],
+            )
+        ]
+    )
+    store.ingest(
+        [
+            batch(
+                1,
+                gpu_samples=[
+                    gpu_sample(T0, 0, power_watts=1.0),
+                    gpu_sample(T0 + 20, 1, power_watts=3.0),
+                ],
+            )
+        ]
+    )
+    store.ingest(
+        [batch(1, node="n02", gpu_samples=[gpu_sample(T0, 0, node="n02", power_watts=9.0)])]
+    )
     latest = store.latest_gpu_samples()
     assert {key: s.metrics["power_watts"] for key, s in latest.items()} == {
         ("n01", 0): 2.0,
@@ -266,22 +355,38 @@ def test_upsert_node_moves_boot_seen_at_only_on_a_new_boot(store: Store) -> None
     store.upsert_node("n01", "boot-a", "0.1.0", True, 1.0, gpu_infos(8), seen_at=T0 + 60)
     [node] = store.nodes()
     assert node == {
-        "node": "n01", "boot_id": "boot-a", "agent_version": "0.1.0", "nvml_available": True,
-        "sampling_interval_seconds": 1.0, "first_seen": T0, "last_seen": T0 + 60,
+        "node": "n01",
+        "boot_id": "boot-a",
+        "agent_version": "0.1.0",
+        "nvml_available": True,
+        "sampling_interval_seconds": 1.0,
+        "first_seen": T0,
+        "last_seen": T0 + 60,
         "boot_seen_at": T0,
     }
 
     # Rebooted with a GPU gone and a new driver: boot_seen_at moves, GPU rows are replaced.
-    store.upsert_node("n01", "boot-b", "0.1.1", False, 5.0, gpu_infos(7, "560.28.03"), seen_at=T0 + 600)
+    store.upsert_node(
+        "n01", "boot-b", "0.1.1", False, 5.0, gpu_infos(7, "560.28.03"), seen_at=T0 + 600
+    )
     [node] = store.nodes()
     assert (node["boot_id"], node["boot_seen_at"], node["first_seen"], node["last_seen"]) == (
-        "boot-b", T0 + 600, T0, T0 + 600,
+        "boot-b",
+        T0 + 600,
+        T0,
+        T0 + 600,
     )
     assert node["nvml_available"] is False and node["agent_version"] == "0.1.1"
     gpus = store.gpus("n01")
-    assert [g["index"] for g in gpus] == list(range(7))
-    assert gpus[0] == {**gpu_infos(1, "560.28.03")[0], "serial": None, "node": "n01",
-                       "updated_at": T0 + 600}
+    assert [g["gpu"] for g in gpus] == list(range(7))
+    expected = {
+        **gpu_infos(1, "560.28.03")[0],
+        "serial": None,
+        "node": "n01",
+        "updated_at": T0 + 600,
+    }
+    expected["gpu"] = expected.pop("index")  # the row names the NVML index `gpu`, as everywhere
+    assert gpus[0] == expected
     assert type(gpus[0]["memory_total_bytes"]) is int
 
     store.upsert_node("n02", "boot-z", "0.1.0", True, 1.0, gpu_infos(2), seen_at=T0)
@@ -304,17 +409,29 @@ def test_touch_nodes_only_moves_last_seen_forward(store: Store) -> None:
 
 def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -> None:
     f = finding()
-    alert_id = store.open_alert(f, now=T0 + 1, targets=["webhook:ops", "alertmanager", "webhook:ops"])
+    alert_id = store.open_alert(
+        f, now=T0 + 1, targets=["webhook:ops", "alertmanager", "webhook:ops"]
+    )
     assert store.open_alert(f, now=T0 + 2, targets=["webhook:ops", "alertmanager"]) == alert_id
     assert store.count_rows("alerts") == 1
     assert store.count_rows("deliveries") == 2  # one per distinct target, none for the repeat
 
     [alert] = store.firing_alerts()
     assert alert == {
-        "id": alert_id, "fingerprint": f.fingerprint, "detector": "xid", "severity": "critical",
-        "action": "reboot", "node": "n01", "gpu": 3, "job": None, "rank": None,
-        "summary": f.summary, "evidence": {"xid": 79, "count": 1}, "status": "firing",
-        "starts_at": T0, "ends_at": None,
+        "id": alert_id,
+        "fingerprint": f.fingerprint,
+        "detector": "xid",
+        "severity": "critical",
+        "action": "reboot",
+        "node": "n01",
+        "gpu": 3,
+        "job": None,
+        "rank": None,
+        "summary": f.summary,
+        "evidence": {"xid": 79, "count": 1},
+        "status": "firing",
+        "starts_at": T0,
+        "ends_at": None,
     }
     other = store.open_alert(finding(gpu=4), now=T0 + 3, targets=[])
     assert other != alert_id and store.count_rows("deliveries") == 2
@@ -323,7 +440,9 @@ def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -
 def test_resolve_alert_queues_resolved_deliveries(store: Store) -> None:
     f = finding()
     alert_id = store.open_alert(f, now=T0, targets=["a"])
-    assert store.resolve_alert(f.fingerprint, end=T0 + 50, now=T0 + 51, targets=["a", "b"]) == alert_id
+    assert (
+        store.resolve_alert(f.fingerprint, end=T0 + 50, now=T0 + 51, targets=["a", "b"]) == alert_id
+    )
     assert store.resolve_alert(f.fingerprint, end=T0 + 60, now=T0 + 61, targets=["a"]) is None
     assert store.resolve_alert("no|such|alert", end=T0, now=T0, targets=["a"]) is None
     assert store.firing_alerts() == []
@@ -411,9 +530,19 @@ def test_resolved_delivery_waits_for_its_firing_retry(store: Store) -> None:
 
 
 def test_purge_deletes_old_rows_in_bounded_batches(store: Store) -> None:
-    old = [batch(seq, t=T0 + seq, gpu_samples=[gpu_sample(T0 + seq)],
-                 events=[Event(t=T0 + seq, node="n01", kind="xid", xid=13)]) for seq in range(1, 26)]
-    new = [batch(seq, t=T0 + 1000 + seq, gpu_samples=[gpu_sample(T0 + 1000 + seq)]) for seq in range(26, 31)]
+    old = [
+        batch(
+            seq,
+            t=T0 + seq,
+            gpu_samples=[gpu_sample(T0 + seq)],
+            events=[Event(t=T0 + seq, node="n01", kind="xid", xid=13)],
+        )
+        for seq in range(1, 26)
+    ]
+    new = [
+        batch(seq, t=T0 + 1000 + seq, gpu_samples=[gpu_sample(T0 + 1000 + seq)])
+        for seq in range(26, 31)
+    ]
     store.ingest(old + new)
     store.open_alert(finding(), now=T0, targets=["hook"])  # alerts are not retention data
 
@@ -424,7 +553,9 @@ def test_purge_deletes_old_rows_in_bounded_batches(store: Store) -> None:
             deletes.append((statement.split()[2], cursor.rowcount))
 
     event.listen(store._engine, "after_cursor_execute", record)
-    assert store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25 + 25  # samples, events, batches
+    assert (
+        store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25 + 25
+    )  # samples, events, batches
     event.remove(store._engine, "after_cursor_execute", record)
 
     assert all(rowcount <= 4 for _, rowcount in deletes)
@@ -472,12 +603,17 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
     store.open_alert(finding(), now=T0, targets=["hook"])
     _break_next_sample_insert(store, database)
 
-    big = batch(2, gpu_samples=[GpuSample(t=T0 + i * 1e-3, node="n01", gpu=i % 8, metrics=every_gpu_metric())
-                                for i in range(3000)])
+    big = batch(
+        2,
+        gpu_samples=[
+            GpuSample(t=T0 + i * 1e-3, node="n01", gpu=i % 8, metrics=every_gpu_metric())
+            for i in range(3000)
+        ],
+    )
     with pytest.raises(StoreError) as info:
         store.ingest([big])
     message = str(info.value)
-    assert "ingest" in message and store.url in message
+    assert "ingest" in message and store.url_for_log in message
     if database.kind == "sqlite":
         assert "full" in message
 
@@ -500,7 +636,9 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
         ("not a url", "not a url", None),
     ],
 )
-def test_unusable_database_raises_store_error_naming_it(url: str, shown: str, hidden: str | None) -> None:
+def test_unusable_database_raises_store_error_naming_it(
+    url: str, shown: str, hidden: str | None
+) -> None:
     with pytest.raises(StoreError) as info:
         Store(url)
     assert shown in str(info.value)

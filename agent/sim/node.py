@@ -1,0 +1,483 @@
+"""A simulated GPU node running a synchronous training job, with typed faults, as a function of time.
+
+Nothing runs in the background: every reading is computed from `clock()` at query time, so a
+given seed, fault list and time always give the same values. The fake NVML (fake_nvml.py) turns
+these readings into pynvml's shapes and units.
+
+The workload model: each GPU runs training steps at ~95-100 % utilisation; its power is a base
+near the capture's load draw plus slow swings (a few sinusoids, so energy integrates exactly and
+stays monotone); the SM clock sits at its boost maximum unless the power cap trims it; the core
+temperature is the power passed through a first-order thermal filter (time constant ~1 minute).
+A GPU that slows down (thermal slowdown, power brake) drags its synchronous peers, which then
+wait in collectives and draw less power at full clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from agent.sim.profiles import GpuProfile, profile_for
+from agent.sim.scenario import (
+    DEFAULT_NVLINK_CRC_FLITS_PER_SECOND,
+    DEFAULT_PCIE_REPLAYS_PER_SECOND,
+    Fault,
+)
+
+# PCI buses of the eight GPUs on an HGX H100/H200 baseboard, in NVML index order.
+HGX_PCI_BUSES: tuple[int, ...] = (0x18, 0x2A, 0x3A, 0x5D, 0x9A, 0xAB, 0xBA, 0xDB)
+
+# The job started this long before the node's start, so temperatures have mostly settled.
+_WARM_SECONDS = 180.0
+# Hopper moves the SM clock in 15 MHz bins (1980, 1965, 1950, ... in nvidia-smi output).
+_CLOCK_BIN_MHZ = 15
+# Power draw above this fraction of the limit makes the firmware trim the clock (SW power cap).
+_POWER_CAP_FRACTION = 0.955
+# A synchronous peer of a slowed GPU waits in collectives: its power scales towards this floor.
+_PEER_WAIT_POWER_FLOOR = 0.55
+# Seconds over which the core heats up to the slowdown threshold before a thermal fault trips.
+_THERMAL_RAMP_SECONDS = 30.0
+_THERMAL_COOL_SECONDS = 20.0
+
+# Per-kind effect of the slowdown faults: (SM clock ratio, power ratio, clock event reason bits).
+# 0x8 HW slowdown with 0x40 HW thermal slowdown / 0x80 HW power brake (nvmlClocksEventReason*).
+_SLOWDOWN_EFFECT: dict[str, tuple[float, float, int]] = {
+    "thermal_slowdown": (0.5, 0.5, 0x08 | 0x40),
+    "power_brake": (0.45, 0.4, 0x08 | 0x80),
+}
+_SW_POWER_CAP = 0x04
+
+# NVLink error counters, in the order of pynvml's NVML_NVLINK_ERROR_DL_* constants.
+NVLINK_COUNTERS: tuple[str, ...] = ("replay", "recovery", "crc_flit", "crc_data")
+# How fast each counter climbs relative to the fault's CRC flit rate.
+_NVLINK_COUNTER_SHARE = {"crc_flit": 1.0, "crc_data": 0.25, "replay": 0.5, "recovery": 0.01}
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a cheap, well-spread hash for deterministic per-step noise."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _unit(key: int, i: int) -> float:
+    """Deterministic noise in [0, 1) for stream `key` at integer step `i`."""
+    return _mix64(key ^ ((i * 0xD1B54A32D192ED03) & _MASK64)) / 18446744073709551616.0
+
+
+@dataclass(frozen=True)
+class SimGpu:
+    """Identity of one simulated GPU, as NVML reports it."""
+
+    index: int
+    uuid: str  # GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx
+    serial: str  # 13 digits, like the board serials nvidia-smi prints
+    pci_domain: int
+    pci_bus: int
+
+    @property
+    def pci_bus_id(self) -> str:
+        """NVML's busId format: 8-digit domain, upper-case hex ("00000000:18:00.0")."""
+        return f"{self.pci_domain:08X}:{self.pci_bus:02X}:00.0"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """The workload-driven values of one GPU at one instant, in NVML's units."""
+
+    gpu_util_percent: int
+    mem_util_percent: int
+    power_milliwatts: int
+    energy_millijoules: int
+    temp_gpu_celsius: int
+    temp_mem_celsius: int
+    sm_clock_mhz: int
+    mem_clock_mhz: int
+    video_clock_mhz: int
+    clock_event_reasons: int
+    pcie_tx_kilobytes_per_second: int
+    pcie_rx_kilobytes_per_second: int
+    mem_used_bytes: int  # allocated, without the driver's reserved memory (nvmlMemory_v2 `used`)
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    time: float  # absolute, on the node's clock
+    gpu: int
+    xid: int
+    fault: Fault
+
+
+@dataclass(frozen=True)
+class _GpuParams:
+    """Per-GPU constants drawn once from the seed: how this board in this chassis behaves."""
+
+    key: int  # noise stream
+    power_base_watts: float
+    swing_amplitudes_watts: tuple[float, ...]
+    swing_omegas: tuple[float, ...]  # rad/s
+    swing_phases: tuple[float, ...]
+    thermal_tau_seconds: float
+    ambient_celsius: float
+    celsius_per_watt: float
+    mem_temp_offset_celsius: float
+    step_seconds: float
+    pcie_rx_kilobytes_per_second: float
+    pcie_tx_fraction: float
+    mem_job_bytes: int
+    mem_util_base_percent: int
+    pcie_replay_base: int
+    energy_offset_millijoules: int
+
+
+class SimNode:
+    """One node of `gpu_count` GPUs of `model`, with faults; readings are functions of clock()."""
+
+    def __init__(
+        self,
+        name: str,
+        gpu_count: int = 8,
+        model: str = "H100",
+        faults: Sequence[Fault] = (),
+        seed: int = 0,
+        start: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if gpu_count < 1:
+            raise ValueError(f"gpu_count must be >= 1, got {gpu_count}")
+        self.name = name
+        self.gpu_count = gpu_count
+        self.profile: GpuProfile = profile_for(model)
+        self.model = self.profile.model
+        self.seed = seed
+        self.clock = clock
+        self.start = float(clock() if start is None else start)
+        self.faults: tuple[Fault, ...] = tuple(faults)
+        for fault in self.faults:
+            if fault.gpu >= gpu_count:
+                raise ValueError(f"fault {fault} targets GPU {fault.gpu}; node {name} has {gpu_count}")
+            if fault.kind in ("nvlink_errors", "nvlink_down") and fault.link >= self.profile.nvlink_links:
+                raise ValueError(
+                    f"fault {fault} targets NVLink {fault.link}; {self.profile.name} has "
+                    f"{self.profile.nvlink_links} links"
+                )
+        self.gpus: tuple[SimGpu, ...] = tuple(self._identity(i) for i in range(gpu_count))
+        self._params = tuple(self._draw_params(i) for i in range(gpu_count))
+        # Faults per GPU and kind as (absolute start, absolute end, fault).
+        self._windows: list[dict[str, list[tuple[float, float, Fault]]]] = [
+            {} for _ in range(gpu_count)
+        ]
+        for fault in self.faults:
+            begin = self.fault_time(fault)
+            self._windows[fault.gpu].setdefault(fault.kind, []).append(
+                (begin, begin + (fault.end_seconds - fault.at_seconds), fault)
+            )
+        self._lost_at: tuple[float | None, ...] = tuple(
+            min((w[0] for w in self._windows[g].get("gpu_lost", ())), default=None)
+            for g in range(gpu_count)
+        )
+        self.xid_events: tuple[XidEvent, ...] = tuple(
+            sorted(
+                (
+                    XidEvent(self.fault_time(f), f.gpu, f.effective_xid, f)
+                    for f in self.faults
+                    if f.effective_xid is not None
+                ),
+                key=lambda e: (e.time, e.gpu),
+            )
+        )
+        # Times when some GPU's power multiplier changes (slowdown faults start or end).
+        self._breaks: tuple[float, ...] = tuple(
+            sorted(
+                {
+                    edge
+                    for f in self.faults
+                    if f.kind in _SLOWDOWN_EFFECT
+                    for edge in (self.fault_time(f), self.fault_time(f) + (f.end_seconds - f.at_seconds))
+                    if math.isfinite(edge)
+                }
+            )
+        )
+        # Per GPU: (break time, power multiplier after it, change in multiplier at it).
+        self._power_steps: tuple[tuple[tuple[float, float, float], ...], ...] = tuple(
+            tuple(
+                (b, self._power_multiplier(g, b + 1e-6),
+                 self._power_multiplier(g, b + 1e-6) - self._power_multiplier(g, b - 1e-6))
+                for b in self._breaks
+            )
+            for g in range(gpu_count)
+        )
+        self._cache: list[tuple[int, GpuReading] | None] = [None] * gpu_count
+
+    # ---- identity and static draws -------------------------------------------------------------
+
+    def _identity(self, index: int) -> SimGpu:
+        digest = hashlib.sha256(f"fleetwatch-sim:{self.name}:{self.seed}:{index}".encode()).hexdigest()
+        uuid = f"GPU-{digest[0:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:20]}-{digest[20:32]}"
+        serial = "16" + str(int(digest[32:48], 16) % 10**11).rjust(11, "0")
+        # Past eight GPUs, repeat the HGX bus layout in the next PCI domain.
+        domain, slot = divmod(index, len(HGX_PCI_BUSES))
+        return SimGpu(index, uuid, serial, domain, HGX_PCI_BUSES[slot])
+
+    def _draw_params(self, index: int) -> _GpuParams:
+        p = self.profile
+        rng = random.Random(f"fleetwatch-sim:{self.name}:{self.seed}:{index}:params")
+        # Swings of a few percent on periods from seconds (step mix) to minutes (data mix).
+        periods = (rng.uniform(6.0, 9.0), rng.uniform(25.0, 40.0), rng.uniform(140.0, 220.0))
+        amplitudes = (rng.uniform(8.0, 12.0), rng.uniform(10.0, 15.0), rng.uniform(12.0, 18.0))
+        power_base = p.power_limit_watts * rng.uniform(0.86, 0.905)
+        # Calibrated on the captures' idle and load points; a hotter slot in the chassis adds up
+        # to ~14 C (HGX GPUs at the back of the airflow run hotter).
+        per_watt = (p.temp_load_celsius - p.temp_idle_celsius) / (p.power_load_watts - p.power_idle_watts)
+        ambient = p.temp_idle_celsius - per_watt * p.power_idle_watts + rng.uniform(0.0, 14.0)
+        job_fraction = rng.uniform(0.86, 0.93)
+        return _GpuParams(
+            key=rng.getrandbits(64),
+            power_base_watts=power_base,
+            swing_amplitudes_watts=amplitudes,
+            swing_omegas=tuple(2 * math.pi / period for period in periods),
+            swing_phases=tuple(rng.uniform(0, 2 * math.pi) for _ in periods),
+            thermal_tau_seconds=rng.uniform(40.0, 70.0),
+            ambient_celsius=ambient,
+            celsius_per_watt=per_watt,
+            mem_temp_offset_celsius=rng.uniform(-1.5, 1.5),
+            step_seconds=rng.uniform(0.85, 1.15),
+            pcie_rx_kilobytes_per_second=rng.uniform(30_000.0, 150_000.0),
+            pcie_tx_fraction=rng.uniform(0.1, 0.3),
+            mem_job_bytes=(int(p.memory_total_bytes * job_fraction) // (2 << 20)) * (2 << 20),
+            mem_util_base_percent=p.mem_util_load_percent + rng.randint(-2, 3),
+            # The H100 capture shows 9 replays since reset on a healthy board, the H200 0.
+            pcie_replay_base=rng.choice((0, 0, 0, 1, 2, 9)),
+            # NVML's energy counter runs since the driver loaded: days of mostly-loaded hours.
+            energy_offset_millijoules=rng.randint(2 * 10**10, 2 * 10**11),
+        )
+
+    # ---- faults --------------------------------------------------------------------------------
+
+    def fault_time(self, fault: Fault) -> float:
+        """Absolute time (on the node's clock) when `fault` happens."""
+        return self.start + fault.at_seconds
+
+    def lost_at(self, gpu: int) -> float | None:
+        """When GPU `gpu` falls off the bus, or None if it never does."""
+        return self._lost_at[gpu]
+
+    def is_lost(self, gpu: int, t: float | None = None) -> bool:
+        lost = self._lost_at[gpu]
+        return lost is not None and (self.clock() if t is None else t) >= lost
+
+    def _active(self, gpu: int, kind: str, t: float) -> list[Fault]:
+        return [f for begin, end, f in self._windows[gpu].get(kind, ()) if begin <= t < end]
+
+    def _started(self, gpu: int, kind: str, t: float) -> int:
+        return sum(1 for begin, _, _ in self._windows[gpu].get(kind, ()) if begin <= t)
+
+    def _slowdown(self, gpu: int, t: float) -> tuple[float, float, int]:
+        """(clock ratio, power ratio, reason bits) of the slowdown faults active on `gpu`."""
+        clock_ratio, power_ratio, reasons = 1.0, 1.0, 0
+        windows = self._windows[gpu]
+        for kind, (kind_clock, kind_power, kind_reasons) in _SLOWDOWN_EFFECT.items():
+            for begin, end, _ in windows.get(kind, ()):
+                if begin <= t < end:
+                    clock_ratio = min(clock_ratio, kind_clock)
+                    power_ratio = min(power_ratio, kind_power)
+                    reasons |= kind_reasons
+        return clock_ratio, power_ratio, reasons
+
+    def _power_multiplier(self, gpu: int, t: float) -> float:
+        """Fraction of its normal draw the GPU pulls: its own slowdown, or waiting on a slow peer."""
+        clock_ratio, power_ratio, _ = self._slowdown(gpu, t)
+        if clock_ratio < 1.0:
+            return power_ratio
+        slowest = min(self._slowdown(g, t)[0] for g in range(self.gpu_count))
+        return _PEER_WAIT_POWER_FLOOR + (1.0 - _PEER_WAIT_POWER_FLOOR) * slowest
+
+    # ---- workload ------------------------------------------------------------------------------
+
+    def reading(self, gpu: int, t: float | None = None) -> GpuReading:
+        """The workload values of `gpu` at time `t` (default: now), on a 1 ms grid."""
+        t_ms = math.floor((self.clock() if t is None else t) * 1000.0)
+        cached = self._cache[gpu]
+        if cached is not None and cached[0] == t_ms:
+            return cached[1]
+        value = self._compute(gpu, t_ms / 1000.0)
+        self._cache[gpu] = (t_ms, value)
+        return value
+
+    def _compute(self, gpu: int, t: float) -> GpuReading:
+        p = self.profile
+        q = self._params[gpu]
+        since_start = t - self.start
+        since_job = since_start + _WARM_SECONDS
+        clock_ratio, _, reasons = self._slowdown(gpu, t)
+        multiplier = self._multiplier_at(gpu, t)
+
+        swing = 0.0
+        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+            swing += amplitude * math.sin(omega * since_job + phase)
+        power_smooth = multiplier * (q.power_base_watts + swing)
+
+        # Utilisation in steps: most steps keep the GPU busy the whole sample, some show a short
+        # data-loader or collective gap; the same gap lowers the power a little.
+        step = math.floor(since_start / q.step_seconds)
+        u_step = _unit(q.key, step)
+        gap_percent = 0 if u_step < 0.6 else 1 + int((u_step - 0.6) * 12.5)
+        gpu_util = 100 - gap_percent
+        jitter_watts = (_unit(q.key ^ 0x5EED, math.floor(since_start * 10.0)) - 0.5) * 8.0
+        power = power_smooth - gap_percent * 6.0 + jitter_watts
+        power = min(max(power, p.power_idle_watts * 0.9), p.power_limit_watts)
+
+        if clock_ratio < 1.0:
+            sm_clock = round(p.sm_clock_max_mhz * clock_ratio / _CLOCK_BIN_MHZ) * _CLOCK_BIN_MHZ
+            sm_clock += _CLOCK_BIN_MHZ * (int(_unit(q.key ^ 0xC10C, step) * 3.0) - 1)
+        else:
+            excess_watts = power_smooth - _POWER_CAP_FRACTION * p.power_limit_watts
+            if excess_watts > 0:
+                reasons |= _SW_POWER_CAP
+                sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ * (1 + int(excess_watts / 8.0))
+            elif _unit(q.key ^ 0xC10C, step) < 0.08:
+                sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ
+            else:
+                sm_clock = p.sm_clock_max_mhz
+
+        temp_gpu = self._temperature(gpu, t, since_job)
+        temp_mem = temp_gpu - p.mem_temp_below_gpu_celsius + q.mem_temp_offset_celsius
+
+        mem_util = max(0, round((q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
+                                * clock_ratio * gpu_util / 100.0))
+        rx = q.pcie_rx_kilobytes_per_second * (0.6 + 0.8 * _unit(q.key ^ 0x9C1E, step)) * clock_ratio
+        mem_step = math.floor(since_start / 30.0)
+        mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
+
+        return GpuReading(
+            gpu_util_percent=gpu_util,
+            mem_util_percent=int(mem_util),
+            power_milliwatts=int(power * 1000.0),
+            energy_millijoules=self._energy_millijoules(gpu, t),
+            temp_gpu_celsius=int(temp_gpu),
+            temp_mem_celsius=int(temp_mem),
+            sm_clock_mhz=int(sm_clock),
+            mem_clock_mhz=p.mem_clock_max_mhz,
+            video_clock_mhz=p.video_clock_max_mhz,
+            clock_event_reasons=reasons,
+            pcie_tx_kilobytes_per_second=int(rx * q.pcie_tx_fraction),
+            pcie_rx_kilobytes_per_second=int(rx),
+            mem_used_bytes=mem_used,
+        )
+
+    def _multiplier_at(self, gpu: int, t: float) -> float:
+        multiplier = 1.0
+        for edge, after, _ in self._power_steps[gpu]:
+            if edge > t:
+                break
+            multiplier = after
+        return multiplier
+
+    def _temperature(self, gpu: int, t: float, since_job: float) -> float:
+        """Core temperature: power through a first-order thermal filter, plus thermal faults."""
+        q = self._params[gpu]
+        tau = q.thermal_tau_seconds
+        filtered = q.power_base_watts + (self.profile.power_idle_watts - q.power_base_watts) * math.exp(
+            -since_job / tau
+        )
+        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+            lag = math.atan(omega * tau)
+            filtered += amplitude / math.hypot(1.0, omega * tau) * math.sin(omega * since_job + phase - lag)
+        # Each change of the power multiplier moves the settled temperature exponentially.
+        for edge, _, delta in self._power_steps[gpu]:
+            if edge > t:
+                break
+            filtered += delta * q.power_base_watts * (1.0 - math.exp(-(t - edge) / tau))
+        celsius = q.ambient_celsius + q.celsius_per_watt * filtered
+
+        slowdown = self.profile.temp_slowdown_celsius
+        for begin, end, _ in self._windows[gpu].get("thermal_slowdown", ()):
+            hot = slowdown + 1.5 + _unit(q.key ^ 0x7E39, math.floor(t))  # 90-91 C while tripped
+            if begin - _THERMAL_RAMP_SECONDS <= t < begin:
+                # Cooling fails first: the core climbs towards the threshold, just short of it.
+                frac = (t - (begin - _THERMAL_RAMP_SECONDS)) / _THERMAL_RAMP_SECONDS
+                target = slowdown - 1.0
+                celsius = max(celsius, celsius + (target - celsius) * frac * frac)
+            elif begin <= t < end:
+                celsius = max(celsius, hot)
+            elif t >= end:
+                celsius += max(0.0, hot - celsius) * math.exp(-(t - end) / _THERMAL_COOL_SECONDS)
+        return celsius
+
+    def _energy_millijoules(self, gpu: int, t: float) -> int:
+        """Energy since the driver loaded: the exact integral of the smooth power (monotone)."""
+        q = self._params[gpu]
+        total_joules = 0.0
+        segment_start = self.start
+        multiplier = self._multiplier_at(gpu, self.start)
+        for edge, after, _ in self._power_steps[gpu]:
+            if edge <= self.start:
+                continue
+            if edge >= t:
+                break
+            total_joules += multiplier * self._power_integral(q, segment_start, edge)
+            segment_start, multiplier = edge, after
+        total_joules += multiplier * self._power_integral(q, segment_start, t)
+        return q.energy_offset_millijoules + int(total_joules * 1000.0)
+
+    def _power_integral(self, q: _GpuParams, t0: float, t1: float) -> float:
+        """Joules of the unscaled smooth power between absolute times t0 and t1."""
+        x0 = t0 - self.start + _WARM_SECONDS
+        x1 = t1 - self.start + _WARM_SECONDS
+        joules = q.power_base_watts * (x1 - x0)
+        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+            joules += amplitude / omega * (math.cos(omega * x0 + phase) - math.cos(omega * x1 + phase))
+        return joules
+
+    # ---- counters and link state ---------------------------------------------------------------
+
+    def pcie_replay_count(self, gpu: int, t: float) -> int:
+        count = self._params[gpu].pcie_replay_base
+        for begin, end, fault in self._windows[gpu].get("pcie_replays", ()):
+            if begin <= t:
+                rate = fault.rate_per_second or DEFAULT_PCIE_REPLAYS_PER_SECOND
+                count += 1 + int(rate * (min(t, end) - begin))
+        return count
+
+    def pcie_link(self, gpu: int, t: float) -> tuple[int, int]:
+        """(current generation, current width) of the GPU's PCIe link."""
+        gen, width = self.profile.pcie_link_gen_max, self.profile.pcie_link_width_max
+        for fault in self._active(gpu, "pcie_downtrain", t):
+            gen, width = min(gen, fault.pcie_gen), min(width, fault.pcie_width)
+        return gen, width
+
+    def ecc_counts(self, gpu: int, t: float) -> tuple[int, int, int, int]:
+        """(SBE volatile, DBE volatile, SBE aggregate, DBE aggregate) totals."""
+        dbe = self._started(gpu, "ecc_dbe", t)
+        return 0, dbe, 0, dbe
+
+    def remapped_rows(self, gpu: int, t: float) -> tuple[int, int, int, int]:
+        """(correctable, uncorrectable, pending, failure) as nvmlDeviceGetRemappedRows returns."""
+        pending_started = self._started(gpu, "row_remap_pending", t)
+        failures = self._started(gpu, "row_remap_failure", t)
+        pending = 1 if self._active(gpu, "row_remap_pending", t) else 0
+        return 0, pending_started + failures, pending, 1 if failures else 0
+
+    def nvlink_up(self, gpu: int, link: int, t: float) -> bool:
+        return not any(f.link == link for f in self._active(gpu, "nvlink_down", t))
+
+    def nvlink_error_count(self, gpu: int, link: int, counter: str, t: float) -> int:
+        """One NVLink error counter (a name in NVLINK_COUNTERS) of one link."""
+        windows = self._windows[gpu]
+        count = 0
+        for begin, end, fault in windows.get("nvlink_errors", ()):
+            if fault.link == link and begin <= t:
+                rate = (fault.rate_per_second or DEFAULT_NVLINK_CRC_FLITS_PER_SECOND) * _NVLINK_COUNTER_SHARE[counter]
+                count += 1 + int(rate * (min(t, end) - begin))
+        if counter == "recovery":
+            # A link that drops is retrained: one recovery per drop.
+            count += sum(1 for begin, _, f in windows.get("nvlink_down", ()) if f.link == link and begin <= t)
+        return count
+

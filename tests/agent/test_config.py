@@ -1,0 +1,103 @@
+"""Configuration: TOML < FLEETWATCH_* < flags, and errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig
+from agent.configfile import ConfigError, load_config
+from agent.main import build_parser as agent_parser
+from collector.config import CollectorConfig
+from collector.main import build_parser as collector_parser
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
+
+
+def test_defaults_without_file(tmp_path: Path) -> None:
+    config = load_config(AgentConfig, path=tmp_path / "missing.toml", env={})
+    assert config.sampling_interval_seconds == 1.0
+    assert config.collector_address == "127.0.0.1:9470"
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text('node = "from-file"\nsampling_interval_seconds = 2.0\nspool_max_bytes = 1000\n')
+    env = {"FLEETWATCH_SAMPLING_INTERVAL_SECONDS": "3", "FLEETWATCH_NODE": "from-env"}
+    args = agent_parser().parse_args(["--node", "from-flag"])
+    config = load_config(AgentConfig, path=file, env=env, flags=args)
+    assert config.node == "from-flag"
+    assert config.sampling_interval_seconds == 3.0
+    assert config.spool_max_bytes == 1000
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text("sampling_intervall_seconds = 2\n")
+    with pytest.raises(ConfigError, match="unknown key 'sampling_intervall_seconds'"):
+        load_config(AgentConfig, path=file, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sampling_interval_seconds = -1\n", "sampling_interval_seconds: must be greater than 0"),
+        ('sampling_interval_seconds = "fast"\n', "sampling_interval_seconds .*expected a number"),
+        ('log_level = "loud"\n', "log_level: must be one of"),
+        ("spool_max_bytes = 1.5\n", "spool_max_bytes .*expected an integer"),
+        ("spool_fsync = 3\n", "spool_fsync .*expected true or false"),
+    ],
+)
+def test_invalid_values_are_named(tmp_path: Path, text: str, message: str) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(AgentConfig, path=file, env={})
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="FLEETWATCH_SPOOL_MAX_BYTES"):
+        load_config(AgentConfig, path=None, env={"FLEETWATCH_SPOOL_MAX_BYTES": "lots"})
+
+
+def test_unrelated_fleetwatch_env_is_ignored() -> None:
+    # agent and collector share the prefix on one host
+    config = load_config(AgentConfig, path=None, env={"FLEETWATCH_DATABASE_URL": "sqlite:///x.db"})
+    assert config.node == ""
+
+
+def test_collector_lists_and_addresses(tmp_path: Path) -> None:
+    env = {"FLEETWATCH_WEBHOOK_URLS": "http://a/x, http://b/y"}
+    assert load_config(CollectorConfig, path=None, env=env).webhook_urls == ["http://a/x", "http://b/y"]
+    with pytest.raises(ConfigError, match="webhook_urls"):
+        load_config(CollectorConfig, path=None, env={"FLEETWATCH_WEBHOOK_URLS": "ftp://nope"})
+    with pytest.raises(ConfigError, match="grpc_listen: must be HOST:PORT"):
+        load_config(CollectorConfig, path=None, env={"FLEETWATCH_GRPC_LISTEN": "localhost"})
+
+
+def test_broken_toml_is_reported(tmp_path: Path) -> None:
+    file = tmp_path / "collector.toml"
+    file.write_text("grpc_listen = \n")
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(CollectorConfig, path=file, env={})
+
+
+@pytest.mark.parametrize(("cls", "name"), [(AgentConfig, "agent.toml"), (CollectorConfig, "collector.toml")])
+def test_shipped_examples_load(cls, name: str) -> None:
+    load_config(cls, path=DEPLOY / name, env={}, require_file=True)
+
+
+@pytest.mark.parametrize("parser", [agent_parser, collector_parser])
+def test_help_lists_every_key_with_its_variable(parser, capsys) -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "FLEETWATCH_" in out and "[default:" in out
+
+
+def test_agent_exits_2_on_bad_config(tmp_path: Path, capsys) -> None:
+    from agent.main import main
+
+    file = tmp_path / "agent.toml"
+    file.write_text("bogus = 1\n")
+    assert main(["--config", str(file)]) == 2
+    assert "unknown key 'bogus'" in capsys.readouterr().err

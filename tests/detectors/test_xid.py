@@ -1,0 +1,130 @@
+"""XidDetector: one finding per (node, GPU, XID), graded by the catalog, held by its rule."""
+
+import pytest
+
+from detectors.model import Event, NodeState, Window
+from detectors.xid import XidDetector, XidThresholds
+
+T0 = 1_700_000_000.0
+
+
+def xid(t, xid_number, node="n01", gpu=3):
+    return Event(t=t, node=node, kind="xid", gpu=gpu, xid=xid_number)
+
+
+def window(now, events, boot_seen_at=None, node="n01"):
+    state = NodeState(
+        node, now, sampling_interval_seconds=1.0, boot_id="b", boot_seen_at=boot_seen_at
+    )
+    return Window(
+        now=now,
+        gpu={},
+        host={},
+        events=events,
+        steps=[],
+        nodes={node: state},
+        watching_since=T0 - 3600,
+    )
+
+
+def test_xid_79_gives_the_design_finding():
+    (finding,) = XidDetector().detect(window(T0 + 0.4, [xid(T0 + 0.4, 79)]))
+    assert finding.to_dict() == {
+        "detector": "xid",
+        "severity": "critical",
+        "action": "reboot",
+        "node": "n01",
+        "gpu": 3,
+        "job": None,
+        "rank": None,
+        "start": T0 + 0.4,
+        "end": None,
+        "summary": "XID 79: GPU has fallen off the bus",
+        "evidence": {"xid": 79, "count": 1},
+    }
+
+
+def test_repeats_are_counted_and_start_is_the_first_occurrence():
+    events = [xid(T0, 13), xid(T0 + 5, 13), xid(T0 + 9, 13)]
+    (finding,) = XidDetector().detect(window(T0 + 10, events))
+    assert finding.start == T0
+    assert finding.evidence == {"xid": 13, "count": 3}
+    assert (finding.severity, finding.action) == ("warning", "check_app")
+    assert finding.summary == "XID 13: Graphics engine exception (usually the application)"
+
+
+def test_one_finding_per_node_gpu_and_xid():
+    events = [
+        xid(T0, 13, gpu=0),
+        xid(T0, 13, gpu=1),
+        xid(T0, 31, gpu=1),
+        xid(T0, 13, node="n02", gpu=0),
+    ]
+    findings = XidDetector().detect(window(T0 + 1, events))
+    assert sorted((f.node, f.gpu, f.evidence["xid"]) for f in findings) == [
+        ("n01", 0, 13),
+        ("n01", 1, 13),
+        ("n01", 1, 31),
+        ("n02", 0, 13),
+    ]
+    assert len({f.fingerprint for f in findings}) == 4
+
+
+def test_xid_without_a_gpu_index_still_reports():
+    (finding,) = XidDetector().detect(window(T0, [xid(T0, 48, gpu=None)]))
+    assert finding.gpu is None and finding.severity == "critical"
+
+
+def test_unknown_xid_uses_the_default():
+    (finding,) = XidDetector().detect(window(T0, [xid(T0, 4242)]))
+    assert (finding.severity, finding.action) == ("warning", "check_app")
+    assert finding.summary == "XID 4242: Unknown XID"
+
+
+def test_other_event_kinds_and_future_events_are_ignored():
+    events = [Event(t=T0, node="n01", kind="gpu_lost", gpu=3), xid(T0 + 5, 79)]
+    assert XidDetector().detect(window(T0 + 1, events)) == []
+
+
+HOLD = XidThresholds().hold_seconds
+LIMIT = XidThresholds().reboot_hold_limit_seconds
+
+
+@pytest.mark.parametrize(("age", "held"), [(HOLD - 1, True), (HOLD, True), (HOLD + 0.001, False)])
+def test_app_xid_holds_for_hold_seconds_after_its_last_occurrence(age, held):
+    events = [xid(T0 - 100, 13), xid(T0, 13)]
+    assert bool(XidDetector().detect(window(T0 + age, events))) is held
+
+
+@pytest.mark.parametrize(("age", "held"), [(HOLD + 1, True), (LIMIT, True), (LIMIT + 0.001, False)])
+def test_reboot_class_xid_holds_until_the_hold_limit(age, held):
+    assert bool(XidDetector().detect(window(T0 + age, [xid(T0, 79)]))) is held
+
+
+@pytest.mark.parametrize("number", [79, 63, 64, 92])  # reboot, reset_gpu, inspect_hardware x2
+def test_reboot_class_xid_clears_when_the_boot_changes_after_it(number):
+    events = [xid(T0, number)]
+    assert XidDetector().detect(window(T0 + HOLD * 3, events, boot_seen_at=T0 - 50))
+    assert XidDetector().detect(window(T0 + HOLD * 3, events, boot_seen_at=T0)) != []  # not after
+    assert XidDetector().detect(window(T0 + HOLD * 3, events, boot_seen_at=T0 + 120)) == []
+
+
+def test_an_xid_after_the_reboot_starts_a_new_episode():
+    events = [xid(T0, 79), xid(T0 + 200, 79)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=T0 + 100))
+    assert finding.start == T0 + 200
+    assert finding.evidence["count"] == 1
+
+
+def test_an_app_xid_after_a_quiet_spell_starts_a_new_episode():
+    events = [xid(T0, 13), xid(T0 + 1, 13), xid(T0 + HOLD + 50, 13)]
+    (finding,) = XidDetector().detect(window(T0 + HOLD + 60, events))
+    assert finding.start == T0 + HOLD + 50
+    assert finding.evidence["count"] == 1
+
+
+def test_thresholds_are_configurable():
+    detector = XidDetector(XidThresholds(hold_seconds=10.0, reboot_hold_limit_seconds=20.0))
+    assert detector.detect(window(T0 + 11, [xid(T0, 13)])) == []
+    assert detector.detect(window(T0 + 21, [xid(T0, 79)])) == []
+    assert detector.event_window_seconds == 20.0

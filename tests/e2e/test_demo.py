@@ -1,0 +1,34 @@
+"""`fleetwatchctl demo --duration 20 --json`: both injected faults alerted, nothing else."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "collector.ctl", "demo", "--duration", "20", "--json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    alerts = summary["alerts"]
+    for a in alerts:
+        assert set(a) == {"detector", "node", "gpu", "severity", "status", "seconds_to_alert"}
+
+    xid = [a for a in alerts if a["detector"] == "xid"]
+    assert len(xid) == 1, alerts
+    assert (xid[0]["node"], xid[0]["gpu"], xid[0]["severity"]) == ("n02", 5, "critical")
+    assert xid[0]["seconds_to_alert"] is not None and 0 <= xid[0]["seconds_to_alert"] <= 2
+
+    thermal = [a for a in alerts if a["detector"] == "thermal"]
+    assert len(thermal) == 1, alerts
+    assert (thermal[0]["node"], thermal[0]["gpu"]) == ("n03", 2)
+    assert thermal[0]["seconds_to_alert"] is not None
+
+    # XID 79 also means the GPU is gone: a gpu_lost alert on that same GPU is right; any other GPU is a false alarm.
+    assert {(a["node"], a["gpu"]) for a in alerts} == {("n02", 5), ("n03", 2)}, alerts
+    # 4 nodes x (8 GPUs + host) at 1 Hz for ~20 s
+    assert summary["samples_ingested"] > 4 * 9 * 15
