@@ -1,4 +1,8 @@
-"""GPU-lost detector: a GPU the driver cannot reach (NVML GPU_IS_LOST, XID 79) until a reboot."""
+"""GPU-lost detector: a GPU the driver reports lost (NVML GPU_IS_LOST), held until a reboot.
+
+XID 79 ("fallen off the bus") is the kernel's word for the same failure and already raises a
+critical `xid` finding with action reboot; counting it here too would page twice for one fault.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ from typing import ClassVar
 
 from detectors.model import Event, Finding, Window, held_episode
 
-FALLEN_OFF_THE_BUS_XID = 79
-
 
 @dataclass(frozen=True, slots=True)
 class GpuLostThresholds:
@@ -16,13 +18,9 @@ class GpuLostThresholds:
     hold_limit_seconds: float = 86400.0
 
 
-def _is_gpu_lost(event: Event) -> bool:
-    return event.kind == "gpu_lost" or (event.kind == "xid" and event.xid == FALLEN_OFF_THE_BUS_XID)
-
-
 @dataclass(slots=True)
 class GpuLostDetector:
-    """`gpu_lost` events and XID 79 -> a critical finding per (node, GPU), action reboot."""
+    """`gpu_lost` events -> a critical finding per (node, GPU), action reboot."""
 
     thresholds: GpuLostThresholds = field(default_factory=GpuLostThresholds)
     id: ClassVar[str] = "gpu_lost"
@@ -36,7 +34,7 @@ class GpuLostDetector:
     def detect(self, window: Window) -> list[Finding]:
         events: dict[tuple[str, int | None], list[Event]] = {}
         for event in window.events:
-            if event.t <= window.now and _is_gpu_lost(event):
+            if event.t <= window.now and event.kind == "gpu_lost":
                 events.setdefault((event.node, event.gpu), []).append(event)
 
         findings = []
@@ -49,16 +47,9 @@ class GpuLostDetector:
             if not episode:
                 continue
             held = lost[len(lost) - len(episode) :]
-            xid_count = sum(1 for e in held if e.kind == "xid")
             latest = held[-1]
-            # Name what told us: the kernel's XID 79 is the clearest reason a person can act on.
-            reason = "XID 79, fallen off the bus" if xid_count else "the driver reports GPU is lost"
             who = f"GPU {gpu}" if gpu is not None else "a GPU"
-            evidence: dict[str, object] = {
-                "count": len(held),
-                "xid_79_count": xid_count,
-                "gpu_lost_count": len(held) - xid_count,
-            }
+            evidence: dict[str, object] = {"count": len(held)}
             if latest.pci_bus_id is not None:
                 evidence["pci_bus_id"] = latest.pci_bus_id
             if latest.uuid is not None:
@@ -68,7 +59,7 @@ class GpuLostDetector:
                     detector=self.id,
                     severity="critical",
                     action="reboot",
-                    summary=f"{who} on {node} lost: {reason}",
+                    summary=f"{who} on {node} lost: the driver reports GPU is lost",
                     start=episode[0],
                     node=node,
                     gpu=gpu,

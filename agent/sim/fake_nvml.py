@@ -1,0 +1,518 @@
+"""A pynvml-compatible NVML over a SimNode: pynvml's function names, ctypes shapes, units, errors.
+
+The NVML source is handed either the real `pynvml` module or `make_fake_nvml(node)`; it calls the
+same names on both. Everything that is not a function (NVML_* constants, nvmlEventType* and
+nvmlClocksEventReason* bits, the c_nvml* structures, the NVMLError_* classes) is pynvml's own
+object, so `except nvml.NVMLError_NotSupported` catches the fake's errors and the real ones alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pynvml
+
+from agent.sim.node import NVLINK_COUNTERS, SimNode, XidEvent
+
+# What the captures print: "DRIVER version : 590.48.01", "CUDA Version : 13.1"; NVML encodes the
+# CUDA version as 1000 * major + 10 * minor.
+DRIVER_VERSION = "590.48.01"
+CUDA_DRIVER_VERSION = 13010
+
+# Event types a Hopper board accepts in nvmlDeviceRegisterEvents.
+SUPPORTED_EVENT_TYPES = (
+    pynvml.nvmlEventTypeSingleBitEccError
+    | pynvml.nvmlEventTypeDoubleBitEccError
+    | pynvml.nvmlEventTypePState
+    | pynvml.nvmlEventTypeXidCriticalError
+    | pynvml.nvmlEventTypeClock
+)
+
+# A frozen test clock must not turn the event wait into a spin: re-check at most this often.
+_MIN_EVENT_RECHECK_SECONDS = 0.01
+
+_NVLINK_COUNTER_BY_CONSTANT = {
+    pynvml.NVML_NVLINK_ERROR_DL_REPLAY: "replay",
+    pynvml.NVML_NVLINK_ERROR_DL_RECOVERY: "recovery",
+    pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT: "crc_flit",
+    pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA: "crc_data",
+}
+assert set(_NVLINK_COUNTER_BY_CONSTANT.values()) == set(NVLINK_COUNTERS)
+
+_NVLINK_TOTAL_FIELDS = {
+    pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: "crc_flit",
+    pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL: "crc_data",
+    pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL: "replay",
+    pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL: "recovery",
+}
+
+
+def _error(code: int) -> pynvml.NVMLError:
+    """pynvml's own exception for `code` (NVMLError.__new__ picks the NVMLError_* subclass)."""
+    return pynvml.NVMLError(code)
+
+
+def _address(pointer: Any) -> int | None:
+    try:
+        return ctypes.cast(pointer, ctypes.c_void_p).value
+    except (TypeError, ctypes.ArgumentError):
+        return None
+
+
+@dataclass
+class _EventSet:
+    registered: dict[int, tuple[int, float]] = field(default_factory=dict)  # gpu -> (mask, since)
+    delivered: set[int] = field(default_factory=set)  # indexes into node.xid_events
+    freed: bool = False
+
+
+class FakeNvml:
+    """The fake NVML library for one simulated node; build it with make_fake_nvml(node)."""
+
+    def __init__(self, node: SimNode) -> None:
+        self.node = node
+        self.profile = node.profile
+        self._init_count = 0
+        self._cond = threading.Condition()
+        # Handles are real c_nvmlDevice_t pointers (to small buffers we own), like the real ones,
+        # so code that keys handles by address works on both.
+        self._handle_memory = [ctypes.create_string_buffer(16) for _ in node.gpus]
+        self._handles = [
+            ctypes.cast(ctypes.addressof(buf), pynvml.c_nvmlDevice_t) for buf in self._handle_memory
+        ]
+        self._gpu_by_id = {id(h): i for i, h in enumerate(self._handles)}
+        self._gpu_by_address = {ctypes.addressof(buf): i for i, buf in enumerate(self._handle_memory)}
+        self._event_memory: list[ctypes.Array] = []
+        self._event_sets: dict[int, _EventSet] = {}
+        p = self.profile
+        self._thresholds = {
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: p.temp_shutdown_celsius,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: p.temp_slowdown_celsius,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_GPU_MAX: p.temp_gpu_max_celsius,
+            pynvml.NVML_TEMPERATURE_THRESHOLD_MEM_MAX: p.temp_mem_max_celsius,
+        }
+        self._max_clocks = {
+            pynvml.NVML_CLOCK_GRAPHICS: p.sm_clock_max_mhz,
+            pynvml.NVML_CLOCK_SM: p.sm_clock_max_mhz,
+            pynvml.NVML_CLOCK_MEM: p.mem_clock_max_mhz,
+            pynvml.NVML_CLOCK_VIDEO: p.video_clock_max_mhz,
+        }
+
+    # ---- plumbing ------------------------------------------------------------------------------
+
+    def _check_init(self) -> None:
+        if self._init_count <= 0:
+            raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    def _device(self, handle: Any, function: str) -> tuple[int, float]:
+        """(GPU index, now) for a device call; raises what NVML would for this device and call."""
+        if self._init_count <= 0:
+            raise _error(pynvml.NVML_ERROR_UNINITIALIZED)
+        gpu = self._gpu_by_id.get(id(handle))
+        if gpu is None:
+            gpu = self._gpu_by_address.get(_address(handle))  # type: ignore[arg-type]
+            if gpu is None:
+                raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        now = self.node.clock()
+        lost = self.node.lost_at(gpu)
+        if lost is not None and now >= lost:
+            raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if function in self.profile.not_supported:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu, now
+
+    def _event_set(self, event_set: Any) -> _EventSet:
+        state = self._event_sets.get(_address(event_set))  # type: ignore[arg-type]
+        if state is None or state.freed:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return state
+
+    # ---- library and system --------------------------------------------------------------------
+
+    def nvmlInit(self) -> None:
+        self._init_count += 1
+
+    def nvmlInitWithFlags(self, flags: int) -> None:
+        self._init_count += 1
+
+    def nvmlShutdown(self) -> None:
+        self._check_init()
+        self._init_count -= 1
+        with self._cond:
+            self._cond.notify_all()
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        self._check_init()
+        return DRIVER_VERSION
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        self._check_init()
+        return CUDA_DRIVER_VERSION
+
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
+        return self.nvmlSystemGetCudaDriverVersion()
+
+    # ---- device enumeration and identity -------------------------------------------------------
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._check_init()
+        return self.node.gpu_count
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        self._check_init()
+        if not 0 <= index < self.node.gpu_count:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        # NVML documents GPU_IS_LOST for a GPU that fell off the bus before the handle was taken.
+        if self.node.is_lost(index):
+            raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        return self._handles[index]
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any:
+        self._check_init()
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for gpu in self.node.gpus:
+            if gpu.uuid == wanted:
+                return self.nvmlDeviceGetHandleByIndex(gpu.index)
+        raise _error(pynvml.NVML_ERROR_NOT_FOUND)
+
+    def nvmlDeviceGetIndex(self, handle: Any) -> int:
+        return self._device(handle, "nvmlDeviceGetIndex")[0]
+
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        self._device(handle, "nvmlDeviceGetName")
+        return self.profile.name
+
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        gpu, _ = self._device(handle, "nvmlDeviceGetUUID")
+        return self.node.gpus[gpu].uuid
+
+    def nvmlDeviceGetSerial(self, handle: Any) -> str:
+        gpu, _ = self._device(handle, "nvmlDeviceGetSerial")
+        return self.node.gpus[gpu].serial
+
+    def nvmlDeviceGetPciInfo(self, handle: Any) -> pynvml.nvmlPciInfo_t:
+        gpu, _ = self._device(handle, "nvmlDeviceGetPciInfo")
+        sim = self.node.gpus[gpu]
+        info = pynvml.nvmlPciInfo_t()
+        info.busIdLegacy = f"{sim.pci_domain:04X}:{sim.pci_bus:02X}:00.0"
+        info.domain = sim.pci_domain
+        info.bus = sim.pci_bus
+        info.device = 0
+        info.pciDeviceId = self.profile.pcie_device_id
+        info.pciSubSystemId = self.profile.pcie_subsystem_id
+        info.busId = sim.pci_bus_id
+        return info
+
+    def nvmlDeviceGetPciInfo_v3(self, handle: Any) -> pynvml.nvmlPciInfo_t:
+        return self.nvmlDeviceGetPciInfo(handle)
+
+    # ---- memory, utilisation, temperature, power, clocks ---------------------------------------
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
+        gpu, now = self._device(handle, "nvmlDeviceGetMemoryInfo")
+        total = self.profile.memory_total_bytes
+        reserved = self.profile.memory_reserved_bytes
+        allocated = self.node.reading(gpu, now).mem_used_bytes
+        if not version:
+            # v1 folds the driver's reserved memory into `used`.
+            return pynvml.c_nvmlMemory_t(total=total, free=total - reserved - allocated,
+                                         used=allocated + reserved)
+        if version != pynvml.nvmlMemory_v2:
+            raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return pynvml.c_nvmlMemory_v2_t(version=version, total=total, reserved=reserved,
+                                        free=total - reserved - allocated, used=allocated)
+
+    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> pynvml.c_nvmlUtilization_t:
+        gpu, now = self._device(handle, "nvmlDeviceGetUtilizationRates")
+        reading = self.node.reading(gpu, now)
+        return pynvml.c_nvmlUtilization_t(gpu=reading.gpu_util_percent, memory=reading.mem_util_percent)
+
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetTemperature")
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self.node.reading(gpu, now).temp_gpu_celsius
+
+    def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: int) -> int:
+        self._device(handle, "nvmlDeviceGetTemperatureThreshold")
+        if not 0 <= threshold < pynvml.NVML_TEMPERATURE_THRESHOLD_COUNT:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        value = self._thresholds.get(threshold)
+        if value is None:  # acoustic and GPS targets: "GPU Target Temperature : N/A"
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return value
+
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetPowerUsage")
+        return self.node.reading(gpu, now).power_milliwatts
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetEnforcedPowerLimit")
+        return self.profile.power_limit_milliwatts
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetPowerManagementLimit")
+        return self.profile.power_limit_milliwatts
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetTotalEnergyConsumption")
+        return self.node.reading(gpu, now).energy_millijoules
+
+    def nvmlDeviceGetClockInfo(self, handle: Any, type: int) -> int:  # noqa: A002 - pynvml's name
+        gpu, now = self._device(handle, "nvmlDeviceGetClockInfo")
+        reading = self.node.reading(gpu, now)
+        if type in (pynvml.NVML_CLOCK_GRAPHICS, pynvml.NVML_CLOCK_SM):
+            return reading.sm_clock_mhz
+        if type == pynvml.NVML_CLOCK_MEM:
+            return reading.mem_clock_mhz
+        if type == pynvml.NVML_CLOCK_VIDEO:
+            return reading.video_clock_mhz
+        raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: Any, type: int) -> int:  # noqa: A002
+        self._device(handle, "nvmlDeviceGetMaxClockInfo")
+        value = self._max_clocks.get(type)
+        if value is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return value
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetCurrentClocksEventReasons")
+        return self.node.reading(gpu, now).clock_event_reasons
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
+        return self.nvmlDeviceGetCurrentClocksEventReasons(handle)
+
+    def nvmlDeviceGetSupportedClocksEventReasons(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetSupportedClocksEventReasons")
+        return self.profile.clock_event_reasons_supported
+
+    def nvmlDeviceGetFanSpeed(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetFanSpeed")
+        # Boards with a fan (PCIe cards) follow the core temperature from a 30 % floor.
+        return min(100, max(30, 30 + (self.node.reading(gpu, now).temp_gpu_celsius - 40) * 3 // 2))
+
+    # ---- PCIe ----------------------------------------------------------------------------------
+
+    def nvmlDeviceGetPcieReplayCounter(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetPcieReplayCounter")
+        return self.node.pcie_replay_count(gpu, now)
+
+    def nvmlDeviceGetPcieThroughput(self, handle: Any, counter: int) -> int:
+        """KB/s, like NVML (the real call samples a 20 ms window; this one does not block)."""
+        gpu, now = self._device(handle, "nvmlDeviceGetPcieThroughput")
+        reading = self.node.reading(gpu, now)
+        if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES:
+            return reading.pcie_tx_kilobytes_per_second
+        if counter == pynvml.NVML_PCIE_UTIL_RX_BYTES:
+            return reading.pcie_rx_kilobytes_per_second
+        raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetCurrPcieLinkGeneration")
+        return self.node.pcie_link(gpu, now)[0]
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetMaxPcieLinkGeneration")
+        return self.profile.pcie_link_gen_max
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: Any) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetCurrPcieLinkWidth")
+        return self.node.pcie_link(gpu, now)[1]
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetMaxPcieLinkWidth")
+        return self.profile.pcie_link_width_max
+
+    # ---- memory errors -------------------------------------------------------------------------
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, errorType: int, counterType: int) -> int:
+        gpu, now = self._device(handle, "nvmlDeviceGetTotalEccErrors")
+        if errorType not in (0, 1) or counterType not in (0, 1):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        sbe_volatile, dbe_volatile, sbe_aggregate, dbe_aggregate = self.node.ecc_counts(gpu, now)
+        if counterType == pynvml.NVML_VOLATILE_ECC:
+            return sbe_volatile if errorType == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else dbe_volatile
+        return sbe_aggregate if errorType == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else dbe_aggregate
+
+    def nvmlDeviceGetRetiredPages(self, device: Any, sourceFilter: int) -> list[int]:
+        self._device(device, "nvmlDeviceGetRetiredPages")
+        if sourceFilter not in (0, 1):
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return []
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, device: Any) -> int:
+        self._device(device, "nvmlDeviceGetRetiredPagesPendingStatus")
+        return pynvml.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetRemappedRows(self, device: Any) -> tuple[int, int, int, int]:
+        gpu, now = self._device(device, "nvmlDeviceGetRemappedRows")
+        return self.node.remapped_rows(gpu, now)
+
+    # ---- NVLink --------------------------------------------------------------------------------
+
+    def _link(self, link: int) -> None:
+        # Links past the board's count are invalid arguments, not unsupported features.
+        if not 0 <= link < self.profile.nvlink_links:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlDeviceGetNvLinkState(self, device: Any, link: int) -> int:
+        gpu, now = self._device(device, "nvmlDeviceGetNvLinkState")
+        self._link(link)
+        up = self.node.nvlink_up(gpu, link, now)
+        return pynvml.NVML_FEATURE_ENABLED if up else pynvml.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetNvLinkErrorCounter(self, device: Any, link: int, counter: int) -> int:
+        gpu, now = self._device(device, "nvmlDeviceGetNvLinkErrorCounter")
+        self._link(link)
+        name = _NVLINK_COUNTER_BY_CONSTANT.get(counter)
+        if name is None:  # DL_ECC_DATA: Hopper links report no ECC counter
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return self.node.nvlink_error_count(gpu, link, name, now)
+
+    # ---- field values --------------------------------------------------------------------------
+
+    def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
+        """An array of c_nvmlFieldValue_t; an unknown field fails in its own nvmlReturn only."""
+        gpu, now = self._device(handle, "nvmlDeviceGetFieldValues")
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        timestamp_us = int(now * 1_000_000)
+        for i, field_id in enumerate(fieldIds):
+            value = values[i]
+            try:
+                value.fieldId, value.scopeId = field_id
+            except TypeError:
+                value.fieldId = field_id
+            value.timestamp = timestamp_us
+            value.latencyUsec = 0
+            fid = value.fieldId
+            if fid == pynvml.NVML_FI_DEV_MEMORY_TEMP:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                value.value.uiVal = self.node.reading(gpu, now).temp_mem_celsius
+            elif fid == pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                value.value.ullVal = self.node.pcie_replay_count(gpu, now)
+            elif fid == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                value.value.uiVal = self.profile.nvlink_links
+            elif fid in _NVLINK_TOTAL_FIELDS:
+                name = _NVLINK_TOTAL_FIELDS[fid]
+                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                value.value.ullVal = sum(
+                    self.node.nvlink_error_count(gpu, link, name, now)
+                    for link in range(self.profile.nvlink_links)
+                )
+            else:
+                value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            value.nvmlReturn = pynvml.NVML_SUCCESS
+        return values
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def nvmlEventSetCreate(self) -> Any:
+        self._check_init()
+        memory = ctypes.create_string_buffer(16)
+        self._event_memory.append(memory)
+        with self._cond:
+            self._event_sets[ctypes.addressof(memory)] = _EventSet()
+        return ctypes.cast(ctypes.addressof(memory), pynvml.c_nvmlEventSet_t)
+
+    def nvmlDeviceGetSupportedEventTypes(self, handle: Any) -> int:
+        self._device(handle, "nvmlDeviceGetSupportedEventTypes")
+        return SUPPORTED_EVENT_TYPES
+
+    def nvmlDeviceRegisterEvents(self, handle: Any, eventTypes: int, eventSet: Any) -> None:
+        gpu, now = self._device(handle, "nvmlDeviceRegisterEvents")
+        # Like NVML, one unsupported bit fails the whole registration.
+        if eventTypes & ~SUPPORTED_EVENT_TYPES:
+            raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        with self._cond:
+            state = self._event_set(eventSet)
+            mask, since = state.registered.get(gpu, (0, now))
+            # An event set only sees events that happen after the device was registered.
+            state.registered[gpu] = (mask | eventTypes, since)
+            self._cond.notify_all()
+
+    def _next_xid(self, state: _EventSet, now: float) -> tuple[int | None, float | None]:
+        """(index of the earliest deliverable XID at `now`, time of the next one after `now`)."""
+        upcoming: float | None = None
+        for i, event in enumerate(self.node.xid_events):
+            if i in state.delivered:
+                continue
+            registration = state.registered.get(event.gpu)
+            if registration is None or not registration[0] & pynvml.nvmlEventTypeXidCriticalError:
+                continue
+            if event.time < registration[1]:
+                continue
+            if event.time <= now:
+                return i, None
+            if upcoming is None or event.time < upcoming:
+                upcoming = event.time
+        return None, upcoming
+
+    def _event_data(self, event: XidEvent) -> pynvml.c_nvmlEventData_t:
+        data = pynvml.c_nvmlEventData_t()
+        data.device = self._handles[event.gpu]
+        data.eventType = pynvml.nvmlEventTypeXidCriticalError
+        data.eventData = event.xid
+        data.gpuInstanceId = pynvml.NVML_GPU_INSTANCE_ID_ANY
+        data.computeInstanceId = pynvml.NVML_COMPUTE_INSTANCE_ID_ANY
+        return data
+
+    def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> pynvml.c_nvmlEventData_t:
+        """Blocks until an XID is due or `timeoutms` passes (NVMLError_Timeout); each XID once."""
+        deadline = time.monotonic() + max(0, int(timeoutms)) / 1000.0
+        with self._cond:
+            while True:
+                self._check_init()
+                state = self._event_set(eventSet)
+                now = self.node.clock()
+                due, upcoming = self._next_xid(state, now)
+                if due is not None:
+                    state.delivered.add(due)
+                    return self._event_data(self.node.xid_events[due])
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _error(pynvml.NVML_ERROR_TIMEOUT)
+                if upcoming is not None:
+                    remaining = min(remaining, max(upcoming - now, _MIN_EVENT_RECHECK_SECONDS))
+                self._cond.wait(remaining)
+
+    def nvmlEventSetWait(self, eventSet: Any, timeoutms: int) -> pynvml.c_nvmlEventData_t:
+        return self.nvmlEventSetWait_v2(eventSet, timeoutms)
+
+    def nvmlEventSetFree(self, eventSet: Any) -> None:
+        with self._cond:
+            state = self._event_set(eventSet)
+            state.freed = True
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake event waiters so they re-read the clock (for tests that move a manual clock)."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _adopt_pynvml_names() -> None:
+    """Give FakeNvml pynvml's constants, structures and NVMLError classes (never its functions)."""
+    for name, value in vars(pynvml).items():
+        if name in FakeNvml.__dict__ or inspect.isfunction(value) or inspect.ismodule(value):
+            continue
+        if name.startswith("NVML") or (
+            name.startswith(("nvml", "c_nvml")) and (inspect.isclass(value) or isinstance(value, int))
+        ):
+            setattr(FakeNvml, name, value)
+
+
+_adopt_pynvml_names()
+
+
+def make_fake_nvml(sim_node: SimNode) -> FakeNvml:
+    """A pynvml-compatible object over `sim_node`; call nvmlInit() on it before use, as with pynvml."""
+    return FakeNvml(sim_node)
