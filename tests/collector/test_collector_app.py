@@ -188,7 +188,7 @@ async def test_unreachable_webhook_is_retried_until_it_answers(tmp_path: Path) -
         port = s.getsockname()[1]
     config = CollectorConfig(
         grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'c.db'}",
-        webhook_urls=[f"http://127.0.0.1:{port}/alerts"], detect_interval_seconds=0.2,
+        webhook_urls=[f"http://127.0.0.1:{port}/alerts"], log_alerts=False, detect_interval_seconds=0.2,
         delivery_backoff_min_seconds=0.2, delivery_backoff_max_seconds=0.4,
     )
     app = CollectorApp(config)
