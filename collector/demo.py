@@ -101,7 +101,8 @@ def status_line(app: CollectorApp, elapsed_seconds: float) -> str:
     for node in status["nodes"]:
         marks = "".join(HEALTH_MARK[g["health"]] for g in node["gpus"])
         cells.append(f"{node['node']} {marks}")
-    return f"t+{elapsed_seconds:4.0f}s  " + "  ".join(cells) + f"  | {status['alerts_firing']} alerts firing"
+    firing = status["alerts_firing"]
+    return f"t+{elapsed_seconds:4.0f}s  " + "  ".join(cells) + f"  | {firing} alert{'' if firing == 1 else 's'} firing"
 
 
 async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: TextIO | None, workdir: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--capacity-seconds", type=float, default=10)
     parser.add_argument("--streams", type=int, default=32)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)  # the demo's XID is expected; keep the output to numbers
     with tempfile.TemporaryDirectory() as tmp:
         started = time.time()
         summary = asyncio.run(_run(args.demo_seconds, 4, 8, None, Path(tmp)))
