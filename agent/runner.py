@@ -80,6 +80,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
         self._acked: asyncio.Event | None = None
+        self._reschedule: asyncio.Event | None = None  # set when the sampling interval changes
 
     # -- producing batches -------------------------------------------------------------------
 
@@ -130,22 +131,24 @@ class Agent:
 
     async def _sample_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
+        assert self._reschedule is not None
         watchdog = watchdog_interval_seconds()
-        next_tick = loop.time()
+        last_tick = loop.time()
         while not stop.is_set():
+            last_tick = loop.time()
             try:
                 await asyncio.to_thread(self.sample_once)
             except Exception:  # e.g. a full disk under the spool: keep the loop alive and say so
                 log.exception("sampling cycle failed")
             if watchdog is not None:
                 notify("WATCHDOG=1")
-            next_tick += self.sampling_interval_seconds
-            if next_tick < loop.time():  # fell behind: skip missed ticks instead of bursting
-                next_tick = loop.time()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_tick - loop.time()))
-            except TimeoutError:
-                pass
+            # Sleep until the next tick; a new interval from the collector re-plans it at once.
+            while not stop.is_set():
+                self._reschedule.clear()
+                remaining = last_tick + self.sampling_interval_seconds - loop.time()
+                if remaining <= 0:
+                    break
+                await wait_any(stop, self._reschedule, timeout_seconds=remaining)
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -193,6 +196,8 @@ class Agent:
                 if interval > 0 and interval != self.sampling_interval_seconds:
                     log.info("collector set the sampling interval to %.3g s", interval)
                     self.sampling_interval_seconds = interval
+                    assert self._reschedule is not None
+                    self._reschedule.set()
 
     async def _stream_once(self, channel: grpc.aio.Channel, stop_sending: asyncio.Event) -> None:
         assert self._wake_sender is not None and self._acked is not None
@@ -272,6 +277,7 @@ class Agent:
         self._loop = asyncio.get_running_loop()
         self._wake_sender = asyncio.Event()
         self._acked = asyncio.Event()
+        self._reschedule = asyncio.Event()
         self._stopping.clear()
         stop_sending = asyncio.Event()
         xid_thread = None

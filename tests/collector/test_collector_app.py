@@ -220,3 +220,75 @@ async def test_fleetwatchctl_status_and_alerts_read_the_running_collector(app: C
     assert await asyncio.to_thread(main, ["--collector", url, "alerts", "--json"]) == 0
     alerts = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {a["detector"] for a in alerts} >= {"xid"} and all(a["status"] == "firing" for a in alerts)
+
+
+def thermal_batch(seq: int, hot: bool) -> pb.AgentMessage:
+    msg = batch(seq, gpus=1)
+    m = msg.batch.gpus[0].metrics
+    m.clock_event_reasons = 0x40 | 0x08 if hot else 0
+    m.temp_gpu_celsius, m.temp_slowdown_celsius = (91.0 if hot else 65.0), 89.0
+    m.sm_clock_mhz, m.sm_clock_max_mhz = (1005.0 if hot else 1980.0), 1980.0
+    return msg
+
+
+async def test_alert_fires_then_resolves_and_both_reach_the_webhook(app: CollectorApp) -> None:
+    await exchange(app.grpc_port, [hello(gpus=1)] + [thermal_batch(i, hot=True) for i in range(1, 4)], expect=4)
+    await asyncio.sleep(0.6)
+    await exchange(app.grpc_port, [hello(gpus=1)] + [thermal_batch(i, hot=False) for i in range(4, 8)], expect=5)
+    deadline = time.time() + 5
+    while time.time() < deadline and len(app.receiver.received) < 2:
+        await asyncio.sleep(0.05)
+    statuses = [(body["status"], body["alerts"][0]["labels"]["detector"]) for _, body in app.receiver.received]
+    assert statuses == [("firing", "thermal"), ("resolved", "thermal")]
+    resolved = app.receiver.received[1][1]["alerts"][0]
+    assert resolved["endsAt"] != "0001-01-01T00:00:00Z"
+    (alert,) = app.store.alerts(status="resolved")
+    assert alert["detector"] == "thermal" and alert["ends_at"] is not None
+    assert "thermal slowdown" in alert["summary"]
+
+
+async def test_restarted_collector_keeps_its_firing_alerts_without_notifying_twice(tmp_path: Path) -> None:
+    with WebhookReceiver() as receiver:
+        config = CollectorConfig(grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'c.db'}",
+                                 webhook_urls=[receiver.url], log_alerts=False, detect_interval_seconds=0.2)
+        first = CollectorApp(config)
+        await first.start()
+        await exchange(first.grpc_port, [hello(), batch(1, xid=79)], expect=2)
+        deadline = time.time() + 5
+        while time.time() < deadline and not receiver.received:
+            await asyncio.sleep(0.05)
+        await first.stop(0.2)
+
+        second = CollectorApp(config)
+        await second.start()
+        try:
+            assert [f.detector for f in second.tracker.open.values()] == ["xid"]
+            await exchange(second.grpc_port, [hello(), batch(2)], expect=2)
+            await asyncio.sleep(1.0)
+            assert len(receiver.received) == 1
+            assert len(second.store.alerts(status=None)) == 1
+        finally:
+            await second.stop(0.2)
+
+
+async def test_database_failure_is_unavailable_to_the_agent_and_the_collector_recovers(app: CollectorApp) -> None:
+    from collector.storage.store import StoreError
+
+    real_ingest = app.store.ingest
+    calls = {"n": 0}
+
+    def failing_once(items):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreError("database or disk is full")
+        return real_ingest(items)
+
+    app.store.ingest = failing_once
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await exchange(app.grpc_port, [hello(), batch(1)], expect=2)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "disk is full" in err.value.details()
+    assert app.store.count_rows("batches") == 0
+    # the agent resends the same batch on its next stream; now it is stored and acked
+    replies = await exchange(app.grpc_port, [hello(), batch(1)], expect=2)
+    assert replies[1].ack.seq == 1 and app.store.count_rows("batches") == 1
+    assert app.writer.errors == 1
