@@ -117,6 +117,19 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return out
 
 
+def daemon_parser(prog: str, description: str, cls: type, default_path: str) -> argparse.ArgumentParser:
+    """A daemon's command line: --config plus one flag per setting of `cls`."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description + " Settings come from the TOML file, then FLEETWATCH_<KEY> variables, then flags.",
+    )
+    parser.add_argument(
+        "--config", default=default_path, help=f"TOML configuration file [default: {default_path}; missing is fine]"
+    )
+    add_flags(parser, cls)
+    return parser
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --long-flag per field; defaults are None so that only flags given override."""
     group = parser.add_argument_group("settings (also TOML keys and FLEETWATCH_* variables)")

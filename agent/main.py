@@ -10,7 +10,7 @@ import socket
 import sys
 
 from agent.config import DEFAULT_PATH, AgentConfig
-from agent.configfile import ConfigError, add_flags, describe, load_config
+from agent.configfile import ConfigError, daemon_parser, describe, load_config
 from agent.runner import Agent
 from agent.sources.host import HostSource
 from agent.sources.nvml import NvmlSource, load_nvml
@@ -21,17 +21,13 @@ log = logging.getLogger("agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleetwatch-agent",
-        description=(
-            "Samples every GPU through NVML and the host through psutil, reads XIDs from NVML "
-            "events, spools each batch on disk and streams it to the fleetwatch collector over "
-            "gRPC. Settings come from the TOML file, then FLEETWATCH_<KEY> variables, then flags."
-        ),
+    return daemon_parser(
+        "fleetwatch-agent",
+        "Samples every GPU through NVML and the host through psutil, reads XIDs from NVML events, "
+        "spools each batch on disk and streams it to the fleetwatch collector over gRPC.",
+        AgentConfig,
+        DEFAULT_PATH,
     )
-    parser.add_argument("--config", default=DEFAULT_PATH, help=f"TOML configuration file [default: {DEFAULT_PATH}; missing is fine]")
-    add_flags(parser, AgentConfig)
-    return parser
 
 
 def open_nvml(config: AgentConfig, node: str) -> NvmlSource | None:

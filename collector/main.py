@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from agent.configfile import ConfigError, add_flags, describe, load_config
+from agent.configfile import ConfigError, daemon_parser, describe, load_config
 from agent.systemd import notify, setup_logging
 from collector.app import CollectorApp
 from collector.config import DEFAULT_PATH, CollectorConfig
@@ -18,17 +18,13 @@ log = logging.getLogger("collector")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fleetwatch-collector",
-        description=(
-            "Receives agent streams over gRPC, stores them (SQLite by default, PostgreSQL by URL), "
-            "runs the detectors, raises alerts to the log and webhooks, and serves /metrics and a "
-            "JSON API. Settings come from the TOML file, then FLEETWATCH_<KEY> variables, then flags."
-        ),
+    return daemon_parser(
+        "fleetwatch-collector",
+        "Receives agent streams over gRPC, stores them (SQLite by default, PostgreSQL by URL), runs the "
+        "detectors, raises alerts to the log and webhooks, and serves /metrics and a JSON API.",
+        CollectorConfig,
+        DEFAULT_PATH,
     )
-    parser.add_argument("--config", default=DEFAULT_PATH, help=f"TOML configuration file [default: {DEFAULT_PATH}; missing is fine]")
-    add_flags(parser, CollectorConfig)
-    return parser
 
 
 async def serve(config: CollectorConfig) -> None:
