@@ -21,6 +21,14 @@ class AgentConfig:
     )
     spool_fsync: bool = setting(True, "fsync each batch before sending it (off only for tests and demos)")
     procfs_root: str = setting("/proc", "where procfs is mounted (a fixture tree in tests)")
+    sysfs_root: str = setting("/sys", "where sysfs is mounted: InfiniBand ports are read under it")
+    kmsg_path: str = setting("/dev/kmsg", "kernel log to read XIDs from (empty: off)")
+    step_socket: str = setting(
+        "/run/fleetwatch/steps.sock", "Unix datagram socket training jobs send step times to (empty: off)"
+    )
+    job_attribution: bool = setting(True, "name the Slurm job / Kubernetes pod and rank of each GPU's processes")
+    metrics_listen: str = setting("0.0.0.0:9472", "address of the agent's own Prometheus /metrics (empty: off)")
+    dcgm_names: bool = setting(False, "also export DCGM exporter metric names so existing dashboards keep working")
     disk_path: str = setting("/", "filesystem whose usage is reported as disk_used_bytes/disk_total_bytes")
     reconnect_min_seconds: float = setting(0.5, "first reconnect delay; doubles up to the maximum", check=positive)
     reconnect_max_seconds: float = setting(30.0, "longest reconnect delay", check=positive)

@@ -4,30 +4,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import socket
 import sys
+from typing import Any
 
+from agent import __version__
 from agent.config import DEFAULT_PATH, AgentConfig
 from agent.configfile import ConfigError, daemon_parser, describe, load_config
+from agent.metrics import MetricsServer
 from agent.runner import Agent
+from agent.sampler import Sampler
 from agent.sources.host import HostSource
+from agent.sources.infiniband import InfinibandSource
+from agent.sources.jobs import JobResolver
+from agent.sources.kmsg import KmsgSource
 from agent.sources.nvml import NvmlSource, load_nvml
+from agent.sources.steps import StepReceiver
 from agent.spool import Spool
+from agent.state import AgentState
 from agent.systemd import setup_logging
 
 log = logging.getLogger("agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return daemon_parser(
+    parser = daemon_parser(
         "fleetwatch-agent",
-        "Samples every GPU through NVML and the host through psutil, reads XIDs from NVML events, "
+        "Samples every GPU through NVML and the host through psutil and sysfs, reads XIDs from NVML "
+        "events and the kernel log, takes step reports from training jobs, serves its own /metrics, "
         "spools each batch on disk and streams it to the fleetwatch collector over gRPC.",
         AgentConfig,
         DEFAULT_PATH,
     )
+    parser.add_argument("--once", action="store_true", help="sample once, print the result and exit (no collector, no spool)")
+    parser.add_argument("--json", action="store_true", help="with --once: print one JSON object")
+    return parser
 
 
 def open_nvml(config: AgentConfig, node: str) -> NvmlSource | None:
@@ -54,6 +68,73 @@ def open_nvml(config: AgentConfig, node: str) -> NvmlSource | None:
     return source
 
 
+def build_sampler(config: AgentConfig, node: str) -> tuple[Sampler, HostSource]:
+    nvml = open_nvml(config, node)
+    host = HostSource(procfs_root=config.procfs_root, disk_path=config.disk_path)
+    sampler = Sampler(
+        AgentState(node=node),
+        host=host,
+        nvml=nvml,
+        infiniband=InfinibandSource(sysfs_root=config.sysfs_root),
+        jobs=JobResolver(procfs_root=config.procfs_root) if config.job_attribution else None,
+    )
+    return sampler, host
+
+
+def bus_id_map(sampler: Sampler) -> dict[str, int]:
+    return {g["pci_bus_id"]: g["index"] for g in sampler.state.inventory if g.get("pci_bus_id")}
+
+
+def sample_once_json(config: AgentConfig, node: str) -> dict[str, Any]:
+    """`--once`: everything one cycle sees, plus the XIDs already in the kernel log."""
+    sampler, host = build_sampler(config, node)
+    try:
+        cycle = sampler.sample()
+        events = list(cycle.events)
+        if config.kmsg_path:
+            kmsg = KmsgSource(config.kmsg_path, bus_id_to_gpu=bus_id_map(sampler))
+            events += sampler.admit_events(kmsg.read_existing())
+        unsupported = sampler.nvml.unsupported_fields() if sampler.nvml is not None else {}
+        return {
+            "node": node,
+            "boot_id": host.boot_id(),
+            "agent_version": __version__,
+            "t": cycle.t,
+            "nvml_available": sampler.nvml is not None,
+            "inventory": sampler.state.inventory,
+            "gpus": cycle.gpus,
+            "unsupported": {str(k): v for k, v in unsupported.items()},
+            "host": cycle.host,
+            "infiniband": cycle.ib_ports,
+            "events": events,
+            "sources": {name: {"duration_seconds": s.last_duration_seconds, "success": s.last_success}
+                        for name, s in sampler.state.sources.items()},
+        }
+    finally:
+        if sampler.nvml is not None:
+            sampler.nvml.close()
+
+
+def print_once(result: dict[str, Any]) -> None:
+    print(f"node {result['node']} (boot {result['boot_id']}), NVML {'available' if result['nvml_available'] else 'unavailable'}")
+    for gpu in result["gpus"]:
+        m = gpu["metrics"]
+        print(f"  GPU {gpu['gpu']} {gpu.get('uuid')}: " + ", ".join(f"{k}={v}" for k, v in sorted(m.items())))
+        missing = result["unsupported"].get(str(gpu["gpu"]))
+        if missing:
+            print(f"    not supported: {', '.join(missing)}")
+    print("  host: " + ", ".join(f"{k}={v}" for k, v in sorted((result["host"] or {}).items())))
+    for port in result["infiniband"]:
+        print(f"  ib {port['device']}/{port['port']}: " + ", ".join(f"{k}={v}" for k, v in sorted(port.items()) if k not in ("device", "port")))
+    for event in result["events"]:
+        print(f"  event: {event}")
+
+
+def listen_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -63,24 +144,49 @@ def main(argv: list[str] | None = None) -> int:
 
             for spec in config.sim_faults:
                 parse_fault(spec)
+        if config.metrics_listen:
+            listen_address(config.metrics_listen)
     except (ConfigError, ValueError) as exc:
         print(f"fleetwatch-agent: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging("warning" if args.once else config.log_level)
     node = config.node or socket.gethostname()
+    if args.once:
+        result = sample_once_json(config, node)
+        if args.json:
+            json.dump(result, sys.stdout)
+            print()
+        else:
+            print_once(result)
+        return 0
+
     log.info("starting with %s", describe(config))
     try:
         spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=config.spool_fsync)
     except OSError as exc:
         log.error("cannot open the spool directory %s: %s", config.spool_dir, exc)
         return 1
-    agent = Agent(
-        config,
-        node=node,
-        host=HostSource(procfs_root=config.procfs_root, disk_path=config.disk_path),
-        spool=spool,
-        nvml=open_nvml(config, node),
-    )
+    sampler, host = build_sampler(config, node)
+    kmsg = KmsgSource(config.kmsg_path, bus_id_to_gpu=bus_id_map(sampler)) if config.kmsg_path else None
+    steps = None
+    if config.step_socket:
+        steps = StepReceiver(config.step_socket)
+        try:
+            steps.open()
+        except OSError as exc:
+            log.warning("step reports off: cannot open %s: %s", config.step_socket, exc)
+            steps = None
+    metrics = None
+    if config.metrics_listen:
+        host_name, port = listen_address(config.metrics_listen)
+        try:
+            metrics = MetricsServer(sampler.state, host_name, port, dcgm_names=config.dcgm_names)
+            metrics.start()
+            log.info("metrics on http://%s:%d/metrics", host_name, metrics.port)
+        except OSError as exc:
+            log.error("cannot serve /metrics on %s: %s", config.metrics_listen, exc)
+            return 1
+    agent = Agent(config, node=node, sampler=sampler, spool=spool, boot_id=host.boot_id(), kmsg=kmsg, steps=steps)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -89,9 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
         await agent.run(stop)
 
-    asyncio.run(run())
-    if agent.nvml is not None:
-        agent.nvml.close()
+    try:
+        asyncio.run(run())
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if steps is not None:
+            steps.close()
+        if sampler.nvml is not None:
+            sampler.nvml.close()
     log.info("stopped; %d batches left in the spool", spool.count)
     return 0
 

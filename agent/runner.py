@@ -12,6 +12,7 @@ import logging
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -19,12 +20,13 @@ import grpc
 from agent import __version__
 from agent.asyncwait import wait_any
 from agent.config import AgentConfig
-from agent.sources.host import HostSource
-from agent.sources.nvml import NvmlSource
+from agent.sampler import Cycle, Sampler
+from agent.sources.kmsg import KmsgSource
+from agent.sources.steps import StepReceiver
 from agent.spool import Spool
 from agent.systemd import notify, watchdog_interval_seconds
 from fleetwatch.v1 import telemetry_pb2 as pb
-from fleetwatch.wire import event_from_dict, fill_metrics
+from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,12 @@ def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Ra
     """Exponential backoff with jitter: a fleet of agents must not reconnect in lockstep."""
     ceiling = min(maximum, minimum * (2**attempt))
     return rng.uniform(ceiling / 2, ceiling)
+
+
+def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
+    msg = pb.IbPortMetrics(device=port["device"], port=int(port["port"]), ib_state=port.get("ib_state") or "")
+    fill_metrics(msg, {k: v for k, v in port.items() if k in IB_FIELDS and k != "ib_state"})
+    return msg
 
 
 def gpu_sample_message(sample: dict[str, Any]) -> pb.GpuSample:
@@ -56,41 +64,53 @@ class Agent:
         config: AgentConfig,
         *,
         node: str,
-        host: HostSource,
+        sampler: Sampler,
         spool: Spool,
-        nvml: NvmlSource | None,
+        boot_id: str,
+        kmsg: KmsgSource | None = None,
+        steps: StepReceiver | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.node = node
-        self.host = host
+        self.sampler = sampler
+        self.state = sampler.state
+        self.nvml = sampler.nvml
         self.spool = spool
-        self.nvml = nvml
+        self.boot_id = boot_id
+        self.kmsg = kmsg
+        self.steps = steps
         self.clock = clock
         self.sampling_interval_seconds = config.sampling_interval_seconds
-        self.boot_id = host.boot_id()
         self.connected = False
         self._welcomed = False  # set once per connection, when the collector answered the hello
         self.acked_seq = 0
         self.batches_made = 0
-        self.sample_seconds_last = 0.0
-        self._spool_lock = threading.Lock()  # the sampler and the XID thread both append
+        self._spool_lock = threading.Lock()  # the sampler and the event threads all append
         self._stopping = threading.Event()
         self._rng = random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_sender: asyncio.Event | None = None
         self._acked: asyncio.Event | None = None
         self._reschedule: asyncio.Event | None = None  # set when the sampling interval changes
+        self._threads: list[threading.Thread] = []
+        self._kernel_sent_until = 0.0
 
     # -- producing batches -------------------------------------------------------------------
 
-    def _spool_batch(self, gpus: list[dict], host_metrics: dict | None, events: list[dict], t: float) -> int:
-        batch = pb.Batch(t=t, boot_id=self.boot_id)
-        batch.gpus.extend(gpu_sample_message(s) for s in gpus)
-        if host_metrics is not None:
-            batch.host.t = t
-            fill_metrics(batch.host.metrics, host_metrics)
-        batch.events.extend(event_from_dict(e) for e in events)
+    def _spool_batch(self, cycle: Cycle) -> int:
+        batch = pb.Batch(t=cycle.t, boot_id=self.boot_id)
+        batch.gpus.extend(gpu_sample_message(s) for s in cycle.gpus)
+        if cycle.host is not None:
+            batch.host.t = cycle.t
+            fill_metrics(batch.host.metrics, cycle.host)
+            for port in cycle.ib_ports:
+                batch.host.ib_ports.append(ib_port_message(port))
+        batch.events.extend(event_from_dict(e) for e in cycle.events)
+        for step in cycle.steps:
+            report = batch.steps.add(t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"])
+            if step.get("gpu") is not None:
+                report.gpu = step["gpu"]
         with self._spool_lock:
             seq = self.spool.next_seq()
             batch.seq = seq
@@ -98,24 +118,26 @@ class Agent:
             batch.spool_batches = self.spool.count
             self.spool.append(seq, pb.AgentMessage(batch=batch).SerializeToString())
             self.batches_made += 1
+            with self.state.lock:
+                self.state.spool_bytes = self.spool.bytes
+                self.state.spool_batches = self.spool.count
+                self.state.spool_dropped_batches_total = self.spool.dropped_batches
         if self._loop is not None and self._wake_sender is not None:
             self._loop.call_soon_threadsafe(self._wake_sender.set)
         return seq
 
     def sample_once(self) -> int:
-        """One sampling cycle (blocking: NVML and psutil calls); returns the batch's seq."""
-        started = time.process_time()
-        t = self.clock()
-        gpus, events = self.nvml.sample() if self.nvml is not None else ([], [])
-        host_metrics = self.host.sample()
-        for event in events:
-            log.warning("GPU %s: %s (%s)", event.get("gpu"), event.get("kind"), event.get("message"))
-        seq = self._spool_batch(gpus, host_metrics, events, t)
-        self.sample_seconds_last = time.process_time() - started
-        return seq
+        """One sampling cycle (blocking: NVML, psutil and sysfs reads); returns the batch's seq."""
+        return self._spool_batch(self.sampler.sample())
 
-    def _xid_thread(self) -> None:
-        """Waits on NVML events in its own thread; each XID goes out in a batch of its own at once."""
+    def send_events(self, events: list[dict]) -> int | None:
+        """Events go out at once, in a batch of their own, not at the next sampling tick."""
+        events = self.sampler.admit_events(events)
+        if not events:
+            return None
+        return self._spool_batch(Cycle(t=self.clock(), events=events))
+
+    def _nvml_event_thread(self) -> None:
         assert self.nvml is not None
         while not self._stopping.is_set():
             try:
@@ -125,9 +147,73 @@ class Agent:
                 self._stopping.wait(5.0)
                 continue
             if events:
-                for event in events:
-                    log.warning("XID %s on GPU %s", event.get("xid"), event.get("gpu"))
-                self._spool_batch([], None, events, self.clock())
+                self.send_events(events)
+
+    def _kmsg_thread(self) -> None:
+        assert self.kmsg is not None
+        self.kmsg.follow(self._stopping, self._send_kernel_events)
+
+    def _send_kernel_events(self, events: list[dict]) -> None:
+        self.send_events(events)
+        self._mark_kernel_xids_sent(events)
+
+    def _steps_thread(self) -> None:
+        assert self.steps is not None
+        while not self._stopping.is_set():
+            try:
+                steps = self.steps.receive(1.0)
+            except OSError:
+                log.exception("step-report socket failed; step reports are off")
+                return
+            if steps:
+                self.sampler.add_steps(steps)
+
+    @property
+    def _kernel_mark_path(self) -> Path:
+        return self.spool.directory / "kmsg.sent"
+
+    def _kernel_mark(self) -> float:
+        """Time of the newest kernel-log XID an earlier run sent in this boot (0 for none)."""
+        try:
+            boot_id, sent_until = self._kernel_mark_path.read_text().split()
+            return float(sent_until) if boot_id == self.boot_id else 0.0
+        except (OSError, ValueError):
+            return 0.0
+
+    def _mark_kernel_xids_sent(self, events: list[dict]) -> None:
+        newest = max((e.get("t") or 0.0 for e in events), default=0.0)
+        if newest <= self._kernel_sent_until:
+            return
+        self._kernel_sent_until = newest
+        try:
+            self._kernel_mark_path.write_text(f"{self.boot_id} {newest}\n")
+        except OSError as exc:
+            log.warning("cannot record kernel-log progress in %s: %s", self._kernel_mark_path, exc)
+
+    def _send_existing_kernel_xids(self) -> None:
+        """XIDs already in the kernel log at start, minus those an earlier run of the agent sent.
+
+        Without the mark every agent restart would report the boot's old XIDs again."""
+        assert self.kmsg is not None
+        self._kernel_sent_until = self._kernel_mark()
+        events = [e for e in self.kmsg.read_existing() if (e.get("t") or 0.0) > self._kernel_sent_until]
+        if events:
+            log.info("%d XIDs in the kernel log since boot that were not sent yet", len(events))
+            self._send_kernel_events(events)
+
+    def _start_threads(self) -> None:
+        targets = []
+        if self.nvml is not None:
+            targets.append(("nvml-events", self._nvml_event_thread))
+        if self.kmsg is not None:
+            self._send_existing_kernel_xids()
+            targets.append(("kmsg", self._kmsg_thread))
+        if self.steps is not None:
+            targets.append(("steps", self._steps_thread))
+        for name, target in targets:
+            thread = threading.Thread(target=target, name=f"{name}-{self.node}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     async def _sample_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -213,7 +299,7 @@ class Agent:
             with self._spool_lock:
                 self.spool.ensure_seq_above(held)
             self._on_ack(held)
-            self.connected = True
+            self.connected = self.state.collector_connected = True
             self._welcomed = True
             log.info(
                 "connected to collector %s (it holds up to seq %d; %d batches to send)",
@@ -242,7 +328,7 @@ class Agent:
             finally:
                 reader.cancel()
         finally:
-            self.connected = False
+            self.connected = self.state.collector_connected = False
             call.cancel()
 
     async def _send_loop(self, stop_sending: asyncio.Event) -> None:
@@ -280,10 +366,7 @@ class Agent:
         self._reschedule = asyncio.Event()
         self._stopping.clear()
         stop_sending = asyncio.Event()
-        xid_thread = None
-        if self.nvml is not None:
-            xid_thread = threading.Thread(target=self._xid_thread, name=f"xid-{self.node}", daemon=True)
-            xid_thread.start()
+        await asyncio.to_thread(self._start_threads)
         sampler = asyncio.create_task(self._sample_loop(stop))
         sender = asyncio.create_task(self._send_loop(stop_sending))
         notify("READY=1")
@@ -307,5 +390,6 @@ class Agent:
                 log.warning("stopping with %d batches still spooled; they are sent on the next start", self.spool.count)
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-            if xid_thread is not None:
-                xid_thread.join(timeout=2.0)
+            for thread in self._threads:
+                thread.join(timeout=2.0)
+            self._threads.clear()

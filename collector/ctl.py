@@ -82,12 +82,23 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 def cmd_detect(args: argparse.Namespace) -> int:
     from detectors.replay import ReplayError, read_records, replay
 
-    source = sys.stdin if args.replay == "-" else open(args.replay, encoding="utf-8")
+    path = args.replay or args.kmsg
+    source = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")
     try:
         with source:
-            findings = replay(read_records(source))
+            if args.kmsg:
+                from agent.sources.kmsg import replay_events
+                from detectors.gpu_lost import GpuLostDetector
+                from detectors.xid import XidDetector
+
+                # A kernel log has events only: sample-driven detectors (node_silent) would read
+                # the gaps between lines as a silent node.
+                events = replay_events(source, args.node, boot_time=args.boot_time)
+                findings = replay(events, [XidDetector(), GpuLostDetector()], skip_idle=True)
+            else:
+                findings = replay(read_records(source))
     except ReplayError as exc:
-        raise CtlError(f"{args.replay}: {exc}") from None
+        raise CtlError(f"{path}: {exc}") from None
     for finding in findings:
         print(finding.to_json())
     return 0
@@ -119,8 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("detect", help="run the detectors offline over a replay file; findings as JSON Lines")
-    p.add_argument("--replay", required=True, metavar="FILE", help="JSON Lines replay records (see DESIGN.md); - for stdin")
+    p = sub.add_parser("detect", help="run the detectors offline over a replay file or a kernel log; findings as JSON Lines")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--replay", metavar="FILE", help="JSON Lines replay records (see DESIGN.md); - for stdin")
+    what.add_argument(
+        "--kmsg", metavar="FILE",
+        help="a kernel log as dmesg, dmesg -T, dmesg --time-format iso, journalctl -k or /dev/kmsg print it; - for stdin",
+    )
+    p.add_argument("--node", default="localhost", help="node name for findings from --kmsg [default: localhost]")
+    p.add_argument(
+        "--boot-time", type=float, default=None, metavar="UNIX_SECONDS",
+        help="with --kmsg: when the node booted, to place lines stamped in seconds since boot (dmesg, /dev/kmsg)",
+    )
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser(

@@ -22,12 +22,14 @@ from typing import Any, TextIO
 
 from agent.config import AgentConfig
 from agent.runner import Agent
+from agent.sampler import Sampler
 from agent.sim.fake_nvml import make_fake_nvml
 from agent.sim.node import SimNode
 from agent.sim.scenario import Fault
 from agent.sources.host import HostSource
 from agent.sources.nvml import NvmlSource
 from agent.spool import Spool
+from agent.state import AgentState
 from collector.app import CollectorApp
 from collector.config import CollectorConfig
 from collector.web import HEALTH_MARK, fleet_status
@@ -136,7 +138,9 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
                 spool_fsync=False,
             )
             spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=False)
-            agents.append(Agent(config, node=node, host=HostSource(), spool=spool, nvml=nvml))
+            host = HostSource()
+            sampler = Sampler(AgentState(node=node), host=host, nvml=nvml)
+            agents.append(Agent(config, node=node, sampler=sampler, spool=spool, boot_id=host.boot_id()))
         if live:
             print(
                 f"demo: collector gRPC 127.0.0.1:{app.grpc_port}, HTTP http://127.0.0.1:{app.http_port}/api/v1/status; "

@@ -13,11 +13,12 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pynvml
 
 from agent.sim.node import NVLINK_COUNTERS, SimNode, XidEvent
+from agent.sim.profiles import GpuProfile
 
 # What the captures print: "DRIVER version : 590.48.01", "CUDA Version : 13.1"; NVML encodes the
 # CUDA version as 1000 * major + 10 * minor.
@@ -43,6 +44,17 @@ _NVLINK_COUNTER_BY_CONSTANT = {
     pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA: "crc_data",
 }
 assert set(_NVLINK_COUNTER_BY_CONSTANT.values()) == set(NVLINK_COUNTERS)
+
+# nvmlProcessInfo_t's gpuInstanceId / computeInstanceId outside MIG: 0xFFFFFFFF ("N/A" in the
+# capture's Processes section).
+_NO_MIG_INSTANCE = 0xFFFFFFFF
+
+
+class _PlainFieldValue(ctypes.Structure):
+    """c_nvmlFieldValue_t's layout without pynvml's Python-level attribute hooks, for filling the
+    returned array fast (the caller gets real c_nvmlFieldValue_t elements)."""
+
+    _fields_ = list(pynvml.c_nvmlFieldValue_t._fields_)
 
 _NVLINK_TOTAL_FIELDS = {
     pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: "crc_flit",
@@ -74,9 +86,11 @@ class _EventSet:
 class FakeNvml:
     """The fake NVML library for one simulated node; build it with make_fake_nvml(node)."""
 
-    def __init__(self, node: SimNode) -> None:
+    def __init__(self, node: SimNode, profile: GpuProfile | None = None) -> None:
+        """`profile` overrides what the board supports (not how it behaves, which is the node's):
+        for a board that, say, has a fan and retires pages."""
         self.node = node
-        self.profile = node.profile
+        self.profile = profile if profile is not None else node.profile
         self._init_count = 0
         self._cond = threading.Condition()
         # Handles are real c_nvmlDevice_t pointers (to small buffers we own), like the real ones,
@@ -102,6 +116,8 @@ class FakeNvml:
             pynvml.NVML_CLOCK_MEM: p.mem_clock_max_mhz,
             pynvml.NVML_CLOCK_VIDEO: p.video_clock_max_mhz,
         }
+        self._fields = self._field_readers()
+        self._lost_at = tuple(node.lost_at(gpu) for gpu in range(node.gpu_count))
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -119,7 +135,7 @@ class FakeNvml:
             if gpu is None:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         now = self.node.clock()
-        lost = self.node.lost_at(gpu)
+        lost = self._lost_at[gpu]
         if lost is not None and now >= lost:
             raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
         if function in self.profile.not_supported:
@@ -234,6 +250,16 @@ class FakeNvml:
 
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
         gpu, now = self._device(handle, "nvmlDeviceGetTemperature")
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self.node.reading(gpu, now).temp_gpu_celsius
+
+    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1) -> int:
+        """The versioned call that replaces nvmlDeviceGetTemperature (pynvml: "DEPRECATED: Use
+        nvmlDeviceGetTemperatureV instead; will be removed in CUDA 14.0"); a signed int."""
+        gpu, now = self._device(handle, "nvmlDeviceGetTemperatureV")
+        if version != pynvml.nvmlTemperature_v1:
+            raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return self.node.reading(gpu, now).temp_gpu_celsius
@@ -370,48 +396,115 @@ class FakeNvml:
     def nvmlDeviceGetNvLinkErrorCounter(self, device: Any, link: int, counter: int) -> int:
         gpu, now = self._device(device, "nvmlDeviceGetNvLinkErrorCounter")
         self._link(link)
+        if counter == pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA:
+            return 0  # Hopper links count ECC-corrected flits; the simulated faults never cause any
         name = _NVLINK_COUNTER_BY_CONSTANT.get(counter)
-        if name is None:  # DL_ECC_DATA: Hopper links report no ECC counter
+        if name is None:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if name in self.profile.nvlink_counters_not_supported:
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return self.node.nvlink_error_count(gpu, link, name, now)
 
     # ---- field values --------------------------------------------------------------------------
 
+    def _field_readers(self) -> dict[int, tuple[int, Callable[[int, float], int]]]:
+        """Field id -> (NVML value type, reader(gpu, now)) for every field this board answers."""
+        node, uint, ull = self.node, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+
+        def ecc(i: int) -> Callable[[int, float], int]:
+            return lambda gpu, now: node.ecc_counts(gpu, now)[i]
+
+        def remapped(i: int) -> Callable[[int, float], int]:
+            return lambda gpu, now: node.remapped_rows(gpu, now)[i]
+
+        def nvlink_total(name: str) -> Callable[[int, float], int]:
+            if self.profile.nvlink_legacy_totals_read_zero:
+                return lambda gpu, now: 0
+            links = range(self.profile.nvlink_links)
+            return lambda gpu, now: sum(node.nvlink_error_count(gpu, link, name, now) for link in links)
+
+        readers: dict[int, tuple[int, Callable[[int, float], int]]] = {
+            pynvml.NVML_FI_DEV_MEMORY_TEMP: (uint, lambda gpu, now: node.reading(gpu, now).temp_mem_celsius),
+            # Millijoules since the driver loaded, like nvmlDeviceGetTotalEnergyConsumption.
+            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: (
+                ull, lambda gpu, now: node.reading(gpu, now).energy_millijoules),
+            pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: (uint, node.pcie_replay_count),
+            # Cumulative bytes ("PCIe transmit bytes. Value can be wrapped.", nvml.h), 64-bit here.
+            pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: (ull, lambda gpu, now: node.pcie_bytes(gpu, now)[0]),
+            pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: (ull, lambda gpu, now: node.pcie_bytes(gpu, now)[1]),
+            pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (ull, ecc(0)),
+            pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (ull, ecc(1)),
+            pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (ull, ecc(2)),
+            pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (ull, ecc(3)),
+            pynvml.NVML_FI_DEV_RETIRED_SBE: (uint, lambda gpu, now: 0),
+            pynvml.NVML_FI_DEV_RETIRED_DBE: (uint, lambda gpu, now: 0),
+            pynvml.NVML_FI_DEV_RETIRED_PENDING: (uint, lambda gpu, now: 0),
+            pynvml.NVML_FI_DEV_REMAPPED_COR: (uint, remapped(0)),
+            pynvml.NVML_FI_DEV_REMAPPED_UNC: (uint, remapped(1)),
+            pynvml.NVML_FI_DEV_REMAPPED_PENDING: (uint, remapped(2)),
+            pynvml.NVML_FI_DEV_REMAPPED_FAILURE: (uint, remapped(3)),
+            pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT: (uint, lambda gpu, now: self.profile.nvlink_links),
+            pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: (ull, nvlink_total("crc_flit")),
+            pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL: (ull, nvlink_total("crc_data")),
+            pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL: (ull, nvlink_total("replay")),
+            pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL: (ull, nvlink_total("recovery")),
+        }
+        for field_id in self.profile.fields_not_supported:
+            readers.pop(field_id, None)
+        return readers
+
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
         """An array of c_nvmlFieldValue_t; an unknown field fails in its own nvmlReturn only."""
         gpu, now = self._device(handle, "nvmlDeviceGetFieldValues")
         values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        plain = (_PlainFieldValue * len(fieldIds)).from_buffer(values)
         timestamp_us = int(now * 1_000_000)
+        readers = self._fields
         for i, field_id in enumerate(fieldIds):
-            value = values[i]
+            value = plain[i]
             try:
                 value.fieldId, value.scopeId = field_id
             except TypeError:
                 value.fieldId = field_id
             value.timestamp = timestamp_us
             value.latencyUsec = 0
-            fid = value.fieldId
-            if fid == pynvml.NVML_FI_DEV_MEMORY_TEMP:
-                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
-                value.value.uiVal = self.node.reading(gpu, now).temp_mem_celsius
-            elif fid == pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER:
-                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                value.value.ullVal = self.node.pcie_replay_count(gpu, now)
-            elif fid == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
-                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
-                value.value.uiVal = self.profile.nvlink_links
-            elif fid in _NVLINK_TOTAL_FIELDS:
-                name = _NVLINK_TOTAL_FIELDS[fid]
-                value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
-                value.value.ullVal = sum(
-                    self.node.nvlink_error_count(gpu, link, name, now)
-                    for link in range(self.profile.nvlink_links)
-                )
-            else:
+            reader = readers.get(value.fieldId)
+            if reader is None:
                 value.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
                 continue
+            value_type, read = reader
+            value.valueType = value_type
+            if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+                value.value.uiVal = read(gpu, now)
+            else:
+                value.value.ullVal = read(gpu, now)
             value.nvmlReturn = pynvml.NVML_SUCCESS
         return values
+
+    # ---- processes -----------------------------------------------------------------------------
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
+        """pynvml's friendly objects (pid, usedGpuMemory, gpuInstanceId, computeInstanceId), one per
+        process with a compute context, as pynvml builds them from nvmlProcessInfo_t (v3)."""
+        gpu, now = self._device(handle, "nvmlDeviceGetComputeRunningProcesses")
+        pids = self.node.processes(gpu)
+        if not pids:
+            return []
+        # The processes share the job's allocations; NVML reports bytes per process.
+        each = self.node.reading(gpu, now).mem_used_bytes // len(pids)
+        return [
+            pynvml.nvmlFriendlyObject(
+                {"pid": pid, "usedGpuMemory": each, "gpuInstanceId": _NO_MIG_INSTANCE,
+                 "computeInstanceId": _NO_MIG_INSTANCE}
+            )
+            for pid in pids
+        ]
+
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any) -> list[Any]:
+        return self.nvmlDeviceGetComputeRunningProcesses(handle)
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: Any) -> list[Any]:
+        return self.nvmlDeviceGetComputeRunningProcesses(handle)
 
     # ---- events --------------------------------------------------------------------------------
 
@@ -513,6 +606,8 @@ def _adopt_pynvml_names() -> None:
 _adopt_pynvml_names()
 
 
-def make_fake_nvml(sim_node: SimNode) -> FakeNvml:
-    """A pynvml-compatible object over `sim_node`; call nvmlInit() on it before use, as with pynvml."""
-    return FakeNvml(sim_node)
+def make_fake_nvml(sim_node: SimNode, profile: GpuProfile | None = None) -> FakeNvml:
+    """A pynvml-compatible object over `sim_node`; call nvmlInit() on it before use, as with pynvml.
+
+    `profile` (default: the node's) decides which calls and fields answer NOT_SUPPORTED."""
+    return FakeNvml(sim_node, profile)

@@ -19,7 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from agent.sim.profiles import GpuProfile, profile_for
 from agent.sim.scenario import (
@@ -57,6 +57,16 @@ NVLINK_COUNTERS: tuple[str, ...] = ("replay", "recovery", "crc_flit", "crc_data"
 _NVLINK_COUNTER_SHARE = {"crc_flit": 1.0, "crc_data": 0.25, "replay": 0.5, "recovery": 0.01}
 
 _MASK64 = (1 << 64) - 1
+
+# PCIe traffic of a training job (input batches in, a little out) swings with the data pipeline;
+# the swing is smooth so the byte counters integrate exactly and never run backwards.
+_PCIE_SWING_FRACTION = 0.4
+_BYTES_PER_KB = 1024  # NVML's PCIe throughput unit is KB of 1024 bytes
+
+# Linux pids of the training processes: torchrun / srun start one worker per GPU in rank order,
+# so the workers' pids are close together; default pid_max on 64-bit systemd hosts is 4194304.
+_PID_MIN = 10_000
+_PID_SPAN = 3_000_000
 
 
 def _mix64(x: int) -> int:
@@ -102,7 +112,7 @@ class GpuReading:
     mem_clock_mhz: int
     video_clock_mhz: int
     clock_event_reasons: int
-    pcie_tx_kilobytes_per_second: int
+    pcie_tx_kilobytes_per_second: int  # instantaneous rate; the byte counters are its integral
     pcie_rx_kilobytes_per_second: int
     mem_used_bytes: int  # allocated, without the driver's reserved memory (nvmlMemory_v2 `used`)
 
@@ -135,6 +145,10 @@ class _GpuParams:
     mem_util_base_percent: int
     pcie_replay_base: int
     energy_offset_millijoules: int
+    pcie_swing_omega: float = 0.0  # rad/s
+    pcie_swing_phase: float = 0.0
+    pcie_rx_base_bytes: int = 0  # counter values when the node starts (bytes since driver load)
+    pcie_tx_base_bytes: int = 0
 
 
 class SimNode:
@@ -149,7 +163,10 @@ class SimNode:
         seed: int = 0,
         start: float | None = None,
         clock: Callable[[], float] = time.time,
+        processes: Mapping[int, Sequence[int]] | None = None,
     ) -> None:
+        """`processes` maps a GPU index to the pids running on it (GPUs left out run none); by
+        default each GPU runs one training worker, with nearby pids in rank order."""
         if gpu_count < 1:
             raise ValueError(f"gpu_count must be >= 1, got {gpu_count}")
         self.name = name
@@ -215,7 +232,19 @@ class SimNode:
             )
             for g in range(gpu_count)
         )
+        # The job's pace: a synchronous job moves at its slowest GPU's clock, and so does the input
+        # it pulls over PCIe on every GPU. Per break: (break time, pace after it).
+        self._pace_steps: tuple[tuple[float, float], ...] = tuple(
+            (edge, min(self._slowdown(g, after)[0] for g in range(gpu_count)))
+            for edge, after in zip(breaks, probes[1:])
+        )
         self._cache: list[tuple[int, GpuReading] | None] = [None] * gpu_count
+        self._processes: list[tuple[int, ...]] = [() for _ in range(gpu_count)]
+        if processes is None:
+            base = random.Random(f"fleetwatch-sim:{name}:{seed}:pids").randrange(_PID_MIN, _PID_MIN + _PID_SPAN)
+            processes = {g: (base + g,) for g in range(gpu_count)}
+        for gpu, pids in processes.items():
+            self.place_processes(gpu, pids)
 
     # ---- identity and static draws -------------------------------------------------------------
 
@@ -264,7 +293,19 @@ class SimNode:
             pcie_replay_base=rng.choice((0, 0, 0, 1, 2, 9)),
             # NVML's energy counter runs since the driver loaded: days of mostly-loaded hours.
             energy_offset_millijoules=rng.randint(2 * 10**10, 2 * 10**11),
+            # A separate stream, so adding these left every earlier draw (and seed) unchanged.
+            **self._draw_pcie(index),
         )
+
+    def _draw_pcie(self, index: int) -> dict[str, float | int]:
+        rng = random.Random(f"fleetwatch-sim:{self.name}:{self.seed}:{index}:pcie")
+        return {
+            "pcie_swing_omega": 2 * math.pi / rng.uniform(20.0, 90.0),
+            "pcie_swing_phase": rng.uniform(0, 2 * math.pi),
+            # Days of input traffic since the driver loaded: terabytes, far past 32 bits.
+            "pcie_rx_base_bytes": rng.randint(10**12, 10**14),
+            "pcie_tx_base_bytes": rng.randint(10**11, 10**13),
+        }
 
     # ---- faults --------------------------------------------------------------------------------
 
@@ -359,7 +400,7 @@ class SimNode:
 
         mem_util = max(0, round((q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
                                 * clock_ratio * gpu_util / 100.0))
-        rx = q.pcie_rx_kilobytes_per_second * (0.6 + 0.8 * _unit(q.key ^ 0x9C1E, step)) * clock_ratio
+        rx = self._pcie_rx_rate(q, since_job, self._pace_at(t))
         mem_step = math.floor(since_start / 30.0)
         mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
 
@@ -443,6 +484,62 @@ class SimNode:
             joules += amplitude / omega * (math.cos(omega * x0 + phase) - math.cos(omega * x1 + phase))
         return joules
 
+    # ---- PCIe traffic --------------------------------------------------------------------------
+
+    def _pace_at(self, t: float) -> float:
+        pace = 1.0
+        for edge, after in self._pace_steps:
+            if edge > t:
+                break
+            pace = after
+        return pace
+
+    @staticmethod
+    def _pcie_rx_rate(q: _GpuParams, since_job: float, pace: float) -> float:
+        """Receive rate in KB/s at `since_job` seconds into the job."""
+        swing = 1.0 + _PCIE_SWING_FRACTION * math.sin(q.pcie_swing_omega * since_job + q.pcie_swing_phase)
+        return pace * q.pcie_rx_kilobytes_per_second * swing
+
+    def _pcie_rx_integral_kilobytes(self, q: _GpuParams, t0: float, t1: float) -> float:
+        """KB received between absolute times t0 and t1 at pace 1 (exact integral of the swing)."""
+        x0 = t0 - self.start + _WARM_SECONDS
+        x1 = t1 - self.start + _WARM_SECONDS
+        omega, phase = q.pcie_swing_omega, q.pcie_swing_phase
+        swing = _PCIE_SWING_FRACTION / omega * (math.cos(omega * x0 + phase) - math.cos(omega * x1 + phase))
+        return q.pcie_rx_kilobytes_per_second * ((x1 - x0) + swing)
+
+    def pcie_bytes(self, gpu: int, t: float) -> tuple[int, int]:
+        """(TX, RX) cumulative PCIe bytes at `t`, like NVML_FI_DEV_PCIE_COUNT_TX/RX_BYTES: the
+        integral of the throughput, so counter deltas and nvmlDeviceGetPcieThroughput agree."""
+        q = self._params[gpu]
+        kilobytes = 0.0
+        segment_start, pace = self.start, self._pace_at(self.start)
+        for edge, after in self._pace_steps:
+            if edge <= self.start:
+                continue
+            if edge >= t:
+                break
+            kilobytes += pace * self._pcie_rx_integral_kilobytes(q, segment_start, edge)
+            segment_start, pace = edge, after
+        kilobytes += pace * self._pcie_rx_integral_kilobytes(q, segment_start, t)
+        rx = kilobytes * _BYTES_PER_KB
+        return q.pcie_tx_base_bytes + int(rx * q.pcie_tx_fraction), q.pcie_rx_base_bytes + int(rx)
+
+    # ---- processes -----------------------------------------------------------------------------
+
+    def place_processes(self, gpu: int, pids: Sequence[int]) -> None:
+        """Run exactly `pids` on `gpu` from now on (an empty list: the GPU is idle)."""
+        if not 0 <= gpu < self.gpu_count:
+            raise ValueError(f"node {self.name} has no GPU {gpu}")
+        checked = tuple(int(pid) for pid in pids)
+        if any(pid <= 0 for pid in checked):
+            raise ValueError(f"pids must be positive, got {list(pids)!r}")
+        self._processes[gpu] = checked  # one assignment: readers on other threads see old or new
+
+    def processes(self, gpu: int) -> tuple[int, ...]:
+        """The pids of the compute processes on `gpu`."""
+        return self._processes[gpu]
+
     # ---- counters and link state ---------------------------------------------------------------
 
     def pcie_replay_count(self, gpu: int, t: float) -> int:
@@ -473,11 +570,16 @@ class SimNode:
         return 0, pending_started + failures, pending, 1 if failures else 0
 
     def nvlink_up(self, gpu: int, link: int, t: float) -> bool:
+        windows = self._windows[gpu]
+        if "nvlink_down" not in windows:  # the common case, asked 18 times per GPU per cycle
+            return True
         return not any(f.link == link for f in self._active(gpu, "nvlink_down", t))
 
     def nvlink_error_count(self, gpu: int, link: int, counter: str, t: float) -> int:
         """One NVLink error counter (a name in NVLINK_COUNTERS) of one link."""
         windows = self._windows[gpu]
+        if "nvlink_errors" not in windows and "nvlink_down" not in windows:
+            return 0
         count = 0
         for begin, end, fault in windows.get("nvlink_errors", ()):
             if fault.link == link and begin <= t:

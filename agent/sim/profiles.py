@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pynvml
+
 _MIB = 1024 * 1024
 
 # NVML functions that answer NVML_ERROR_NOT_SUPPORTED on Hopper SXM boards: the captures print
@@ -20,6 +22,23 @@ _HOPPER_NOT_SUPPORTED = frozenset(
         "nvmlDeviceGetRetiredPagesPendingStatus",
     }
 )
+
+# The field-value twins of what a Hopper board reports N/A: page retirement counts and status.
+_HOPPER_FIELDS_NOT_SUPPORTED = frozenset(
+    {
+        pynvml.NVML_FI_DEV_RETIRED_SBE,
+        pynvml.NVML_FI_DEV_RETIRED_DBE,
+        pynvml.NVML_FI_DEV_RETIRED_PENDING,
+        pynvml.NVML_FI_DEV_RETIRED_PENDING_SBE,
+        pynvml.NVML_FI_DEV_RETIRED_PENDING_DBE,
+    }
+)
+
+# NVLink 4 (Hopper) keeps per-link replay, recovery, flit-CRC and ECC counters but no data-CRC
+# counter: `nvidia-smi nvlink -e` on Hopper lists replay/recovery/CRC(flit)/ECC (the set
+# DataDog/datadog-agent#55966 reads per link), and DCGM reports the data-CRC total as
+# not supported on H100 HGX (NVIDIA/DCGM#173).
+_HOPPER_NVLINK_COUNTERS_NOT_SUPPORTED = frozenset({"crc_data"})
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,14 @@ class GpuProfile:
     pcie_subsystem_id: int
     nvlink_links: int  # `nvidia-smi nvlink -s` lists links 0..17 on both boards
     clock_event_reasons_supported: int  # clocks_event_reasons.supported
-    not_supported: frozenset[str] = _HOPPER_NOT_SUPPORTED
+    not_supported: frozenset[str] = _HOPPER_NOT_SUPPORTED  # NVML functions answering NOT_SUPPORTED
+    fields_not_supported: frozenset[int] = _HOPPER_FIELDS_NOT_SUPPORTED  # NVML_FI_* ids likewise
+    # Per-link nvmlDeviceGetNvLinkErrorCounter counters (node.NVLINK_COUNTERS names) the links lack.
+    nvlink_counters_not_supported: frozenset[str] = _HOPPER_NVLINK_COUNTERS_NOT_SUPPORTED
+    # The legacy all-lane totals (NVML_FI_DEV_NVLINK_*_ERROR_COUNT_TOTAL) answer SUCCESS with 0 on
+    # Hopper whatever the links saw; nvidia-smi reads the per-link counters instead
+    # (DataDog/datadog-agent#55966). False: they sum the per-link counters, as on older boards.
+    nvlink_legacy_totals_read_zero: bool = True
 
     @property
     def power_limit_milliwatts(self) -> int:

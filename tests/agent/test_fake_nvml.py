@@ -469,3 +469,144 @@ def test_readings_are_deterministic_per_seed_and_time():
     assert [g.uuid for g in a.gpus] == [g.uuid for g in b.gpus]
     assert [a.reading(2, t) for t in times] != [c.reading(2, t) for t in times]
     assert [g.uuid for g in a.gpus] != [g.uuid for g in c.gpus]
+
+
+# ---- newer calls, field values, processes -------------------------------------------------------
+
+
+def test_temperature_v_is_the_signed_versioned_call():
+    nvml, node, clock = _fake()
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    assert nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU) == nvml.nvmlDeviceGetTemperature(
+        h, pynvml.NVML_TEMPERATURE_GPU)
+    assert nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU, pynvml.nvmlTemperature_v1) > 0
+    with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
+        nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU, 0x2000010)
+    with pytest.raises(pynvml.NVMLError_InvalidArgument):
+        nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_COUNT)
+
+
+def _fields(nvml, handle, *ids):
+    return {value.fieldId: value for value in nvml.nvmlDeviceGetFieldValues(handle, list(ids))}
+
+
+def test_field_values_match_the_calls_they_stand_for():
+    nvml, node, clock = _fake(faults=[parse_fault("ecc_dbe@0+1"), parse_fault("row_remap_pending@0+1")])
+    clock.t = START + 5.0
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    f = _fields(nvml, h, pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+                pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+                pynvml.NVML_FI_DEV_REMAPPED_UNC, pynvml.NVML_FI_DEV_REMAPPED_PENDING)
+    assert all(v.nvmlReturn == pynvml.NVML_SUCCESS for v in f.values())
+    energy = f[pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION]
+    assert energy.valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+    assert energy.value.ullVal == nvml.nvmlDeviceGetTotalEnergyConsumption(h)  # millijoules both
+    assert f[pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER].value.uiVal == nvml.nvmlDeviceGetPcieReplayCounter(h)
+    dbe = nvml.nvmlDeviceGetTotalEccErrors(h, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC)
+    assert f[pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL].value.ullVal == dbe == 1
+    assert f[pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL].value.ullVal == 0
+    _, uncorrectable, pending, _ = nvml.nvmlDeviceGetRemappedRows(h)
+    assert (f[pynvml.NVML_FI_DEV_REMAPPED_UNC].value.uiVal, f[pynvml.NVML_FI_DEV_REMAPPED_PENDING].value.uiVal) == (
+        uncorrectable, pending) == (1, 1)
+    assert all(v.timestamp == int(clock.t * 1_000_000) for v in f.values())  # microseconds
+
+
+def test_hopper_fields_not_supported_answer_per_field():
+    nvml, _, _ = _fake()
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    f = _fields(nvml, h, pynvml.NVML_FI_DEV_RETIRED_SBE, pynvml.NVML_FI_DEV_RETIRED_PENDING,
+                pynvml.NVML_FI_DEV_MEMORY_TEMP)
+    assert f[pynvml.NVML_FI_DEV_RETIRED_SBE].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    assert f[pynvml.NVML_FI_DEV_RETIRED_PENDING].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
+    assert f[pynvml.NVML_FI_DEV_MEMORY_TEMP].nvmlReturn == pynvml.NVML_SUCCESS
+
+
+def test_pcie_byte_counters_are_64_bit_monotone_and_agree_with_the_throughput_call():
+    nvml, node, clock = _fake(faults=[parse_fault("thermal_slowdown@3+30/20")])
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    tx_id, rx_id = pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES
+    previous = None
+    for second in range(0, 90, 3):
+        clock.t = START + second
+        f = _fields(nvml, h, tx_id, rx_id)
+        assert f[rx_id].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+        tx, rx = f[tx_id].value.ullVal, f[rx_id].value.ullVal
+        assert rx > 2**32 and tx > 2**32  # terabytes since the driver loaded: past 32 bits
+        if previous is not None:
+            assert tx > previous[0] and rx > previous[1]
+        previous = (tx, rx)
+    # Over one second the counter moves by what the 20 ms throughput call reports (KB/s).
+    for start in (START + 10.0, START + 40.0):  # before and during the slowdown
+        clock.t = start
+        rx0 = _fields(nvml, h, rx_id)[rx_id].value.ullVal
+        clock.t = start + 0.5
+        kilobytes_per_second = nvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_RX_BYTES)
+        clock.t = start + 1.0
+        rx1 = _fields(nvml, h, rx_id)[rx_id].value.ullVal
+        assert (rx1 - rx0) / 1024 == pytest.approx(kilobytes_per_second, rel=0.02)
+    # A synchronous job moves at its slowest GPU's pace: GPU 3's thermal slowdown (clock halved)
+    # halves the input every GPU pulls, against the same node without the fault.
+    healthy = SimNode("node-a", start=START, clock=ManualClock())
+    for gpu in (0, 3):
+        during, normal = node.reading(gpu, START + 40.0), healthy.reading(gpu, START + 40.0)
+        assert during.pcie_rx_kilobytes_per_second == pytest.approx(normal.pcie_rx_kilobytes_per_second / 2, rel=1e-3)
+
+
+def test_nvlink_counters_like_hopper():
+    nvml, node, clock = _fake(faults=[Fault("nvlink_errors", gpu=0, at_seconds=1.0, link=2, rate_per_second=10.0)])
+    clock.t = START + 11.0
+    h = nvml.nvmlDeviceGetHandleByIndex(0)
+    assert nvml.nvmlDeviceGetNvLinkErrorCounter(h, 2, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT) == 101
+    assert nvml.nvmlDeviceGetNvLinkErrorCounter(h, 2, pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA) == 0
+    with pytest.raises(pynvml.NVMLError_NotSupported):  # NVLink 4 keeps no data-CRC counter
+        nvml.nvmlDeviceGetNvLinkErrorCounter(h, 2, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
+    # The legacy all-lane totals answer SUCCESS with 0 on Hopper, whatever the links saw.
+    total = _fields(nvml, h, pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL)[
+        pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL]
+    assert (total.nvmlReturn, total.value.ullVal) == (pynvml.NVML_SUCCESS, 0)
+    # A board whose totals sum the links (a profile override changes support, not behaviour).
+    from dataclasses import replace
+
+    summing = make_fake_nvml(node, replace(node.profile, nvlink_legacy_totals_read_zero=False))
+    summing.nvmlInit()
+    h = summing.nvmlDeviceGetHandleByIndex(0)
+    total = _fields(summing, h, pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL)
+    assert total[pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL].value.ullVal == 101
+
+
+def test_compute_processes_have_pynvml_shapes():
+    nvml, node, clock = _fake()
+    h = nvml.nvmlDeviceGetHandleByIndex(3)
+    processes = nvml.nvmlDeviceGetComputeRunningProcesses(h)
+    assert isinstance(processes[0], pynvml.nvmlFriendlyObject)
+    assert [p.pid for p in processes] == list(node.processes(3))
+    assert processes[0].usedGpuMemory == nvml.nvmlDeviceGetMemoryInfo(h, pynvml.nvmlMemory_v2).used
+    assert processes[0].gpuInstanceId == processes[0].computeInstanceId == 0xFFFFFFFF  # no MIG: N/A
+    assert [p.pid for p in nvml.nvmlDeviceGetComputeRunningProcesses_v3(h)] == [p.pid for p in processes]
+    node.place_processes(3, [900, 901])
+    shared = nvml.nvmlDeviceGetComputeRunningProcesses_v2(h)
+    assert [p.pid for p in shared] == [900, 901] and shared[0].usedGpuMemory == processes[0].usedGpuMemory // 2
+    node.place_processes(3, [])
+    assert nvml.nvmlDeviceGetComputeRunningProcesses(h) == []
+
+
+def test_default_processes_are_deterministic_per_node_and_seed():
+    a, b, c = SimNode("n1", start=START), SimNode("n1", start=START), SimNode("n1", seed=1, start=START)
+    assert [a.processes(g) for g in range(8)] == [b.processes(g) for g in range(8)]
+    assert a.processes(0) != c.processes(0)
+    assert SimNode("n1", start=START, processes={}).processes(0) == ()
+    with pytest.raises(ValueError, match="no GPU 8"):
+        SimNode("n1", start=START, processes={8: [1]})
+
+
+def test_capture_shows_what_the_fake_supports():
+    text = _capture(H100_80GB_HBM3)
+    load = _query_section(text, "load")
+    assert load["Temperature/Memory Current Temp"].endswith(" C")  # NVML_FI_DEV_MEMORY_TEMP answers
+    assert load["PCI/GPU Link Info/Link Width/Current"] == "16x"
+    symbols = text.split("# capabilities :: nvml-symbols", 1)[1]
+    for symbol in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetCurrentClocksEventReasons",
+                   "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetFieldValues"):
+        assert f"\n{symbol}\n" in symbols, symbol
+    # Three compute processes under the capture's load, no MIG: "GPU instance ID : N/A".
+    assert text.count("Type                          : C") >= 3

@@ -1,5 +1,7 @@
 """Tests for the NVML source over the fake NVML: canonical fields and units, NOT_SUPPORTED learned
-once, GPU lost, every fault kind at its time, XID events, cost per cycle, and load_nvml()."""
+once, fallbacks (field ids to calls, versioned to deprecated calls, per-link NVLink counters to
+all-lane totals), running processes, GPU lost, every fault kind at its time, XID events, cost per
+cycle, and load_nvml(). The per-field contract and the sentinel cases are in test_nvml_contract.py."""
 
 from __future__ import annotations
 
@@ -23,8 +25,11 @@ from fleetwatch.v1 import telemetry_pb2 as pb
 
 START = 1_700_000_000.0
 MIB = 1024 * 1024
-# What an H100 SXM answers NOT_SUPPORTED ("N/A" in the capture).
-H100_ABSENT = {"fan_percent", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending"}
+# What an H100 SXM answers NOT_SUPPORTED ("N/A" in the capture; NVLink 4 keeps no data-CRC count).
+H100_ABSENT = {"fan_percent", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending",
+               "nvlink_crc_data_errors_total"}
+# Derived from two readings of the PCIe byte counters: absent from the first cycle only.
+PCIE_RATES = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}
 
 
 class ManualClock:
@@ -36,13 +41,17 @@ class ManualClock:
 
 
 class CountingNvml:
-    """Wraps an NVML object and counts calls per function name (and per device where given)."""
+    """Wraps an NVML object and counts calls per function name; `hidden` names are missing, as in
+    an older pynvml."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, hidden: frozenset[str] = frozenset()) -> None:
         self._inner = inner
+        self._hidden = hidden
         self.calls: collections.Counter[str] = collections.Counter()
 
     def __getattr__(self, name: str) -> Any:
+        if name in self._hidden:
+            raise AttributeError(name)
         value = getattr(self._inner, name)
         if name.startswith("nvml") and callable(value) and not isinstance(value, type):
             def counted(*args: Any, **kwargs: Any) -> Any:
@@ -73,8 +82,8 @@ def _by_gpu(samples):
 
 @pytest.mark.parametrize("model", ["H100", "H200"])
 def test_contract_every_gpu_field_is_typed_or_absent(model):
-    source, _, clock, _ = _source(model=model)
-    for _ in range(3):
+    source, node, clock, _ = _source(model=model)
+    for cycle in range(3):
         samples, events = source.sample()
         clock.t += 1.0
         assert events == [] and len(samples) == 8
@@ -90,14 +99,18 @@ def test_contract_every_gpu_field_is_typed_or_absent(model):
                 else:
                     assert type(value) is float, name
             # Absent means NOT_SUPPORTED on this board; never a 0 or a sentinel in its place.
-            assert set(wire.GPU_FIELDS) - set(metrics) == H100_ABSENT
+            assert set(wire.GPU_FIELDS) - set(metrics) == H100_ABSENT | (PCIE_RATES if cycle == 0 else set())
             wire.fill_metrics(pb.GpuMetrics(), metrics)  # fits the wire contract
-            assert set(sample) == {"gpu", "t", "uuid", "metrics"}
+            assert set(sample) == {"gpu", "t", "uuid", "metrics", "pids"}
+            assert sample["pids"] == list(node.processes(sample["gpu"]))
             assert sample["t"] == clock.t - 1.0
+    assert source.unsupported_fields() == {gpu: sorted(H100_ABSENT) for gpu in range(8)}
 
 
 def test_units_match_the_capture():
-    source, node, _, _ = _source()
+    source, node, clock, _ = _source()
+    source.sample()  # the PCIe rates need a first reading of the byte counters
+    clock.t += 2.0
     metrics = _by_gpu(source.sample()[0])[0]
     assert metrics["power_limit_watts"] == 700.0
     assert 550.0 <= metrics["power_watts"] <= 690.0
@@ -112,10 +125,16 @@ def test_units_match_the_capture():
     assert (metrics["pcie_link_gen"], metrics["pcie_link_gen_max"]) == (5, 5)
     assert (metrics["pcie_link_width"], metrics["pcie_link_width_max"]) == (16, 16)
     assert (metrics["nvlink_links_up"], metrics["nvlink_links_total"]) == (18, 18)
-    # KB/s from NVML become bytes/second; energy mJ becomes joules.
-    reading = node.reading(0, START)
-    assert metrics["pcie_rx_bytes_per_second"] == reading.pcie_rx_kilobytes_per_second * 1024.0
+    # Byte-counter deltas become bytes/second; energy mJ becomes joules.
+    (tx0, rx0), (tx1, rx1) = node.pcie_bytes(0, START), node.pcie_bytes(0, START + 2.0)
+    assert metrics["pcie_rx_bytes_per_second"] == (rx1 - rx0) / 2.0
+    assert metrics["pcie_tx_bytes_per_second"] == (tx1 - tx0) / 2.0
+    assert 1e6 < metrics["pcie_tx_bytes_per_second"] < metrics["pcie_rx_bytes_per_second"] < 1e9
+    reading = node.reading(0, START + 2.0)
     assert metrics["energy_joules"] == reading.energy_millijoules / 1000.0
+    # The counters and the 20 ms throughput call describe the same traffic.
+    middle = node.reading(0, START + 1.0).pcie_rx_kilobytes_per_second * 1024.0
+    assert metrics["pcie_rx_bytes_per_second"] == pytest.approx(middle, rel=0.05)
 
 
 def test_inventory():
@@ -148,6 +167,7 @@ def test_not_supported_is_asked_once_per_gpu():
         clock.t += 1.0
     calls = nvml.calls
     assert calls["nvmlDeviceGetFanSpeed"] == 8
+    # The retirement fields answer NOT_SUPPORTED, then their calls do, once each.
     assert calls["nvmlDeviceGetRetiredPages"] == 16  # SBE and DBE causes
     assert calls["nvmlDeviceGetRetiredPagesPendingStatus"] == 8
     assert calls["nvmlDeviceGetTemperatureThreshold"] == 16  # static: slowdown + shutdown, once
@@ -155,6 +175,26 @@ def test_not_supported_is_asked_once_per_gpu():
     assert calls["nvmlDeviceGetPowerUsage"] == 40
     # Links 18..35 answer INVALID_ARGUMENT on the first cycle and are never asked again.
     assert calls["nvmlDeviceGetNvLinkState"] == 8 * (36 + 18 * 5)
+    # 4 counters x 18 links on the first cycle; the data-CRC counter is then dropped.
+    assert calls["nvmlDeviceGetNvLinkErrorCounter"] == 8 * (4 * 18 + 4 * 3 * 18)
+
+
+def test_fast_path_one_field_values_call_per_gpu_and_no_blocking_throughput_call():
+    source, _, clock, nvml = _source(counting=True)
+    for _ in range(5):
+        source.sample()
+        clock.t += 1.0
+    calls = nvml.calls
+    assert calls["nvmlDeviceGetFieldValues"] == 8 * 5
+    # Everything the batch answers is never asked through its own call.
+    for covered in ("nvmlDeviceGetPcieThroughput", "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetTotalEccErrors",
+                    "nvmlDeviceGetRemappedRows", "nvmlDeviceGetPcieReplayCounter"):
+        assert calls[covered] == 0, covered
+    # Current names only: the deprecated ones are fallbacks for libraries that lack these.
+    assert calls["nvmlDeviceGetTemperatureV"] == 8 * 5 and calls["nvmlDeviceGetTemperature"] == 0
+    assert calls["nvmlDeviceGetCurrentClocksEventReasons"] == 8 * 5
+    assert calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 0
+    assert calls["nvmlDeviceGetComputeRunningProcesses"] == 8 * 5
 
 
 def test_field_value_not_supported_is_learned_from_its_own_return_code():
@@ -171,9 +211,15 @@ def test_field_value_not_supported_is_learned_from_its_own_return_code():
     source.start()
     for _ in range(3):
         samples, _ = source.sample()
+        clock.t += 1.0
         assert all("temp_mem_celsius" not in s["metrics"] for s in samples)
         assert all("temp_gpu_celsius" in s["metrics"] for s in samples)
-    assert nvml.calls["nvmlDeviceGetFieldValues"] == 8
+        # Fields with an equivalent call fall back to it in the same cycle.
+        assert all({"energy_joules", "ecc_dbe_volatile_total", "remap_pending"} <= set(s["metrics"]) for s in samples)
+    assert all("pcie_rx_bytes_per_second" in s["metrics"] for s in samples)  # 20 ms call, KB/s
+    assert nvml.calls["nvmlDeviceGetFieldValues"] == 8  # no field left to ask after the first cycle
+    assert nvml.calls["nvmlDeviceGetPcieThroughput"] == 8 * 3 * 2
+    assert all("temp_mem_celsius" in names for names in source.unsupported_fields().values())
 
 
 def test_transient_error_leaves_a_field_out_for_one_cycle_only():
@@ -213,6 +259,294 @@ def test_sample_is_cheap_for_eight_gpus():
     per_cycle_ms = (time.process_time() - cpu_before) / cycles * 1000.0
     assert len(samples) == 8
     assert per_cycle_ms < 5.0, f"{per_cycle_ms:.2f} ms CPU per 8-GPU cycle"
+
+
+# ---- fallbacks: versioned to deprecated calls, fields to calls, per-link to all-lane totals ----
+
+
+def _counting_source(nvml_class=FakeNvml, hidden=frozenset(), profile=None, faults=(), gpu_count=2):
+    clock = ManualClock()
+    node = SimNode("n1", gpu_count=gpu_count, faults=faults, start=START, clock=clock)
+    nvml = CountingNvml(nvml_class(node, profile), hidden=frozenset(hidden))
+    source = NvmlSource(nvml, clock=clock)
+    source.start()
+    return source, node, clock, nvml
+
+
+def _cycles(source, clock, count):
+    samples = []
+    for _ in range(count):
+        samples, _ = source.sample()
+        clock.t += 1.0
+    return _by_gpu(samples)
+
+
+@pytest.mark.parametrize("how", ["pynvml predates it", "driver lacks it", "not supported"])
+def test_gpu_temperature_falls_back_to_the_deprecated_call_only_when_v_is_unavailable(how):
+    error = {"driver lacks it": pynvml.NVML_ERROR_FUNCTION_NOT_FOUND, "not supported": pynvml.NVML_ERROR_NOT_SUPPORTED}
+
+    class NoTemperatureV(FakeNvml):
+        def nvmlDeviceGetTemperatureV(self, handle, sensor, version=pynvml.nvmlTemperature_v1):
+            raise pynvml.NVMLError(error[how])
+
+    hidden = {"nvmlDeviceGetTemperatureV"} if how == "pynvml predates it" else set()
+    source, node, clock, nvml = _counting_source(NoTemperatureV, hidden=hidden)
+    metrics = _cycles(source, clock, 3)
+    assert metrics[0]["temp_gpu_celsius"] == float(node.reading(0, clock.t - 1.0).temp_gpu_celsius)
+    assert nvml.calls["nvmlDeviceGetTemperatureV"] == (0 if hidden else 2)  # asked once per GPU
+    assert nvml.calls["nvmlDeviceGetTemperature"] == 2 * 3
+    assert "temp_gpu_celsius" not in source.unsupported_fields()[0]
+
+
+def test_clock_event_reasons_fall_back_to_the_throttle_name_only_on_an_older_library():
+    source, node, clock, nvml = _counting_source(hidden={"nvmlDeviceGetCurrentClocksEventReasons"},
+                                                 faults=[parse_fault("power_brake@1+0")])
+    metrics = _cycles(source, clock, 2)
+    assert metrics[1]["clock_event_reasons"] & 0x88 == 0x88
+    assert nvml.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 2 * 2
+
+
+class PerLinkCountersNotSupported(FakeNvml):
+    """A board whose per-link NVLink counters answer NOT_SUPPORTED while the all-lane totals work."""
+
+    def nvmlDeviceGetNvLinkErrorCounter(self, device, link, counter):
+        self._device(device, "nvmlDeviceGetNvLinkErrorCounter")
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+
+def test_nvlink_counters_come_from_the_total_fields_where_per_link_calls_fail():
+    from dataclasses import replace
+
+    from agent.sim.profiles import H100_80GB_HBM3
+
+    fault = Fault("nvlink_errors", gpu=1, at_seconds=5.0, link=3, rate_per_second=100.0)
+    summing = replace(H100_80GB_HBM3, nvlink_legacy_totals_read_zero=False, nvlink_counters_not_supported=frozenset())
+    source, node, clock, nvml = _counting_source(PerLinkCountersNotSupported, profile=summing, faults=[fault])
+    first = _cycles(source, clock, 1)
+    # The totals join the batch in the cycle that learned the per-link calls fail.
+    assert first[0]["nvlink_crc_flit_errors_total"] == 0 and first[0]["nvlink_crc_data_errors_total"] == 0
+    clock.t = START + 15.0
+    later = _cycles(source, clock, 1)
+    assert later[1]["nvlink_crc_flit_errors_total"] == 1 + 1000  # 100/s for 10 s, through the field
+    assert later[1]["nvlink_crc_data_errors_total"] == 1 + 250
+    assert later[1]["nvlink_replay_errors_total"] > 0 and later[0]["nvlink_replay_errors_total"] == 0
+    assert (later[1]["nvlink_links_up"], later[1]["nvlink_links_total"]) == (18, 18)
+    assert nvml.calls["nvmlDeviceGetNvLinkErrorCounter"] == 2 * 4 * 18  # learned once per GPU
+    assert nvml.calls["nvmlDeviceGetFieldValues"] == 2 * 2  # still one batch per GPU per cycle
+    assert not any(name.startswith("nvlink") for name in source.unsupported_fields()[0])
+
+
+def test_nvlink_per_link_function_missing_from_pynvml_uses_the_total_fields():
+    source, _, clock, _ = _counting_source(hidden={"nvmlDeviceGetNvLinkErrorCounter"})
+    metrics = _cycles(source, clock, 2)
+    # Hopper's legacy totals answer SUCCESS (with 0); with no per-link call they are all there is.
+    assert {name for name in metrics[0] if name.endswith("errors_total") and name.startswith("nvlink")} == {
+        "nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total",
+        "nvlink_replay_errors_total", "nvlink_recovery_errors_total",
+    }
+
+
+def test_hopper_legacy_totals_are_not_asked_when_the_links_keep_per_link_counters():
+    source, _, clock, nvml = _counting_source()
+    asked: list[int] = []
+    inner = nvml._inner
+    real = inner.nvmlDeviceGetFieldValues
+
+    def recording(handle, ids):
+        asked.extend(ids)
+        return real(handle, ids)
+
+    inner.nvmlDeviceGetFieldValues = recording
+    _cycles(source, clock, 2)
+    assert pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL not in asked  # would read a false 0
+    assert pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL not in asked
+    assert "nvlink_crc_data_errors_total" in source.unsupported_fields()[0]
+
+
+def test_board_without_nvlink_lists_every_nvlink_field_unsupported():
+    class NoNvlink(FakeNvml):
+        def nvmlDeviceGetNvLinkState(self, device, link):
+            self._device(device, "nvmlDeviceGetNvLinkState")
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    source, _, clock, nvml = _counting_source(NoNvlink)
+    metrics = _cycles(source, clock, 3)
+    assert not any(name.startswith("nvlink") for name in metrics[0])
+    nvlink = {name for name in wire.GPU_FIELDS if name.startswith("nvlink")}
+    assert nvlink <= set(source.unsupported_fields()[0])
+    assert nvml.calls["nvmlDeviceGetNvLinkState"] == 2 * 36 and nvml.calls["nvmlDeviceGetNvLinkErrorCounter"] == 0
+
+
+# ---- PCIe throughput from the byte counters -----------------------------------------------------
+
+
+def _with_field(values, field_id, value_type, member, number):
+    for value in values:
+        if value.fieldId == field_id:
+            value.valueType = value_type
+            setattr(value.value, member, number)
+    return values
+
+
+def test_pcie_rates_need_two_readings_and_skip_a_counter_reset():
+    class Resetting(FakeNvml):
+        offset = 0
+
+        def nvmlDeviceGetFieldValues(self, handle, fieldIds):
+            values = super().nvmlDeviceGetFieldValues(handle, fieldIds)
+            for value in values:
+                if value.fieldId in (pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES):
+                    value.value.ullVal -= self.offset
+            return values
+
+    source, node, clock, nvml = _counting_source(Resetting)
+    first = _cycles(source, clock, 1)
+    assert not PCIE_RATES & set(first[0])  # one reading is no rate
+    second = _cycles(source, clock, 1)
+    assert PCIE_RATES <= set(second[0])
+    nvml._inner.offset = node.pcie_bytes(0, START)[1]  # the driver reloaded: counters start over
+    third = _cycles(source, clock, 1)
+    assert not PCIE_RATES & set(third[0])  # a decrease is a reset, not a huge wrap
+    fourth = _cycles(source, clock, 1)
+    assert fourth[0]["pcie_rx_bytes_per_second"] > 0
+    assert nvml.calls["nvmlDeviceGetPcieThroughput"] == 0
+    assert not PCIE_RATES & set(source.unsupported_fields()[0])
+
+
+def test_32_bit_pcie_byte_counters_alias_so_the_throughput_call_is_used():
+    class NarrowCounters(FakeNvml):
+        def nvmlDeviceGetFieldValues(self, handle, fieldIds):
+            values = super().nvmlDeviceGetFieldValues(handle, fieldIds)
+            for value in values:
+                if value.fieldId in (pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES):
+                    value.valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+                    value.value.uiVal = value.value.ullVal & 0xFFFFFFFF
+            return values
+
+    source, node, clock, nvml = _counting_source(NarrowCounters)
+    metrics = _cycles(source, clock, 2)
+    reading = node.reading(1, clock.t - 1.0)
+    assert metrics[1]["pcie_rx_bytes_per_second"] == reading.pcie_rx_kilobytes_per_second * 1024.0  # KB/s
+    assert nvml.calls["nvmlDeviceGetPcieThroughput"] == 2 * 2 * 2  # TX and RX, both cycles
+
+
+def test_pcie_fields_missing_from_an_older_pynvml_use_the_throughput_call():
+    source, _, clock, nvml = _counting_source(hidden={"NVML_FI_DEV_PCIE_COUNT_TX_BYTES"})
+    metrics = _cycles(source, clock, 1)
+    assert PCIE_RATES <= set(metrics[0])  # the call gives a rate on the first cycle
+    assert nvml.calls["nvmlDeviceGetPcieThroughput"] == 2 * 2
+
+
+def test_field_values_call_unsupported_as_a_whole_falls_back_to_calls():
+    class NoFieldValues(FakeNvml):
+        def nvmlDeviceGetFieldValues(self, handle, fieldIds):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    source, _, clock, nvml = _counting_source(NoFieldValues)
+    metrics = _cycles(source, clock, 2)
+    assert {"energy_joules", "pcie_replay_total", "ecc_sbe_volatile_total", "remapped_rows_correctable",
+            "pcie_rx_bytes_per_second"} <= set(metrics[0])
+    assert "temp_mem_celsius" not in metrics[0] and "temp_mem_celsius" in source.unsupported_fields()[0]
+    assert nvml.calls["nvmlDeviceGetFieldValues"] == 2
+
+
+def test_field_errors_other_than_not_supported_leave_the_field_out_for_that_cycle_only():
+    class FlakyFields(FakeNvml):
+        failures = 2
+
+        def nvmlDeviceGetFieldValues(self, handle, fieldIds):
+            values = super().nvmlDeviceGetFieldValues(handle, fieldIds)
+            if self.failures:
+                self.failures -= 1
+                for value in values:
+                    if value.fieldId == pynvml.NVML_FI_DEV_MEMORY_TEMP:
+                        value.nvmlReturn = pynvml.NVML_ERROR_UNKNOWN
+            return values
+
+    source, _, clock, nvml = _counting_source(FlakyFields)
+    first = _cycles(source, clock, 1)
+    assert all("temp_mem_celsius" not in m for m in first.values())
+    assert "energy_joules" in first[0]  # the other values of the same call are fine
+    second = _cycles(source, clock, 1)
+    assert all("temp_mem_celsius" in m for m in second.values())
+    assert source.unsupported_fields()[0] == sorted(H100_ABSENT)
+
+
+# ---- running processes ---------------------------------------------------------------------------
+
+
+def test_pids_default_to_one_training_worker_per_gpu_in_rank_order():
+    source, node, clock, _ = _source()
+    samples, _ = source.sample()
+    pids = [s["pids"] for s in samples]
+    assert all(len(p) == 1 for p in pids)
+    assert [p[0] for p in pids] == list(range(pids[0][0], pids[0][0] + 8))
+    assert 10_000 <= pids[0][0] < 4_194_304  # a 64-bit host's default pid_max
+    assert pids == [list(node.processes(g)) for g in range(8)]
+
+
+def test_pids_follow_placed_processes_sorted_and_once():
+    clock = ManualClock()
+    node = SimNode("n1", gpu_count=3, start=START, clock=clock, processes={0: [4321, 1234, 4321], 2: []})
+    source = NvmlSource(make_fake_nvml(node), clock=clock)
+    source.start()
+    assert [s["pids"] for s in source.sample()[0]] == [[1234, 4321], [], []]
+    node.place_processes(1, [777])
+    node.place_processes(0, [])
+    assert [s["pids"] for s in source.sample()[0]] == [[], [777], []]
+    with pytest.raises(ValueError):
+        node.place_processes(3, [1])
+    with pytest.raises(ValueError):
+        node.place_processes(0, [0])
+
+
+def test_pids_survive_used_memory_not_available_and_errors():
+    class Quirky(FakeNvml):
+        mode = "mig"
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            processes = super().nvmlDeviceGetComputeRunningProcesses(handle)
+            if self.mode == "mig":  # pynvml turns NVML_VALUE_NOT_AVAILABLE into None
+                for process in processes:
+                    process.usedGpuMemory = None
+            elif self.mode == "error":
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+            return processes
+
+    source, node, clock, nvml = _counting_source(Quirky)
+    assert _pids(source) == [list(node.processes(0)), list(node.processes(1))]
+    nvml._inner.mode = "error"
+    assert _pids(source) == [[], []]  # unknown this cycle
+    nvml._inner.mode = "ok"
+    assert _pids(source) == [list(node.processes(0)), list(node.processes(1))]
+
+
+def _pids(source):
+    return [s["pids"] for s in source.sample()[0]]
+
+
+def test_pids_not_supported_is_asked_once_and_older_drivers_use_v2():
+    class NoProcesses(FakeNvml):
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    source, _, _, nvml = _counting_source(NoProcesses)
+    assert _pids(source) == [[], []] and _pids(source) == [[], []]
+    assert nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 2
+
+    class OldDriver(FakeNvml):
+        def nvmlDeviceGetComputeRunningProcesses(self, handle):
+            # pynvml's unversioned call maps to _v3; an older driver has no such entry point.
+            raise pynvml.NVMLLibraryMismatchError("Unversioned function called ...")
+
+        def nvmlDeviceGetComputeRunningProcesses_v2(self, handle):
+            return FakeNvml.nvmlDeviceGetComputeRunningProcesses(self, handle)
+
+    source, node, _, nvml = _counting_source(OldDriver)
+    assert _pids(source) == [list(node.processes(0)), list(node.processes(1))]
+    assert _pids(source) == [list(node.processes(0)), list(node.processes(1))]
+    assert nvml.calls["nvmlDeviceGetComputeRunningProcesses"] == 2
+    assert nvml.calls["nvmlDeviceGetComputeRunningProcesses_v2"] == 2 * 2
 
 
 # ---- GPU lost ---------------------------------------------------------------------------------
@@ -281,9 +615,9 @@ def _check_row_remap_failure(before, after, peer):
 
 
 def _check_nvlink_errors(before, after, peer):
-    for name in ("nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total",
-                 "nvlink_replay_errors_total", "nvlink_recovery_errors_total"):
+    for name in ("nvlink_crc_flit_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total"):
         assert before[name] == 0 and after[name] > 0, name
+    assert "nvlink_crc_data_errors_total" not in after  # Hopper links keep no data-CRC counter
     assert after["nvlink_crc_flit_errors_total"] >= 50  # 20/s by default, sampled 3 s in
     assert peer["nvlink_crc_flit_errors_total"] == 0
 

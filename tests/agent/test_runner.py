@@ -11,12 +11,14 @@ import pytest
 
 from agent.config import AgentConfig
 from agent.runner import Agent, backoff_seconds
+from agent.sampler import Sampler
 from agent.sim.fake_nvml import make_fake_nvml
 from agent.sim.node import SimNode
 from agent.sim.scenario import Fault
 from agent.sources.host import HostSource
 from agent.sources.nvml import NvmlSource
 from agent.spool import Spool
+from agent.state import AgentState
 from collector.app import CollectorApp
 from collector.config import CollectorConfig
 
@@ -28,7 +30,8 @@ def free_port() -> int:
 
 
 def make_agent(
-    tmp_path: Path, port: int, *, gpus: int = 2, interval: float = 0.1, faults=(), nvml: bool = True, drain: float = 5
+    tmp_path: Path, port: int, *, gpus: int = 2, interval: float = 0.1, faults=(), nvml: bool = True, drain: float = 5,
+    kmsg=None, steps=None,
 ) -> Agent:
     config = AgentConfig(
         node="n01",
@@ -45,7 +48,9 @@ def make_agent(
         source = NvmlSource(make_fake_nvml(SimNode("n01", gpu_count=gpus, faults=faults)))
         source.start()
     spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=False)
-    return Agent(config, node="n01", host=HostSource(), spool=spool, nvml=source)
+    host = HostSource()
+    sampler = Sampler(AgentState(node="n01"), host=host, nvml=source)
+    return Agent(config, node="n01", sampler=sampler, spool=spool, boot_id=host.boot_id(), kmsg=kmsg, steps=steps)
 
 
 async def start_collector(tmp_path: Path, port: int = 0, **overrides) -> CollectorApp:

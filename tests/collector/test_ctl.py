@@ -49,3 +49,26 @@ def test_status_without_collector_says_how_to_point_at_one(capsys) -> None:
 def test_help(command: str) -> None:
     proc = run_ctl(command, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "kmsg"
+
+
+@pytest.mark.parametrize("name", ["dmesg.txt", "dmesg-T.txt", "dmesg-iso.txt", "journalctl-k.txt", "kmsg-raw.txt"])
+def test_detect_kmsg_turns_a_kernel_log_into_xid_findings(name: str) -> None:
+    proc = run_ctl("detect", "--kmsg", str(FIXTURES / name), "--node", "n17", "--boot-time", "1700000000")
+    assert proc.returncode == 0, proc.stderr
+    findings = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert findings and {f["detector"] for f in findings} == {"xid"}
+    assert all(f["node"] == "n17" for f in findings)
+    by_xid = {f["evidence"]["xid"]: f for f in findings}
+    assert (by_xid[79]["severity"], by_xid[79]["action"]) == ("critical", "reboot")
+    assert by_xid[79]["summary"] == "XID 79: GPU has fallen off the bus"
+
+
+def test_detect_kmsg_from_stdin_counts_repeats() -> None:
+    text = (FIXTURES / "dmesg.txt").read_text()
+    proc = run_ctl("detect", "--kmsg", "-", stdin=text)
+    assert proc.returncode == 0, proc.stderr
+    counts = [json.loads(line)["evidence"]["count"] for line in proc.stdout.splitlines()]
+    assert max(counts) > 1  # a burst of the same XID on one GPU is one finding with its count

@@ -2,76 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
+from e2e_support import Collector, clean_env, free_port, wait_for
 
 GPUS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
-
-
-def wait_for(predicate, timeout_seconds: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
-
-
-class Collector:
-    def __init__(self, db: Path, grpc_port: int, http_port: int, log: Path) -> None:
-        self.args = [
-            sys.executable, "-m", "collector.main", "--config", "/nonexistent.toml",
-            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
-            "--database-url", f"sqlite:///{db}", "--no-log-alerts",
-        ]
-        self.http_port = http_port
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args, env=clean_env(), stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        wait_for(self.healthy, 20, "the collector to answer /healthz")
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as r:
-                return json.load(r)["ok"]
-        except OSError:
-            return False
-
-    def agents_connected(self) -> int:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1) as r:
-            return json.load(r)["agents_connected"]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
 
 
 def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess.Popen:
@@ -81,6 +21,7 @@ def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess
             "--node", node, "--sim-gpus", str(GPUS), "--collector-address", f"127.0.0.1:{grpc_port}",
             "--sampling-interval-seconds", "0.1", "--spool-dir", str(spool), "--no-spool-fsync",
             "--reconnect-min-seconds", "0.1", "--reconnect-max-seconds", "0.5", "--stop-drain-seconds", "30",
+            "--metrics-listen", "", "--step-socket", "", "--kmsg-path", "",
         ],
         env=clean_env(),
         stdout=log.open("ab"),

@@ -1,0 +1,743 @@
+"""The agent's /metrics endpoint: Prometheus families built at scrape time from the AgentState cache.
+
+Every canonical field (fleetwatch.wire) is exported under one name chosen in the tables below,
+following Prometheus conventions: base units (hertz, bytes, joules, ratios 0-1), `_total` on
+counters, bounded labels (`node`, `gpu`, `uuid`; never pids or job ids). With `dcgm_names` the
+DCGM exporter's names are added beside ours, in DCGM's own units and labels, so dashboards and
+rules written for dcgm-exporter keep working.
+
+Series are read from the cache at scrape time (prometheus/client_python's custom-collector
+pattern), so a GPU that left `state.gpus` leaves the output with it instead of going stale, and a
+field the GPU does not support has no sample at all (never 0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable, Iterator, Literal
+from urllib.parse import urlsplit
+
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from agent import __version__ as AGENT_VERSION
+from agent.state import AgentState
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["gauge", "counter", "bitmask", "state"]
+
+_MHZ_TO_HERTZ = Fraction(10**6)
+_PERCENT_TO_RATIO = Fraction(1, 100)
+# InfiniBand rates are in Gb/s of 10^9 bits; node_exporter reports them in bytes/second too.
+_GBPS_TO_BYTES_PER_SECOND = Fraction(10**9, 8)
+_ONE = Fraction(1)
+
+
+@dataclass(frozen=True)
+class FieldMetric:
+    """How one canonical field is exported: `value * scale` under `name`.
+
+    kind "bitmask" is a gauge of the raw mask plus one 0/1 series per named bit; kind "state" is
+    a text field exported as `<name>` 1/0 plus an info-style series carrying the text.
+    """
+
+    canonical: str
+    name: str  # full exposition name; counters end in _total
+    kind: Kind
+    scale: Fraction
+    help: str
+
+    def convert(self, value: float | int) -> float | int:
+        if self.scale == 1:
+            return value
+        # Numerator first, then an exact division: 97 / 100 is 0.97, 97 * 0.01 is not.
+        return value * self.scale.numerator / self.scale.denominator
+
+
+# The one mapping from canonical GPU fields (wire.GPU_FIELDS) to metric names. Labels: node, gpu, uuid.
+GPU_METRICS: tuple[FieldMetric, ...] = (
+    FieldMetric("gpu_util_percent", "fleetwatch_gpu_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
+                "Fraction of the last sample period during which a kernel ran on the GPU (NVML utilization.gpu)."),
+    FieldMetric("mem_util_percent", "fleetwatch_gpu_memory_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
+                "Fraction of the last sample period during which device memory was read or written "
+                "(NVML utilization.memory; not the fraction allocated)."),
+    FieldMetric("mem_used_bytes", "fleetwatch_gpu_memory_used_bytes", "gauge", _ONE,
+                "Device memory allocated, without the driver's reserved memory."),
+    FieldMetric("mem_total_bytes", "fleetwatch_gpu_memory_total_bytes", "gauge", _ONE,
+                "Device memory installed."),
+    FieldMetric("temp_gpu_celsius", "fleetwatch_gpu_temperature_celsius", "gauge", _ONE,
+                "GPU core temperature."),
+    FieldMetric("temp_mem_celsius", "fleetwatch_gpu_memory_temperature_celsius", "gauge", _ONE,
+                "HBM temperature."),
+    FieldMetric("temp_slowdown_celsius", "fleetwatch_gpu_slowdown_temperature_celsius", "gauge", _ONE,
+                "Core temperature at which the GPU starts hardware thermal slowdown."),
+    FieldMetric("temp_shutdown_celsius", "fleetwatch_gpu_shutdown_temperature_celsius", "gauge", _ONE,
+                "Core temperature at which the GPU shuts down."),
+    FieldMetric("power_watts", "fleetwatch_gpu_power_watts", "gauge", _ONE,
+                "Board power draw."),
+    FieldMetric("power_limit_watts", "fleetwatch_gpu_power_limit_watts", "gauge", _ONE,
+                "Power limit the driver enforces."),
+    FieldMetric("energy_joules", "fleetwatch_gpu_energy_joules_total", "counter", _ONE,
+                "Energy consumed since the driver was loaded."),
+    FieldMetric("sm_clock_mhz", "fleetwatch_gpu_sm_clock_hertz", "gauge", _MHZ_TO_HERTZ,
+                "SM clock frequency."),
+    FieldMetric("sm_clock_max_mhz", "fleetwatch_gpu_sm_clock_max_hertz", "gauge", _MHZ_TO_HERTZ,
+                "Maximum (boost) SM clock frequency."),
+    FieldMetric("mem_clock_mhz", "fleetwatch_gpu_memory_clock_hertz", "gauge", _MHZ_TO_HERTZ,
+                "Memory clock frequency."),
+    FieldMetric("clock_event_reasons", "fleetwatch_gpu_clock_event_reasons", "bitmask", _ONE,
+                "Why the clocks are below maximum, as NVML's nvmlClocksEventReason* bitmask; "
+                "see fleetwatch_gpu_clock_event_reason for the bits by name."),
+    FieldMetric("fan_percent", "fleetwatch_gpu_fan_speed_ratio", "gauge", _PERCENT_TO_RATIO,
+                "Fan speed as a fraction of its maximum."),
+    FieldMetric("pcie_replay_total", "fleetwatch_gpu_pcie_replays_total", "counter", _ONE,
+                "PCIe replays (link-level retransmissions)."),
+    FieldMetric("pcie_tx_bytes_per_second", "fleetwatch_gpu_pcie_transmit_bytes_per_second", "gauge", _ONE,
+                "PCIe bytes sent by the GPU per second (NVML samples a short window)."),
+    FieldMetric("pcie_rx_bytes_per_second", "fleetwatch_gpu_pcie_receive_bytes_per_second", "gauge", _ONE,
+                "PCIe bytes received by the GPU per second (NVML samples a short window)."),
+    FieldMetric("pcie_link_gen", "fleetwatch_gpu_pcie_link_generation", "gauge", _ONE,
+                "Current PCIe link generation."),
+    FieldMetric("pcie_link_gen_max", "fleetwatch_gpu_pcie_link_generation_max", "gauge", _ONE,
+                "Highest PCIe link generation the GPU and system support."),
+    FieldMetric("pcie_link_width", "fleetwatch_gpu_pcie_link_width_lanes", "gauge", _ONE,
+                "Current PCIe link width."),
+    FieldMetric("pcie_link_width_max", "fleetwatch_gpu_pcie_link_width_max_lanes", "gauge", _ONE,
+                "Widest PCIe link the GPU and system support."),
+    FieldMetric("ecc_sbe_volatile_total", "fleetwatch_gpu_ecc_sbe_volatile_errors_total", "counter", _ONE,
+                "Corrected (single-bit) ECC errors since the driver was loaded."),
+    FieldMetric("ecc_dbe_volatile_total", "fleetwatch_gpu_ecc_dbe_volatile_errors_total", "counter", _ONE,
+                "Uncorrected (double-bit) ECC errors since the driver was loaded."),
+    FieldMetric("ecc_sbe_aggregate_total", "fleetwatch_gpu_ecc_sbe_aggregate_errors_total", "counter", _ONE,
+                "Corrected (single-bit) ECC errors over the board's life."),
+    FieldMetric("ecc_dbe_aggregate_total", "fleetwatch_gpu_ecc_dbe_aggregate_errors_total", "counter", _ONE,
+                "Uncorrected (double-bit) ECC errors over the board's life."),
+    FieldMetric("retired_pages_sbe", "fleetwatch_gpu_retired_pages_sbe", "gauge", _ONE,
+                "Pages retired after repeated single-bit ECC errors (pre-Ampere page retirement)."),
+    FieldMetric("retired_pages_dbe", "fleetwatch_gpu_retired_pages_dbe", "gauge", _ONE,
+                "Pages retired after a double-bit ECC error (pre-Ampere page retirement)."),
+    FieldMetric("retired_pages_pending", "fleetwatch_gpu_retired_pages_pending", "gauge", _ONE,
+                "1 while a page retirement waits for the next driver reload."),
+    FieldMetric("remapped_rows_correctable", "fleetwatch_gpu_remapped_rows_correctable", "gauge", _ONE,
+                "Memory rows remapped after correctable errors."),
+    FieldMetric("remapped_rows_uncorrectable", "fleetwatch_gpu_remapped_rows_uncorrectable", "gauge", _ONE,
+                "Memory rows remapped after uncorrectable errors."),
+    FieldMetric("remap_pending", "fleetwatch_gpu_row_remap_pending", "gauge", _ONE,
+                "1 while a row remap waits for a GPU reset."),
+    FieldMetric("remap_failure", "fleetwatch_gpu_row_remap_failed", "gauge", _ONE,
+                "1 when a row remap failed: the GPU needs inspection."),
+    FieldMetric("nvlink_links_up", "fleetwatch_gpu_nvlink_links_up", "gauge", _ONE,
+                "NVLinks that are up."),
+    FieldMetric("nvlink_links_total", "fleetwatch_gpu_nvlink_links", "gauge", _ONE,
+                "NVLinks the GPU has."),
+    FieldMetric("nvlink_crc_flit_errors_total", "fleetwatch_gpu_nvlink_crc_flit_errors_total", "counter", _ONE,
+                "NVLink flow-control CRC errors, all links."),
+    FieldMetric("nvlink_crc_data_errors_total", "fleetwatch_gpu_nvlink_crc_data_errors_total", "counter", _ONE,
+                "NVLink data CRC errors, all links."),
+    FieldMetric("nvlink_replay_errors_total", "fleetwatch_gpu_nvlink_replay_errors_total", "counter", _ONE,
+                "NVLink replays, all links."),
+    FieldMetric("nvlink_recovery_errors_total", "fleetwatch_gpu_nvlink_recovery_errors_total", "counter", _ONE,
+                "NVLink recoveries, all links."),
+)
+
+# Canonical host fields (wire.HOST_FIELDS). Labels: node.
+HOST_METRICS: tuple[FieldMetric, ...] = (
+    FieldMetric("cpu_percent", "fleetwatch_host_cpu_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
+                "Fraction of CPU time not idle, all CPUs, over the last sample period."),
+    FieldMetric("load1", "fleetwatch_host_load1", "gauge", _ONE,
+                "1-minute load average."),
+    FieldMetric("mem_used_bytes", "fleetwatch_host_memory_used_bytes", "gauge", _ONE,
+                "Host memory in use (total minus available)."),
+    FieldMetric("mem_total_bytes", "fleetwatch_host_memory_total_bytes", "gauge", _ONE,
+                "Host memory installed."),
+    FieldMetric("disk_used_bytes", "fleetwatch_host_disk_used_bytes", "gauge", _ONE,
+                "Disk space used on the agent's filesystem."),
+    FieldMetric("disk_total_bytes", "fleetwatch_host_disk_total_bytes", "gauge", _ONE,
+                "Disk space on the agent's filesystem."),
+    FieldMetric("net_rx_bytes_total", "fleetwatch_host_network_receive_bytes_total", "counter", _ONE,
+                "Bytes received on all network interfaces."),
+    FieldMetric("net_tx_bytes_total", "fleetwatch_host_network_transmit_bytes_total", "counter", _ONE,
+                "Bytes sent on all network interfaces."),
+)
+
+# Canonical InfiniBand port fields (wire.IB_FIELDS). Labels: node, device, port.
+IB_METRICS: tuple[FieldMetric, ...] = (
+    FieldMetric("ib_state", "fleetwatch_ib_port_up", "state", _ONE,
+                "1 when the port is ACTIVE, else 0; the state itself is on fleetwatch_ib_port_state."),
+    FieldMetric("ib_rate_gbps", "fleetwatch_ib_port_rate_bytes_per_second", "gauge", _GBPS_TO_BYTES_PER_SECOND,
+                "Port signalling rate."),
+    FieldMetric("ib_link_downed_total", "fleetwatch_ib_link_downed_total", "counter", _ONE,
+                "Times the link went down (saturates at 255)."),
+    FieldMetric("ib_symbol_error_total", "fleetwatch_ib_symbol_errors_total", "counter", _ONE,
+                "Symbol errors on the link (saturates at 65535)."),
+    FieldMetric("ib_rcv_errors_total", "fleetwatch_ib_receive_errors_total", "counter", _ONE,
+                "Received packets with errors (saturates at 65535)."),
+    FieldMetric("ib_link_error_recovery_total", "fleetwatch_ib_link_error_recovery_total", "counter", _ONE,
+                "Successful link error recoveries (saturates at 255)."),
+)
+
+# NVML's nvmlClocksEventReason* bits (nvml.h / pynvml), named after the constants.
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x001, "gpu_idle"),                     # nvmlClocksEventReasonGpuIdle
+    (0x002, "applications_clocks_setting"),  # nvmlClocksEventReasonApplicationsClocksSetting
+    (0x004, "sw_power_cap"),                 # nvmlClocksEventReasonSwPowerCap
+    (0x008, "hw_slowdown"),                  # nvmlClocksEventReasonHwSlowdown
+    (0x010, "sync_boost"),                   # nvmlClocksEventReasonSyncBoost
+    (0x020, "sw_thermal_slowdown"),          # nvmlClocksEventReasonSwThermalSlowdown
+    (0x040, "hw_thermal_slowdown"),          # nvmlClocksEventReasonHwThermalSlowdown
+    (0x080, "hw_power_brake_slowdown"),      # nvmlClocksEventReasonHwPowerBrakeSlowdown
+    (0x100, "display_clock_setting"),        # nvmlClocksEventReasonDisplayClockSetting
+)
+
+_IB_ACTIVE = "ACTIVE"
+
+
+# ---- DCGM exporter names ----------------------------------------------------------------------
+#
+# Names, types and units as NVIDIA/dcgm-exporter exposes them: etc/default-counters.csv (names,
+# Prometheus types, units in the help text; the ECC, retired-page and NVLink lines are there
+# commented out, with their types) and DCGM's dcgmlib/dcgm_fields.h (field ids and meanings) for
+# fields outside that file. Labels as its GPU template (internal/pkg/rendermetrics/render_metrics.go)
+# writes them: gpu, UUID, pci_bus_id, device ("nvidia<gpu>"), modelName, Hostname.
+
+_BYTES_PER_MIB = 1024 * 1024
+# NVML's PCIe throughput unit is KB/s of 1024 bytes; DCGM passes it on unchanged.
+_BYTES_PER_KIB = 1024
+
+
+def _as_is(value: float) -> float:
+    return value
+
+
+def _mib(value_bytes: float) -> int:
+    # DCGM divides NVML's bytes by 2^20 in integer arithmetic.
+    return int(value_bytes) // _BYTES_PER_MIB
+
+
+def _free_mib(total_bytes: float, used_bytes: float) -> int:
+    return (int(total_bytes) - int(used_bytes)) // _BYTES_PER_MIB
+
+
+def _millijoules(joules: float) -> int:
+    # NVML counts whole mJ; the NVML source divided by 1000, so this restores the integer.
+    return round(joules * 1000)
+
+
+def _kib_per_second(bytes_per_second: float) -> int:
+    return round(bytes_per_second / _BYTES_PER_KIB)
+
+
+@dataclass(frozen=True)
+class DcgmMetric:
+    """One DCGM exporter series: `convert(*canonical values)` under DCGM's field name."""
+
+    name: str
+    type: Literal["gauge", "counter"]
+    fields: tuple[str, ...]  # canonical GPU fields read; absent if any is absent
+    convert: Callable[..., float | int]
+    help: str
+
+
+DCGM_METRICS: tuple[DcgmMetric, ...] = (
+    # field 203 / 204; default-counters.csv: gauges, in %.
+    DcgmMetric("DCGM_FI_DEV_GPU_UTIL", "gauge", ("gpu_util_percent",), _as_is, "GPU utilization (in %)."),
+    DcgmMetric("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", ("mem_util_percent",), _as_is, "Memory utilization (in %)."),
+    # fields 252 / 251 / 250, in MiB. DCGM reads FREE from NVML; we derive it as total - used, which
+    # also counts the driver-reserved memory (a few hundred MiB) that newer DCGM leaves out.
+    DcgmMetric("DCGM_FI_DEV_FB_USED", "gauge", ("mem_used_bytes",), _mib, "Framebuffer memory used (in MiB)."),
+    DcgmMetric("DCGM_FI_DEV_FB_FREE", "gauge", ("mem_total_bytes", "mem_used_bytes"), _free_mib,
+               "Framebuffer memory free (in MiB)."),
+    DcgmMetric("DCGM_FI_DEV_FB_TOTAL", "gauge", ("mem_total_bytes",), _mib, "Framebuffer memory total (in MiB)."),
+    # fields 150 / 140 / 158 / 159, in C.
+    DcgmMetric("DCGM_FI_DEV_GPU_TEMP", "gauge", ("temp_gpu_celsius",), _as_is, "GPU temperature (in C)."),
+    DcgmMetric("DCGM_FI_DEV_MEMORY_TEMP", "gauge", ("temp_mem_celsius",), _as_is, "Memory temperature (in C)."),
+    DcgmMetric("DCGM_FI_DEV_SLOWDOWN_TEMP", "gauge", ("temp_slowdown_celsius",), _as_is,
+               "Slowdown temperature (in C)."),
+    DcgmMetric("DCGM_FI_DEV_SHUTDOWN_TEMP", "gauge", ("temp_shutdown_celsius",), _as_is,
+               "Shutdown temperature (in C)."),
+    # field 155 (W); 164 is the enforced limit (W), which is what power_limit_watts holds.
+    DcgmMetric("DCGM_FI_DEV_POWER_USAGE", "gauge", ("power_watts",), _as_is, "Power draw (in W)."),
+    DcgmMetric("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "gauge", ("power_limit_watts",), _as_is,
+               "Enforced power limit (in W)."),
+    # field 156; default-counters.csv: counter, in mJ.
+    DcgmMetric("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "counter", ("energy_joules",), _millijoules,
+               "Total energy consumption since the driver was loaded (in mJ)."),
+    # fields 100 / 113 / 101, in MHz.
+    DcgmMetric("DCGM_FI_DEV_SM_CLOCK", "gauge", ("sm_clock_mhz",), _as_is, "SM clock frequency (in MHz)."),
+    DcgmMetric("DCGM_FI_DEV_MAX_SM_CLOCK", "gauge", ("sm_clock_max_mhz",), _as_is,
+               "Maximum SM clock frequency (in MHz)."),
+    DcgmMetric("DCGM_FI_DEV_MEM_CLOCK", "gauge", ("mem_clock_mhz",), _as_is, "Memory clock frequency (in MHz)."),
+    # field 112: CLOCKS_EVENT_REASONS since DCGM 3.3, CLOCK_THROTTLE_REASONS before (kept as an
+    # alias); dcgm-exporter names a series after the field name in its counters file, and both
+    # names are in use in existing dashboards.
+    DcgmMetric("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "gauge", ("clock_event_reasons",), _as_is,
+               "Clock event reasons now in effect (bitmask of DCGM_CLOCKS_EVENT_REASON_*)."),
+    DcgmMetric("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "gauge", ("clock_event_reasons",), _as_is,
+               "Clock throttle reasons now in effect (bitmask; the pre-3.3 name of field 112)."),
+    # field 191, in percent 0-100.
+    DcgmMetric("DCGM_FI_DEV_FAN_SPEED", "gauge", ("fan_percent",), _as_is, "Fan speed (in %)."),
+    # field 202; default-counters.csv: counter.
+    DcgmMetric("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", ("pcie_replay_total",), _as_is,
+               "PCIe replays since the driver was loaded."),
+    # fields 200 / 201: NVML's PCIe throughput in KB/s. default-counters.csv types them counter
+    # although the value is a rate; we keep its type so its users see what they saw.
+    DcgmMetric("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "counter", ("pcie_tx_bytes_per_second",), _kib_per_second,
+               "PCIe TX throughput (in KB/s) via NVML."),
+    DcgmMetric("DCGM_FI_DEV_PCIE_RX_THROUGHPUT", "counter", ("pcie_rx_bytes_per_second",), _kib_per_second,
+               "PCIe RX throughput (in KB/s) via NVML."),
+    # fields 237 / 235 / 238 / 236: not in default-counters.csv; gauges.
+    DcgmMetric("DCGM_FI_DEV_PCIE_LINK_GEN", "gauge", ("pcie_link_gen",), _as_is, "PCIe current link generation."),
+    DcgmMetric("DCGM_FI_DEV_PCIE_MAX_LINK_GEN", "gauge", ("pcie_link_gen_max",), _as_is,
+               "PCIe maximum link generation."),
+    DcgmMetric("DCGM_FI_DEV_PCIE_LINK_WIDTH", "gauge", ("pcie_link_width",), _as_is, "PCIe current link width."),
+    DcgmMetric("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH", "gauge", ("pcie_link_width_max",), _as_is,
+               "PCIe maximum link width."),
+    # fields 310-313; default-counters.csv (commented out): counters.
+    DcgmMetric("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "counter", ("ecc_sbe_volatile_total",), _as_is,
+               "Single-bit ECC errors since the driver was loaded."),
+    DcgmMetric("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", ("ecc_dbe_volatile_total",), _as_is,
+               "Double-bit ECC errors since the driver was loaded."),
+    DcgmMetric("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "counter", ("ecc_sbe_aggregate_total",), _as_is,
+               "Single-bit ECC errors over the board's life."),
+    DcgmMetric("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "counter", ("ecc_dbe_aggregate_total",), _as_is,
+               "Double-bit ECC errors over the board's life."),
+    # fields 390-392; default-counters.csv (commented out): counters.
+    DcgmMetric("DCGM_FI_DEV_RETIRED_SBE", "counter", ("retired_pages_sbe",), _as_is,
+               "Pages retired for single-bit ECC errors."),
+    DcgmMetric("DCGM_FI_DEV_RETIRED_DBE", "counter", ("retired_pages_dbe",), _as_is,
+               "Pages retired for double-bit ECC errors."),
+    DcgmMetric("DCGM_FI_DEV_RETIRED_PENDING", "counter", ("retired_pages_pending",), _as_is,
+               "1 while a page retirement is pending."),
+    # fields 394 / 393 (counters) and 395 (gauge) in default-counters.csv; 396 is not there: gauge.
+    DcgmMetric("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", ("remapped_rows_correctable",), _as_is,
+               "Rows remapped for correctable errors."),
+    DcgmMetric("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "counter", ("remapped_rows_uncorrectable",), _as_is,
+               "Rows remapped for uncorrectable errors."),
+    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", ("remap_failure",), _as_is,
+               "1 if a row remap failed."),
+    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge", ("remap_pending",), _as_is,
+               "1 while a row remap is pending."),
+    # fields 409 / 419 / 429 / 439 (totals over all links); default-counters.csv (commented out): counters.
+    DcgmMetric("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", "counter", ("nvlink_crc_flit_errors_total",),
+               _as_is, "NVLink flow-control CRC errors, all links."),
+    DcgmMetric("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", "counter", ("nvlink_crc_data_errors_total",),
+               _as_is, "NVLink data CRC errors, all links."),
+    DcgmMetric("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "counter", ("nvlink_replay_errors_total",),
+               _as_is, "NVLink replays, all links."),
+    DcgmMetric("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "counter", ("nvlink_recovery_errors_total",),
+               _as_is, "NVLink recoveries, all links."),
+    # Not exported: DCGM_FI_DEV_XID_ERRORS (field 230, the last XID seen) needs the most recent XID per
+    # GPU, which AgentState does not keep (xid_counts has counts, not order); nvlink_links_up/total
+    # have no DCGM field (DCGM reports link state per link).
+)
+
+_GPU_LABELS = ("node", "gpu", "uuid")
+_DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")
+_INFO_LABELS = ("node", "gpu", "uuid", "name", "pci_bus_id", "serial", "driver_version", "cuda_version")
+_IB_LABELS = ("node", "device", "port")
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    """One GPU as a scrape sees it: identity (from the sample, else the inventory) and metrics."""
+
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What one scrape reads, copied under state.lock so building families does not hold it."""
+
+    node: str
+    gpus: list[_Gpu]
+    inventory: list[dict[str, Any]]
+    host: dict[str, Any]
+    ib_ports: list[dict[str, Any]]
+    xid_counts: dict[tuple[int | None, int], int]
+    sources: list[tuple[str, float, bool, int]]
+    sample_wall_seconds_last: float
+    sample_cpu_seconds_last: float
+    samples_total: int
+    spool_bytes: int
+    spool_batches: int
+    spool_dropped_batches_total: int
+    collector_connected: bool
+    nvml_available: bool
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _nvml_bus_id(bus_id: str) -> str:
+    """Our "0000:18:00.0" as NVML and DCGM print it: "00000000:18:00.0" (8-digit domain, upper case)."""
+    domain, sep, rest = bus_id.partition(":")
+    if not sep:
+        return bus_id.upper()
+    try:
+        return f"{int(domain, 16):08X}:{rest.upper()}"
+    except ValueError:
+        return bus_id.upper()
+
+
+class AgentMetrics(Collector):
+    """Custom collector over AgentState: every scrape builds its families from the latest cache."""
+
+    def __init__(self, state: AgentState, *, dcgm_names: bool = False) -> None:
+        self.state = state
+        self.dcgm_names = dcgm_names
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._gpu_families(snap)
+        yield from self._gpu_info(snap)
+        yield from self._xid_family(snap)
+        if self.dcgm_names:
+            yield from self._dcgm_families(snap)
+        yield from self._field_families(HOST_METRICS, ("node",), [((snap.node,), snap.host)])
+        yield from self._ib_families(snap)
+        yield from self._agent_families(snap)
+        # Job attribution (state.gpus[i]["job"] / ["rank"]) is deliberately not exported: job ids
+        # are unbounded label values (DESIGN: labels never carry job ids); the collector has them.
+
+    # ---- snapshot ------------------------------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        state = self.state
+        with state.lock:
+            inventory = [dict(entry) for entry in state.inventory]
+            by_index = {entry.get("index"): entry for entry in inventory}
+            gpus = []
+            for index in sorted(state.gpus):
+                sample = state.gpus[index]
+                entry = by_index.get(index, {})
+                gpus.append(
+                    _Gpu(
+                        index=index,
+                        uuid=_text(sample.get("uuid") or entry.get("uuid")),
+                        name=_text(entry.get("name")),
+                        pci_bus_id=_text(entry.get("pci_bus_id")),
+                        metrics=dict(sample.get("metrics") or {}),
+                    )
+                )
+            return _Snapshot(
+                node=state.node,
+                gpus=gpus,
+                inventory=inventory,
+                host=dict(state.host),
+                ib_ports=[dict(port) for port in state.ib_ports],
+                xid_counts=dict(state.xid_counts),
+                sources=[
+                    (name, s.last_duration_seconds, s.last_success, s.errors_total)
+                    for name, s in sorted(state.sources.items())
+                ],
+                sample_wall_seconds_last=state.sample_wall_seconds_last,
+                sample_cpu_seconds_last=state.sample_cpu_seconds_last,
+                samples_total=state.samples_total,
+                spool_bytes=state.spool_bytes,
+                spool_batches=state.spool_batches,
+                spool_dropped_batches_total=state.spool_dropped_batches_total,
+                collector_connected=state.collector_connected,
+                nvml_available=state.nvml_available,
+            )
+
+    # ---- families ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _family(name: str, help_text: str, counter: bool, labels: Iterable[str]) -> Metric:
+        if counter:
+            return CounterMetricFamily(name, help_text, labels=list(labels))
+        return GaugeMetricFamily(name, help_text, labels=list(labels))
+
+    def _field_families(
+        self,
+        table: tuple[FieldMetric, ...],
+        label_names: tuple[str, ...],
+        entities: list[tuple[tuple[str, ...], dict[str, Any]]],
+    ) -> Iterator[Metric]:
+        """One family per table row, one sample per entity that has the field (absent: no sample)."""
+        for spec in table:
+            family = self._family(spec.name, spec.help, spec.kind == "counter", label_names)
+            for labels, values in entities:
+                value = values.get(spec.canonical)
+                if value is not None:
+                    family.add_metric(list(labels), spec.convert(value))
+            if family.samples:
+                yield family
+
+    def _gpu_families(self, snap: _Snapshot) -> Iterator[Metric]:
+        entities = [((snap.node, str(g.index), g.uuid), g.metrics) for g in snap.gpus]
+        yield from self._field_families(GPU_METRICS, _GPU_LABELS, entities)
+        reasons = GaugeMetricFamily(
+            "fleetwatch_gpu_clock_event_reason",
+            "1 while the named NVML clock event reason (nvmlClocksEventReason*) holds the clocks down, else 0.",
+            labels=[*_GPU_LABELS, "reason"],
+        )
+        for labels, values in entities:
+            mask = values.get("clock_event_reasons")
+            if mask is None:
+                continue
+            for bit, reason in CLOCK_EVENT_REASONS:
+                reasons.add_metric([*labels, reason], 1 if int(mask) & bit else 0)
+        if reasons.samples:
+            yield reasons
+
+    def _gpu_info(self, snap: _Snapshot) -> Iterator[Metric]:
+        # From the inventory, not state.gpus: a GPU that stopped answering keeps its identity here,
+        # so `fleetwatch_gpu_info unless on(node, gpu) fleetwatch_gpu_power_watts` finds it.
+        family = GaugeMetricFamily(
+            "fleetwatch_gpu_info", "GPU identity as NVML reported it when the agent started; always 1.",
+            labels=list(_INFO_LABELS),
+        )
+        for entry in sorted(snap.inventory, key=lambda e: e.get("index", -1)):
+            family.add_metric(
+                [snap.node, _text(entry.get("index")), _text(entry.get("uuid")), _text(entry.get("name")),
+                 _text(entry.get("pci_bus_id")), _text(entry.get("serial")), _text(entry.get("driver_version")),
+                 _text(entry.get("cuda_version"))],
+                1,
+            )
+        if family.samples:
+            yield family
+
+    def _xid_family(self, snap: _Snapshot) -> Iterator[Metric]:
+        # Kept for GPUs that left state.gpus: XID 79 (fallen off the bus) is exactly what removes one.
+        uuids = {entry.get("index"): _text(entry.get("uuid")) for entry in snap.inventory}
+        uuids.update({g.index: g.uuid for g in snap.gpus})
+        family = CounterMetricFamily(
+            "fleetwatch_gpu_xid_errors_total", "XID errors seen since the agent started, by XID code.",
+            labels=[*_GPU_LABELS, "xid"],
+        )
+        ordered = sorted(snap.xid_counts.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0, kv[0][1]))
+        for (gpu, xid), count in ordered:
+            gpu_label = "" if gpu is None else str(gpu)
+            uuid = "" if gpu is None else uuids.get(gpu, "")
+            family.add_metric([snap.node, gpu_label, uuid, str(xid)], count)
+        if family.samples:
+            yield family
+
+    def _dcgm_families(self, snap: _Snapshot) -> Iterator[Metric]:
+        for spec in DCGM_METRICS:
+            if spec.type == "counter":
+                # dcgm-exporter writes its counters without `_total`; see render_exposition().
+                family = Metric(spec.name, spec.help, "counter")
+            else:
+                family = GaugeMetricFamily(spec.name, spec.help, labels=list(_DCGM_LABELS))
+            for gpu in snap.gpus:
+                values = [gpu.metrics.get(name) for name in spec.fields]
+                if any(v is None for v in values):
+                    continue
+                labels = {
+                    "gpu": str(gpu.index),
+                    "UUID": gpu.uuid,
+                    "pci_bus_id": _nvml_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else "",
+                    "device": f"nvidia{gpu.index}",
+                    "modelName": gpu.name,
+                    "Hostname": snap.node,
+                }
+                family.add_sample(spec.name, labels, spec.convert(*values))
+            if family.samples:
+                yield family
+
+    def _ib_families(self, snap: _Snapshot) -> Iterator[Metric]:
+        ports = sorted(snap.ib_ports, key=lambda p: (str(p.get("device")), int(p.get("port") or 0)))
+        entities = [((snap.node, _text(p.get("device")), _text(p.get("port"))), p) for p in ports]
+        numeric = tuple(spec for spec in IB_METRICS if spec.kind != "state")
+        state_spec = next(spec for spec in IB_METRICS if spec.kind == "state")
+        up = GaugeMetricFamily(state_spec.name, state_spec.help, labels=list(_IB_LABELS))
+        states = GaugeMetricFamily(
+            "fleetwatch_ib_port_state", "The port's logical state (sysfs `state`) as a label; always 1.",
+            labels=[*_IB_LABELS, "state"],
+        )
+        for labels, port in entities:
+            state = port.get(state_spec.canonical)
+            if not state:
+                continue
+            up.add_metric(list(labels), 1 if state == _IB_ACTIVE else 0)
+            states.add_metric([*labels, state], 1)
+        for family in (up, states):
+            if family.samples:
+                yield family
+        yield from self._field_families(numeric, _IB_LABELS, entities)
+
+    def _agent_families(self, snap: _Snapshot) -> Iterator[Metric]:
+        yield GaugeMetricFamily("fleetwatch_agent_sample_duration_seconds",
+                                "Wall time of the last sampling cycle.", value=snap.sample_wall_seconds_last)
+        yield GaugeMetricFamily("fleetwatch_agent_sample_cpu_seconds",
+                                "CPU time the agent spent in the last sampling cycle.",
+                                value=snap.sample_cpu_seconds_last)
+        yield CounterMetricFamily("fleetwatch_agent_samples_total", "Sampling cycles completed.",
+                                  value=snap.samples_total)
+        yield GaugeMetricFamily("fleetwatch_agent_spool_bytes", "Bytes of batches spooled, not yet acknowledged.",
+                                value=snap.spool_bytes)
+        yield GaugeMetricFamily("fleetwatch_agent_spool_batches", "Batches spooled, not yet acknowledged.",
+                                value=snap.spool_batches)
+        yield CounterMetricFamily("fleetwatch_agent_spool_dropped_batches_total",
+                                  "Unacknowledged batches dropped because the spool hit its limit.",
+                                  value=snap.spool_dropped_batches_total)
+        yield GaugeMetricFamily("fleetwatch_agent_collector_connected",
+                                "1 while the stream to the collector is up, else 0.",
+                                value=1 if snap.collector_connected else 0)
+        yield GaugeMetricFamily("fleetwatch_agent_nvml_available",
+                                "1 when NVML loaded and GPUs are sampled, 0 when the agent runs host-only.",
+                                value=1 if snap.nvml_available else 0)
+        # Per source, as node_exporter's node_scrape_collector_{duration_seconds,success}.
+        duration = GaugeMetricFamily("fleetwatch_agent_source_duration_seconds",
+                                     "Wall time of the source's last sample.", labels=["source"])
+        success = GaugeMetricFamily("fleetwatch_agent_source_success",
+                                    "1 if the source's last sample succeeded, else 0.", labels=["source"])
+        errors = CounterMetricFamily("fleetwatch_agent_source_errors_total",
+                                     "Samples of the source that failed.", labels=["source"])
+        for name, seconds, ok, errors_total in snap.sources:
+            duration.add_metric([name], seconds)
+            success.add_metric([name], 1 if ok else 0)
+            errors.add_metric([name], errors_total)
+        if snap.sources:
+            yield from (duration, success, errors)
+        build_info = GaugeMetricFamily("fleetwatch_agent_build_info", "The agent's version; always 1.",
+                                       labels=["version"])
+        build_info.add_metric([AGENT_VERSION], 1)
+        yield build_info
+
+
+class _Families:
+    """A collector over given families, to render one family with generate_latest."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def render_exposition(collector: Collector) -> bytes:
+    """The Prometheus text format (0.0.4) of everything `collector` yields.
+
+    As generate_latest(), except that a counter whose samples carry its bare name (the DCGM
+    exporter's DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, ...) keeps that name: generate_latest would
+    declare it as `<name>_total`, which is not the series dashboards query.
+    """
+    chunks: list[bytes] = []
+    for family in collector.collect():
+        if family.type == "counter" and any(s.name == family.name for s in family.samples):
+            untyped = Metric(family.name, family.documentation, "unknown")
+            untyped.samples = list(family.samples)
+            text = generate_latest(_Families([untyped]))
+            chunks.append(text.replace(
+                f"# TYPE {family.name} untyped\n".encode(), f"# TYPE {family.name} counter\n".encode(), 1))
+        else:
+            chunks.append(generate_latest(_Families([family])))
+    return b"".join(chunks)
+
+
+# ---- HTTP ---------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /metrics (our registry only), GET / (a page linking it), 404 otherwise."""
+
+    registry: CollectorRegistry
+    node: str
+    server_version = "fleetwatch-agent"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        path = urlsplit(self.path).path
+        if path == "/metrics":
+            self._metrics()
+        elif path == "/":
+            page = (
+                "<!DOCTYPE html>\n<html><head><title>fleetwatch agent</title></head><body>"
+                f"<h1>fleetwatch agent {html.escape(AGENT_VERSION)}</h1>"
+                f"<p>Node {html.escape(self.node)}.</p>"
+                '<p><a href="/metrics">Metrics</a></p></body></html>\n'
+            ).encode()
+            self._reply(200, "text/html; charset=utf-8", page)
+        else:
+            self._reply(404, "text/plain; charset=utf-8", b"Not found: try /metrics\n")
+
+    def _metrics(self) -> None:
+        try:
+            body = render_exposition(self.registry)
+        except Exception:
+            log.exception("building /metrics failed")
+            self._reply(500, "text/plain; charset=utf-8", b"building metrics failed; see the agent's log\n")
+            return
+        accept_encoding = self.headers.get("Accept-Encoding", "")
+        # Prometheus asks for gzip; 8 GPUs with DCGM names are ~100 kB of text.
+        if "gzip" in [part.split(";")[0].strip() for part in accept_encoding.split(",")]:
+            self._reply(200, CONTENT_TYPE_PLAIN_0_0_4, gzip.compress(body), encoding="gzip")
+        else:
+            self._reply(200, CONTENT_TYPE_PLAIN_0_0_4, body)
+
+    def _reply(self, status: int, content_type: str, body: bytes, encoding: str | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
+        # Every scrape would otherwise write a line to stderr (journald).
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class MetricsServer:
+    """The agent's /metrics on host:port, served from a daemon thread (port 0 picks a free one)."""
+
+    # serve_forever() notices stop() only between polls; 0.1 s keeps stop() quick for ten idle
+    # wake-ups a second, where http.server's default 0.5 s would hold every stop for that long.
+    POLL_INTERVAL_SECONDS = 0.1
+
+    def __init__(self, state: AgentState, host: str, port: int, *, dcgm_names: bool = False) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(AgentMetrics(state, dcgm_names=dcgm_names))
+        handler = type("AgentMetricsHandler", (_Handler,), {"registry": self.registry, "node": state.node})
+        server_class = _Server6 if ":" in host else _Server
+        # Bound here, so a port in use fails at start-up and `port` is known before start().
+        self._server = server_class((host, port), handler)
+        self.port: int = self._server.server_address[1]
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._thread is not None or self._closed:
+            return
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": self.POLL_INTERVAL_SECONDS},
+            name="fleetwatch-metrics",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            # shutdown() waits for serve_forever() to return, so only call it when that runs.
+            self._server.shutdown()
+            self._thread.join()
+        self._server.server_close()
