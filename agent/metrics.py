@@ -335,9 +335,10 @@ DCGM_METRICS: tuple[DcgmMetric, ...] = (
                _as_is, "NVLink replays, all links."),
     DcgmMetric("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "counter", ("nvlink_recovery_errors_total",),
                _as_is, "NVLink recoveries, all links."),
-    # Not exported: DCGM_FI_DEV_XID_ERRORS (field 230, the last XID seen) needs the most recent XID per
-    # GPU, which AgentState does not keep (xid_counts has counts, not order); nvlink_links_up/total
-    # have no DCGM field (DCGM reports link state per link).
+    # field 230 in default-counters.csv: gauge, "Value of the last XID error encountered" (from
+    # AgentState.xid_last, put beside the GPU's metrics by the snapshot under the name xid_last).
+    DcgmMetric("DCGM_FI_DEV_XID_ERRORS", "gauge", ("xid_last",), _as_is, "Value of the last XID error encountered."),
+    # Not exported: nvlink_links_up/total have no DCGM field (DCGM reports link state per link).
 )
 
 _GPU_LABELS = ("node", "gpu", "uuid")
@@ -424,13 +425,16 @@ class AgentMetrics(Collector):
             for index in sorted(state.gpus):
                 sample = state.gpus[index]
                 entry = by_index.get(index, {})
+                metrics = dict(sample.get("metrics") or {})
+                if index in state.xid_last:
+                    metrics["xid_last"] = state.xid_last[index]
                 gpus.append(
                     _Gpu(
                         index=index,
                         uuid=_text(sample.get("uuid") or entry.get("uuid")),
                         name=_text(entry.get("name")),
                         pci_bus_id=_text(entry.get("pci_bus_id")),
-                        metrics=dict(sample.get("metrics") or {}),
+                        metrics=metrics,
                     )
                 )
             return _Snapshot(

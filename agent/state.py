@@ -27,6 +27,8 @@ class AgentState:
     ib_ports: list[dict[str, Any]] = field(default_factory=list)
     # XIDs seen since the agent started, per (gpu index or None, xid): a Prometheus counter.
     xid_counts: dict[tuple[int | None, int], int] = field(default_factory=dict)
+    # The most recent XID per GPU index (DCGM's DCGM_FI_DEV_XID_ERRORS is this value).
+    xid_last: dict[int | None, int] = field(default_factory=dict)
     sources: dict[str, SourceStats] = field(default_factory=dict)
     sample_cpu_seconds_last: float = 0.0
     sample_wall_seconds_last: float = 0.0
@@ -41,3 +43,4 @@ class AgentState:
     def count_xid(self, gpu: int | None, xid: int) -> None:
         with self.lock:
             self.xid_counts[(gpu, xid)] = self.xid_counts.get((gpu, xid), 0) + 1
+            self.xid_last[gpu] = xid

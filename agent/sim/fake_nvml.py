@@ -4,6 +4,11 @@ The NVML source is handed either the real `pynvml` module or `make_fake_nvml(nod
 same names on both. Everything that is not a function (NVML_* constants, nvmlEventType* and
 nvmlClocksEventReason* bits, the c_nvml* structures, the NVMLError_* classes) is pynvml's own
 object, so `except nvml.NVMLError_NotSupported` catches the fake's errors and the real ones alike.
+
+What a board answers NOT_SUPPORTED (calls, field ids, per-link NVLink counters) and its quirks
+come from its profile (agent.sim.profiles), modelled on what a real H100/H200 reports: the field
+values an H100 answers (memory temperature, 64-bit PCIe byte counters, energy, ECC, remapped rows)
+are answered, so the NVML source's one-batch-per-GPU fast path is the one exercised.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ assert set(_NVLINK_COUNTER_BY_CONSTANT.values()) == set(NVLINK_COUNTERS)
 # nvmlProcessInfo_t's gpuInstanceId / computeInstanceId outside MIG: 0xFFFFFFFF ("N/A" in the
 # capture's Processes section).
 _NO_MIG_INSTANCE = 0xFFFFFFFF
+# nvmlTemperature_v1: sizeof(nvmlTemperature_v1_t) | 1 << 24, as pynvml defines it (older pynvml
+# releases, which nvidia-ml-py>=12.535 allows, predate the versioned temperature call).
+_TEMPERATURE_V1 = getattr(pynvml, "nvmlTemperature_v1", 0x100000C)
 
 
 class _PlainFieldValue(ctypes.Structure):
@@ -254,11 +262,11 @@ class FakeNvml:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return self.node.reading(gpu, now).temp_gpu_celsius
 
-    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1) -> int:
+    def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int, version: int = _TEMPERATURE_V1) -> int:
         """The versioned call that replaces nvmlDeviceGetTemperature (pynvml: "DEPRECATED: Use
         nvmlDeviceGetTemperatureV instead; will be removed in CUDA 14.0"); a signed int."""
         gpu, now = self._device(handle, "nvmlDeviceGetTemperatureV")
-        if version != pynvml.nvmlTemperature_v1:
+        if version != _TEMPERATURE_V1:
             raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
         if sensor != pynvml.NVML_TEMPERATURE_GPU:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
@@ -423,32 +431,33 @@ class FakeNvml:
             links = range(self.profile.nvlink_links)
             return lambda gpu, now: sum(node.nvlink_error_count(gpu, link, name, now) for link in links)
 
-        readers: dict[int, tuple[int, Callable[[int, float], int]]] = {
-            pynvml.NVML_FI_DEV_MEMORY_TEMP: (uint, lambda gpu, now: node.reading(gpu, now).temp_mem_celsius),
+        table: list[tuple[str, int, Callable[[int, float], int]]] = [
+            ("NVML_FI_DEV_MEMORY_TEMP", uint, lambda gpu, now: node.reading(gpu, now).temp_mem_celsius),
             # Millijoules since the driver loaded, like nvmlDeviceGetTotalEnergyConsumption.
-            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: (
-                ull, lambda gpu, now: node.reading(gpu, now).energy_millijoules),
-            pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: (uint, node.pcie_replay_count),
+            ("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION", ull, lambda gpu, now: node.reading(gpu, now).energy_millijoules),
+            ("NVML_FI_DEV_PCIE_REPLAY_COUNTER", uint, node.pcie_replay_count),
             # Cumulative bytes ("PCIe transmit bytes. Value can be wrapped.", nvml.h), 64-bit here.
-            pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: (ull, lambda gpu, now: node.pcie_bytes(gpu, now)[0]),
-            pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: (ull, lambda gpu, now: node.pcie_bytes(gpu, now)[1]),
-            pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (ull, ecc(0)),
-            pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (ull, ecc(1)),
-            pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (ull, ecc(2)),
-            pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (ull, ecc(3)),
-            pynvml.NVML_FI_DEV_RETIRED_SBE: (uint, lambda gpu, now: 0),
-            pynvml.NVML_FI_DEV_RETIRED_DBE: (uint, lambda gpu, now: 0),
-            pynvml.NVML_FI_DEV_RETIRED_PENDING: (uint, lambda gpu, now: 0),
-            pynvml.NVML_FI_DEV_REMAPPED_COR: (uint, remapped(0)),
-            pynvml.NVML_FI_DEV_REMAPPED_UNC: (uint, remapped(1)),
-            pynvml.NVML_FI_DEV_REMAPPED_PENDING: (uint, remapped(2)),
-            pynvml.NVML_FI_DEV_REMAPPED_FAILURE: (uint, remapped(3)),
-            pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT: (uint, lambda gpu, now: self.profile.nvlink_links),
-            pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: (ull, nvlink_total("crc_flit")),
-            pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL: (ull, nvlink_total("crc_data")),
-            pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL: (ull, nvlink_total("replay")),
-            pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL: (ull, nvlink_total("recovery")),
-        }
+            ("NVML_FI_DEV_PCIE_COUNT_TX_BYTES", ull, lambda gpu, now: node.pcie_bytes(gpu, now)[0]),
+            ("NVML_FI_DEV_PCIE_COUNT_RX_BYTES", ull, lambda gpu, now: node.pcie_bytes(gpu, now)[1]),
+            ("NVML_FI_DEV_ECC_SBE_VOL_TOTAL", ull, ecc(0)),
+            ("NVML_FI_DEV_ECC_DBE_VOL_TOTAL", ull, ecc(1)),
+            ("NVML_FI_DEV_ECC_SBE_AGG_TOTAL", ull, ecc(2)),
+            ("NVML_FI_DEV_ECC_DBE_AGG_TOTAL", ull, ecc(3)),
+            ("NVML_FI_DEV_RETIRED_SBE", uint, lambda gpu, now: 0),
+            ("NVML_FI_DEV_RETIRED_DBE", uint, lambda gpu, now: 0),
+            ("NVML_FI_DEV_RETIRED_PENDING", uint, lambda gpu, now: 0),
+            ("NVML_FI_DEV_REMAPPED_COR", uint, remapped(0)),
+            ("NVML_FI_DEV_REMAPPED_UNC", uint, remapped(1)),
+            ("NVML_FI_DEV_REMAPPED_PENDING", uint, remapped(2)),
+            ("NVML_FI_DEV_REMAPPED_FAILURE", uint, remapped(3)),
+            ("NVML_FI_DEV_NVLINK_LINK_COUNT", uint, lambda gpu, now: self.profile.nvlink_links),
+            ("NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", ull, nvlink_total("crc_flit")),
+            ("NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", ull, nvlink_total("crc_data")),
+            ("NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", ull, nvlink_total("replay")),
+            ("NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", ull, nvlink_total("recovery")),
+        ]
+        # Ids this pynvml predates (the PCIe byte counters arrived with R550) cannot be asked for.
+        readers = {getattr(pynvml, name): (kind, read) for name, kind, read in table if hasattr(pynvml, name)}
         for field_id in self.profile.fields_not_supported:
             readers.pop(field_id, None)
         return readers
@@ -462,9 +471,9 @@ class FakeNvml:
         readers = self._fields
         for i, field_id in enumerate(fieldIds):
             value = plain[i]
-            try:
+            if isinstance(field_id, tuple):  # (field id, scope id), as pynvml accepts
                 value.fieldId, value.scopeId = field_id
-            except TypeError:
+            else:
                 value.fieldId = field_id
             value.timestamp = timestamp_us
             value.latencyUsec = 0

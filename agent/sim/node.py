@@ -9,7 +9,10 @@ near the capture's load draw plus slow swings (a few sinusoids, so energy integr
 stays monotone); the SM clock sits at its boost maximum unless the power cap trims it; the core
 temperature is the power passed through a first-order thermal filter (time constant ~1 minute).
 A GPU that slows down (thermal slowdown, power brake) drags its synchronous peers, which then
-wait in collectives and draw less power at full clock.
+wait in collectives and draw less power at full clock. The job's PCIe input follows its pace (the
+slowest GPU's clock), as a smooth rate whose exact integral is the cumulative byte counter.
+Each GPU runs one training worker process by default (SimNode(processes=...) or
+place_processes() changes that), for job attribution.
 """
 
 from __future__ import annotations

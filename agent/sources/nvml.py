@@ -22,7 +22,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -631,18 +631,22 @@ class NvmlSource:
                 and ctypes.sizeof(values) == ctypes.sizeof(plain) * len(values)):
             values = (plain * len(values)).from_buffer(values)
         success, unsupported = self._success, self._field_unsupported_codes
+        # Each value carries its own return code; the call as a whole succeeded. Usually all are
+        # SUCCESS, checked in one pass before the per-route checks.
+        all_succeeded = all(value.nvmlReturn == success for value in values)
         for route, start, stop in gpu.batch_slices:
             chunk = values[start:stop]
-            codes = [value.nvmlReturn for value in chunk]
-            if self._gpu_lost_code in codes:
-                raise self._GpuIsLost()
-            if any(code in unsupported for code in codes):
-                # Each value carries its own return code; the call as a whole succeeded.
-                self._route_unsupported(gpu, route, f"field return codes {codes}")
-                continue
-            if any(code != success for code in codes):
-                self._log_once(gpu, route.name, "field values for %s failed with return codes %s", route.name, codes)
-                continue
+            if not all_succeeded:
+                codes = [value.nvmlReturn for value in chunk]
+                if self._gpu_lost_code in codes:
+                    raise self._GpuIsLost()
+                if any(code in unsupported for code in codes):
+                    self._route_unsupported(gpu, route, f"field return codes {codes}")
+                    continue
+                if any(code != success for code in codes):
+                    self._log_once(gpu, route.name, "field values for %s failed with return codes %s", route.name,
+                                   codes)
+                    continue
             try:
                 route.decode(gpu, chunk, metrics)  # type: ignore[misc]
             except _Unusable as exc:

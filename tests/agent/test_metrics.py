@@ -269,7 +269,8 @@ def test_dcgm_table_reads_canonical_fields_under_unique_dcgm_names():
     for spec in DCGM_METRICS:
         assert re.fullmatch(r"DCGM_FI_DEV_[A-Z0-9_]+", spec.name), spec.name
         assert spec.type in ("gauge", "counter")
-        assert set(spec.fields) <= set(wire.GPU_FIELDS), spec.name
+        # xid_last is the one non-canonical input: the snapshot adds it from AgentState.xid_last
+        assert set(spec.fields) <= set(wire.GPU_FIELDS) | {"xid_last"}, spec.name
     # The series of dcgm-exporter's default counters file that we can feed.
     assert {"DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
             "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
@@ -595,3 +596,20 @@ def test_whole_output_matches_the_golden_file(serve, monkeypatch):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.metrics import AgentMetrics, render_exposition
+    from agent.state import AgentState
+
+    state = AgentState(node="n01")
+    state.gpus = {0: {"gpu": 0, "uuid": "GPU-a", "metrics": {"power_watts": 600.0}},
+                  1: {"gpu": 1, "uuid": "GPU-b", "metrics": {"power_watts": 610.0}}}
+    state.count_xid(0, 13)
+    state.count_xid(0, 31)
+    text = render_exposition(AgentMetrics(state, dcgm_names=True)).decode()
+    samples = {s.labels["gpu"]: s.value for f in text_string_to_metric_families(text)
+               if f.name == "DCGM_FI_DEV_XID_ERRORS" for s in f.samples}
+    assert samples == {"0": 31.0}

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +34,34 @@ from agent.state import AgentState
 FIXTURE_SYSFS = Path(__file__).resolve().parents[1] / "fixtures" / "sys"
 
 
+def daemon_footprint(seconds: float, gpus: int) -> dict:
+    """The whole agent daemon (gRPC client, /metrics server, every source thread): RSS and CPU per cycle."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.main", "--config", "/nonexistent.toml", "--simulate", "--sim-gpus", str(gpus),
+             "--node", "bench", "--collector-address", "127.0.0.1:9", "--spool-dir", tmp, "--no-spool-fsync",
+             "--sysfs-root", str(FIXTURE_SYSFS), "--kmsg-path", "", "--step-socket", f"{tmp}/steps.sock",
+             "--metrics-listen", "127.0.0.1:0", "--sampling-interval-seconds", "1", "--log-level", "error"],
+            env={k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")},
+        )
+        try:
+            time.sleep(seconds)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu_seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return {"daemon_seconds": seconds, "daemon_rss_mb": round(rss_kb / 1024, 1),
+            "daemon_cpu_ms_per_second_incl_startup": round(cpu_seconds * 1000 / seconds, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cycles", type=int, default=500)
     parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--daemon-seconds", type=float, default=20.0, help="how long to run the real daemon (0: skip)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         nvml = NvmlSource(make_fake_nvml(SimNode("bench", gpu_count=args.gpus)))
@@ -66,6 +93,7 @@ def main() -> None:
         "cpu_ms_per_cycle_p50": round(cpu_ms[len(cpu_ms) // 2], 3),
         "cpu_ms_per_cycle_p95": round(cpu_ms[int(len(cpu_ms) * 0.95)], 3),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **(daemon_footprint(args.daemon_seconds, args.gpus) if args.daemon_seconds > 0 else {}),
     }))
 
 
