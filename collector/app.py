@@ -19,6 +19,7 @@ from collector.storage.store import IngestBatch, Store
 from collector.web import WebServer
 from detectors import default_detectors
 from detectors.engine import RecentData, Tracker
+from detectors.model import IbSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
 
@@ -27,6 +28,12 @@ log = logging.getLogger(__name__)
 PURGE_EVERY_SECONDS = 600.0
 # How often each node's last_seen is written to the database (what a restarted collector starts from).
 TOUCH_NODES_EVERY_SECONDS = 10.0
+
+
+def ib_sample(node: str, port: dict) -> IbSample:
+    """An ingested (or stored) InfiniBand port row as the detectors' record."""
+    metrics = {k: v for k, v in port.items() if k.startswith("ib_") and v is not None}
+    return IbSample(t=port["t"], node=node, device=port["device"], port=int(port["port"]), metrics=metrics)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -96,6 +103,8 @@ class CollectorApp:
                 has_events = True
             for st in item.steps:
                 self.recent.add_step(st)
+            for port in item.ib_ports:
+                self.recent.add_ib(ib_sample(item.node, port))
         if has_events:
             self.detection.trigger()
 
@@ -121,6 +130,8 @@ class CollectorApp:
             self.recent.add_event(e)
         for st in self.store.steps_since(since):
             self.recent.add_step(st)
+        for port in self.store.ib_samples_since(since):
+            self.recent.add_ib(ib_sample(port["node"], port))
 
     async def start(self) -> None:
         await asyncio.to_thread(self._warm_start)

@@ -111,6 +111,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary["alerts"] else 1
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from collector.evaluate import ScenarioError, evaluate_corpus, format_report
+
+    if args.jobs is not None and args.jobs < 1:
+        raise CtlError(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        report = evaluate_corpus(args.corpus, names=args.scenario, jobs=args.jobs)
+    except ScenarioError as exc:
+        raise CtlError(str(exc)) from None
+    if args.json:
+        json.dump(report, sys.stdout)
+        print()
+    else:
+        format_report(report, sys.stdout)
+    return 0  # it reports; thresholds are the test suite's to assert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetwatchctl", description="Look at and test a fleetwatch deployment.")
     parser.add_argument(
@@ -153,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=8, help="GPUs per node [default: 8]")
     p.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "eval",
+        help="score the detectors on a labelled scenario corpus: precision, recall, false alarms, latency",
+    )
+    p.add_argument("--corpus", required=True, metavar="DIR", help="directory of scenario TOML files (tests/scenarios)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument(
+        "--scenario", action="extend", nargs="+", metavar="NAME",
+        help="evaluate only these scenarios (file names, with or without .toml); repeatable",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=None, metavar="N",
+        help="scenarios evaluated in parallel [default: the CPU count]",
+    )
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

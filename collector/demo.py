@@ -49,7 +49,8 @@ def demo_faults(node_count: int, gpu_count: int) -> list[InjectedFault]:
     thermal_node = f"n{min(3, node_count):02d}"
     return [
         InjectedFault(xid_node, Fault(kind="xid", gpu=min(5, gpu_count - 1), at_seconds=6.0, xid=79)),
-        InjectedFault(thermal_node, Fault(kind="thermal_slowdown", gpu=min(2, gpu_count - 1), at_seconds=5.0)),
+        # Early: the thermal detector wants ~15 s of sustained slowdown, and a demo may last only 20 s.
+        InjectedFault(thermal_node, Fault(kind="thermal_slowdown", gpu=min(2, gpu_count - 1), at_seconds=2.0)),
     ]
 
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from detectors.clocks import ClocksDetector
+from detectors.ecc import EccDetector
 from detectors.gpu_lost import GpuLostDetector
+from detectors.infiniband import InfinibandDetector
 from detectors.model import Detector
 from detectors.node_silent import NodeSilentDetector
+from detectors.nvlink import NvlinkDetector
+from detectors.pcie import PcieDetector
+from detectors.power import PowerDetector
+from detectors.retired_pages import RetiredPagesDetector
+from detectors.row_remap import RowRemapDetector
+from detectors.straggler_steps import StragglerStepsDetector
+from detectors.straggler_telemetry import StragglerTelemetryDetector
 from detectors.thermal import ThermalDetector
 from detectors.xid import XidDetector
 
@@ -12,9 +22,19 @@ from detectors.xid import XidDetector
 # Adding a detector is one line here; importing this package registers nothing else.
 DETECTORS: tuple[type[Detector], ...] = (
     XidDetector,
-    GpuLostDetector,
+    EccDetector,
+    RowRemapDetector,
+    RetiredPagesDetector,
+    PcieDetector,
+    NvlinkDetector,
     ThermalDetector,
+    PowerDetector,
+    ClocksDetector,
+    GpuLostDetector,
     NodeSilentDetector,
+    InfinibandDetector,
+    StragglerStepsDetector,
+    StragglerTelemetryDetector,
 )
 
 

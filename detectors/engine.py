@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Sequence, TypeVar, overload
 
 from detectors.model import (
@@ -15,6 +16,7 @@ from detectors.model import (
     Finding,
     GpuSample,
     HostSample,
+    IbSample,
     NodeState,
     Step,
     Window,
@@ -126,6 +128,10 @@ class _NodeRecord:
         "boot_id",
         "boot_seen_at",
         "boot_last_t",
+        "gpu_last_seen",
+        "_gpu_last_seen_view",
+        "ib_last_active",
+        "_ib_last_active_view",
         "_state",
     )
 
@@ -137,12 +143,32 @@ class _NodeRecord:
         self.boot_id: str | None = None
         self.boot_seen_at: float | None = None
         self.boot_last_t: float | None = None  # newest time that carried the current boot_id
+        # GPU index -> newest sample time; outlives the samples (pruned by retention) so that a
+        # GPU that stopped reporting is still known to have existed. At most one entry per GPU.
+        self.gpu_last_seen: dict[int, float] = {}
+        self._gpu_last_seen_view = MappingProxyType(self.gpu_last_seen)
+        # (device, port) -> newest time the port was ACTIVE; outlives the samples likewise.
+        self.ib_last_active: dict[tuple[str, int], float] = {}
+        self._ib_last_active_view = MappingProxyType(self.ib_last_active)
         self._state: NodeState | None = None
 
     def seen(self, t: float) -> None:
         if self.last_seen is None or t > self.last_seen:
             self.last_seen = t
             self._state = None
+
+    def gpu_seen(self, gpu: int, t: float) -> None:
+        # The NodeState holds a live read-only view of this dict: no rebuild needed.
+        previous = self.gpu_last_seen.get(gpu)
+        if previous is None or t > previous:
+            self.gpu_last_seen[gpu] = t
+
+    def ib_seen(self, s: IbSample) -> None:
+        if s.active:
+            key = (s.device, s.port)
+            previous = self.ib_last_active.get(key)
+            if previous is None or s.t > previous:
+                self.ib_last_active[key] = s.t
 
     def state(self) -> NodeState:
         # Rebuilt only after a change: most nodes change once per sampling interval, not per call.
@@ -154,6 +180,8 @@ class _NodeRecord:
                 gpu_count=self.gpu_count,
                 boot_id=self.boot_id,
                 boot_seen_at=self.boot_seen_at,
+                gpu_last_seen=self._gpu_last_seen_view,
+                ib_last_active=self._ib_last_active_view,
             )
         return self._state
 
@@ -161,8 +189,9 @@ class _NodeRecord:
 class RecentData:
     """A bounded buffer of recent samples, events and steps that hands out Windows without copying.
 
-    Samples and steps are kept for `retention_seconds`, events for `event_retention_seconds`; each
-    GPU/host series is a deque of at most `max_samples_per_series`. Not thread-safe: feed it and
+    Samples (GPU, host, InfiniBand port) and steps are kept for `retention_seconds`, events for
+    `event_retention_seconds`; each GPU/host/port series is a deque of at most
+    `max_samples_per_series`. Not thread-safe: feed it and
     take windows from one thread or event loop.
     """
 
@@ -186,11 +215,12 @@ class RecentData:
         self.default_sampling_interval_seconds = default_sampling_interval_seconds
         self._gpu: dict[tuple[str, int], deque[GpuSample]] = {}
         self._host: dict[str, deque[HostSample]] = {}
+        self._ib: dict[tuple[str, str, int], deque[IbSample]] = {}
         self._events: deque[Event] = deque(maxlen=max_events)
         self._steps: deque[Step] = deque(maxlen=max_steps)
         self._nodes: dict[str, _NodeRecord] = {}
-        # What hit a bound, by kind ("gpu", "host", "event", "step"): exported as a metric.
-        self.dropped: dict[str, int] = {"gpu": 0, "host": 0, "event": 0, "step": 0}
+        # What hit a bound, by kind ("gpu", "host", "ib", "event", "step"): exported as a metric.
+        self.dropped: dict[str, int] = {"gpu": 0, "host": 0, "ib": 0, "event": 0, "step": 0}
 
     @classmethod
     def for_detectors(cls, detectors: Iterable[Detector], **kwargs: Any) -> RecentData:
@@ -222,7 +252,9 @@ class RecentData:
         if series is None:
             series = self._gpu[(s.node, s.gpu)] = deque(maxlen=self.max_samples_per_series)
         self._add("gpu", series, s)
-        self._node(s.node).seen(s.t)
+        record = self._node(s.node)
+        record.seen(s.t)
+        record.gpu_seen(s.gpu, s.t)
 
     def add_host(self, s: HostSample) -> None:
         series = self._host.get(s.node)
@@ -230,6 +262,17 @@ class RecentData:
             series = self._host[s.node] = deque(maxlen=self.max_samples_per_series)
         self._add("host", series, s)
         self._node(s.node).seen(s.t)
+
+    def add_ib(self, s: IbSample) -> None:
+        """One InfiniBand port sample (the agent sends them with the host sample)."""
+        key = (s.node, s.device, s.port)
+        series = self._ib.get(key)
+        if series is None:
+            series = self._ib[key] = deque(maxlen=self.max_samples_per_series)
+        self._add("ib", series, s)
+        record = self._node(s.node)
+        record.seen(s.t)
+        record.ib_seen(s)
 
     def add_event(self, e: Event) -> None:
         self._add("event", self._events, e)
@@ -282,6 +325,8 @@ class RecentData:
         self._host.pop(node, None)
         for key in [key for key in self._gpu if key[0] == node]:
             del self._gpu[key]
+        for ib_key in [ib_key for ib_key in self._ib if ib_key[0] == node]:
+            del self._ib[ib_key]
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -309,6 +354,15 @@ class RecentData:
             length = _visible_length(host_series, now)
             if length:
                 host[node] = SeriesView(host_series, length)
+        ib: dict[tuple[str, str, int], SeriesView[IbSample]] = {}
+        for ib_key, ib_series in list(self._ib.items()):
+            _prune(ib_series, oldest_sample_t)
+            if not ib_series:
+                del self._ib[ib_key]
+                continue
+            length = _visible_length(ib_series, now)
+            if length:
+                ib[ib_key] = SeriesView(ib_series, length)
         _prune(self._events, now - self.event_retention_seconds)
         _prune(self._steps, oldest_sample_t)
         return Window(
@@ -319,11 +373,12 @@ class RecentData:
             steps=SeriesView(self._steps, _visible_length(self._steps, now)),
             nodes={node: record.state() for node, record in self._nodes.items()},
             watching_since=watching_since,
+            ib=ib,
         )
 
     @property
     def series_count(self) -> int:
-        return len(self._gpu) + len(self._host)
+        return len(self._gpu) + len(self._host) + len(self._ib)
 
 
 @dataclass(slots=True)

@@ -1,7 +1,23 @@
-"""GPU-lost detector: a GPU the driver reports lost (NVML GPU_IS_LOST), held until a reboot.
+"""GPU-lost detector: a GPU the driver reports lost, or one that stopped reporting, until a reboot.
+
+Two signs, one finding per (node, GPU):
+- a `gpu_lost` event: NVML answers GPU_IS_LOST for the GPU (held until the node reboots);
+- fewer GPUs than the node had: a GPU that had samples sends none for several sampling intervals
+  while the node's other GPUs keep reporting (held while it stays missing, across reboots, up to
+  the hold limit). When every GPU of the node goes quiet it is the node or its agent, not a GPU:
+  node_silent's finding, not this one.
 
 XID 79 ("fallen off the bus") is the kernel's word for the same failure and already raises a
-critical `xid` finding with action reboot; counting it here too would page twice for one fault.
+critical `xid` finding with action reboot; a GPU that stopped reporting around an XID 79 is left to
+that finding, so one fault pages once.
+
+A GPU still missing after the node rebooted (last seen before the new boot, its peers reporting in
+it) did not come back with a reboot: the action becomes inspect_hardware, as gpud's gpu-counts
+component suggests a hardware inspection when the GPU count stays wrong across reboots.
+
+Caveat: NVML numbers GPUs from 0 at boot, so after a reboot without GPU 5 the old GPU 6 reports as
+5 and the finding names the highest index; the count of GPUs is right, the uuid in the evidence
+(where known) names the board.
 """
 
 from __future__ import annotations
@@ -9,34 +25,87 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Event, Finding, Window, held_episode
+from detectors.model import Event, Finding, NodeState, Window, held_episode
+
+# Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
+FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
+# XID 79: GPU has fallen off the bus (detectors/xid_catalog.csv); the xid detector reports it.
+XID_FALLEN_OFF_THE_BUS = 79
 
 
 @dataclass(frozen=True, slots=True)
 class GpuLostThresholds:
     # s; a lost GPU returns only after a reboot; a day bounds a missed reboot signal (as xid's)
     hold_limit_seconds: float = 86400.0
+    # sampling intervals; node_silent's 3 missed samples plus 2 for a GPU's slow NVML calls (ours)
+    missing_intervals: float = 5.0
+    # s; a floor: sub-second sampling must not turn batching delay into a lost GPU (node_silent's)
+    min_missing_seconds: float = 5.0
+    # s; an XID 79 this long before the GPU's last sample or later is the same failure (our choice)
+    xid_grace_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.missing_intervals <= 0 or self.min_missing_seconds < 0:
+            raise ValueError("missing_intervals must be positive, min_missing_seconds not negative")
+        if self.hold_limit_seconds <= 0 or self.xid_grace_seconds < 0:
+            raise ValueError("hold_limit_seconds must be positive, xid_grace_seconds not negative")
+
+
+def _interval_seconds(state: NodeState | None) -> float:
+    interval = state.sampling_interval_seconds if state is not None else None
+    if not interval or interval <= 0:
+        return FALLBACK_SAMPLING_INTERVAL_SECONDS
+    return interval
+
+
+def _fmt(value: float) -> str:
+    return f"{round(value, 1):g}"
 
 
 @dataclass(slots=True)
 class GpuLostDetector:
-    """`gpu_lost` events -> a critical finding per (node, GPU), action reboot."""
+    """`gpu_lost` events and GPUs gone quiet -> a critical finding per (node, GPU)."""
 
     thresholds: GpuLostThresholds = field(default_factory=GpuLostThresholds)
     id: ClassVar[str] = "gpu_lost"
-    # Reads only events, which RecentData keeps for event_retention_seconds, not samples.
-    window_seconds: ClassVar[float] = 0.0
+
+    @property
+    def window_seconds(self) -> float:
+        # The engine keeps each GPU's newest sample time (NodeState.gpu_last_seen) beyond sample
+        # retention; the samples themselves are read only for a uuid, and where a caller's window
+        # has no gpu_last_seen. A minute covers the missing limit at the default interval.
+        return 60.0
 
     @property
     def event_window_seconds(self) -> float:
         return self.thresholds.hold_limit_seconds
 
     def detect(self, window: Window) -> list[Finding]:
-        events: dict[tuple[str, int | None], list[Event]] = {}
+        lost_events: dict[tuple[str, int | None], list[Event]] = {}
+        xid79: dict[str, list[Event]] = {}
         for event in window.events:
-            if event.t <= window.now and event.kind == "gpu_lost":
-                events.setdefault((event.node, event.gpu), []).append(event)
+            if event.t > window.now:
+                continue
+            if event.kind == "gpu_lost":
+                lost_events.setdefault((event.node, event.gpu), []).append(event)
+            elif event.kind == "xid" and event.xid == XID_FALLEN_OFF_THE_BUS:
+                xid79.setdefault(event.node, []).append(event)
 
+        findings = self._from_events(window, lost_events)
+        reported = {(f.node, f.gpu) for f in findings}
+        findings += [
+            f
+            for f in self._missing(window, xid79)
+            if (f.node, f.gpu) not in reported
+        ]
+        findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu))
+        return findings
+
+    # --- the driver says so ----------------------------------------------------------------------
+
+    def _from_events(
+        self, window: Window, events: dict[tuple[str, int | None], list[Event]]
+    ) -> list[Finding]:
         findings = []
         for (node, gpu), lost in events.items():
             state = window.nodes.get(node)
@@ -66,5 +135,103 @@ class GpuLostDetector:
                     evidence=evidence,
                 )
             )
-        findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu))
         return findings
+
+    # --- fewer GPUs than the node had ------------------------------------------------------------
+
+    def _missing(self, window: Window, xid79: dict[str, list[Event]]) -> list[Finding]:
+        now = window.now
+        newest_sample: dict[str, dict[int, float]] = {}
+        for (node, gpu), series in window.gpu.items():
+            if series:
+                newest_sample.setdefault(node, {})[gpu] = series[-1].t
+        findings = []
+        for node in set(window.nodes) | set(newest_sample):
+            state = window.nodes.get(node)
+            last_seen: dict[int, float] = dict(state.gpu_last_seen) if state is not None else {}
+            for gpu, t in newest_sample.get(node, {}).items():
+                if t > last_seen.get(gpu, float("-inf")):
+                    last_seen[gpu] = t
+            if len(last_seen) < 2:
+                continue  # one GPU alone going quiet is the node going quiet
+            # A sample from a clock ahead of ours is reporting now, not in the future.
+            last_seen = {gpu: min(t, now) for gpu, t in last_seen.items()}
+            interval = _interval_seconds(state)
+            limit = max(
+                self.thresholds.missing_intervals * interval, self.thresholds.min_missing_seconds
+            )
+            newest = max(last_seen.values())
+            if now - newest >= limit:
+                continue  # every GPU is quiet: the node or its agent (node_silent), not a GPU
+            missing = {
+                gpu: t
+                for gpu, t in last_seen.items()
+                if newest - t >= limit and now - t <= self.thresholds.hold_limit_seconds
+            }
+            if not missing:
+                continue
+            boot_seen_at = state.boot_seen_at if state is not None else None
+            reporting = sum(1 for t in last_seen.values() if newest - t < limit)
+            for gpu, t in sorted(missing.items()):
+                if any(
+                    e.t >= t - self.thresholds.xid_grace_seconds
+                    and (e.gpu is None or e.gpu == gpu)
+                    # The xid finding ends with a reboot after it: from then on a GPU still
+                    # missing is this detector's to report.
+                    and (boot_seen_at is None or boot_seen_at <= e.t)
+                    for e in xid79.get(node, ())
+                ):
+                    continue  # XID 79: the xid detector's finding for the same failure
+                findings.append(
+                    self._missing_finding(
+                        window, node, gpu, t, interval, reporting, len(last_seen), boot_seen_at
+                    )
+                )
+        return findings
+
+    def _missing_finding(
+        self,
+        window: Window,
+        node: str,
+        gpu: int,
+        last_seen: float,
+        interval: float,
+        reporting: int,
+        known: int,
+        boot_seen_at: float | None,
+    ) -> Finding:
+        silent_seconds = window.now - last_seen
+        survived_reboot = boot_seen_at is not None and last_seen < boot_seen_at
+        summary = (
+            f"GPU {gpu} on {node} stopped reporting: {reporting} of {known} GPUs sampled, "
+            f"none from GPU {gpu} for {_fmt(silent_seconds)} s"
+        )
+        if survived_reboot:
+            summary += "; still missing after the node rebooted"
+        evidence: dict[str, object] = {
+            "last_seen": last_seen,
+            "silent_seconds": silent_seconds,
+            "gpus_reporting": reporting,
+            "gpus_known": known,
+            "sampling_interval_seconds": interval,
+        }
+        if survived_reboot:
+            evidence["boot_seen_at"] = boot_seen_at
+        series = window.gpu.get((node, gpu))
+        if series:
+            uuid = series[-1].uuid
+            if uuid is not None:
+                evidence["uuid"] = uuid
+        return Finding(
+            detector=self.id,
+            severity="critical",
+            # Reboot first (a GPU that fell off the bus comes back only with one); if it did not
+            # come back across a reboot, a person has to look at the board.
+            action="inspect_hardware" if survived_reboot else "reboot",
+            summary=summary,
+            # The first sample it missed.
+            start=min(last_seen + interval, window.now),
+            node=node,
+            gpu=gpu,
+            evidence=evidence,
+        )

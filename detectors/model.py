@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")
@@ -26,6 +28,34 @@ class HostSample:
     t: float
     node: str
     metrics: Mapping[str, float | int]
+
+
+@dataclass(frozen=True, slots=True)
+class IbSample:
+    """One InfiniBand (or RoCE) port of a node at one time, as the agent reads it from sysfs.
+
+    metrics: `ib_state` (text: "ACTIVE", "DOWN", "INIT", "ARMED", ...), `ib_rate_gbps`, and the
+    PortCounters `ib_link_downed_total` and `ib_link_error_recovery_total` (8 bits),
+    `ib_symbol_error_total` and `ib_rcv_errors_total` (16 bits); the counters saturate at their
+    maximum instead of wrapping and restart from 0 when the driver reloads. A field the port
+    cannot report is absent.
+    """
+
+    t: float
+    node: str
+    device: str  # e.g. "mlx5_0"
+    port: int  # 1-based, as under /sys/class/infiniband/<device>/ports/
+    metrics: Mapping[str, float | int | str]
+
+    @property
+    def active(self) -> bool | None:
+        """Whether the port is ACTIVE (or ACTIVE_DEFER); None when its state is unknown."""
+        state = self.metrics.get("ib_state")
+        if state == "ACTIVE":
+            return True  # the common case, first
+        if not isinstance(state, str) or not state:
+            return None
+        return state.upper().startswith("ACTIVE")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +90,17 @@ class NodeState:
     gpu_count: int | None = None
     boot_id: str | None = None
     boot_seen_at: float | None = None  # when the current boot_id was first seen
+    # GPU index -> time of its newest sample, kept (unlike the samples) for as long as the node is
+    # known, across reboots: lets gpu_lost notice a GPU that stopped reporting. A live read-only
+    # view where the engine provides it; empty where the caller does not know.
+    gpu_last_seen: Mapping[int, float] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
+    # (InfiniBand device, port) -> time of its newest sample in state ACTIVE, kept like
+    # gpu_last_seen: lets infiniband tell a port that went down from one never used.
+    ib_last_active: Mapping[tuple[str, int], float] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +116,10 @@ class Window:
     # When the watcher (collector process or replay) began receiving data; lets node_silent tell
     # "the node went quiet" from "we only just started listening".
     watching_since: float
+    # InfiniBand ports by (node, device, port), oldest first; empty where the caller has none.
+    ib: Mapping[tuple[str, str, int], Sequence[IbSample]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +200,118 @@ def held_episode(
             break
         first -= 1
     return times[first:]
+
+
+S = TypeVar("S", bound=GpuSample)
+
+
+@dataclass(frozen=True, slots=True)
+class Sustained:
+    """How a per-sample condition held over a GPU's recent samples (see `sustained`)."""
+
+    start: float  # the first sample of the episode that shows the condition
+    latest: GpuSample  # the newest sample that shows the condition
+    by: str  # "recent": the short window's fraction; "long": the long window's minutes
+    recent_hits: int  # samples showing the condition in the recent window
+    recent_samples: int  # samples in the recent window
+    long_hit_buckets: int | None  # buckets of the long window with the condition (None: not read)
+    long_buckets: int  # buckets in the long window
+
+
+def sustained(
+    series: Sequence[S],
+    now: float,
+    condition: Callable[[S], bool],
+    *,
+    clear_samples: int,
+    max_sample_age_seconds: float,
+    recent_seconds: float,
+    recent_fraction: float,
+    recent_min_seconds: float,
+    long_seconds: float,
+    long_bucket_seconds: float,
+    long_min_buckets: int,
+) -> Sustained | None:
+    """Whether `condition` holds, sustained, on an oldest-first series as of `now`, or None.
+
+    It holds when one of the newest `clear_samples` samples (none older than
+    `max_sample_age_seconds`) shows it (a GPU clear for that many samples in a row has recovered),
+    and either
+    - recent: at least `recent_fraction` of the samples of the last `recent_seconds` show it, the
+      first and the newest of those at least `recent_min_seconds` apart (a short spike does not);
+    - long: it shows in at least `long_min_buckets` of the `long_bucket_seconds` buckets of the last
+      `long_seconds` (gpud's rule for intermittent slowdowns: 6 of the last 10 minutes).
+
+    Cheap for the common case: a GPU without the condition costs `clear_samples` reads; the long
+    window is read only when the recent one does not already decide.
+    """
+    oldest_fresh = now - max_sample_age_seconds
+    clear = 0
+    gate = False
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t < oldest_fresh:
+            break
+        if condition(sample):
+            gate = True
+            break
+        clear += 1
+        if clear >= clear_samples:
+            break
+    if not gate:
+        return None
+
+    recent_from = now - recent_seconds
+    recent_samples = recent_hits = 0
+    latest: S | None = None
+    oldest_recent_hit: float | None = None
+    start: float | None = None
+    clear_run = 0
+    in_episode = True
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t <= recent_from:
+            break
+        recent_samples += 1
+        if condition(sample):
+            recent_hits += 1
+            oldest_recent_hit = sample.t
+            if latest is None:
+                latest = sample
+            if in_episode:
+                start, clear_run = sample.t, 0
+        elif in_episode:
+            clear_run += 1
+            in_episode = clear_run < clear_samples
+    long_buckets = max(1, math.ceil(long_seconds / long_bucket_seconds - 1e-9))
+    if (
+        latest is not None
+        and oldest_recent_hit is not None
+        and start is not None
+        and recent_hits >= recent_fraction * recent_samples
+        and latest.t - oldest_recent_hit >= recent_min_seconds
+    ):
+        return Sustained(start, latest, "recent", recent_hits, recent_samples, None, long_buckets)
+
+    # Intermittent: the episode is the whole stretch of the long window with the condition, so
+    # it starts at the oldest sample there that shows it.
+    long_from = now - long_seconds
+    hit_buckets: set[int] = set()
+    latest, start = None, None
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t <= long_from:
+            break
+        if condition(sample):
+            hit_buckets.add(int((now - sample.t) // long_bucket_seconds))
+            if latest is None:
+                latest = sample
+            start = sample.t
+    if latest is None or start is None or len(hit_buckets) < long_min_buckets:
+        return None
+    return Sustained(
+        start, latest, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets
+    )

@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Iterable, Iterator, Sequence
 
 from detectors import default_detectors
 from detectors.engine import RecentData, Tracker
-from detectors.model import Detector, Event, Finding, GpuSample, HostSample, Step
+from detectors.model import Detector, Event, Finding, GpuSample, HostSample, IbSample, Step
 
-Record = GpuSample | HostSample | Event | Step
+Record = GpuSample | HostSample | IbSample | Event | Step
+
+# IbSample fields that are text, not numbers (sysfs `state` names, e.g. "ACTIVE").
+_IB_TEXT_METRICS = frozenset({"ib_state"})
 
 
 class ReplayError(ValueError):
@@ -79,14 +83,21 @@ class _Fields:
             raise self.fail(f"{name!r} must not be negative, got {value!r}")
         return int(value)
 
-    def metrics(self) -> dict[str, float | int]:
+    def metrics(self, text: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The 'metrics' object; names in `text` are strings, everything else numbers."""
         value = self.obj.get("metrics")
         if not isinstance(value, dict):
             raise self.fail(f"'metrics' must be an object, got {value!r}")
-        metrics: dict[str, float | int] = {}
+        metrics: dict[str, Any] = {}
         for name, metric in value.items():
             if metric is None:
                 continue  # null reads as "not supported": absent, never 0
+            if name in text:
+                if not isinstance(metric, str):
+                    raise self.fail(f"metric {name!r} must be a string, got {metric!r}")
+                if metric:
+                    metrics[name] = metric
+                continue
             if isinstance(metric, bool):
                 metric = int(metric)
             if not isinstance(metric, (int, float)) or not math.isfinite(metric):
@@ -135,6 +146,15 @@ def _record(obj: dict[str, Any], line_number: int) -> Record:
         )
     if kind == "host":
         return HostSample(t=t, node=fields.string("node"), metrics=fields.metrics())
+    if kind == "ib":
+        port = fields.integer("port")
+        return IbSample(
+            t=t,
+            node=fields.string("node"),
+            device=fields.string("device"),
+            port=port,
+            metrics=fields.metrics(text=_IB_TEXT_METRICS),
+        )
     if kind == "step":
         seconds = fields.number("seconds")
         if seconds < 0:
@@ -159,7 +179,9 @@ def _record(obj: dict[str, Any], line_number: int) -> Record:
         return _event(fields, t, event_kind)
     if kind in ("xid", "gpu_lost"):
         return _event(fields, t, kind)
-    raise fields.fail(f"unknown kind {kind!r} (expected gpu, host, xid, step, gpu_lost or event)")
+    raise fields.fail(
+        f"unknown kind {kind!r} (expected gpu, host, ib, xid, step, gpu_lost or event)"
+    )
 
 
 def read_records(lines: Iterable[str]) -> Iterator[Record]:
@@ -195,6 +217,19 @@ def infer_sampling_intervals(records: Iterable[Record]) -> dict[str, float]:
     return {node: statistics.median(node_gaps) for node, node_gaps in gaps.items()}
 
 
+@dataclass(frozen=True, slots=True)
+class Episode:
+    """One finding episode from a replay and the data time at which the tracker opened it.
+
+    `finding.start` is what the detector says the condition began at (e.g. the first hot sample);
+    `opened_at` is when the engine, evaluating at that data time, first reported it: what an alert
+    would have waited for. Detection latency is `opened_at` minus the fault's time.
+    """
+
+    finding: Finding
+    opened_at: float
+
+
 def replay(
     records: Iterable[Record],
     detectors: Sequence[Detector] | None = None,
@@ -211,6 +246,18 @@ def replay(
     `skip_idle` jumps over stretches where no finding is open, for sparse event-only input (a
     kernel log spanning months) read by detectors that only open findings on new data.
     """
+    episodes = replay_episodes(records, detectors, step_seconds, skip_idle=skip_idle)
+    return [episode.finding for episode in episodes]
+
+
+def replay_episodes(
+    records: Iterable[Record],
+    detectors: Sequence[Detector] | None = None,
+    step_seconds: float = 1.0,
+    *,
+    skip_idle: bool = False,
+) -> list[Episode]:
+    """As replay(), with the data time at which each episode opened (for latency scoring)."""
     if not step_seconds > 0:
         raise ValueError(f"step_seconds must be positive, got {step_seconds!r}")
     ordered = sorted(records, key=lambda r: r.t)  # stable: same-time records keep file order
@@ -222,16 +269,17 @@ def replay(
     data = RecentData.for_detectors(detectors)
     tracker = Tracker(detectors)
     first_t = ordered[0].t
-    episodes: list[Finding] = []
+    episodes: list[Episode] = []
     open_episode: dict[str, int] = {}  # fingerprint -> index in episodes
 
     def evaluate(now: float) -> None:
         opened, closed = tracker.evaluate(data.window(now, watching_since=first_t))
         for finding in closed:
-            episodes[open_episode.pop(finding.fingerprint)] = finding
+            index = open_episode.pop(finding.fingerprint)
+            episodes[index] = Episode(finding, episodes[index].opened_at)
         for finding in opened:
             open_episode[finding.fingerprint] = len(episodes)
-            episodes.append(finding)
+            episodes.append(Episode(finding, now))
 
     known_nodes: set[str] = set()
     tick = 0  # grid times are first_t + tick * step_seconds (no drift from repeated addition)
@@ -253,6 +301,8 @@ def replay(
                 data.add_gpu(record)
             elif isinstance(record, HostSample):
                 data.add_host(record)
+            elif isinstance(record, IbSample):
+                data.add_ib(record)
             elif isinstance(record, Event):
                 data.add_event(record)
                 has_event = True
@@ -268,8 +318,9 @@ def replay(
         evaluate(ordered[-1].t)
 
     for fingerprint, index in open_episode.items():
-        episodes[index] = tracker.open[fingerprint]  # the newest evidence, end still None
-    episodes.sort(key=_episode_order)
+        # The newest evidence, end still None.
+        episodes[index] = Episode(tracker.open[fingerprint], episodes[index].opened_at)
+    episodes.sort(key=lambda episode: _episode_order(episode.finding))
     return episodes
 
 

@@ -1,53 +1,63 @@
-"""Thermal detector: a GPU held in hardware thermal slowdown or at its slowdown temperature."""
+"""Thermal detector: a GPU held in thermal slowdown, or at its temperature limits, for a while.
+
+Per sample, a GPU is hot when NVML's clock event reasons show HW thermal slowdown (0x40, clocks cut
+by half or more because the GPU is too hot) or SW thermal slowdown (0x20, clocks trimmed to keep
+the core under its max operating and the HBM under its max operating temperature), when the core
+is at or above its own slowdown threshold (`temp_slowdown_celsius`), or when the HBM is at or
+above its max operating temperature. A finding needs the GPU hot for a sustained stretch
+(detectors.model.sustained): most of the last 20 s, or in 6 of the last 10 minutes. A single
+blip, a short spike or a GPU warming up to just under its threshold never fires.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
 
-from detectors.model import Finding, GpuSample, Window
+from detectors.model import Finding, GpuSample, Sustained, Window, sustained
 
-# nvmlClocksEventReasonHwThermalSlowdown (NVML clock event reasons; nvidia-smi "HW Thermal
-# Slowdown"): the GPU halves its clocks or worse because it is too hot.
+# nvmlClocksEventReasonSwThermalSlowdown / nvmlClocksEventReasonHwThermalSlowdown (nvml.h; the
+# nvidia-smi help text in ../shared/data/nvidia-smi describes both).
+SW_THERMAL_SLOWDOWN = 0x20
 HW_THERMAL_SLOWDOWN = 0x40
+THERMAL_REASONS = SW_THERMAL_SLOWDOWN | HW_THERMAL_SLOWDOWN
 
 
 @dataclass(frozen=True, slots=True)
 class ThermalThresholds:
-    # samples; the last 3 samples (3 s at the 1 s default interval) judge "now" (our choice)
-    recent_samples: int = 3
-    # samples; 2 of 3 so a single sample caught mid-transition does not fire (our choice)
-    min_hot_samples: int = 2
-    # s; older samples say nothing about now; a quiet node is node_silent's finding (our choice)
+    # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
+    clear_samples: int = 5
+    # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
+    recent_seconds: float = 20.0
+    # fraction of the fast window's samples; 0.8 forgives one caught mid-transition (our choice)
+    recent_fraction: float = 0.8
+    # s; first to newest hot sample of the fast window: spikes under 10 s never fire (our choice)
+    recent_min_seconds: float = 10.0
+    # s; gpud hw-slowdown DefaultStateHWSlowdownEvaluationWindow (10 min) for intermittent slowdown
+    long_seconds: float = 600.0
+    # s; gpud counts the minutes of the window that saw a slowdown event (hw-slowdown component.go)
+    long_bucket_seconds: float = 60.0
+    # minutes; gpud DefaultStateHWSlowdownEventsThresholdFrequencyPerMinute 0.6 x 10 min = 6
+    long_min_buckets: int = 6
+    # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as before)
     max_sample_age_seconds: float = 30.0
+    # C; HBM "Memory Max Operating Temp" nvidia-smi -q prints for A100/H100 (95 C; sim profiles.py)
+    temp_mem_max_celsius: float = 95.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_hot_samples <= self.recent_samples:
-            raise ValueError("need 1 <= min_hot_samples <= recent_samples")
-        if self.max_sample_age_seconds <= 0:
-            raise ValueError("max_sample_age_seconds must be positive")
+        if self.clear_samples < 1 or self.long_min_buckets < 1:
+            raise ValueError("clear_samples and long_min_buckets must be at least 1")
+        if not 0 < self.recent_fraction <= 1:
+            raise ValueError("recent_fraction must be in (0, 1]")
+        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
+            raise ValueError("windows must be positive")
+        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
+            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
 
 
 def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
     value = metrics.get(name)
     return None if value is None else float(value)
-
-
-def _hw_thermal_slowdown(metrics: Mapping[str, float | int]) -> bool:
-    reasons = metrics.get("clock_event_reasons")
-    return reasons is not None and int(reasons) & HW_THERMAL_SLOWDOWN != 0
-
-
-def _at_slowdown_temperature(metrics: Mapping[str, float | int]) -> bool:
-    temp_celsius = _number(metrics, "temp_gpu_celsius")
-    slowdown_celsius = _number(metrics, "temp_slowdown_celsius")
-    if temp_celsius is None or slowdown_celsius is None:
-        return False
-    return temp_celsius >= slowdown_celsius
-
-
-def _is_hot(metrics: Mapping[str, float | int]) -> bool:
-    return _hw_thermal_slowdown(metrics) or _at_slowdown_temperature(metrics)
 
 
 def _fmt(value: float) -> str:
@@ -56,48 +66,90 @@ def _fmt(value: float) -> str:
 
 @dataclass(slots=True)
 class ThermalDetector:
-    """Recent GPU samples -> a finding per GPU that is mostly hot over its last few samples."""
+    """Recent GPU samples -> a finding per GPU held hot for a sustained stretch."""
 
     thresholds: ThermalThresholds = field(default_factory=ThermalThresholds)
     id: ClassVar[str] = "thermal"
     # Warning, not critical: the GPU still computes, at half speed or less; Azure NHC logs HW
     # thermal slowdown as a warning (azurehpc-health-checks azure_gpu_clock_throttling.nhc).
     severity: ClassVar[str] = "warning"
-    # Thermal slowdown on one GPU of a node is cooling: fans, airflow, heatsink, inlet temperature.
+    # Thermal slowdown on one GPU of a node is cooling: fans, airflow, heatsink, inlet temperature;
+    # gpud suggests a hardware inspection for sustained HW slowdown (hw-slowdown component.go).
     action: ClassVar[str] = "inspect_hardware"
 
     @property
     def window_seconds(self) -> float:
-        return self.thresholds.max_sample_age_seconds
+        t = self.thresholds
+        return max(t.recent_seconds, t.long_seconds, t.max_sample_age_seconds)
+
+    def _hot(self, sample: GpuSample) -> bool:
+        metrics = sample.metrics
+        reasons = metrics.get("clock_event_reasons")
+        if reasons is not None and int(reasons) & THERMAL_REASONS:
+            return True
+        temp = metrics.get("temp_gpu_celsius")
+        if temp is not None:
+            slowdown = metrics.get("temp_slowdown_celsius")
+            if slowdown is not None and temp >= slowdown:
+                return True
+        temp_mem = metrics.get("temp_mem_celsius")
+        return temp_mem is not None and temp_mem >= self.thresholds.temp_mem_max_celsius
 
     def detect(self, window: Window) -> list[Finding]:
-        oldest_t = window.now - self.thresholds.max_sample_age_seconds
+        t = self.thresholds
         findings = []
         for (node, gpu), series in window.gpu.items():
-            recent: list[GpuSample] = []
-            # Newest first, stopping early: only the tail of a long series is read.
-            for sample in reversed(series):
-                if sample.t > window.now:
-                    continue
-                if sample.t < oldest_t or len(recent) == self.thresholds.recent_samples:
-                    break
-                recent.append(sample)
-            hot = [s for s in recent if _is_hot(s.metrics)]
-            if len(hot) < self.thresholds.min_hot_samples:
-                continue
-            findings.append(self._finding(node, gpu, hot, len(recent)))
+            held = sustained(
+                series,
+                window.now,
+                self._hot,
+                clear_samples=t.clear_samples,
+                max_sample_age_seconds=t.max_sample_age_seconds,
+                recent_seconds=t.recent_seconds,
+                recent_fraction=t.recent_fraction,
+                recent_min_seconds=t.recent_min_seconds,
+                long_seconds=t.long_seconds,
+                long_bucket_seconds=t.long_bucket_seconds,
+                long_min_buckets=t.long_min_buckets,
+            )
+            if held is not None:
+                findings.append(self._finding(node, gpu, held))
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
 
-    def _finding(
-        self, node: str, gpu: int, hot_newest_first: list[GpuSample], recent: int
-    ) -> Finding:
-        latest = hot_newest_first[0].metrics
-        hw = _hw_thermal_slowdown(latest)
+    def _finding(self, node: str, gpu: int, held: Sustained) -> Finding:
+        latest = held.latest.metrics
+        reasons_value = latest.get("clock_event_reasons")
+        reasons = None if reasons_value is None else int(reasons_value)
+        hw = reasons is not None and reasons & HW_THERMAL_SLOWDOWN != 0
+        sw = reasons is not None and reasons & SW_THERMAL_SLOWDOWN != 0
         temp_celsius = _number(latest, "temp_gpu_celsius")
         slowdown_celsius = _number(latest, "temp_slowdown_celsius")
+        temp_mem_celsius = _number(latest, "temp_mem_celsius")
         sm_clock_mhz = _number(latest, "sm_clock_mhz")
         sm_clock_max_mhz = _number(latest, "sm_clock_max_mhz")
+        mem_max = self.thresholds.temp_mem_max_celsius
+        at_slowdown = (
+            temp_celsius is not None
+            and slowdown_celsius is not None
+            and temp_celsius >= slowdown_celsius
+        )
+        if hw:
+            condition, state = "hw_thermal_slowdown", "in hardware thermal slowdown"
+        elif at_slowdown:
+            condition, state = "at_slowdown_temperature", "at its slowdown temperature"
+        elif sw:
+            condition, state = "sw_thermal_slowdown", "in software thermal slowdown"
+        else:
+            condition, state = "hbm_at_max_temperature", "with HBM at its max operating temperature"
+
+        if held.by == "recent":
+            how_long = (
+                f" for {_fmt(held.latest.t - held.start)} s "
+                f"({held.recent_hits} of {held.recent_samples} samples)"
+            )
+        else:
+            how_long = f" in {held.long_hit_buckets} of the last {held.long_buckets} minutes"
 
         details = []
         if sm_clock_mhz is not None:
@@ -110,17 +162,33 @@ class ThermalDetector:
             if slowdown_celsius is not None:
                 temp += f" (slowdown at {_fmt(slowdown_celsius)} C)"
             details.append(temp)
-        state = "in hardware thermal slowdown" if hw else "at its slowdown temperature"
-        summary = f"GPU {gpu} {state}" + (": " + ", ".join(details) if details else "")
+        if temp_mem_celsius is not None and (
+            condition == "hbm_at_max_temperature" or temp_mem_celsius >= mem_max
+        ):
+            details.append(f"HBM {_fmt(temp_mem_celsius)} C (max {_fmt(mem_max)} C)")
+        summary = f"GPU {gpu} {state}{how_long}" + (": " + ", ".join(details) if details else "")
 
         evidence: dict[str, object] = {
-            "hot_samples": len(hot_newest_first),
-            "recent_samples": recent,
+            "condition": condition,
+            "sustained_by": held.by,
+            "hot_samples": held.recent_hits,
+            "recent_samples": held.recent_samples,
+            "recent_seconds": self.thresholds.recent_seconds,
             "hw_thermal_slowdown": hw,
+            "sw_thermal_slowdown": sw,
         }
+        if held.long_hit_buckets is not None:
+            evidence["hot_minutes"] = held.long_hit_buckets
+        if reasons is not None:
+            evidence["clock_event_reasons"] = reasons
+        # The job goes in the evidence, not the identity: a job restarting mid-episode must not
+        # close this hardware finding and open another.
+        if held.latest.job is not None:
+            evidence["job"] = held.latest.job
         for name, value in (
             ("temp_gpu_celsius", temp_celsius),
             ("temp_slowdown_celsius", slowdown_celsius),
+            ("temp_mem_celsius", temp_mem_celsius),
             ("sm_clock_mhz", sm_clock_mhz),
             ("sm_clock_max_mhz", sm_clock_max_mhz),
         ):
@@ -131,7 +199,7 @@ class ThermalDetector:
             severity=self.severity,
             action=self.action,
             summary=summary,
-            start=hot_newest_first[-1].t,
+            start=held.start,
             node=node,
             gpu=gpu,
             evidence=evidence,

@@ -1,4 +1,11 @@
-"""XID detector: a finding per (node, GPU, XID) from the kernel log, graded by the XID catalog."""
+"""XID detector: a finding per (node, GPU, XID) from the kernel log, graded by the XID catalog.
+
+Escalation: a reboot-class XID (the catalog's action reboot, reset_gpu or inspect_hardware) that
+comes back on the same GPU after the node rebooted (one occurrence before the current boot, one in
+it, both still within the event retention) did not go away with the reboot: the finding's action
+becomes inspect_hardware and its summary says so. gpud's gpu-counts component does the same with a
+GPU fault that survives reboots (reboot first, then a hardware inspection).
+"""
 
 from __future__ import annotations
 
@@ -55,18 +62,37 @@ class XidDetector:
             episode = held_episode(occurrences, window.now, hold_seconds, boot_seen_at)
             if not episode:
                 continue
+            action = info.action
+            summary = f"XID {xid}: {info.meaning}"
+            evidence: dict[str, object] = {"xid": xid, "count": len(episode)}
+            if info.action in REBOOT_CLASS_ACTIONS and boot_seen_at is not None:
+                before = [t for t in occurrences if t < boot_seen_at]
+                if before and episode[0] >= boot_seen_at:
+                    action = "inspect_hardware"
+                    summary += (
+                        f"; again after the node rebooted ({len(before)} before the reboot, "
+                        f"the last {_fmt(episode[0] - before[-1])} s before this one): "
+                        "the reboot did not clear it"
+                    )
+                    evidence["count_before_reboot"] = len(before)
+                    evidence["last_before_reboot"] = before[-1]
+                    evidence["boot_seen_at"] = boot_seen_at
             findings.append(
                 Finding(
                     detector=self.id,
                     severity=info.severity,
-                    action=info.action,
-                    summary=f"XID {xid}: {info.meaning}",
+                    action=action,
+                    summary=summary,
                     start=episode[0],
                     node=node,
                     gpu=gpu,
-                    evidence={"xid": xid, "count": len(episode)},
+                    evidence=evidence,
                     key=str(xid),
                 )
             )
         findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu, f.key))
         return findings
+
+
+def _fmt(value: float) -> str:
+    return f"{round(value, 1):g}"

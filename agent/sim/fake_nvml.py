@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import inspect
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,26 @@ class _PlainFieldValue(ctypes.Structure):
     returned array fast (the caller gets real c_nvmlFieldValue_t elements)."""
 
     _fields_ = list(pynvml.c_nvmlFieldValue_t._fields_)
+
+
+def _packed_layout() -> bool:
+    """Whether c_nvmlFieldValue_t is laid out as the packers below write it (it is on every
+    64-bit Linux pynvml: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, value)."""
+    t = pynvml.c_nvmlFieldValue_t
+    expected = {"fieldId": (0, 4), "scopeId": (4, 4), "timestamp": (8, 8), "latencyUsec": (16, 8),
+                "valueType": (24, 4), "nvmlReturn": (28, 4), "value": (32, 8)}
+    try:
+        layout = {name: (getattr(t, name).offset, getattr(t, name).size) for name, _ in t._fields_}
+    except AttributeError:
+        return False
+    return layout == expected and ctypes.sizeof(t) == 40
+
+
+_PACKED_FIELD_VALUES = _packed_layout()
+_FIELD_VALUE_SIZE = ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+# Native byte order, no padding: the union's 32-bit member in its first 4 bytes, or all 8 bytes.
+_PACK_UINT = struct.Struct("=IIqqIII4x").pack_into
+_PACK_ULL = struct.Struct("=IIqqIIQ").pack_into
 
 _NVLINK_TOTAL_FIELDS = {
     pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL: "crc_flit",
@@ -126,6 +147,16 @@ class FakeNvml:
         }
         self._fields = self._field_readers()
         self._lost_at = tuple(node.lost_at(gpu) for gpu in range(node.gpu_count))
+        self._missing = tuple(node.missing_windows(gpu) for gpu in range(node.gpu_count))
+        self._nvlink_count = self.profile.nvlink_links
+        quiet = self._quiet_nvlink_gpus()
+        self._quiet_handles = frozenset(id(h) for gpu, h in enumerate(self._handles) if quiet[gpu])
+        # Counters that read 0 on a link without faults (the others raise, via the full path).
+        self._nvlink_zero_counters = frozenset(
+            {pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA}
+            | {c for c, name in _NVLINK_COUNTER_BY_CONSTANT.items()
+               if name not in self.profile.nvlink_counters_not_supported}
+        )
 
     # ---- plumbing ------------------------------------------------------------------------------
 
@@ -146,6 +177,8 @@ class FakeNvml:
         lost = self._lost_at[gpu]
         if lost is not None and now >= lost:
             raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if self._missing[gpu] and self.node.is_missing(gpu, now):
+            raise _error(pynvml.NVML_ERROR_UNKNOWN)
         if function in self.profile.not_supported:
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return gpu, now
@@ -194,6 +227,10 @@ class FakeNvml:
         # NVML documents GPU_IS_LOST for a GPU that fell off the bus before the handle was taken.
         if self.node.is_lost(index):
             raise _error(pynvml.NVML_ERROR_GPU_IS_LOST)
+        # A GPU the driver lost track of without an XID: "Unable to determine the device handle
+        # for GPU 0000:3A:00.0: Unknown Error" in nvidia-smi; the other GPUs keep their indices.
+        if self.node.is_missing(index):
+            raise _error(pynvml.NVML_ERROR_UNKNOWN)
         return self._handles[index]
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any:
@@ -395,13 +432,32 @@ class FakeNvml:
         if not 0 <= link < self.profile.nvlink_links:
             raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
+    # The NVML source reads every link's state and error counters each cycle (18 links x 4 calls per
+    # GPU): a GPU with no NVLink fault that can never be lost or go missing answers those from a
+    # table, without the per-call device checks (the answers are the same).
+
+    def _quiet_nvlink_gpus(self) -> tuple[bool, ...]:
+        not_supported = self.profile.not_supported
+        if {"nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkErrorCounter"} & not_supported:
+            return (False,) * self.node.gpu_count
+        return tuple(
+            self._lost_at[gpu] is None and not self._missing[gpu]
+            and all(f.gpu != gpu or f.kind not in ("nvlink_errors", "nvlink_down") for f in self.node.faults)
+            for gpu in range(self.node.gpu_count)
+        )
+
     def nvmlDeviceGetNvLinkState(self, device: Any, link: int) -> int:
+        if id(device) in self._quiet_handles and 0 <= link < self._nvlink_count and self._init_count > 0:
+            return pynvml.NVML_FEATURE_ENABLED
         gpu, now = self._device(device, "nvmlDeviceGetNvLinkState")
         self._link(link)
         up = self.node.nvlink_up(gpu, link, now)
         return pynvml.NVML_FEATURE_ENABLED if up else pynvml.NVML_FEATURE_DISABLED
 
     def nvmlDeviceGetNvLinkErrorCounter(self, device: Any, link: int, counter: int) -> int:
+        if (id(device) in self._quiet_handles and counter in self._nvlink_zero_counters
+                and 0 <= link < self._nvlink_count and self._init_count > 0):
+            return 0
         gpu, now = self._device(device, "nvmlDeviceGetNvLinkErrorCounter")
         self._link(link)
         if counter == pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA:
@@ -466,9 +522,27 @@ class FakeNvml:
         """An array of c_nvmlFieldValue_t; an unknown field fails in its own nvmlReturn only."""
         gpu, now = self._device(handle, "nvmlDeviceGetFieldValues")
         values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
-        plain = (_PlainFieldValue * len(fieldIds)).from_buffer(values)
         timestamp_us = int(now * 1_000_000)
         readers = self._fields
+        if _PACKED_FIELD_VALUES:
+            # One struct.pack_into per value instead of seven ctypes attribute writes.
+            buffer = memoryview(values).cast("B")
+            uint = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+            success, not_supported = pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED
+            for i, field_id in enumerate(fieldIds):
+                scope = 0
+                if isinstance(field_id, tuple):  # (field id, scope id), as pynvml accepts
+                    field_id, scope = field_id
+                reader = readers.get(field_id)
+                offset = i * _FIELD_VALUE_SIZE
+                if reader is None:
+                    _PACK_UINT(buffer, offset, field_id, scope, timestamp_us, 0, 0, not_supported, 0)
+                    continue
+                value_type, read = reader
+                pack = _PACK_UINT if value_type == uint else _PACK_ULL
+                pack(buffer, offset, field_id, scope, timestamp_us, 0, value_type, success, read(gpu, now))
+            return values
+        plain = (_PlainFieldValue * len(fieldIds)).from_buffer(values)
         for i, field_id in enumerate(fieldIds):
             value = plain[i]
             if isinstance(field_id, tuple):  # (field id, scope id), as pynvml accepts
@@ -496,7 +570,7 @@ class FakeNvml:
         """pynvml's friendly objects (pid, usedGpuMemory, gpuInstanceId, computeInstanceId), one per
         process with a compute context, as pynvml builds them from nvmlProcessInfo_t (v3)."""
         gpu, now = self._device(handle, "nvmlDeviceGetComputeRunningProcesses")
-        pids = self.node.processes(gpu)
+        pids = self.node.processes_at(gpu, now)
         if not pids:
             return []
         # The processes share the job's allocations; NVML reports bytes per process.

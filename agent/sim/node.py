@@ -1,33 +1,43 @@
-"""A simulated GPU node running a synchronous training job, with typed faults, as a function of time.
+"""A simulated GPU node running synchronous training jobs, with typed faults, as a function of time.
 
 Nothing runs in the background: every reading is computed from `clock()` at query time, so a
-given seed, fault list and time always give the same values. The fake NVML (fake_nvml.py) turns
-these readings into pynvml's shapes and units.
+given seed, fault list, workload and time always give the same values. The fake NVML
+(fake_nvml.py) turns these readings into pynvml's shapes and units.
 
-The workload model: each GPU runs training steps at ~95-100 % utilisation; its power is a base
-near the capture's load draw plus slow swings (a few sinusoids, so energy integrates exactly and
-stays monotone); the SM clock sits at its boost maximum unless the power cap trims it; the core
-temperature is the power passed through a first-order thermal filter (time constant ~1 minute).
-A GPU that slows down (thermal slowdown, power brake) drags its synchronous peers, which then
-wait in collectives and draw less power at full clock. The job's PCIe input follows its pace (the
-slowest GPU's clock), as a smooth rate whose exact integral is the cumulative byte counter.
-Each GPU runs one training worker process by default (SimNode(processes=...) or
-place_processes() changes that), for job attribution.
+The workload model: what each GPU does is a piecewise-constant `Activity` over time. Busy GPUs run
+training steps at ~95-100 % utilisation; their power is a base near the capture's load draw plus
+slow swings (a few sinusoids, so energy integrates exactly and stays monotone); the SM clock sits
+at its boost maximum unless the power cap trims it; the core temperature is the power passed
+through a first-order thermal filter (time constant ~1 minute). A data-parallel job is
+synchronous: every rank waits for the slowest at every step. A GPU that slows down (thermal
+slowdown, power brake, HW slowdown) or a rank that computes slower (slow_rank) drags its peers,
+which then wait in collectives: same utilisation (NCCL kernels keep the GPU busy), full clock,
+less power. A job's PCIe input follows its pace, as a smooth rate whose exact integral is the
+cumulative byte counter. Idle GPUs (no process) draw the capture's idle power at the idle clock
+with the GpuIdle clock event reason, and their PCIe link drops to Gen1 to save power.
+
+By default a node runs one job on all its GPUs for ever (`synchronous_job_activity` over its own
+faults); agent.sim.fleet passes each GPU's activity for jobs that span nodes. Each GPU runs one
+training worker process by default (SimNode(processes=...) or place_processes() changes that),
+for job attribution; an idle GPU lists none.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from agent.sim.profiles import GpuProfile, profile_for
 from agent.sim.scenario import (
     DEFAULT_NVLINK_CRC_FLITS_PER_SECOND,
     DEFAULT_PCIE_REPLAYS_PER_SECOND,
+    DEFAULT_SBE_PER_SECOND,
+    DEFAULT_SLOW_RANK_FACTOR,
     Fault,
 )
 
@@ -45,14 +55,25 @@ _PEER_WAIT_POWER_FLOOR = 0.55
 # Seconds over which the core heats up to the slowdown threshold before a thermal fault trips.
 _THERMAL_RAMP_SECONDS = 30.0
 _THERMAL_COOL_SECONDS = 20.0
+# A GPU whose job's processes hold it without work (checkpoint): a little above idle draw.
+_PAUSE_POWER_OVER_IDLE = 1.5
+# A job whose rank died hangs in its collectives until NCCL's watchdog kills it (PyTorch's
+# default process-group timeout is 10 minutes); its GPUs then go idle.
+NCCL_TIMEOUT_SECONDS = 600.0
+# Idle boards let their PCIe link fall to Gen1 (2.5 GT/s) to save power; it retrains to its
+# maximum under load.
+_IDLE_PCIE_GEN = 1
 
 # Per-kind effect of the slowdown faults: (SM clock ratio, power ratio, clock event reason bits).
-# 0x8 HW slowdown with 0x40 HW thermal slowdown / 0x80 HW power brake (nvmlClocksEventReason*).
+# 0x8 HW slowdown with 0x40 HW thermal slowdown / 0x80 HW power brake (nvmlClocksEventReason*);
+# hw_slowdown is 0x8 alone (the board's external slowdown input, e.g. a PSU or baseboard alarm).
 _SLOWDOWN_EFFECT: dict[str, tuple[float, float, int]] = {
     "thermal_slowdown": (0.5, 0.5, 0x08 | 0x40),
     "power_brake": (0.45, 0.4, 0x08 | 0x80),
+    "hw_slowdown": (0.55, 0.5, 0x08),
 }
 _SW_POWER_CAP = 0x04
+_GPU_IDLE = 0x01
 
 # NVLink error counters, in the order of pynvml's NVML_NVLINK_ERROR_DL_* constants.
 NVLINK_COUNTERS: tuple[str, ...] = ("replay", "recovery", "crc_flit", "crc_data")
@@ -83,6 +104,121 @@ def _mix64(x: int) -> int:
 def _unit(key: int, i: int) -> float:
     """Deterministic noise in [0, 1) for stream `key` at integer step `i`."""
     return _mix64(key ^ ((i * 0xD1B54A32D192ED03) & _MASK64)) / 18446744073709551616.0
+
+
+# ---- workload ------------------------------------------------------------------------------------
+
+BUSY = "busy"  # running its job's steps: computing, or waiting in collectives for a slower peer
+HANG = "hang"  # its job is stuck in a collective (a rank died, the fabric is down): NCCL spins
+PAUSE = "pause"  # the job's processes hold the GPU but give it no work (a checkpoint being written)
+IDLE = "idle"  # no process on the GPU
+MODES = (BUSY, HANG, PAUSE, IDLE)
+
+
+@dataclass(frozen=True, slots=True)
+class Activity:
+    """What a GPU does over an interval.
+
+    `busy`: the fraction of each step the GPU computes; the rest of the step it waits in
+    collectives for the slowest rank (1.0 for the slowest rank itself). `pace`: the job's step
+    rate relative to a healthy job (0.5: steps take twice as long); its input over PCIe follows it.
+    """
+
+    mode: str = BUSY
+    busy: float = 1.0
+    pace: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"activity mode {self.mode!r} not in {MODES}")
+
+
+RUNNING = Activity()
+IDLE_ACTIVITY = Activity(IDLE, 0.0, 0.0)
+PAUSED = Activity(PAUSE, 0.0, 0.3)  # a checkpoint copies the model out over PCIe
+HUNG = Activity(HANG, 0.0, 0.0)
+
+# One GPU's activity over time: (time it begins, activity), sorted; the first holds from the start
+# of time, each holds until the next.
+Timeline = Sequence[tuple[float, Activity]]
+
+
+def fault_effect(fault: Fault) -> tuple[float, float, int]:
+    """(SM clock ratio, power ratio, clock event reason bits) of a slowdown fault."""
+    clock, power, reasons = _SLOWDOWN_EFFECT[fault.kind]
+    if fault.factor is not None:
+        new_clock = 1.0 / fault.factor
+        power = min(1.0, max(0.2, power * new_clock / clock))
+        clock = new_clock
+    return clock, power, reasons
+
+
+def compute_factor(fault: Fault) -> float:
+    """How many times longer a rank's own compute takes while `fault` holds (1: not at all)."""
+    if fault.kind in _SLOWDOWN_EFFECT:
+        return 1.0 / fault_effect(fault)[0]
+    if fault.kind == "slow_rank":
+        return fault.factor if fault.factor is not None else DEFAULT_SLOW_RANK_FACTOR
+    return 1.0
+
+
+def _windows_edges(windows: Iterable[tuple[float, float]]) -> set[float]:
+    return {edge for begin, end in windows for edge in (begin, end) if math.isfinite(edge)}
+
+
+def synchronous_job_activity(
+    factors: Sequence[Sequence[tuple[float, float, float]]],
+    overrides: Sequence[tuple[float, float, Activity]] = (),
+    step_multipliers: Sequence[tuple[float, float, float]] = (),
+) -> list[list[tuple[float, Activity]]]:
+    """Each rank's timeline in one synchronous data-parallel job.
+
+    `factors`: per rank, windows (begin, end, f) where its own compute takes f times longer (a
+    throttled clock, a slow data loader); overlapping windows multiply. Every step lasts as long as
+    the slowest rank's compute (times the product of the job-wide `step_multipliers` holding then,
+    e.g. a slow fabric stretching the collectives), so a rank with factor f computes for f / (F * m)
+    of each step and waits the rest. `overrides` (begin, end, activity) replace that for the whole
+    job (a pause, a hang, the job not running); a later override wins over an earlier one.
+    """
+    edges = _windows_edges((b, e) for rank in factors for b, e, _ in rank)
+    edges |= _windows_edges((b, e) for b, e, _ in overrides)
+    edges |= _windows_edges((b, e) for b, e, _ in step_multipliers)
+    ordered = sorted(edges)
+    if ordered:
+        probes = [ordered[0] - 1.0, *((a + b) / 2 for a, b in zip(ordered, ordered[1:])), ordered[-1] + 1.0]
+        starts = [-math.inf, *ordered]
+    else:
+        probes, starts = [0.0], [-math.inf]
+    timelines: list[list[tuple[float, Activity]]] = [[] for _ in factors]
+    for start, probe in zip(starts, probes):
+        override = None
+        for begin, end, activity in overrides:
+            if begin <= probe < end:
+                override = activity
+        if override is not None:
+            per_rank = [override] * len(factors)
+        else:
+            own = [math.prod(f for b, e, f in rank if b <= probe < e) for rank in factors]
+            stretch = math.prod(m for b, e, m in step_multipliers if b <= probe < e)
+            slowest = max(own, default=1.0) * stretch
+            per_rank = [
+                Activity(BUSY, busy=min(1.0, f / slowest), pace=1.0 / slowest) if slowest != 1.0 else RUNNING
+                for f in own
+            ]
+        for timeline, activity in zip(timelines, per_rank):
+            if not timeline or timeline[-1][1] != activity:
+                timeline.append((start, activity))
+    return timelines
+
+
+def activity_at(timeline: Timeline, t: float) -> Activity:
+    """The activity a timeline gives at time `t`."""
+    current = timeline[0][1] if timeline else RUNNING
+    for begin, activity in timeline:
+        if begin > t:
+            break
+        current = activity
+    return current
 
 
 @dataclass(frozen=True)
@@ -154,6 +290,26 @@ class _GpuParams:
     pcie_tx_base_bytes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _Segment:
+    """One stretch of a GPU's time over which its workload and hardware state are constant.
+
+    Its smooth power is `scale * (base + swing) + watts`; the prefix values are at `begin`."""
+
+    begin: float
+    mode: str
+    scale: float
+    watts: float
+    busy: float
+    pace: float
+    clock_ratio: float
+    power_ratio: float
+    reasons: int
+    joules_before: float  # smooth-power energy from the first segment's begin to `begin`
+    rx_kilobytes_before: float  # PCIe input (KB) likewise
+    filtered_watts: float  # the thermal filter's constant-input state at `begin`
+
+
 class SimNode:
     """One node of `gpu_count` GPUs of `model`, with faults; readings are functions of clock()."""
 
@@ -167,9 +323,15 @@ class SimNode:
         start: float | None = None,
         clock: Callable[[], float] = time.time,
         processes: Mapping[int, Sequence[int]] | None = None,
+        activity: Mapping[int, Timeline] | None = None,
     ) -> None:
         """`processes` maps a GPU index to the pids running on it (GPUs left out run none); by
-        default each GPU runs one training worker, with nearby pids in rank order."""
+        default each GPU runs one training worker, with nearby pids in rank order.
+
+        `activity` maps a GPU index to its timeline of Activity (absolute times; GPUs left out are
+        idle); by default the node's GPUs run one synchronous job for ever, slowed by their own
+        faults, and hang then go idle after one of them is lost.
+        """
         if gpu_count < 1:
             raise ValueError(f"gpu_count must be >= 1, got {gpu_count}")
         self.name = name
@@ -188,6 +350,11 @@ class SimNode:
                     f"fault {fault} targets NVLink {fault.link}; {self.profile.name} has "
                     f"{self.profile.nvlink_links} links"
                 )
+            if fault.kind == "retired_pages" and "nvmlDeviceGetRetiredPages" in self.profile.not_supported:
+                raise ValueError(
+                    f"fault {fault}: {self.profile.name} does not retire pages (page retirement is "
+                    "pre-Ampere; Ampere and Hopper remap rows instead: use row_remap_pending)"
+                )
         self.gpus: tuple[SimGpu, ...] = tuple(self._identity(i) for i in range(gpu_count))
         self._params = tuple(self._draw_params(i) for i in range(gpu_count))
         # Faults per GPU and kind as (absolute start, absolute end, fault).
@@ -202,6 +369,10 @@ class SimNode:
             min((w[0] for w in self._windows[g].get("gpu_lost", ())), default=None)
             for g in range(gpu_count)
         )
+        self._missing: tuple[tuple[tuple[float, float], ...], ...] = tuple(
+            tuple((begin, end) for begin, end, _ in self._windows[g].get("gpu_missing", ()))
+            for g in range(gpu_count)
+        )
         self.xid_events: tuple[XidEvent, ...] = tuple(
             sorted(
                 (
@@ -212,35 +383,28 @@ class SimNode:
                 key=lambda e: (e.time, e.gpu),
             )
         )
-        # Times when some GPU's power multiplier may change (slowdown faults start or end).
-        breaks = sorted(
-            {
-                edge
-                for windows in self._windows
-                for kind in _SLOWDOWN_EFFECT
-                for begin, end, _ in windows.get(kind, ())
-                for edge in (begin, end)
-                if math.isfinite(edge)
-            }
-        )
-        # The multiplier is constant between breaks: sample it mid-interval, not at an edge.
-        probes: list[float] = []
-        if breaks:
-            probes = [breaks[0] - 1.0, *((a + b) / 2 for a, b in zip(breaks, breaks[1:])), breaks[-1] + 1.0]
-        # Per GPU: (break time, power multiplier after it, change in multiplier at it).
-        self._power_steps: tuple[tuple[tuple[float, float, float], ...], ...] = tuple(
+        if activity is None:
+            timelines: dict[int, Timeline] = dict(enumerate(self._default_activity()))
+        else:
+            bad = [g for g in activity if not 0 <= g < gpu_count]
+            if bad:
+                raise ValueError(f"activity for GPU {bad[0]}; node {name} has {gpu_count}")
+            timelines = {g: tuple(activity.get(g, ())) or ((-math.inf, IDLE_ACTIVITY),) for g in range(gpu_count)}
+        self._timelines: tuple[Timeline, ...] = tuple(timelines[g] for g in range(gpu_count))
+        # Swing terms after the thermal filter: (amplitude passed, phase lag) per sinusoid.
+        self._filtered_swings = tuple(
             tuple(
-                (edge, self._power_multiplier(g, after), self._power_multiplier(g, after) - self._power_multiplier(g, before))
-                for edge, before, after in zip(breaks, probes, probes[1:])
+                (amplitude / math.hypot(1.0, omega * q.thermal_tau_seconds), math.atan(omega * q.thermal_tau_seconds))
+                for amplitude, omega in zip(q.swing_amplitudes_watts, q.swing_omegas)
             )
-            for g in range(gpu_count)
+            for q in self._params
         )
-        # The job's pace: a synchronous job moves at its slowest GPU's clock, and so does the input
-        # it pulls over PCIe on every GPU. Per break: (break time, pace after it).
-        self._pace_steps: tuple[tuple[float, float], ...] = tuple(
-            (edge, min(self._slowdown(g, after)[0] for g in range(gpu_count)))
-            for edge, after in zip(breaks, probes[1:])
+        self._segments: tuple[tuple[_Segment, ...], ...] = tuple(self._build_segments(g) for g in range(gpu_count))
+        self._segment_begins: tuple[tuple[float, ...], ...] = tuple(
+            tuple(s.begin for s in segments) for segments in self._segments
         )
+        self._joules_at_start = tuple(self._joules(g, self.start) for g in range(gpu_count))
+        self._rx_kilobytes_at_start = tuple(self._rx_kilobytes(g, self.start) for g in range(gpu_count))
         self._cache: list[tuple[int, GpuReading] | None] = [None] * gpu_count
         self._processes: list[tuple[int, ...]] = [() for _ in range(gpu_count)]
         if processes is None:
@@ -324,6 +488,18 @@ class SimNode:
         lost = self._lost_at[gpu]
         return lost is not None and (self.clock() if t is None else t) >= lost
 
+    def missing_windows(self, gpu: int) -> tuple[tuple[float, float], ...]:
+        """(begin, end) absolute times when GPU `gpu` is not enumerated (gpu_missing faults)."""
+        return self._missing[gpu]
+
+    def is_missing(self, gpu: int, t: float | None = None) -> bool:
+        """Whether the driver has lost track of GPU `gpu` (its handle fails; no XID, not "lost")."""
+        windows = self._missing[gpu]
+        if not windows:
+            return False
+        now = self.clock() if t is None else t
+        return any(begin <= now < end for begin, end in windows)
+
     def _active(self, gpu: int, kind: str, t: float) -> list[Fault]:
         return [f for begin, end, f in self._windows[gpu].get(kind, ()) if begin <= t < end]
 
@@ -334,23 +510,91 @@ class SimNode:
         """(clock ratio, power ratio, reason bits) of the slowdown faults active on `gpu`."""
         clock_ratio, power_ratio, reasons = 1.0, 1.0, 0
         windows = self._windows[gpu]
-        for kind, (kind_clock, kind_power, kind_reasons) in _SLOWDOWN_EFFECT.items():
-            for begin, end, _ in windows.get(kind, ()):
+        for kind in _SLOWDOWN_EFFECT:
+            for begin, end, fault in windows.get(kind, ()):
                 if begin <= t < end:
+                    kind_clock, kind_power, kind_reasons = fault_effect(fault)
                     clock_ratio = min(clock_ratio, kind_clock)
                     power_ratio = min(power_ratio, kind_power)
                     reasons |= kind_reasons
         return clock_ratio, power_ratio, reasons
 
-    def _power_multiplier(self, gpu: int, t: float) -> float:
-        """Fraction of its normal draw the GPU pulls: its own slowdown, or waiting on a slow peer."""
-        clock_ratio, power_ratio, _ = self._slowdown(gpu, t)
-        if clock_ratio < 1.0:
-            return power_ratio
-        slowest = min(self._slowdown(g, t)[0] for g in range(self.gpu_count))
-        return _PEER_WAIT_POWER_FLOOR + (1.0 - _PEER_WAIT_POWER_FLOOR) * slowest
+    def rank_factors(self, gpu: int) -> list[tuple[float, float, float]]:
+        """(begin, end, compute-time factor) windows of the faults that slow `gpu`'s own steps."""
+        windows = self._windows[gpu]
+        return [
+            (begin, end, compute_factor(fault))
+            for kind in (*_SLOWDOWN_EFFECT, "slow_rank")
+            for begin, end, fault in windows.get(kind, ())
+        ]
+
+    def death_time(self, gpu: int) -> float | None:
+        """When GPU `gpu`'s worker dies with it (lost or missing), or None."""
+        times = [t for t in (self._lost_at[gpu], *(b for b, _ in self._missing[gpu])) if t is not None]
+        return min(times, default=None)
+
+    def _default_activity(self) -> list[list[tuple[float, Activity]]]:
+        """One job on all GPUs since before the start; if a GPU dies the job hangs, then ends."""
+        overrides: list[tuple[float, float, Activity]] = []
+        deaths = [t for t in (self.death_time(g) for g in range(self.gpu_count)) if t is not None]
+        if deaths:
+            died = min(deaths)
+            gone = died + NCCL_TIMEOUT_SECONDS
+            overrides = [(died, gone, HUNG), (gone, math.inf, IDLE_ACTIVITY)]
+        return synchronous_job_activity([self.rank_factors(g) for g in range(self.gpu_count)], overrides)
 
     # ---- workload ------------------------------------------------------------------------------
+
+    def activity(self, gpu: int, t: float | None = None) -> Activity:
+        """What GPU `gpu` does at `t` (default: now)."""
+        return activity_at(self._timelines[gpu], self.clock() if t is None else t)
+
+    def mode(self, gpu: int, t: float | None = None) -> str:
+        """The mode (BUSY, HANG, PAUSE, IDLE) of GPU `gpu` at `t` (default: now)."""
+        return self._segment(gpu, self.clock() if t is None else t).mode
+
+    def _build_segments(self, gpu: int) -> tuple[_Segment, ...]:
+        """The GPU's time cut where its activity or its own slowdown changes, with the energy,
+        PCIe input and thermal-filter state at each cut, so a reading costs O(1)."""
+        p, q = self.profile, self._params[gpu]
+        first = self.start - _WARM_SECONDS  # before it the board sat idle, thermally settled
+        timeline = self._timelines[gpu]
+        edges = {first}
+        edges.update(t for t, _ in timeline if first < t < math.inf)
+        for kind in _SLOWDOWN_EFFECT:
+            for begin, end, _ in self._windows[gpu].get(kind, ()):
+                edges.update(t for t in (begin, end) if first < t < math.inf)
+        ordered = sorted(edges)
+        segments: list[_Segment] = []
+        joules, rx, filtered = 0.0, 0.0, p.power_idle_watts
+        tau = q.thermal_tau_seconds
+        for i, begin in enumerate(ordered):
+            end = ordered[i + 1] if i + 1 < len(ordered) else begin + 2.0
+            probe = (begin + end) / 2
+            act = activity_at(timeline, probe)
+            clock_ratio, power_ratio, reasons = self._slowdown(gpu, probe)
+            if act.mode == BUSY:
+                wait = _PEER_WAIT_POWER_FLOOR + (1.0 - _PEER_WAIT_POWER_FLOOR) * act.busy
+                scale, watts = (power_ratio if clock_ratio < 1.0 else wait), 0.0
+            elif act.mode == HANG:
+                scale, watts = min(power_ratio, _PEER_WAIT_POWER_FLOOR), 0.0
+            elif act.mode == PAUSE:
+                scale, watts = 0.0, p.power_idle_watts * _PAUSE_POWER_OVER_IDLE
+            else:
+                scale, watts = 0.0, p.power_idle_watts
+            segment = _Segment(begin, act.mode, scale, watts, act.busy, act.pace, clock_ratio, power_ratio, reasons,
+                               joules, rx, filtered)
+            segments.append(segment)
+            if i + 1 < len(ordered):
+                joules += scale * self._power_integral(q, begin, end) + watts * (end - begin)
+                rx += act.pace * self._pcie_rx_integral_kilobytes(q, begin, end)
+                settled = scale * q.power_base_watts + watts
+                filtered = settled + (filtered - settled) * math.exp(-(end - begin) / tau)
+        return tuple(segments)
+
+    def _segment(self, gpu: int, t: float) -> _Segment:
+        index = bisect.bisect_right(self._segment_begins[gpu], t) - 1
+        return self._segments[gpu][index if index > 0 else 0]
 
     def reading(self, gpu: int, t: float | None = None) -> GpuReading:
         """The workload values of `gpu` at time `t` (default: now), on a 1 ms grid."""
@@ -365,91 +609,101 @@ class SimNode:
     def _compute(self, gpu: int, t: float) -> GpuReading:
         p = self.profile
         q = self._params[gpu]
+        seg = self._segment(gpu, t)
         since_start = t - self.start
         since_job = since_start + _WARM_SECONDS
-        clock_ratio, _, reasons = self._slowdown(gpu, t)
-        multiplier = self._multiplier_at(gpu, t)
-
-        swing = 0.0
-        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
-            swing += amplitude * math.sin(omega * since_job + phase)
-        power_smooth = multiplier * (q.power_base_watts + swing)
-
-        # Utilisation in steps: most steps keep the GPU busy the whole sample, some show a short
-        # data-loader or collective gap; the same gap lowers the power a little.
+        clock_ratio, reasons, mode = seg.clock_ratio, seg.reasons, seg.mode
         step = math.floor(since_start / q.step_seconds)
         u_step = _unit(q.key, step)
-        gap_percent = 0 if u_step < 0.6 else 1 + int((u_step - 0.6) * 12.5)
-        gpu_util = 100 - gap_percent
         jitter_watts = (_unit(q.key ^ 0x5EED, math.floor(since_start * 10.0)) - 0.5) * 8.0
-        power = power_smooth - gap_percent * 2.0 + jitter_watts
-        power = min(max(power, p.power_idle_watts * 0.9), p.power_limit_watts)
 
-        if clock_ratio < 1.0:
-            sm_clock = round(p.sm_clock_max_mhz * clock_ratio / _CLOCK_BIN_MHZ) * _CLOCK_BIN_MHZ
-            sm_clock += _CLOCK_BIN_MHZ * (int(_unit(q.key ^ 0xC10C, step) * 3.0) - 1)
-        else:
-            excess_watts = power_smooth - _POWER_CAP_FRACTION * p.power_limit_watts
-            if excess_watts > 0:
-                reasons |= _SW_POWER_CAP
-                sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ * (1 + int(excess_watts / 8.0))
-            elif _unit(q.key ^ 0xC10C, step) < 0.08:
-                sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ
+        if mode == BUSY or mode == HANG:
+            swing = 0.0
+            for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+                swing += amplitude * math.sin(omega * since_job + phase)
+            power_smooth = seg.scale * (q.power_base_watts + swing)
+            if mode == BUSY:
+                # Utilisation in steps: most steps keep the GPU busy the whole sample, some show a
+                # short data-loader or collective gap; the same gap lowers the power a little.
+                # Waiting in collectives counts as busy: NCCL's kernels run while they wait.
+                gap_percent = 0 if u_step < 0.6 else 1 + int((u_step - 0.6) * 12.5)
             else:
-                sm_clock = p.sm_clock_max_mhz
+                gap_percent = 0  # spinning in a collective that never completes
+            gpu_util = 100 - gap_percent
+            power = power_smooth - gap_percent * 2.0 + jitter_watts
+            power = min(max(power, p.power_idle_watts * 0.9), p.power_limit_watts)
+            if clock_ratio < 1.0:
+                sm_clock = round(p.sm_clock_max_mhz * clock_ratio / _CLOCK_BIN_MHZ) * _CLOCK_BIN_MHZ
+                sm_clock += _CLOCK_BIN_MHZ * (int(_unit(q.key ^ 0xC10C, step) * 3.0) - 1)
+            else:
+                excess_watts = power_smooth - _POWER_CAP_FRACTION * p.power_limit_watts
+                if excess_watts > 0:
+                    reasons |= _SW_POWER_CAP
+                    sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ * (1 + int(excess_watts / 8.0))
+                elif _unit(q.key ^ 0xC10C, step) < 0.08:
+                    sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ
+                else:
+                    sm_clock = p.sm_clock_max_mhz
+            # The memory controller works while the GPU computes, not while it waits.
+            busy = seg.busy if mode == BUSY and clock_ratio >= 1.0 else (1.0 if mode == BUSY else 0.05)
+            mem_util = max(0, round((q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
+                                    * clock_ratio * busy * gpu_util / 100.0))
+            video_clock = p.video_clock_max_mhz
+            mem_step = math.floor(since_start / 30.0)
+            mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
+        else:
+            power = seg.watts + jitter_watts * 0.2
+            power = min(max(power, p.power_idle_watts * 0.9), p.power_limit_watts)
+            gpu_util = int(u_step * 4.0) if mode == PAUSE else 0
+            mem_util = 0
+            sm_clock = p.sm_clock_idle_mhz
+            video_clock = p.video_clock_idle_mhz
+            reasons |= _GPU_IDLE
+            if mode == PAUSE:
+                mem_step = math.floor(since_start / 30.0)
+                mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
+            else:
+                mem_used = 0
 
-        temp_gpu = self._temperature(gpu, t, since_job)
+        temp_gpu = self._temperature(gpu, t, since_job, seg)
         temp_mem = temp_gpu - p.mem_temp_below_gpu_celsius + q.mem_temp_offset_celsius
-
-        mem_util = max(0, round((q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
-                                * clock_ratio * gpu_util / 100.0))
-        rx = self._pcie_rx_rate(q, since_job, self._pace_at(t))
-        mem_step = math.floor(since_start / 30.0)
-        mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
+        rx = self._pcie_rx_rate(q, since_job, seg.pace)
 
         return GpuReading(
             gpu_util_percent=gpu_util,
             mem_util_percent=int(mem_util),
             power_milliwatts=int(power * 1000.0),
-            energy_millijoules=self._energy_millijoules(gpu, t),
+            energy_millijoules=q.energy_offset_millijoules
+            + int((self._joules(gpu, t, seg) - self._joules_at_start[gpu]) * 1000.0),
             temp_gpu_celsius=int(temp_gpu),
             temp_mem_celsius=int(temp_mem),
             sm_clock_mhz=int(sm_clock),
             mem_clock_mhz=p.mem_clock_max_mhz,
-            video_clock_mhz=p.video_clock_max_mhz,
+            video_clock_mhz=video_clock,
             clock_event_reasons=reasons,
             pcie_tx_kilobytes_per_second=int(rx * q.pcie_tx_fraction),
             pcie_rx_kilobytes_per_second=int(rx),
             mem_used_bytes=mem_used,
         )
 
-    def _multiplier_at(self, gpu: int, t: float) -> float:
-        multiplier = 1.0
-        for edge, after, _ in self._power_steps[gpu]:
-            if edge > t:
-                break
-            multiplier = after
-        return multiplier
-
-    def _temperature(self, gpu: int, t: float, since_job: float) -> float:
+    def _temperature(self, gpu: int, t: float, since_job: float, seg: _Segment) -> float:
         """Core temperature: power through a first-order thermal filter, plus thermal faults."""
         q = self._params[gpu]
         tau = q.thermal_tau_seconds
-        filtered = q.power_base_watts + (self.profile.power_idle_watts - q.power_base_watts) * math.exp(
-            -since_job / tau
-        )
-        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
-            lag = math.atan(omega * tau)
-            filtered += amplitude / math.hypot(1.0, omega * tau) * math.sin(omega * since_job + phase - lag)
-        # Each change of the power multiplier moves the settled temperature exponentially.
-        for edge, _, delta in self._power_steps[gpu]:
-            if edge > t:
-                break
-            filtered += delta * q.power_base_watts * (1.0 - math.exp(-(t - edge) / tau))
+        settled = seg.scale * q.power_base_watts + seg.watts
+        filtered = settled + (seg.filtered_watts - settled) * math.exp(-max(0.0, t - seg.begin) / tau)
+        if seg.scale:
+            swing = 0.0
+            for (passed, lag), omega, phase in zip(self._filtered_swings[gpu], q.swing_omegas, q.swing_phases):
+                swing += passed * math.sin(omega * since_job + phase - lag)
+            filtered += seg.scale * swing
         celsius = q.ambient_celsius + q.celsius_per_watt * filtered
 
+        windows = self._windows[gpu].get("thermal_slowdown")
+        if not windows:
+            return celsius
         slowdown = self.profile.temp_slowdown_celsius
-        for begin, end, _ in self._windows[gpu].get("thermal_slowdown", ()):
+        for begin, end, _ in windows:
             hot = slowdown + 1.5 + _unit(q.key ^ 0x7E39, math.floor(t))  # 90-91 C while tripped
             if begin - _THERMAL_RAMP_SECONDS <= t < begin:
                 # Cooling fails first: the core climbs towards the threshold, just short of it.
@@ -462,21 +716,14 @@ class SimNode:
                 celsius += max(0.0, hot - celsius) * math.exp(-(t - end) / _THERMAL_COOL_SECONDS)
         return celsius
 
-    def _energy_millijoules(self, gpu: int, t: float) -> int:
-        """Energy since the driver loaded: the exact integral of the smooth power (monotone)."""
-        q = self._params[gpu]
-        total_joules = 0.0
-        segment_start = self.start
-        multiplier = self._multiplier_at(gpu, self.start)
-        for edge, after, _ in self._power_steps[gpu]:
-            if edge <= self.start:
-                continue
-            if edge >= t:
-                break
-            total_joules += multiplier * self._power_integral(q, segment_start, edge)
-            segment_start, multiplier = edge, after
-        total_joules += multiplier * self._power_integral(q, segment_start, t)
-        return q.energy_offset_millijoules + int(total_joules * 1000.0)
+    def _joules(self, gpu: int, t: float, seg: _Segment | None = None) -> float:
+        """Energy of the smooth power from the first segment to `t` (exact integral, monotone)."""
+        seg = seg or self._segment(gpu, t)
+        t = max(t, seg.begin)
+        joules = seg.joules_before + seg.watts * (t - seg.begin)
+        if seg.scale:
+            joules += seg.scale * self._power_integral(self._params[gpu], seg.begin, t)
+        return joules
 
     def _power_integral(self, q: _GpuParams, t0: float, t1: float) -> float:
         """Joules of the unscaled smooth power between absolute times t0 and t1."""
@@ -488,14 +735,6 @@ class SimNode:
         return joules
 
     # ---- PCIe traffic --------------------------------------------------------------------------
-
-    def _pace_at(self, t: float) -> float:
-        pace = 1.0
-        for edge, after in self._pace_steps:
-            if edge > t:
-                break
-            pace = after
-        return pace
 
     @staticmethod
     def _pcie_rx_rate(q: _GpuParams, since_job: float, pace: float) -> float:
@@ -511,21 +750,16 @@ class SimNode:
         swing = _PCIE_SWING_FRACTION / omega * (math.cos(omega * x0 + phase) - math.cos(omega * x1 + phase))
         return q.pcie_rx_kilobytes_per_second * ((x1 - x0) + swing)
 
+    def _rx_kilobytes(self, gpu: int, t: float) -> float:
+        seg = self._segment(gpu, t)
+        t = max(t, seg.begin)
+        return seg.rx_kilobytes_before + seg.pace * self._pcie_rx_integral_kilobytes(self._params[gpu], seg.begin, t)
+
     def pcie_bytes(self, gpu: int, t: float) -> tuple[int, int]:
         """(TX, RX) cumulative PCIe bytes at `t`, like NVML_FI_DEV_PCIE_COUNT_TX/RX_BYTES: the
         integral of the throughput, so counter deltas and nvmlDeviceGetPcieThroughput agree."""
         q = self._params[gpu]
-        kilobytes = 0.0
-        segment_start, pace = self.start, self._pace_at(self.start)
-        for edge, after in self._pace_steps:
-            if edge <= self.start:
-                continue
-            if edge >= t:
-                break
-            kilobytes += pace * self._pcie_rx_integral_kilobytes(q, segment_start, edge)
-            segment_start, pace = edge, after
-        kilobytes += pace * self._pcie_rx_integral_kilobytes(q, segment_start, t)
-        rx = kilobytes * _BYTES_PER_KB
+        rx = (self._rx_kilobytes(gpu, t) - self._rx_kilobytes_at_start[gpu]) * _BYTES_PER_KB
         return q.pcie_tx_base_bytes + int(rx * q.pcie_tx_fraction), q.pcie_rx_base_bytes + int(rx)
 
     # ---- processes -----------------------------------------------------------------------------
@@ -543,10 +777,16 @@ class SimNode:
         """The pids of the compute processes on `gpu`."""
         return self._processes[gpu]
 
+    def processes_at(self, gpu: int, t: float) -> tuple[int, ...]:
+        """The pids with a compute context on `gpu` at `t`: none while the GPU is idle."""
+        return () if self._segment(gpu, t).mode == IDLE else self._processes[gpu]
+
     # ---- counters and link state ---------------------------------------------------------------
 
     def pcie_replay_count(self, gpu: int, t: float) -> int:
         count = self._params[gpu].pcie_replay_base
+        if not self._windows[gpu]:
+            return count
         for begin, end, fault in self._windows[gpu].get("pcie_replays", ()):
             if begin <= t:
                 rate = fault.rate_per_second or DEFAULT_PCIE_REPLAYS_PER_SECOND
@@ -556,17 +796,29 @@ class SimNode:
     def pcie_link(self, gpu: int, t: float) -> tuple[int, int]:
         """(current generation, current width) of the GPU's PCIe link."""
         gen, width = self.profile.pcie_link_gen_max, self.profile.pcie_link_width_max
+        if self._segment(gpu, t).mode == IDLE:
+            gen = _IDLE_PCIE_GEN
         for fault in self._active(gpu, "pcie_downtrain", t):
             gen, width = min(gen, fault.pcie_gen), min(width, fault.pcie_width)
         return gen, width
 
     def ecc_counts(self, gpu: int, t: float) -> tuple[int, int, int, int]:
         """(SBE volatile, DBE volatile, SBE aggregate, DBE aggregate) totals."""
+        windows = self._windows[gpu]
+        if not windows:
+            return 0, 0, 0, 0
         dbe = self._started(gpu, "ecc_dbe", t)
-        return 0, dbe, 0, dbe
+        sbe = self._started(gpu, "single_sbe", t)
+        for begin, end, fault in windows.get("ecc_sbe_burst", ()):
+            if begin <= t:
+                rate = fault.rate_per_second or DEFAULT_SBE_PER_SECOND
+                sbe += 1 + int(rate * (min(t, end) - begin))
+        return sbe, dbe, sbe, dbe
 
     def remapped_rows(self, gpu: int, t: float) -> tuple[int, int, int, int]:
         """(correctable, uncorrectable, pending, failure) as nvmlDeviceGetRemappedRows returns."""
+        if not self._windows[gpu]:
+            return 0, 0, 0, 0
         pending_started = self._started(gpu, "row_remap_pending", t)
         failures = self._started(gpu, "row_remap_failure", t)
         pending = 1 if self._active(gpu, "row_remap_pending", t) else 0

@@ -3,6 +3,9 @@
 A fault happens `at_seconds` after the node's start and, where it is a condition rather than a
 one-off, lasts `duration_seconds` (None: until the end of the run). The compact CLI form is
 `KIND[:XID]@GPU+SECONDS[/DURATION]`, e.g. `xid:79@5+8`, `thermal_slowdown@2+6/30`.
+
+KINDS are the original kinds; MORE_KINDS were added for the fleet scenarios (agent.sim.fleet) and
+are accepted everywhere KINDS are (FAULT_KINDS is both).
 """
 
 from __future__ import annotations
@@ -25,6 +28,16 @@ KINDS: tuple[str, ...] = (
     "gpu_lost",
 )
 
+MORE_KINDS: tuple[str, ...] = (
+    "hw_slowdown",  # HW slowdown (0x8) alone: the board's external slowdown signal, no thermal/brake bit
+    "slow_rank",  # the rank computes `factor` times slower with no hardware sign (data or app problem)
+    "ecc_sbe_burst",  # correctable (single-bit) ECC errors at rate_per_second
+    "single_sbe",  # one correctable ECC error: healthy noise a detector must not alarm on
+    "retired_pages",  # page retirement: pre-Ampere boards only (Hopper remaps rows instead)
+    "gpu_missing",  # the GPU is no longer enumerated: its handle fails, its samples stop, no XID
+)
+FAULT_KINDS: tuple[str, ...] = KINDS + MORE_KINDS
+
 # The XID the driver logs alongside each kind (from ../shared/data/xid-catalog.csv); `xid` on a
 # fault overrides it, e.g. `ecc_dbe:94` for a contained ECC error.
 DEFAULT_XID: dict[str, int] = {
@@ -37,11 +50,15 @@ DEFAULT_XID: dict[str, int] = {
 
 # One-off or permanent kinds: a duration would mean nothing (counters never go back down, a lost
 # GPU stays lost until the node reboots).
-_NO_DURATION = frozenset({"xid", "ecc_dbe", "row_remap_failure", "gpu_lost"})
+_NO_DURATION = frozenset({"xid", "ecc_dbe", "row_remap_failure", "gpu_lost", "single_sbe", "retired_pages"})
 
 # Default climb rates (events per second) for the counter faults.
 DEFAULT_NVLINK_CRC_FLITS_PER_SECOND = 20.0
 DEFAULT_PCIE_REPLAYS_PER_SECOND = 2.0  # 120/min; more than 8 a minute is already unhealthy
+# A burst of correctable ECC errors from a weakening HBM cell: one every couple of seconds.
+DEFAULT_SBE_PER_SECOND = 0.5
+# slow_rank: how much longer the rank's own compute takes by default.
+DEFAULT_SLOW_RANK_FACTOR = 1.3
 
 
 @dataclass(frozen=True)
@@ -62,10 +79,14 @@ class Fault:
     # Gen5 x16 slot coming up at Gen4 or x8).
     pcie_gen: int = 4
     pcie_width: int = 8
+    # slow_rank: compute-time multiplier (default DEFAULT_SLOW_RANK_FACTOR); thermal_slowdown,
+    # power_brake, hw_slowdown: compute-time multiplier instead of the kind's own clock drop
+    # (the SM clock falls to 1/factor of its maximum).
+    factor: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}; kinds: {', '.join(KINDS)}")
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; kinds: {', '.join(FAULT_KINDS)}")
         if isinstance(self.gpu, bool) or not isinstance(self.gpu, int) or self.gpu < 0:
             raise ValueError(f"fault gpu must be a non-negative integer, got {self.gpu!r}")
         if not math.isfinite(self.at_seconds) or self.at_seconds < 0:
@@ -88,6 +109,8 @@ class Fault:
             raise ValueError(f"fault rate_per_second must be > 0, got {self.rate_per_second!r}")
         if self.pcie_gen < 1 or self.pcie_width < 1:
             raise ValueError("fault pcie_gen and pcie_width must be >= 1")
+        if self.factor is not None and not (math.isfinite(self.factor) and self.factor >= 1.0):
+            raise ValueError(f"fault factor must be a finite number >= 1, got {self.factor!r}")
 
     @property
     def effective_xid(self) -> int | None:
@@ -127,8 +150,8 @@ def parse_fault(spec: str) -> Fault:
     head, _, where = text.partition("@")
     kind, sep, xid_text = head.partition(":")
     kind = kind.strip()
-    if kind not in KINDS:
-        raise ValueError(f"bad fault spec {spec!r}: unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"bad fault spec {spec!r}: unknown kind {kind!r}; kinds: {', '.join(FAULT_KINDS)}")
     xid: int | None = None
     if sep:
         if not xid_text.isdigit() or int(xid_text) <= 0:

@@ -80,3 +80,36 @@ def test_collector_restart_then_lifecycle_resolves_when_data_flows_again():
     data.add_host(HostSample(t=restart + 8, node="n02", metrics={}))
     opened, closed = tracker.evaluate(data.window(restart + 8, watching_since=restart))
     assert opened == [] and [(f.node, f.start, f.end) for f in closed] == [("n02", T0, restart + 8)]
+
+
+def run_reboot(down_seconds, interval=30.0):
+    """A node sampling every `interval` s reboots: silent for `down_seconds`, then a new boot_id."""
+    data = RecentData(retention_seconds=600)
+    tracker = Tracker([NodeSilentDetector()])
+    changes = []
+    data.note_node("n01", T0, boot_id="boot-a", sampling_interval_seconds=interval)
+    back = T0 + 300 + down_seconds
+    for second in range(0, int(300 + down_seconds + 300)):
+        now = T0 + second
+        in_old_boot = now <= T0 + 300
+        if (in_old_boot or now >= back) and second % int(interval) == 0:
+            boot_id = "boot-a" if in_old_boot else "boot-b"
+            data.note_node("n01", now, boot_id=boot_id)
+            data.add_host(HostSample(t=now, node="n01", metrics={}))
+        opened, closed = tracker.evaluate(data.window(now, watching_since=T0))
+        changes += [("open", f.start, second) for f in opened]
+        changes += [("close", f.end, second) for f in closed]
+    return changes, data.window(T0 + 300 + down_seconds + 300, watching_since=T0)
+
+
+def test_a_reboot_shorter_than_the_silence_limit_raises_nothing():
+    # 30 s sampling: silent after 90 s; the node is back in a new boot 60 s after its last sample.
+    changes, window = run_reboot(down_seconds=60)
+    assert changes == []
+    state = window.nodes["n01"]
+    assert (state.boot_id, state.boot_seen_at) == ("boot-b", T0 + 360)
+
+
+def test_a_reboot_longer_than_the_limit_is_silence_until_the_new_boot_reports():
+    changes, _ = run_reboot(down_seconds=150)
+    assert changes == [("open", T0 + 300, 390), ("close", T0 + 450, 450)]

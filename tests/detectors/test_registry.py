@@ -8,8 +8,18 @@ from detectors.engine import Tracker
 from detectors.model import Window
 
 
-def test_registry_lists_this_packages_detectors():
-    assert detector_ids() == ["xid", "gpu_lost", "thermal", "node_silent"]
+def test_registry_lists_every_detector_module_of_the_package():
+    import importlib
+    import pkgutil
+
+    found = set()
+    for module in pkgutil.iter_modules(detectors.__path__):
+        for value in vars(importlib.import_module(f"detectors.{module.name}")).values():
+            if isinstance(value, type) and value.__module__.endswith(module.name) and hasattr(value, "detect") and isinstance(getattr(value, "id", None), str):
+                found.add(value)
+    assert found == set(DETECTORS), "a detector module is not registered in detectors/__init__.py"
+    assert {"xid", "ecc", "row_remap", "retired_pages", "pcie", "nvlink", "thermal", "power", "clocks", "gpu_lost",
+            "node_silent", "infiniband", "straggler.steps", "straggler.telemetry"} == set(detector_ids())
     assert [d.id for d in default_detectors()] == detector_ids()
     assert isinstance(DETECTORS, tuple)
 

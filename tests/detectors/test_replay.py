@@ -176,7 +176,7 @@ def test_node_silent_follows_the_inferred_interval():
 def test_episodes_are_reported_once_with_their_end_ordered_by_start():
     hot = {"clock_event_reasons": 0x40, "temp_gpu_celsius": 89, "temp_slowdown_celsius": 87}
     cool = {"clock_event_reasons": 0, "temp_gpu_celsius": 60, "temp_slowdown_celsius": 87}
-    lines = [gpu_line(T0 + t, gpu=1, **(hot if 5 <= t < 10 else cool)) for t in range(0, 700)]
+    lines = [gpu_line(T0 + t, gpu=1, **(hot if 5 <= t < 40 else cool)) for t in range(0, 700)]
     lines += [gpu_line(T0 + t, gpu=0, **cool) for t in range(0, 700)]
     lines.append(line(t=T0 + 2.5, kind="xid", node="n01", gpu=0, xid=13))
     lines.append(line(t=T0 + 650.5, kind="xid", node="n01", gpu=0, xid=79))
@@ -191,7 +191,7 @@ def test_episodes_are_reported_once_with_their_end_ordered_by_start():
             T0 + 603,
             1,
         ),  # held 600 s after its only occurrence, closed at the next tick
-        ("thermal", 1, T0 + 5, T0 + 11, None),
+        ("thermal", 1, T0 + 5, T0 + 44, None),  # closed by 5 clean samples in a row
         ("xid", 0, T0 + 650.5, None, 1),  # still open at the end of the file
     ]
 

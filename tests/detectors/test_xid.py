@@ -2,6 +2,7 @@
 
 import pytest
 
+from detectors.engine import RecentData, Tracker
 from detectors.model import Event, NodeState, Window
 from detectors.xid import XidDetector, XidThresholds
 
@@ -128,3 +129,76 @@ def test_thresholds_are_configurable():
     assert detector.detect(window(T0 + 11, [xid(T0, 13)])) == []
     assert detector.detect(window(T0 + 21, [xid(T0, 79)])) == []
     assert detector.event_window_seconds == 20.0
+
+
+# --- escalation: the same reboot-class XID after a reboot ----------------------------------------
+
+
+def test_a_reboot_class_xid_recurring_after_a_reboot_asks_for_hardware_inspection():
+    events = [xid(T0, 79), xid(T0 + 200, 79)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=T0 + 100))
+    assert (finding.severity, finding.action, finding.start) == (
+        "critical",
+        "inspect_hardware",
+        T0 + 200,
+    )
+    assert finding.summary == (
+        "XID 79: GPU has fallen off the bus; again after the node rebooted "
+        "(1 before the reboot, the last 200 s before this one): the reboot did not clear it"
+    )
+    assert finding.evidence == {
+        "xid": 79,
+        "count": 1,
+        "count_before_reboot": 1,
+        "last_before_reboot": T0,
+        "boot_seen_at": T0 + 100,
+    }
+    assert finding.fingerprint == "xid|n01|3|||79"  # the same alert, escalated
+
+
+@pytest.mark.parametrize("number", [63, 64, 92])  # reset_gpu, inspect_hardware x2
+def test_every_reboot_class_xid_escalates(number):
+    events = [xid(T0, number), xid(T0 + 200, number)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=T0 + 100))
+    assert finding.action == "inspect_hardware"
+    assert "again after the node rebooted" in finding.summary
+
+
+def test_before_the_reboot_a_repeat_is_just_a_count():
+    events = [xid(T0, 79), xid(T0 + 50, 79)]
+    (finding,) = XidDetector().detect(window(T0 + 60, events, boot_seen_at=T0 - 1000))
+    assert (finding.action, finding.evidence) == ("reboot", {"xid": 79, "count": 2})
+
+
+def test_only_the_same_xid_on_the_same_gpu_escalates():
+    events = [xid(T0, 79, gpu=2), xid(T0, 48), xid(T0 + 200, 79)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=T0 + 100))
+    assert (finding.gpu, finding.action) == (3, "reboot")
+    assert finding.summary == "XID 79: GPU has fallen off the bus"
+
+
+def test_application_xids_do_not_escalate():
+    events = [xid(T0, 13), xid(T0 + 200, 13)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=T0 + 100))
+    assert (finding.severity, finding.action) == ("warning", "check_app")
+
+
+def test_without_boot_knowledge_nothing_escalates():
+    events = [xid(T0, 79), xid(T0 + 200, 79)]
+    (finding,) = XidDetector().detect(window(T0 + 300, events, boot_seen_at=None))
+    assert finding.action == "reboot" and finding.evidence["count"] == 2
+
+
+def test_escalation_through_recent_data_with_boot_ids():
+    data = RecentData.for_detectors([XidDetector()])
+    tracker = Tracker([XidDetector()])
+    data.note_node("n01", T0, boot_id="boot-a")
+    data.add_event(xid(T0 + 1, 79))
+    (first,), _ = tracker.evaluate(data.window(T0 + 1, watching_since=T0))
+    assert first.action == "reboot"
+    data.note_node("n01", T0 + 300, boot_id="boot-b")  # rebooted: the finding closes
+    opened, closed = tracker.evaluate(data.window(T0 + 300, watching_since=T0))
+    assert opened == [] and [f.end for f in closed] == [T0 + 300]
+    data.add_event(xid(T0 + 400, 79))  # ... and it comes back
+    (again,), _ = tracker.evaluate(data.window(T0 + 400, watching_since=T0))
+    assert (again.action, again.start) == ("inspect_hardware", T0 + 400)

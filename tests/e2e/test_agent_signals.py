@@ -18,7 +18,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.stepreport import StepReporter
-from e2e_support import Collector, clean_env, free_port, wait_for
+from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 XID_LINE = "[Mon Nov 23 10:00:00 2026] NVRM: Xid (PCI:0000:18:00): 31, pid=4711, name=python3, Ch 00000008, intr 00000000. MMU Fault: ENGINE GRAPHICS GPCCLIENT_T1_0 faulted @ 0x7f8a_00000000. Fault is of type FAULT_PDE ACCESS_TYPE_VIRT_READ\n"

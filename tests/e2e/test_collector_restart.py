@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_support import Collector, clean_env, free_port, wait_for
+from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
 
 GPUS = 4
 

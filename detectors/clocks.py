@@ -1,0 +1,186 @@
+"""Clocks detector: sustained HW slowdown (clock event reason 0x8) that nothing else explains.
+
+NVML sets HW slowdown (clocks cut by half or more) together with its cause where the GPU knows
+it: HW thermal slowdown (0x40, the `thermal` detector's) or HW power brake slowdown (0x80, the
+`power` detector's). One fault must give one hardware finding, so a sample counts here only when
+HW slowdown is set without either, and no finding is raised while either shows anywhere in the
+window judged. What is left is HW slowdown from a cause NVML does not name (e.g. a board-level
+slowdown signal), which gpud treats like the others: sustained -> hardware inspection.
+
+Sustained means what it means for thermal and power (detectors.model.sustained): in 80 % of the
+last 20 s over at least 10 s, or in 6 of the last 10 minutes.
+
+Deliberately not findings here:
+- SW thermal slowdown (0x20): a temperature condition (the GPU or its HBM above its max operating
+  temperature, per NVML), so it is the `thermal` detector's, in the same finding as HW thermal.
+- SW power cap (0x4): the GPU holding its own power limit, normal at full load.
+- An SM clock far below its maximum while busy with no reason bit set: NVML documents "no active
+  reason" as "clocks are as high as possible", and locked clocks (`nvidia-smi -lgc`) or
+  application clocks lower the clock without a hardware fault, so this rule would raise false
+  alarms on healthy GPUs; a GPU slower than its peers is the straggler detectors' concern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Sequence
+
+from detectors.model import Finding, GpuSample, Sustained, Window, sustained
+
+# nvmlClocksEventReasonHwSlowdown / HwThermalSlowdown / HwPowerBrakeSlowdown (nvml.h).
+HW_SLOWDOWN = 0x08
+HW_THERMAL_SLOWDOWN = 0x40
+HW_POWER_BRAKE_SLOWDOWN = 0x80
+EXPLAINED_ELSEWHERE = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class ClocksThresholds:
+    # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
+    clear_samples: int = 5
+    # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
+    recent_seconds: float = 20.0
+    # fraction of the fast window's samples; 0.8 forgives one caught mid-transition (our choice)
+    recent_fraction: float = 0.8
+    # s; first to newest slowed sample of the fast window: spikes under 10 s never fire (our choice)
+    recent_min_seconds: float = 10.0
+    # s; gpud hw-slowdown DefaultStateHWSlowdownEvaluationWindow (10 min) for intermittent slowdown
+    long_seconds: float = 600.0
+    # s; gpud counts the minutes of the window that saw a slowdown event (hw-slowdown component.go)
+    long_bucket_seconds: float = 60.0
+    # minutes; gpud DefaultStateHWSlowdownEventsThresholdFrequencyPerMinute 0.6 x 10 min = 6
+    long_min_buckets: int = 6
+    # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as thermal)
+    max_sample_age_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.clear_samples < 1 or self.long_min_buckets < 1:
+            raise ValueError("clear_samples and long_min_buckets must be at least 1")
+        if not 0 < self.recent_fraction <= 1:
+            raise ValueError("recent_fraction must be in (0, 1]")
+        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
+            raise ValueError("windows must be positive")
+        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
+            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
+
+
+def _reasons(sample: GpuSample) -> int | None:
+    value = sample.metrics.get("clock_event_reasons")
+    return None if value is None else int(value)
+
+
+def _unexplained_slowdown(sample: GpuSample) -> bool:
+    reasons = sample.metrics.get("clock_event_reasons")
+    if reasons is None:
+        return False
+    reasons = int(reasons)
+    return reasons & HW_SLOWDOWN != 0 and reasons & EXPLAINED_ELSEWHERE == 0
+
+
+def _explained_within(series: Sequence[GpuSample], now: float, since: float) -> bool:
+    """Whether a sample in (since, now] shows HW thermal or power brake slowdown."""
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t <= since:
+            return False
+        reasons = _reasons(sample)
+        if reasons is not None and reasons & EXPLAINED_ELSEWHERE:
+            return True
+    return False
+
+
+def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
+    value = metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _fmt(value: float) -> str:
+    return f"{round(value, 1):g}"
+
+
+@dataclass(slots=True)
+class ClocksDetector:
+    """Recent GPU samples -> a finding per GPU held in HW slowdown with no thermal/brake cause."""
+
+    thresholds: ClocksThresholds = field(default_factory=ClocksThresholds)
+    id: ClassVar[str] = "clocks"
+    # Warning: the GPU runs at half speed or less but computes; Azure NHC
+    # (azure_gpu_clock_throttling.nhc) logs HW slowdown as a warning.
+    severity: ClassVar[str] = "warning"
+    # gpud hw-slowdown: "Hardware slowdown are often caused by GPU overheating or power supply unit
+    # (PSU) failing, please do a hardware inspection".
+    action: ClassVar[str] = "inspect_hardware"
+
+    @property
+    def window_seconds(self) -> float:
+        t = self.thresholds
+        return max(t.recent_seconds, t.long_seconds, t.max_sample_age_seconds)
+
+    def detect(self, window: Window) -> list[Finding]:
+        t = self.thresholds
+        findings = []
+        for (node, gpu), series in window.gpu.items():
+            held = sustained(
+                series,
+                window.now,
+                _unexplained_slowdown,
+                clear_samples=t.clear_samples,
+                max_sample_age_seconds=t.max_sample_age_seconds,
+                recent_seconds=t.recent_seconds,
+                recent_fraction=t.recent_fraction,
+                recent_min_seconds=t.recent_min_seconds,
+                long_seconds=t.long_seconds,
+                long_bucket_seconds=t.long_bucket_seconds,
+                long_min_buckets=t.long_min_buckets,
+            )
+            if held is None:
+                continue
+            judged = t.recent_seconds if held.by == "recent" else t.long_seconds
+            if _explained_within(series, window.now, window.now - judged):
+                continue  # thermal's or power's finding, not a second one here
+            findings.append(self._finding(node, gpu, held))
+        findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
+        return findings
+
+    def _finding(self, node: str, gpu: int, held: Sustained) -> Finding:
+        latest = held.latest.metrics
+        sm_clock_mhz = _number(latest, "sm_clock_mhz")
+        sm_clock_max_mhz = _number(latest, "sm_clock_max_mhz")
+        if held.by == "recent":
+            how_long = (
+                f" for {_fmt(held.latest.t - held.start)} s "
+                f"({held.recent_hits} of {held.recent_samples} samples)"
+            )
+        else:
+            how_long = f" in {held.long_hit_buckets} of the last {held.long_buckets} minutes"
+        summary = f"GPU {gpu} in hardware slowdown{how_long}, not thermal or power brake"
+        if sm_clock_mhz is not None:
+            summary += f": SM clock {_fmt(sm_clock_mhz)} MHz"
+            if sm_clock_max_mhz is not None:
+                summary += f" of {_fmt(sm_clock_max_mhz)} MHz max"
+
+        evidence: dict[str, object] = {
+            "sustained_by": held.by,
+            "slowed_samples": held.recent_hits,
+            "recent_samples": held.recent_samples,
+            "recent_seconds": self.thresholds.recent_seconds,
+            "clock_event_reasons": int(latest["clock_event_reasons"]),
+        }
+        if held.long_hit_buckets is not None:
+            evidence["slowed_minutes"] = held.long_hit_buckets
+        if held.latest.job is not None:
+            evidence["job"] = held.latest.job  # evidence, not identity: see thermal
+        for name, value in (("sm_clock_mhz", sm_clock_mhz), ("sm_clock_max_mhz", sm_clock_max_mhz)):
+            if value is not None:
+                evidence[name] = value
+        return Finding(
+            detector=self.id,
+            severity=self.severity,
+            action=self.action,
+            summary=summary,
+            start=held.start,
+            node=node,
+            gpu=gpu,
+            evidence=evidence,
+        )

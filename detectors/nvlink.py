@@ -1,0 +1,425 @@
+"""NVLink detector: a link that went down, or replay, recovery and CRC errors at DCGM's limits.
+
+One finding per GPU (one fault shows several ways at once: a link that drops is retrained, which
+counts a recovery; CRC errors are what make the link replay), critical, holding while either
+condition does:
+
+- Link down (action reboot): fewer links up (`nvlink_links_up`) than the GPU had earlier in the
+  window with the same `nvlink_links_total`, or than its peers on the node have (a peer with all
+  its links up and the same total: on an NVSwitch board every link of every GPU is up, so this
+  keeps a link that stays down reported after the drop has left the window, and across a
+  collector restart), for `link_down_samples` samples running. GPUs whose links are all down
+  from the start on a node where none has them all up (NVLink unused, e.g. PCIe boards without
+  bridges) are not reported. DCGM fails a GPU with a link down (DCGM_FR_NVLINK_DOWN), Azure NHC
+  fails the node on any inactive link (azure_gpu_nvlink.nhc, NHC2016) and gpud suggests
+  REBOOT_SYSTEM for inactive NVLinks; the XID the driver logs, 74, is critical / reboot in
+  detectors/xid_catalog.csv.
+- Errors (action inspect_hardware): within `error_window_seconds`, at least
+  `replay_recovery_errors` replay or recovery errors, or CRC flit or data errors at
+  `crc_errors_per_second` or more. These are DCGM's NVLink health rules: replay and recovery
+  errors fail at 1 (DCGM_LIMIT_MAX_NVLINK_ERROR, DCGM_FR_NVLINK_ERROR_CRITICAL, "run the field
+  diagnostic"); CRC errors fail at 100 a second (DCGM_LIMIT_MAX_NVLINK_CRC_ERROR: "RM has informed
+  us that CRC errors only matter at rates of 100+ per second"). DCGM treats a single replay as a
+  failure, so we do too; the threshold is here for fleets that see otherwise. CRC errors below
+  their rate are listed in a finding's summary but raise none on their own (DCGM only warns:
+  "Monitor the NVLink. It can still perform workload."). The finding holds `error_hold_seconds`
+  after the last sample over a limit.
+
+The counters are the agent's sums over the GPU's links. A value lower than the previous sample's
+is a reset (driver reload, reboot), not errors; the sample after it is the new baseline. A counter
+the GPU does not keep (e.g. CRC data on Hopper) is absent and judged by nothing.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import ClassVar, Iterator, Mapping, Sequence
+
+from detectors.model import Finding, GpuSample, Window, held_episode
+
+UP, TOTAL = "nvlink_links_up", "nvlink_links_total"
+# (field, what the summary calls one, is it a CRC counter judged by its rate per second)
+COUNTERS = (
+    ("nvlink_replay_errors_total", "replay", False),
+    ("nvlink_recovery_errors_total", "recovery", False),
+    ("nvlink_crc_flit_errors_total", "CRC flit error", True),
+    ("nvlink_crc_data_errors_total", "CRC data error", True),
+)
+_COUNTER_NAMES = tuple(name for name, _, _ in COUNTERS)
+_PLURALS = {"replay": "replays", "recovery": "recoveries"}
+
+
+@dataclass(frozen=True, slots=True)
+class NvlinkThresholds:
+    # errors in one window; replay or recovery errors that fail the GPU:
+    # DCGM_LIMIT_MAX_NVLINK_ERROR (dcgm_gpu_hardware_limits.h)
+    replay_recovery_errors: int = 1
+    # errors/s; CRC flit or data errors that fail the GPU: DCGM_LIMIT_MAX_NVLINK_CRC_ERROR
+    # ("RM has informed us that CRC errors only matter at rates of 100+ per second")
+    crc_errors_per_second: float = 100.0
+    # s; errors are counted over this window: DCGM's NVLink health watch window (one minute)
+    error_window_seconds: float = 60.0
+    # s; an error finding outlives its last over-limit sample by this, so errors hovering at a
+    # limit do not flap (our choice)
+    error_hold_seconds: float = 120.0
+    # samples; fewer links up on this many samples running is a link down, one odd reading is
+    # not (our choice)
+    link_down_samples: int = 2
+    # s; the newest sample must be this recent to say anything about now; a quiet node is
+    # node_silent's finding (as thermal)
+    max_sample_age_seconds: float = 30.0
+    # samples; a field missing from the newest sample (a failed read) is read from the newest of
+    # this many, so one bad read does not close a finding (our choice)
+    field_lookback_samples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.field_lookback_samples < 1:
+            raise ValueError("field_lookback_samples must be at least 1")
+        if self.replay_recovery_errors < 1 or self.crc_errors_per_second <= 0:
+            raise ValueError("error limits must be positive")
+        if self.error_window_seconds <= 0 or self.max_sample_age_seconds <= 0:
+            raise ValueError("error_window_seconds and max_sample_age_seconds must be positive")
+        if self.error_hold_seconds < 0:
+            raise ValueError("error_hold_seconds must not be negative")
+        if self.link_down_samples < 1:
+            raise ValueError("link_down_samples must be at least 1")
+
+
+def _ends(
+    series: Sequence[GpuSample], newest: int, name: str, lookback: int
+) -> tuple[float | int | None, float | int | None]:
+    """A counter's oldest and newest readings in the kept series, each taken from the first of the
+    `lookback` samples at that end that carries it (None: none does)."""
+    last = None
+    for i in range(newest, max(newest - lookback, -1), -1):
+        last = series[i].metrics.get(name)
+        if last is not None:
+            break
+    first = None
+    for i in range(min(lookback, newest + 1)):
+        first = series[i].metrics.get(name)
+        if first is not None:
+            break
+    return first, last
+
+
+def _points(
+    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
+) -> list[tuple[float, float]]:
+    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
+    newest end, so only the window's tail of a long series is touched."""
+    points = []
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t < oldest_t:
+            break
+        value = sample.metrics.get(name)
+        if value is not None:
+            points.append((sample.t, float(value)))
+    points.reverse()
+    return points
+
+
+def _window_counts(
+    points: Sequence[tuple[float, float]], window_seconds: float
+) -> tuple[list[float], list[float], list[int]]:
+    """Per point: the counter's increase since the first point, its increase over the
+    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
+    reset and adds nothing: the value after it is the new baseline."""
+    cumulative = []
+    total = 0.0
+    previous = None
+    for _, value in points:
+        if previous is not None and value > previous:
+            total += value - previous
+        previous = value
+        cumulative.append(total)
+    counts, bases = [], []
+    base = 0
+    for i, (t, _) in enumerate(points):
+        while base < i and points[base + 1][0] <= t - window_seconds:
+            base += 1
+        counts.append(cumulative[i] - cumulative[base])
+        bases.append(base)
+    return cumulative, counts, bases
+
+
+def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
+    """The samples from `index` back to the oldest, newest first; a window's views iterate this
+    way without indexing into the middle of their deque."""
+    return islice(reversed(series), len(series) - 1 - index, None)
+
+
+def _latest(series: Sequence[GpuSample], index: int, oldest_t: float, lookback: int) -> int:
+    """Index of the newest of the `lookback` samples ending at `index` (none older than
+    `oldest_t`) that carries both link counts; -1 when none does."""
+    newest, oldest = series[index].metrics, series[0].metrics
+    if newest.get(UP) is not None and newest.get(TOTAL) is not None:
+        return index  # the fast path: the newest sample has them
+    if oldest.get(UP) is None or oldest.get(TOTAL) is None:
+        return -1  # nor the oldest: a GPU without NVLink (or counts lost at both ends)
+    stop = max(index - lookback, -1)
+    while index > stop:
+        sample = series[index]
+        if sample.t < oldest_t:
+            break
+        if sample.metrics.get(UP) is not None and sample.metrics.get(TOTAL) is not None:
+            return index
+        index -= 1
+    return -1
+
+
+def _count(count: float, noun: str) -> str:
+    return f"{count:g} {noun if count == 1 else _PLURALS.get(noun, noun + 's')}"
+
+
+@dataclass(slots=True)
+class _LinkDown:
+    start: float
+    up: float
+    total: float
+    expected: float  # links up before the drop, or on the node's healthy peers
+    by_peers: bool
+
+
+@dataclass(slots=True)
+class _Counter:
+    """One error counter's points in the window and what _window_counts made of them."""
+
+    name: str
+    noun: str
+    points: list[tuple[float, float]]
+    cumulative: list[float]
+    counts: list[float]
+    bases: list[int]
+    over: list[int]  # indexes of the points whose window reached the limit
+
+
+@dataclass(slots=True)
+class _Errors:
+    start: float
+    seconds: float
+    totals: dict[str, float]  # summary noun -> errors since the episode's first window
+    in_window: dict[str, float]  # field -> errors in the newest error window
+
+
+@dataclass(slots=True)
+class NvlinkDetector:
+    """GPU samples -> one finding per GPU with a link down or NVLink errors over DCGM's limits."""
+
+    thresholds: NvlinkThresholds = field(default_factory=NvlinkThresholds)
+    id: ClassVar[str] = "nvlink"
+
+    @property
+    def window_seconds(self) -> float:
+        t = self.thresholds
+        return max(t.error_window_seconds + t.error_hold_seconds, t.max_sample_age_seconds)
+
+    def detect(self, window: Window) -> list[Finding]:
+        now = window.now
+        oldest_t = now - self.thresholds.max_sample_age_seconds
+        lookback = self.thresholds.field_lookback_samples
+        # Per GPU, its newest sample and its newest with the link counts (-1: none).
+        newest: dict[tuple[str, int], tuple[int, int]] = {}
+        # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to.
+        all_up: dict[str, set[float]] = {}
+        for key, series in window.gpu.items():
+            index = len(series) - 1
+            while index >= 0 and series[index].t > now:
+                index -= 1
+            if index < 0 or series[index].t < oldest_t:
+                continue
+            links = _latest(series, index, oldest_t, lookback)
+            newest[key] = (index, links)
+            if links >= 0:
+                metrics = series[links].metrics
+                up, total = metrics[UP], metrics[TOTAL]
+                if total > 0 and up >= total:
+                    all_up.setdefault(key[0], set()).add(float(total))
+
+        findings = []
+        for (node, gpu), (index, links) in newest.items():
+            series = window.gpu[(node, gpu)]
+            down = errors = None
+            if links >= 0 and series[links].metrics[UP] < series[links].metrics[TOTAL]:
+                down = self._link_down(series, links, now, all_up.get(node, set()))
+            first, last = series[0].metrics, series[index].metrics
+            for name in _COUNTER_NAMES:
+                if self._moved(series, index, name, first, last):
+                    state = window.nodes.get(node)
+                    boot_seen_at = state.boot_seen_at if state is not None else None
+                    errors = self._errors(series, index, now, boot_seen_at)
+                    break
+            if down is not None or errors is not None:
+                findings.append(self._finding(node, gpu, down, errors))
+        findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
+        return findings
+
+    # --- links down ----------------------------------------------------------------------------
+
+    def _link_down(
+        self,
+        series: Sequence[GpuSample],
+        index: int,
+        now: float,
+        peers_all_up: set[float],
+    ) -> _LinkDown | None:
+        """`peers_all_up`: the link totals of the node's GPUs that have every link up."""
+        metrics = series[index].metrics
+        up, total = float(metrics[UP]), float(metrics[TOTAL])  # the caller saw up < total
+        # `index` is the newest sample with the counts; the run below starts from it.
+        oldest_t = now - self.window_seconds
+        # Peers: another GPU of the node with the same links, all up (this GPU is not among them).
+        by_peers = total in peers_all_up
+        expected = total if by_peers else up
+        if not by_peers:
+            # Earlier in the window with the same total: was any sample's count higher? A count
+            # equal at both ends of the kept series has not dropped (the fast path).
+            first = series[0].metrics
+            if first.get(TOTAL) == total and first.get(UP) == up:
+                return None
+            for sample in reversed(series):
+                if sample.t > now:
+                    continue
+                if sample.t < oldest_t:
+                    break
+                m = sample.metrics
+                if m.get(TOTAL) == total and m.get(UP) is not None and m[UP] > expected:
+                    expected = float(m[UP])
+            if expected <= up:
+                return None
+        # The run of samples with fewer links up than expected, ending at the newest sample.
+        run = 0
+        start = series[index].t
+        for sample in _back_from(series, index):
+            if sample.t < oldest_t:
+                break
+            m = sample.metrics
+            if m.get(UP) is None or m.get(TOTAL) is None:
+                continue
+            if m[TOTAL] != total or m[UP] >= expected:
+                break
+            run += 1
+            start = sample.t
+        if run < self.thresholds.link_down_samples:
+            return None
+        return _LinkDown(start=start, up=up, total=total, expected=expected, by_peers=by_peers)
+
+    # --- error counters ------------------------------------------------------------------------
+
+    def _moved(
+        self,
+        series: Sequence[GpuSample],
+        index: int,
+        name: str,
+        first_metrics: Mapping[str, float | int],
+        last_metrics: Mapping[str, float | int],
+    ) -> bool:
+        """Whether counter `name` may have moved in the kept series (whose oldest and newest
+        samples' metrics are given). A counter that reads the same at both ends has not (a reset
+        that climbed back to the same value in between is missed); one absent at both ends is one
+        the GPU does not keep (CRC data on Hopper, every counter on a board without NVLink)."""
+        first, last = first_metrics.get(name), last_metrics.get(name)
+        if first == last:
+            return False
+        if first is None or last is None:  # a failed read at one end: look a little further in
+            first, last = _ends(series, index, name, self.thresholds.field_lookback_samples)
+        return first != last
+
+    def _errors(
+        self,
+        series: Sequence[GpuSample],
+        index: int,
+        now: float,
+        boot_seen_at: float | None,
+    ) -> _Errors | None:
+        t = self.thresholds
+        oldest_t = now - self.window_seconds
+        if boot_seen_at is not None:
+            oldest_t = max(oldest_t, boot_seen_at)  # errors from before a reboot are history
+        moved: list[_Counter] = []
+        first, last = series[0].metrics, series[index].metrics
+        for name, noun, is_crc in COUNTERS:
+            if not self._moved(series, index, name, first, last):
+                continue
+            points = _points(series, name, oldest_t, now)
+            if len(points) < 2:
+                continue
+            cumulative, counts, bases = _window_counts(points, t.error_window_seconds)
+            if is_crc:
+                limit = t.crc_errors_per_second * t.error_window_seconds
+            else:
+                limit = t.replay_recovery_errors
+            over = [i for i, count in enumerate(counts) if count >= limit]
+            moved.append(_Counter(name, noun, points, cumulative, counts, bases, over))
+        violations = sorted({c.points[i][0] for c in moved for i in c.over})
+        episode = held_episode(violations, now, t.error_hold_seconds, boot_seen_at)
+        if not episode:
+            return None
+        start = episode[0]
+        # Errors are counted from the sample the episode's first over-limit window started at.
+        since = min(
+            c.points[c.bases[i]][0] for c in moved for i in c.over if c.points[i][0] == start
+        )
+        totals: dict[str, float] = {}
+        in_window: dict[str, float] = {}
+        last_t = since
+        for c in moved:
+            base = max(bisect_right([p[0] for p in c.points], since) - 1, 0)
+            total = c.cumulative[-1] - c.cumulative[base]
+            if total > 0:
+                totals[c.noun] = total
+            in_window[c.name] = c.counts[-1]
+            last_t = max(last_t, c.points[-1][0])
+        return _Errors(start=start, seconds=last_t - since, totals=totals, in_window=in_window)
+
+    # --- the finding ---------------------------------------------------------------------------
+
+    def _finding(
+        self, node: str, gpu: int, down: _LinkDown | None, errors: _Errors | None
+    ) -> Finding:
+        parts = []
+        evidence: dict[str, object] = {}
+        starts = []
+        if down is not None:
+            lost = down.expected - down.up
+            link = "link" if lost == 1 else "links"
+            against = "its peers have all" if down.by_peers else "earlier"
+            parts.append(
+                f"{lost:g} NVLink {link} down ({down.up:g} of {down.total:g} up, "
+                f"{against} {down.expected:g})"
+            )
+            evidence.update(
+                {
+                    "nvlink_links_up": down.up,
+                    "nvlink_links_total": down.total,
+                    "links_expected_up": down.expected,
+                    "links_down": lost,
+                }
+            )
+            starts.append(down.start)
+        if errors is not None:
+            listed = ", ".join(
+                _count(total, noun)
+                + (f" ({total / errors.seconds:.3g}/s)" if "CRC" in noun and errors.seconds else "")
+                for noun, total in errors.totals.items()
+            )
+            parts.append(f"NVLink errors in the last {errors.seconds:g} s: {listed}")
+            evidence["errors"] = dict(errors.totals)
+            evidence["seconds"] = errors.seconds
+            evidence["in_window"] = dict(errors.in_window)
+            evidence["window_seconds"] = self.thresholds.error_window_seconds
+            starts.append(errors.start)
+        return Finding(
+            detector=self.id,
+            severity="critical",
+            action="reboot" if down is not None else "inspect_hardware",
+            summary=f"GPU {gpu} on {node}: " + "; ".join(parts),
+            start=min(starts),
+            node=node,
+            gpu=gpu,
+            evidence=evidence,
+        )

@@ -1,0 +1,439 @@
+"""PCIe detector: a replay rate above what the link's bit error rate allows, or a downtrained link.
+
+Two findings per GPU, told apart by `key`:
+
+- `replay_rate` (warning, inspect_hardware): more PCIe replays in `replay_window_seconds` than a
+  healthy link makes. DCGM's PCIe health watch expects at most a bit error rate of 1e-12 per
+  lane, i.e. ceil(1e-12 x lane rate x 60 s x width) replays a minute (Gen5 x16: 31, Gen4 x16: 16,
+  Gen3 x16: 8), and warns above it (DcgmHealthWatch::GetExpectedPcieReplayRate,
+  DCGM_FR_PCI_REPLAY_RATE, next step "Reconnect PCIe card. Run system side PCIE diagnostic
+  utilities..."); where the link's generation or width is unknown, the older fixed limit of
+  8 a minute applies (DCGM_LIMIT_MAX_PCIREPLAY_RATE, "the maximum recommended by RM"). The
+  finding holds `replay_hold_seconds` after the last sample over the limit.
+- `link` (warning, inspect_hardware): the link trained below its maximum width
+  (`pcie_link_width` < `pcie_link_width_max`) or, while the GPU is busy, below its maximum
+  generation (`pcie_link_gen` < `pcie_link_gen_max`), for `link_samples` samples running. GPUs
+  lower the link generation when idle to save power ("These may be reduced when the GPU is not in
+  use", nvidia-smi's pcie.link.gen.current), so the generation is only judged on samples with
+  `gpu_util_percent` at or above `busy_util_percent`; a width below the maximum has no such
+  excuse (a GPU in a Gen5 x16 slot that comes up at x8 is one of the commonest PCIe faults; the
+  StepFun fault trace counts "PCIe link width low" among its GPU faults). NVML's maximums are
+  already what the slot and the GPU together allow, so a Gen4 host is not a Gen5 GPU's fault.
+
+Counters: a replay count lower than the previous sample's is a reset, not replays; the sample after
+it is the new baseline. A field the GPU does not report is absent and its rule does not run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import ClassVar, Iterator, Mapping, Sequence
+
+from detectors.model import Finding, GpuSample, Window, held_episode
+
+REPLAYS = "pcie_replay_total"
+GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"
+WIDTH, WIDTH_MAX = "pcie_link_width", "pcie_link_width_max"
+UTIL = "gpu_util_percent"
+
+# GT/s per lane of PCIe generations 1-6 (the PCIe specifications; DCGM's table is the same).
+LANE_GIGATRANSFERS_PER_SECOND = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
+
+
+@dataclass(frozen=True, slots=True)
+class PcieThresholds:
+    # errors per bit; the bit error rate per lane DCGM's replay rule allows
+    # (DcgmHealthWatch::GetExpectedPcieReplayRate)
+    replay_bit_error_rate: float = 1e-12
+    # replays a minute; the limit when gen or width is unknown: DCGM_LIMIT_MAX_PCIREPLAY_RATE,
+    # "8 replays per minute is the maximum recommended by RM"
+    fallback_replays_per_minute: float = 8.0
+    # s; replays are counted over this window: DCGM's PCIe health watch window (one minute)
+    replay_window_seconds: float = 60.0
+    # s; a replay finding outlives its last over-limit sample by this, so a rate hovering at the
+    # limit does not flap (our choice)
+    replay_hold_seconds: float = 120.0
+    # samples; a link below its maximum on this many judged samples running fires, not a reading
+    # taken mid-retrain (our choice)
+    link_samples: int = 5
+    # samples; the generation is judged on the busy ones among the newest this many, so a short
+    # dip in load neither hides nor closes a finding (our choice)
+    link_lookback_samples: int = 10
+    # %; gpu_util_percent from which the link must run at its maximum generation (our choice;
+    # training keeps GPUs at 90-100 %)
+    busy_util_percent: float = 50.0
+    # bool; judge the width on busy samples only, like the generation (off: a narrow link is a
+    # fault even when idle, though nvidia-smi's docs say width too "may be reduced" when idle)
+    width_requires_busy: bool = False
+    # s; the newest sample must be this recent to say anything about now; a quiet node is
+    # node_silent's finding (as thermal)
+    max_sample_age_seconds: float = 30.0
+    # samples; a field missing from the newest sample (a failed read) is read from the newest of
+    # this many, so one bad read does not close a finding (our choice)
+    field_lookback_samples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.field_lookback_samples < 1:
+            raise ValueError("field_lookback_samples must be at least 1")
+        if self.replay_bit_error_rate <= 0 or self.fallback_replays_per_minute <= 0:
+            raise ValueError("replay limits must be positive")
+        if self.replay_window_seconds <= 0 or self.max_sample_age_seconds <= 0:
+            raise ValueError("replay_window_seconds and max_sample_age_seconds must be positive")
+        if self.replay_hold_seconds < 0:
+            raise ValueError("replay_hold_seconds must not be negative")
+        if not 1 <= self.link_samples <= self.link_lookback_samples:
+            raise ValueError("need 1 <= link_samples <= link_lookback_samples")
+
+    def replay_limit(self, gen: float | None, width: float | None) -> float:
+        """Replays allowed in one replay window on a link running at `gen` x `width`."""
+        if gen is None or width is None or gen < 1 or width < 1:
+            return self.fallback_replays_per_minute * self.replay_window_seconds / 60.0
+        lane = LANE_GIGATRANSFERS_PER_SECOND[min(int(gen), max(LANE_GIGATRANSFERS_PER_SECOND))]
+        expected = self.replay_bit_error_rate * lane * 1e9 * self.replay_window_seconds * width
+        return float(math.ceil(round(expected, 6)))  # DCGM ceils; round away float noise first
+
+
+def _plural(count: float, noun: str) -> str:
+    return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
+
+
+def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
+    value = metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _ends(
+    series: Sequence[GpuSample], newest: int, name: str, lookback: int
+) -> tuple[float | int | None, float | int | None]:
+    """A counter's oldest and newest readings in the kept series, each taken from the first of the
+    `lookback` samples at that end that carries it (None: none does)."""
+    last = None
+    for i in range(newest, max(newest - lookback, -1), -1):
+        last = series[i].metrics.get(name)
+        if last is not None:
+            break
+    first = None
+    for i in range(min(lookback, newest + 1)):
+        first = series[i].metrics.get(name)
+        if first is not None:
+            break
+    return first, last
+
+
+def _points(
+    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
+) -> list[tuple[float, float]]:
+    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
+    newest end, so only the window's tail of a long series is touched."""
+    points = []
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t < oldest_t:
+            break
+        value = sample.metrics.get(name)
+        if value is not None:
+            points.append((sample.t, float(value)))
+    points.reverse()
+    return points
+
+
+def _window_counts(
+    points: Sequence[tuple[float, float]], window_seconds: float
+) -> tuple[list[float], list[float], list[int]]:
+    """Per point: the counter's increase since the first point, its increase over the
+    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
+    reset and adds nothing: the value after it is the new baseline."""
+    cumulative = []
+    total = 0.0
+    previous = None
+    for _, value in points:
+        if previous is not None and value > previous:
+            total += value - previous
+        previous = value
+        cumulative.append(total)
+    counts, bases = [], []
+    base = 0
+    for i, (t, _) in enumerate(points):
+        while base < i and points[base + 1][0] <= t - window_seconds:
+            base += 1
+        counts.append(cumulative[i] - cumulative[base])
+        bases.append(base)
+    return cumulative, counts, bases
+
+
+def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
+    """The samples from `index` back to the oldest, newest first; a window's views iterate this
+    way without indexing into the middle of their deque."""
+    return islice(reversed(series), len(series) - 1 - index, None)
+
+
+def _latest(
+    series: Sequence[GpuSample],
+    index: int,
+    names: tuple[str, ...],
+    oldest_t: float,
+    lookback: int,
+) -> int:
+    """Index of the newest of the `lookback` samples ending at `index` (none older than
+    `oldest_t`) that carries all of `names`; -1 when none does."""
+    newest, oldest = series[index].metrics, series[0].metrics
+    missing = False
+    for name in names:
+        if newest.get(name) is None:
+            if oldest.get(name) is None:
+                return -1  # nor the oldest: a field the GPU does not report at all
+            missing = True
+    if not missing:
+        return index  # the fast path: the newest sample has them
+    stop = max(index - lookback, -1)
+    while index > stop:
+        sample = series[index]
+        if sample.t < oldest_t:
+            break
+        metrics = sample.metrics
+        if all(metrics.get(name) is not None for name in names):
+            return index
+        index -= 1
+    return -1
+
+
+def _link_name(gen: float | None, width: float | None) -> str:
+    """E.g. "Gen5 x16", or what of it is known."""
+    parts = ([f"Gen{gen:g}"] if gen is not None else []) + (
+        [f"x{width:g}"] if width is not None else []
+    )
+    return " ".join(parts)
+
+
+def _width_low(metrics: Mapping[str, float | int]) -> bool | None:
+    width, width_max = metrics.get(WIDTH), metrics.get(WIDTH_MAX)
+    if width is None or width_max is None:
+        return None
+    return width < width_max
+
+
+def _gen_low(metrics: Mapping[str, float | int]) -> bool | None:
+    gen, gen_max = metrics.get(GEN), metrics.get(GEN_MAX)
+    if gen is None or gen_max is None:
+        return None
+    return gen < gen_max
+
+
+@dataclass(slots=True)
+class PcieDetector:
+    """GPU samples -> per GPU a `replay_rate` finding and a `link` (downtrained) finding."""
+
+    thresholds: PcieThresholds = field(default_factory=PcieThresholds)
+    id: ClassVar[str] = "pcie"
+
+    @property
+    def window_seconds(self) -> float:
+        t = self.thresholds
+        return max(t.replay_window_seconds + t.replay_hold_seconds, t.max_sample_age_seconds)
+
+    def detect(self, window: Window) -> list[Finding]:
+        now = window.now
+        findings = []
+        for (node, gpu), series in window.gpu.items():
+            newest = len(series) - 1
+            while newest >= 0 and series[newest].t > now:
+                newest -= 1
+            fresh_t = now - self.thresholds.max_sample_age_seconds
+            if newest < 0 or series[newest].t < fresh_t:
+                continue
+            lookback = self.thresholds.field_lookback_samples
+            widths = _latest(series, newest, (WIDTH, WIDTH_MAX), fresh_t, lookback)
+            gens = _latest(series, newest, (GEN, GEN_MAX), fresh_t, lookback)
+            link = self._link(node, gpu, series, widths, gens, now)
+            if link is not None:
+                findings.append(link)
+            # Fast path: a counter that reads the same at both ends of the kept series has not
+            # moved (a reset that climbed back to the same value in between is missed).
+            first_replays = series[0].metrics.get(REPLAYS)
+            last_replays = series[newest].metrics.get(REPLAYS)
+            if first_replays is None or last_replays is None:  # a failed read: look further in
+                first_replays, last_replays = _ends(series, newest, REPLAYS, lookback)
+            if first_replays != last_replays:
+                state = window.nodes.get(node)
+                boot_seen_at = state.boot_seen_at if state is not None else None
+                gen = _number(series[gens].metrics, GEN) if gens >= 0 else None
+                width = _number(series[widths].metrics, WIDTH) if widths >= 0 else None
+                replays = self._replay_rate(node, gpu, series, gen, width, now, boot_seen_at)
+                if replays is not None:
+                    findings.append(replays)
+        findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
+        return findings
+
+    # --- replays -----------------------------------------------------------------------------
+
+    def _replay_rate(
+        self,
+        node: str,
+        gpu: int,
+        series: Sequence[GpuSample],
+        gen: float | None,
+        width: float | None,
+        now: float,
+        boot_seen_at: float | None,
+    ) -> Finding | None:
+        t = self.thresholds
+        oldest_t = now - self.window_seconds
+        if boot_seen_at is not None:
+            oldest_t = max(oldest_t, boot_seen_at)  # replays from before a reboot are history
+        points = _points(series, REPLAYS, oldest_t, now)
+        if len(points) < 2:
+            return None
+        limit = t.replay_limit(gen, width)
+        cumulative, counts, bases = _window_counts(points, t.replay_window_seconds)
+        over = [i for i, count in enumerate(counts) if count > limit]
+        if not over:
+            return None
+        times = [points[i][0] for i in over]
+        episode = held_episode(times, now, t.replay_hold_seconds, boot_seen_at)
+        if not episode:
+            return None
+        first = over[len(over) - len(episode)]
+        base, last = bases[first], len(points) - 1
+        replays = cumulative[last] - cumulative[base]  # from the episode's first window to now
+        seconds = points[last][0] - points[base][0]
+        at = f" at {_link_name(gen, width)}" if gen is not None and width is not None else ""
+        evidence: dict[str, object] = {
+            "replays": replays,
+            "seconds": seconds,
+            "replays_in_window": counts[last],
+            "window_seconds": t.replay_window_seconds,
+            "limit": limit,
+            "pcie_replay_total": points[last][1],
+        }
+        if gen is not None and width is not None:
+            evidence["pcie_link_gen"] = gen
+            evidence["pcie_link_width"] = width
+        return Finding(
+            detector=self.id,
+            severity="warning",
+            action="inspect_hardware",
+            summary=(
+                f"GPU {gpu} on {node}: {_plural(replays, 'PCIe replay')} in the last "
+                f"{seconds:g} s "
+                f"(limit {limit:g} in {t.replay_window_seconds:g} s{at})"
+            ),
+            start=points[first][0],
+            node=node,
+            gpu=gpu,
+            evidence=evidence,
+            key="replay_rate",
+        )
+
+    # --- link training -----------------------------------------------------------------------
+
+    def _run_start(
+        self,
+        series: Sequence[GpuSample],
+        newest: int,
+        now: float,
+        name: str,
+        name_max: str,
+        busy_only: bool,
+    ) -> tuple[float, Mapping[str, float | int]] | None:
+        """When the link read below its maximum (`name` < `name_max`) on `link_samples` judged
+        samples running, with none at the maximum between them, among the newest
+        `link_lookback_samples` samples (all samples with the fields are judged, or only the
+        busy ones if `busy_only`): the time of the first judged sample of that low run and the
+        metrics of its newest; else None."""
+        t = self.thresholds
+        need, lookback, busy = t.link_samples, t.link_lookback_samples, t.busy_util_percent
+        judged = seen = 0
+        start = 0.0
+        latest: Mapping[str, float | int] = {}
+        oldest_t = now - self.window_seconds
+        for sample in _back_from(series, newest):
+            if sample.t < oldest_t:
+                break
+            metrics = sample.metrics
+            if busy_only:
+                util = metrics.get(UTIL)
+                if util is None or util < busy:  # not judged, but it counts against the lookback
+                    seen += 1
+                    if judged < need and judged + lookback - seen < need:
+                        return None  # too few samples left in the lookback to reach need
+                    continue
+            value, maximum = metrics.get(name), metrics.get(name_max)
+            if value is None or maximum is None:
+                continue
+            seen += 1
+            if value >= maximum:
+                break  # at its maximum here: the low run starts after this sample
+            if not judged:
+                latest = metrics
+            judged += 1
+            start = sample.t
+            if judged < need and judged + lookback - seen < need:
+                return None
+        return (start, latest) if judged >= need else None
+
+    def _link(
+        self,
+        node: str,
+        gpu: int,
+        series: Sequence[GpuSample],
+        widths: int,
+        gens: int,
+        now: float,
+    ) -> Finding | None:
+        """`widths` and `gens`: the newest samples with the width and the generation fields."""
+        t = self.thresholds
+        # Fast path: the newest readings show the link at its maximum (or there are none).
+        width_run = gen_run = None
+        if widths >= 0 and _width_low(series[widths].metrics):
+            width_run = self._run_start(
+                series, widths, now, WIDTH, WIDTH_MAX, busy_only=t.width_requires_busy
+            )
+        if gens >= 0 and _gen_low(series[gens].metrics):
+            gen_run = self._run_start(series, gens, now, GEN, GEN_MAX, busy_only=True)
+        if width_run is None and gen_run is None:
+            return None
+        width_start = None if width_run is None else width_run[0]
+        gen_start = None if gen_run is None else gen_run[0]
+        # What the link read on the newest sample each rule judged (busy, for the generation).
+        width_metrics = width_run[1] if width_run else series[widths].metrics if widths >= 0 else {}
+        gen_metrics = gen_run[1] if gen_run else series[gens].metrics if gens >= 0 else {}
+        gen, gen_max = _number(gen_metrics, GEN), _number(gen_metrics, GEN_MAX)
+        width, width_max = _number(width_metrics, WIDTH), _number(width_metrics, WIDTH_MAX)
+        trained, maximum = _link_name(gen, width), _link_name(gen_max, width_max)
+        below = " and ".join(
+            what
+            for what, start in (("width", width_start), ("generation", gen_start))
+            if start is not None
+        )
+        util = _number(gen_metrics, UTIL)
+        busy = f", at {util:g} % utilisation" if util is not None and gen_start is not None else ""
+        evidence: dict[str, object] = {
+            "width_low": width_start is not None,
+            "gen_low": gen_start is not None,
+        }
+        for name, value in (
+            (GEN, gen),
+            (GEN_MAX, gen_max),
+            (WIDTH, width),
+            (WIDTH_MAX, width_max),
+            (UTIL, util),
+        ):
+            if value is not None:
+                evidence[name] = value
+        return Finding(
+            detector=self.id,
+            severity="warning",
+            action="inspect_hardware",
+            summary=(
+                f"GPU {gpu} on {node}: PCIe link trained at {trained}, {below} below its "
+                f"maximum {maximum}{busy}"
+            ),
+            start=min(s for s in (width_start, gen_start) if s is not None),
+            node=node,
+            gpu=gpu,
+            evidence=evidence,
+            key="link",
+        )

@@ -1,0 +1,203 @@
+"""Retired-pages detector: pre-Ampere page retirement at its limit, or pages waiting to be retired.
+
+Before Ampere, a GPU takes a framebuffer page with a double-bit error (or repeated single-bit
+errors) out of use by retiring it; Ampere and later remap rows instead (row_remap), and Hopper
+boards report the retirement fields as not supported, so on them this detector never fires.
+Two findings per GPU, told apart by `key`, each holding while the newest sample shows it:
+
+- `limit` (critical, inspect_hardware): single-bit plus double-bit retired pages at or over
+  `max_retired_pages`. DCGM's memory health watch fails the GPU there (DCGM_FR_RETIRED_PAGES_LIMIT,
+  next step: run the field diagnostic); Azure NHC fails a V100 node whose retirement table is
+  full (62 pages or more with a retirement pending, azure_gpu_ecc.nhc). Retired pages are
+  permanent, so the finding holds for as long as the GPU reports them.
+- `pending` (warning, reset_gpu): `retired_pages_pending` is 1, a page is marked for retirement
+  that takes effect at the next driver reload or GPU reset. DCGM warns
+  (DCGM_FR_PENDING_PAGE_RETIREMENTS, "this GPU can still perform workload") and, when a DBE caused
+  it, says "Drain the GPU and reset it or reboot the node" (DCGM_FR_DBE_PENDING_PAGE_RETIREMENTS);
+  NVIDIA's dynamic page retirement guide logs it as XID 63, "reload the driver to activate".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+
+from detectors.model import Finding, GpuSample, Window
+
+RETIRED_SBE = "retired_pages_sbe"
+RETIRED_DBE = "retired_pages_dbe"
+PENDING = "retired_pages_pending"
+
+
+@dataclass(frozen=True, slots=True)
+class RetiredPagesThresholds:
+    # pages; SBE + DBE retired pages at or over this fail: DCGM_LIMIT_MAX_RETIRED_PAGES
+    # (dcgm_gpu_hardware_limits.h; 60 until DCGM matched it to the field diagnostic)
+    max_retired_pages: int = 63
+    # s; the newest sample must be this recent to say anything about now; a quiet node is
+    # node_silent's finding (as thermal)
+    max_sample_age_seconds: float = 30.0
+    # samples; a field missing from the newest sample (a failed read) is read from the newest of
+    # this many, so one bad read does not close a finding (our choice)
+    field_lookback_samples: int = 3
+
+    def __post_init__(self) -> None:
+        if self.field_lookback_samples < 1:
+            raise ValueError("field_lookback_samples must be at least 1")
+        if self.max_retired_pages < 1:
+            raise ValueError("max_retired_pages must be at least 1")
+        if self.max_sample_age_seconds <= 0:
+            raise ValueError("max_sample_age_seconds must be positive")
+
+
+def _retired(metrics: Mapping[str, float | int]) -> float | None:
+    """SBE + DBE retired pages, from whichever of the two the GPU reports; None: neither."""
+    sbe, dbe = metrics.get(RETIRED_SBE), metrics.get(RETIRED_DBE)
+    if sbe is None and dbe is None:
+        return None
+    return float(sbe or 0) + float(dbe or 0)
+
+
+@dataclass(slots=True)
+class RetiredPagesDetector:
+    """Newest GPU samples -> per GPU a `limit` and a `pending` finding while they hold."""
+
+    thresholds: RetiredPagesThresholds = field(default_factory=RetiredPagesThresholds)
+    id: ClassVar[str] = "retired_pages"
+
+    @property
+    def window_seconds(self) -> float:
+        return self.thresholds.max_sample_age_seconds
+
+    def detect(self, window: Window) -> list[Finding]:
+        now = window.now
+        limit = self.thresholds.max_retired_pages
+        oldest_t = now - self.thresholds.max_sample_age_seconds
+        findings = []
+        for (node, gpu), series in window.gpu.items():
+            index = len(series) - 1
+            while index >= 0 and series[index].t > now:
+                index -= 1
+            if index < 0 or series[index].t < oldest_t:
+                continue
+            lookback = self.thresholds.field_lookback_samples
+            counted = max(
+                _latest(series, index, RETIRED_SBE, oldest_t, lookback),
+                _latest(series, index, RETIRED_DBE, oldest_t, lookback),
+            )
+            retired = _retired(series[counted].metrics) if counted >= 0 else None
+            if retired is not None and retired >= limit:
+                latest = series[counted].metrics
+                parts = ", ".join(
+                    f"{latest[name]:g} {what}"
+                    for name, what in ((RETIRED_SBE, "single-bit"), (RETIRED_DBE, "double-bit"))
+                    if latest.get(name) is not None
+                )
+                findings.append(
+                    Finding(
+                        detector=self.id,
+                        severity="critical",
+                        action="inspect_hardware",
+                        summary=(
+                            f"GPU {gpu} on {node}: {retired:g} retired pages ({parts}), "
+                            f"at or over the limit of {limit}"
+                        ),
+                        start=_first_of_run(
+                            series,
+                            counted,
+                            oldest_t,
+                            (RETIRED_SBE, RETIRED_DBE),
+                            lambda m: (_retired(m) or 0) >= limit,
+                        ),
+                        node=node,
+                        gpu=gpu,
+                        evidence=_evidence(latest, retired, limit),
+                        key="limit",
+                    )
+                )
+            waiting = _latest(series, index, PENDING, oldest_t, lookback)
+            if waiting >= 0 and series[waiting].metrics[PENDING] >= 1:
+                latest = series[waiting].metrics
+                findings.append(
+                    Finding(
+                        detector=self.id,
+                        severity="warning",
+                        action="reset_gpu",
+                        summary=(
+                            f"GPU {gpu} on {node}: page retirement pending, reset the GPU "
+                            "(or reload the driver) to retire the pages"
+                        ),
+                        start=_first_of_run(
+                            series, waiting, oldest_t, (PENDING,), lambda m: m[PENDING] >= 1
+                        ),
+                        node=node,
+                        gpu=gpu,
+                        evidence=_evidence(latest, _retired(latest), limit),
+                        key="pending",
+                    )
+                )
+        findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
+        return findings
+
+
+def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
+    """The samples from `index` back to the oldest, newest first; a window's views iterate this
+    way without indexing into the middle of their deque."""
+    return islice(reversed(series), len(series) - 1 - index, None)
+
+
+def _latest(
+    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
+) -> int:
+    """Index of the newest of the `lookback` samples ending at `index` (none older than
+    `oldest_t`) that carries `name`; -1 when none does."""
+    if series[index].metrics.get(name) is not None:
+        return index  # the fast path: the newest sample has it
+    if series[0].metrics.get(name) is None:
+        return -1  # nor the oldest: a field the GPU does not report at all
+    stop = max(index - lookback, -1)
+    while index > stop:
+        sample = series[index]
+        if sample.t < oldest_t:
+            break
+        if sample.metrics.get(name) is not None:
+            return index
+        index -= 1
+    return -1
+
+
+def _first_of_run(
+    series: Sequence[GpuSample],
+    index: int,
+    oldest_t: float,
+    names: tuple[str, ...],
+    holds: Callable[[Mapping[str, float | int]], bool],
+) -> float:
+    """The time of the first sample of the run of samples, ending at `index`, for which `holds`;
+    a sample carrying none of `names` does not break the run, the window's edge does."""
+    start = series[index].t
+    for sample in _back_from(series, index - 1):
+        if sample.t < oldest_t:
+            break
+        metrics = sample.metrics
+        if all(metrics.get(name) is None for name in names):
+            continue
+        if not holds(metrics):
+            break
+        start = sample.t
+    return start
+
+
+def _evidence(
+    metrics: Mapping[str, float | int], retired: float | None, limit: int
+) -> dict[str, object]:
+    evidence: dict[str, object] = {
+        name: metrics[name]
+        for name in (RETIRED_SBE, RETIRED_DBE, PENDING)
+        if metrics.get(name) is not None
+    }
+    if retired is not None:
+        evidence["retired_pages"] = retired
+        evidence["limit"] = limit
+    return evidence

@@ -1,0 +1,433 @@
+"""Straggler detector from GPU telemetry alone: the GPU that runs slower than its peers, and why.
+
+For jobs without step reports. The GPUs of one job (GpuSample.job) are peers; GPUs with no job
+are compared with every other busy, job-less GPU of the same model (same sm_clock_max_mhz). In a
+synchronous job a slow GPU drags the others, which then wait in collectives: same utilization,
+different power, but full clocks. So the straggler signal is the SM clock: a GPU whose clock
+stays well below its peers' median is the slow one, and its clock event reasons say why. Power
+and utilization are evidence only (a waiting peer's power drops too); idle GPUs are left out.
+
+Jobs whose ranks send step reports belong to straggler.steps, which names the rank, measures the
+slowdown and names this same hardware cause: for them this detector reports nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterable, Mapping, Sequence
+
+from detectors.model import Finding, GpuSample, Step, Window
+
+# NVML clock event reasons (nvmlClocksEventReason*, nvml.h; nvidia-smi -q "Clocks Event Reasons").
+GPU_IDLE = 0x1
+SW_POWER_CAP = 0x4
+HW_SLOWDOWN = 0x8
+SW_THERMAL_SLOWDOWN = 0x20
+HW_THERMAL_SLOWDOWN = 0x40
+HW_POWER_BRAKE_SLOWDOWN = 0x80
+
+# Most specific first: NVML sets HW_SLOWDOWN together with the thermal and power-brake bits.
+THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
+    (HW_THERMAL_SLOWDOWN, "hardware thermal slowdown"),
+    (HW_POWER_BRAKE_SLOWDOWN, "hardware power brake"),
+    (SW_THERMAL_SLOWDOWN, "software thermal slowdown"),
+    (HW_SLOWDOWN, "hardware slowdown"),
+)
+THROTTLE_MASK = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN | SW_THERMAL_SLOWDOWN | HW_SLOWDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class GpuCause:
+    """Why a GPU runs slow, as its telemetry shows it; `name` None when nothing shows."""
+
+    name: str | None
+    # "throttle" (a clock event reason), "power_cap", "clock" (low clock, no reason), "power"
+    # (normal clock, low power: the GPU computes less) or None
+    kind: str | None
+    reasons: int  # the throttle bits held in most samples
+    sm_clock_mhz: float | None
+    peer_sm_clock_mhz: float | None
+    power_watts: float | None
+    peer_power_watts: float | None
+
+    @property
+    def hardware(self) -> bool:
+        """The GPU itself runs slow (its clock), as opposed to being given less work."""
+        return self.kind in ("throttle", "power_cap", "clock")
+
+    def text(self) -> str | None:
+        """e.g. "hardware thermal slowdown (SM clock 1,005 MHz against peers' 1,980 MHz)"."""
+        if self.name is None:
+            return None
+        if self.kind == "power" or self.sm_clock_mhz is None:
+            return self.name
+        clock = f"SM clock {mhz(self.sm_clock_mhz)} MHz"
+        if self.peer_sm_clock_mhz is not None:
+            clock += f" against peers' {mhz(self.peer_sm_clock_mhz)} MHz"
+        if self.kind == "clock":
+            return f"{clock} with no clock event reason reported"
+        return f"{self.name} ({clock})"
+
+    def evidence(self) -> dict[str, object]:
+        found: dict[str, object] = {"clock_event_reasons": self.reasons}
+        for name, value in (
+            ("sm_clock_mhz", self.sm_clock_mhz),
+            ("peer_sm_clock_mhz", self.peer_sm_clock_mhz),
+            ("power_watts", self.power_watts),
+            ("peer_power_watts", self.peer_power_watts),
+        ):
+            if value is not None:
+                found[name] = value
+        return found
+
+
+def mhz(value: float) -> str:
+    return f"{round(value):,}"
+
+
+def metric(sample: GpuSample, name: str) -> float | None:
+    value = sample.metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _median_of(samples: Iterable[GpuSample], name: str) -> float | None:
+    values = [float(v) for s in samples if (v := s.metrics.get(name)) is not None]
+    return statistics.median(values) if values else None
+
+
+def held_reasons(samples: Sequence[GpuSample], min_fraction: float) -> int:
+    """The throttle bits set in at least `min_fraction` of the samples that report reasons."""
+    masks = [int(v) for s in samples if (v := s.metrics.get("clock_event_reasons")) is not None]
+    if not masks:
+        return 0
+    held = 0
+    for bit, _ in THROTTLE_REASONS:
+        if sum(1 for m in masks if m & bit) >= min_fraction * len(masks):
+            held |= bit
+    return held
+
+
+def gpu_cause(
+    samples: Sequence[GpuSample],
+    peer_sm_clock_mhz: float | None,
+    peer_power_watts: float | None,
+    *,
+    min_fraction: float,
+    clock_below_peers: float,
+    power_below_peers: float,
+) -> GpuCause:
+    """What in `samples` (one GPU, oldest first) explains it running slow against its peers.
+
+    In order: a throttle reason held in `min_fraction` of the samples; the SM clock at most
+    `clock_below_peers` of the peers' (with the SW power cap named when that is all NVML says);
+    the power at most `power_below_peers` of the peers' at a normal clock.
+    """
+    reasons = held_reasons(samples, min_fraction)
+    clock = _median_of(samples, "sm_clock_mhz")
+    power = _median_of(samples, "power_watts")
+    name = next((text for bit, text in THROTTLE_REASONS if reasons & bit), None)
+    kind = "throttle" if name is not None else None
+    clock_low = (
+        clock is not None
+        and peer_sm_clock_mhz is not None
+        and clock <= clock_below_peers * peer_sm_clock_mhz
+    )
+    if name is None and clock_low:
+        capped = sum(
+            1
+            for s in samples
+            if int(s.metrics.get("clock_event_reasons", 0)) & SW_POWER_CAP
+        )
+        if capped >= min_fraction * len(samples):
+            limit = _median_of(samples, "power_limit_watts")
+            name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
+            kind = "power_cap"
+        else:
+            name = "SM clock below its peers'"
+            kind = "clock"
+    if (
+        name is None
+        and power is not None
+        and peer_power_watts is not None
+        and power <= power_below_peers * peer_power_watts
+    ):
+        name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
+        kind = "power"
+    return GpuCause(name, kind, reasons, clock, peer_sm_clock_mhz, power, peer_power_watts)
+
+
+def tail(series: Sequence[GpuSample], oldest_t: float, now: float) -> list[GpuSample]:
+    """The samples of `series` with oldest_t <= t <= now, oldest first; reads only the tail."""
+    picked: list[GpuSample] = []
+    for sample in reversed(series):
+        if sample.t > now:
+            continue
+        if sample.t < oldest_t:
+            break
+        picked.append(sample)
+    picked.reverse()
+    return picked
+
+
+@dataclass(frozen=True, slots=True)
+class StragglerTelemetryThresholds:
+    # s; a GPU is judged on its samples of the last 20 s (the brief's "80% of the last 20 s"; the
+    # scenarios want a straggler found within 30 s)
+    persist_seconds: float = 20.0
+    # fraction; 80% of those samples slow, so a clock caught mid-change or a missed sample does not
+    # decide; 4 of 5 at 5 s sampling (our choice)
+    min_slow_fraction: float = 0.8
+    # samples; fewer in 20 s (sparse sampling, a GPU just appeared) is too little to judge
+    min_samples: int = 4
+    # ratio; slow = SM clock at most 85% of the peers' median. Healthy H100/H200 under load hold
+    # 1,980 MHz or a 15 MHz bin below it and a SW power cap trims a few bins (~2%); HW thermal
+    # slowdown halves the clock (NVML docs: "at least half"), power brake cuts it further
+    clock_ratio: float = 0.85
+    # robust z; the slow clock must also sit this many MADs (x1.4826) below the peers' median, so a
+    # job whose GPUs legitimately spread (different power caps) does not flag its slowest (our choice)
+    min_robust_z: float = 4.0
+    # MHz; MAD floor: healthy peers often read exactly the same clock (MAD 0); one 15 MHz bin
+    min_mad_mhz: float = 15.0
+    # percent; median utilization below this is an idle GPU: its clock says nothing about speed
+    idle_util_percent: float = 10.0
+    # GPUs; peers needed besides the candidate for their median to mean anything (our choice)
+    min_peers: int = 2
+    # fraction of samples a throttle bit must be set in to be named as the cause
+    cause_min_fraction: float = 0.5
+    # ratio; a clock this far below the peers' is a cause on its own (same as clock_ratio)
+    clock_below_peers: float = 0.85
+    # ratio; a GPU at a normal clock drawing at most 60% of its peers' power computes less (our
+    # choice: waiting peers in the simulator still draw 55%+ of their normal power)
+    power_below_peers: float = 0.6
+    # s; jobs with a step report this recent are straggler.steps' (its recent span, 30 s, plus
+    # slack for jobs stepping every few seconds)
+    step_report_seconds: float = 60.0
+    # s; how far back a slow episode's start is looked for (and the window this detector needs)
+    window_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.persist_seconds <= self.window_seconds:
+            raise ValueError("need 0 < persist_seconds <= window_seconds")
+        if not 0 < self.min_slow_fraction <= 1 or not 0 < self.cause_min_fraction <= 1:
+            raise ValueError("fractions must be in (0, 1]")
+        if not 0 < self.clock_ratio < 1 or self.min_samples < 1 or self.min_peers < 1:
+            raise ValueError("need 0 < clock_ratio < 1, min_samples >= 1, min_peers >= 1")
+
+
+@dataclass(slots=True)
+class _Gpu:
+    node: str
+    gpu: int
+    latest: GpuSample
+    recent: list[GpuSample]  # the last persist_seconds, oldest first
+    clock_mhz: float  # median of the last few samples: the peers' statistics use it
+    power_watts: float | None
+
+
+# The last few samples give each GPU's current clock for the group statistics (cheap: a 1,000-GPU
+# job reads 5,000 samples); only candidates have their whole span read.
+_CURRENT_SAMPLES = 5
+
+
+@dataclass(slots=True)
+class StragglerTelemetryDetector:
+    """GPU samples -> a finding per busy GPU whose SM clock stays well below its peers'."""
+
+    thresholds: StragglerTelemetryThresholds = field(default_factory=StragglerTelemetryThresholds)
+    id: ClassVar[str] = "straggler.telemetry"
+    # Warning: the job runs, slower; the straggler costs every peer the same time.
+    severity: ClassVar[str] = "warning"
+    # A GPU that cannot hold its clock: cooling, power delivery or the board itself.
+    action: ClassVar[str] = "inspect_hardware"
+
+    @property
+    def window_seconds(self) -> float:
+        return max(self.thresholds.window_seconds, self.thresholds.step_report_seconds)
+
+    def detect(self, window: Window) -> list[Finding]:
+        th = self.thresholds
+        now = window.now
+        groups: dict[str, list[_Gpu]] = {}  # "job j7" or "sm_clock_max_mhz 1,980" -> its GPUs
+        for (node, gpu), series in window.gpu.items():
+            current = tail(series[-_CURRENT_SAMPLES:], now - th.persist_seconds, now)
+            if not current:
+                continue
+            latest = current[-1]
+            clocks = [float(v) for s in current if (v := s.metrics.get("sm_clock_mhz")) is not None]
+            utils = [float(v) for s in current if (v := s.metrics.get("gpu_util_percent")) is not None]
+            if not clocks:
+                continue
+            if utils and statistics.median(utils) < th.idle_util_percent:
+                continue
+            reasons = latest.metrics.get("clock_event_reasons")
+            if reasons is not None and int(reasons) & GPU_IDLE:
+                continue
+            if latest.job is not None:
+                key = f"job {latest.job}"
+            else:
+                max_mhz = latest.metrics.get("sm_clock_max_mhz")
+                if max_mhz is None:
+                    continue  # no job and no model: nothing to compare it with
+                key = f"sm_clock_max_mhz {mhz(float(max_mhz))}"
+            powers = [float(v) for s in current if (v := s.metrics.get("power_watts")) is not None]
+            groups.setdefault(key, []).append(
+                _Gpu(
+                    node,
+                    gpu,
+                    latest,
+                    current,
+                    statistics.median(clocks),
+                    statistics.median(powers) if powers else None,
+                )
+            )
+
+        candidates: list[tuple[str, _Gpu, list[_Gpu]]] = []
+        for key, members in groups.items():
+            if len(members) < th.min_peers + 1:
+                continue
+            clocks = sorted(m.clock_mhz for m in members)
+            median_mhz = statistics.median(clocks)
+            mad_mhz = max(statistics.median(abs(c - median_mhz) for c in clocks), th.min_mad_mhz)
+            limit_mhz = min(th.clock_ratio * median_mhz, median_mhz - th.min_robust_z * 1.4826 * mad_mhz)
+            for member in members:
+                # Any slow sample among the last few makes it a candidate; the full check follows.
+                if any(
+                    (v := s.metrics.get("sm_clock_mhz")) is not None and v <= limit_mhz
+                    for s in member.recent
+                ):
+                    candidates.append((key, member, members))
+        if not candidates:
+            return []
+
+        deferred_jobs, deferred_gpus = self._step_reporters(window, candidates)
+        findings = []
+        for key, member, members in candidates:
+            job = member.latest.job
+            if job is not None and job in deferred_jobs:
+                continue
+            if (member.node, member.gpu) in deferred_gpus:
+                continue
+            finding = self._judge(window, key, member, members)
+            if finding is not None:
+                findings.append(finding)
+        findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
+        return findings
+
+    def _step_reporters(
+        self, window: Window, candidates: list[tuple[str, _Gpu, list[_Gpu]]]
+    ) -> tuple[set[str], set[tuple[str, int | None]]]:
+        """Which of the candidates' jobs and GPUs sent step reports lately (newest first, stopping
+        once every candidate is accounted for)."""
+        wanted_jobs = {m.latest.job for _, m, _ in candidates if m.latest.job is not None}
+        wanted_gpus = {(m.node, m.gpu) for _, m, _ in candidates}
+        jobs: set[str] = set()
+        gpus: set[tuple[str, int | None]] = set()
+        oldest_t = window.now - self.thresholds.step_report_seconds
+        step: Step
+        for step in reversed(window.steps):
+            if step.t > window.now:
+                continue
+            if step.t < oldest_t:
+                break
+            if step.job in wanted_jobs:
+                jobs.add(step.job)
+                wanted_jobs.discard(step.job)
+            location = (step.node, step.gpu)
+            if location in wanted_gpus:
+                gpus.add(location)
+                wanted_gpus.discard(location)
+            if not wanted_jobs and not wanted_gpus:
+                break
+        return jobs, gpus
+
+    def _judge(
+        self, window: Window, group: str, member: _Gpu, members: list[_Gpu]
+    ) -> Finding | None:
+        th = self.thresholds
+        now = window.now
+        peers = [m for m in members if m is not member]
+        peer_mhz = statistics.median(m.clock_mhz for m in peers)
+        peer_powers = [m.power_watts for m in peers if m.power_watts is not None]
+        peer_watts = statistics.median(peer_powers) if peer_powers else None
+        peer_clocks = sorted(m.clock_mhz for m in peers)
+        mad_mhz = max(statistics.median(abs(c - peer_mhz) for c in peer_clocks), th.min_mad_mhz)
+        limit_mhz = min(th.clock_ratio * peer_mhz, peer_mhz - th.min_robust_z * 1.4826 * mad_mhz)
+
+        series = window.gpu[(member.node, member.gpu)]
+        span = tail(series, now - th.window_seconds, now)
+        judged = [s for s in span if s.t >= now - th.persist_seconds]
+        with_clock = [s for s in judged if s.metrics.get("sm_clock_mhz") is not None]
+        if len(with_clock) < th.min_samples:
+            return None
+        slow = [s for s in with_clock if float(s.metrics["sm_clock_mhz"]) <= limit_mhz]
+        if len(slow) < th.min_slow_fraction * len(with_clock):
+            return None
+        cause = gpu_cause(
+            slow,
+            peer_mhz,
+            peer_watts,
+            min_fraction=th.cause_min_fraction,
+            clock_below_peers=th.clock_below_peers,
+            power_below_peers=th.power_below_peers,
+        )
+        # A GPU with no job is compared with whatever else runs on that model: without a throttle
+        # reason its lower clock may just be a lighter or different workload.
+        if member.latest.job is None and not cause.reasons:
+            return None
+
+        start = _episode_start(span, limit_mhz)
+        clock = cause.sm_clock_mhz if cause.sm_clock_mhz is not None else member.clock_mhz
+        where = f"GPU {member.gpu} on {member.node}"
+        job = member.latest.job
+        if job is not None:
+            rank = member.latest.rank
+            where += f" (job {job}" + (f", rank {rank})" if rank is not None else ")")
+        summary = f"{where} runs at {mhz(clock)} MHz against its peers' {mhz(peer_mhz)} MHz"
+        if cause.kind == "clock":
+            summary += ": no clock event reason reported"
+        elif cause.name is not None:
+            summary += f": {cause.name}"
+        evidence: dict[str, object] = {
+            "cause": cause.name,
+            "slow_samples": len(slow),
+            "samples": len(with_clock),
+            "peers": len(peers),
+            "group": group,
+        }
+        evidence.update(cause.evidence())
+        evidence["sm_clock_mhz"] = clock
+        evidence["peer_sm_clock_mhz"] = peer_mhz
+        util = _median_of(slow, "gpu_util_percent")
+        if util is not None:
+            evidence["gpu_util_percent"] = util
+        return Finding(
+            detector=self.id,
+            severity=self.severity,
+            action=self.action,
+            summary=summary,
+            start=start,
+            node=member.node,
+            gpu=member.gpu,
+            job=job,
+            rank=member.latest.rank if job is not None else None,
+            evidence=evidence,
+        )
+
+
+def _episode_start(span: Sequence[GpuSample], limit_mhz: float) -> float:
+    """The first slow sample of the trailing run of mostly slow samples (2 fast ones end it)."""
+    start = span[-1].t
+    fast_in_a_row = 0
+    for sample in reversed(span):
+        value = sample.metrics.get("sm_clock_mhz")
+        if value is None:
+            continue
+        if value <= limit_mhz:
+            start = sample.t
+            fast_in_a_row = 0
+        else:
+            fast_in_a_row += 1
+            if fast_in_a_row >= 2:
+                break
+    return start
