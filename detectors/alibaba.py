@@ -51,7 +51,7 @@ def steps_from_alibaba_csv(
         try:
             worker = int(row["worker"])
             iteration = int(row["time"])
-            seconds = float(row["batch_time_norm"]) * seconds_per_unit
+            seconds = round(float(row["batch_time_norm"]) * seconds_per_unit, 9)
         except (TypeError, ValueError):
             raise ValueError(f"line {line}: worker, time and batch_time_norm must be numbers") from None
         if worker < 0 or iteration < 0 or not math.isfinite(seconds) or seconds < 0:
@@ -68,7 +68,7 @@ def steps_from_alibaba_csv(
         per_iteration = step_interval_seconds or max(by_worker.values())
         elapsed_seconds += iterations * per_iteration
         previous = iteration
-        t = start + elapsed_seconds
+        t = round(start + elapsed_seconds, 6)
         for worker in sorted(by_worker):
             steps.append(
                 Step(

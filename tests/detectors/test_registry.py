@@ -42,3 +42,13 @@ def test_default_instances_are_fresh_each_call():
     first, second = default_detectors(), default_detectors()
     assert all(a is not b for a, b in zip(first, second))
     assert detectors.__doc__
+
+
+def test_readme_detector_table_is_the_registry():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Detectors"):]
+    table = table[: table.index("\n## ", 3)]
+    listed = re.findall(r"^\| `([a-z_.]+)` \|", table, flags=re.M)
+    assert listed == detector_ids(), "README's detector table drifted from detectors/__init__.py"

@@ -1,0 +1,458 @@
+"""StragglerStepsDetector: the rank that slows a synchronous job, from step reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import time
+
+import pytest
+
+from detectors.engine import RecentData
+from detectors.model import GpuSample, NodeState, Step, Window
+from detectors.replay import replay
+from detectors.straggler_steps import StragglerStepsDetector, StragglerStepsThresholds
+
+T0 = 1_700_000_000.0
+STEP_SECONDS = 0.9
+
+
+def job_steps(
+    *,
+    ranks: int = 16,
+    duration: float = 600.0,
+    start: float = 0.0,
+    cv: float = 0.0,
+    seed: int = 1,
+    job: str = "j1",
+    slow: tuple[tuple[int, float, float, float], ...] = (),
+    offsets: dict[int, float] | None = None,
+    pauses: tuple[tuple[float, float, float, float], ...] = (),
+    hiccups: frozenset[tuple[int, int]] = frozenset(),
+    warmup: dict[int, float] | None = None,
+    with_gpu: bool = True,
+) -> list[Step]:
+    """A synchronous job stepping every 0.9 s: ranks in node-then-GPU order (8 a node, n01...).
+
+    slow: (rank, from_s, to_s, factor); offsets: steady per-rank factors; pauses: the whole job
+    (from_s, for_s, factor, added seconds); hiccups: (rank, step) at 8x; warmup: step -> factor
+    for every rank (each rank +-30%)."""
+    rng = random.Random(seed)
+    out = []
+    step = 0
+    t = T0 + start
+    while t < T0 + start + duration:
+        for rank in range(ranks):
+            factor, added = (offsets or {}).get(rank, 1.0), 0.0
+            for r, begin, end, f in slow:
+                if r == rank and begin <= t - T0 < end:
+                    factor *= f
+            for begin, length, f, plus in pauses:
+                if begin <= t - T0 < begin + length:
+                    factor *= f
+                    added += plus
+            if (rank, step) in hiccups:
+                factor *= 8
+            if warmup and step in warmup:
+                factor *= warmup[step] * rng.uniform(0.7, 1.3)
+            noise = max(0.5, rng.gauss(1.0, cv)) if cv else 1.0
+            out.append(
+                Step(
+                    t=t,
+                    job=job,
+                    rank=rank,
+                    node=f"n{rank // 8 + 1:02d}",
+                    step=100 + step,
+                    seconds=STEP_SECONDS * factor * noise + added,
+                    gpu=rank % 8 if with_gpu else None,
+                )
+            )
+        step += 1
+        t += STEP_SECONDS
+    return out
+
+
+def window_at(now: float, steps, gpu=None, detector=None) -> Window:
+    """The window the engine would hand the detector at `now`."""
+    detector = detector or StragglerStepsDetector()
+    data = RecentData.for_detectors([detector])
+    for s in steps:
+        if s.t <= now:
+            data.add_step(s)
+    for samples in (gpu or {}).values():
+        for sample in samples:
+            if sample.t <= now:
+                data.add_gpu(sample)
+    return data.window(now, watching_since=T0)
+
+
+def straggler_findings(records, detector=None):
+    return replay(records, [detector or StragglerStepsDetector()])
+
+
+def exact(**overrides) -> StragglerStepsDetector:
+    """A detector with round thresholds and no hold, for noise-free edge tests."""
+    base = dict(peer_score=0.8, floor_score=0.5, hold_score=0.85, min_gap_growth=1.25,
+                hold_gap_growth=1.1, hold_seconds=0.0, self_slowdown=2.0)
+    base.update(overrides)
+    return StragglerStepsDetector(StragglerStepsThresholds(**base))
+
+
+# --- the straggler -------------------------------------------------------------------------------
+
+
+def test_slow_rank_found_within_30_s_naming_rank_gpu_node_and_its_speed():
+    steps = job_steps(slow=((11, 300.0, 500.0, 1.3),))
+    (finding,) = straggler_findings(steps)
+    assert finding.summary == (
+        "rank 11 of job j1 (GPU 3 on n02) runs at 0.77 of its peers' speed: "
+        "1.17 s per step against 0.90 s"
+    )
+    assert (finding.detector, finding.severity, finding.action) == (
+        "straggler.steps", "warning", "check_app"
+    )
+    assert (finding.job, finding.rank, finding.node, finding.gpu) == ("j1", 11, "n02", 3)
+    # The episode starts at the first slow step and ends once the rank is back (its median over
+    # the last 20 s recovers after ~10 s).
+    assert T0 + 300 <= finding.start <= T0 + 301
+    assert finding.end is not None and T0 + 500 < finding.end <= T0 + 515
+    assert finding.evidence["score"] == pytest.approx(1 / 1.3, abs=0.001)
+    assert finding.evidence["rank_seconds"] == pytest.approx(1.17)
+    assert finding.evidence["reference_seconds"] == pytest.approx(0.9)
+    assert finding.evidence["cause"] is None
+    assert finding.evidence["basis"] == "peers"
+    assert finding.evidence["baseline_score"] == pytest.approx(1.0)
+    assert finding.key == "peers"
+
+
+def test_open_time_is_between_10_and_30_seconds_after_the_slowdown():
+    steps = job_steps(slow=((5, 300.0, 600.0, 1.3),), cv=0.03, seed=4)
+    detector = StragglerStepsDetector()
+    assert detector.detect(window_at(T0 + 308, steps)) == []  # too short yet: >= 10 s
+    found = [s for s in range(309, 331) if detector.detect(window_at(T0 + s, steps))]
+    assert found and found[0] <= 320
+    assert all(second in found for second in range(found[0], 331))
+
+
+def test_each_step_is_compared_with_the_same_step_of_its_peers():
+    # Ranks with a 2x slower step every 4th step, the same for all: the reference moves with it.
+    steps = job_steps(slow=((3, 200.0, 600.0, 1.4),))
+    steps = [
+        dataclasses.replace(s, seconds=s.seconds * 2) if s.step % 4 == 0 else s for s in steps
+    ]
+    (finding,) = straggler_findings(steps)
+    assert finding.rank == 3 and finding.evidence["score"] == pytest.approx(1 / 1.4, abs=0.001)
+
+
+# --- threshold edges (noise-free, round numbers) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factor", "found"),
+    [(1.24, False), (1.25, False), (1.26, True)],  # scores 0.806, 0.8 (at: not below), 0.794
+)
+def test_peer_score_edge(factor, found):
+    steps = job_steps(ranks=8, slow=((2, 200.0, 400.0, factor),), duration=400)
+    detector = exact(min_gap_growth=1.2)
+    assert bool(straggler_findings(steps, detector)) is found
+
+
+@pytest.mark.parametrize(
+    ("factor", "found"),
+    [(1.27, False), (1.28, True), (1.29, True)],  # growth just under / at / over 1.28
+)
+def test_gap_growth_edge(factor, found):
+    steps = job_steps(ranks=8, slow=((2, 200.0, 400.0, factor),), duration=400)
+    detector = exact(min_gap_growth=1.28)
+    assert bool(straggler_findings(steps, detector)) is found
+
+
+@pytest.mark.parametrize(
+    ("factor", "found"),
+    [(1.24, False), (1.25, False), (1.26, True)],  # steady from the start: only the floor counts
+)
+def test_floor_edge_for_a_rank_slow_from_the_start(factor, found):
+    steps = job_steps(ranks=8, offsets={2: factor}, duration=300)
+    detector = exact(peer_score=0.85, floor_score=0.8)
+    assert bool(straggler_findings(steps, detector)) is found
+
+
+def test_a_finding_needs_ten_seconds_of_slow_steps():
+    steps = job_steps(ranks=8, slow=((2, 200.0, 400.0, 2.0),), duration=400)
+    detector = exact()
+    window = window_at(T0 + 209.0, steps)  # ~9 s of slow steps, median long since flipped
+    assert detector.detect(dataclasses.replace(window, now=T0 + 209.0)) == []
+    assert detector.detect(window_at(T0 + 211.0, steps))
+
+
+# --- what is not a straggler ---------------------------------------------------------------------
+
+
+def test_steady_offsets_from_the_start_are_not_an_episode():
+    # Alibaba job 2's spread: the slowest worker at 0.80 of the reference for the whole job.
+    offsets = {0: 0.95, 1: 0.92, 2: 1.0, 3: 1.15, 4: 1.14, 5: 1.22, 6: 1.12, 7: 1.13, 8: 1.12, 9: 1.07}
+    steps = job_steps(ranks=10, offsets=offsets, cv=0.02, duration=1800, seed=2)
+    assert straggler_findings(steps) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_noisy_healthy_ranks_raise_nothing(seed):
+    # CV 4%: the noisiest healthy Alibaba worker; offsets up to 1.2x; hiccups and pauses.
+    rng = random.Random(seed)
+    offsets = {rank: rng.uniform(0.85, 1.2) for rank in range(24)}
+    hiccups = frozenset((rng.randrange(24), rng.randrange(1300)) for _ in range(80))
+    pauses = tuple((float(a), 20.0, 3.0, 0.0) for a in range(150, 1200, 400))
+    steps = job_steps(
+        ranks=24, offsets=offsets, cv=0.04, hiccups=hiccups, pauses=pauses, duration=1200,
+        seed=seed,
+    )
+    assert straggler_findings(steps) == []
+
+
+@pytest.mark.parametrize(
+    ("factor", "added_seconds"), [(3.0, 0.0), (1.0, 5.0)], ids=["3x slower", "5 s added"]
+)
+def test_checkpoint_pause_of_the_whole_job_is_not_a_straggler(factor, added_seconds):
+    offsets = {4: 1.18}  # a steady slow rank, whose gap a pause compresses or stretches
+    steps = job_steps(offsets=offsets, pauses=((330.0, 25.0, factor, added_seconds),), cv=0.02)
+    assert straggler_findings(steps) == []
+
+
+def test_checkpoint_pause_does_not_end_a_real_episode():
+    steps = job_steps(slow=((6, 200.0, 600.0, 1.5),), pauses=((330.0, 25.0, 3.0, 0.0),))
+    (finding,) = straggler_findings(steps)
+    assert finding.rank == 6 and finding.end is None
+
+
+def test_data_loader_hiccup_is_not_an_episode():
+    steps = job_steps(hiccups=frozenset({(7, 300), (7, 301), (3, 100)}), cv=0.02)
+    assert straggler_findings(steps) == []
+
+
+def test_job_start_warmup_is_not_compared():
+    warmup = {step: 6.0 for step in range(100, 110)}  # step numbers 100..109 ...
+    steps = job_steps(warmup=warmup)
+    steps = [dataclasses.replace(s, step=s.step - 100) for s in steps]  # ... as steps 0..9
+    assert straggler_findings(steps) == []
+
+
+def test_rank_slow_from_the_job_start_is_found_by_the_floor():
+    steps = job_steps(offsets={4: 2.0}, duration=120)
+    (finding,) = straggler_findings(steps)
+    assert finding.rank == 4 and finding.start == T0
+    assert finding.evidence["score"] == pytest.approx(0.5)
+    # As slow in its baseline as now (no growth): the floor alone makes it a straggler.
+    assert finding.evidence["baseline_score"] == pytest.approx(0.5)
+
+
+def test_job_end_closes_the_episode_and_raises_nothing_new():
+    steps = job_steps(slow=((2, 200.0, 1000.0, 1.5),), duration=400)
+    (finding,) = straggler_findings(steps + job_steps(job="other", start=400, duration=200))
+    assert finding.job == "j1" and finding.end is not None
+    assert finding.end <= T0 + 400 + 20 + 1  # no step in recent_seconds: not judged any more
+    assert StragglerStepsDetector().detect(window_at(T0 + 425, steps)) == []
+
+
+def test_a_job_needs_two_ranks():
+    steps = job_steps(ranks=1, duration=120)
+    assert StragglerStepsDetector().detect(window_at(T0 + 119, steps)) == []
+
+
+# --- several stragglers, self-slowdown -----------------------------------------------------------
+
+
+def test_several_ranks_slowing_together_are_each_found():
+    slow = tuple((rank, 300.0, 600.0, 1.3) for rank in (6, 7, 8, 9))
+    findings = straggler_findings(job_steps(ranks=10, slow=slow, cv=0.02))
+    assert sorted(f.rank for f in findings) == [6, 7, 8, 9]
+    for f in findings:
+        assert T0 + 300 <= f.start <= T0 + 302
+        assert f.evidence["score"] == pytest.approx(1 / 1.3, abs=0.03)
+
+
+def test_rank_slower_than_its_own_past_is_keyed_self():
+    # Rank 3 was 20% faster than its peers; it slows 1.3x: still within 0.85 of them.
+    steps = job_steps(ranks=10, offsets={3: 0.8}, slow=((3, 300.0, 600.0, 1.3),))
+    (finding,) = straggler_findings(steps)
+    assert finding.key == "self" and finding.evidence["basis"] == "self"
+    assert finding.summary == (
+        "rank 3 of job j1 (GPU 3 on n01) runs 1.30x slower than it did while its peers kept "
+        "their pace: 0.94 s per step against 0.72 s"
+    )
+    assert finding.evidence["baseline_score"] == pytest.approx(1.25)
+    assert T0 + 300 <= finding.start <= T0 + 301
+
+
+def test_whole_job_slowing_down_is_not_self():
+    steps = job_steps(ranks=10, pauses=((300.0, 300.0, 1.25, 0.0),))
+    assert straggler_findings(steps) == []
+
+
+def test_a_rank_hovering_at_the_threshold_is_one_episode():
+    # 1.16x with 3% noise: the score hovers around 0.85 and the growth around 1.15.
+    steps = job_steps(slow=((5, 300.0, 600.0, 1.16),), cv=0.03, seed=0)
+    findings = straggler_findings(steps)
+    assert [f.rank for f in findings] == [5]
+
+
+# --- hardware cause ------------------------------------------------------------------------------
+
+
+def gpu_samples(steps, *, slow_gpu=("n02", 3), start=0.0, metrics=None, healthy=None):
+    """One sample a second for every GPU the ranks use; `metrics` on slow_gpu from `start` on."""
+    healthy = healthy or {"sm_clock_mhz": 1980, "clock_event_reasons": 0, "power_watts": 650.0,
+                          "gpu_util_percent": 100}
+    end = int(max(s.t for s in steps) - T0) + 1
+    gpus = sorted({(s.node, s.gpu) for s in steps})
+    return {
+        key: [
+            GpuSample(
+                t=T0 + second,
+                node=key[0],
+                gpu=key[1],
+                metrics=(metrics if key == slow_gpu and second >= start and metrics is not None
+                         else healthy),
+            )
+            for second in range(end)
+        ]
+        for key in gpus
+    }
+
+
+def replay_with_gpus(steps, samples, detector=None):
+    records = list(steps) + [s for series in samples.values() for s in series]
+    return replay(records, [detector or StragglerStepsDetector()])
+
+
+@pytest.mark.parametrize(
+    ("reasons", "clock", "cause"),
+    [
+        (0x48, 990, "hardware thermal slowdown"),
+        (0x88, 885, "hardware power brake"),
+        (0x20, 1410, "software thermal slowdown"),
+        (0x08, 1200, "hardware slowdown"),
+    ],
+)
+def test_hardware_cause_is_named_with_the_clock_against_the_peers(reasons, clock, cause):
+    steps = job_steps(slow=((11, 300.0, 600.0, 1980 / clock),))
+    samples = gpu_samples(
+        steps, start=300, metrics={"sm_clock_mhz": clock, "clock_event_reasons": reasons,
+                                   "power_watts": 330.0},
+    )
+    (finding,) = replay_with_gpus(steps, samples)
+    assert finding.summary.endswith(
+        f": {cause} (SM clock {clock:,} MHz against peers' 1,980 MHz)"
+    )
+    assert finding.action == "inspect_hardware"
+    assert finding.evidence["cause"] == cause
+    assert finding.evidence["clock_event_reasons"] == reasons
+    assert finding.evidence["sm_clock_mhz"] == clock
+    assert finding.evidence["peer_sm_clock_mhz"] == 1980
+
+
+def test_thermal_straggler_summary_in_full():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.97),))
+    samples = gpu_samples(
+        steps, start=300,
+        metrics={"sm_clock_mhz": 1005, "clock_event_reasons": 0x48, "power_watts": 330.0},
+    )
+    (finding,) = replay_with_gpus(steps, samples)
+    assert finding.summary == (
+        "rank 11 of job j1 (GPU 3 on n02) runs at 0.51 of its peers' speed: 1.77 s per step "
+        "against 0.90 s: hardware thermal slowdown (SM clock 1,005 MHz against peers' 1,980 MHz)"
+    )
+
+
+def test_low_clock_without_a_reason_and_low_power_are_named_too():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.4),))
+    low_clock = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1410, "power_watts": 600.0})
+    (finding,) = replay_with_gpus(steps, low_clock)
+    assert finding.summary.endswith(
+        ": SM clock 1,410 MHz against peers' 1,980 MHz with no clock event reason reported"
+    )
+    assert finding.action == "inspect_hardware"
+
+    low_power = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1980, "power_watts": 300.0})
+    (finding,) = replay_with_gpus(steps, low_power)
+    assert finding.summary.endswith(": power far below its peers' (300 W against 650 W)")
+    assert finding.action == "check_app"  # a GPU given less work: the rank's input, not the GPU
+
+
+def test_hardware_cause_turns_a_steady_offset_into_a_straggler():
+    steps = job_steps(offsets={11: 1.2})  # 0.83 from the start: an offset, unless the GPU says so
+    assert straggler_findings(steps) == []
+    samples = gpu_samples(steps, metrics={"sm_clock_mhz": 1650, "clock_event_reasons": 0x60})
+    (finding,) = replay_with_gpus(steps, samples)
+    assert finding.rank == 11 and finding.evidence["cause"] == "hardware thermal slowdown"
+
+
+def test_healthy_telemetry_names_no_cause():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.3),))
+    (finding,) = replay_with_gpus(steps, gpu_samples(steps))
+    assert finding.evidence["cause"] is None and finding.action == "check_app"
+    assert finding.evidence["sm_clock_mhz"] == 1980
+
+
+# --- missing fields, purity, cost ----------------------------------------------------------------
+
+
+def test_steps_without_gpu_name_the_node():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.3),), with_gpu=False)
+    (finding,) = straggler_findings(steps)
+    assert finding.gpu is None
+    assert finding.summary.startswith("rank 11 of job j1 (node n02) runs at 0.77")
+
+
+def test_gpu_samples_missing_fields_name_no_cause():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.3),))
+    samples = gpu_samples(steps, healthy={"gpu_util_percent": 100}, metrics={})
+    (finding,) = replay_with_gpus(steps, samples)
+    assert finding.evidence["cause"] is None
+    assert "sm_clock_mhz" not in finding.evidence
+
+
+def test_steps_after_now_are_ignored_and_detect_is_pure():
+    steps = job_steps(slow=((11, 300.0, 600.0, 1.3),))
+    now = T0 + 330
+    window = Window(now=now, gpu={}, host={}, events=[], steps=steps, nodes={}, watching_since=T0)
+    detector = StragglerStepsDetector()
+    first = detector.detect(window)
+    assert first == detector.detect(window)
+    assert first == detector.detect(window_at(now, steps))  # a list and the engine's view agree
+    assert [f.rank for f in first] == [11]
+
+
+def test_empty_window():
+    window = Window(now=T0, gpu={}, host={}, events=[], steps=[], nodes={}, watching_since=T0)
+    assert StragglerStepsDetector().detect(window) == []
+
+
+def test_thresholds_are_checked():
+    with pytest.raises(ValueError):
+        StragglerStepsThresholds(floor_score=0.9, peer_score=0.85)
+    with pytest.raises(ValueError):
+        StragglerStepsThresholds(window_seconds=60.0)
+    with pytest.raises(ValueError):
+        StragglerStepsThresholds(hold_gap_growth=1.2, min_gap_growth=1.15)
+    assert StragglerStepsDetector().window_seconds == StragglerStepsThresholds().window_seconds
+
+
+def test_a_1000_rank_job_is_cheap_to_evaluate():
+    rng = random.Random(7)
+    pace = [rng.uniform(0.95, 1.05) for _ in range(1000)]
+    steps = [
+        Step(t=T0 + k, job="big", rank=r, node=f"n{r // 8:03d}", step=100 + k,
+             seconds=pace[r] * rng.gauss(1.0, 0.03) * (1.3 if r == 17 and k > 250 else 1.0),
+             gpu=r % 8)
+        for k in range(300)
+        for r in range(1000)
+    ]
+    detector = StragglerStepsDetector()
+    window = window_at(T0 + 299, steps, detector=detector)
+    detector.detect(window)
+    began = time.process_time()
+    findings = detector.detect(window)
+    cpu_seconds = time.process_time() - began
+    assert [f.rank for f in findings] == [17]
+    assert cpu_seconds < 0.25  # ~0.01 s on a laptop core; generous for loaded CI machines
