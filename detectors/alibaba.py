@@ -32,7 +32,7 @@ def steps_from_alibaba_csv(
     start: float = 1_700_000_000.0,
     step_interval_seconds: float | None = None,
 ) -> list[Step]:
-    """The trace rows in `lines` (a `*_norm.csv` file, header first) as step reports, by t then rank.
+    """The rows of `lines` (a `*_norm.csv` file, header first) as step reports, by t then rank.
 
     Raises ValueError naming the line for a missing column or a value that is not a number.
     """
@@ -53,7 +53,9 @@ def steps_from_alibaba_csv(
             iteration = int(row["time"])
             seconds = round(float(row["batch_time_norm"]) * seconds_per_unit, 9)
         except (TypeError, ValueError):
-            raise ValueError(f"line {line}: worker, time and batch_time_norm must be numbers") from None
+            raise ValueError(
+                f"line {line}: worker, time and batch_time_norm must be numbers"
+            ) from None
         if worker < 0 or iteration < 0 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"line {line}: negative or non-finite value in {dict(row)!r}")
         rows.setdefault(iteration, {})[worker] = seconds

@@ -23,9 +23,10 @@ Deliberately not findings here:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar, Sequence
 
-from detectors.model import Finding, GpuSample, Sustained, Window, sustained
+from detectors.counters import float_reading
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
 
 # nvmlClocksEventReasonHwSlowdown / HwThermalSlowdown / HwPowerBrakeSlowdown (nvml.h).
 HW_SLOWDOWN = 0x08
@@ -35,7 +36,7 @@ EXPLAINED_ELSEWHERE = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN
 
 
 @dataclass(frozen=True, slots=True)
-class ClocksThresholds:
+class ClocksThresholds(SustainedThresholds):
     # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
     clear_samples: int = 5
     # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
@@ -52,16 +53,6 @@ class ClocksThresholds:
     long_min_buckets: int = 6
     # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as thermal)
     max_sample_age_seconds: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.clear_samples < 1 or self.long_min_buckets < 1:
-            raise ValueError("clear_samples and long_min_buckets must be at least 1")
-        if not 0 < self.recent_fraction <= 1:
-            raise ValueError("recent_fraction must be in (0, 1]")
-        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
-            raise ValueError("windows must be positive")
-        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
-            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
 
 
 def _reasons(sample: GpuSample) -> int | None:
@@ -90,11 +81,6 @@ def _explained_within(series: Sequence[GpuSample], now: float, since: float) -> 
     return False
 
 
-def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
-    value = metrics.get(name)
-    return None if value is None else float(value)
-
-
 def _fmt(value: float) -> str:
     return f"{round(value, 1):g}"
 
@@ -114,28 +100,12 @@ class ClocksDetector:
 
     @property
     def window_seconds(self) -> float:
-        t = self.thresholds
-        return max(t.recent_seconds, t.long_seconds, t.max_sample_age_seconds)
+        return self.thresholds.window_seconds
 
     def detect(self, window: Window) -> list[Finding]:
         t = self.thresholds
         findings = []
-        for (node, gpu), series in window.gpu.items():
-            held = sustained(
-                series,
-                window.now,
-                _unexplained_slowdown,
-                clear_samples=t.clear_samples,
-                max_sample_age_seconds=t.max_sample_age_seconds,
-                recent_seconds=t.recent_seconds,
-                recent_fraction=t.recent_fraction,
-                recent_min_seconds=t.recent_min_seconds,
-                long_seconds=t.long_seconds,
-                long_bucket_seconds=t.long_bucket_seconds,
-                long_min_buckets=t.long_min_buckets,
-            )
-            if held is None:
-                continue
+        for node, gpu, series, held in t.held_gpus(window, _unexplained_slowdown):
             judged = t.recent_seconds if held.by == "recent" else t.long_seconds
             if _explained_within(series, window.now, window.now - judged):
                 continue  # thermal's or power's finding, not a second one here
@@ -145,16 +115,9 @@ class ClocksDetector:
 
     def _finding(self, node: str, gpu: int, held: Sustained) -> Finding:
         latest = held.latest.metrics
-        sm_clock_mhz = _number(latest, "sm_clock_mhz")
-        sm_clock_max_mhz = _number(latest, "sm_clock_max_mhz")
-        if held.by == "recent":
-            how_long = (
-                f" for {_fmt(held.latest.t - held.start)} s "
-                f"({held.recent_hits} of {held.recent_samples} samples)"
-            )
-        else:
-            how_long = f" in {held.long_hit_buckets} of the last {held.long_buckets} minutes"
-        summary = f"GPU {gpu} in hardware slowdown{how_long}, not thermal or power brake"
+        sm_clock_mhz = float_reading(latest, "sm_clock_mhz")
+        sm_clock_max_mhz = float_reading(latest, "sm_clock_max_mhz")
+        summary = f"GPU {gpu} in hardware slowdown{held.how_long}, not thermal or power brake"
         if sm_clock_mhz is not None:
             summary += f": SM clock {_fmt(sm_clock_mhz)} MHz"
             if sm_clock_max_mhz is not None:

@@ -26,10 +26,18 @@ and its rule does not run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import ClassVar, Iterator, Sequence
+from typing import ClassVar, Sequence
 
-from detectors.model import Finding, GpuSample, Window, held_episode
+from detectors.counters import (
+    back_from,
+    counter_moved,
+    counter_windows,
+    held_over_limit,
+    newest_carrying,
+    newest_fresh_index,
+    node_boot_seen_at,
+)
+from detectors.model import Finding, GpuSample, Window
 
 DBE = "ecc_dbe_volatile_total"
 SBE = "ecc_sbe_volatile_total"
@@ -66,101 +74,6 @@ def _plural(count: float, noun: str) -> str:
     return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
 
 
-def _newest_index(series: Sequence[GpuSample], now: float) -> int:
-    """Index of the newest sample at or before `now` (-1: none); a window's views hide later
-    ones, plain lists in tests may not."""
-    index = len(series) - 1
-    while index >= 0 and series[index].t > now:
-        index -= 1
-    return index
-
-
-def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
-    """The samples from `index` back to the oldest, newest first; a window's views iterate this
-    way without indexing into the middle of their deque."""
-    return islice(reversed(series), len(series) - 1 - index, None)
-
-
-def _latest(
-    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
-) -> int:
-    """Index of the newest of the `lookback` samples ending at `index` (none older than
-    `oldest_t`) that carries `name`; -1 when none does."""
-    if series[index].metrics.get(name) is not None:
-        return index  # the fast path: the newest sample has it
-    if series[0].metrics.get(name) is None:
-        return -1  # nor the oldest: a field the GPU does not report at all
-    stop = max(index - lookback, -1)
-    while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
-            break
-        if sample.metrics.get(name) is not None:
-            return index
-        index -= 1
-    return -1
-
-
-def _ends(
-    series: Sequence[GpuSample], newest: int, name: str, lookback: int
-) -> tuple[float | int | None, float | int | None]:
-    """A counter's oldest and newest readings in the kept series, each taken from the first of the
-    `lookback` samples at that end that carries it (None: none does)."""
-    last = None
-    for i in range(newest, max(newest - lookback, -1), -1):
-        last = series[i].metrics.get(name)
-        if last is not None:
-            break
-    first = None
-    for i in range(min(lookback, newest + 1)):
-        first = series[i].metrics.get(name)
-        if first is not None:
-            break
-    return first, last
-
-
-def _points(
-    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
-) -> list[tuple[float, float]]:
-    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
-    newest end, so only the window's tail of a long series is touched."""
-    points = []
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t < oldest_t:
-            break
-        value = sample.metrics.get(name)
-        if value is not None:
-            points.append((sample.t, float(value)))
-    points.reverse()
-    return points
-
-
-def _window_counts(
-    points: Sequence[tuple[float, float]], window_seconds: float
-) -> tuple[list[float], list[float], list[int]]:
-    """Per point: the counter's increase since the first point, its increase over the
-    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
-    reset and adds nothing: the value after it is the new baseline."""
-    cumulative = []
-    total = 0.0
-    previous = None
-    for _, value in points:
-        if previous is not None and value > previous:
-            total += value - previous
-        previous = value
-        cumulative.append(total)
-    counts, bases = [], []
-    base = 0
-    for i, (t, _) in enumerate(points):
-        while base < i and points[base + 1][0] <= t - window_seconds:
-            base += 1
-        counts.append(cumulative[i] - cumulative[base])
-        bases.append(base)
-    return cumulative, counts, bases
-
-
 @dataclass(slots=True)
 class EccDetector:
     """GPU samples -> per GPU a `dbe` finding (volatile DBEs) and an `sbe_rate` finding."""
@@ -175,25 +88,18 @@ class EccDetector:
 
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        fresh_t = now - self.thresholds.max_sample_age_seconds
+        lookback = self.thresholds.field_lookback_samples
         findings = []
         for (node, gpu), series in window.gpu.items():
-            newest = _newest_index(series, now)
-            fresh_t = now - self.thresholds.max_sample_age_seconds
-            if newest < 0 or series[newest].t < fresh_t:
+            newest = newest_fresh_index(series, now, fresh_t)
+            if newest < 0:
                 continue
-            lookback = self.thresholds.field_lookback_samples
-            index = _latest(series, newest, DBE, fresh_t, lookback)
+            index = newest_carrying(series, newest, DBE, fresh_t, lookback)
             if index >= 0 and series[index].metrics[DBE] > 0:
                 findings.append(self._dbe(node, gpu, series, index, now))
-            # Fast path: a counter that reads the same at both ends of the kept series has not
-            # moved (a reset that climbed back to the same value in between is missed).
-            first_sbe, last_sbe = series[0].metrics.get(SBE), series[newest].metrics.get(SBE)
-            if first_sbe is None or last_sbe is None:  # a failed read at an end: look further in
-                first_sbe, last_sbe = _ends(series, newest, SBE, lookback)
-            if first_sbe != last_sbe:
-                state = window.nodes.get(node)
-                boot_seen_at = state.boot_seen_at if state is not None else None
-                finding = self._sbe_rate(node, gpu, series, now, boot_seen_at)
+            if counter_moved(series, newest, SBE, lookback):
+                finding = self._sbe_rate(node, gpu, series, now, node_boot_seen_at(window, node))
                 if finding is not None:
                     findings.append(finding)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
@@ -209,7 +115,7 @@ class EccDetector:
         start = series[index].t
         newer = total
         baseline = None
-        for sample in _back_from(series, index):
+        for sample in back_from(series, index):
             if sample.t < oldest_t:
                 break
             value = sample.metrics.get(DBE)
@@ -253,25 +159,16 @@ class EccDetector:
         boot_seen_at: float | None,
     ) -> Finding | None:
         t = self.thresholds
-        oldest_t = now - self.window_seconds
-        if boot_seen_at is not None:
-            oldest_t = max(oldest_t, boot_seen_at)  # errors from before a reboot are history
-        points = _points(series, SBE, oldest_t, now)
-        if len(points) < 2:
+        windows = counter_windows(
+            series, SBE, now - self.window_seconds, now, t.sbe_window_seconds, boot_seen_at
+        )
+        if windows is None:
             return None
-        cumulative, counts, bases = _window_counts(points, t.sbe_window_seconds)
-        over = [i for i, count in enumerate(counts) if count >= t.sbe_per_window]
-        if not over:
+        over = [i for i, count in enumerate(windows.counts) if count >= t.sbe_per_window]
+        episode = held_over_limit(windows, over, now, t.sbe_hold_seconds, boot_seen_at)
+        if episode is None:
             return None
-        times = [points[i][0] for i in over]
-        episode = held_episode(times, now, t.sbe_hold_seconds, boot_seen_at)
-        if not episode:
-            return None
-        first = over[len(over) - len(episode)]
-        base = bases[first]
-        last = len(points) - 1
-        new = cumulative[last] - cumulative[base]  # from the episode's first window to now
-        seconds = points[last][0] - points[base][0]
+        new, seconds = episode.increase, episode.seconds
         return Finding(
             detector=self.id,
             severity="warning",
@@ -281,16 +178,16 @@ class EccDetector:
                 f"{seconds:g} s "
                 f"(limit {t.sbe_per_window} in {t.sbe_window_seconds:g} s)"
             ),
-            start=points[first][0],
+            start=episode.start,
             node=node,
             gpu=gpu,
             evidence={
                 "sbe_new": new,
                 "seconds": seconds,
-                "sbe_in_window": counts[last],
+                "sbe_in_window": windows.counts[-1],
                 "window_seconds": t.sbe_window_seconds,
                 "limit": t.sbe_per_window,
-                "ecc_sbe_volatile_total": points[last][1],
+                "ecc_sbe_volatile_total": windows.points[-1][1],
             },
             key="sbe_rate",
         )

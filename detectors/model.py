@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")
@@ -217,6 +217,17 @@ class Sustained:
     long_hit_buckets: int | None  # buckets of the long window with the condition (None: not read)
     long_buckets: int  # buckets in the long window
 
+    @property
+    def how_long(self) -> str:
+        """How it held, for a finding's summary: " for 15 s (15 of 16 samples)" or " in 6 of the
+        last 10 minutes"."""
+        if self.by == "recent":
+            return (
+                f" for {round(self.latest.t - self.start, 1):g} s "
+                f"({self.recent_hits} of {self.recent_samples} samples)"
+            )
+        return f" in {self.long_hit_buckets} of the last {self.long_buckets} minutes"
+
 
 def sustained(
     series: Sequence[S],
@@ -315,3 +326,63 @@ def sustained(
     return Sustained(
         start, latest, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets
     )
+
+
+class SustainedThresholds:
+    """Base of a detector's frozen thresholds dataclass for a `sustained` rule: checks the rule's
+    fields and applies the rule. The fields, with their defaults and sources, are declared by each
+    detector's own dataclass, next to the detector (thermal, power, clocks)."""
+
+    __slots__ = ()
+
+    clear_samples: int
+    recent_seconds: float
+    recent_fraction: float
+    recent_min_seconds: float
+    long_seconds: float
+    long_bucket_seconds: float
+    long_min_buckets: int
+    max_sample_age_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.clear_samples < 1 or self.long_min_buckets < 1:
+            raise ValueError("clear_samples and long_min_buckets must be at least 1")
+        if not 0 < self.recent_fraction <= 1:
+            raise ValueError("recent_fraction must be in (0, 1]")
+        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
+            raise ValueError("windows must be positive")
+        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
+            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
+
+    @property
+    def window_seconds(self) -> float:
+        """The history the rule reads: the detector's window_seconds."""
+        return max(self.recent_seconds, self.long_seconds, self.max_sample_age_seconds)
+
+    def held_gpus(
+        self, window: Window, condition: Callable[[GpuSample], bool]
+    ) -> Iterator[tuple[str, int, Sequence[GpuSample], Sustained]]:
+        """(node, gpu, series, how it held) of each GPU of `window` on which `condition` holds,
+        sustained (see `sustained`)."""
+        now = window.now
+        # Read once, not once a GPU: every GPU of the fleet is judged on every tick.
+        clear_samples, max_sample_age_seconds = self.clear_samples, self.max_sample_age_seconds
+        recent_seconds, recent_fraction = self.recent_seconds, self.recent_fraction
+        recent_min_seconds, long_seconds = self.recent_min_seconds, self.long_seconds
+        long_bucket_seconds, long_min_buckets = self.long_bucket_seconds, self.long_min_buckets
+        for (node, gpu), series in window.gpu.items():
+            held = sustained(
+                series,
+                now,
+                condition,
+                clear_samples=clear_samples,
+                max_sample_age_seconds=max_sample_age_seconds,
+                recent_seconds=recent_seconds,
+                recent_fraction=recent_fraction,
+                recent_min_seconds=recent_min_seconds,
+                long_seconds=long_seconds,
+                long_bucket_seconds=long_bucket_seconds,
+                long_min_buckets=long_min_buckets,
+            )
+            if held is not None:
+                yield node, gpu, series, held

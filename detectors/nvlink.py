@@ -34,9 +34,17 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
+from detectors.counters import (
+    CounterWindows,
+    back_from,
+    counter_moved,
+    counter_windows,
+    newest_carrying_all,
+    newest_fresh_index,
+    node_boot_seen_at,
+)
 from detectors.model import Finding, GpuSample, Window, held_episode
 
 UP, TOTAL = "nvlink_links_up", "nvlink_links_total"
@@ -87,91 +95,6 @@ class NvlinkThresholds:
             raise ValueError("link_down_samples must be at least 1")
 
 
-def _ends(
-    series: Sequence[GpuSample], newest: int, name: str, lookback: int
-) -> tuple[float | int | None, float | int | None]:
-    """A counter's oldest and newest readings in the kept series, each taken from the first of the
-    `lookback` samples at that end that carries it (None: none does)."""
-    last = None
-    for i in range(newest, max(newest - lookback, -1), -1):
-        last = series[i].metrics.get(name)
-        if last is not None:
-            break
-    first = None
-    for i in range(min(lookback, newest + 1)):
-        first = series[i].metrics.get(name)
-        if first is not None:
-            break
-    return first, last
-
-
-def _points(
-    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
-) -> list[tuple[float, float]]:
-    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
-    newest end, so only the window's tail of a long series is touched."""
-    points = []
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t < oldest_t:
-            break
-        value = sample.metrics.get(name)
-        if value is not None:
-            points.append((sample.t, float(value)))
-    points.reverse()
-    return points
-
-
-def _window_counts(
-    points: Sequence[tuple[float, float]], window_seconds: float
-) -> tuple[list[float], list[float], list[int]]:
-    """Per point: the counter's increase since the first point, its increase over the
-    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
-    reset and adds nothing: the value after it is the new baseline."""
-    cumulative = []
-    total = 0.0
-    previous = None
-    for _, value in points:
-        if previous is not None and value > previous:
-            total += value - previous
-        previous = value
-        cumulative.append(total)
-    counts, bases = [], []
-    base = 0
-    for i, (t, _) in enumerate(points):
-        while base < i and points[base + 1][0] <= t - window_seconds:
-            base += 1
-        counts.append(cumulative[i] - cumulative[base])
-        bases.append(base)
-    return cumulative, counts, bases
-
-
-def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
-    """The samples from `index` back to the oldest, newest first; a window's views iterate this
-    way without indexing into the middle of their deque."""
-    return islice(reversed(series), len(series) - 1 - index, None)
-
-
-def _latest(series: Sequence[GpuSample], index: int, oldest_t: float, lookback: int) -> int:
-    """Index of the newest of the `lookback` samples ending at `index` (none older than
-    `oldest_t`) that carries both link counts; -1 when none does."""
-    newest, oldest = series[index].metrics, series[0].metrics
-    if newest.get(UP) is not None and newest.get(TOTAL) is not None:
-        return index  # the fast path: the newest sample has them
-    if oldest.get(UP) is None or oldest.get(TOTAL) is None:
-        return -1  # nor the oldest: a GPU without NVLink (or counts lost at both ends)
-    stop = max(index - lookback, -1)
-    while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
-            break
-        if sample.metrics.get(UP) is not None and sample.metrics.get(TOTAL) is not None:
-            return index
-        index -= 1
-    return -1
-
-
 def _count(count: float, noun: str) -> str:
     return f"{count:g} {noun if count == 1 else _PLURALS.get(noun, noun + 's')}"
 
@@ -187,14 +110,11 @@ class _LinkDown:
 
 @dataclass(slots=True)
 class _Counter:
-    """One error counter's points in the window and what _window_counts made of them."""
+    """One error counter's readings in the window and its counts over the error window."""
 
     name: str
     noun: str
-    points: list[tuple[float, float]]
-    cumulative: list[float]
-    counts: list[float]
-    bases: list[int]
+    windows: CounterWindows
     over: list[int]  # indexes of the points whose window reached the limit
 
 
@@ -227,12 +147,10 @@ class NvlinkDetector:
         # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to.
         all_up: dict[str, set[float]] = {}
         for key, series in window.gpu.items():
-            index = len(series) - 1
-            while index >= 0 and series[index].t > now:
-                index -= 1
-            if index < 0 or series[index].t < oldest_t:
+            index = newest_fresh_index(series, now, oldest_t)
+            if index < 0:
                 continue
-            links = _latest(series, index, oldest_t, lookback)
+            links = newest_carrying_all(series, index, (UP, TOTAL), oldest_t, lookback)
             newest[key] = (index, links)
             if links >= 0:
                 metrics = series[links].metrics
@@ -249,9 +167,7 @@ class NvlinkDetector:
             first, last = series[0].metrics, series[index].metrics
             for name in _COUNTER_NAMES:
                 if self._moved(series, index, name, first, last):
-                    state = window.nodes.get(node)
-                    boot_seen_at = state.boot_seen_at if state is not None else None
-                    errors = self._errors(series, index, now, boot_seen_at)
+                    errors = self._errors(series, index, now, node_boot_seen_at(window, node))
                     break
             if down is not None or errors is not None:
                 findings.append(self._finding(node, gpu, down, errors))
@@ -294,7 +210,7 @@ class NvlinkDetector:
         # The run of samples with fewer links up than expected, ending at the newest sample.
         run = 0
         start = series[index].t
-        for sample in _back_from(series, index):
+        for sample in back_from(series, index):
             if sample.t < oldest_t:
                 break
             m = sample.metrics
@@ -322,12 +238,9 @@ class NvlinkDetector:
         samples' metrics are given). A counter that reads the same at both ends has not (a reset
         that climbed back to the same value in between is missed); one absent at both ends is one
         the GPU does not keep (CRC data on Hopper, every counter on a board without NVLink)."""
-        first, last = first_metrics.get(name), last_metrics.get(name)
-        if first == last:
-            return False
-        if first is None or last is None:  # a failed read at one end: look a little further in
-            first, last = _ends(series, index, name, self.thresholds.field_lookback_samples)
-        return first != last
+        if first_metrics.get(name) == last_metrics.get(name):
+            return False  # the fast path, taken too by a counter absent at both ends
+        return counter_moved(series, index, name, self.thresholds.field_lookback_samples)
 
     def _errors(
         self,
@@ -338,42 +251,45 @@ class NvlinkDetector:
     ) -> _Errors | None:
         t = self.thresholds
         oldest_t = now - self.window_seconds
-        if boot_seen_at is not None:
-            oldest_t = max(oldest_t, boot_seen_at)  # errors from before a reboot are history
         moved: list[_Counter] = []
         first, last = series[0].metrics, series[index].metrics
         for name, noun, is_crc in COUNTERS:
             if not self._moved(series, index, name, first, last):
                 continue
-            points = _points(series, name, oldest_t, now)
-            if len(points) < 2:
+            windows = counter_windows(
+                series, name, oldest_t, now, t.error_window_seconds, boot_seen_at
+            )
+            if windows is None:
                 continue
-            cumulative, counts, bases = _window_counts(points, t.error_window_seconds)
             if is_crc:
                 limit = t.crc_errors_per_second * t.error_window_seconds
             else:
                 limit = t.replay_recovery_errors
-            over = [i for i, count in enumerate(counts) if count >= limit]
-            moved.append(_Counter(name, noun, points, cumulative, counts, bases, over))
-        violations = sorted({c.points[i][0] for c in moved for i in c.over})
+            over = [i for i, count in enumerate(windows.counts) if count >= limit]
+            moved.append(_Counter(name, noun, windows, over))
+        violations = sorted({c.windows.points[i][0] for c in moved for i in c.over})
         episode = held_episode(violations, now, t.error_hold_seconds, boot_seen_at)
         if not episode:
             return None
         start = episode[0]
         # Errors are counted from the sample the episode's first over-limit window started at.
         since = min(
-            c.points[c.bases[i]][0] for c in moved for i in c.over if c.points[i][0] == start
+            c.windows.points[c.windows.bases[i]][0]
+            for c in moved
+            for i in c.over
+            if c.windows.points[i][0] == start
         )
         totals: dict[str, float] = {}
         in_window: dict[str, float] = {}
         last_t = since
         for c in moved:
-            base = max(bisect_right([p[0] for p in c.points], since) - 1, 0)
-            total = c.cumulative[-1] - c.cumulative[base]
+            points, cumulative = c.windows.points, c.windows.cumulative
+            base = max(bisect_right([p[0] for p in points], since) - 1, 0)
+            total = cumulative[-1] - cumulative[base]
             if total > 0:
                 totals[c.noun] = total
-            in_window[c.name] = c.counts[-1]
-            last_t = max(last_t, c.points[-1][0])
+            in_window[c.name] = c.windows.counts[-1]
+            last_t = max(last_t, points[-1][0])
         return _Errors(start=start, seconds=last_t - since, totals=totals, in_window=in_window)
 
     # --- the finding ---------------------------------------------------------------------------

@@ -28,10 +28,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
-from detectors.model import Finding, GpuSample, Window, held_episode
+from detectors.counters import (
+    back_from,
+    counter_moved,
+    counter_windows,
+    float_reading,
+    held_over_limit,
+    newest_carrying_all,
+    newest_fresh_index,
+    node_boot_seen_at,
+)
+from detectors.model import Finding, GpuSample, Window
 
 REPLAYS = "pcie_replay_total"
 GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"
@@ -99,107 +108,6 @@ def _plural(count: float, noun: str) -> str:
     return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
 
 
-def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
-    value = metrics.get(name)
-    return None if value is None else float(value)
-
-
-def _ends(
-    series: Sequence[GpuSample], newest: int, name: str, lookback: int
-) -> tuple[float | int | None, float | int | None]:
-    """A counter's oldest and newest readings in the kept series, each taken from the first of the
-    `lookback` samples at that end that carries it (None: none does)."""
-    last = None
-    for i in range(newest, max(newest - lookback, -1), -1):
-        last = series[i].metrics.get(name)
-        if last is not None:
-            break
-    first = None
-    for i in range(min(lookback, newest + 1)):
-        first = series[i].metrics.get(name)
-        if first is not None:
-            break
-    return first, last
-
-
-def _points(
-    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
-) -> list[tuple[float, float]]:
-    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
-    newest end, so only the window's tail of a long series is touched."""
-    points = []
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t < oldest_t:
-            break
-        value = sample.metrics.get(name)
-        if value is not None:
-            points.append((sample.t, float(value)))
-    points.reverse()
-    return points
-
-
-def _window_counts(
-    points: Sequence[tuple[float, float]], window_seconds: float
-) -> tuple[list[float], list[float], list[int]]:
-    """Per point: the counter's increase since the first point, its increase over the
-    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
-    reset and adds nothing: the value after it is the new baseline."""
-    cumulative = []
-    total = 0.0
-    previous = None
-    for _, value in points:
-        if previous is not None and value > previous:
-            total += value - previous
-        previous = value
-        cumulative.append(total)
-    counts, bases = [], []
-    base = 0
-    for i, (t, _) in enumerate(points):
-        while base < i and points[base + 1][0] <= t - window_seconds:
-            base += 1
-        counts.append(cumulative[i] - cumulative[base])
-        bases.append(base)
-    return cumulative, counts, bases
-
-
-def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
-    """The samples from `index` back to the oldest, newest first; a window's views iterate this
-    way without indexing into the middle of their deque."""
-    return islice(reversed(series), len(series) - 1 - index, None)
-
-
-def _latest(
-    series: Sequence[GpuSample],
-    index: int,
-    names: tuple[str, ...],
-    oldest_t: float,
-    lookback: int,
-) -> int:
-    """Index of the newest of the `lookback` samples ending at `index` (none older than
-    `oldest_t`) that carries all of `names`; -1 when none does."""
-    newest, oldest = series[index].metrics, series[0].metrics
-    missing = False
-    for name in names:
-        if newest.get(name) is None:
-            if oldest.get(name) is None:
-                return -1  # nor the oldest: a field the GPU does not report at all
-            missing = True
-    if not missing:
-        return index  # the fast path: the newest sample has them
-    stop = max(index - lookback, -1)
-    while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
-            break
-        metrics = sample.metrics
-        if all(metrics.get(name) is not None for name in names):
-            return index
-        index -= 1
-    return -1
-
-
 def _link_name(gen: float | None, width: float | None) -> str:
     """E.g. "Gen5 x16", or what of it is known."""
     parts = ([f"Gen{gen:g}"] if gen is not None else []) + (
@@ -236,32 +144,24 @@ class PcieDetector:
 
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        fresh_t = now - self.thresholds.max_sample_age_seconds
+        lookback = self.thresholds.field_lookback_samples
         findings = []
         for (node, gpu), series in window.gpu.items():
-            newest = len(series) - 1
-            while newest >= 0 and series[newest].t > now:
-                newest -= 1
-            fresh_t = now - self.thresholds.max_sample_age_seconds
-            if newest < 0 or series[newest].t < fresh_t:
+            newest = newest_fresh_index(series, now, fresh_t)
+            if newest < 0:
                 continue
-            lookback = self.thresholds.field_lookback_samples
-            widths = _latest(series, newest, (WIDTH, WIDTH_MAX), fresh_t, lookback)
-            gens = _latest(series, newest, (GEN, GEN_MAX), fresh_t, lookback)
+            widths = newest_carrying_all(series, newest, (WIDTH, WIDTH_MAX), fresh_t, lookback)
+            gens = newest_carrying_all(series, newest, (GEN, GEN_MAX), fresh_t, lookback)
             link = self._link(node, gpu, series, widths, gens, now)
             if link is not None:
                 findings.append(link)
-            # Fast path: a counter that reads the same at both ends of the kept series has not
-            # moved (a reset that climbed back to the same value in between is missed).
-            first_replays = series[0].metrics.get(REPLAYS)
-            last_replays = series[newest].metrics.get(REPLAYS)
-            if first_replays is None or last_replays is None:  # a failed read: look further in
-                first_replays, last_replays = _ends(series, newest, REPLAYS, lookback)
-            if first_replays != last_replays:
-                state = window.nodes.get(node)
-                boot_seen_at = state.boot_seen_at if state is not None else None
-                gen = _number(series[gens].metrics, GEN) if gens >= 0 else None
-                width = _number(series[widths].metrics, WIDTH) if widths >= 0 else None
-                replays = self._replay_rate(node, gpu, series, gen, width, now, boot_seen_at)
+            if counter_moved(series, newest, REPLAYS, lookback):
+                gen = float_reading(series[gens].metrics, GEN) if gens >= 0 else None
+                width = float_reading(series[widths].metrics, WIDTH) if widths >= 0 else None
+                replays = self._replay_rate(
+                    node, gpu, series, gen, width, now, node_boot_seen_at(window, node)
+                )
                 if replays is not None:
                     findings.append(replays)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
@@ -280,33 +180,25 @@ class PcieDetector:
         boot_seen_at: float | None,
     ) -> Finding | None:
         t = self.thresholds
-        oldest_t = now - self.window_seconds
-        if boot_seen_at is not None:
-            oldest_t = max(oldest_t, boot_seen_at)  # replays from before a reboot are history
-        points = _points(series, REPLAYS, oldest_t, now)
-        if len(points) < 2:
+        windows = counter_windows(
+            series, REPLAYS, now - self.window_seconds, now, t.replay_window_seconds, boot_seen_at
+        )
+        if windows is None:
             return None
         limit = t.replay_limit(gen, width)
-        cumulative, counts, bases = _window_counts(points, t.replay_window_seconds)
-        over = [i for i, count in enumerate(counts) if count > limit]
-        if not over:
+        over = [i for i, count in enumerate(windows.counts) if count > limit]
+        episode = held_over_limit(windows, over, now, t.replay_hold_seconds, boot_seen_at)
+        if episode is None:
             return None
-        times = [points[i][0] for i in over]
-        episode = held_episode(times, now, t.replay_hold_seconds, boot_seen_at)
-        if not episode:
-            return None
-        first = over[len(over) - len(episode)]
-        base, last = bases[first], len(points) - 1
-        replays = cumulative[last] - cumulative[base]  # from the episode's first window to now
-        seconds = points[last][0] - points[base][0]
+        replays, seconds = episode.increase, episode.seconds
         at = f" at {_link_name(gen, width)}" if gen is not None and width is not None else ""
         evidence: dict[str, object] = {
             "replays": replays,
             "seconds": seconds,
-            "replays_in_window": counts[last],
+            "replays_in_window": windows.counts[-1],
             "window_seconds": t.replay_window_seconds,
             "limit": limit,
-            "pcie_replay_total": points[last][1],
+            "pcie_replay_total": windows.points[-1][1],
         }
         if gen is not None and width is not None:
             evidence["pcie_link_gen"] = gen
@@ -320,7 +212,7 @@ class PcieDetector:
                 f"{seconds:g} s "
                 f"(limit {limit:g} in {t.replay_window_seconds:g} s{at})"
             ),
-            start=points[first][0],
+            start=episode.start,
             node=node,
             gpu=gpu,
             evidence=evidence,
@@ -349,7 +241,7 @@ class PcieDetector:
         start = 0.0
         latest: Mapping[str, float | int] = {}
         oldest_t = now - self.window_seconds
-        for sample in _back_from(series, newest):
+        for sample in back_from(series, newest):
             if sample.t < oldest_t:
                 break
             metrics = sample.metrics
@@ -400,15 +292,16 @@ class PcieDetector:
         # What the link read on the newest sample each rule judged (busy, for the generation).
         width_metrics = width_run[1] if width_run else series[widths].metrics if widths >= 0 else {}
         gen_metrics = gen_run[1] if gen_run else series[gens].metrics if gens >= 0 else {}
-        gen, gen_max = _number(gen_metrics, GEN), _number(gen_metrics, GEN_MAX)
-        width, width_max = _number(width_metrics, WIDTH), _number(width_metrics, WIDTH_MAX)
+        gen, gen_max = float_reading(gen_metrics, GEN), float_reading(gen_metrics, GEN_MAX)
+        width = float_reading(width_metrics, WIDTH)
+        width_max = float_reading(width_metrics, WIDTH_MAX)
         trained, maximum = _link_name(gen, width), _link_name(gen_max, width_max)
         below = " and ".join(
             what
             for what, start in (("width", width_start), ("generation", gen_start))
             if start is not None
         )
-        util = _number(gen_metrics, UTIL)
+        util = float_reading(gen_metrics, UTIL)
         busy = f", at {util:g} % utilisation" if util is not None and gen_start is not None else ""
         evidence: dict[str, object] = {
             "width_low": width_start is not None,

@@ -14,9 +14,10 @@ SW power cap (0x4) is the GPU holding its own power limit: normal at full load, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
-from detectors.model import Finding, GpuSample, Sustained, Window, sustained
+from detectors.counters import float_reading
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
 
 # nvmlClocksEventReasonHwPowerBrakeSlowdown (nvml.h): "External Power Brake Assertion is triggered
 # (e.g. by the system power supply)", as nvidia-smi's help text in ../shared/data/nvidia-smi says.
@@ -27,7 +28,7 @@ SW_POWER_CAP = 0x04
 
 
 @dataclass(frozen=True, slots=True)
-class PowerThresholds:
+class PowerThresholds(SustainedThresholds):
     # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
     clear_samples: int = 5
     # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
@@ -45,25 +46,10 @@ class PowerThresholds:
     # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as thermal)
     max_sample_age_seconds: float = 30.0
 
-    def __post_init__(self) -> None:
-        if self.clear_samples < 1 or self.long_min_buckets < 1:
-            raise ValueError("clear_samples and long_min_buckets must be at least 1")
-        if not 0 < self.recent_fraction <= 1:
-            raise ValueError("recent_fraction must be in (0, 1]")
-        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
-            raise ValueError("windows must be positive")
-        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
-            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
-
 
 def _braked(sample: GpuSample) -> bool:
     reasons = sample.metrics.get("clock_event_reasons")
     return reasons is not None and int(reasons) & HW_POWER_BRAKE_SLOWDOWN != 0
-
-
-def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
-    value = metrics.get(name)
-    return None if value is None else float(value)
 
 
 def _fmt(value: float) -> str:
@@ -86,45 +72,23 @@ class PowerDetector:
 
     @property
     def window_seconds(self) -> float:
-        t = self.thresholds
-        return max(t.recent_seconds, t.long_seconds, t.max_sample_age_seconds)
+        return self.thresholds.window_seconds
 
     def detect(self, window: Window) -> list[Finding]:
-        t = self.thresholds
-        findings = []
-        for (node, gpu), series in window.gpu.items():
-            held = sustained(
-                series,
-                window.now,
-                _braked,
-                clear_samples=t.clear_samples,
-                max_sample_age_seconds=t.max_sample_age_seconds,
-                recent_seconds=t.recent_seconds,
-                recent_fraction=t.recent_fraction,
-                recent_min_seconds=t.recent_min_seconds,
-                long_seconds=t.long_seconds,
-                long_bucket_seconds=t.long_bucket_seconds,
-                long_min_buckets=t.long_min_buckets,
-            )
-            if held is not None:
-                findings.append(self._finding(node, gpu, held))
+        findings = [
+            self._finding(node, gpu, held)
+            for node, gpu, _, held in self.thresholds.held_gpus(window, _braked)
+        ]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
 
     def _finding(self, node: str, gpu: int, held: Sustained) -> Finding:
         latest = held.latest.metrics
-        power_watts = _number(latest, "power_watts")
-        power_limit_watts = _number(latest, "power_limit_watts")
-        sm_clock_mhz = _number(latest, "sm_clock_mhz")
-        sm_clock_max_mhz = _number(latest, "sm_clock_max_mhz")
+        power_watts = float_reading(latest, "power_watts")
+        power_limit_watts = float_reading(latest, "power_limit_watts")
+        sm_clock_mhz = float_reading(latest, "sm_clock_mhz")
+        sm_clock_max_mhz = float_reading(latest, "sm_clock_max_mhz")
 
-        if held.by == "recent":
-            how_long = (
-                f" for {_fmt(held.latest.t - held.start)} s "
-                f"({held.recent_hits} of {held.recent_samples} samples)"
-            )
-        else:
-            how_long = f" in {held.long_hit_buckets} of the last {held.long_buckets} minutes"
         details = []
         if sm_clock_mhz is not None:
             clock = f"SM clock {_fmt(sm_clock_mhz)} MHz"
@@ -136,7 +100,7 @@ class PowerDetector:
             if power_limit_watts is not None:
                 power += f" of {_fmt(power_limit_watts)} W limit"
             details.append(power)
-        summary = f"GPU {gpu} in hardware power brake slowdown{how_long}" + (
+        summary = f"GPU {gpu} in hardware power brake slowdown{held.how_long}" + (
             ": " + ", ".join(details) if details else ""
         )
 

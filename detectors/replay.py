@@ -282,6 +282,7 @@ def replay_episodes(
             episodes.append(Episode(finding, now))
 
     known_nodes: set[str] = set()
+    sampled_nodes = {r.node for r in ordered if isinstance(r, (GpuSample, HostSample, IbSample))}
     tick = 0  # grid times are first_t + tick * step_seconds (no drift from repeated addition)
     last_evaluated: float | None = None
     for t, group in groupby(ordered, key=lambda r: r.t):
@@ -296,6 +297,10 @@ def replay_episodes(
             if record.node not in known_nodes:
                 known_nodes.add(record.node)
                 interval_seconds = intervals.get(record.node)
+                if record.node not in sampled_nodes:
+                    # Only steps or events from this node: it has no sampling cadence to fall
+                    # silent against (node_silent would read every gap between steps as silence).
+                    interval_seconds = math.inf
                 data.note_node(record.node, t, sampling_interval_seconds=interval_seconds)
             if isinstance(record, GpuSample):
                 data.add_gpu(record)

@@ -20,10 +20,10 @@ Two findings per GPU, told apart by `key`, each holding while the newest sample 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar, Mapping
 
-from detectors.model import Finding, GpuSample, Window
+from detectors.counters import flag_raised, newest_carrying, newest_fresh_index, start_of_run
+from detectors.model import Finding, Window
 
 RETIRED_SBE = "retired_pages_sbe"
 RETIRED_DBE = "retired_pages_dbe"
@@ -75,16 +75,14 @@ class RetiredPagesDetector:
         limit = self.thresholds.max_retired_pages
         oldest_t = now - self.thresholds.max_sample_age_seconds
         findings = []
+        lookback = self.thresholds.field_lookback_samples
         for (node, gpu), series in window.gpu.items():
-            index = len(series) - 1
-            while index >= 0 and series[index].t > now:
-                index -= 1
-            if index < 0 or series[index].t < oldest_t:
+            index = newest_fresh_index(series, now, oldest_t)
+            if index < 0:
                 continue
-            lookback = self.thresholds.field_lookback_samples
             counted = max(
-                _latest(series, index, RETIRED_SBE, oldest_t, lookback),
-                _latest(series, index, RETIRED_DBE, oldest_t, lookback),
+                newest_carrying(series, index, RETIRED_SBE, oldest_t, lookback),
+                newest_carrying(series, index, RETIRED_DBE, oldest_t, lookback),
             )
             retired = _retired(series[counted].metrics) if counted >= 0 else None
             if retired is not None and retired >= limit:
@@ -103,7 +101,7 @@ class RetiredPagesDetector:
                             f"GPU {gpu} on {node}: {retired:g} retired pages ({parts}), "
                             f"at or over the limit of {limit}"
                         ),
-                        start=_first_of_run(
+                        start=start_of_run(
                             series,
                             counted,
                             oldest_t,
@@ -116,9 +114,9 @@ class RetiredPagesDetector:
                         key="limit",
                     )
                 )
-            waiting = _latest(series, index, PENDING, oldest_t, lookback)
-            if waiting >= 0 and series[waiting].metrics[PENDING] >= 1:
-                latest = series[waiting].metrics
+            pending = flag_raised(series, index, PENDING, oldest_t, lookback)
+            if pending is not None:
+                latest, start = pending
                 findings.append(
                     Finding(
                         detector=self.id,
@@ -128,9 +126,7 @@ class RetiredPagesDetector:
                             f"GPU {gpu} on {node}: page retirement pending, reset the GPU "
                             "(or reload the driver) to retire the pages"
                         ),
-                        start=_first_of_run(
-                            series, waiting, oldest_t, (PENDING,), lambda m: m[PENDING] >= 1
-                        ),
+                        start=start,
                         node=node,
                         gpu=gpu,
                         evidence=_evidence(latest, _retired(latest), limit),
@@ -139,54 +135,6 @@ class RetiredPagesDetector:
                 )
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
-
-
-def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
-    """The samples from `index` back to the oldest, newest first; a window's views iterate this
-    way without indexing into the middle of their deque."""
-    return islice(reversed(series), len(series) - 1 - index, None)
-
-
-def _latest(
-    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
-) -> int:
-    """Index of the newest of the `lookback` samples ending at `index` (none older than
-    `oldest_t`) that carries `name`; -1 when none does."""
-    if series[index].metrics.get(name) is not None:
-        return index  # the fast path: the newest sample has it
-    if series[0].metrics.get(name) is None:
-        return -1  # nor the oldest: a field the GPU does not report at all
-    stop = max(index - lookback, -1)
-    while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
-            break
-        if sample.metrics.get(name) is not None:
-            return index
-        index -= 1
-    return -1
-
-
-def _first_of_run(
-    series: Sequence[GpuSample],
-    index: int,
-    oldest_t: float,
-    names: tuple[str, ...],
-    holds: Callable[[Mapping[str, float | int]], bool],
-) -> float:
-    """The time of the first sample of the run of samples, ending at `index`, for which `holds`;
-    a sample carrying none of `names` does not break the run, the window's edge does."""
-    start = series[index].t
-    for sample in _back_from(series, index - 1):
-        if sample.t < oldest_t:
-            break
-        metrics = sample.metrics
-        if all(metrics.get(name) is None for name in names):
-            continue
-        if not holds(metrics):
-            break
-        start = sample.t
-    return start
 
 
 def _evidence(

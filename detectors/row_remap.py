@@ -22,14 +22,31 @@ A GPU that does not report the fields (pre-Ampere, MIG with active instances) ge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import ClassVar, Iterator, Mapping, Sequence
+from typing import ClassVar, Mapping
 
-from detectors.model import Finding, GpuSample, Window
+from detectors.counters import flag_raised, newest_fresh_index
+from detectors.model import Finding, Window
 
 PENDING = "remap_pending"
 FAILURE = "remap_failure"
 _ROW_COUNTS = ("remapped_rows_correctable", "remapped_rows_uncorrectable")
+# (flag, finding key, severity, action, what the summary says while it is set), failure first
+_RULES = (
+    (
+        FAILURE,
+        "failure",
+        "critical",
+        "inspect_hardware",
+        "row remapping failed, a memory bank has no spare rows left",
+    ),
+    (
+        PENDING,
+        "pending",
+        "warning",
+        "reset_gpu",
+        "row remapping pending, reset the GPU to apply it",
+    ),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +63,6 @@ class RowRemapThresholds:
             raise ValueError("max_sample_age_seconds must be positive")
         if self.field_lookback_samples < 1:
             raise ValueError("field_lookback_samples must be at least 1")
-
-
-def _flag(metrics: Mapping[str, float | int], name: str) -> bool:
-    value = metrics.get(name)
-    return value is not None and value >= 1
 
 
 def _rows(metrics: Mapping[str, float | int]) -> str:
@@ -75,96 +87,32 @@ class RowRemapDetector:
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
         oldest_t = now - self.thresholds.max_sample_age_seconds
+        lookback = self.thresholds.field_lookback_samples
         findings = []
         for (node, gpu), series in window.gpu.items():
-            index = len(series) - 1
-            while index >= 0 and series[index].t > now:
-                index -= 1
-            if index < 0 or series[index].t < oldest_t:
+            index = newest_fresh_index(series, now, oldest_t)
+            if index < 0:
                 continue
-            lookback = self.thresholds.field_lookback_samples
-            failed = _latest(series, index, FAILURE, oldest_t, lookback)
-            if failed >= 0 and _flag(series[failed].metrics, FAILURE):
-                latest = series[failed].metrics
+            for flag, key, severity, action, what in _RULES:
+                raised = flag_raised(series, index, flag, oldest_t, lookback)
+                if raised is None:
+                    continue
+                latest, start = raised
                 findings.append(
                     Finding(
                         detector=self.id,
-                        severity="critical",
-                        action="inspect_hardware",
-                        summary=(
-                            f"GPU {gpu} on {node}: row remapping failed, a memory bank has no "
-                            f"spare rows left{_rows(latest)}"
-                        ),
-                        start=_first_of_run(series, failed, FAILURE, oldest_t),
+                        severity=severity,
+                        action=action,
+                        summary=f"GPU {gpu} on {node}: {what}{_rows(latest)}",
+                        start=start,
                         node=node,
                         gpu=gpu,
                         evidence=_evidence(latest),
-                        key="failure",
-                    )
-                )
-            pending = _latest(series, index, PENDING, oldest_t, lookback)
-            if pending >= 0 and _flag(series[pending].metrics, PENDING):
-                latest = series[pending].metrics
-                findings.append(
-                    Finding(
-                        detector=self.id,
-                        severity="warning",
-                        action="reset_gpu",
-                        summary=(
-                            f"GPU {gpu} on {node}: row remapping pending, reset the GPU to apply "
-                            f"it{_rows(latest)}"
-                        ),
-                        start=_first_of_run(series, pending, PENDING, oldest_t),
-                        node=node,
-                        gpu=gpu,
-                        evidence=_evidence(latest),
-                        key="pending",
+                        key=key,
                     )
                 )
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
-
-
-def _back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
-    """The samples from `index` back to the oldest, newest first; a window's views iterate this
-    way without indexing into the middle of their deque."""
-    return islice(reversed(series), len(series) - 1 - index, None)
-
-
-def _latest(
-    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
-) -> int:
-    """Index of the newest of the `lookback` samples ending at `index` (none older than
-    `oldest_t`) that carries `name`; -1 when none does."""
-    if series[index].metrics.get(name) is not None:
-        return index  # the fast path: the newest sample has it
-    if series[0].metrics.get(name) is None:
-        return -1  # nor the oldest: a field the GPU does not report at all
-    stop = max(index - lookback, -1)
-    while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
-            break
-        if sample.metrics.get(name) is not None:
-            return index
-        index -= 1
-    return -1
-
-
-def _first_of_run(series: Sequence[GpuSample], index: int, name: str, oldest_t: float) -> float:
-    """The time of the first sample of the run of flagged samples that ends at `index` (a sample
-    without the field does not break the run; the window's edge does)."""
-    start = series[index].t
-    for sample in _back_from(series, index - 1):
-        if sample.t < oldest_t:
-            break
-        value = sample.metrics.get(name)
-        if value is None:
-            continue
-        if value < 1:
-            break
-        start = sample.t
-    return start
 
 
 def _evidence(metrics: Mapping[str, float | int]) -> dict[str, object]:

@@ -23,7 +23,14 @@ not an episode. A rank scoring below `peer_score` is a straggler, keyed "peers",
   peers' GPUs'): a steady offset with a hardware cause is still a fault.
 
 A rank that slowed `self_slowdown` times against its own baseline, and as much against its peers,
-but still scores above `peer_score` (it used to be faster than most), is keyed "self".
+but still scores above `peer_score` (it used to be faster than most), is keyed "self". A job's
+first `warmup_steps` steps (numbered from 0) are never compared; a job that started within the
+window takes its baseline from its first steps after them, and until it has one only the floor
+and a hardware cause count. A job's end (no step of a rank in `recent_seconds`) ends its episodes.
+
+Cost: the newest steps are read back to `recent_seconds` and the oldest forward to a baseline,
+both stopping early; ranks within 3% of the reference (most of a healthy job) are not judged
+and need no baseline. A 1,000-rank job stepping every second takes ~5 ms of a current CPU core.
 
 Pure: nothing is remembered between evaluations, so nothing before the window can be seen. A gap
 that opened longer ago than the window (`window_seconds`, less the baseline) looks like a steady
@@ -82,19 +89,23 @@ class StragglerStepsThresholds:
     hold_tolerance: float = 0.03
     # ratio; slowed 1.2x against its own baseline and against its peers (the brief's 1.2x)
     self_slowdown: float = 1.2
+    # score; a rank at or above this is within 3% of the healthy pace and slows nobody, whatever
+    # its own past: not judged (most ranks of a healthy job, which then need no baseline)
+    judged_below_score: float = 0.97
     # steps; each rank's baseline is its oldest 20 steps in the window after warm-up: its median
     # then moves by ~1% as the window slides (10 steps: ~2%, enough to flap a rank at a threshold)
     min_baseline_steps: int = 20
-    # s; ranks are looked for in the oldest 25 s of the window; a job not there (it started
-    # later) gets its baseline from its steps max_recent_seconds + 25 s ago, or none when younger
+    # s; ranks are looked for in the oldest 25 s of the window, or of a job that started later
+    # (found from its step numbers); a job with less than this between warm-up and its recent
+    # steps has no baseline yet: only the floor and a hardware cause count
     baseline_seconds: float = 25.0
     # ratio; the job's pace (median step reference) then and now within 1.3x, else the baseline
     # is another phase (warm-up, evaluation). A delay of 0.3x a step added to every rank
     # compresses a 0.7-score rank's gap by at most 1.3 / (1 + 0.3 x 0.7) = 1.07 < min_gap_growth
     max_pace_change: float = 1.3
-    # s; the history kept: baseline, longest recent span and hold, with room for an onset to stay
-    # visible ~4 minutes (Alibaba job 3's slow-down lasts ~5)
-    window_seconds: float = 300.0
+    # s; how old the baseline is: an onset stays visible ~9 minutes (Alibaba job 3's slow-down
+    # lasts ~5). The registry's thermal, power and clocks detectors already keep 600 s of data
+    window_seconds: float = 600.0
     # ranks; fewer and there are no peers to compare with
     min_ranks: int = 2
     # ranks; a step's reference is taken over at most this many ranks (every n-th): the median of
@@ -112,6 +123,8 @@ class StragglerStepsThresholds:
     def __post_init__(self) -> None:
         if not 0 < self.floor_score <= self.peer_score <= self.hold_score < 1:
             raise ValueError("need 0 < floor_score <= peer_score <= hold_score < 1")
+        if not self.hold_score <= self.judged_below_score <= 1:
+            raise ValueError("need hold_score <= judged_below_score <= 1")
         if not 1 <= self.hold_gap_growth <= self.min_gap_growth:
             raise ValueError("need 1 <= hold_gap_growth <= min_gap_growth")
         if self.hold_seconds < 0 or self.hold_tolerance < 0:
@@ -204,11 +217,12 @@ class _Job:
     ranks: list[_Rank]
     refs: dict[int, float]  # step number -> reference seconds
     reference: float  # median of refs: the healthy step time now
-    pace: float  # reference now / reference in the baseline (inf without one)
     window: Window
-    baselines: Mapping[int, list[Step]]  # rank -> baseline steps, empty when they do not count
-    base_refs: dict[int, float]
     min_baseline_steps: int
+    pace: float = math.inf  # reference now / reference in the baseline (inf without one)
+    # rank -> baseline steps and their step references; empty when the baseline does not count
+    baselines: Mapping[int, list[Step]] = field(default_factory=dict)
+    base_refs: dict[int, float] = field(default_factory=dict)
     _gpus: dict[int, tuple[float | None, float | None]] | None = None  # rank -> clock, power
     _causes: dict[int, GpuCause | None] = field(default_factory=dict)
 
@@ -297,6 +311,7 @@ class StragglerStepsDetector:
         return self.thresholds.window_seconds
 
     def detect(self, window: Window) -> list[Finding]:
+        th = self.thresholds
         steps = window.steps
         if not steps:
             return []
@@ -304,16 +319,21 @@ class StragglerStepsDetector:
         recent = self._recent(steps, now)
         if not recent:
             return []
-        baselines = self._baselines(steps, now, recent)
+        jobs: list[tuple[_Job, list[_Rank]]] = []
+        for name, spans in recent.items():
+            job = self._job(window, name, spans)
+            if job is not None:
+                # Ranks within a few percent of the healthy pace slow nobody: never judged.
+                judged = [r for r in job.ranks if r.score < th.judged_below_score]
+                if judged:
+                    jobs.append((job, judged))
+        # Baselines only for the jobs with a rank to judge.
+        baselines = self._baselines(steps, now, {job.name: recent[job.name] for job, _ in jobs})
         findings: list[Finding] = []
         pending: list[_Pending] = []
-        for name, spans in recent.items():
-            job = self._job(window, name, spans, baselines.get(name, {}))
-            if job is None:
-                continue
-            for r in job.ranks:
-                if r.score >= 1.0:
-                    continue  # at or above the healthy pace: slows nobody
+        for job, judged in jobs:
+            self._attach_baseline(job, baselines.get(job.name, {}))
+            for r in judged:
                 verdict = self._verdict(job, r)
                 if verdict == "hold":
                     pending.append((job, r))
@@ -371,16 +391,24 @@ class StragglerStepsDetector:
 
     def _baselines(self, steps: Sequence[Step], now: float, recent: _Spans) -> _Spans:
         """Each running rank's oldest min_baseline_steps steps in the window before its recent
-        span (oldest first). Jobs that started after the window's oldest steps are looked for
-        again max_recent_seconds + baseline_seconds ago (a job younger than that has none)."""
+        span (oldest first): a job's first steps after warm-up when it started in the window."""
         th = self.thresholds
-        found = self._baseline_from(steps, 0, now, recent)
-        missing = {job: ranks for job, ranks in recent.items() if not found.get(job)}
-        if missing:
-            since_t = now - th.max_recent_seconds - th.baseline_seconds
-            index = bisect_left(steps, since_t, key=_T)
-            if index > 0:
-                found.update(self._baseline_from(steps, index, now, missing))
+        # The engine keeps steps as long as the most demanding detector needs: start at this
+        # detector's own window, so that its baseline does not depend on the others.
+        oldest = bisect_left(steps, now - th.window_seconds, key=_T)
+        found = self._baseline_from(steps, oldest, now, recent)
+        # A job that started later: its steps are numbered from 0, so its step rate says when its
+        # first steps after warm-up ran; look there (a job younger than a baseline has none yet).
+        for job, ranks in recent.items():
+            if found.get(job):
+                continue
+            began_t = _warmed_up_at(ranks, th.warmup_steps)
+            recent_t = min(span[-1].t for span in ranks.values())
+            if began_t is None or began_t + th.baseline_seconds > recent_t:
+                continue
+            index = bisect_left(steps, max(began_t, now - th.window_seconds), key=_T)
+            if index > oldest:
+                found.update(self._baseline_from(steps, index, now, {job: ranks}))
         return found
 
     def _baseline_from(
@@ -447,15 +475,8 @@ class StragglerStepsDetector:
             if len(values) >= min_reports
         }
 
-    def _job(
-        self,
-        window: Window,
-        name: str,
-        spans: Mapping[int, list[Step]],
-        baseline_spans: Mapping[int, list[Step]],
-    ) -> _Job | None:
-        """The job's ranks scored step by step against the same steps' references, with their
-        baselines where those count."""
+    def _job(self, window: Window, name: str, spans: Mapping[int, list[Step]]) -> _Job | None:
+        """The job's ranks scored step by step against the same steps' references."""
         th = self.thresholds
         if len(spans) < th.min_ranks:
             return None
@@ -468,16 +489,22 @@ class StragglerStepsDetector:
         if len(ranks) < th.min_ranks:
             return None
         reference = _median(list(refs.values()))
+        return _Job(name, ranks, refs, reference, window, th.min_baseline_steps)
 
-        # The baseline counts where the job's pace then was comparable to now.
-        based = {r: span for r, span in baseline_spans.items() if len(span) >= th.min_baseline_steps}
+    def _attach_baseline(self, job: _Job, baseline_spans: Mapping[int, list[Step]]) -> None:
+        """The job's baseline steps and their references, where the job's pace then was
+        comparable to now (the ranks' baseline scores follow on first use)."""
+        th = self.thresholds
+        based = {
+            rank: span
+            for rank, span in baseline_spans.items()
+            if len(span) >= th.min_baseline_steps
+        }
         base_refs = self._references(based) if len(based) >= th.min_ranks else {}
-        pace = reference / _median(list(base_refs.values())) if base_refs else math.inf
-        if not 1 / th.max_pace_change <= pace <= th.max_pace_change:
-            based = {}
-        return _Job(
-            name, ranks, refs, reference, pace, window, based, base_refs, th.min_baseline_steps
-        )
+        pace = job.reference / _median(list(base_refs.values())) if base_refs else math.inf
+        job.pace = pace
+        if 1 / th.max_pace_change <= pace <= th.max_pace_change:
+            job.baselines, job.base_refs = based, base_refs
 
     def _peers_slow(
         self, job: _Job, r: _Rank, score: float, score_limit: float, min_growth: float
@@ -665,6 +692,16 @@ class StragglerStepsDetector:
                 key=basis,
             )
         ]
+
+
+def _warmed_up_at(ranks: Mapping[int, list[Step]], warmup_steps: int) -> float | None:
+    """When a job's step number `warmup_steps` ran, from its recent steps' rate, or None."""
+    newest = max((span[0] for span in ranks.values()), key=_STEP)
+    oldest = min((span[-1] for span in ranks.values()), key=_STEP)
+    if newest.step <= oldest.step or newest.t <= oldest.t:
+        return None
+    seconds_per_step = (newest.t - oldest.t) / (newest.step - oldest.step)
+    return newest.t - (newest.step - warmup_steps) * seconds_per_step
 
 
 def _episode_start(

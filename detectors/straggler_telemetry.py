@@ -13,9 +13,8 @@ slowdown and names this same hardware cause: for them this detector reports noth
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import Callable, ClassVar, Iterable, Sequence
 
 from detectors.model import Finding, GpuSample, Step, Window
 
@@ -34,7 +33,6 @@ THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
     (SW_THERMAL_SLOWDOWN, "software thermal slowdown"),
     (HW_SLOWDOWN, "hardware slowdown"),
 )
-THROTTLE_MASK = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN | SW_THERMAL_SLOWDOWN | HW_SLOWDOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +84,20 @@ def mhz(value: float) -> str:
     return f"{round(value):,}"
 
 
-def metric(sample: GpuSample, name: str) -> float | None:
-    value = sample.metrics.get(name)
-    return None if value is None else float(value)
+def _median(values: list[float]) -> float:
+    """The median of a non-empty list (sorted in place)."""
+    values.sort()
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _values(samples: Iterable[GpuSample], name: str) -> list[float]:
+    return [float(v) for s in samples if (v := s.metrics.get(name)) is not None]
 
 
 def _median_of(samples: Iterable[GpuSample], name: str) -> float | None:
-    values = [float(v) for s in samples if (v := s.metrics.get(name)) is not None]
-    return statistics.median(values) if values else None
+    values = _values(samples, name)
+    return _median(values) if values else None
 
 
 def held_reasons(samples: Sequence[GpuSample], min_fraction: float) -> int:
@@ -152,7 +156,10 @@ def gpu_cause(
         and peer_power_watts is not None
         and power <= power_below_peers * peer_power_watts
     ):
-        name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
+        name = (
+            f"power far below its peers' ({round(power):,} W against "
+            f"{round(peer_power_watts):,} W)"
+        )
         kind = "power"
     return GpuCause(name, kind, reasons, clock, peer_sm_clock_mhz, power, peer_power_watts)
 
@@ -184,8 +191,9 @@ class StragglerTelemetryThresholds:
     # 1,980 MHz or a 15 MHz bin below it and a SW power cap trims a few bins (~2%); HW thermal
     # slowdown halves the clock (NVML docs: "at least half"), power brake cuts it further
     clock_ratio: float = 0.85
-    # robust z; the slow clock must also sit this many MADs (x1.4826) below the peers' median, so a
-    # job whose GPUs legitimately spread (different power caps) does not flag its slowest (our choice)
+    # robust z; the slow clock must also sit this many MADs (x1.4826) below the peers' median, so
+    # a job whose GPUs legitimately spread (different power caps) does not flag its slowest
+    # (our choice)
     min_robust_z: float = 4.0
     # MHz; MAD floor: healthy peers often read exactly the same clock (MAD 0); one 15 MHz bin
     min_mad_mhz: float = 15.0
@@ -200,8 +208,9 @@ class StragglerTelemetryThresholds:
     # ratio; a GPU at a normal clock drawing at most 60% of its peers' power computes less (our
     # choice: waiting peers in the simulator still draw 55%+ of their normal power)
     power_below_peers: float = 0.6
-    # s; jobs with a step report this recent are straggler.steps' (its recent span, 30 s, plus
-    # slack for jobs stepping every few seconds)
+    # s; jobs (and GPUs) with a step report this recent are straggler.steps' to judge: it judges
+    # ranks with a step in its last 20 s; the slack keeps a job stepping every 20-60 s from
+    # flipping between the two detectors
     step_report_seconds: float = 60.0
     # s; how far back a slow episode's start is looked for (and the window this detector needs)
     window_seconds: float = 60.0
@@ -220,9 +229,18 @@ class _Gpu:
     node: str
     gpu: int
     latest: GpuSample
-    recent: list[GpuSample]  # the last persist_seconds, oldest first
-    clock_mhz: float  # median of the last few samples: the peers' statistics use it
+    current: list[GpuSample]  # its last few samples, oldest first
+    clock_mhz: float  # their median: what the peers' statistics use
     power_watts: float | None
+
+
+def _limit_mhz(th: StragglerTelemetryThresholds, clocks: list[float]) -> tuple[float, float]:
+    """(median, slow limit) of a group's clocks: clock_ratio of the median, and min_robust_z
+    MADs below it."""
+    median_mhz = _median(clocks)
+    mad_mhz = max(_median([abs(c - median_mhz) for c in clocks]), th.min_mad_mhz)
+    robust_mhz = median_mhz - th.min_robust_z * 1.4826 * mad_mhz
+    return median_mhz, min(th.clock_ratio * median_mhz, robust_mhz)
 
 
 # The last few samples give each GPU's current clock for the group statistics (cheap: a 1,000-GPU
@@ -254,13 +272,11 @@ class StragglerTelemetryDetector:
             if not current:
                 continue
             latest = current[-1]
-            clocks = [float(v) for s in current if (v := s.metrics.get("sm_clock_mhz")) is not None]
-            utils = [float(v) for s in current if (v := s.metrics.get("gpu_util_percent")) is not None]
-            if not clocks:
-                continue
-            if utils and statistics.median(utils) < th.idle_util_percent:
-                continue
+            clocks = _values(current, "sm_clock_mhz")
+            utils = _values(current, "gpu_util_percent")
             reasons = latest.metrics.get("clock_event_reasons")
+            if not clocks or (utils and _median(utils) < th.idle_util_percent):
+                continue  # nothing to compare, or idle: its clock says nothing about speed
             if reasons is not None and int(reasons) & GPU_IDLE:
                 continue
             if latest.job is not None:
@@ -270,32 +286,20 @@ class StragglerTelemetryDetector:
                 if max_mhz is None:
                     continue  # no job and no model: nothing to compare it with
                 key = f"sm_clock_max_mhz {mhz(float(max_mhz))}"
-            powers = [float(v) for s in current if (v := s.metrics.get("power_watts")) is not None]
+            powers = _values(current, "power_watts")
+            power_watts = _median(powers) if powers else None
             groups.setdefault(key, []).append(
-                _Gpu(
-                    node,
-                    gpu,
-                    latest,
-                    current,
-                    statistics.median(clocks),
-                    statistics.median(powers) if powers else None,
-                )
+                _Gpu(node, gpu, latest, current, _median(clocks), power_watts)
             )
 
         candidates: list[tuple[str, _Gpu, list[_Gpu]]] = []
         for key, members in groups.items():
             if len(members) < th.min_peers + 1:
                 continue
-            clocks = sorted(m.clock_mhz for m in members)
-            median_mhz = statistics.median(clocks)
-            mad_mhz = max(statistics.median(abs(c - median_mhz) for c in clocks), th.min_mad_mhz)
-            limit_mhz = min(th.clock_ratio * median_mhz, median_mhz - th.min_robust_z * 1.4826 * mad_mhz)
+            _, limit_mhz = _limit_mhz(th, [m.clock_mhz for m in members])
             for member in members:
-                # Any slow sample among the last few makes it a candidate; the full check follows.
-                if any(
-                    (v := s.metrics.get("sm_clock_mhz")) is not None and v <= limit_mhz
-                    for s in member.recent
-                ):
+                # A slow sample among its last few makes it a candidate; the full check follows.
+                if any(self._slow(sample, limit_mhz) for sample in member.current):
                     candidates.append((key, member, members))
         if not candidates:
             return []
@@ -303,16 +307,25 @@ class StragglerTelemetryDetector:
         deferred_jobs, deferred_gpus = self._step_reporters(window, candidates)
         findings = []
         for key, member, members in candidates:
-            job = member.latest.job
-            if job is not None and job in deferred_jobs:
-                continue
-            if (member.node, member.gpu) in deferred_gpus:
+            if member.latest.job in deferred_jobs or (member.node, member.gpu) in deferred_gpus:
                 continue
             finding = self._judge(window, key, member, members)
             if finding is not None:
                 findings.append(finding)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
+
+    def _slow(self, sample: GpuSample, limit_mhz: float) -> bool:
+        """Busy (not idle by utilization or NVML's idle reason) at a clock of at most limit_mhz."""
+        metrics = sample.metrics
+        clock = metrics.get("sm_clock_mhz")
+        if clock is None or clock > limit_mhz:
+            return False
+        util = metrics.get("gpu_util_percent")
+        if util is not None and util < self.thresholds.idle_util_percent:
+            return False
+        reasons = metrics.get("clock_event_reasons")
+        return reasons is None or not int(reasons) & GPU_IDLE
 
     def _step_reporters(
         self, window: Window, candidates: list[tuple[str, _Gpu, list[_Gpu]]]
@@ -347,12 +360,9 @@ class StragglerTelemetryDetector:
         th = self.thresholds
         now = window.now
         peers = [m for m in members if m is not member]
-        peer_mhz = statistics.median(m.clock_mhz for m in peers)
+        peer_mhz, limit_mhz = _limit_mhz(th, [m.clock_mhz for m in peers])
         peer_powers = [m.power_watts for m in peers if m.power_watts is not None]
-        peer_watts = statistics.median(peer_powers) if peer_powers else None
-        peer_clocks = sorted(m.clock_mhz for m in peers)
-        mad_mhz = max(statistics.median(abs(c - peer_mhz) for c in peer_clocks), th.min_mad_mhz)
-        limit_mhz = min(th.clock_ratio * peer_mhz, peer_mhz - th.min_robust_z * 1.4826 * mad_mhz)
+        peer_watts = _median(peer_powers) if peer_powers else None
 
         series = window.gpu[(member.node, member.gpu)]
         span = tail(series, now - th.window_seconds, now)
@@ -360,7 +370,9 @@ class StragglerTelemetryDetector:
         with_clock = [s for s in judged if s.metrics.get("sm_clock_mhz") is not None]
         if len(with_clock) < th.min_samples:
             return None
-        slow = [s for s in with_clock if float(s.metrics["sm_clock_mhz"]) <= limit_mhz]
+        # Slow = busy at a low clock: a sample of the whole job idling (a checkpoint, a restart)
+        # counts against, however low its clock.
+        slow = [s for s in with_clock if self._slow(s, limit_mhz)]
         if len(slow) < th.min_slow_fraction * len(with_clock):
             return None
         cause = gpu_cause(
@@ -376,7 +388,7 @@ class StragglerTelemetryDetector:
         if member.latest.job is None and not cause.reasons:
             return None
 
-        start = _episode_start(span, limit_mhz)
+        start = _episode_start(span, lambda sample: self._slow(sample, limit_mhz))
         clock = cause.sm_clock_mhz if cause.sm_clock_mhz is not None else member.clock_mhz
         where = f"GPU {member.gpu} on {member.node}"
         job = member.latest.job
@@ -415,19 +427,18 @@ class StragglerTelemetryDetector:
         )
 
 
-def _episode_start(span: Sequence[GpuSample], limit_mhz: float) -> float:
-    """The first slow sample of the trailing run of mostly slow samples (2 fast ones end it)."""
+def _episode_start(span: Sequence[GpuSample], slow: Callable[[GpuSample], bool]) -> float:
+    """The first slow sample of the trailing run of mostly slow samples (2 others end it)."""
     start = span[-1].t
-    fast_in_a_row = 0
+    others_in_a_row = 0
     for sample in reversed(span):
-        value = sample.metrics.get("sm_clock_mhz")
-        if value is None:
+        if sample.metrics.get("sm_clock_mhz") is None:
             continue
-        if value <= limit_mhz:
+        if slow(sample):
             start = sample.t
-            fast_in_a_row = 0
+            others_in_a_row = 0
         else:
-            fast_in_a_row += 1
-            if fast_in_a_row >= 2:
+            others_in_a_row += 1
+            if others_in_a_row >= 2:
                 break
     return start

@@ -12,9 +12,10 @@ blip, a short spike or a GPU warming up to just under its threshold never fires.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
-from detectors.model import Finding, GpuSample, Sustained, Window, sustained
+from detectors.counters import float_reading
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
 
 # nvmlClocksEventReasonSwThermalSlowdown / nvmlClocksEventReasonHwThermalSlowdown (nvml.h; the
 # nvidia-smi help text in ../shared/data/nvidia-smi describes both).
@@ -24,7 +25,7 @@ THERMAL_REASONS = SW_THERMAL_SLOWDOWN | HW_THERMAL_SLOWDOWN
 
 
 @dataclass(frozen=True, slots=True)
-class ThermalThresholds:
+class ThermalThresholds(SustainedThresholds):
     # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
     clear_samples: int = 5
     # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
@@ -43,21 +44,6 @@ class ThermalThresholds:
     max_sample_age_seconds: float = 30.0
     # C; HBM "Memory Max Operating Temp" nvidia-smi -q prints for A100/H100 (95 C; sim profiles.py)
     temp_mem_max_celsius: float = 95.0
-
-    def __post_init__(self) -> None:
-        if self.clear_samples < 1 or self.long_min_buckets < 1:
-            raise ValueError("clear_samples and long_min_buckets must be at least 1")
-        if not 0 < self.recent_fraction <= 1:
-            raise ValueError("recent_fraction must be in (0, 1]")
-        if min(self.recent_seconds, self.long_seconds, self.long_bucket_seconds) <= 0:
-            raise ValueError("windows must be positive")
-        if self.recent_min_seconds < 0 or self.max_sample_age_seconds <= 0:
-            raise ValueError("recent_min_seconds must not be negative, max_sample_age positive")
-
-
-def _number(metrics: Mapping[str, float | int], name: str) -> float | None:
-    value = metrics.get(name)
-    return None if value is None else float(value)
 
 
 def _fmt(value: float) -> str:
@@ -79,8 +65,7 @@ class ThermalDetector:
 
     @property
     def window_seconds(self) -> float:
-        t = self.thresholds
-        return max(t.recent_seconds, t.long_seconds, t.max_sample_age_seconds)
+        return self.thresholds.window_seconds
 
     def _hot(self, sample: GpuSample) -> bool:
         metrics = sample.metrics
@@ -96,24 +81,10 @@ class ThermalDetector:
         return temp_mem is not None and temp_mem >= self.thresholds.temp_mem_max_celsius
 
     def detect(self, window: Window) -> list[Finding]:
-        t = self.thresholds
-        findings = []
-        for (node, gpu), series in window.gpu.items():
-            held = sustained(
-                series,
-                window.now,
-                self._hot,
-                clear_samples=t.clear_samples,
-                max_sample_age_seconds=t.max_sample_age_seconds,
-                recent_seconds=t.recent_seconds,
-                recent_fraction=t.recent_fraction,
-                recent_min_seconds=t.recent_min_seconds,
-                long_seconds=t.long_seconds,
-                long_bucket_seconds=t.long_bucket_seconds,
-                long_min_buckets=t.long_min_buckets,
-            )
-            if held is not None:
-                findings.append(self._finding(node, gpu, held))
+        findings = [
+            self._finding(node, gpu, held)
+            for node, gpu, _, held in self.thresholds.held_gpus(window, self._hot)
+        ]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
 
@@ -123,11 +94,11 @@ class ThermalDetector:
         reasons = None if reasons_value is None else int(reasons_value)
         hw = reasons is not None and reasons & HW_THERMAL_SLOWDOWN != 0
         sw = reasons is not None and reasons & SW_THERMAL_SLOWDOWN != 0
-        temp_celsius = _number(latest, "temp_gpu_celsius")
-        slowdown_celsius = _number(latest, "temp_slowdown_celsius")
-        temp_mem_celsius = _number(latest, "temp_mem_celsius")
-        sm_clock_mhz = _number(latest, "sm_clock_mhz")
-        sm_clock_max_mhz = _number(latest, "sm_clock_max_mhz")
+        temp_celsius = float_reading(latest, "temp_gpu_celsius")
+        slowdown_celsius = float_reading(latest, "temp_slowdown_celsius")
+        temp_mem_celsius = float_reading(latest, "temp_mem_celsius")
+        sm_clock_mhz = float_reading(latest, "sm_clock_mhz")
+        sm_clock_max_mhz = float_reading(latest, "sm_clock_max_mhz")
         mem_max = self.thresholds.temp_mem_max_celsius
         at_slowdown = (
             temp_celsius is not None
@@ -143,13 +114,6 @@ class ThermalDetector:
         else:
             condition, state = "hbm_at_max_temperature", "with HBM at its max operating temperature"
 
-        if held.by == "recent":
-            how_long = (
-                f" for {_fmt(held.latest.t - held.start)} s "
-                f"({held.recent_hits} of {held.recent_samples} samples)"
-            )
-        else:
-            how_long = f" in {held.long_hit_buckets} of the last {held.long_buckets} minutes"
 
         details = []
         if sm_clock_mhz is not None:
@@ -166,7 +130,9 @@ class ThermalDetector:
             condition == "hbm_at_max_temperature" or temp_mem_celsius >= mem_max
         ):
             details.append(f"HBM {_fmt(temp_mem_celsius)} C (max {_fmt(mem_max)} C)")
-        summary = f"GPU {gpu} {state}{how_long}" + (": " + ", ".join(details) if details else "")
+        summary = f"GPU {gpu} {state}{held.how_long}" + (
+            ": " + ", ".join(details) if details else ""
+        )
 
         evidence: dict[str, object] = {
             "condition": condition,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 import time
 
 import pytest
 
 from detectors.engine import RecentData
-from detectors.model import GpuSample, NodeState, Step, Window
+from detectors.model import GpuSample, Step, Window
 from detectors.replay import replay
 from detectors.straggler_steps import StragglerStepsDetector, StragglerStepsThresholds
 
@@ -181,8 +180,8 @@ def test_floor_edge_for_a_rank_slow_from_the_start(factor, found):
 def test_a_finding_needs_ten_seconds_of_slow_steps():
     steps = job_steps(ranks=8, slow=((2, 200.0, 400.0, 2.0),), duration=400)
     detector = exact()
-    window = window_at(T0 + 209.0, steps)  # ~9 s of slow steps, median long since flipped
-    assert detector.detect(dataclasses.replace(window, now=T0 + 209.0)) == []
+    # At 209 s the median of the last 20 s flipped a few steps ago, but only 9 s are slow.
+    assert detector.detect(window_at(T0 + 209.0, steps)) == []
     assert detector.detect(window_at(T0 + 211.0, steps))
 
 
@@ -191,7 +190,8 @@ def test_a_finding_needs_ten_seconds_of_slow_steps():
 
 def test_steady_offsets_from_the_start_are_not_an_episode():
     # Alibaba job 2's spread: the slowest worker at 0.80 of the reference for the whole job.
-    offsets = {0: 0.95, 1: 0.92, 2: 1.0, 3: 1.15, 4: 1.14, 5: 1.22, 6: 1.12, 7: 1.13, 8: 1.12, 9: 1.07}
+    offsets = {0: 0.95, 1: 0.92, 2: 1.0, 3: 1.15, 4: 1.14, 5: 1.22, 6: 1.12, 7: 1.13, 8: 1.12,
+               9: 1.07}
     steps = job_steps(ranks=10, offsets=offsets, cv=0.02, duration=1800, seed=2)
     assert straggler_findings(steps) == []
 
@@ -244,6 +244,19 @@ def test_rank_slow_from_the_job_start_is_found_by_the_floor():
     assert finding.evidence["score"] == pytest.approx(0.5)
     # As slow in its baseline as now (no growth): the floor alone makes it a straggler.
     assert finding.evidence["baseline_score"] == pytest.approx(0.5)
+
+
+def test_a_job_that_started_later_gets_its_baseline_from_its_first_steps():
+    # A job running since before the window and one started at 400 s; 100 s into the young job
+    # one of its ranks slows 1.3x (0.77: above the floor, so its baseline must show the change).
+    old = job_steps(job="old", duration=900, cv=0.02, seed=5)
+    young = job_steps(job="young", start=400.0, duration=500, cv=0.02, seed=6,
+                      slow=((3, 500.0, 900.0, 1.3),))
+    young = [dataclasses.replace(s, step=s.step - 100) for s in young]  # numbered from 0
+    (finding,) = straggler_findings(old + young)
+    assert (finding.job, finding.rank) == ("young", 3)
+    assert T0 + 500 <= finding.start <= T0 + 502 and finding.end is None
+    assert finding.evidence["baseline_score"] == pytest.approx(1.0, abs=0.05)
 
 
 def test_job_end_closes_the_episode_and_raises_nothing_new():

@@ -55,7 +55,8 @@ def fleet(
         for n in range(1, nodes + 1):
             for gpu in range(8):
                 key = (f"n{n:02d}", gpu)
-                metrics = dict(slow_metrics if key == slow and second >= slow_from else peer_metrics)
+                is_slow = key == slow and second >= slow_from
+                metrics = dict(slow_metrics if is_slow else peer_metrics)
                 if jitter and metrics["sm_clock_mhz"] > 1000 and rng.random() < 0.1:
                     metrics["sm_clock_mhz"] -= 15  # Hopper drops a 15 MHz bin now and then
                 samples.append(
@@ -126,7 +127,9 @@ def test_found_once_80_percent_of_the_last_20_s_are_slow_and_closed_when_it_reco
 def test_power_brake_and_a_clock_low_for_no_reason():
     brake = {**THERMAL, "sm_clock_mhz": 885, "clock_event_reasons": 0x88, "power_watts": 260.0}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=brake))
-    assert finding.summary.endswith("runs at 885 MHz against its peers' 1,980 MHz: hardware power brake")
+    assert finding.summary.endswith(
+        "runs at 885 MHz against its peers' 1,980 MHz: hardware power brake"
+    )
     assert finding.evidence["clock_event_reasons"] == HW_POWER_BRAKE_SLOWDOWN | HW_SLOWDOWN
 
     unexplained = {**PEER, "sm_clock_mhz": 1410}
@@ -146,6 +149,18 @@ def test_clock_ratio_edge(clock, found):
     slow = {**PEER, "sm_clock_mhz": clock}
     findings = telemetry_findings(fleet(100, slow_metrics=slow, jitter=False))
     assert bool(findings) is found
+
+
+def test_the_whole_job_idling_and_resuming_is_not_a_straggler():
+    # A checkpoint or restart: every GPU of the job at its idle clock, then busy again. Just
+    # after, the last 20 s are mostly idle samples at 345 MHz: idle, not slow.
+    paused = {**IDLE, "clock_event_reasons": 0x1}  # NVML's GPU idle reason
+    samples = [
+        GpuSample(t=s.t, node=s.node, gpu=s.gpu, job=s.job, rank=s.rank,
+                  metrics=paused if 100 <= s.t - T0 < 130 else s.metrics)
+        for s in fleet(200, slow_from=10**9)
+    ]
+    assert telemetry_findings(samples) == []
 
 
 def test_power_alone_is_not_a_straggler():
@@ -188,7 +203,8 @@ def test_without_job_the_busy_gpus_of_one_model_are_peers_and_a_reason_is_needed
     assert finding.job is None and finding.rank is None
     assert finding.evidence["group"] == "sm_clock_max_mhz 1,980"
     # A job-less GPU at a lower clock with no reason may just run something else.
-    assert telemetry_findings(fleet(120, job=None, slow_metrics={**PEER, "sm_clock_mhz": 1410})) == []
+    unexplained = {**PEER, "sm_clock_mhz": 1410}
+    assert telemetry_findings(fleet(120, job=None, slow_metrics=unexplained)) == []
 
 
 def test_gpus_of_other_models_are_not_peers():
@@ -226,7 +242,8 @@ def test_too_few_samples_or_peers_and_missing_fields():
     pair = [s for s in samples if s.node == "n02" and s.gpu in (2, 3)]
     assert detector.detect(window_at(T0 + 119, pair)) == []
     # No clock at all, or no sm_clock_max_mhz without a job: nothing to compare.
-    bare = [GpuSample(t=s.t, node=s.node, gpu=s.gpu, metrics={"power_watts": 100.0}) for s in samples]
+    bare = [GpuSample(t=s.t, node=s.node, gpu=s.gpu, metrics={"power_watts": 100.0})
+            for s in samples]
     assert detector.detect(window_at(T0 + 119, bare)) == []
     modelless = [
         GpuSample(t=s.t, node=s.node, gpu=s.gpu,
