@@ -28,6 +28,8 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/bench/agent_cycle.py
 	$(PY) tests/bench/demo_ingest.py
+	$(PY) tests/bench/false_alarms.py
+	$(PY) -m collector.ctl eval --corpus tests/scenarios
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -128,8 +128,11 @@ def gpu_cause(
     the power at most `power_below_peers` of the peers' at a normal clock.
     """
     reasons = held_reasons(samples, min_fraction)
-    clock = _median_of(samples, "sm_clock_mhz")
-    power = _median_of(samples, "power_watts")
+    # Clock and power only mean something while the GPU works: idle samples (a job that just
+    # started, or a pause) would drag the median down and read as a throttled GPU.
+    busy = [s for s in samples if not int(s.metrics.get("clock_event_reasons", 0)) & GPU_IDLE]
+    clock = _median_of(busy, "sm_clock_mhz")
+    power = _median_of(busy, "power_watts")
     name = next((text for bit, text in THROTTLE_REASONS if reasons & bit), None)
     kind = "throttle" if name is not None else None
     clock_low = (
@@ -140,10 +143,10 @@ def gpu_cause(
     if name is None and clock_low:
         capped = sum(
             1
-            for s in samples
+            for s in busy
             if int(s.metrics.get("clock_event_reasons", 0)) & SW_POWER_CAP
         )
-        if capped >= min_fraction * len(samples):
+        if capped >= min_fraction * len(busy):
             limit = _median_of(samples, "power_limit_watts")
             name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
             kind = "power_cap"

@@ -273,3 +273,19 @@ def test_thresholds_are_checked():
     with pytest.raises(ValueError):
         StragglerTelemetryThresholds(clock_ratio=1.2)
     assert StragglerTelemetryDetector().window_seconds >= 60.0
+
+
+def test_idle_samples_before_a_job_starts_are_not_a_low_clock_cause():
+    """A GPU whose window still holds idle samples (345 MHz, GpuIdle) from before its job began
+    is not running slow: the cause is read from its busy samples only."""
+    from detectors.model import GpuSample
+    from detectors.straggler_telemetry import gpu_cause
+
+    idle = [GpuSample(t=float(i), node="n01", gpu=4, metrics={"sm_clock_mhz": 345.0, "clock_event_reasons": 0x1,
+                                                               "power_watts": 70.0, "gpu_util_percent": 0.0})
+            for i in range(12)]
+    busy = [GpuSample(t=float(12 + i), node="n01", gpu=4, metrics={"sm_clock_mhz": 1980.0, "clock_event_reasons": 0,
+                                                                    "power_watts": 640.0, "gpu_util_percent": 99.0})
+            for i in range(8)]
+    cause = gpu_cause(idle + busy, 1980.0, 650.0, min_fraction=0.5, clock_below_peers=0.85, power_below_peers=0.6)
+    assert not cause.hardware and cause.name is None
