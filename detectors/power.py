@@ -20,7 +20,7 @@ from detectors.counters import float_reading
 from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
 
 # nvmlClocksEventReasonHwPowerBrakeSlowdown (nvml.h): "External Power Brake Assertion is triggered
-# (e.g. by the system power supply)", as nvidia-smi's help text in ../shared/data/nvidia-smi says.
+# (e.g. by the system power supply)", as nvidia-smi's help text in tests/fixtures/nvidia-smi says.
 HW_POWER_BRAKE_SLOWDOWN = 0x80
 # nvmlClocksEventReasonSwPowerCap: the GPU is at its power limit; expected under full load, and
 # the one reason besides idle that Azure NHC's azure_gpu_clock_throttling.nhc does not warn about.

@@ -18,7 +18,7 @@ from detectors.counters import float_reading
 from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
 
 # nvmlClocksEventReasonSwThermalSlowdown / nvmlClocksEventReasonHwThermalSlowdown (nvml.h; the
-# nvidia-smi help text in ../shared/data/nvidia-smi describes both).
+# nvidia-smi help text in tests/fixtures/nvidia-smi describes both).
 SW_THERMAL_SLOWDOWN = 0x20
 HW_THERMAL_SLOWDOWN = 0x40
 THERMAL_REASONS = SW_THERMAL_SLOWDOWN | HW_THERMAL_SLOWDOWN

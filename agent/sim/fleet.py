@@ -76,7 +76,7 @@ FLEET_KINDS: tuple[str, ...] = ("ib_link_down", "ib_flap", "ib_rate_low", "node_
 NOISE_KINDS: tuple[str, ...] = ("checkpoint_pause", "dataloader_hiccup", "single_sbe", "idle_gpu", "job_restart")
 
 # ---- STEP NOISE ----------------------------------------------------------------------------------
-# Measured on ../shared/data/alibaba-minibatch (cluster-trace-gpu-v2020, two 10-worker jobs; one
+# Measured on tests/fixtures/alibaba (cluster-trace-gpu-v2020, two 10-worker jobs; one
 # point every 10 iterations): per-worker coefficient of variation of the mini-batch time 1.0-2.3 %
 # (median 1.5 %) in job 2 and 2.0-3.9 % (median 3.1 %) in job 3 before its late slowdown; lag-1
 # autocorrelation of those 10-iteration-apart points 0.53-0.88 (median 0.60) and 0.29-0.64 (median

@@ -1,7 +1,7 @@
 """GPU board profiles for the simulator: the static facts a real board reports through NVML.
 
 Every value comes from the `nvidia-smi -q` captures in tests/fixtures/nvidia-smi/ (copied from
-../shared/data/nvidia-smi, nvidia_gpu_exporter, MIT) unless its comment says otherwise.
+nvidia_gpu_exporter's captures, MIT) unless its comment says otherwise.
 """
 
 from __future__ import annotations
