@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonHwSlowdown / HwThermalSlowdown / HwPowerBrakeSlowdown (nvml.h).
 HW_SLOWDOWN = 0x08
@@ -81,10 +81,6 @@ def _explained_within(series: Sequence[GpuSample], now: float, since: float) -> 
     return False
 
 
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
-
-
 @dataclass(slots=True)
 class ClocksDetector:
     """Recent GPU samples -> a finding per GPU held in HW slowdown with no thermal/brake cause."""
@@ -119,9 +115,9 @@ class ClocksDetector:
         sm_clock_max_mhz = float_reading(latest, "sm_clock_max_mhz")
         summary = f"GPU {gpu} in hardware slowdown{held.how_long}, not thermal or power brake"
         if sm_clock_mhz is not None:
-            summary += f": SM clock {_fmt(sm_clock_mhz)} MHz"
+            summary += f": SM clock {fmt_number(sm_clock_mhz)} MHz"
             if sm_clock_max_mhz is not None:
-                summary += f" of {_fmt(sm_clock_max_mhz)} MHz max"
+                summary += f" of {fmt_number(sm_clock_max_mhz)} MHz max"
 
         evidence: dict[str, object] = {
             "sustained_by": held.by,

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Event, Finding, NodeState, Window, held_episode
+from detectors.model import Event, Finding, NodeState, Window, fmt_number, held_episode
 
 # Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
 FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
@@ -56,10 +56,6 @@ def _interval_seconds(state: NodeState | None) -> float:
     if not interval or interval <= 0:
         return FALLBACK_SAMPLING_INTERVAL_SECONDS
     return interval
-
-
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
 
 
 @dataclass(slots=True)
@@ -204,7 +200,7 @@ class GpuLostDetector:
         survived_reboot = boot_seen_at is not None and last_seen < boot_seen_at
         summary = (
             f"GPU {gpu} on {node} stopped reporting: {reporting} of {known} GPUs sampled, "
-            f"none from GPU {gpu} for {_fmt(silent_seconds)} s"
+            f"none from GPU {gpu} for {fmt_number(silent_seconds)} s"
         )
         if survived_reboot:
             summary += "; still missing after the node rebooted"

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from detectors.model import Finding, IbSample, NodeState, Window
+from detectors.model import Finding, IbSample, NodeState, Window, fmt_number
 
 # PortCounters field widths (IBTA; the kernel's sysfs counters; agent/sources/infiniband.py).
 LINK_DOWNED_MAX = 255
@@ -113,10 +113,6 @@ def _number(sample: IbSample, name: str) -> float | None:
     if value is None or isinstance(value, str):
         return None
     return float(value)
-
-
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
 
 
 def _first_at_or_after(series: Sequence[IbSample], t: float) -> int:
@@ -334,20 +330,20 @@ class InfinibandDetector:
             start = boot_seen_at
             summary = (
                 f"{device} port {port} not ACTIVE since the node rebooted "
-                f"{_fmt(down_seconds)} s ago ({state_name})"
+                f"{fmt_number(down_seconds)} s ago ({state_name})"
             )
         else:
             start = max(down_since, last_active)
             down_seconds = now - start
             if down_seconds < t.down_seconds:
                 return None
-            summary = f"{device} port {port} down for {_fmt(down_seconds)} s ({state_name})"
+            summary = f"{device} port {port} down for {fmt_number(down_seconds)} s ({state_name})"
         evidence["down_seconds"] = down_seconds
         if history is not None and history.downs:
             evidence["link_downs"] = len(history.downs)
             if len(history.downs) > 1:
                 summary += (
-                    f", {len(history.downs)} link-downs in the last {_fmt(t.window_seconds)} s"
+                    f", {len(history.downs)} link-downs in the last {fmt_number(t.window_seconds)} s"
                 )
         self._counters(evidence, newest, history)
         return _PortIssue(device, port, "down", "critical", "drain", summary, start, evidence)
@@ -362,11 +358,11 @@ class InfinibandDetector:
         times = "time" if count == 1 else "times"
         summary = (
             f"{device} port {port} {what}: down {count} {times} in the last "
-            f"{_fmt(t.window_seconds)} s"
+            f"{fmt_number(t.window_seconds)} s"
         )
         if newest.active:
             rate = _number(newest, "ib_rate_gbps")
-            summary += ", ACTIVE again" + (f" at {_fmt(rate)} Gb/s" if rate is not None else "")
+            summary += ", ACTIVE again" + (f" at {fmt_number(rate)} Gb/s" if rate is not None else "")
         evidence: dict[str, object] = {
             "device": device,
             "port": port,
@@ -422,12 +418,12 @@ class InfinibandDetector:
             return None
         basis = []
         if earlier_rate is not None and earlier_rate > rate:
-            basis.append(f"{_fmt(earlier_rate)} Gb/s earlier")
+            basis.append(f"{fmt_number(earlier_rate)} Gb/s earlier")
         if usual_rate is not None and usual_rate > rate:
-            basis.append(f"{_fmt(usual_rate)} Gb/s on its peers")
+            basis.append(f"{fmt_number(usual_rate)} Gb/s on its peers")
         summary = (
-            f"{device} port {port} ACTIVE at {_fmt(rate)} Gb/s for "
-            f"{_fmt(newest.t - low_since)} s, below {' and '.join(basis)}"
+            f"{device} port {port} ACTIVE at {fmt_number(rate)} Gb/s for "
+            f"{fmt_number(newest.t - low_since)} s, below {' and '.join(basis)}"
         )
         evidence: dict[str, object] = {
             "device": device,

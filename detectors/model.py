@@ -9,6 +9,11 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 SEVERITIES = ("info", "warning", "critical")
+
+
+def fmt_number(value: float) -> str:
+    """A number for a finding's summary: at most one decimal, no trailing zeros (12, 3.5)."""
+    return f"{round(value, 1):g}"
 ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")
 
 

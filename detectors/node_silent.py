@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Finding, NodeState, Window
+from detectors.model import Finding, NodeState, Window, fmt_number
 
 # Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
 FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
@@ -60,13 +60,13 @@ class NodeSilentDetector:
             if state.last_seen is None:
                 summary = (
                     f"node {node} silent: no data since watching began "
-                    f"{_fmt(silent_seconds)} s ago"
+                    f"{fmt_number(silent_seconds)} s ago"
                 )
             else:
                 summary = (
-                    f"node {node} silent: no data for {_fmt(silent_seconds)} s "
-                    f"({_fmt(silent_seconds / interval_seconds)} sampling intervals "
-                    f"of {_fmt(interval_seconds)} s)"
+                    f"node {node} silent: no data for {fmt_number(silent_seconds)} s "
+                    f"({fmt_number(silent_seconds / interval_seconds)} sampling intervals "
+                    f"of {fmt_number(interval_seconds)} s)"
                 )
             findings.append(
                 Finding(
@@ -94,5 +94,3 @@ def _interval_seconds(state: NodeState) -> float:
     return interval_seconds
 
 
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"

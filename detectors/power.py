@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonHwPowerBrakeSlowdown (nvml.h): "External Power Brake Assertion is triggered
 # (e.g. by the system power supply)", as nvidia-smi's help text in tests/fixtures/nvidia-smi says.
@@ -50,10 +50,6 @@ class PowerThresholds(SustainedThresholds):
 def _braked(sample: GpuSample) -> bool:
     reasons = sample.metrics.get("clock_event_reasons")
     return reasons is not None and int(reasons) & HW_POWER_BRAKE_SLOWDOWN != 0
-
-
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
 
 
 @dataclass(slots=True)
@@ -91,14 +87,14 @@ class PowerDetector:
 
         details = []
         if sm_clock_mhz is not None:
-            clock = f"SM clock {_fmt(sm_clock_mhz)} MHz"
+            clock = f"SM clock {fmt_number(sm_clock_mhz)} MHz"
             if sm_clock_max_mhz is not None:
-                clock += f" of {_fmt(sm_clock_max_mhz)} MHz max"
+                clock += f" of {fmt_number(sm_clock_max_mhz)} MHz max"
             details.append(clock)
         if power_watts is not None:
-            power = f"{_fmt(power_watts)} W"
+            power = f"{fmt_number(power_watts)} W"
             if power_limit_watts is not None:
-                power += f" of {_fmt(power_limit_watts)} W limit"
+                power += f" of {fmt_number(power_limit_watts)} W limit"
             details.append(power)
         summary = f"GPU {gpu} in hardware power brake slowdown{held.how_long}" + (
             ": " + ", ".join(details) if details else ""

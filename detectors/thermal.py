@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window
+from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonSwThermalSlowdown / nvmlClocksEventReasonHwThermalSlowdown (nvml.h; the
 # nvidia-smi help text in tests/fixtures/nvidia-smi describes both).
@@ -44,10 +44,6 @@ class ThermalThresholds(SustainedThresholds):
     max_sample_age_seconds: float = 30.0
     # C; HBM "Memory Max Operating Temp" nvidia-smi -q prints for A100/H100 (95 C; sim profiles.py)
     temp_mem_max_celsius: float = 95.0
-
-
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
 
 
 @dataclass(slots=True)
@@ -117,19 +113,19 @@ class ThermalDetector:
 
         details = []
         if sm_clock_mhz is not None:
-            clock = f"SM clock {_fmt(sm_clock_mhz)} MHz"
+            clock = f"SM clock {fmt_number(sm_clock_mhz)} MHz"
             if sm_clock_max_mhz is not None:
-                clock += f" of {_fmt(sm_clock_max_mhz)} MHz max"
+                clock += f" of {fmt_number(sm_clock_max_mhz)} MHz max"
             details.append(clock)
         if temp_celsius is not None:
-            temp = f"{_fmt(temp_celsius)} C"
+            temp = f"{fmt_number(temp_celsius)} C"
             if slowdown_celsius is not None:
-                temp += f" (slowdown at {_fmt(slowdown_celsius)} C)"
+                temp += f" (slowdown at {fmt_number(slowdown_celsius)} C)"
             details.append(temp)
         if temp_mem_celsius is not None and (
             condition == "hbm_at_max_temperature" or temp_mem_celsius >= mem_max
         ):
-            details.append(f"HBM {_fmt(temp_mem_celsius)} C (max {_fmt(mem_max)} C)")
+            details.append(f"HBM {fmt_number(temp_mem_celsius)} C (max {fmt_number(mem_max)} C)")
         summary = f"GPU {gpu} {state}{held.how_long}" + (
             ": " + ", ".join(details) if details else ""
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Finding, Window, held_episode
+from detectors.model import Finding, Window, fmt_number, held_episode
 from detectors.xid_catalog import lookup
 
 # Actions that need someone to touch the node: the condition does not clear by itself, so the
@@ -71,7 +71,7 @@ class XidDetector:
                     action = "inspect_hardware"
                     summary += (
                         f"; again after the node rebooted ({len(before)} before the reboot, "
-                        f"the last {_fmt(episode[0] - before[-1])} s before this one): "
+                        f"the last {fmt_number(episode[0] - before[-1])} s before this one): "
                         "the reboot did not clear it"
                     )
                     evidence["count_before_reboot"] = len(before)
@@ -94,5 +94,3 @@ class XidDetector:
         return findings
 
 
-def _fmt(value: float) -> str:
-    return f"{round(value, 1):g}"
