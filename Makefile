@@ -10,7 +10,7 @@ PROTO_SRC := proto/fleetwatch/v1/telemetry.proto
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[all,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(PY) tests/bench/agent_cycle.py
 	$(PY) tests/bench/demo_ingest.py
 	$(PY) tests/bench/false_alarms.py
-	$(PY) -m collector.ctl eval --corpus tests/scenarios
+	$(PY) -m fleetwatch.ctl.main eval --corpus tests/scenarios
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,3 +1,1 @@
 """fleetwatch agent: the per-node daemon that samples GPUs and the host and streams to the collector."""
-
-__version__ = "0.1.0"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.configfile import non_negative, one_of, positive, setting
+from fleetwatch.configfile import non_negative, one_of, positive, setting
 
 DEFAULT_PATH = "/etc/fleetwatch/agent.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -11,23 +11,23 @@ import socket
 import sys
 from typing import Any
 
-from agent import __version__
-from agent.config import DEFAULT_PATH, AgentConfig
-from agent.configfile import ConfigError, daemon_parser, describe, load_config
-from agent.metrics import MetricsServer
-from agent.runner import Agent
-from agent.sampler import Sampler
-from agent.sources.host import HostSource
-from agent.sources.infiniband import InfinibandSource
-from agent.sources.jobs import JobResolver
-from agent.sources.kmsg import KmsgSource
-from agent.sources.nvml import NvmlSource, load_nvml
-from agent.sources.steps import StepReceiver
-from agent.spool import Spool
-from agent.state import AgentState
-from agent.systemd import setup_logging
+from fleetwatch import __version__
+from fleetwatch.agent.config import DEFAULT_PATH, AgentConfig
+from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
+from fleetwatch.agent.metrics import MetricsServer
+from fleetwatch.agent.runner import Agent
+from fleetwatch.agent.sampler import Sampler
+from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.infiniband import InfinibandSource
+from fleetwatch.agent.sources.jobs import JobResolver
+from fleetwatch.agent.sources.kmsg import KmsgSource
+from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
+from fleetwatch.agent.sources.steps import StepReceiver
+from fleetwatch.agent.spool import Spool
+from fleetwatch.agent.state import AgentState
+from fleetwatch.systemd import setup_logging
 
-log = logging.getLogger("agent")
+log = logging.getLogger("fleetwatch.agent")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 def open_nvml(config: AgentConfig, node: str) -> NvmlSource | None:
     """The real driver, or the fake NVML over a simulated node: the same NvmlSource samples both."""
     if config.simulate:
-        from agent.sim.fake_nvml import make_fake_nvml
-        from agent.sim.node import SimNode
-        from agent.sim.scenario import parse_fault
+        from fleetwatch.sim.fake_nvml import make_fake_nvml
+        from fleetwatch.sim.node import SimNode
+        from fleetwatch.sim.scenario import parse_fault
 
         sim = SimNode(
             node,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(AgentConfig, path=args.config, flags=args)
         if config.simulate:
-            from agent.sim.scenario import parse_fault
+            from fleetwatch.sim.scenario import parse_fault
 
             for spec in config.sim_faults:
                 parse_fault(spec)

@@ -28,8 +28,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from agent import __version__ as AGENT_VERSION
-from agent.state import AgentState
+from fleetwatch import __version__ as AGENT_VERSION
+from fleetwatch.agent.state import AgentState
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from typing import Any, Callable
 
 import grpc
 
-from agent import __version__
-from agent.asyncwait import wait_any
-from agent.config import AgentConfig
-from agent.sampler import Cycle, Sampler
-from agent.sources.kmsg import KmsgSource
-from agent.sources.steps import StepReceiver
-from agent.spool import Spool
-from agent.systemd import notify, watchdog_interval_seconds
+from fleetwatch import __version__
+from fleetwatch.asyncwait import wait_any
+from fleetwatch.agent.config import AgentConfig
+from fleetwatch.agent.sampler import Cycle, Sampler
+from fleetwatch.agent.sources.kmsg import KmsgSource
+from fleetwatch.agent.sources.steps import StepReceiver
+from fleetwatch.agent.spool import Spool
+from fleetwatch.systemd import notify, watchdog_interval_seconds
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
 

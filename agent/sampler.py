@@ -12,12 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from agent.sources.host import HostSource
-from agent.sources.infiniband import InfinibandSource
-from agent.sources.jobs import JobResolver
-from agent.sources.nvml import NvmlSource
-from agent.state import AgentState, SourceStats
-from agent.xid_merge import XidMerger
+from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.infiniband import InfinibandSource
+from fleetwatch.agent.sources.jobs import JobResolver
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.state import AgentState, SourceStats
+from fleetwatch.agent.xid_merge import XidMerger
 
 log = logging.getLogger(__name__)
 

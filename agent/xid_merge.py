@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from agent.sources.kmsg import normalize_pci_bus_id
+from fleetwatch.agent.sources.kmsg import normalize_pci_bus_id
 
 # Unmatched XIDs kept at most; a storm of a few thousand XIDs in one window is already far past
 # what either path reports in practice (a burst of XID 13 is tens of lines), so this only bounds

@@ -1,1 +1,1 @@
-"""fleetwatch collector: gRPC ingest, storage, detection loop, alerts, HTTP API and the ctl CLI."""
+"""fleetwatch collector: gRPC ingest, storage, detection loop, alerts, HTTP API and /metrics."""

@@ -9,17 +9,17 @@ from typing import Callable, Sequence
 
 import grpc
 
-from agent.asyncwait import wait_any
-from collector.config import CollectorConfig
-from collector.detection import DetectionLoop, finding_from_alert
-from collector.ingest import IngestWriter
-from collector.outbox import Outbox
-from collector.server import IngestStats, TelemetryService
-from collector.storage.store import IngestBatch, Store
-from collector.web import WebServer
-from detectors import default_detectors
-from detectors.engine import RecentData, Tracker
-from detectors.model import IbSample
+from fleetwatch.asyncwait import wait_any
+from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
+from fleetwatch.collector.ingest import IngestWriter
+from fleetwatch.collector.outbox import Outbox
+from fleetwatch.collector.server import IngestStats, TelemetryService
+from fleetwatch.collector.storage.store import IngestBatch, Store
+from fleetwatch.collector.web import WebServer
+from fleetwatch.detectors import default_detectors
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import IbSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.config import LOG_LEVELS
-from agent.configfile import non_negative, one_of, positive, setting
+from fleetwatch.agent.config import LOG_LEVELS
+from fleetwatch.configfile import non_negative, one_of, positive, setting
 
 DEFAULT_PATH = "/etc/fleetwatch/collector.toml"
 

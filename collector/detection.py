@@ -7,11 +7,11 @@ import logging
 import time
 from typing import Callable, Sequence
 
-from agent.asyncwait import wait_any
-from agent.systemd import notify, watchdog_interval_seconds
-from collector.storage.store import Store
-from detectors.engine import RecentData, Tracker
-from detectors.model import Finding
+from fleetwatch.asyncwait import wait_any
+from fleetwatch.systemd import notify, watchdog_interval_seconds
+from fleetwatch.collector.storage.store import Store
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import Finding
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import queue
 import threading
 from typing import Callable, Sequence
 
-from collector.storage.store import IngestBatch, Store, StoreError
-from detectors.model import Event, GpuSample, HostSample, Step
+from fleetwatch.collector.storage.store import IngestBatch, Store, StoreError
+from fleetwatch.records import Event, GpuSample, HostSample, Step
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import IB_FIELDS, metrics_to_dict
 

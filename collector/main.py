@@ -8,13 +8,13 @@ import logging
 import signal
 import sys
 
-from agent.configfile import ConfigError, daemon_parser, describe, load_config
-from agent.systemd import notify, setup_logging
-from collector.app import CollectorApp
-from collector.config import DEFAULT_PATH, CollectorConfig
-from collector.storage.store import StoreError
+from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
+from fleetwatch.systemd import notify, setup_logging
+from fleetwatch.collector.app import CollectorApp
+from fleetwatch.collector.config import DEFAULT_PATH, CollectorConfig
+from fleetwatch.collector.storage.store import StoreError
 
-log = logging.getLogger("collector")
+log = logging.getLogger("fleetwatch.collector")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from collector.app import CollectorApp
+    from fleetwatch.collector.app import CollectorApp
 
 
 class CollectorMetrics(Collector):

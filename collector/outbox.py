@@ -12,9 +12,9 @@ import random
 import time
 from typing import Callable
 
-from agent.asyncwait import wait_any
-from collector.notify import NotifyError, notifier_for
-from collector.storage.store import Store
+from fleetwatch.asyncwait import wait_any
+from fleetwatch.collector.notify import NotifyError, notifier_for
+from fleetwatch.collector.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from collector.ingest import BatchRejected, IngestWriter, to_ingest_batch
-from collector.storage.store import Store
+from fleetwatch.collector.ingest import BatchRejected, IngestWriter, to_ingest_batch
+from fleetwatch.collector.storage.store import Store
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from collector.metrics import CollectorMetrics
+from fleetwatch.collector.metrics import CollectorMetrics
 
 if TYPE_CHECKING:
-    from collector.app import CollectorApp
+    from fleetwatch.collector.app import CollectorApp
 
 log = logging.getLogger(__name__)
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from detectors.clocks import ClocksDetector
-from detectors.ecc import EccDetector
-from detectors.gpu_lost import GpuLostDetector
-from detectors.infiniband import InfinibandDetector
-from detectors.model import Detector
-from detectors.node_silent import NodeSilentDetector
-from detectors.nvlink import NvlinkDetector
-from detectors.pcie import PcieDetector
-from detectors.power import PowerDetector
-from detectors.retired_pages import RetiredPagesDetector
-from detectors.row_remap import RowRemapDetector
-from detectors.straggler_steps import StragglerStepsDetector
-from detectors.straggler_telemetry import StragglerTelemetryDetector
-from detectors.thermal import ThermalDetector
-from detectors.xid import XidDetector
+from fleetwatch.detectors.clocks import ClocksDetector
+from fleetwatch.detectors.ecc import EccDetector
+from fleetwatch.detectors.gpu_lost import GpuLostDetector
+from fleetwatch.detectors.infiniband import InfinibandDetector
+from fleetwatch.detectors.model import Detector
+from fleetwatch.detectors.node_silent import NodeSilentDetector
+from fleetwatch.detectors.nvlink import NvlinkDetector
+from fleetwatch.detectors.pcie import PcieDetector
+from fleetwatch.detectors.power import PowerDetector
+from fleetwatch.detectors.retired_pages import RetiredPagesDetector
+from fleetwatch.detectors.row_remap import RowRemapDetector
+from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
+from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector
+from fleetwatch.detectors.thermal import ThermalDetector
+from fleetwatch.detectors.xid import XidDetector
 
 # The registry: every detector the collector and replay run by default, in evaluation order.
 # Adding a detector is one line here; importing this package registers nothing else.

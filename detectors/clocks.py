@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.counters import float_reading
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonHwSlowdown / HwThermalSlowdown / HwPowerBrakeSlowdown (nvml.h).
 HW_SLOWDOWN = 0x08

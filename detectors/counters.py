@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterator, Mapping, Sequence
 
-from detectors.model import GpuSample, Window, held_episode
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import Window, held_episode
 
 Metrics = Mapping[str, float | int]
 

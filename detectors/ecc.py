@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from detectors.counters import (
+from fleetwatch.detectors.counters import (
     back_from,
     counter_moved,
     counter_windows,
@@ -37,7 +37,8 @@ from detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from detectors.model import Finding, GpuSample, Window
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window
 
 DBE = "ecc_dbe_volatile_total"
 SBE = "ecc_sbe_volatile_total"

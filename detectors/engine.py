@@ -10,17 +10,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Sequence, TypeVar, overload
 
-from detectors.model import (
-    Detector,
-    Event,
-    Finding,
-    GpuSample,
-    HostSample,
-    IbSample,
-    NodeState,
-    Step,
-    Window,
-)
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
+from fleetwatch.detectors.model import Detector, NodeState, Window
 
 log = logging.getLogger(__name__)
 

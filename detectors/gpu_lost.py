@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Event, Finding, NodeState, Window, fmt_number, held_episode
+from fleetwatch.records import Event, Finding
+from fleetwatch.detectors.model import NodeState, Window, fmt_number, held_episode
 
 # Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
 FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0

@@ -30,7 +30,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
-from detectors.model import Finding, IbSample, NodeState, Window, fmt_number
+from fleetwatch.records import Finding, IbSample
+from fleetwatch.detectors.model import NodeState, Window, fmt_number
 
 # PortCounters field widths (IBTA; the kernel's sysfs counters; agent/sources/infiniband.py).
 LINK_DOWNED_MAX = 255

@@ -1,90 +1,19 @@
-"""The records detectors read and the findings they return; shared by collector, replay and eval."""
+"""What a detector sees and is: the window of recent data, node state, the Detector protocol, and
+the shared sustained-condition rule. The records themselves live in `fleetwatch.records`."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
-SEVERITIES = ("info", "warning", "critical")
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 
 def fmt_number(value: float) -> str:
     """A number for a finding's summary: at most one decimal, no trailing zeros (12, 3.5)."""
     return f"{round(value, 1):g}"
-ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")
-
-
-@dataclass(frozen=True, slots=True)
-class GpuSample:
-    t: float
-    node: str
-    gpu: int
-    metrics: Mapping[str, float | int]  # canonical names; an unsupported field is absent
-    uuid: str | None = None
-    job: str | None = None
-    rank: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class HostSample:
-    t: float
-    node: str
-    metrics: Mapping[str, float | int]
-
-
-@dataclass(frozen=True, slots=True)
-class IbSample:
-    """One InfiniBand (or RoCE) port of a node at one time, as the agent reads it from sysfs.
-
-    metrics: `ib_state` (text: "ACTIVE", "DOWN", "INIT", "ARMED", ...), `ib_rate_gbps`, and the
-    PortCounters `ib_link_downed_total` and `ib_link_error_recovery_total` (8 bits),
-    `ib_symbol_error_total` and `ib_rcv_errors_total` (16 bits); the counters saturate at their
-    maximum instead of wrapping and restart from 0 when the driver reloads. A field the port
-    cannot report is absent.
-    """
-
-    t: float
-    node: str
-    device: str  # e.g. "mlx5_0"
-    port: int  # 1-based, as under /sys/class/infiniband/<device>/ports/
-    metrics: Mapping[str, float | int | str]
-
-    @property
-    def active(self) -> bool | None:
-        """Whether the port is ACTIVE (or ACTIVE_DEFER); None when its state is unknown."""
-        state = self.metrics.get("ib_state")
-        if state == "ACTIVE":
-            return True  # the common case, first
-        if not isinstance(state, str) or not state:
-            return None
-        return state.upper().startswith("ACTIVE")
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    t: float
-    node: str
-    kind: str  # "xid", "gpu_lost", ...
-    gpu: int | None = None
-    xid: int | None = None
-    pci_bus_id: str | None = None
-    uuid: str | None = None
-    message: str = ""
-    source: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    t: float
-    job: str
-    rank: int
-    node: str
-    step: int
-    seconds: float
-    gpu: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,51 +56,6 @@ class Window:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
-    detector: str
-    severity: str
-    action: str
-    summary: str
-    start: float
-    node: str | None = None
-    gpu: int | None = None
-    job: str | None = None
-    rank: int | None = None
-    end: float | None = None
-    evidence: Mapping[str, Any] = field(default_factory=dict)
-    # Distinguishes findings of one detector on one entity (e.g. the XID number).
-    key: str = ""
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity {self.severity!r} not in {SEVERITIES}")
-        if self.action not in ACTIONS:
-            raise ValueError(f"action {self.action!r} not in {ACTIONS}")
-
-    @property
-    def fingerprint(self) -> str:
-        parts = (self.detector, self.node, self.gpu, self.job, self.rank, self.key)
-        return "|".join("" if p is None else str(p) for p in parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The DESIGN.md findings shape (one JSON object a line)."""
-        return {
-            "detector": self.detector,
-            "severity": self.severity,
-            "action": self.action,
-            "node": self.node,
-            "gpu": self.gpu,
-            "job": self.job,
-            "rank": self.rank,
-            "start": self.start,
-            "end": self.end,
-            "summary": self.summary,
-            "evidence": dict(self.evidence),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=False)
 
 
 class Detector(Protocol):

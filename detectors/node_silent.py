@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Finding, NodeState, Window, fmt_number
+from fleetwatch.records import Finding
+from fleetwatch.detectors.model import NodeState, Window, fmt_number
 
 # Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
 FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0

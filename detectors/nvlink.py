@@ -36,7 +36,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
-from detectors.counters import (
+from fleetwatch.detectors.counters import (
     CounterWindows,
     back_from,
     counter_moved,
@@ -45,7 +45,8 @@ from detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from detectors.model import Finding, GpuSample, Window, held_episode
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window, held_episode
 
 UP, TOTAL = "nvlink_links_up", "nvlink_links_total"
 # (field, what the summary calls one, is it a CRC counter judged by its rate per second)

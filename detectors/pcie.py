@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping, Sequence
 
-from detectors.counters import (
+from fleetwatch.detectors.counters import (
     back_from,
     counter_moved,
     counter_windows,
@@ -40,7 +40,8 @@ from detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from detectors.model import Finding, GpuSample, Window
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window
 
 REPLAYS = "pcie_replay_total"
 GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"

@@ -16,8 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.counters import float_reading
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonHwPowerBrakeSlowdown (nvml.h): "External Power Brake Assertion is triggered
 # (e.g. by the system power supply)", as nvidia-smi's help text in tests/fixtures/nvidia-smi says.

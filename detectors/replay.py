@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Any, Iterable, Iterator, Sequence
 
-from detectors import default_detectors
-from detectors.engine import RecentData, Tracker
-from detectors.model import Detector, Event, Finding, GpuSample, HostSample, IbSample, Step
+from fleetwatch.detectors import default_detectors
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
+from fleetwatch.detectors.model import Detector
 
 Record = GpuSample | HostSample | IbSample | Event | Step
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
 
-from detectors.counters import flag_raised, newest_carrying, newest_fresh_index, start_of_run
-from detectors.model import Finding, Window
+from fleetwatch.detectors.counters import flag_raised, newest_carrying, newest_fresh_index, start_of_run
+from fleetwatch.records import Finding
+from fleetwatch.detectors.model import Window
 
 RETIRED_SBE = "retired_pages_sbe"
 RETIRED_DBE = "retired_pages_dbe"

@@ -24,8 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Mapping
 
-from detectors.counters import flag_raised, newest_fresh_index
-from detectors.model import Finding, Window
+from fleetwatch.detectors.counters import flag_raised, newest_fresh_index
+from fleetwatch.records import Finding
+from fleetwatch.detectors.model import Window
 
 PENDING = "remap_pending"
 FAILURE = "remap_failure"

@@ -48,8 +48,9 @@ from itertools import islice, repeat
 from operator import attrgetter, truediv
 from typing import ClassVar, Iterable, Mapping, Sequence
 
-from detectors.model import Finding, Step, Window
-from detectors.straggler_telemetry import GpuCause, gpu_cause, tail
+from fleetwatch.records import Finding, Step
+from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.straggler_telemetry import GpuCause, gpu_cause, tail
 
 
 @dataclass(frozen=True, slots=True)

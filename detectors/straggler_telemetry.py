@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Sequence
 
-from detectors.model import Finding, GpuSample, Step, Window
+from fleetwatch.records import Finding, GpuSample, Step
+from fleetwatch.detectors.model import Window
 
 # NVML clock event reasons (nvmlClocksEventReason*, nvml.h; nvidia-smi -q "Clocks Event Reasons").
 GPU_IDLE = 0x1

@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.counters import float_reading
-from detectors.model import Finding, GpuSample, Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.counters import float_reading
+from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
 
 # nvmlClocksEventReasonSwThermalSlowdown / nvmlClocksEventReasonHwThermalSlowdown (nvml.h; the
 # nvidia-smi help text in tests/fixtures/nvidia-smi describes both).

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from detectors.model import Finding, Window, fmt_number, held_episode
-from detectors.xid_catalog import lookup
+from fleetwatch.records import Finding
+from fleetwatch.detectors.model import Window, fmt_number, held_episode
+from fleetwatch.detectors.xid_catalog import lookup
 
 # Actions that need someone to touch the node: the condition does not clear by itself, so the
 # finding holds until the node reboots (or the hold limit passes).

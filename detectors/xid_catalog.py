@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Mapping
 
-from detectors.model import ACTIONS, SEVERITIES
+from fleetwatch.records import ACTIONS, SEVERITIES
 
 CATALOG_RESOURCE = "xid_catalog.csv"
 
@@ -24,8 +24,8 @@ UNKNOWN_ACTION = "check_app"
 class XidInfo:
     xid: int
     meaning: str
-    severity: str  # one of model.SEVERITIES
-    action: str  # one of model.ACTIONS
+    severity: str  # one of fleetwatch.records.SEVERITIES
+    action: str  # one of fleetwatch.records.ACTIONS
     fatal_by: tuple[str, ...]  # health checkers that treat this XID as fatal ("gpud", "azure")
 
     @property
@@ -65,7 +65,7 @@ def parse_catalog(text: str) -> dict[int, XidInfo]:
 @functools.cache
 def load_catalog() -> Mapping[int, XidInfo]:
     """The packaged catalog (detectors/xid_catalog.csv), read once."""
-    text = resources.files("detectors").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
+    text = resources.files("fleetwatch.detectors").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
     return parse_catalog(text)
 
 

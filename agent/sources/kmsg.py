@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import psutil
 
-from detectors.model import Event
+from fleetwatch.records import Event
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,9 @@ A target is stored with each outbox row: "log" or "webhook:<url>".
 
 from __future__ import annotations
 
-from collector.notify.base import Notifier, NotifyError
-from collector.notify.log import LogNotifier
-from collector.notify.webhook import WebhookNotifier
+from fleetwatch.collector.notify.base import Notifier, NotifyError
+from fleetwatch.collector.notify.log import LogNotifier
+from fleetwatch.collector.notify.webhook import WebhookNotifier
 
 NOTIFIERS: tuple[type[Notifier], ...] = (LogNotifier, WebhookNotifier)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from collector.notify.base import Notifier
+from fleetwatch.collector.notify.base import Notifier
 
 log = logging.getLogger("fleetwatch.alerts")
 

@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Mapping
 
-from collector.notify.base import Notifier, NotifyError, alert_labels, alertmanager_alert
+from fleetwatch.collector.notify.base import Notifier, NotifyError, alert_labels, alertmanager_alert
 
 
 def webhook_body(alert: Mapping[str, Any], transition: str, receiver: str = "fleetwatch") -> dict[str, Any]:

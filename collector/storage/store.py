@@ -32,8 +32,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
-from collector.storage import schema
-from detectors.model import Event, Finding, GpuSample, HostSample, Step
+from fleetwatch.collector.storage import schema
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
 # How long an SQLite writer waits for another writer's lock; well above one purge chunk's time.

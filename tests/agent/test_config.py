@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.configfile import ConfigError, load_config
-from agent.main import build_parser as agent_parser
-from collector.config import CollectorConfig
-from collector.main import build_parser as collector_parser
+from fleetwatch.agent.config import AgentConfig
+from fleetwatch.configfile import ConfigError, load_config
+from fleetwatch.agent.main import build_parser as agent_parser
+from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.collector.main import build_parser as collector_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 
@@ -95,7 +95,7 @@ def test_help_lists_every_key_with_its_variable(parser, capsys) -> None:
 
 
 def test_agent_exits_2_on_bad_config(tmp_path: Path, capsys) -> None:
-    from agent.main import main
+    from fleetwatch.agent.main import main
 
     file = tmp_path / "agent.toml"
     file.write_text("bogus = 1\n")

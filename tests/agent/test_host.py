@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.sources.host import HostSource, _is_loopback
+from fleetwatch.agent.sources.host import HostSource, _is_loopback
 from fleetwatch.wire import HOST_FIELDS, INTEGER_FIELDS
 
 FIXTURE_PROCFS = Path(__file__).resolve().parent.parent / "fixtures" / "proc"
@@ -119,7 +119,7 @@ def test_unreadable_fields_are_absent_never_zero_and_logged_once(
 ) -> None:
     empty_root = tmp_path / "empty-proc"
     empty_root.mkdir()
-    with caplog.at_level(logging.DEBUG, logger="agent.sources.host"):
+    with caplog.at_level(logging.DEBUG, logger="fleetwatch.agent.sources.host"):
         source = HostSource(procfs_root=str(empty_root), disk_path=str(tmp_path))
         first = source.sample()
         second = source.sample()

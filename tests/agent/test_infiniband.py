@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.sources import infiniband
-from agent.sources.infiniband import (
+from fleetwatch.agent.sources import infiniband
+from fleetwatch.agent.sources.infiniband import (
     InfinibandSource,
     parse_counter,
     parse_rate_gbps,

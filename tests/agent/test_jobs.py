@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.jobs import (
+from fleetwatch.agent.sources.jobs import (
     JobInfo,
     JobResolver,
     job_from_cgroup,

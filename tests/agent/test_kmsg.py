@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.kmsg import (
+from fleetwatch.agent.sources.kmsg import (
     FALLEN_OFF_BUS_XID,
     KernelXid,
     KmsgSource,
@@ -26,9 +26,9 @@ from agent.sources.kmsg import (
     parse_lines,
     replay_events,
 )
-from detectors.model import Event
-from detectors.replay import replay
-from detectors.xid_catalog import lookup
+from fleetwatch.records import Event
+from fleetwatch.detectors.replay import replay
+from fleetwatch.detectors.xid_catalog import lookup
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "kmsg"
 BOOT_TIME = 1_700_000_000.0  # Unix seconds; places the lines stamped in seconds since boot
@@ -438,7 +438,7 @@ def test_follow_keeps_going_when_the_consumer_fails(tmp_path: Path, caplog: pyte
     thread.start()
     assert source.following.wait(WAIT_SECONDS)
     try:
-        with caplog.at_level(logging.ERROR, logger="agent.sources.kmsg"):
+        with caplog.at_level(logging.ERROR, logger="fleetwatch.agent.sources.kmsg"):
             append(log_path, "NVRM: Xid (PCI:0000:01:00): 13, pid=1, name=a, first\n")
             deadline = time.monotonic() + WAIT_SECONDS
             while not calls and time.monotonic() < deadline:
@@ -454,7 +454,7 @@ def test_follow_keeps_going_when_the_consumer_fails(tmp_path: Path, caplog: pyte
 
 def test_missing_log_is_logged_once_and_follow_returns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = KmsgSource(str(tmp_path / "no-such-kmsg"), boot_time=BOOT_TIME)
-    with caplog.at_level(logging.WARNING, logger="agent.sources.kmsg"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.kmsg"):
         assert source.read_existing() == []
         stop = threading.Event()
         thread = threading.Thread(target=source.follow, args=(stop, Collector()), daemon=True)
@@ -473,7 +473,7 @@ def test_unreadable_log_is_logged_and_follow_returns(tmp_path: Path, caplog: pyt
     log_path.write_text("")
     log_path.chmod(0)
     source = KmsgSource(str(log_path), boot_time=BOOT_TIME)
-    with caplog.at_level(logging.WARNING, logger="agent.sources.kmsg"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.kmsg"):
         source.follow(threading.Event(), Collector())
     assert "kernel log XIDs off" in caplog.text
 
@@ -496,7 +496,7 @@ def test_overwritten_kmsg_records_are_counted_and_reading_goes_on(caplog: pytest
         return reply
 
     reader = _Reader(-1, True, _Assembler(_FallenOffBusRepeats(), BOOT_TIME), read=fake_read)
-    with caplog.at_level(logging.WARNING, logger="agent.sources.kmsg"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.kmsg"):
         found = reader.read_available()
     assert [x.xid for x in found] == [79, 13]
     assert reader.records_lost == 4  # seq 11 to 14

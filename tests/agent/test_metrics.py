@@ -19,8 +19,8 @@ from typing import Any, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent import metrics
-from agent.metrics import (
+from fleetwatch.agent import metrics
+from fleetwatch.agent.metrics import (
     CLOCK_EVENT_REASONS,
     DCGM_METRICS,
     GPU_METRICS,
@@ -29,10 +29,10 @@ from agent.metrics import (
     AgentMetrics,
     MetricsServer,
 )
-from agent.sim.fake_nvml import make_fake_nvml
-from agent.sim.node import SimNode
-from agent.sources.nvml import NvmlSource
-from agent.state import AgentState, SourceStats
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.state import AgentState, SourceStats
 from fleetwatch import wire
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "metrics" / "agent-sim.prom"
@@ -601,8 +601,8 @@ def test_whole_output_matches_the_golden_file(serve, monkeypatch):
 def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from agent.metrics import AgentMetrics, render_exposition
-    from agent.state import AgentState
+    from fleetwatch.agent.metrics import AgentMetrics, render_exposition
+    from fleetwatch.agent.state import AgentState
 
     state = AgentState(node="n01")
     state.gpus = {0: {"gpu": 0, "uuid": "GPU-a", "metrics": {"power_watts": 600.0}},

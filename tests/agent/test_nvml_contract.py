@@ -17,11 +17,11 @@ from typing import Any, Callable
 import pynvml
 import pytest
 
-from agent.sim.fake_nvml import FakeNvml
-from agent.sim.node import SimNode
-from agent.sim.profiles import H100_80GB_HBM3, H200, GpuProfile
-from agent.sim.scenario import parse_fault
-from agent.sources.nvml import NvmlSource
+from fleetwatch.sim.fake_nvml import FakeNvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.profiles import H100_80GB_HBM3, H200, GpuProfile
+from fleetwatch.sim.scenario import parse_fault
+from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch import wire
 from fleetwatch.v1 import telemetry_pb2 as pb
 

@@ -16,10 +16,10 @@ from typing import Any
 import pynvml
 import pytest
 
-from agent.sim.fake_nvml import FakeNvml, make_fake_nvml
-from agent.sim.node import SimNode
-from agent.sim.scenario import Fault, parse_fault
-from agent.sources.nvml import NvmlSource, load_nvml
+from fleetwatch.sim.fake_nvml import FakeNvml, make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.scenario import Fault, parse_fault
+from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch import wire
 from fleetwatch.v1 import telemetry_pb2 as pb
 
@@ -317,7 +317,7 @@ class PerLinkCountersNotSupported(FakeNvml):
 def test_nvlink_counters_come_from_the_total_fields_where_per_link_calls_fail():
     from dataclasses import replace
 
-    from agent.sim.profiles import H100_80GB_HBM3
+    from fleetwatch.sim.profiles import H100_80GB_HBM3
 
     fault = Fault("nvlink_errors", gpu=1, at_seconds=5.0, link=3, rate_per_second=100.0)
     summing = replace(H100_80GB_HBM3, nvlink_legacy_totals_read_zero=False, nvlink_counters_not_supported=frozenset())
@@ -809,7 +809,7 @@ def _nvml_library_present() -> bool:
 @pytest.mark.skipif(_nvml_library_present() or ctypes.util.find_library("nvidia-ml") is not None,
                     reason="this machine has an NVIDIA driver")
 def test_load_nvml_returns_none_without_a_driver(caplog):
-    with caplog.at_level(logging.WARNING, logger="agent.sources.nvml"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.nvml"):
         assert load_nvml() is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -819,6 +819,6 @@ def test_load_nvml_returns_none_without_a_driver(caplog):
 
 def test_load_nvml_returns_none_without_pynvml(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
-    with caplog.at_level(logging.WARNING, logger="agent.sources.nvml"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.nvml"):
         assert load_nvml() is None
     assert [r.getMessage() for r in caplog.records][-1].endswith("running host-only")

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.runner import Agent, backoff_seconds
-from agent.sampler import Sampler
-from agent.sim.fake_nvml import make_fake_nvml
-from agent.sim.node import SimNode
-from agent.sim.scenario import Fault
-from agent.sources.host import HostSource
-from agent.sources.nvml import NvmlSource
-from agent.spool import Spool
-from agent.state import AgentState
-from collector.app import CollectorApp
-from collector.config import CollectorConfig
+from fleetwatch.agent.config import AgentConfig
+from fleetwatch.agent.runner import Agent, backoff_seconds
+from fleetwatch.agent.sampler import Sampler
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.scenario import Fault
+from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.spool import Spool
+from fleetwatch.agent.state import AgentState
+from fleetwatch.collector.app import CollectorApp
+from fleetwatch.collector.config import CollectorConfig
 
 
 def free_port() -> int:

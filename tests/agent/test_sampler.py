@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from agent.sampler import Sampler
-from agent.sim.fake_nvml import make_fake_nvml
-from agent.sim.node import SimNode
-from agent.sources.host import HostSource
-from agent.sources.jobs import JobInfo
-from agent.sources.nvml import NvmlSource
-from agent.state import AgentState
+from fleetwatch.agent.sampler import Sampler
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.jobs import JobInfo
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.state import AgentState
 
 
 def nvml_source(gpus: int = 2) -> NvmlSource:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.spool import Spool
+from fleetwatch.agent.spool import Spool
 
 
 def _spool(directory: Path, max_bytes: int = 1 << 20) -> Spool:
@@ -123,7 +123,7 @@ def test_byte_bound_drops_oldest_first_and_counts(
     seqs = _fill(spool, [b"a" * 100, b"b" * 100])
     assert (spool.dropped_batches, spool.dropped_bytes) == (0, 0)
 
-    with caplog.at_level(logging.WARNING, logger="agent.spool"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.spool"):
         seq = spool.next_seq()
         spool.append(seq, b"c" * 200)  # 400 bytes in all: the two oldest must go
 
@@ -141,7 +141,7 @@ def test_batch_larger_than_bound_is_dropped_not_written(
 ) -> None:
     spool = _spool(tmp_path, max_bytes=100)
     kept = _fill(spool, [b"k" * 50])
-    with caplog.at_level(logging.WARNING, logger="agent.spool"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.spool"):
         seq = spool.next_seq()
         spool.append(seq, b"x" * 101)
     assert spool.pending() == [(kept[0], b"k" * 50)]
@@ -179,7 +179,7 @@ def test_corrupt_file_names_are_logged_and_skipped(
     seqs = _fill(_spool(tmp_path), [b"good"])
     (tmp_path / "not-a-seq.batch").write_bytes(b"junk")
     (tmp_path / "42.batch").write_bytes(b"wrong width")
-    with caplog.at_level(logging.WARNING, logger="agent.spool"):
+    with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.spool"):
         restarted = _spool(tmp_path)
     assert restarted.pending() == [(seqs[0], b"good")]
     assert restarted.bytes == 4
@@ -193,7 +193,7 @@ def test_corrupt_state_file_resumes_after_batches_on_disk(
 ) -> None:
     seqs = _fill(_spool(tmp_path), [b"a", b"b"])
     (tmp_path / "seq.state").write_text("garbage\n")
-    with caplog.at_level(logging.ERROR, logger="agent.spool"):
+    with caplog.at_level(logging.ERROR, logger="fleetwatch.agent.spool"):
         restarted = _spool(tmp_path)
     assert "corrupt" in caplog.text
     assert restarted.next_seq() == seqs[-1] + 1

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import stepreport
-from agent.sources.steps import MAX_DATAGRAM_BYTES, StepReceiver, parse_step
-from agent.stepreport import StepReporter, report_step
+from fleetwatch import stepreport
+from fleetwatch.agent.sources.steps import MAX_DATAGRAM_BYTES, StepReceiver, parse_step
+from fleetwatch.stepreport import StepReporter, report_step
 
 STEPREPORT_FILE = Path(stepreport.__file__)
 FIXED_T = 1_700_000_000.0
@@ -293,12 +293,12 @@ MALFORMED = [
 def test_malformed_datagrams_are_counted_and_skipped(
     receiver: StepReceiver, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="agent.sources.steps")
+    caplog.set_level(logging.WARNING, logger="fleetwatch.agent.sources.steps")
     records = send_all_and_receive(receiver, [*MALFORMED, good(42, extra="ignored")])
     assert records == [{"t": FIXED_T, "job": "j7", "rank": 3, "step": 42, "seconds": 0.5}]
     assert receiver.malformed == len(MALFORMED)
     # Rate limited: one line however many bad datagrams arrived in the minute.
-    warnings = [r for r in caplog.records if r.name == "agent.sources.steps"]
+    warnings = [r for r in caplog.records if r.name == "fleetwatch.agent.sources.steps"]
     assert len(warnings) == 1
     assert "malformed" in warnings[0].getMessage()
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from agent.xid_merge import XidMerger
+from fleetwatch.agent.xid_merge import XidMerger
 
 
 class FakeClock:

@@ -19,17 +19,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.config import AgentConfig
-from agent.runner import Agent
-from agent.sim.fake_nvml import make_fake_nvml
-from agent.sim.node import SimNode
-from agent.sampler import Sampler
-from agent.sources.host import HostSource
-from agent.sources.infiniband import InfinibandSource
-from agent.sources.jobs import JobResolver
-from agent.sources.nvml import NvmlSource
-from agent.spool import Spool
-from agent.state import AgentState
+from fleetwatch.agent.config import AgentConfig
+from fleetwatch.agent.runner import Agent
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.agent.sampler import Sampler
+from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.infiniband import InfinibandSource
+from fleetwatch.agent.sources.jobs import JobResolver
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.spool import Spool
+from fleetwatch.agent.state import AgentState
 
 FIXTURE_SYSFS = Path(__file__).resolve().parents[1] / "fixtures" / "sys"
 
@@ -38,7 +38,7 @@ def daemon_footprint(seconds: float, gpus: int) -> dict:
     """The whole agent daemon (gRPC client, /metrics server, every source thread): RSS and CPU per cycle."""
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.main", "--config", "/nonexistent.toml", "--simulate", "--sim-gpus", str(gpus),
+            [sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--simulate", "--sim-gpus", str(gpus),
              "--node", "bench", "--collector-address", "127.0.0.1:9", "--spool-dir", tmp, "--no-spool-fsync",
              "--sysfs-root", str(FIXTURE_SYSFS), "--kmsg-path", "", "--step-socket", f"{tmp}/steps.sock",
              "--metrics-listen", "127.0.0.1:0", "--sampling-interval-seconds", "1", "--log-level", "error"],

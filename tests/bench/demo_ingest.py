@@ -18,9 +18,9 @@ from pathlib import Path
 
 import grpc
 
-from collector.app import CollectorApp
-from collector.config import CollectorConfig
-from collector.demo import _run
+from fleetwatch.collector.app import CollectorApp
+from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.sim.demo import _run
 from fleetwatch.v1 import telemetry_pb2 as pb
 
 METHOD = "/fleetwatch.v1.Telemetry/Stream"

@@ -18,7 +18,7 @@ from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
-from collector.evaluate import evaluate_scenario, load_scenario, scenario_files
+from fleetwatch.sim.evaluate import evaluate_scenario, load_scenario, scenario_files
 
 CORPUS = Path(__file__).resolve().parents[1] / "scenarios"
 

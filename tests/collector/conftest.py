@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from collector.storage.store import Store, redact_url
+from fleetwatch.collector.storage.store import Store, redact_url
 
 PG_URL_ENV = "FLEETWATCH_TEST_PG_URL"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

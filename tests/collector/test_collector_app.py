@@ -12,9 +12,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.app import CollectorApp
-from collector.config import CollectorConfig
-from collector.demo import WebhookReceiver
+from fleetwatch.collector.app import CollectorApp
+from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.sim.demo import WebhookReceiver
 from fleetwatch.v1 import telemetry_pb2 as pb
 
 METHOD = "/fleetwatch.v1.Telemetry/Stream"
@@ -209,7 +209,7 @@ async def test_unreachable_webhook_is_retried_until_it_answers(tmp_path: Path) -
 
 
 async def test_fleetwatchctl_status_and_alerts_read_the_running_collector(app: CollectorApp, capsys) -> None:
-    from collector.ctl import main
+    from fleetwatch.ctl.main import main
 
     await exchange(app.grpc_port, [hello(), batch(1, xid=79)], expect=2)
     await asyncio.sleep(0.5)
@@ -279,7 +279,7 @@ async def test_restarted_collector_keeps_its_firing_alerts_without_notifying_twi
 
 
 async def test_database_failure_is_unavailable_to_the_agent_and_the_collector_recovers(app: CollectorApp) -> None:
-    from collector.storage.store import StoreError
+    from fleetwatch.collector.storage.store import StoreError
 
     real_ingest = app.store.ingest
     calls = {"n": 0}

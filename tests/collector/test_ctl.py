@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from collector.ctl import main
+from fleetwatch.ctl.main import main
 
 
 def run_ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "collector.ctl", *args], capture_output=True, text=True, input=stdin, timeout=60)
+    return subprocess.run([sys.executable, "-m", "fleetwatch.ctl.main", *args], capture_output=True, text=True, input=stdin, timeout=60)
 
 
 def test_detect_replay_of_one_xid_79_prints_one_finding(tmp_path: Path) -> None:

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import event, select, text, update
 from sqlalchemy import exc as sa_exc
 
-from collector.storage import schema
-from collector.storage import store as store_module
-from collector.storage.store import IngestBatch, Store, StoreError
-from detectors.model import Event, Finding, GpuSample, HostSample, Step
+from fleetwatch.collector.storage import schema
+from fleetwatch.collector.storage import store as store_module
+from fleetwatch.collector.storage.store import IngestBatch, Store, StoreError
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
 T0 = 1_700_000_000.0  # a realistic epoch, so float timestamps keep their sub-second part

@@ -2,11 +2,12 @@
 
 import pytest
 
-from detectors.clocks import ClocksDetector, ClocksThresholds
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.power import PowerDetector
-from detectors.thermal import ThermalDetector
+from fleetwatch.detectors.clocks import ClocksDetector, ClocksThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.power import PowerDetector
+from fleetwatch.detectors.thermal import ThermalDetector
 
 T0 = 1_700_000_000.0
 OK = {

@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.ecc import EccDetector, EccThresholds
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
+from fleetwatch.detectors.ecc import EccDetector, EccThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
 
 T0 = 1_700_000_000.0
 DBE = "ecc_dbe_volatile_total"

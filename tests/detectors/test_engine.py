@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import pytest
 
-from detectors import default_detectors
-from detectors.engine import RecentData, SeriesView, Tracker
-from detectors.model import Event, Finding, GpuSample, HostSample, Step, Window
+from fleetwatch.detectors import default_detectors
+from fleetwatch.detectors.engine import RecentData, SeriesView, Tracker
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
+from fleetwatch.detectors.model import Window
 
 T0 = 1_700_000_000.0
 
@@ -202,7 +203,7 @@ def test_a_crashing_detector_keeps_its_findings_open_and_the_others_run(caplog):
 
     broken.error = RuntimeError("boom")
     healthy.findings = []
-    with caplog.at_level(logging.ERROR, logger="detectors.engine"):
+    with caplog.at_level(logging.ERROR, logger="fleetwatch.detectors.engine"):
         opened, closed = tracker.evaluate(empty_window(T0 + 1))
         tracker.evaluate(empty_window(T0 + 2))
     assert opened == [] and [f.detector for f in closed] == ["healthy"]

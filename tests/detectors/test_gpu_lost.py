@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.gpu_lost import GpuLostDetector, GpuLostThresholds
-from detectors.model import Event, GpuSample, NodeState, Window
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.detectors.gpu_lost import GpuLostDetector, GpuLostThresholds
+from fleetwatch.records import Event, GpuSample
+from fleetwatch.detectors.model import NodeState, Window
 
 T0 = 1_700_000_000.0
 LIMIT = GpuLostThresholds().hold_limit_seconds

@@ -5,10 +5,11 @@ import time
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.infiniband import InfinibandDetector, InfinibandThresholds
-from detectors.model import IbSample, NodeState, Window
-from detectors.replay import ReplayError, read_records, replay
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.detectors.infiniband import InfinibandDetector, InfinibandThresholds
+from fleetwatch.records import IbSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.replay import ReplayError, read_records, replay
 
 T0 = 1_700_000_000.0
 UP = {

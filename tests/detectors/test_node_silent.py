@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import HostSample, NodeState, Window
-from detectors.node_silent import NodeSilentDetector, NodeSilentThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import HostSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.node_silent import NodeSilentDetector, NodeSilentThresholds
 
 T0 = 1_700_000_000.0
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.nvlink import NvlinkDetector, NvlinkThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.nvlink import NvlinkDetector, NvlinkThresholds
 
 T0 = 1_700_000_000.0
 REPLAY = "nvlink_replay_errors_total"

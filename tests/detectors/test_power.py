@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.power import HW_POWER_BRAKE_SLOWDOWN, PowerDetector, PowerThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.power import HW_POWER_BRAKE_SLOWDOWN, PowerDetector, PowerThresholds
 
 T0 = 1_700_000_000.0
 BUSY = {  # full load: the GPU holds its power limit (SW power cap), as H100s do under training

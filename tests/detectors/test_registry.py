@@ -2,10 +2,10 @@
 
 import re
 
-import detectors
-from detectors import DETECTORS, default_detectors, detector_ids
-from detectors.engine import Tracker
-from detectors.model import Window
+from fleetwatch import detectors
+from fleetwatch.detectors import DETECTORS, default_detectors, detector_ids
+from fleetwatch.detectors.engine import Tracker
+from fleetwatch.detectors.model import Window
 
 
 def test_registry_lists_every_detector_module_of_the_package():
@@ -14,7 +14,7 @@ def test_registry_lists_every_detector_module_of_the_package():
 
     found = set()
     for module in pkgutil.iter_modules(detectors.__path__):
-        for value in vars(importlib.import_module(f"detectors.{module.name}")).values():
+        for value in vars(importlib.import_module(f"fleetwatch.detectors.{module.name}")).values():
             if isinstance(value, type) and value.__module__.endswith(module.name) and hasattr(value, "detect") and isinstance(getattr(value, "id", None), str):
                 found.add(value)
     assert found == set(DETECTORS), "a detector module is not registered in detectors/__init__.py"

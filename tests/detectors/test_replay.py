@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from detectors.model import Event, GpuSample, HostSample, Step
-from detectors.replay import ReplayError, infer_sampling_intervals, read_records, replay
-from detectors.xid import XidDetector
+from fleetwatch.records import Event, GpuSample, HostSample, Step
+from fleetwatch.detectors.replay import ReplayError, infer_sampling_intervals, read_records, replay
+from fleetwatch.detectors.xid import XidDetector
 
 T0 = 1_700_000_000.0
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.retired_pages import RetiredPagesDetector, RetiredPagesThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.retired_pages import RetiredPagesDetector, RetiredPagesThresholds
 
 T0 = 1_700_000_000.0
 LIMIT = RetiredPagesThresholds().max_retired_pages

@@ -4,9 +4,10 @@ from dataclasses import replace
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.row_remap import RowRemapDetector, RowRemapThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.row_remap import RowRemapDetector, RowRemapThresholds
 
 T0 = 1_700_000_000.0
 

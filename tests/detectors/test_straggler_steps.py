@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from detectors.engine import RecentData
-from detectors.model import GpuSample, Step, Window
-from detectors.replay import replay
-from detectors.straggler_steps import StragglerStepsDetector, StragglerStepsThresholds
+from fleetwatch.detectors.engine import RecentData
+from fleetwatch.records import GpuSample, Step
+from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.replay import replay
+from fleetwatch.detectors.straggler_steps import StragglerStepsDetector, StragglerStepsThresholds
 
 T0 = 1_700_000_000.0
 STEP_SECONDS = 0.9

@@ -6,10 +6,11 @@ import random
 
 import pytest
 
-from detectors.engine import RecentData
-from detectors.model import GpuSample, Step, Window
-from detectors.replay import replay
-from detectors.straggler_telemetry import (
+from fleetwatch.detectors.engine import RecentData
+from fleetwatch.records import GpuSample, Step
+from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.replay import replay
+from fleetwatch.detectors.straggler_telemetry import (
     HW_POWER_BRAKE_SLOWDOWN,
     HW_SLOWDOWN,
     HW_THERMAL_SLOWDOWN,
@@ -278,8 +279,8 @@ def test_thresholds_are_checked():
 def test_idle_samples_before_a_job_starts_are_not_a_low_clock_cause():
     """A GPU whose window still holds idle samples (345 MHz, GpuIdle) from before its job began
     is not running slow: the cause is read from its busy samples only."""
-    from detectors.model import GpuSample
-    from detectors.straggler_telemetry import gpu_cause
+    from fleetwatch.detectors.model import GpuSample
+    from fleetwatch.detectors.straggler_telemetry import gpu_cause
 
     idle = [GpuSample(t=float(i), node="n01", gpu=4, metrics={"sm_clock_mhz": 345.0, "clock_event_reasons": 0x1,
                                                                "power_watts": 70.0, "gpu_util_percent": 0.0})

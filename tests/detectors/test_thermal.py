@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import GpuSample, NodeState, Window
-from detectors.thermal import (
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import GpuSample
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.thermal import (
     HW_THERMAL_SLOWDOWN,
     SW_THERMAL_SLOWDOWN,
     ThermalDetector,

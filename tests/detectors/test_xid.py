@@ -2,9 +2,10 @@
 
 import pytest
 
-from detectors.engine import RecentData, Tracker
-from detectors.model import Event, NodeState, Window
-from detectors.xid import XidDetector, XidThresholds
+from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.records import Event
+from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.detectors.xid import XidDetector, XidThresholds
 
 T0 = 1_700_000_000.0
 

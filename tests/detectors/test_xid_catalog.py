@@ -2,8 +2,8 @@
 
 import pytest
 
-from detectors.model import ACTIONS, SEVERITIES
-from detectors.xid_catalog import (
+from fleetwatch.records import ACTIONS, SEVERITIES
+from fleetwatch.detectors.xid_catalog import (
     UNKNOWN_ACTION,
     UNKNOWN_MEANING,
     UNKNOWN_SEVERITY,

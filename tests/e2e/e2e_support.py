@@ -34,7 +34,7 @@ def wait_for(predicate, timeout_seconds: float, what: str) -> None:
 class Collector:
     def __init__(self, db: Path, grpc_port: int, http_port: int, log: Path) -> None:
         self.args = [
-            sys.executable, "-m", "collector.main", "--config", "/nonexistent.toml",
+            sys.executable, "-m", "fleetwatch.collector.main", "--config", "/nonexistent.toml",
             "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
             "--database-url", f"sqlite:///{db}", "--no-log-alerts",
         ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.stepreport import StepReporter
+from fleetwatch.stepreport import StepReporter
 from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -44,7 +44,7 @@ def test_agent_sources_reach_the_collector_and_metrics(tmp_path: Path) -> None:
     metrics_port = free_port()
     collector.start()
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.main", "--config", "/nonexistent.toml", "--simulate", "--node", "n01",
+        [sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--simulate", "--node", "n01",
          "--collector-address", f"127.0.0.1:{grpc_port}", "--sampling-interval-seconds", "0.2",
          "--spool-dir", str(tmp_path / "spool"), "--no-spool-fsync", "--sysfs-root", str(FIXTURES / "sys"),
          "--kmsg-path", str(kmsg), "--step-socket", str(step_socket),

@@ -17,7 +17,7 @@ GPUS = 4
 def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "agent.main", "--config", "/nonexistent.toml", "--simulate",
+            sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--simulate",
             "--node", node, "--sim-gpus", str(GPUS), "--collector-address", f"127.0.0.1:{grpc_port}",
             "--sampling-interval-seconds", "0.1", "--spool-dir", str(spool), "--no-spool-fsync",
             "--reconnect-min-seconds", "0.1", "--reconnect-max-seconds", "0.5", "--stop-drain-seconds", "30",

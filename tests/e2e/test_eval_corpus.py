@@ -82,7 +82,7 @@ def test_corpus_size_and_healthy_share():
 
 
 def test_corpus_files_are_valid():
-    from collector.evaluate import load_scenario
+    from fleetwatch.sim.evaluate import load_scenario
 
     for path in sorted(CORPUS.glob("*.toml")):
         load_scenario(path)  # raises naming the file and the key
@@ -145,7 +145,7 @@ def test_expectation_windows_encode_the_latency_targets():
 @pytest.fixture(scope="module")
 def report() -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "collector.ctl", "eval", "--corpus", str(CORPUS), "--json"],
+        [sys.executable, "-m", "fleetwatch.ctl.main", "eval", "--corpus", str(CORPUS), "--json"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from agent.sources.nvml import NvmlSource, load_nvml
+from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch import wire
 
 pytestmark = pytest.mark.gpu
@@ -64,7 +64,7 @@ def _check_fields(gpu: dict[str, Any], unsupported: set[str], allowed_gaps: set[
 
 def _agent_once(tmp_path: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
-    command = [sys.executable, "-m", "agent.main", "--once", "--json", "--no-simulate",
+    command = [sys.executable, "-m", "fleetwatch.agent.main", "--once", "--json", "--no-simulate",
                "--spool-dir", str(tmp_path / "spool"), "--config", str(tmp_path / "absent.toml"), "--kmsg-path", ""]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from detectors import detector_ids
-from detectors.alibaba import steps_from_alibaba_csv
-from detectors.model import Step
-from detectors.replay import replay
-from detectors.straggler_steps import StragglerStepsDetector
-from detectors.straggler_telemetry import StragglerTelemetryDetector
+from fleetwatch.detectors import detector_ids
+from fleetwatch.sim.alibaba import steps_from_alibaba_csv
+from fleetwatch.records import Step
+from fleetwatch.detectors.replay import replay
+from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
+from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "alibaba"
 T0 = 1_700_000_000.0
@@ -127,7 +127,7 @@ def write_replay(steps: list[Step], path: Path) -> Path:
 
 def fleetwatchctl_detect(path: Path) -> list[dict]:
     done = subprocess.run(
-        [sys.executable, "-m", "collector.ctl", "detect", "--replay", str(path)],
+        [sys.executable, "-m", "fleetwatch.ctl.main", "detect", "--replay", str(path)],
         capture_output=True, text=True, timeout=300, check=True,
     )
     findings = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]

@@ -14,10 +14,10 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from agent.sim.fake_nvml import CUDA_DRIVER_VERSION, DRIVER_VERSION, make_fake_nvml
-from agent.sim.node import HGX_PCI_BUSES, SimNode
-from agent.sim.profiles import H100_80GB_HBM3, H200, PROFILES, profile_for
-from agent.sim.scenario import KINDS, Fault, parse_fault
+from fleetwatch.sim.fake_nvml import CUDA_DRIVER_VERSION, DRIVER_VERSION, make_fake_nvml
+from fleetwatch.sim.node import HGX_PCI_BUSES, SimNode
+from fleetwatch.sim.profiles import H100_80GB_HBM3, H200, PROFILES, profile_for
+from fleetwatch.sim.scenario import KINDS, Fault, parse_fault
 
 CAPTURES = Path(__file__).resolve().parent.parent / "fixtures" / "nvidia-smi"
 MIB = 1024 * 1024

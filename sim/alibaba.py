@@ -19,7 +19,7 @@ import csv
 import math
 from typing import Iterable
 
-from detectors.model import Step
+from fleetwatch.records import Step
 
 _COLUMNS = ("worker", "time", "batch_time_norm")
 

@@ -23,8 +23,8 @@ from typing import Any, Callable, Sequence
 
 import pynvml
 
-from agent.sim.node import NVLINK_COUNTERS, SimNode, XidEvent
-from agent.sim.profiles import GpuProfile
+from fleetwatch.sim.node import NVLINK_COUNTERS, SimNode, XidEvent
+from fleetwatch.sim.profiles import GpuProfile
 
 # What the captures print: "DRIVER version : 590.48.01", "CUDA Version : 13.1"; NVML encodes the
 # CUDA version as 1000 * major + 10 * minor.

@@ -49,8 +49,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-from agent.sim.fake_nvml import make_fake_nvml
-from agent.sim.node import (
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import (
     HUNG,
     IDLE,
     IDLE_ACTIVITY,
@@ -62,10 +62,10 @@ from agent.sim.node import (
     compute_factor,
     synchronous_job_activity,
 )
-from agent.sim.profiles import profile_for
-from agent.sim.scenario import FAULT_KINDS, Fault
-from agent.sources.nvml import NvmlSource
-from detectors.model import Event, GpuSample, HostSample, IbSample, Step
+from fleetwatch.sim.profiles import profile_for
+from fleetwatch.sim.scenario import FAULT_KINDS, Fault
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 
 Record = GpuSample | HostSample | IbSample | Event | Step
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from detectors.model import Detector, Finding
-from detectors.replay import Episode, replay_episodes
+from fleetwatch.records import Finding
+from fleetwatch.detectors.model import Detector
+from fleetwatch.detectors.replay import Episode, replay_episodes
 
 SECONDS_PER_DAY = 86400.0
 # Open times are data times on a grid (start + k * interval): float noise must not move a finding
@@ -440,7 +441,7 @@ def evaluate_scenario(
     A scenario the simulator rejects, or cannot run, raises ScenarioError naming `path` (or the
     scenario's name): a healthy scenario that never ran must not pass as one without alarms.
     """
-    from agent.sim.fleet import SimFleet  # imported late: the simulator is heavy and optional here
+    from fleetwatch.sim.fleet import SimFleet  # imported late: the simulator is heavy and optional here
 
     started = time.perf_counter()
     where = path if path is not None else (name or scenario.get("name", "<scenario>"))

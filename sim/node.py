@@ -32,8 +32,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from agent.sim.profiles import GpuProfile, profile_for
-from agent.sim.scenario import (
+from fleetwatch.sim.profiles import GpuProfile, profile_for
+from fleetwatch.sim.scenario import (
     DEFAULT_NVLINK_CRC_FLITS_PER_SECOND,
     DEFAULT_PCIE_REPLAYS_PER_SECOND,
     DEFAULT_SBE_PER_SECOND,

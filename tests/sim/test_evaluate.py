@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from collector.ctl import main
-from collector.evaluate import (
+from fleetwatch.ctl.main import main
+from fleetwatch.sim.evaluate import (
     Expectation,
     ScenarioError,
     evaluate_corpus,
@@ -18,9 +18,9 @@ from collector.evaluate import (
     score,
     summarize,
 )
-from detectors.model import Event, Finding, GpuSample
-from detectors.replay import Episode, replay_episodes
-from detectors.xid import XidDetector
+from fleetwatch.records import Event, Finding, GpuSample
+from fleetwatch.detectors.replay import Episode, replay_episodes
+from fleetwatch.detectors.xid import XidDetector
 
 START = 1_700_000_000.0
 
@@ -173,7 +173,7 @@ def test_replay_episodes_say_when_the_engine_opened_each_finding():
 
 
 def _result(name, healthy, matches=(), misses=(), false_alarms=(), node_days=1.0):
-    from collector.evaluate import ScenarioResult
+    from fleetwatch.sim.evaluate import ScenarioResult
 
     return ScenarioResult(
         scenario=name,
@@ -368,9 +368,9 @@ class FakeFleet:
 
 @pytest.fixture
 def fake_sim(monkeypatch):
-    module = types.ModuleType("agent.sim.fleet")
+    module = types.ModuleType("fleetwatch.sim.fleet")
     module.SimFleet = FakeFleet
-    monkeypatch.setitem(sys.modules, "agent.sim.fleet", module)
+    monkeypatch.setitem(sys.modules, "fleetwatch.sim.fleet", module)
     return module
 
 
@@ -458,7 +458,7 @@ def test_ctl_eval_names_a_bad_scenario_file(tmp_path, capsys):
 def test_ctl_eval_help():
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "collector.ctl", "eval", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "fleetwatch.ctl.main", "eval", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--corpus" in proc.stdout and "--jobs" in proc.stdout
 
 

@@ -11,10 +11,10 @@ from collections import defaultdict
 
 import pytest
 
-from agent.sim.fleet import DEFAULT_START, SimFleet
-from agent.sim.node import SimNode
-from agent.sim.scenario import Fault
-from detectors.model import Event, GpuSample, HostSample, IbSample, Step
+from fleetwatch.sim.fleet import DEFAULT_START, SimFleet
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.scenario import Fault
+from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 
 T0 = DEFAULT_START
 

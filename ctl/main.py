@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
-from collector.web import HEALTH_MARK
+from fleetwatch.collector.web import HEALTH_MARK
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9471"
 
@@ -80,16 +80,16 @@ def cmd_alerts(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from detectors.replay import ReplayError, read_records, replay
+    from fleetwatch.detectors.replay import ReplayError, read_records, replay
 
     path = args.replay or args.kmsg
     source = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")
     try:
         with source:
             if args.kmsg:
-                from agent.sources.kmsg import replay_events
-                from detectors.gpu_lost import GpuLostDetector
-                from detectors.xid import XidDetector
+                from fleetwatch.agent.sources.kmsg import replay_events
+                from fleetwatch.detectors.gpu_lost import GpuLostDetector
+                from fleetwatch.detectors.xid import XidDetector
 
                 # A kernel log has events only: sample-driven detectors (node_silent) would read
                 # the gaps between lines as a silent node.
@@ -105,14 +105,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from collector.demo import run_demo
+    from fleetwatch.sim.demo import run_demo
 
     summary = run_demo(duration_seconds=args.duration, nodes=args.nodes, gpus=args.gpus, json_output=args.json)
     return 0 if summary["alerts"] else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from collector.evaluate import ScenarioError, evaluate_corpus, format_report
+    from fleetwatch.sim.evaluate import ScenarioError, evaluate_corpus, format_report
 
     if args.jobs is not None and args.jobs < 1:
         raise CtlError(f"--jobs must be at least 1, got {args.jobs}")

@@ -3,7 +3,7 @@
 import socket
 from pathlib import Path
 
-from agent.systemd import notify, watchdog_interval_seconds
+from fleetwatch.systemd import notify, watchdog_interval_seconds
 
 
 def test_notify_sends_to_notify_socket(tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,1 @@
+"""Alembic migrations that own the collector schema (env.py, versions/)."""

@@ -1,0 +1,1 @@
+"""fleetwatchctl: the operator's command line (status, alerts, offline detection, demo, eval)."""

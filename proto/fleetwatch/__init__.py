@@ -1,1 +1,0 @@
-"""fleetwatch: the wire contract package (generated modules live in fleetwatch.v1)."""
