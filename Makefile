@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTO_SRC := proto/fleetwatch/v1/telemetry.proto
+# mypy reads an installed copy: the package-dir mapping (fleetwatch.agent in agent/) is invisible to it.
+TYPECHECK := build/typecheck
 
-.PHONY: demo test proto bench clean install
+.PHONY: demo test lint proto bench clean install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +20,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fleetwatchctl demo $(DEMO_ARGS)
 
-test: $(STAMP)
+# The suite, after the habits it keeps: lint and format, types, and (in the suite) the layer contract.
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	rm -rf $(TYPECHECK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target $(TYPECHECK) .
+	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml
 
 # Regenerates the committed gRPC modules with the grpcio-tools pinned in pyproject's test extra.
 proto: $(STAMP)

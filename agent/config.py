@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetwatch.configfile import non_negative, one_of, positive, setting
+from fleetwatch.stepreport import DEFAULT_SOCKET
+from fleetwatch.systemd import LOG_LEVELS
 
 DEFAULT_PATH = "/etc/fleetwatch/agent.toml"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class AgentConfig:
     sysfs_root: str = setting("/sys", "where sysfs is mounted: InfiniBand ports are read under it")
     kmsg_path: str = setting("/dev/kmsg", "kernel log to read XIDs from (empty: off)")
     step_socket: str = setting(
-        "/run/fleetwatch/steps.sock", "Unix datagram socket training jobs send step times to (empty: off)"
+        DEFAULT_SOCKET, "Unix datagram socket training jobs send step times to (empty: off)"
     )
     job_attribution: bool = setting(True, "name the Slurm job / Kubernetes pod and rank of each GPU's processes")
     metrics_listen: str = setting("0.0.0.0:9472", "address of the agent's own Prometheus /metrics (empty: off)")

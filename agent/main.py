@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from fleetwatch import __version__
+from fleetwatch.addresses import join_host_port, parse_host_port
 from fleetwatch.agent.config import DEFAULT_PATH, AgentConfig
 from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
 from fleetwatch.agent.metrics import MetricsServer
@@ -130,11 +131,6 @@ def print_once(result: dict[str, Any]) -> None:
         print(f"  event: {event}")
 
 
-def listen_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -144,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
             for spec in config.sim_faults:
                 parse_fault(spec)
+        metrics_address: tuple[str, int] | None = None
         if config.metrics_listen:
-            listen_address(config.metrics_listen)
+            try:
+                metrics_address = parse_host_port(config.metrics_listen)
+            except ValueError as exc:
+                # Worded as load_config words the problems it finds.
+                raise ConfigError(f"metrics_listen: {exc} (got {config.metrics_listen!r})") from None
     except (ConfigError, ValueError) as exc:
         print(f"fleetwatch-agent: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -177,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("step reports off: cannot open %s: %s", config.step_socket, exc)
             steps = None
     metrics = None
-    if config.metrics_listen:
-        host_name, port = listen_address(config.metrics_listen)
+    if metrics_address is not None:
+        metrics_host, metrics_port = metrics_address
         try:
-            metrics = MetricsServer(sampler.state, host_name, port, dcgm_names=config.dcgm_names)
+            metrics = MetricsServer(sampler.state, metrics_host, metrics_port, dcgm_names=config.dcgm_names)
             metrics.start()
-            log.info("metrics on http://%s:%d/metrics", host_name, metrics.port)
+            log.info("metrics on http://%s/metrics", join_host_port(metrics_host, metrics.port))
         except OSError as exc:
             log.error("cannot serve /metrics on %s: %s", config.metrics_listen, exc)
             return 1

@@ -13,25 +13,20 @@ field the GPU does not support has no sample at all (never 0).
 
 from __future__ import annotations
 
-import gzip
-import html
-import logging
-import socket
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Iterator, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fleetwatch import __version__ as AGENT_VERSION
 from fleetwatch.agent.state import AgentState
-
-log = logging.getLogger(__name__)
+from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
 
 Kind = Literal["gauge", "counter", "bitmask", "state"]
 
@@ -185,18 +180,6 @@ IB_METRICS: tuple[FieldMetric, ...] = (
                 "Successful link error recoveries (saturates at 255)."),
 )
 
-# NVML's nvmlClocksEventReason* bits (nvml.h / pynvml), named after the constants.
-CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
-    (0x001, "gpu_idle"),                     # nvmlClocksEventReasonGpuIdle
-    (0x002, "applications_clocks_setting"),  # nvmlClocksEventReasonApplicationsClocksSetting
-    (0x004, "sw_power_cap"),                 # nvmlClocksEventReasonSwPowerCap
-    (0x008, "hw_slowdown"),                  # nvmlClocksEventReasonHwSlowdown
-    (0x010, "sync_boost"),                   # nvmlClocksEventReasonSyncBoost
-    (0x020, "sw_thermal_slowdown"),          # nvmlClocksEventReasonSwThermalSlowdown
-    (0x040, "hw_thermal_slowdown"),          # nvmlClocksEventReasonHwThermalSlowdown
-    (0x080, "hw_power_brake_slowdown"),      # nvmlClocksEventReasonHwPowerBrakeSlowdown
-    (0x100, "display_clock_setting"),        # nvmlClocksEventReasonDisplayClockSetting
-)
 
 _IB_ACTIVE = "ACTIVE"
 
@@ -241,7 +224,7 @@ class DcgmMetric:
     """One DCGM exporter series: `convert(*canonical values)` under DCGM's field name."""
 
     name: str
-    type: Literal["gauge", "counter"]
+    type: Literal["gauge", "counter"]  # dcgm-exporter's; its counters are exposed untyped, see _dcgm_families
     fields: tuple[str, ...]  # canonical GPU fields read; absent if any is absent
     convert: Callable[..., float | int]
     help: str
@@ -535,8 +518,11 @@ class AgentMetrics(Collector):
     def _dcgm_families(self, snap: _Snapshot) -> Iterator[Metric]:
         for spec in DCGM_METRICS:
             if spec.type == "counter":
-                # dcgm-exporter writes its counters without `_total`; see render_exposition().
-                family = Metric(spec.name, spec.help, "counter")
+                # dcgm-exporter's counters carry no `_total`, and dashboards query them by that bare
+                # name. prometheus_client writes a counter family only as `<name>_total` (the text
+                # format's TYPE line; OpenMetrics rejects a bare counter sample), so these are
+                # declared untyped: the same series and values, valid in both formats.
+                family = Metric(spec.name, spec.help, "unknown")
             else:
                 family = GaugeMetricFamily(spec.name, spec.help, labels=list(_DCGM_LABELS))
             for gpu in snap.gpus:
@@ -616,132 +602,34 @@ class AgentMetrics(Collector):
         yield build_info
 
 
-class _Families:
-    """A collector over given families, to render one family with generate_latest."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> list[Metric]:
-        return self._families
-
-
-def render_exposition(collector: Collector) -> bytes:
-    """The Prometheus text format (0.0.4) of everything `collector` yields.
-
-    As generate_latest(), except that a counter whose samples carry its bare name (the DCGM
-    exporter's DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, ...) keeps that name: generate_latest would
-    declare it as `<name>_total`, which is not the series dashboards query.
-    """
-    chunks: list[bytes] = []
-    for family in collector.collect():
-        if family.type == "counter" and any(s.name == family.name for s in family.samples):
-            untyped = Metric(family.name, family.documentation, "unknown")
-            untyped.samples = list(family.samples)
-            text = generate_latest(_Families([untyped]))
-            chunks.append(text.replace(
-                f"# TYPE {family.name} untyped\n".encode(), f"# TYPE {family.name} counter\n".encode(), 1))
-        else:
-            chunks.append(generate_latest(_Families([family])))
-    return b"".join(chunks)
-
-
-# ---- HTTP ---------------------------------------------------------------------------------------
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """GET /metrics (our registry only), GET / (a page linking it), 404 otherwise."""
-
-    registry: CollectorRegistry
-    node: str
-    server_version = "fleetwatch-agent"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            self._metrics()
-        elif path == "/":
-            page = (
-                "<!DOCTYPE html>\n<html><head><title>fleetwatch agent</title></head><body>"
-                f"<h1>fleetwatch agent {html.escape(AGENT_VERSION)}</h1>"
-                f"<p>Node {html.escape(self.node)}.</p>"
-                '<p><a href="/metrics">Metrics</a></p></body></html>\n'
-            ).encode()
-            self._reply(200, "text/html; charset=utf-8", page)
-        else:
-            self._reply(404, "text/plain; charset=utf-8", b"Not found: try /metrics\n")
-
-    def _metrics(self) -> None:
-        try:
-            body = render_exposition(self.registry)
-        except Exception:
-            log.exception("building /metrics failed")
-            self._reply(500, "text/plain; charset=utf-8", b"building metrics failed; see the agent's log\n")
-            return
-        accept_encoding = self.headers.get("Accept-Encoding", "")
-        # Prometheus asks for gzip; 8 GPUs with DCGM names are ~100 kB of text.
-        if "gzip" in [part.split(";")[0].strip() for part in accept_encoding.split(",")]:
-            self._reply(200, CONTENT_TYPE_PLAIN_0_0_4, gzip.compress(body), encoding="gzip")
-        else:
-            self._reply(200, CONTENT_TYPE_PLAIN_0_0_4, body)
-
-    def _reply(self, status: int, content_type: str, body: bytes, encoding: str | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        if encoding:
-            self.send_header("Content-Encoding", encoding)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
-        # Every scrape would otherwise write a line to stderr (journald).
-        log.debug("%s %s", self.address_string(), format % args)
-
-
 class MetricsServer:
-    """The agent's /metrics on host:port, served from a daemon thread (port 0 picks a free one)."""
+    """The agent's /metrics on host:port from prometheus_client's own HTTP server (port 0 picks a free one).
 
-    # serve_forever() notices stop() only between polls; 0.1 s keeps stop() quick for ten idle
-    # wake-ups a second, where http.server's default 0.5 s would hold every stop for that long.
-    POLL_INTERVAL_SECONDS = 0.1
+    prometheus_client serves the registry on every path, gzip-compressed when the scraper accepts
+    it, in the text or the OpenMetrics format as its Accept header asks, over IPv4 or IPv6 as the
+    host resolves.
+    """
 
     def __init__(self, state: AgentState, host: str, port: int, *, dcgm_names: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentMetrics(state, dcgm_names=dcgm_names))
-        handler = type("AgentMetricsHandler", (_Handler,), {"registry": self.registry, "node": state.node})
-        server_class = _Server6 if ":" in host else _Server
-        # Bound here, so a port in use fails at start-up and `port` is known before start().
-        self._server = server_class((host, port), handler)
-        self.port: int = self._server.server_address[1]
+        self.host = host
+        self.port = port  # the bound port once start() returned
+        self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-        self._closed = False
 
     def start(self) -> None:
-        if self._thread is not None or self._closed:
+        """Binds and serves from a daemon thread; OSError when the address cannot be used."""
+        if self._server is not None:
             return
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": self.POLL_INTERVAL_SECONDS},
-            name="fleetwatch-metrics",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        self.port = self._server.server_port
 
     def stop(self) -> None:
-        if self._closed:
+        if self._server is None or self._thread is None:
             return
-        self._closed = True
-        if self._thread is not None:
-            # shutdown() waits for serve_forever() to return, so only call it when that runs.
-            self._server.shutdown()
-            self._thread.join()
+        # shutdown() returns once serve_forever() noticed it (it polls every 0.5 s).
+        self._server.shutdown()
         self._server.server_close()
+        self._thread.join()
+        self._server = self._thread = None

@@ -19,6 +19,7 @@ import grpc
 
 from fleetwatch import __version__
 from fleetwatch.asyncwait import wait_any
+from fleetwatch.backoff import backoff_seconds
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.sampler import Cycle, Sampler
 from fleetwatch.agent.sources.kmsg import KmsgSource
@@ -32,12 +33,6 @@ log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/fleetwatch.v1.Telemetry/Stream"
 WELCOME_TIMEOUT_SECONDS = 10.0
-
-
-def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: a fleet of agents must not reconnect in lockstep."""
-    ceiling = min(maximum, minimum * (2**attempt))
-    return rng.uniform(ceiling / 2, ceiling)
 
 
 def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:

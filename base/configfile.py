@@ -3,7 +3,9 @@
 Each daemon declares one frozen dataclass whose fields carry their help text and checks in
 `setting(...)`. `load_config` builds it from every source and names the key (and where it came
 from) in every error, so a typo in /etc/fleetwatch/agent.toml stops the daemon at start with a
-message that says which line to fix instead of running with a silent default.
+message that says which line to fix instead of running with a silent default. Passwords and
+tokens are `Secret` fields: every message, log line and --help text shows them redacted, and a
+`<key>_file` setting (`setting(file_for=...)`) can read them from a file instead.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 ENV_PREFIX = "FLEETWATCH_"
+# What a secret with no safe part to show prints as.
+MASK = "********"
 
 T = TypeVar("T")
 
@@ -26,15 +31,72 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid; the message names the key."""
 
 
+class Secret:
+    """A string setting that must never be printed: str() and repr() give only its redacted form.
+
+    The value is not a str on purpose, so that it cannot slip into a log line or an f-string
+    unnoticed; `reveal()` hands it out where it is used (the database engine, the HTTP request).
+    Subclasses choose what may be shown by overriding `redact`.
+    """
+
+    __slots__ = ("_redacted", "_value")
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+        # Computed once, so that a redactor is never run again where an exception would hide the log line.
+        self._redacted = self.redact(value)
+
+    @staticmethod
+    def redact(value: str) -> str:
+        """The form of `value` fit for logs, error messages and API answers."""
+        return MASK
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __str__(self) -> str:
+        return self._redacted
+
+    def __repr__(self) -> str:
+        return repr(self._redacted)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def url_origin(url: str) -> str:
+    """`scheme://host[:port]/...`: the URL without its userinfo, path, query and fragment (where tokens live)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return MASK
+    if not parts.scheme or not host:
+        return MASK
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{'' if port is None else f':{port}'}/..."
+
+
 def setting(
     default: Any,
     help: str,
     *,
     check: Callable[[Any], str | None] | None = None,
     flag: bool = True,
+    file_for: str | None = None,
 ) -> Any:
-    """A config field: `check(value)` returns an error text or None. `flag=False` keeps it file/env only."""
-    metadata = {"help": help, "check": check, "flag": flag}
+    """A config field: `check(value)` returns an error text or None. `flag=False` keeps it file/env only.
+
+    `file_for="key"` makes this field the path of a file that holds `key`'s value, read at load
+    (secrets kept out of the TOML file, the environment and the process list). A str key takes the
+    file's content without surrounding whitespace; a list key takes one item per line, blank lines
+    and # comments ignored. Setting both the key and its file is an error.
+    """
+    metadata = {"help": help, "check": check, "flag": flag, "file_for": file_for}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -68,9 +130,47 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _secret_type(tp: Any) -> type[Secret] | None:
+    """The Secret subclass a field holds, alone or as list items; None for other fields."""
+    base, _ = _base_type(tp)
+    if typing.get_origin(base) in (list, tuple):
+        base = (typing.get_args(base) or (str,))[0]
+    return base if isinstance(base, type) and issubclass(base, Secret) else None
+
+
+def _wrap(tp: Any, value: Any) -> Any:
+    """`value` with the plain strings of a secret field wrapped (defaults, directly built configs)."""
+    secret = _secret_type(tp)
+    if secret is None:
+        return value
+    if isinstance(value, str):
+        return secret(value)
+    if isinstance(value, (list, tuple)):
+        return [secret(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
+def wrap_secrets(config: Any) -> None:
+    """For a config dataclass's __post_init__: code that builds it with plain strings still gets Secrets."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        wrapped = _wrap(hints[f.name], value)
+        if wrapped is not value:
+            object.__setattr__(config, f.name, wrapped)
+
+
+def _shown(value: Any, secret: type[Secret] | None) -> str:
+    """`value` as an error message may quote it: a secret's redacted form, or only its type."""
+    if secret is None:
+        return repr(value)
+    return repr(secret.redact(value)) if isinstance(value, str) else f"{type(value).__name__} (value not shown)"
+
+
 def _coerce(key: str, source: str, value: Any, tp: Any) -> Any:
     base, optional = _base_type(tp)
     where = f"{key} (from {source})"
+    secret = _secret_type(tp)
     if value is None or (optional and isinstance(value, str) and value == ""):
         if optional:
             return None
@@ -81,8 +181,12 @@ def _coerce(key: str, source: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_shown(value, secret)}")
         return [_coerce(key, source, v, item_type) for v in value]
+    if secret is not None:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {_shown(value, secret)}")
+        return secret(value)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -138,6 +242,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         base, _ = _base_type(f.type)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _wrap(f.type, default)
         env = ENV_PREFIX + name.upper()
         help_text = f"{f.metadata['help']} [default: {default!r}; env {env}]"
         option = "--" + name.replace("_", "-")
@@ -158,6 +263,8 @@ def load_config(
     """Build `cls` from defaults, the TOML file at `path`, FLEETWATCH_* variables and flags."""
     fields = _fields(cls)
     values: dict[str, Any] = {}
+    # Where each key was set, for the errors that name two keys.
+    given: dict[str, str] = {}
 
     if path is not None:
         file = Path(path)
@@ -171,6 +278,7 @@ def load_config(
                     known = ", ".join(sorted(fields))
                     raise ConfigError(f"{file}: unknown key {key!r} (known keys: {known})")
                 values[key] = _coerce(key, str(file), value, fields[key].type)
+                given[key] = str(file)
         elif require_file:
             raise ConfigError(f"{file}: configuration file not found")
 
@@ -180,12 +288,23 @@ def load_config(
             name = key[len(ENV_PREFIX) :].lower()
             if name in fields:
                 values[name] = _coerce(name, f"environment {key}", raw, fields[name].type)
+                given[name] = f"environment {key}"
 
     if isinstance(flags, argparse.Namespace):
         flags = vars(flags)
     for name, raw in (flags or {}).items():
         if name in fields and raw is not None:
-            values[name] = _coerce(name, "--" + name.replace("_", "-"), raw, fields[name].type)
+            given[name] = "--" + name.replace("_", "-")
+            values[name] = _coerce(name, given[name], raw, fields[name].type)
+
+    for name, f in fields.items():
+        target = f.metadata.get("file_for")
+        if target is not None and values.get(name):
+            if target in given:
+                raise ConfigError(
+                    f"{target} (from {given[target]}) and {name} (from {given[name]}) are both set; set only one"
+                )
+            values[target] = _read_setting_file(name, given[name], values[name], target, fields[target].type)
 
     config = cls(**values)
     for name, f in fields.items():
@@ -198,6 +317,26 @@ def load_config(
     return config
 
 
+def _read_setting_file(name: str, source: str, path: str, target: str, tp: Any) -> Any:
+    """`target`'s value from the file at `path`, named by setting `name`; errors name the key and the path."""
+    where = f"{name} (from {source})"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: {path} is not UTF-8 text") from None
+    base, _ = _base_type(tp)
+    value: Any
+    if typing.get_origin(base) in (list, tuple):
+        value = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    else:
+        value = text.strip()
+        if not value:
+            raise ConfigError(f"{where}: {path} is empty")
+    return _coerce(target, f"{path}, named by {name}", value, tp)
+
+
 def describe(config: Any) -> dict[str, Any]:
-    """The effective settings, for the start-up log line."""
-    return dataclasses.asdict(config)
+    """The effective settings, for the start-up log line; Secret values print redacted."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

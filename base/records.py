@@ -6,12 +6,15 @@ them; they live here, under every layer, so none of those depends on another for
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")
+# Hex digits of SHA-256 kept in Finding.fingerprint: 64 bits, so a collision within a fleet is negligible.
+FINGERPRINT_HEX_DIGITS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +111,21 @@ class Finding:
 
     @property
     def fingerprint(self) -> str:
-        parts = (self.detector, self.node, self.gpu, self.job, self.rank, self.key)
-        return "|".join("" if p is None else str(p) for p in parts)
+        """Which alert this finding is: 16 hex digits of a hash of detector, node, gpu, job, rank, key.
+
+        Opaque, like Alertmanager's; hashing a JSON array keeps names containing any character apart.
+        The collector stores it: a change needs a migration that recomputes stored alerts' (as 0002).
+        """
+        parts = [
+            self.detector,
+            self.node,
+            None if self.gpu is None else int(self.gpu),
+            self.job,
+            None if self.rank is None else int(self.rank),
+            self.key,
+        ]
+        digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode())
+        return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
 
     def to_dict(self) -> dict[str, Any]:
         """The DESIGN.md findings shape (one JSON object a line)."""

@@ -3,7 +3,7 @@
 Standard library only, so a training image can vendor this one file. Each report is one small
 JSON datagram sent without blocking to the agent's Unix datagram socket; with no agent listening
 (or a busy one) the report is dropped and counted, never raised, never waited for.
-See agent/STEP_REPORTS.md for how a training loop uses it.
+See docs/step-reports.md for how a training loop uses it.
 """
 
 from __future__ import annotations

@@ -38,6 +38,10 @@ def watchdog_interval_seconds() -> float | None:
         return None
 
 
+# The --log-level choices both daemons accept.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def setup_logging(level: str) -> None:
     """journald adds its own timestamps; elsewhere we print ours."""
     fmt = "%(levelname)s %(name)s: %(message)s"

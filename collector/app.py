@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import grpc
 
+from fleetwatch.addresses import parse_host_port
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
@@ -19,6 +20,7 @@ from fleetwatch.collector.storage.store import IngestBatch, Store
 from fleetwatch.collector.web import WebServer
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.detectors.model import Detector
 from fleetwatch.records import IbSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
@@ -36,22 +38,26 @@ def ib_sample(node: str, port: dict) -> IbSample:
     return IbSample(t=port["t"], node=node, device=port["device"], port=int(port["port"]), metrics=metrics)
 
 
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class CollectorApp:
-    def __init__(self, config: CollectorConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: CollectorConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        detectors: Sequence[Detector] | None = None,
+    ) -> None:
+        """`detectors` replaces the registered ones (default_detectors()), e.g. for a test detector."""
         self.config = config
         self.clock = clock
-        self.store = Store(config.database_url)
-        detectors = default_detectors()
+        self.store = Store(config.database_url.reveal())
+        detectors = default_detectors() if detectors is None else list(detectors)
         self.recent = RecentData.for_detectors(detectors)
         self.tracker = Tracker(detectors)
         self.stats = IngestStats()
         self.writer = IngestWriter(self.store, self._on_stored, config.ingest_max_batches_per_commit)
-        self.targets = (["log"] if config.log_alerts else []) + [f"webhook:{url}" for url in config.webhook_urls]
+        # Outbox rows keep the whole URL (the database is trusted); logs show notify.target_for_log.
+        webhooks = [f"webhook:{url.reveal()}" for url in config.webhook_urls]
+        self.targets = (["log"] if config.log_alerts else []) + webhooks
         self.outbox = Outbox(
             self.store,
             max_attempts=config.delivery_max_attempts,
@@ -112,7 +118,7 @@ class CollectorApp:
 
     def _warm_start(self) -> None:
         """Reload what detection needs after a restart: firing alerts and the recent window."""
-        self.store.create_schema()
+        self.store.migrate()
         self.tracker.restore(finding_from_alert(a) for a in self.store.firing_alerts())
         since = self.clock() - self.recent.retention_seconds
         for node in self.store.nodes():
@@ -154,10 +160,9 @@ class CollectorApp:
         except RuntimeError as exc:
             raise OSError(f"cannot listen for agents on {self.config.grpc_listen}: {exc}") from None
         await self._server.start()
-        host, port = split_address(self.config.http_listen)
-        self._web = WebServer(self, host, port)
-        self.http_port = self._web.port
-        self._web.start()
+        host, port = parse_host_port(self.config.http_listen)
+        self._web = WebServer(self)
+        self.http_port = await self._web.start(host, port)
         self._tasks = [
             asyncio.create_task(self.detection.run(self._stop), name="detection"),
             asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
@@ -199,5 +204,5 @@ class CollectorApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._web is not None:
-            self._web.stop()
+            await self._web.stop()
         self.store.close()

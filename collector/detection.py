@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 
 def finding_from_alert(alert: dict) -> Finding:
     """A firing alert reloaded after a restart, so the tracker neither re-opens nor forgets it."""
-    key = alert["fingerprint"].split("|", 5)[5] if alert["fingerprint"].count("|") >= 5 else ""
     return Finding(
         detector=alert["detector"],
         severity=alert["severity"],
@@ -30,7 +29,7 @@ def finding_from_alert(alert: dict) -> Finding:
         job=alert["job"],
         rank=alert["rank"],
         evidence=alert.get("evidence") or {},
-        key=key,
+        key=alert["key"],
     )
 
 

@@ -12,19 +12,40 @@ from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_con
 from fleetwatch.systemd import notify, setup_logging
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import DEFAULT_PATH, CollectorConfig
-from fleetwatch.collector.storage.store import StoreError
+from fleetwatch.collector.storage.store import Store, StoreError
 
 log = logging.getLogger("fleetwatch.collector")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return daemon_parser(
+    parser = daemon_parser(
         "fleetwatch-collector",
         "Receives agent streams over gRPC, stores them (SQLite by default, PostgreSQL by URL), runs the "
         "detectors, raises alerts to the log and webhooks, and serves /metrics and a JSON API.",
         CollectorConfig,
         DEFAULT_PATH,
     )
+    parser.add_argument(
+        "--migrate-only",
+        action="store_true",
+        help="upgrade the database schema at database_url to this version's and exit (no servers); "
+        "a normal start does this first too",
+    )
+    return parser
+
+
+def migrate_only(config: CollectorConfig) -> int:
+    """`--migrate-only`: the schema upgrade of a start, alone (e.g. before a fleet of collectors)."""
+    try:
+        store = Store(config.database_url.reveal())
+        try:
+            store.migrate()
+        finally:
+            store.close()
+    except StoreError as exc:
+        log.error("migration failed: %s", exc)
+        return 1
+    return 0
 
 
 async def serve(config: CollectorConfig) -> None:
@@ -51,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fleetwatch-collector: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level)
+    # Store.migrate logs in one line what Alembic's INFO lines (plugins, context, steps) spell out.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.migrate_only:
+        return migrate_only(config)
     log.info("starting with %s", describe(config))
     try:
         asyncio.run(serve(config))

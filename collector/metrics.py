@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 
 
 class CollectorMetrics(Collector):
+    """collect() reads detection state that only the event loop changes: call it there, as /metrics does."""
+
     def __init__(self, app: "CollectorApp") -> None:
         self.app = app
 

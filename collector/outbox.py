@@ -13,7 +13,8 @@ import time
 from typing import Callable
 
 from fleetwatch.asyncwait import wait_any
-from fleetwatch.collector.notify import NotifyError, notifier_for
+from fleetwatch.backoff import backoff_seconds
+from fleetwatch.collector.notify import NotifyError, notifier_for, target_for_log
 from fleetwatch.collector.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,16 +55,19 @@ class Outbox:
         try:
             notifier_for(delivery["target"], timeout_seconds=self.timeout_seconds).send(delivery, delivery["transition"])
         except NotifyError as exc:
+            # The stored target holds the whole URL; logs get its redacted form, and the notifier's
+            # message (logged and stored as last_error) is redacted by the notifier.
+            target = target_for_log(delivery["target"])
             attempts = delivery["attempts"] + 1
             if attempts >= self.max_attempts:
                 self.failed += 1
-                log.error("giving up on %s after %d attempts: %s", delivery["target"], attempts, exc)
+                log.error("giving up on %s after %d attempts: %s", target, attempts, exc)
                 self.store.mark_failed(delivery["id"], str(exc))
                 return
-            ceiling = min(self.backoff_max_seconds, self.backoff_min_seconds * 2 ** (attempts - 1))
-            delay = self._rng.uniform(ceiling / 2, ceiling)
+            # attempts counts the failed sends, so the first retry (backoff's retry 0) follows 1.
+            delay = backoff_seconds(attempts - 1, self.backoff_min_seconds, self.backoff_max_seconds, self._rng)
             self.retried += 1
-            log.warning("delivery to %s failed (%s); retry %d in %.1f s", delivery["target"], exc, attempts, delay)
+            log.warning("delivery to %s failed (%s); retry %d in %.1f s", target, exc, attempts, delay)
             self.store.mark_retry(delivery["id"], str(exc), now + delay)
             return
         self.sent += 1

@@ -1,17 +1,21 @@
-"""The collector's HTTP endpoint: /metrics for Prometheus, /healthz, and the JSON API fleetwatchctl reads."""
+"""The collector's HTTP endpoint on its own event loop: /metrics, /healthz and the JSON API fleetwatchctl reads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from fleetwatch.collector.metrics import CollectorMetrics
+from fleetwatch.collector.storage.store import Store
 
 if TYPE_CHECKING:
     from fleetwatch.collector.app import CollectorApp
@@ -21,25 +25,60 @@ log = logging.getLogger(__name__)
 SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 # One character per GPU in status tables.
 HEALTH_MARK = {"ok": ".", "info": "i", "warning": "W", "critical": "C"}
+ALERT_STATUSES = ("firing", "resolved", "all")
+DEFAULT_ALERTS_LIMIT = 200
+ROUTES_HINT = "try /metrics, /healthz, /api/v1/status, /api/v1/alerts"
+# How long stop() lets requests in progress (a status query in its worker thread) finish.
+SHUTDOWN_TIMEOUT_SECONDS = 2.0
 
 
-def fleet_status(app: "CollectorApp") -> dict[str, Any]:
-    """Nodes and GPUs with the worst firing alert on each as their health."""
-    store = app.store
-    alerts = [f.to_dict() for f in app.tracker.open.values()]
-    links = app.stats.links
-    nodes_out = []
+@dataclass(frozen=True)
+class FiringAlert:
+    node: str | None
+    gpu: int | None
+    detector: str
+    severity: str
+
+
+@dataclass(frozen=True)
+class AgentLink:
+    connected: bool
+    last_received_at: float | None
+
+
+@dataclass(frozen=True)
+class DetectionSnapshot:
+    """Firing findings and agent links, copied on the event loop for use in another thread."""
+
+    alerts: tuple[FiringAlert, ...]
+    links: Mapping[str, AgentLink]
+
+    @classmethod
+    def take(cls, app: CollectorApp) -> DetectionSnapshot:
+        """Call on the event loop: the one place that changes tracker.open and stats.links."""
+        return cls(
+            alerts=tuple(FiringAlert(f.node, f.gpu, f.detector, f.severity) for f in app.tracker.open.values()),
+            links={name: AgentLink(link.connected, link.last_received_at) for name, link in app.stats.links.items()},
+        )
+
+
+def _worst(alerts: list[FiringAlert]) -> str:
+    return max((a.severity for a in alerts), key=SEVERITY_RANK.__getitem__, default="ok")
+
+
+def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
+    """Nodes and GPUs from the database with the worst firing alert on each as their health (blocking)."""
     gpus_by_node: dict[str, list[dict]] = {}
     for gpu in store.gpus():
         gpus_by_node.setdefault(gpu["node"], []).append(gpu)
     latest = store.latest_gpu_samples()
+    nodes_out = []
     for node in store.nodes():
         name = node["node"]
-        node_alerts = [a for a in alerts if a["node"] == name]
+        node_alerts = [a for a in snapshot.alerts if a.node == name]
         gpus_out = []
         for gpu in sorted(gpus_by_node.get(name, []), key=lambda g: g["gpu"]):
-            gpu_alerts = [a for a in node_alerts if a["gpu"] == gpu["gpu"]]
-            health = max((a["severity"] for a in gpu_alerts), key=SEVERITY_RANK.__getitem__, default="ok")
+            gpu_alerts = [a for a in node_alerts if a.gpu == gpu["gpu"]]
             sample = latest.get((name, gpu["gpu"]))
             gpus_out.append(
                 {
@@ -47,13 +86,12 @@ def fleet_status(app: "CollectorApp") -> dict[str, Any]:
                     "uuid": gpu.get("uuid"),
                     "name": gpu.get("name"),
                     "pci_bus_id": gpu.get("pci_bus_id"),
-                    "health": health,
-                    "alerts": [a["detector"] for a in gpu_alerts],
+                    "health": _worst(gpu_alerts),
+                    "alerts": [a.detector for a in gpu_alerts],
                     "metrics": dict(sample.metrics) if sample is not None else {},
                 }
             )
-        health = max((a["severity"] for a in node_alerts), key=SEVERITY_RANK.__getitem__, default="ok")
-        link = links.get(name)
+        link = snapshot.links.get(name)
         nodes_out.append(
             {
                 "node": name,
@@ -61,74 +99,102 @@ def fleet_status(app: "CollectorApp") -> dict[str, Any]:
                 "boot_id": node.get("boot_id"),
                 "agent_version": node.get("agent_version"),
                 "last_seen": (link.last_received_at if link else None) or node.get("last_seen"),
-                "health": health,
+                "health": _worst(node_alerts),
                 "gpus": gpus_out,
             }
         )
-    return {"nodes": nodes_out, "alerts_firing": len(alerts)}
+    return {"nodes": nodes_out, "alerts_firing": len(snapshot.alerts)}
 
 
-def make_handler(app: "CollectorApp", registry: CollectorRegistry) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "fleetwatch-collector"
+async def fleet_status(app: CollectorApp) -> dict[str, Any]:
+    """/api/v1/status: the detection state copied on the loop, the database read in a worker thread."""
+    return await asyncio.to_thread(build_status, app.store, DetectionSnapshot.take(app))
 
-        def log_message(self, format: str, *args: Any) -> None:  # route to logging, quietly
-            log.debug("%s %s", self.address_string(), format % args)
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+def _json(payload: Any, status: int = 200) -> web.Response:
+    # Bytes, so the type stays plain application/json (text= would add a charset parameter).
+    return web.Response(body=json.dumps(payload).encode(), status=status, content_type="application/json")
 
-        def _json(self, status: int, payload: Any) -> None:
-            self._send(status, json.dumps(payload).encode(), "application/json")
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(url.query)
-            try:
-                if url.path == "/metrics":
-                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif url.path == "/healthz":
-                    self._json(200, {"ok": True, "agents_connected": app.stats.agents_connected})
-                elif url.path == "/api/v1/status":
-                    self._json(200, fleet_status(app))
-                elif url.path == "/api/v1/alerts":
-                    status = query.get("status", ["firing"])[0]
-                    if status not in ("firing", "resolved", "all"):
-                        self._json(400, {"error": "status must be firing, resolved or all"})
-                        return
-                    limit = int(query.get("limit", ["200"])[0])
-                    rows = app.store.alerts(status=None if status == "all" else status, limit=limit)
-                    self._json(200, {"alerts": rows})
-                else:
-                    self._json(404, {"error": f"no such path {url.path}; try /metrics, /healthz, /api/v1/status, /api/v1/alerts"})
-            except ValueError as exc:
-                self._json(400, {"error": str(exc)})
-            except Exception as exc:  # a failing query must not take the endpoint down
-                log.exception("HTTP %s failed", url.path)
-                self._json(503, {"error": f"collector could not answer: {exc}"})
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown paths, bad parameters and failing queries as JSON errors, as the API documents."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return _json({"error": f"no such path {request.path}; {ROUTES_HINT}"}, 404)
+    except web.HTTPException:
+        raise
+    except ValueError as exc:
+        return _json({"error": str(exc)}, 400)
+    except Exception as exc:  # a failing query must not take the endpoint down
+        log.exception("HTTP %s failed", request.path)
+        return _json({"error": f"collector could not answer: {exc}"}, 503)
 
-    return Handler
+
+class _Handlers:
+    """The routes' handlers, all run on the event loop.
+
+    Detection state (tracker.open, stats.links) is changed only by code on the event loop, so the
+    handlers read it there, without awaiting in between, and hand only a copy of it and the store
+    to a worker thread for the blocking database reads.
+    """
+
+    def __init__(self, app: CollectorApp) -> None:
+        self.app = app
+        self.registry = CollectorRegistry()
+        self.registry.register(CollectorMetrics(app))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # Rendered here on the loop: CollectorMetrics reads live detection state.
+        encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+        response = web.Response(body=encoder(self.registry), headers={hdrs.CONTENT_TYPE: content_type})
+        # Prometheus asks for gzip; with a few hundred nodes the text is hundreds of kB.
+        response.enable_compression()
+        return response
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"ok": True, "agents_connected": self.app.stats.agents_connected})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return _json(await fleet_status(self.app))
+
+    async def alerts(self, request: web.Request) -> web.Response:
+        # An empty value means the default, as it did with urllib's parse_qs.
+        status = request.query.get("status") or "firing"
+        if status not in ALERT_STATUSES:
+            return _json({"error": "status must be firing, resolved or all"}, 400)
+        limit = int(request.query.get("limit") or DEFAULT_ALERTS_LIMIT)
+        rows = await asyncio.to_thread(self.app.store.alerts, status=None if status == "all" else status, limit=limit)
+        return _json({"alerts": rows})
+
+
+def build_web_app(app: CollectorApp) -> web.Application:
+    handlers = _Handlers(app)
+    web_app = web.Application(middlewares=[_json_errors])
+    web_app.router.add_get("/metrics", handlers.metrics)
+    web_app.router.add_get("/healthz", handlers.healthz)
+    web_app.router.add_get("/api/v1/status", handlers.status)
+    web_app.router.add_get("/api/v1/alerts", handlers.alerts)
+    return web_app
 
 
 class WebServer:
-    def __init__(self, app: "CollectorApp", host: str, port: int) -> None:
-        registry = CollectorRegistry()
-        registry.register(CollectorMetrics(app))
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(app, registry))
-        self.httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.5}, name="http", daemon=True)
+    """The collector's HTTP side, served by aiohttp from the collector's event loop."""
 
-    @property
-    def port(self) -> int:
-        return self.httpd.server_address[1]
+    def __init__(self, app: CollectorApp) -> None:
+        # No access log: every scrape would write a line to the journal.
+        self._runner = web.AppRunner(build_web_app(app), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
 
-    def start(self) -> None:
-        self._thread.start()
+    async def start(self, host: str, port: int) -> int:
+        """Listens on host:port and returns the bound port (port 0 picks a free one)."""
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, host, port).start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        return int(self._runner.addresses[0][1])
 
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    async def stop(self) -> None:
+        await self._runner.cleanup()

@@ -26,34 +26,17 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 from fleetwatch.detectors.counters import float_reading
-from fleetwatch.records import Finding, GpuSample
 from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN
+from fleetwatch.records import Finding, GpuSample
 
-# nvmlClocksEventReasonHwSlowdown / HwThermalSlowdown / HwPowerBrakeSlowdown (nvml.h).
-HW_SLOWDOWN = 0x08
-HW_THERMAL_SLOWDOWN = 0x40
-HW_POWER_BRAKE_SLOWDOWN = 0x80
+# HW slowdown with either cause bit is the thermal or the power detector's finding, not ours.
 EXPLAINED_ELSEWHERE = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN
 
 
 @dataclass(frozen=True, slots=True)
 class ClocksThresholds(SustainedThresholds):
-    # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
-    clear_samples: int = 5
-    # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
-    recent_seconds: float = 20.0
-    # fraction of the fast window's samples; 0.8 forgives one caught mid-transition (our choice)
-    recent_fraction: float = 0.8
-    # s; first to newest slowed sample of the fast window: spikes under 10 s never fire (our choice)
-    recent_min_seconds: float = 10.0
-    # s; gpud hw-slowdown DefaultStateHWSlowdownEvaluationWindow (10 min) for intermittent slowdown
-    long_seconds: float = 600.0
-    # s; gpud counts the minutes of the window that saw a slowdown event (hw-slowdown component.go)
-    long_bucket_seconds: float = 60.0
-    # minutes; gpud DefaultStateHWSlowdownEventsThresholdFrequencyPerMinute 0.6 x 10 min = 6
-    long_min_buckets: int = 6
-    # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as thermal)
-    max_sample_age_seconds: float = 30.0
+    """The shared sustained rule's defaults (detectors.model)."""
 
 
 def _reasons(sample: GpuSample) -> int | None:

@@ -38,7 +38,7 @@ from fleetwatch.detectors.counters import (
     node_boot_seen_at,
 )
 from fleetwatch.records import Finding, GpuSample
-from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.model import Window, fmt_count
 
 DBE = "ecc_dbe_volatile_total"
 SBE = "ecc_sbe_volatile_total"
@@ -69,10 +69,6 @@ class EccThresholds:
             raise ValueError("sbe_window_seconds and max_sample_age_seconds must be positive")
         if self.sbe_hold_seconds < 0:
             raise ValueError("sbe_hold_seconds must not be negative")
-
-
-def _plural(count: float, noun: str) -> str:
-    return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
 
 
 @dataclass(slots=True)
@@ -133,10 +129,10 @@ class EccDetector:
         if baseline is not None:
             new = total - baseline
             evidence["new_dbe"] = new
-            what = f"{_plural(new, 'new double-bit ECC error')} (volatile total {total:g})"
+            what = f"{fmt_count(new, 'new double-bit ECC error')} (volatile total {total:g})"
         else:
             what = (
-                f"{_plural(total, 'double-bit ECC error')} since the driver loaded "
+                f"{fmt_count(total, 'double-bit ECC error')} since the driver loaded "
                 f"(volatile total {total:g})"
             )
         return Finding(
@@ -175,7 +171,7 @@ class EccDetector:
             severity="warning",
             action="inspect_hardware",
             summary=(
-                f"GPU {gpu} on {node}: {_plural(new, 'single-bit ECC error')} in the last "
+                f"GPU {gpu} on {node}: {fmt_count(new, 'single-bit ECC error')} in the last "
                 f"{seconds:g} s "
                 f"(limit {t.sbe_per_window} in {t.sbe_window_seconds:g} s)"
             ),

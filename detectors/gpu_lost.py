@@ -25,11 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fleetwatch.detectors.model import Window, fmt_number, held_episode, sampling_interval_seconds
 from fleetwatch.records import Event, Finding
-from fleetwatch.detectors.model import NodeState, Window, fmt_number, held_episode
 
-# Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
-FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
 # XID 79: GPU has fallen off the bus (detectors/xid_catalog.csv); the xid detector reports it.
 XID_FALLEN_OFF_THE_BUS = 79
 
@@ -50,13 +48,6 @@ class GpuLostThresholds:
             raise ValueError("missing_intervals must be positive, min_missing_seconds not negative")
         if self.hold_limit_seconds <= 0 or self.xid_grace_seconds < 0:
             raise ValueError("hold_limit_seconds must be positive, xid_grace_seconds not negative")
-
-
-def _interval_seconds(state: NodeState | None) -> float:
-    interval = state.sampling_interval_seconds if state is not None else None
-    if not interval or interval <= 0:
-        return FALLBACK_SAMPLING_INTERVAL_SECONDS
-    return interval
 
 
 @dataclass(slots=True)
@@ -153,7 +144,7 @@ class GpuLostDetector:
                 continue  # one GPU alone going quiet is the node going quiet
             # A sample from a clock ahead of ours is reporting now, not in the future.
             last_seen = {gpu: min(t, now) for gpu, t in last_seen.items()}
-            interval = _interval_seconds(state)
+            interval = sampling_interval_seconds(state)
             limit = max(
                 self.thresholds.missing_intervals * interval, self.thresholds.min_missing_seconds
             )

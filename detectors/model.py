@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
 
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
@@ -14,6 +14,11 @@ from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, 
 def fmt_number(value: float) -> str:
     """A number for a finding's summary: at most one decimal, no trailing zeros (12, 3.5)."""
     return f"{round(value, 1):g}"
+
+
+def fmt_count(count: float, noun: str) -> str:
+    """A count and its noun for a finding's summary: "1 PCIe replay", "3 PCIe replays"."""
+    return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,19 @@ class NodeState:
     ib_last_active: Mapping[tuple[str, int], float] = field(
         default_factory=lambda: MappingProxyType({}), compare=False
     )
+
+
+# s; a node's interval where it is unknown or nonsensical (0 or negative): the agent's default
+# sampling_interval_seconds (agent/config.py).
+FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
+
+
+def sampling_interval_seconds(state: NodeState | None) -> float:
+    """The node's sampling interval, or FALLBACK_SAMPLING_INTERVAL_SECONDS where not known."""
+    interval_seconds = None if state is None else state.sampling_interval_seconds
+    if not interval_seconds or interval_seconds <= 0:
+        return FALLBACK_SAMPLING_INTERVAL_SECONDS
+    return interval_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,21 +235,29 @@ def sustained(
     )
 
 
+@dataclass(frozen=True, slots=True)
 class SustainedThresholds:
-    """Base of a detector's frozen thresholds dataclass for a `sustained` rule: checks the rule's
-    fields and applies the rule. The fields, with their defaults and sources, are declared by each
-    detector's own dataclass, next to the detector (thermal, power, clocks)."""
+    """The `sustained` rule's thresholds, with the defaults thermal, power and clocks share: checks
+    them and applies the rule. Each detector's thresholds dataclass derives from this one; a
+    detector that needs another value redeclares that field there, with its source."""
 
-    __slots__ = ()
-
-    clear_samples: int
-    recent_seconds: float
-    recent_fraction: float
-    recent_min_seconds: float
-    long_seconds: float
-    long_bucket_seconds: float
-    long_min_buckets: int
-    max_sample_age_seconds: float
+    # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
+    clear_samples: int = 5
+    # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
+    recent_seconds: float = 20.0
+    # fraction of the fast window's samples; 0.8 forgives one caught mid-transition (our choice)
+    recent_fraction: float = 0.8
+    # s; first to newest sample with the condition in the fast window: spikes under 10 s never
+    # fire (our choice)
+    recent_min_seconds: float = 10.0
+    # s; gpud hw-slowdown DefaultStateHWSlowdownEvaluationWindow (10 min) for intermittent slowdown
+    long_seconds: float = 600.0
+    # s; gpud counts the minutes of the window that saw a slowdown event (hw-slowdown component.go)
+    long_bucket_seconds: float = 60.0
+    # minutes; gpud DefaultStateHWSlowdownEventsThresholdFrequencyPerMinute 0.6 x 10 min = 6
+    long_min_buckets: int = 6
+    # s; older samples say nothing about now, a quiet node is node_silent's (our choice)
+    max_sample_age_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.clear_samples < 1 or self.long_min_buckets < 1:

@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from fleetwatch.detectors.model import NodeState, Window, fmt_number, sampling_interval_seconds
 from fleetwatch.records import Finding
-from fleetwatch.detectors.model import NodeState, Window, fmt_number
-
-# Used when a node's interval is unknown or nonsensical (0 or negative); the agent's default.
-FALLBACK_SAMPLING_INTERVAL_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +36,7 @@ class NodeSilentDetector:
 
     def silent_after_seconds(self, state: NodeState) -> float:
         """How long `state`'s node may send nothing before it counts as silent."""
-        silent_seconds = self.thresholds.silent_intervals * _interval_seconds(state)
+        silent_seconds = self.thresholds.silent_intervals * sampling_interval_seconds(state)
         return max(silent_seconds, self.thresholds.min_silent_seconds)
 
     def detect(self, window: Window) -> list[Finding]:
@@ -57,7 +54,7 @@ class NodeSilentDetector:
             silent_seconds = window.now - since
             if silent_seconds < limit_seconds:
                 continue
-            interval_seconds = _interval_seconds(state)
+            interval_seconds = sampling_interval_seconds(state)
             if state.last_seen is None:
                 summary = (
                     f"node {node} silent: no data since watching began "
@@ -86,12 +83,3 @@ class NodeSilentDetector:
             )
         findings.sort(key=lambda f: (f.start, f.node or ""))
         return findings
-
-
-def _interval_seconds(state: NodeState) -> float:
-    interval_seconds = state.sampling_interval_seconds
-    if not interval_seconds or interval_seconds <= 0:
-        return FALLBACK_SAMPLING_INTERVAL_SECONDS
-    return interval_seconds
-
-

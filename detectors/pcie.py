@@ -41,7 +41,7 @@ from fleetwatch.detectors.counters import (
     node_boot_seen_at,
 )
 from fleetwatch.records import Finding, GpuSample
-from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.model import Window, fmt_count
 
 REPLAYS = "pcie_replay_total"
 GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"
@@ -103,10 +103,6 @@ class PcieThresholds:
         lane = LANE_GIGATRANSFERS_PER_SECOND[min(int(gen), max(LANE_GIGATRANSFERS_PER_SECOND))]
         expected = self.replay_bit_error_rate * lane * 1e9 * self.replay_window_seconds * width
         return float(math.ceil(round(expected, 6)))  # DCGM ceils; round away float noise first
-
-
-def _plural(count: float, noun: str) -> str:
-    return f"{count:g} {noun}" if count == 1 else f"{count:g} {noun}s"
 
 
 def _link_name(gen: float | None, width: float | None) -> str:
@@ -209,7 +205,7 @@ class PcieDetector:
             severity="warning",
             action="inspect_hardware",
             summary=(
-                f"GPU {gpu} on {node}: {_plural(replays, 'PCIe replay')} in the last "
+                f"GPU {gpu} on {node}: {fmt_count(replays, 'PCIe replay')} in the last "
                 f"{seconds:g} s "
                 f"(limit {limit:g} in {t.replay_window_seconds:g} s{at})"
             ),

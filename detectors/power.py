@@ -17,35 +17,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fleetwatch.detectors.counters import float_reading
-from fleetwatch.records import Finding, GpuSample
 from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
-
-# nvmlClocksEventReasonHwPowerBrakeSlowdown (nvml.h): "External Power Brake Assertion is triggered
-# (e.g. by the system power supply)", as nvidia-smi's help text in tests/fixtures/nvidia-smi says.
-HW_POWER_BRAKE_SLOWDOWN = 0x80
-# nvmlClocksEventReasonSwPowerCap: the GPU is at its power limit; expected under full load, and
-# the one reason besides idle that Azure NHC's azure_gpu_clock_throttling.nhc does not warn about.
-SW_POWER_CAP = 0x04
+from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN
+from fleetwatch.records import Finding, GpuSample
 
 
 @dataclass(frozen=True, slots=True)
 class PowerThresholds(SustainedThresholds):
-    # samples; newest this many all clear = recovered: 5 s at the 1 s default interval (our choice)
-    clear_samples: int = 5
-    # s; the fast window: 80% of 20 samples at 1 Hz opens 15 s after onset, within the corpus's 30 s
-    recent_seconds: float = 20.0
-    # fraction of the fast window's samples; 0.8 forgives one caught mid-transition (our choice)
-    recent_fraction: float = 0.8
-    # s; first to newest braked sample of the fast window: brakes under 10 s never fire (our choice)
-    recent_min_seconds: float = 10.0
-    # s; the issue's 10-minute window = gpud hw-slowdown DefaultStateHWSlowdownEvaluationWindow
-    long_seconds: float = 600.0
-    # s; gpud counts the minutes of the window that saw a slowdown event (hw-slowdown component.go)
-    long_bucket_seconds: float = 60.0
-    # minutes; the issue's 60% = gpud DefaultStateHWSlowdownEventsThresholdFrequencyPerMinute 0.6
-    long_min_buckets: int = 6
-    # s; older samples say nothing about now, a quiet node is node_silent's (our choice, as thermal)
-    max_sample_age_seconds: float = 30.0
+    """The shared sustained rule's defaults (detectors.model)."""
 
 
 def _braked(sample: GpuSample) -> bool:

@@ -50,7 +50,7 @@ from typing import ClassVar, Iterable, Mapping, Sequence
 
 from fleetwatch.records import Finding, Step
 from fleetwatch.detectors.model import Window
-from fleetwatch.detectors.straggler_telemetry import GpuCause, gpu_cause, tail
+from fleetwatch.detectors.straggler_telemetry import GpuCause, gpu_cause, median, tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,23 +155,14 @@ _STEP = attrgetter("step")
 _T = attrgetter("t")
 
 
-def _median(values: list[float]) -> float:
-    """The median of a non-empty list (sorted in place)."""
-    values.sort()
-    middle = len(values) // 2
-    if len(values) % 2:
-        return values[middle]
-    return (values[middle - 1] + values[middle]) / 2
-
-
 def _median_seconds(steps: Iterable[Step]) -> float:
-    return _median(list(map(_SECONDS, steps)))
+    return median(list(map(_SECONDS, steps)))
 
 
 def _fastest_half_median(values: list[float]) -> float:
     """The median of the fastest half: robust to up to half the ranks slowing down together."""
     values.sort()
-    return _median(values[: (len(values) + 1) // 2])
+    return median(values[: (len(values) + 1) // 2])
 
 
 def _score(ratio: float) -> float:
@@ -263,8 +254,8 @@ class _Job:
                 powers = [p for rank, (_, p) in gpus.items() if rank != r.rank and p is not None]
                 cause = gpu_cause(
                     samples,
-                    _median(clocks) if clocks else None,
-                    _median(powers) if powers else None,
+                    median(clocks) if clocks else None,
+                    median(powers) if powers else None,
                     min_fraction=th.cause_min_fraction,
                     clock_below_peers=th.clock_below_peers,
                     power_below_peers=th.power_below_peers,
@@ -489,7 +480,7 @@ class StragglerStepsDetector:
                 ranks.append(_Rank(rank, span, _score(ratio)))
         if len(ranks) < th.min_ranks:
             return None
-        reference = _median(list(refs.values()))
+        reference = median(list(refs.values()))
         return _Job(name, ranks, refs, reference, window, th.min_baseline_steps)
 
     def _attach_baseline(self, job: _Job, baseline_spans: Mapping[int, list[Step]]) -> None:
@@ -502,7 +493,7 @@ class StragglerStepsDetector:
             if len(span) >= th.min_baseline_steps
         }
         base_refs = self._references(based) if len(based) >= th.min_ranks else {}
-        pace = job.reference / _median(list(base_refs.values())) if base_refs else math.inf
+        pace = job.reference / median(list(base_refs.values())) if base_refs else math.inf
         job.pace = pace
         if 1 / th.max_pace_change <= pace <= th.max_pace_change:
             job.baselines, job.base_refs = based, base_refs
@@ -616,7 +607,7 @@ class StragglerStepsDetector:
             if stop > len(own):
                 break  # not enough history that far back
             ratios = [s.seconds / refs.get(s.step, reference) for s in own[i:stop]]
-            if self._peers_slow(job, r, _score(_median(ratios)), score_limit, min_growth):
+            if self._peers_slow(job, r, _score(median(ratios)), score_limit, min_growth):
                 return True
         return False
 

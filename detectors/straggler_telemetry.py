@@ -16,16 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Sequence
 
-from fleetwatch.records import Finding, GpuSample, Step
 from fleetwatch.detectors.model import Window
-
-# NVML clock event reasons (nvmlClocksEventReason*, nvml.h; nvidia-smi -q "Clocks Event Reasons").
-GPU_IDLE = 0x1
-SW_POWER_CAP = 0x4
-HW_SLOWDOWN = 0x8
-SW_THERMAL_SLOWDOWN = 0x20
-HW_THERMAL_SLOWDOWN = 0x40
-HW_POWER_BRAKE_SLOWDOWN = 0x80
+from fleetwatch.nvml_bits import (
+    GPU_IDLE,
+    HW_POWER_BRAKE_SLOWDOWN,
+    HW_SLOWDOWN,
+    HW_THERMAL_SLOWDOWN,
+    SW_POWER_CAP,
+    SW_THERMAL_SLOWDOWN,
+)
+from fleetwatch.records import Finding, GpuSample, Step
 
 # Most specific first: NVML sets HW_SLOWDOWN together with the thermal and power-brake bits.
 THROTTLE_REASONS: tuple[tuple[int, str], ...] = (
@@ -85,7 +85,7 @@ def mhz(value: float) -> str:
     return f"{round(value):,}"
 
 
-def _median(values: list[float]) -> float:
+def median(values: list[float]) -> float:
     """The median of a non-empty list (sorted in place)."""
     values.sort()
     middle = len(values) // 2
@@ -98,7 +98,7 @@ def _values(samples: Iterable[GpuSample], name: str) -> list[float]:
 
 def _median_of(samples: Iterable[GpuSample], name: str) -> float | None:
     values = _values(samples, name)
-    return _median(values) if values else None
+    return median(values) if values else None
 
 
 def held_reasons(samples: Sequence[GpuSample], min_fraction: float) -> int:
@@ -241,8 +241,8 @@ class _Gpu:
 def _limit_mhz(th: StragglerTelemetryThresholds, clocks: list[float]) -> tuple[float, float]:
     """(median, slow limit) of a group's clocks: clock_ratio of the median, and min_robust_z
     MADs below it."""
-    median_mhz = _median(clocks)
-    mad_mhz = max(_median([abs(c - median_mhz) for c in clocks]), th.min_mad_mhz)
+    median_mhz = median(clocks)
+    mad_mhz = max(median([abs(c - median_mhz) for c in clocks]), th.min_mad_mhz)
     robust_mhz = median_mhz - th.min_robust_z * 1.4826 * mad_mhz
     return median_mhz, min(th.clock_ratio * median_mhz, robust_mhz)
 
@@ -279,7 +279,7 @@ class StragglerTelemetryDetector:
             clocks = _values(current, "sm_clock_mhz")
             utils = _values(current, "gpu_util_percent")
             reasons = latest.metrics.get("clock_event_reasons")
-            if not clocks or (utils and _median(utils) < th.idle_util_percent):
+            if not clocks or (utils and median(utils) < th.idle_util_percent):
                 continue  # nothing to compare, or idle: its clock says nothing about speed
             if reasons is not None and int(reasons) & GPU_IDLE:
                 continue
@@ -291,9 +291,9 @@ class StragglerTelemetryDetector:
                     continue  # no job and no model: nothing to compare it with
                 key = f"sm_clock_max_mhz {mhz(float(max_mhz))}"
             powers = _values(current, "power_watts")
-            power_watts = _median(powers) if powers else None
+            power_watts = median(powers) if powers else None
             groups.setdefault(key, []).append(
-                _Gpu(node, gpu, latest, current, _median(clocks), power_watts)
+                _Gpu(node, gpu, latest, current, median(clocks), power_watts)
             )
 
         candidates: list[tuple[str, _Gpu, list[_Gpu]]] = []
@@ -366,7 +366,7 @@ class StragglerTelemetryDetector:
         peers = [m for m in members if m is not member]
         peer_mhz, limit_mhz = _limit_mhz(th, [m.clock_mhz for m in peers])
         peer_powers = [m.power_watts for m in peers if m.power_watts is not None]
-        peer_watts = _median(peer_powers) if peer_powers else None
+        peer_watts = median(peer_powers) if peer_powers else None
 
         series = window.gpu[(member.node, member.gpu)]
         span = tail(series, now - th.window_seconds, now)

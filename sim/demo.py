@@ -13,12 +13,12 @@ import json
 import logging
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
+
+from aiohttp import web
 
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.runner import Agent
@@ -35,6 +35,7 @@ from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.web import HEALTH_MARK, fleet_status
 
 STATUS_EVERY_SECONDS = 2.0
+WEBHOOK_PATH = "/alerts"
 
 
 @dataclass(frozen=True)
@@ -55,51 +56,47 @@ def demo_faults(node_count: int, gpu_count: int) -> list[InjectedFault]:
 
 
 class WebhookReceiver:
-    """A local HTTP endpoint that records every webhook body with its arrival time."""
+    """A local HTTP endpoint on the running event loop that records every webhook body with its arrival time."""
 
     def __init__(self, port: int = 0) -> None:
         self.received: list[tuple[float, dict]] = []
-        self._lock = threading.Lock()
-        receiver = self
+        self._port = port
+        app = web.Application()
+        app.router.add_post(WEBHOOK_PATH, self._receive)
+        self._runner = web.AppRunner(app, access_log=None)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                arrived = time.time()
-                with receiver._lock:
-                    receiver.received.append((arrived, json.loads(body)))
-                self.send_response(200)
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.received.append((time.time(), body))
+        return web.Response()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/alerts"
+        return f"http://127.0.0.1:{self._port}{WEBHOOK_PATH}"
 
     def first_arrival(self, fingerprint: str, status: str = "firing") -> float | None:
-        with self._lock:
-            for arrived, body in self.received:
-                for alert in body.get("alerts", []):
-                    if alert.get("fingerprint") == fingerprint and alert.get("status") == status:
-                        return arrived
+        for arrived, body in self.received:
+            for alert in body.get("alerts", []):
+                if alert.get("fingerprint") == fingerprint and alert.get("status") == status:
+                    return arrived
         return None
 
-    def __enter__(self) -> "WebhookReceiver":
-        self._thread.start()
+    async def __aenter__(self) -> WebhookReceiver:
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self._port = int(self._runner.addresses[0][1])
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
 
 
-def status_line(app: CollectorApp, elapsed_seconds: float) -> str:
-    status = fleet_status(app)
+async def status_line(app: CollectorApp, elapsed_seconds: float) -> str:
+    status = await fleet_status(app)
     cells = []
     for node in status["nodes"]:
         marks = "".join(HEALTH_MARK[g["health"]] for g in node["gpus"])
@@ -109,7 +106,7 @@ def status_line(app: CollectorApp, elapsed_seconds: float) -> str:
 
 
 async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: TextIO | None, workdir: Path) -> dict:
-    with WebhookReceiver() as receiver:
+    async with WebhookReceiver() as receiver:
         app = CollectorApp(
             CollectorConfig(
                 grpc_listen="127.0.0.1:0",
@@ -156,7 +153,7 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
             while time.time() < deadline:
                 await asyncio.sleep(min(STATUS_EVERY_SECONDS, max(0.0, deadline - time.time())))
                 if live:
-                    print(status_line(app, time.time() - start), file=live, flush=True)
+                    print(await status_line(app, time.time() - start), file=live, flush=True)
             await asyncio.sleep(0.5)  # let the last deliveries land
             fault_times = {(f.node, f.fault.gpu): sims[f.node].fault_time(f.fault) for f in injected}
             alerts_out = []

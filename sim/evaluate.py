@@ -1,7 +1,7 @@
 """Scores the detectors against the labelled fault corpus (tests/scenarios/README.md).
 
 Each scenario file describes a simulated fleet, its workload, injected faults and the findings a
-correct detector set must open (`expect`). The simulator (agent.sim.fleet.SimFleet) turns the
+correct detector set must open (`expect`). The simulator (fleetwatch.sim.fleet.SimFleet) turns the
 scenario into replay records, `detectors.replay.replay_episodes` runs the detectors over them as
 the collector would live, and the episodes are matched against the expectations:
 
@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from fleetwatch.records import Finding
 from fleetwatch.detectors.model import Detector
 from fleetwatch.detectors.replay import Episode, replay_episodes
+from fleetwatch.sim.scenario import node_names
 
 SECONDS_PER_DAY = 86400.0
 # Open times are data times on a grid (start + k * interval): float noise must not move a finding
@@ -72,7 +73,7 @@ _FLEET_KEYS = frozenset({"nodes", "gpus_per_node", "model", "ib_ports_per_node"}
 _JOB_KEYS = frozenset(
     {"id", "nodes", "step_seconds", "report_steps", "start_seconds", "end_seconds"}
 )
-# Fault parameters the simulator's kinds take (agent.sim.scenario.Fault plus the fleet-level
+# Fault parameters the simulator's kinds take (fleetwatch.sim.scenario.Fault plus the fleet-level
 # ones); the simulator itself judges which apply to which kind.
 _FAULT_KEYS = frozenset(
     {
@@ -199,12 +200,6 @@ class _Checker:
         value = table.get(key)
         if value is not None and value not in nodes:
             raise self.fail(where, f"unknown node {value!r}; the fleet has {nodes[0]}..{nodes[-1]}")
-
-
-def node_names(count: int) -> list[str]:
-    """The fleet's node names, n01..nNN (README: `nodes = 4  # named n01..n04`)."""
-    width = max(2, len(str(count)))
-    return [f"n{i:0{width}d}" for i in range(1, count + 1)]
 
 
 def validate_scenario(scenario: Mapping[str, Any], path: str | os.PathLike[str] = "<scenario>") -> None:

@@ -6,7 +6,7 @@ nvmlClocksEventReason* bits, the c_nvml* structures, the NVMLError_* classes) is
 object, so `except nvml.NVMLError_NotSupported` catches the fake's errors and the real ones alike.
 
 What a board answers NOT_SUPPORTED (calls, field ids, per-link NVLink counters) and its quirks
-come from its profile (agent.sim.profiles), modelled on what a real H100/H200 reports: the field
+come from its profile (fleetwatch.sim.profiles), modelled on what a real H100/H200 reports: the field
 values an H100 answers (memory temperature, 64-bit PCIe byte counters, energy, ECC, remapped rows)
 are answered, so the NVML source's one-batch-per-GPU fast path is the one exercised.
 """

@@ -13,7 +13,7 @@ throttled or slow rank stretches everyone's step while only its own `seconds` (c
 grows, and its peers wait in collectives (same utilisation, less power). The per-rank step noise
 reproduces the Alibaba PAI traces (see STEP NOISE below).
 
-Semantics of the scenario's kinds beyond agent.sim.scenario.Fault (times are seconds after start):
+Semantics of the scenario's kinds beyond fleetwatch.sim.scenario.Fault (times are seconds after start):
 
 - ib_link_down / ib_flap / ib_rate_low (node, optional `port` = index of the node's port,
   mlx5_<port>): the port leaves ACTIVE (link_downed counts each drop; a flap also counts symbol
@@ -63,7 +63,7 @@ from fleetwatch.sim.node import (
     synchronous_job_activity,
 )
 from fleetwatch.sim.profiles import profile_for
-from fleetwatch.sim.scenario import FAULT_KINDS, Fault
+from fleetwatch.sim.scenario import FAULT_KINDS, Fault, node_names
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 
@@ -174,12 +174,6 @@ def _tables(scenario: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
         raise _fail(key, f"must be an array of tables ([[{key}]])")
     return value
-
-
-def node_names(count: int) -> list[str]:
-    """n01..nNN, as tests/scenarios/README.md names them."""
-    width = max(2, len(str(count)))
-    return [f"n{i:0{width}d}" for i in range(1, count + 1)]
 
 
 # ---- the model's parts ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ cumulative byte counter. Idle GPUs (no process) draw the capture's idle power at
 with the GpuIdle clock event reason, and their PCIe link drops to Gen1 to save power.
 
 By default a node runs one job on all its GPUs for ever (`synchronous_job_activity` over its own
-faults); agent.sim.fleet passes each GPU's activity for jobs that span nodes. Each GPU runs one
+faults); fleetwatch.sim.fleet passes each GPU's activity for jobs that span nodes. Each GPU runs one
 training worker process by default (SimNode(processes=...) or place_processes() changes that),
 for job attribution; an idle GPU lists none.
 """
@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+from fleetwatch.nvml_bits import GPU_IDLE, HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN, SW_POWER_CAP
 from fleetwatch.sim.profiles import GpuProfile, profile_for
 from fleetwatch.sim.scenario import (
     DEFAULT_NVLINK_CRC_FLITS_PER_SECOND,
@@ -65,15 +66,14 @@ NCCL_TIMEOUT_SECONDS = 600.0
 _IDLE_PCIE_GEN = 1
 
 # Per-kind effect of the slowdown faults: (SM clock ratio, power ratio, clock event reason bits).
-# 0x8 HW slowdown with 0x40 HW thermal slowdown / 0x80 HW power brake (nvmlClocksEventReason*);
-# hw_slowdown is 0x8 alone (the board's external slowdown input, e.g. a PSU or baseboard alarm).
+# NVML sets HW slowdown together with its cause where the GPU knows it (HW thermal slowdown, HW
+# power brake); hw_slowdown is HW slowdown alone (the board's external slowdown input, e.g. a PSU
+# or baseboard alarm).
 _SLOWDOWN_EFFECT: dict[str, tuple[float, float, int]] = {
-    "thermal_slowdown": (0.5, 0.5, 0x08 | 0x40),
-    "power_brake": (0.45, 0.4, 0x08 | 0x80),
-    "hw_slowdown": (0.55, 0.5, 0x08),
+    "thermal_slowdown": (0.5, 0.5, HW_SLOWDOWN | HW_THERMAL_SLOWDOWN),
+    "power_brake": (0.45, 0.4, HW_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN),
+    "hw_slowdown": (0.55, 0.5, HW_SLOWDOWN),
 }
-_SW_POWER_CAP = 0x04
-_GPU_IDLE = 0x01
 
 # NVLink error counters, in the order of pynvml's NVML_NVLINK_ERROR_DL_* constants.
 NVLINK_COUNTERS: tuple[str, ...] = ("replay", "recovery", "crc_flit", "crc_data")
@@ -638,7 +638,7 @@ class SimNode:
             else:
                 excess_watts = power_smooth - _POWER_CAP_FRACTION * p.power_limit_watts
                 if excess_watts > 0:
-                    reasons |= _SW_POWER_CAP
+                    reasons |= SW_POWER_CAP
                     sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ * (1 + int(excess_watts / 8.0))
                 elif _unit(q.key ^ 0xC10C, step) < 0.08:
                     sm_clock = p.sm_clock_max_mhz - _CLOCK_BIN_MHZ
@@ -658,7 +658,7 @@ class SimNode:
             mem_util = 0
             sm_clock = p.sm_clock_idle_mhz
             video_clock = p.video_clock_idle_mhz
-            reasons |= _GPU_IDLE
+            reasons |= GPU_IDLE
             if mode == PAUSE:
                 mem_step = math.floor(since_start / 30.0)
                 mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)

@@ -4,7 +4,7 @@ A fault happens `at_seconds` after the node's start and, where it is a condition
 one-off, lasts `duration_seconds` (None: until the end of the run). The compact CLI form is
 `KIND[:XID]@GPU+SECONDS[/DURATION]`, e.g. `xid:79@5+8`, `thermal_slowdown@2+6/30`.
 
-KINDS are the original kinds; MORE_KINDS were added for the fleet scenarios (agent.sim.fleet) and
+KINDS are the original kinds; MORE_KINDS were added for the fleet scenarios (fleetwatch.sim.fleet) and
 are accepted everywhere KINDS are (FAULT_KINDS is both).
 """
 
@@ -172,3 +172,9 @@ def parse_fault(spec: str) -> Fault:
                      duration_seconds=duration)
     except ValueError as exc:
         raise ValueError(f"bad fault spec {spec!r}: {exc}") from None
+
+
+def node_names(count: int) -> list[str]:
+    """A fleet's node names, n01..nNN, as tests/scenarios/README.md names them."""
+    width = max(2, len(str(count)))
+    return [f"n{i:0{width}d}" for i in range(1, count + 1)]

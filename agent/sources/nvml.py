@@ -1,6 +1,6 @@
 """The NVML source: per-GPU samples and XID / GPU-lost events from an injected pynvml-like module.
 
-The module is `pynvml` on a GPU node (see load_nvml) or the fake NVML of agent.sim on a simulated
+The module is `pynvml` on a GPU node (see load_nvml) or the fake NVML of fleetwatch.sim on a simulated
 one; this code calls the same pynvml names on both and has no notion of which it is talking to.
 Units follow the canonical names: NVML's mW, mJ and KB/s become watts, joules and bytes/second.
 

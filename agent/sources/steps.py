@@ -18,15 +18,11 @@ import stat
 import time
 from typing import Any, Callable
 
+# The receiver enforces the bounds the client promises (one definition, in the client).
+from fleetwatch.stepreport import MAX_DATAGRAM_BYTES, MAX_JOB_CHARS, MAX_RANK, MAX_STEP, MAX_STEP_SECONDS
+
 log = logging.getLogger(__name__)
 
-# Same bounds as agent/stepreport.py, which cannot import them: it must stay a single
-# stdlib-only file that training images vendor.
-MAX_DATAGRAM_BYTES = 512
-MAX_JOB_CHARS = 128
-MAX_RANK = 1_000_000
-MAX_STEP = 2**63 - 1  # the store's signed 64-bit column
-MAX_STEP_SECONDS = 86_400.0
 MALFORMED_LOG_INTERVAL_SECONDS = 60.0
 # The socket is world-writable (see open()); the directory must let every user reach it.
 SOCKET_DIR_MODE = 0o755

@@ -6,12 +6,18 @@ import abc
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from fleetwatch.configfile import MASK
+
 # Alertmanager's "zero" endsAt for an alert that is still firing.
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
 class NotifyError(Exception):
-    """A delivery failed; the outbox retries it later."""
+    """A delivery failed; the outbox retries it later.
+
+    The message is logged and stored as the delivery's last_error, so it names the destination by
+    `Notifier.address_for_log` and never quotes the address itself.
+    """
 
 
 def rfc3339(ts: float | None) -> str:
@@ -47,6 +53,18 @@ class Notifier(abc.ABC):
     def __init__(self, address: str, *, timeout_seconds: float = 5.0) -> None:
         self.address = address
         self.timeout_seconds = timeout_seconds
+
+    @staticmethod
+    def redact(address: str) -> str:
+        """The address as logs, error messages and API answers may show it.
+
+        Everything is hidden unless a notifier knows which part is safe: addresses carry tokens.
+        """
+        return MASK
+
+    @property
+    def address_for_log(self) -> str:
+        return self.redact(self.address)
 
     @abc.abstractmethod
     def send(self, alert: Mapping[str, Any], transition: str) -> None:

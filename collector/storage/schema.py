@@ -1,5 +1,8 @@
 """The collector's tables as SQLAlchemy Core metadata, the same on SQLite and PostgreSQL.
 
+They model the newest revision of migrations/ (Store.migrate builds and upgrades the database with
+those; a test fails while the two differ), and every query is written against them.
+
 Timestamps are float Unix seconds (the wire's `t`), so no dialect's datetime handling is involved.
 GPU, host and InfiniBand sample tables are wide: one nullable column per canonical field, generated
 from `fleetwatch.wire`, so a field the hardware does not support is stored as NULL, never 0.
@@ -25,12 +28,6 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeEngine
 
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
-
-# Bump when a table or column changes; Store.create_schema refuses a database with a newer one.
-SCHEMA_VERSION = 1
-
-# meta row holding SCHEMA_VERSION.
-SCHEMA_VERSION_KEY = "schema_version"
 
 ALERT_STATUSES = ("firing", "resolved")
 DELIVERY_STATES = ("pending", "sent", "failed")
@@ -66,6 +63,8 @@ def _metric_columns(names: tuple[str, ...]) -> list[Column]:
     return [Column(name, _metric_type(name), nullable=True) for name in names]
 
 
+# Where 0.1.0 kept its schema version (key "schema_version"); Alembic's alembic_version table
+# holds the revision now. Revision 0002 sets the row to "2", which a 0.1.0 collector refuses.
 meta = Table(
     "meta",
     metadata,
@@ -196,7 +195,7 @@ alerts = Table(
     "alerts",
     metadata,
     _row_id(),
-    Column("fingerprint", String(512), nullable=False),
+    Column("fingerprint", String(512), nullable=False),  # Finding.fingerprint, an opaque digest
     Column("detector", String(64), nullable=False),
     Column("severity", String(16), nullable=False),
     Column("action", String(32), nullable=False),
@@ -204,6 +203,8 @@ alerts = Table(
     Column("gpu", Integer, nullable=True),
     Column("job", String(255), nullable=True),
     Column("rank", Integer, nullable=True),
+    # Finding.key; added by revision 0002, so the database has it after updated_at.
+    Column("key", String(255), nullable=False, default="", server_default=""),
     Column("summary", Text, nullable=False),
     Column("evidence", Text, nullable=False, default="{}"),  # JSON object
     Column("status", String(16), nullable=False),

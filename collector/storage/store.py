@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from alembic import command
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
 from sqlalchemy import (
     Connection,
     Engine,
@@ -32,7 +35,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
+from fleetwatch import __version__
 from fleetwatch.collector.storage import schema
+from fleetwatch.collector.storage.migrations import alembic_config, script_directory
+from fleetwatch.configfile import MASK
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
@@ -42,6 +48,9 @@ SQLITE_BUSY_TIMEOUT_MS = 10_000
 PG_CONNECT_TIMEOUT_SECONDS = 10
 # Notifier errors can be whole HTTP bodies; keep what fits a log line.
 LAST_ERROR_MAX_CHARS = 2000
+# A masked password in a URL, and that text as a rendered URL quotes it.
+_HIDDEN = "***"
+_HIDDEN_QUOTED = "%2A%2A%2A"
 
 # BIGINT is signed; NVML reports "not available" in uint64 fields as all-ones, never a real count.
 _INT64_MAX = 2**63 - 1
@@ -53,12 +62,31 @@ _IB_METRIC_FIELDS: tuple[str, ...] = tuple(f for f in IB_FIELDS if f != "ib_stat
 # Execution option that makes the SQLite "begin" hook take the write lock up front.
 _WRITE_OPTION = "fleetwatch_write"
 
+# A database fleetwatch 0.1.0 made: meta row schema_version "1", the tables of revision 0001.
+LEGACY_SCHEMA_VERSION_KEY = "schema_version"
+LEGACY_SCHEMA_VERSION = "1"
+LEGACY_REVISION = "0001"
+
+# PostgreSQL advisory lock key of Store.migrate: "fleetwat" in ASCII, unlikely to be another
+# application's.
+_MIGRATION_LOCK_ID = 0x666C656574776174
+
+log = logging.getLogger(__name__)
+
 
 class StoreError(Exception):
     """The database cannot be reached or cannot take the write (full disk, lost connection).
 
     Nothing of the failed call was committed; the caller may keep serving and retry later.
     """
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaMigration:
+    """What Store.migrate did: from which revision (None: an empty database) to which."""
+
+    from_revision: str | None
+    to_revision: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +110,20 @@ class IngestBatch:
 
 
 def redact_url(url: str | URL) -> str:
-    """The database URL with its password replaced, fit for logs and error messages."""
+    """The database URL with its password replaced, fit for logs and error messages.
+
+    psycopg also takes the password as a query parameter (?password=...); those are masked too.
+    """
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {key: _HIDDEN for key in parsed.query if "password" in key.lower()}
+        return parsed.update_query_dict(hidden).render_as_string(hide_password=True).replace(
+            _HIDDEN_QUOTED, _HIDDEN
+        )
     except (sa_exc.ArgumentError, ValueError, TypeError):
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+        # Unparseable: where userinfo or a query could hold a password, nothing of it is safe to show.
+        text = str(url)
+        return MASK if "@" in text or "?" in text else text
 
 
 class Store:
@@ -156,37 +193,65 @@ class Store:
 
     # -- schema -----------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
-        """Create missing tables and record the schema version; refuse a newer database."""
-        for attempt in (1, 2):
-            try:
-                with self._write("create schema") as conn:
-                    version = _stored_schema_version(conn)
-                    if version is not None and version != schema.SCHEMA_VERSION:
-                        raise StoreError(self._version_mismatch(version))
-                    schema.metadata.create_all(conn)
-                    if version is None:
-                        conn.execute(
-                            insert(schema.meta).values(
-                                key=schema.SCHEMA_VERSION_KEY, value=str(schema.SCHEMA_VERSION)
-                            )
-                        )
-                return
-            except (sa_exc.IntegrityError, sa_exc.ProgrammingError):
-                # Two collectors creating the schema at once on PostgreSQL: the loser's CREATE
-                # fails; on the second pass it finds the winner's tables.
-                if attempt == 2:
-                    raise
+    def migrate(self) -> SchemaMigration:
+        """Bring the schema to this fleetwatch's newest revision; refuse a database it does not know.
 
-    def _version_mismatch(self, version: int) -> str:
-        if version > schema.SCHEMA_VERSION:
-            advice = "newer than this fleetwatch's; upgrade fleetwatch"
+        An empty database is built from the first revision; one written by fleetwatch 0.1.0 (its
+        `meta` table says schema_version 1, and it has no alembic_version) is stamped at 0001 and
+        upgraded in place. Everything happens in one transaction, which a second collector
+        migrating the same database waits for.
+        """
+        scripts = script_directory()
+        head = scripts.get_current_head()
+        assert head is not None, "versions/ holds revision 0001 at least"
+        known = {script.revision for script in scripts.walk_revisions()}
+        try:
+            with self._write("migrate schema") as conn:
+                if conn.dialect.name == "postgresql":
+                    # Held to commit: a second collector upgrades nothing and finds the head.
+                    conn.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK_ID)))
+                before = MigrationContext.configure(conn).get_current_revision()
+                config = alembic_config(conn)
+                legacy = before is None and self._is_legacy_database(conn)
+                if legacy:
+                    command.stamp(config, LEGACY_REVISION)
+                    before = LEGACY_REVISION
+                elif before is not None and before not in known:
+                    raise StoreError(
+                        f"database {self.url_for_log} is at schema revision {before!r}, which "
+                        f"fleetwatch {__version__} does not know (its newest is {head!r}): a newer "
+                        "fleetwatch wrote it; run that version or a later one"
+                    )
+                if before != head:
+                    command.upgrade(config, "head")
+        except (sa_exc.DBAPIError, CommandError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise StoreError(
+                f"database {self.url_for_log}: schema migration failed, nothing changed: {reason}"
+            ) from exc
+        if before is None:
+            log.info("database schema created at %s", head)
+        elif before == head:
+            log.info("database schema up to date at %s", head)
         else:
-            advice = "older than this fleetwatch's, and no migration exists for it"
-        return (
-            f"database {self.url_for_log} has schema version {version} "
-            f"(this fleetwatch: {schema.SCHEMA_VERSION}), {advice}"
-        )
+            origin = " (written by fleetwatch 0.1.0)" if legacy else ""
+            log.info("database schema upgraded from %s to %s%s", before, head, origin)
+        return SchemaMigration(from_revision=before, to_revision=head)
+
+    def _is_legacy_database(self, conn: Connection) -> bool:
+        """Whether fleetwatch 0.1.0 made this database; raise for a meta version it did not write."""
+        if not inspect(conn).has_table(schema.meta.name):
+            return False
+        version = conn.execute(
+            select(schema.meta.c.value).where(schema.meta.c.key == LEGACY_SCHEMA_VERSION_KEY)
+        ).scalar()
+        if version != LEGACY_SCHEMA_VERSION:
+            raise StoreError(
+                f"database {self.url_for_log} has no alembic_version table and schema_version "
+                f"{version!r} in its meta table; fleetwatch {__version__} can upgrade only the "
+                f"{LEGACY_SCHEMA_VERSION!r} of fleetwatch 0.1.0"
+            )
+        return True
 
     # -- ingest -----------------------------------------------------------------------------
 
@@ -459,6 +524,7 @@ class Store:
                             gpu=finding.gpu,
                             job=finding.job,
                             rank=finding.rank,
+                            key=finding.key,
                             summary=finding.summary,
                             evidence=json.dumps(
                                 dict(finding.evidence), sort_keys=True, default=str
@@ -628,6 +694,7 @@ _ALERT_KEYS = (
     "gpu",
     "job",
     "rank",
+    "key",
     "summary",
     "evidence",
     "status",
@@ -653,15 +720,6 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _stored_schema_version(conn: Connection) -> int | None:
-    if not inspect(conn).has_table(schema.meta.name):
-        return None
-    value = conn.execute(
-        select(schema.meta.c.value).where(schema.meta.c.key == schema.SCHEMA_VERSION_KEY)
-    ).scalar()
-    return None if value is None else int(value)
 
 
 def _held_batch_keys(

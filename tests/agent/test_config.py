@@ -67,7 +67,8 @@ def test_unrelated_fleetwatch_env_is_ignored() -> None:
 
 def test_collector_lists_and_addresses(tmp_path: Path) -> None:
     env = {"FLEETWATCH_WEBHOOK_URLS": "http://a/x, http://b/y"}
-    assert load_config(CollectorConfig, path=None, env=env).webhook_urls == ["http://a/x", "http://b/y"]
+    urls = load_config(CollectorConfig, path=None, env=env).webhook_urls
+    assert [url.reveal() for url in urls] == ["http://a/x", "http://b/y"]
     with pytest.raises(ConfigError, match="webhook_urls"):
         load_config(CollectorConfig, path=None, env={"FLEETWATCH_WEBHOOK_URLS": "ftp://nope"})
     with pytest.raises(ConfigError, match="grpc_listen: must be HOST:PORT"):

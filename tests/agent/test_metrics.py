@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetwatch.agent import metrics
 from fleetwatch.agent.metrics import (
-    CLOCK_EVENT_REASONS,
     DCGM_METRICS,
     GPU_METRICS,
     HOST_METRICS,
@@ -34,6 +35,7 @@ from fleetwatch.sim.node import SimNode
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.state import AgentState, SourceStats
 from fleetwatch import wire
+from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "metrics" / "agent-sim.prom"
 START = 1_700_000_000.0
@@ -185,11 +187,7 @@ def serve() -> Iterator[Any]:
 
 
 def series(text: str) -> dict[tuple[str, frozenset], float]:
-    """(sample name, labels) -> value, as prometheus_client's parser reads the exposition.
-
-    The parser names every counter sample `<family>_total`, also the DCGM counters that are
-    exposed without `_total`; the tests check those names on the raw text.
-    """
+    """(sample name, labels) -> value, as prometheus_client's parser reads the exposition."""
     out: dict[tuple[str, frozenset], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -492,11 +490,12 @@ def test_dcgm_names_in_dcgm_units_and_labels(serve):
         "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL": 6,
     }
     for name, value in expected_counters.items():
-        # Declared and written under the bare DCGM name, as dcgm-exporter does (no `_total`).
-        assert f"# TYPE {name} counter\n" in text, name
+        # Written under the bare DCGM name, as dcgm-exporter does (no `_total`), so declared untyped:
+        # prometheus_client can write a counter only as `<name>_total`.
+        assert f"# TYPE {name} untyped\n" in text, name
         assert re.search(rf"^{name}\{{[^}}]*UUID=\"{labels['UUID']}\"[^}}]*\}} ", text, re.M), name
         assert f"{name}_total" not in text, name
-        assert lookup(found, f"{name}_total", labels) == value, name
+        assert lookup(found, name, labels) == value, name
 
 
 def test_dcgm_series_disappear_with_the_field(serve):
@@ -565,24 +564,53 @@ def test_collect_reads_the_state_under_its_lock():
     thread.join()
 
 
-def test_server_root_page_404_and_gzip(serve):
+def test_server_gzip_when_asked(serve):
     scraper = serve(build_state())
     assert scraper.server.port > 0
-    status, headers, body = scraper.get("/")
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b'href="/metrics"' in body
-    status, _, _ = scraper.get("/nothing-here")
-    assert status == 404
+    status, headers, body = scraper.get("/metrics")
+    assert status == 200 and "Content-Encoding" not in headers
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     status, headers, body = scraper.get("/metrics", {"Accept-Encoding": "gzip"})
     assert status == 200 and headers.get("Content-Encoding") == "gzip"
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert b"fleetwatch_gpu_power_watts" in gzip.decompress(body)
 
 
-def test_stop_without_start_returns():
+def test_openmetrics_when_asked_is_valid_also_with_dcgm_names(serve):
+    # What Prometheus asks for first; a counter sample without `_total` would not parse.
+    status, headers, body = serve(build_state(), dcgm_names=True).get(
+        "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert status == 200 and headers["Content-Type"].startswith("application/openmetrics-text")
+    families = {f.name: f for f in openmetrics_families(body.decode())}
+    assert families["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"].type == "unknown"
+    assert families["fleetwatch_gpu_energy_joules"].type == "counter"
+
+
+def test_server_listens_on_an_ipv6_literal():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    server = MetricsServer(build_state(), "::1", 0)
+    try:
+        server.start()
+    except OSError as exc:  # the kernel or the container has IPv6 off
+        pytest.skip(f"cannot bind ::1: {exc}")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/metrics", timeout=5) as response:
+            assert b"fleetwatch_gpu_power_watts" in response.read()
+    finally:
+        server.stop()
+
+
+def test_stop_closes_the_port_and_stop_without_start_returns():
     server = MetricsServer(AgentState(node="n01"), "127.0.0.1", 0)
     server.stop()
+    server.start()
+    port = server.port
     server.stop()
+    server.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
 
 # ---- golden file --------------------------------------------------------------------------------
@@ -598,18 +626,13 @@ def test_whole_output_matches_the_golden_file(serve, monkeypatch):
     assert text == GOLDEN.read_text()
 
 
-def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu() -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from fleetwatch.agent.metrics import AgentMetrics, render_exposition
-    from fleetwatch.agent.state import AgentState
-
+def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu(serve) -> None:
     state = AgentState(node="n01")
     state.gpus = {0: {"gpu": 0, "uuid": "GPU-a", "metrics": {"power_watts": 600.0}},
                   1: {"gpu": 1, "uuid": "GPU-b", "metrics": {"power_watts": 610.0}}}
     state.count_xid(0, 13)
     state.count_xid(0, 31)
-    text = render_exposition(AgentMetrics(state, dcgm_names=True)).decode()
+    text = serve(state, dcgm_names=True).text()
     samples = {s.labels["gpu"]: s.value for f in text_string_to_metric_families(text)
                if f.name == "DCGM_FI_DEV_XID_ERRORS" for s in f.samples}
     assert samples == {"0": 31.0}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetwatch.agent.config import AgentConfig
-from fleetwatch.agent.runner import Agent, backoff_seconds
+from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import SimNode
@@ -163,13 +163,3 @@ async def test_agent_restart_continues_numbering_and_resends_its_spool(tmp_path:
         assert app.store.count_rows("batches") == len(seqs) == first.batches_made + second.batches_made
     finally:
         await app.stop(0.2)
-
-
-@pytest.mark.parametrize("attempt", range(8))
-def test_backoff_grows_and_is_capped_with_jitter(attempt: int) -> None:
-    import random
-
-    rng = random.Random(attempt)
-    delay = backoff_seconds(attempt, 0.5, 30.0, rng)
-    ceiling = min(30.0, 0.5 * 2**attempt)
-    assert ceiling / 2 <= delay <= ceiling

@@ -31,6 +31,8 @@ class DbUnderTest:
     url: str  # what Store() is given
     # PostgreSQL only: an autocommit connection pool outside the test's schema, for fault injection.
     admin: Engine | None = None
+    # PostgreSQL only: the test's own schema (every connection of `url` has it as search_path).
+    pg_schema: str | None = None
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +71,10 @@ def database(request: pytest.FixtureRequest, tmp_path) -> Iterator[DbUnderTest]:
     url = make_url(base_url).update_query_dict({"options": f"-csearch_path={schema_name}"})
     try:
         yield DbUnderTest(
-            kind="postgres", url=url.render_as_string(hide_password=False), admin=admin
+            kind="postgres",
+            url=url.render_as_string(hide_password=False),
+            admin=admin,
+            pg_schema=schema_name,
         )
     finally:
         with admin.connect() as conn:
@@ -79,7 +84,7 @@ def database(request: pytest.FixtureRequest, tmp_path) -> Iterator[DbUnderTest]:
 @pytest.fixture
 def store(database: DbUnderTest) -> Iterator[Store]:
     st = Store(database.url)
-    st.create_schema()
+    st.migrate()
     try:
         yield st
     finally:

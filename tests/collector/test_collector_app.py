@@ -56,14 +56,19 @@ async def exchange(port: int, messages: list[pb.AgentMessage], expect: int) -> l
         return replies
 
 
-def get(url: str):
+def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return r.read().decode()
 
 
+async def get(url: str) -> str:
+    """GET from a worker thread: the collector answers on this test's event loop."""
+    return await asyncio.to_thread(_get, url)
+
+
 @pytest.fixture
 async def app(tmp_path: Path):
-    receiver = WebhookReceiver().__enter__()
+    receiver = await WebhookReceiver().__aenter__()
     config = CollectorConfig(
         grpc_listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
@@ -78,7 +83,7 @@ async def app(tmp_path: Path):
     collector.receiver = receiver
     yield collector
     await collector.stop(grace_seconds=0.2)
-    receiver.__exit__()
+    await receiver.__aexit__()
 
 
 async def test_welcome_then_acks_after_commit_and_duplicates_stored_once(app: CollectorApp) -> None:
@@ -151,7 +156,7 @@ async def test_xid_event_reaches_the_webhook_within_two_seconds(app: CollectorAp
     assert alert["labels"]["detector"] in ("xid", "gpu_lost")
     assert alert["labels"]["node"] == "n01" and alert["labels"]["gpu"] == "1"
     assert alert["endsAt"] == "0001-01-01T00:00:00Z"
-    firing = json.loads(get(f"http://127.0.0.1:{app.http_port}/api/v1/alerts"))["alerts"]
+    firing = json.loads(await get(f"http://127.0.0.1:{app.http_port}/api/v1/alerts"))["alerts"]
     xid = [a for a in firing if a["detector"] == "xid"]
     assert xid and xid[0]["severity"] == "critical" and xid[0]["action"] == "reboot"
 
@@ -159,7 +164,7 @@ async def test_xid_event_reaches_the_webhook_within_two_seconds(app: CollectorAp
 async def test_metrics_parse_and_show_ingest_and_alerts(app: CollectorApp) -> None:
     await exchange(app.grpc_port, [hello(), batch(1), batch(2, xid=48)], expect=3)
     await asyncio.sleep(0.5)
-    families = {f.name: f for f in text_string_to_metric_families(get(f"http://127.0.0.1:{app.http_port}/metrics"))}
+    families = {f.name: f for f in text_string_to_metric_families(await get(f"http://127.0.0.1:{app.http_port}/metrics"))}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("fleetwatch_collector_batches_total", ())] == 2
     assert samples[("fleetwatch_collector_samples_total", (("kind", "gpu"),))] == 4
@@ -172,7 +177,7 @@ async def test_metrics_parse_and_show_ingest_and_alerts(app: CollectorApp) -> No
 async def test_status_api_shows_nodes_gpus_and_health(app: CollectorApp) -> None:
     await exchange(app.grpc_port, [hello(), batch(1, xid=79)], expect=2)
     await asyncio.sleep(0.5)
-    status = json.loads(get(f"http://127.0.0.1:{app.http_port}/api/v1/status"))
+    status = json.loads(await get(f"http://127.0.0.1:{app.http_port}/api/v1/status"))
     (node,) = status["nodes"]
     assert node["node"] == "n01" and len(node["gpus"]) == 2
     health = {g["gpu"]: g["health"] for g in node["gpus"]}
@@ -199,7 +204,7 @@ async def test_unreachable_webhook_is_retried_until_it_answers(tmp_path: Path) -
         while time.time() < deadline and app.outbox.retried < 2:
             await asyncio.sleep(0.05)
         assert app.outbox.retried >= 2 and app.outbox.sent == 0
-        with WebhookReceiver(port=port) as receiver:
+        async with WebhookReceiver(port=port) as receiver:
             deadline = time.time() + 5
             while time.time() < deadline and not receiver.received:
                 await asyncio.sleep(0.05)
@@ -255,7 +260,7 @@ async def test_alert_fires_then_resolves_and_both_reach_the_webhook(app: Collect
 
 
 async def test_restarted_collector_keeps_its_firing_alerts_without_notifying_twice(tmp_path: Path) -> None:
-    with WebhookReceiver() as receiver:
+    async with WebhookReceiver() as receiver:
         config = CollectorConfig(grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'c.db'}",
                                  webhook_urls=[receiver.url], log_alerts=False, detect_interval_seconds=0.2)
         first = CollectorApp(config)

@@ -7,12 +7,12 @@ import math
 import threading
 
 import pytest
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, select, text
 from sqlalchemy import exc as sa_exc
 
 from fleetwatch.collector.storage import schema
 from fleetwatch.collector.storage import store as store_module
-from fleetwatch.collector.storage.store import IngestBatch, Store, StoreError
+from fleetwatch.collector.storage.store import IngestBatch, SchemaMigration, Store, StoreError
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
@@ -57,26 +57,11 @@ def every_gpu_metric() -> dict[str, float | int]:
 # -- schema -----------------------------------------------------------------------------------
 
 
-def test_create_schema_is_idempotent_and_records_version(store: Store) -> None:
+def test_migrate_again_keeps_data(store: Store) -> None:
     store.ingest([batch(1)])
-    store.create_schema()  # second call: no error, data kept
+    head = store.migrate().to_revision  # the fixture migrated already: nothing to do
+    assert store.migrate() == SchemaMigration(from_revision=head, to_revision=head)
     assert store.count_rows("gpu_samples") == 2
-    with store._engine.connect() as conn:
-        version = conn.execute(
-            select(schema.meta.c.value).where(schema.meta.c.key == schema.SCHEMA_VERSION_KEY)
-        ).scalar_one()
-    assert int(version) == schema.SCHEMA_VERSION
-
-
-def test_create_schema_refuses_a_newer_database(store: Store) -> None:
-    with store._engine.begin() as conn:
-        conn.execute(
-            update(schema.meta)
-            .where(schema.meta.c.key == schema.SCHEMA_VERSION_KEY)
-            .values(value=str(schema.SCHEMA_VERSION + 1))
-        )
-    with pytest.raises(StoreError, match="newer"):
-        store.create_schema()
 
 
 def test_count_rows_rejects_unknown_table(store: Store) -> None:
@@ -427,6 +412,7 @@ def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -
         "gpu": 3,
         "job": None,
         "rank": None,
+        "key": "79",
         "summary": f.summary,
         "evidence": {"xid": 79, "count": 1},
         "status": "firing",

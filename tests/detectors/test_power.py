@@ -5,7 +5,8 @@ import pytest
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
-from fleetwatch.detectors.power import HW_POWER_BRAKE_SLOWDOWN, PowerDetector, PowerThresholds
+from fleetwatch.detectors.power import PowerDetector, PowerThresholds
+from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN
 
 T0 = 1_700_000_000.0
 BUSY = {  # full load: the GPU holds its power limit (SW power cap), as H100s do under training

@@ -10,14 +10,8 @@ from fleetwatch.detectors.engine import RecentData
 from fleetwatch.records import GpuSample, Step
 from fleetwatch.detectors.model import Window
 from fleetwatch.detectors.replay import replay
-from fleetwatch.detectors.straggler_telemetry import (
-    HW_POWER_BRAKE_SLOWDOWN,
-    HW_SLOWDOWN,
-    HW_THERMAL_SLOWDOWN,
-    SW_POWER_CAP,
-    StragglerTelemetryDetector,
-    StragglerTelemetryThresholds,
-)
+from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector, StragglerTelemetryThresholds
+from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN, SW_POWER_CAP
 
 T0 = 1_700_000_000.0
 PEER = {

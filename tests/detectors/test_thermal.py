@@ -5,12 +5,8 @@ import pytest
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
-from fleetwatch.detectors.thermal import (
-    HW_THERMAL_SLOWDOWN,
-    SW_THERMAL_SLOWDOWN,
-    ThermalDetector,
-    ThermalThresholds,
-)
+from fleetwatch.detectors.thermal import ThermalDetector, ThermalThresholds
+from fleetwatch.nvml_bits import HW_THERMAL_SLOWDOWN, SW_THERMAL_SLOWDOWN
 
 T0 = 1_700_000_000.0
 COOL = {

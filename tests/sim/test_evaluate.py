@@ -342,7 +342,7 @@ def test_load_scenario_reports_bad_toml_and_missing_files(tmp_path):
 
 
 class FakeFleet:
-    """Stands in for agent.sim.fleet.SimFleet: 1 Hz samples on every GPU, XIDs from the faults."""
+    """Stands in for fleetwatch.sim.fleet.SimFleet: 1 Hz samples on every GPU, XIDs from the faults."""
 
     def __init__(self, scenario):
         self.scenario = scenario

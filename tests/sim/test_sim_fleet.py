@@ -1,4 +1,4 @@
-"""Tests for the simulated fleet (agent.sim.fleet): synchronous jobs, faults and healthy noise as the
+"""Tests for the simulated fleet (fleetwatch.sim.fleet): synchronous jobs, faults and healthy noise as the
 records a scenario file (tests/scenarios/README.md) produces, through the agent's own NVML source."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fleetwatch.detectors import detector_ids
-from fleetwatch.sim.alibaba import steps_from_alibaba_csv
+from tests.detectors.alibaba_traces import steps_from_alibaba_csv
 from fleetwatch.records import Step
 from fleetwatch.detectors.replay import replay
 from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
