@@ -24,9 +24,7 @@ class AgentConfig:
     procfs_root: str = setting("/proc", "where procfs is mounted (a fixture tree in tests)")
     sysfs_root: str = setting("/sys", "where sysfs is mounted: InfiniBand ports are read under it")
     kmsg_path: str = setting("/dev/kmsg", "kernel log to read XIDs from (empty: off)")
-    step_socket: str = setting(
-        DEFAULT_SOCKET, "Unix datagram socket training jobs send step times to (empty: off)"
-    )
+    step_socket: str = setting(DEFAULT_SOCKET, "Unix datagram socket training jobs send step times to (empty: off)")
     job_attribution: bool = setting(True, "name the Slurm job / Kubernetes pod and rank of each GPU's processes")
     metrics_listen: str = setting("0.0.0.0:9472", "address of the agent's own Prometheus /metrics (empty: off)")
     dcgm_names: bool = setting(False, "also export DCGM exporter metric names so existing dashboards keep working")

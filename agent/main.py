@@ -14,7 +14,6 @@ from typing import Any
 from fleetwatch import __version__
 from fleetwatch.addresses import join_host_port, parse_host_port
 from fleetwatch.agent.config import DEFAULT_PATH, AgentConfig
-from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
 from fleetwatch.agent.metrics import MetricsServer
 from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
@@ -26,6 +25,7 @@ from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch.agent.sources.steps import StepReceiver
 from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.state import AgentState
+from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
 from fleetwatch.systemd import setup_logging
 
 log = logging.getLogger("fleetwatch.agent")
@@ -40,13 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         AgentConfig,
         DEFAULT_PATH,
     )
-    parser.add_argument("--once", action="store_true", help="sample once, print the result and exit (no collector, no spool)")
+    parser.add_argument(
+        "--once", action="store_true", help="sample once, print the result and exit (no collector, no spool)"
+    )
     parser.add_argument("--json", action="store_true", help="with --once: print one JSON object")
     return parser
 
 
 def open_nvml(config: AgentConfig, node: str) -> NvmlSource | None:
     """The real driver, or the fake NVML over a simulated node: the same NvmlSource samples both."""
+    module: object | None  # pynvml or the fake: NvmlSource takes either
     if config.simulate:
         from fleetwatch.sim.fake_nvml import make_fake_nvml
         from fleetwatch.sim.node import SimNode
@@ -108,8 +111,10 @@ def sample_once_json(config: AgentConfig, node: str) -> dict[str, Any]:
             "host": cycle.host,
             "infiniband": cycle.ib_ports,
             "events": events,
-            "sources": {name: {"duration_seconds": s.last_duration_seconds, "success": s.last_success}
-                        for name, s in sampler.state.sources.items()},
+            "sources": {
+                name: {"duration_seconds": s.last_duration_seconds, "success": s.last_success}
+                for name, s in sampler.state.sources.items()
+            },
         }
     finally:
         if sampler.nvml is not None:
@@ -117,7 +122,10 @@ def sample_once_json(config: AgentConfig, node: str) -> dict[str, Any]:
 
 
 def print_once(result: dict[str, Any]) -> None:
-    print(f"node {result['node']} (boot {result['boot_id']}), NVML {'available' if result['nvml_available'] else 'unavailable'}")
+    print(
+        f"node {result['node']} (boot {result['boot_id']}), "
+        f"NVML {'available' if result['nvml_available'] else 'unavailable'}"
+    )
     for gpu in result["gpus"]:
         m = gpu["metrics"]
         print(f"  GPU {gpu['gpu']} {gpu.get('uuid')}: " + ", ".join(f"{k}={v}" for k, v in sorted(m.items())))
@@ -126,7 +134,10 @@ def print_once(result: dict[str, Any]) -> None:
             print(f"    not supported: {', '.join(missing)}")
     print("  host: " + ", ".join(f"{k}={v}" for k, v in sorted((result["host"] or {}).items())))
     for port in result["infiniband"]:
-        print(f"  ib {port['device']}/{port['port']}: " + ", ".join(f"{k}={v}" for k, v in sorted(port.items()) if k not in ("device", "port")))
+        print(
+            f"  ib {port['device']}/{port['port']}: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(port.items()) if k not in ("device", "port"))
+        )
     for event in result["events"]:
         print(f"  event: {event}")
 

@@ -14,7 +14,7 @@ field the GPU does not support has no sample at all (never 0).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
@@ -60,124 +60,312 @@ class FieldMetric:
 
 # The one mapping from canonical GPU fields (wire.GPU_FIELDS) to metric names. Labels: node, gpu, uuid.
 GPU_METRICS: tuple[FieldMetric, ...] = (
-    FieldMetric("gpu_util_percent", "fleetwatch_gpu_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
-                "Fraction of the last sample period during which a kernel ran on the GPU (NVML utilization.gpu)."),
-    FieldMetric("mem_util_percent", "fleetwatch_gpu_memory_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
-                "Fraction of the last sample period during which device memory was read or written "
-                "(NVML utilization.memory; not the fraction allocated)."),
-    FieldMetric("mem_used_bytes", "fleetwatch_gpu_memory_used_bytes", "gauge", _ONE,
-                "Device memory allocated, without the driver's reserved memory."),
-    FieldMetric("mem_total_bytes", "fleetwatch_gpu_memory_total_bytes", "gauge", _ONE,
-                "Device memory installed."),
-    FieldMetric("temp_gpu_celsius", "fleetwatch_gpu_temperature_celsius", "gauge", _ONE,
-                "GPU core temperature."),
-    FieldMetric("temp_mem_celsius", "fleetwatch_gpu_memory_temperature_celsius", "gauge", _ONE,
-                "HBM temperature."),
-    FieldMetric("temp_slowdown_celsius", "fleetwatch_gpu_slowdown_temperature_celsius", "gauge", _ONE,
-                "Core temperature at which the GPU starts hardware thermal slowdown."),
-    FieldMetric("temp_shutdown_celsius", "fleetwatch_gpu_shutdown_temperature_celsius", "gauge", _ONE,
-                "Core temperature at which the GPU shuts down."),
-    FieldMetric("power_watts", "fleetwatch_gpu_power_watts", "gauge", _ONE,
-                "Board power draw."),
-    FieldMetric("power_limit_watts", "fleetwatch_gpu_power_limit_watts", "gauge", _ONE,
-                "Power limit the driver enforces."),
-    FieldMetric("energy_joules", "fleetwatch_gpu_energy_joules_total", "counter", _ONE,
-                "Energy consumed since the driver was loaded."),
-    FieldMetric("sm_clock_mhz", "fleetwatch_gpu_sm_clock_hertz", "gauge", _MHZ_TO_HERTZ,
-                "SM clock frequency."),
-    FieldMetric("sm_clock_max_mhz", "fleetwatch_gpu_sm_clock_max_hertz", "gauge", _MHZ_TO_HERTZ,
-                "Maximum (boost) SM clock frequency."),
-    FieldMetric("mem_clock_mhz", "fleetwatch_gpu_memory_clock_hertz", "gauge", _MHZ_TO_HERTZ,
-                "Memory clock frequency."),
-    FieldMetric("clock_event_reasons", "fleetwatch_gpu_clock_event_reasons", "bitmask", _ONE,
-                "Why the clocks are below maximum, as NVML's nvmlClocksEventReason* bitmask; "
-                "see fleetwatch_gpu_clock_event_reason for the bits by name."),
-    FieldMetric("fan_percent", "fleetwatch_gpu_fan_speed_ratio", "gauge", _PERCENT_TO_RATIO,
-                "Fan speed as a fraction of its maximum."),
-    FieldMetric("pcie_replay_total", "fleetwatch_gpu_pcie_replays_total", "counter", _ONE,
-                "PCIe replays (link-level retransmissions)."),
-    FieldMetric("pcie_tx_bytes_per_second", "fleetwatch_gpu_pcie_transmit_bytes_per_second", "gauge", _ONE,
-                "PCIe bytes sent by the GPU per second (NVML samples a short window)."),
-    FieldMetric("pcie_rx_bytes_per_second", "fleetwatch_gpu_pcie_receive_bytes_per_second", "gauge", _ONE,
-                "PCIe bytes received by the GPU per second (NVML samples a short window)."),
-    FieldMetric("pcie_link_gen", "fleetwatch_gpu_pcie_link_generation", "gauge", _ONE,
-                "Current PCIe link generation."),
-    FieldMetric("pcie_link_gen_max", "fleetwatch_gpu_pcie_link_generation_max", "gauge", _ONE,
-                "Highest PCIe link generation the GPU and system support."),
-    FieldMetric("pcie_link_width", "fleetwatch_gpu_pcie_link_width_lanes", "gauge", _ONE,
-                "Current PCIe link width."),
-    FieldMetric("pcie_link_width_max", "fleetwatch_gpu_pcie_link_width_max_lanes", "gauge", _ONE,
-                "Widest PCIe link the GPU and system support."),
-    FieldMetric("ecc_sbe_volatile_total", "fleetwatch_gpu_ecc_sbe_volatile_errors_total", "counter", _ONE,
-                "Corrected (single-bit) ECC errors since the driver was loaded."),
-    FieldMetric("ecc_dbe_volatile_total", "fleetwatch_gpu_ecc_dbe_volatile_errors_total", "counter", _ONE,
-                "Uncorrected (double-bit) ECC errors since the driver was loaded."),
-    FieldMetric("ecc_sbe_aggregate_total", "fleetwatch_gpu_ecc_sbe_aggregate_errors_total", "counter", _ONE,
-                "Corrected (single-bit) ECC errors over the board's life."),
-    FieldMetric("ecc_dbe_aggregate_total", "fleetwatch_gpu_ecc_dbe_aggregate_errors_total", "counter", _ONE,
-                "Uncorrected (double-bit) ECC errors over the board's life."),
-    FieldMetric("retired_pages_sbe", "fleetwatch_gpu_retired_pages_sbe", "gauge", _ONE,
-                "Pages retired after repeated single-bit ECC errors (pre-Ampere page retirement)."),
-    FieldMetric("retired_pages_dbe", "fleetwatch_gpu_retired_pages_dbe", "gauge", _ONE,
-                "Pages retired after a double-bit ECC error (pre-Ampere page retirement)."),
-    FieldMetric("retired_pages_pending", "fleetwatch_gpu_retired_pages_pending", "gauge", _ONE,
-                "1 while a page retirement waits for the next driver reload."),
-    FieldMetric("remapped_rows_correctable", "fleetwatch_gpu_remapped_rows_correctable", "gauge", _ONE,
-                "Memory rows remapped after correctable errors."),
-    FieldMetric("remapped_rows_uncorrectable", "fleetwatch_gpu_remapped_rows_uncorrectable", "gauge", _ONE,
-                "Memory rows remapped after uncorrectable errors."),
-    FieldMetric("remap_pending", "fleetwatch_gpu_row_remap_pending", "gauge", _ONE,
-                "1 while a row remap waits for a GPU reset."),
-    FieldMetric("remap_failure", "fleetwatch_gpu_row_remap_failed", "gauge", _ONE,
-                "1 when a row remap failed: the GPU needs inspection."),
-    FieldMetric("nvlink_links_up", "fleetwatch_gpu_nvlink_links_up", "gauge", _ONE,
-                "NVLinks that are up."),
-    FieldMetric("nvlink_links_total", "fleetwatch_gpu_nvlink_links", "gauge", _ONE,
-                "NVLinks the GPU has."),
-    FieldMetric("nvlink_crc_flit_errors_total", "fleetwatch_gpu_nvlink_crc_flit_errors_total", "counter", _ONE,
-                "NVLink flow-control CRC errors, all links."),
-    FieldMetric("nvlink_crc_data_errors_total", "fleetwatch_gpu_nvlink_crc_data_errors_total", "counter", _ONE,
-                "NVLink data CRC errors, all links."),
-    FieldMetric("nvlink_replay_errors_total", "fleetwatch_gpu_nvlink_replay_errors_total", "counter", _ONE,
-                "NVLink replays, all links."),
-    FieldMetric("nvlink_recovery_errors_total", "fleetwatch_gpu_nvlink_recovery_errors_total", "counter", _ONE,
-                "NVLink recoveries, all links."),
+    FieldMetric(
+        "gpu_util_percent",
+        "fleetwatch_gpu_utilization_ratio",
+        "gauge",
+        _PERCENT_TO_RATIO,
+        "Fraction of the last sample period during which a kernel ran on the GPU (NVML utilization.gpu).",
+    ),
+    FieldMetric(
+        "mem_util_percent",
+        "fleetwatch_gpu_memory_utilization_ratio",
+        "gauge",
+        _PERCENT_TO_RATIO,
+        "Fraction of the last sample period during which device memory was read or written "
+        "(NVML utilization.memory; not the fraction allocated).",
+    ),
+    FieldMetric(
+        "mem_used_bytes",
+        "fleetwatch_gpu_memory_used_bytes",
+        "gauge",
+        _ONE,
+        "Device memory allocated, without the driver's reserved memory.",
+    ),
+    FieldMetric("mem_total_bytes", "fleetwatch_gpu_memory_total_bytes", "gauge", _ONE, "Device memory installed."),
+    FieldMetric("temp_gpu_celsius", "fleetwatch_gpu_temperature_celsius", "gauge", _ONE, "GPU core temperature."),
+    FieldMetric("temp_mem_celsius", "fleetwatch_gpu_memory_temperature_celsius", "gauge", _ONE, "HBM temperature."),
+    FieldMetric(
+        "temp_slowdown_celsius",
+        "fleetwatch_gpu_slowdown_temperature_celsius",
+        "gauge",
+        _ONE,
+        "Core temperature at which the GPU starts hardware thermal slowdown.",
+    ),
+    FieldMetric(
+        "temp_shutdown_celsius",
+        "fleetwatch_gpu_shutdown_temperature_celsius",
+        "gauge",
+        _ONE,
+        "Core temperature at which the GPU shuts down.",
+    ),
+    FieldMetric("power_watts", "fleetwatch_gpu_power_watts", "gauge", _ONE, "Board power draw."),
+    FieldMetric(
+        "power_limit_watts", "fleetwatch_gpu_power_limit_watts", "gauge", _ONE, "Power limit the driver enforces."
+    ),
+    FieldMetric(
+        "energy_joules",
+        "fleetwatch_gpu_energy_joules_total",
+        "counter",
+        _ONE,
+        "Energy consumed since the driver was loaded.",
+    ),
+    FieldMetric("sm_clock_mhz", "fleetwatch_gpu_sm_clock_hertz", "gauge", _MHZ_TO_HERTZ, "SM clock frequency."),
+    FieldMetric(
+        "sm_clock_max_mhz",
+        "fleetwatch_gpu_sm_clock_max_hertz",
+        "gauge",
+        _MHZ_TO_HERTZ,
+        "Maximum (boost) SM clock frequency.",
+    ),
+    FieldMetric(
+        "mem_clock_mhz", "fleetwatch_gpu_memory_clock_hertz", "gauge", _MHZ_TO_HERTZ, "Memory clock frequency."
+    ),
+    FieldMetric(
+        "clock_event_reasons",
+        "fleetwatch_gpu_clock_event_reasons",
+        "bitmask",
+        _ONE,
+        "Why the clocks are below maximum, as NVML's nvmlClocksEventReason* bitmask; "
+        "see fleetwatch_gpu_clock_event_reason for the bits by name.",
+    ),
+    FieldMetric(
+        "fan_percent",
+        "fleetwatch_gpu_fan_speed_ratio",
+        "gauge",
+        _PERCENT_TO_RATIO,
+        "Fan speed as a fraction of its maximum.",
+    ),
+    FieldMetric(
+        "pcie_replay_total",
+        "fleetwatch_gpu_pcie_replays_total",
+        "counter",
+        _ONE,
+        "PCIe replays (link-level retransmissions).",
+    ),
+    FieldMetric(
+        "pcie_tx_bytes_per_second",
+        "fleetwatch_gpu_pcie_transmit_bytes_per_second",
+        "gauge",
+        _ONE,
+        "PCIe bytes sent by the GPU per second (NVML samples a short window).",
+    ),
+    FieldMetric(
+        "pcie_rx_bytes_per_second",
+        "fleetwatch_gpu_pcie_receive_bytes_per_second",
+        "gauge",
+        _ONE,
+        "PCIe bytes received by the GPU per second (NVML samples a short window).",
+    ),
+    FieldMetric("pcie_link_gen", "fleetwatch_gpu_pcie_link_generation", "gauge", _ONE, "Current PCIe link generation."),
+    FieldMetric(
+        "pcie_link_gen_max",
+        "fleetwatch_gpu_pcie_link_generation_max",
+        "gauge",
+        _ONE,
+        "Highest PCIe link generation the GPU and system support.",
+    ),
+    FieldMetric("pcie_link_width", "fleetwatch_gpu_pcie_link_width_lanes", "gauge", _ONE, "Current PCIe link width."),
+    FieldMetric(
+        "pcie_link_width_max",
+        "fleetwatch_gpu_pcie_link_width_max_lanes",
+        "gauge",
+        _ONE,
+        "Widest PCIe link the GPU and system support.",
+    ),
+    FieldMetric(
+        "ecc_sbe_volatile_total",
+        "fleetwatch_gpu_ecc_sbe_volatile_errors_total",
+        "counter",
+        _ONE,
+        "Corrected (single-bit) ECC errors since the driver was loaded.",
+    ),
+    FieldMetric(
+        "ecc_dbe_volatile_total",
+        "fleetwatch_gpu_ecc_dbe_volatile_errors_total",
+        "counter",
+        _ONE,
+        "Uncorrected (double-bit) ECC errors since the driver was loaded.",
+    ),
+    FieldMetric(
+        "ecc_sbe_aggregate_total",
+        "fleetwatch_gpu_ecc_sbe_aggregate_errors_total",
+        "counter",
+        _ONE,
+        "Corrected (single-bit) ECC errors over the board's life.",
+    ),
+    FieldMetric(
+        "ecc_dbe_aggregate_total",
+        "fleetwatch_gpu_ecc_dbe_aggregate_errors_total",
+        "counter",
+        _ONE,
+        "Uncorrected (double-bit) ECC errors over the board's life.",
+    ),
+    FieldMetric(
+        "retired_pages_sbe",
+        "fleetwatch_gpu_retired_pages_sbe",
+        "gauge",
+        _ONE,
+        "Pages retired after repeated single-bit ECC errors (pre-Ampere page retirement).",
+    ),
+    FieldMetric(
+        "retired_pages_dbe",
+        "fleetwatch_gpu_retired_pages_dbe",
+        "gauge",
+        _ONE,
+        "Pages retired after a double-bit ECC error (pre-Ampere page retirement).",
+    ),
+    FieldMetric(
+        "retired_pages_pending",
+        "fleetwatch_gpu_retired_pages_pending",
+        "gauge",
+        _ONE,
+        "1 while a page retirement waits for the next driver reload.",
+    ),
+    FieldMetric(
+        "remapped_rows_correctable",
+        "fleetwatch_gpu_remapped_rows_correctable",
+        "gauge",
+        _ONE,
+        "Memory rows remapped after correctable errors.",
+    ),
+    FieldMetric(
+        "remapped_rows_uncorrectable",
+        "fleetwatch_gpu_remapped_rows_uncorrectable",
+        "gauge",
+        _ONE,
+        "Memory rows remapped after uncorrectable errors.",
+    ),
+    FieldMetric(
+        "remap_pending", "fleetwatch_gpu_row_remap_pending", "gauge", _ONE, "1 while a row remap waits for a GPU reset."
+    ),
+    FieldMetric(
+        "remap_failure",
+        "fleetwatch_gpu_row_remap_failed",
+        "gauge",
+        _ONE,
+        "1 when a row remap failed: the GPU needs inspection.",
+    ),
+    FieldMetric("nvlink_links_up", "fleetwatch_gpu_nvlink_links_up", "gauge", _ONE, "NVLinks that are up."),
+    FieldMetric("nvlink_links_total", "fleetwatch_gpu_nvlink_links", "gauge", _ONE, "NVLinks the GPU has."),
+    FieldMetric(
+        "nvlink_crc_flit_errors_total",
+        "fleetwatch_gpu_nvlink_crc_flit_errors_total",
+        "counter",
+        _ONE,
+        "NVLink flow-control CRC errors, all links.",
+    ),
+    FieldMetric(
+        "nvlink_crc_data_errors_total",
+        "fleetwatch_gpu_nvlink_crc_data_errors_total",
+        "counter",
+        _ONE,
+        "NVLink data CRC errors, all links.",
+    ),
+    FieldMetric(
+        "nvlink_replay_errors_total",
+        "fleetwatch_gpu_nvlink_replay_errors_total",
+        "counter",
+        _ONE,
+        "NVLink replays, all links.",
+    ),
+    FieldMetric(
+        "nvlink_recovery_errors_total",
+        "fleetwatch_gpu_nvlink_recovery_errors_total",
+        "counter",
+        _ONE,
+        "NVLink recoveries, all links.",
+    ),
 )
 
 # Canonical host fields (wire.HOST_FIELDS). Labels: node.
 HOST_METRICS: tuple[FieldMetric, ...] = (
-    FieldMetric("cpu_percent", "fleetwatch_host_cpu_utilization_ratio", "gauge", _PERCENT_TO_RATIO,
-                "Fraction of CPU time not idle, all CPUs, over the last sample period."),
-    FieldMetric("load1", "fleetwatch_host_load1", "gauge", _ONE,
-                "1-minute load average."),
-    FieldMetric("mem_used_bytes", "fleetwatch_host_memory_used_bytes", "gauge", _ONE,
-                "Host memory in use (total minus available)."),
-    FieldMetric("mem_total_bytes", "fleetwatch_host_memory_total_bytes", "gauge", _ONE,
-                "Host memory installed."),
-    FieldMetric("disk_used_bytes", "fleetwatch_host_disk_used_bytes", "gauge", _ONE,
-                "Disk space used on the agent's filesystem."),
-    FieldMetric("disk_total_bytes", "fleetwatch_host_disk_total_bytes", "gauge", _ONE,
-                "Disk space on the agent's filesystem."),
-    FieldMetric("net_rx_bytes_total", "fleetwatch_host_network_receive_bytes_total", "counter", _ONE,
-                "Bytes received on all network interfaces."),
-    FieldMetric("net_tx_bytes_total", "fleetwatch_host_network_transmit_bytes_total", "counter", _ONE,
-                "Bytes sent on all network interfaces."),
+    FieldMetric(
+        "cpu_percent",
+        "fleetwatch_host_cpu_utilization_ratio",
+        "gauge",
+        _PERCENT_TO_RATIO,
+        "Fraction of CPU time not idle, all CPUs, over the last sample period.",
+    ),
+    FieldMetric("load1", "fleetwatch_host_load1", "gauge", _ONE, "1-minute load average."),
+    FieldMetric(
+        "mem_used_bytes",
+        "fleetwatch_host_memory_used_bytes",
+        "gauge",
+        _ONE,
+        "Host memory in use (total minus available).",
+    ),
+    FieldMetric("mem_total_bytes", "fleetwatch_host_memory_total_bytes", "gauge", _ONE, "Host memory installed."),
+    FieldMetric(
+        "disk_used_bytes",
+        "fleetwatch_host_disk_used_bytes",
+        "gauge",
+        _ONE,
+        "Disk space used on the agent's filesystem.",
+    ),
+    FieldMetric(
+        "disk_total_bytes", "fleetwatch_host_disk_total_bytes", "gauge", _ONE, "Disk space on the agent's filesystem."
+    ),
+    FieldMetric(
+        "net_rx_bytes_total",
+        "fleetwatch_host_network_receive_bytes_total",
+        "counter",
+        _ONE,
+        "Bytes received on all network interfaces.",
+    ),
+    FieldMetric(
+        "net_tx_bytes_total",
+        "fleetwatch_host_network_transmit_bytes_total",
+        "counter",
+        _ONE,
+        "Bytes sent on all network interfaces.",
+    ),
 )
 
 # Canonical InfiniBand port fields (wire.IB_FIELDS). Labels: node, device, port.
 IB_METRICS: tuple[FieldMetric, ...] = (
-    FieldMetric("ib_state", "fleetwatch_ib_port_up", "state", _ONE,
-                "1 when the port is ACTIVE, else 0; the state itself is on fleetwatch_ib_port_state."),
-    FieldMetric("ib_rate_gbps", "fleetwatch_ib_port_rate_bytes_per_second", "gauge", _GBPS_TO_BYTES_PER_SECOND,
-                "Port signalling rate."),
-    FieldMetric("ib_link_downed_total", "fleetwatch_ib_link_downed_total", "counter", _ONE,
-                "Times the link went down (saturates at 255)."),
-    FieldMetric("ib_symbol_error_total", "fleetwatch_ib_symbol_errors_total", "counter", _ONE,
-                "Symbol errors on the link (saturates at 65535)."),
-    FieldMetric("ib_rcv_errors_total", "fleetwatch_ib_receive_errors_total", "counter", _ONE,
-                "Received packets with errors (saturates at 65535)."),
-    FieldMetric("ib_link_error_recovery_total", "fleetwatch_ib_link_error_recovery_total", "counter", _ONE,
-                "Successful link error recoveries (saturates at 255)."),
+    FieldMetric(
+        "ib_state",
+        "fleetwatch_ib_port_up",
+        "state",
+        _ONE,
+        "1 when the port is ACTIVE, else 0; the state itself is on fleetwatch_ib_port_state.",
+    ),
+    FieldMetric(
+        "ib_rate_gbps",
+        "fleetwatch_ib_port_rate_bytes_per_second",
+        "gauge",
+        _GBPS_TO_BYTES_PER_SECOND,
+        "Port signalling rate.",
+    ),
+    FieldMetric(
+        "ib_link_downed_total",
+        "fleetwatch_ib_link_downed_total",
+        "counter",
+        _ONE,
+        "Times the link went down (saturates at 255).",
+    ),
+    FieldMetric(
+        "ib_symbol_error_total",
+        "fleetwatch_ib_symbol_errors_total",
+        "counter",
+        _ONE,
+        "Symbol errors on the link (saturates at 65535).",
+    ),
+    FieldMetric(
+        "ib_rcv_errors_total",
+        "fleetwatch_ib_receive_errors_total",
+        "counter",
+        _ONE,
+        "Received packets with errors (saturates at 65535).",
+    ),
+    FieldMetric(
+        "ib_link_error_recovery_total",
+        "fleetwatch_ib_link_error_recovery_total",
+        "counter",
+        _ONE,
+        "Successful link error recoveries (saturates at 255).",
+    ),
 )
 
 
@@ -237,87 +425,183 @@ DCGM_METRICS: tuple[DcgmMetric, ...] = (
     # fields 252 / 251 / 250, in MiB. DCGM reads FREE from NVML; we derive it as total - used, which
     # also counts the driver-reserved memory (a few hundred MiB) that newer DCGM leaves out.
     DcgmMetric("DCGM_FI_DEV_FB_USED", "gauge", ("mem_used_bytes",), _mib, "Framebuffer memory used (in MiB)."),
-    DcgmMetric("DCGM_FI_DEV_FB_FREE", "gauge", ("mem_total_bytes", "mem_used_bytes"), _free_mib,
-               "Framebuffer memory free (in MiB)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_FB_FREE",
+        "gauge",
+        ("mem_total_bytes", "mem_used_bytes"),
+        _free_mib,
+        "Framebuffer memory free (in MiB).",
+    ),
     DcgmMetric("DCGM_FI_DEV_FB_TOTAL", "gauge", ("mem_total_bytes",), _mib, "Framebuffer memory total (in MiB)."),
     # fields 150 / 140 / 158 / 159, in C.
     DcgmMetric("DCGM_FI_DEV_GPU_TEMP", "gauge", ("temp_gpu_celsius",), _as_is, "GPU temperature (in C)."),
     DcgmMetric("DCGM_FI_DEV_MEMORY_TEMP", "gauge", ("temp_mem_celsius",), _as_is, "Memory temperature (in C)."),
-    DcgmMetric("DCGM_FI_DEV_SLOWDOWN_TEMP", "gauge", ("temp_slowdown_celsius",), _as_is,
-               "Slowdown temperature (in C)."),
-    DcgmMetric("DCGM_FI_DEV_SHUTDOWN_TEMP", "gauge", ("temp_shutdown_celsius",), _as_is,
-               "Shutdown temperature (in C)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_SLOWDOWN_TEMP", "gauge", ("temp_slowdown_celsius",), _as_is, "Slowdown temperature (in C)."
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_SHUTDOWN_TEMP", "gauge", ("temp_shutdown_celsius",), _as_is, "Shutdown temperature (in C)."
+    ),
     # field 155 (W); 164 is the enforced limit (W), which is what power_limit_watts holds.
     DcgmMetric("DCGM_FI_DEV_POWER_USAGE", "gauge", ("power_watts",), _as_is, "Power draw (in W)."),
-    DcgmMetric("DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "gauge", ("power_limit_watts",), _as_is,
-               "Enforced power limit (in W)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_ENFORCED_POWER_LIMIT", "gauge", ("power_limit_watts",), _as_is, "Enforced power limit (in W)."
+    ),
     # field 156; default-counters.csv: counter, in mJ.
-    DcgmMetric("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "counter", ("energy_joules",), _millijoules,
-               "Total energy consumption since the driver was loaded (in mJ)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "counter",
+        ("energy_joules",),
+        _millijoules,
+        "Total energy consumption since the driver was loaded (in mJ).",
+    ),
     # fields 100 / 113 / 101, in MHz.
     DcgmMetric("DCGM_FI_DEV_SM_CLOCK", "gauge", ("sm_clock_mhz",), _as_is, "SM clock frequency (in MHz)."),
-    DcgmMetric("DCGM_FI_DEV_MAX_SM_CLOCK", "gauge", ("sm_clock_max_mhz",), _as_is,
-               "Maximum SM clock frequency (in MHz)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_MAX_SM_CLOCK", "gauge", ("sm_clock_max_mhz",), _as_is, "Maximum SM clock frequency (in MHz)."
+    ),
     DcgmMetric("DCGM_FI_DEV_MEM_CLOCK", "gauge", ("mem_clock_mhz",), _as_is, "Memory clock frequency (in MHz)."),
     # field 112: CLOCKS_EVENT_REASONS since DCGM 3.3, CLOCK_THROTTLE_REASONS before (kept as an
     # alias); dcgm-exporter names a series after the field name in its counters file, and both
     # names are in use in existing dashboards.
-    DcgmMetric("DCGM_FI_DEV_CLOCKS_EVENT_REASONS", "gauge", ("clock_event_reasons",), _as_is,
-               "Clock event reasons now in effect (bitmask of DCGM_CLOCKS_EVENT_REASON_*)."),
-    DcgmMetric("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "gauge", ("clock_event_reasons",), _as_is,
-               "Clock throttle reasons now in effect (bitmask; the pre-3.3 name of field 112)."),
+    DcgmMetric(
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+        "gauge",
+        ("clock_event_reasons",),
+        _as_is,
+        "Clock event reasons now in effect (bitmask of DCGM_CLOCKS_EVENT_REASON_*).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
+        "gauge",
+        ("clock_event_reasons",),
+        _as_is,
+        "Clock throttle reasons now in effect (bitmask; the pre-3.3 name of field 112).",
+    ),
     # field 191, in percent 0-100.
     DcgmMetric("DCGM_FI_DEV_FAN_SPEED", "gauge", ("fan_percent",), _as_is, "Fan speed (in %)."),
     # field 202; default-counters.csv: counter.
-    DcgmMetric("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", ("pcie_replay_total",), _as_is,
-               "PCIe replays since the driver was loaded."),
+    DcgmMetric(
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "counter",
+        ("pcie_replay_total",),
+        _as_is,
+        "PCIe replays since the driver was loaded.",
+    ),
     # fields 200 / 201: NVML's PCIe throughput in KB/s. default-counters.csv types them counter
     # although the value is a rate; we keep its type so its users see what they saw.
-    DcgmMetric("DCGM_FI_DEV_PCIE_TX_THROUGHPUT", "counter", ("pcie_tx_bytes_per_second",), _kib_per_second,
-               "PCIe TX throughput (in KB/s) via NVML."),
-    DcgmMetric("DCGM_FI_DEV_PCIE_RX_THROUGHPUT", "counter", ("pcie_rx_bytes_per_second",), _kib_per_second,
-               "PCIe RX throughput (in KB/s) via NVML."),
+    DcgmMetric(
+        "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
+        "counter",
+        ("pcie_tx_bytes_per_second",),
+        _kib_per_second,
+        "PCIe TX throughput (in KB/s) via NVML.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
+        "counter",
+        ("pcie_rx_bytes_per_second",),
+        _kib_per_second,
+        "PCIe RX throughput (in KB/s) via NVML.",
+    ),
     # fields 237 / 235 / 238 / 236: not in default-counters.csv; gauges.
     DcgmMetric("DCGM_FI_DEV_PCIE_LINK_GEN", "gauge", ("pcie_link_gen",), _as_is, "PCIe current link generation."),
-    DcgmMetric("DCGM_FI_DEV_PCIE_MAX_LINK_GEN", "gauge", ("pcie_link_gen_max",), _as_is,
-               "PCIe maximum link generation."),
+    DcgmMetric(
+        "DCGM_FI_DEV_PCIE_MAX_LINK_GEN", "gauge", ("pcie_link_gen_max",), _as_is, "PCIe maximum link generation."
+    ),
     DcgmMetric("DCGM_FI_DEV_PCIE_LINK_WIDTH", "gauge", ("pcie_link_width",), _as_is, "PCIe current link width."),
-    DcgmMetric("DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH", "gauge", ("pcie_link_width_max",), _as_is,
-               "PCIe maximum link width."),
+    DcgmMetric(
+        "DCGM_FI_DEV_PCIE_MAX_LINK_WIDTH", "gauge", ("pcie_link_width_max",), _as_is, "PCIe maximum link width."
+    ),
     # fields 310-313; default-counters.csv (commented out): counters.
-    DcgmMetric("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", "counter", ("ecc_sbe_volatile_total",), _as_is,
-               "Single-bit ECC errors since the driver was loaded."),
-    DcgmMetric("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "counter", ("ecc_dbe_volatile_total",), _as_is,
-               "Double-bit ECC errors since the driver was loaded."),
-    DcgmMetric("DCGM_FI_DEV_ECC_SBE_AGG_TOTAL", "counter", ("ecc_sbe_aggregate_total",), _as_is,
-               "Single-bit ECC errors over the board's life."),
-    DcgmMetric("DCGM_FI_DEV_ECC_DBE_AGG_TOTAL", "counter", ("ecc_dbe_aggregate_total",), _as_is,
-               "Double-bit ECC errors over the board's life."),
+    DcgmMetric(
+        "DCGM_FI_DEV_ECC_SBE_VOL_TOTAL",
+        "counter",
+        ("ecc_sbe_volatile_total",),
+        _as_is,
+        "Single-bit ECC errors since the driver was loaded.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
+        "counter",
+        ("ecc_dbe_volatile_total",),
+        _as_is,
+        "Double-bit ECC errors since the driver was loaded.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+        "counter",
+        ("ecc_sbe_aggregate_total",),
+        _as_is,
+        "Single-bit ECC errors over the board's life.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+        "counter",
+        ("ecc_dbe_aggregate_total",),
+        _as_is,
+        "Double-bit ECC errors over the board's life.",
+    ),
     # fields 390-392; default-counters.csv (commented out): counters.
-    DcgmMetric("DCGM_FI_DEV_RETIRED_SBE", "counter", ("retired_pages_sbe",), _as_is,
-               "Pages retired for single-bit ECC errors."),
-    DcgmMetric("DCGM_FI_DEV_RETIRED_DBE", "counter", ("retired_pages_dbe",), _as_is,
-               "Pages retired for double-bit ECC errors."),
-    DcgmMetric("DCGM_FI_DEV_RETIRED_PENDING", "counter", ("retired_pages_pending",), _as_is,
-               "1 while a page retirement is pending."),
+    DcgmMetric(
+        "DCGM_FI_DEV_RETIRED_SBE", "counter", ("retired_pages_sbe",), _as_is, "Pages retired for single-bit ECC errors."
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_RETIRED_DBE", "counter", ("retired_pages_dbe",), _as_is, "Pages retired for double-bit ECC errors."
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_RETIRED_PENDING",
+        "counter",
+        ("retired_pages_pending",),
+        _as_is,
+        "1 while a page retirement is pending.",
+    ),
     # fields 394 / 393 (counters) and 395 (gauge) in default-counters.csv; 396 is not there: gauge.
-    DcgmMetric("DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS", "counter", ("remapped_rows_correctable",), _as_is,
-               "Rows remapped for correctable errors."),
-    DcgmMetric("DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "counter", ("remapped_rows_uncorrectable",), _as_is,
-               "Rows remapped for uncorrectable errors."),
-    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", ("remap_failure",), _as_is,
-               "1 if a row remap failed."),
-    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge", ("remap_pending",), _as_is,
-               "1 while a row remap is pending."),
+    DcgmMetric(
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "counter",
+        ("remapped_rows_correctable",),
+        _as_is,
+        "Rows remapped for correctable errors.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "counter",
+        ("remapped_rows_uncorrectable",),
+        _as_is,
+        "Rows remapped for uncorrectable errors.",
+    ),
+    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_FAILURE", "gauge", ("remap_failure",), _as_is, "1 if a row remap failed."),
+    DcgmMetric("DCGM_FI_DEV_ROW_REMAP_PENDING", "gauge", ("remap_pending",), _as_is, "1 while a row remap is pending."),
     # fields 409 / 419 / 429 / 439 (totals over all links); default-counters.csv (commented out): counters.
-    DcgmMetric("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", "counter", ("nvlink_crc_flit_errors_total",),
-               _as_is, "NVLink flow-control CRC errors, all links."),
-    DcgmMetric("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", "counter", ("nvlink_crc_data_errors_total",),
-               _as_is, "NVLink data CRC errors, all links."),
-    DcgmMetric("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", "counter", ("nvlink_replay_errors_total",),
-               _as_is, "NVLink replays, all links."),
-    DcgmMetric("DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL", "counter", ("nvlink_recovery_errors_total",),
-               _as_is, "NVLink recoveries, all links."),
+    DcgmMetric(
+        "DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL",
+        "counter",
+        ("nvlink_crc_flit_errors_total",),
+        _as_is,
+        "NVLink flow-control CRC errors, all links.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL",
+        "counter",
+        ("nvlink_crc_data_errors_total",),
+        _as_is,
+        "NVLink data CRC errors, all links.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL",
+        "counter",
+        ("nvlink_replay_errors_total",),
+        _as_is,
+        "NVLink replays, all links.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL",
+        "counter",
+        ("nvlink_recovery_errors_total",),
+        _as_is,
+        "NVLink recoveries, all links.",
+    ),
     # field 230 in default-counters.csv: gauge, "Value of the last XID error encountered" (from
     # AgentState.xid_last, put beside the GPU's metrics by the snapshot under the name xid_last).
     DcgmMetric("DCGM_FI_DEV_XID_ERRORS", "gauge", ("xid_last",), _as_is, "Value of the last XID error encountered."),
@@ -444,7 +728,9 @@ class AgentMetrics(Collector):
     # ---- families ------------------------------------------------------------------------------
 
     @staticmethod
-    def _family(name: str, help_text: str, counter: bool, labels: Iterable[str]) -> Metric:
+    def _family(
+        name: str, help_text: str, counter: bool, labels: Iterable[str]
+    ) -> CounterMetricFamily | GaugeMetricFamily:
         if counter:
             return CounterMetricFamily(name, help_text, labels=list(labels))
         return GaugeMetricFamily(name, help_text, labels=list(labels))
@@ -453,7 +739,7 @@ class AgentMetrics(Collector):
         self,
         table: tuple[FieldMetric, ...],
         label_names: tuple[str, ...],
-        entities: list[tuple[tuple[str, ...], dict[str, Any]]],
+        entities: Sequence[tuple[tuple[str, ...], Mapping[str, Any]]],
     ) -> Iterator[Metric]:
         """One family per table row, one sample per entity that has the field (absent: no sample)."""
         for spec in table:
@@ -486,14 +772,22 @@ class AgentMetrics(Collector):
         # From the inventory, not state.gpus: a GPU that stopped answering keeps its identity here,
         # so `fleetwatch_gpu_info unless on(node, gpu) fleetwatch_gpu_power_watts` finds it.
         family = GaugeMetricFamily(
-            "fleetwatch_gpu_info", "GPU identity as NVML reported it when the agent started; always 1.",
+            "fleetwatch_gpu_info",
+            "GPU identity as NVML reported it when the agent started; always 1.",
             labels=list(_INFO_LABELS),
         )
         for entry in sorted(snap.inventory, key=lambda e: e.get("index", -1)):
             family.add_metric(
-                [snap.node, _text(entry.get("index")), _text(entry.get("uuid")), _text(entry.get("name")),
-                 _text(entry.get("pci_bus_id")), _text(entry.get("serial")), _text(entry.get("driver_version")),
-                 _text(entry.get("cuda_version"))],
+                [
+                    snap.node,
+                    _text(entry.get("index")),
+                    _text(entry.get("uuid")),
+                    _text(entry.get("name")),
+                    _text(entry.get("pci_bus_id")),
+                    _text(entry.get("serial")),
+                    _text(entry.get("driver_version")),
+                    _text(entry.get("cuda_version")),
+                ],
                 1,
             )
         if family.samples:
@@ -504,7 +798,8 @@ class AgentMetrics(Collector):
         uuids = {entry.get("index"): _text(entry.get("uuid")) for entry in snap.inventory}
         uuids.update({g.index: g.uuid for g in snap.gpus})
         family = CounterMetricFamily(
-            "fleetwatch_gpu_xid_errors_total", "XID errors seen since the agent started, by XID code.",
+            "fleetwatch_gpu_xid_errors_total",
+            "XID errors seen since the agent started, by XID code.",
             labels=[*_GPU_LABELS, "xid"],
         )
         ordered = sorted(snap.xid_counts.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0, kv[0][1]))
@@ -548,7 +843,8 @@ class AgentMetrics(Collector):
         state_spec = next(spec for spec in IB_METRICS if spec.kind == "state")
         up = GaugeMetricFamily(state_spec.name, state_spec.help, labels=list(_IB_LABELS))
         states = GaugeMetricFamily(
-            "fleetwatch_ib_port_state", "The port's logical state (sysfs `state`) as a label; always 1.",
+            "fleetwatch_ib_port_state",
+            "The port's logical state (sysfs `state`) as a label; always 1.",
             labels=[*_IB_LABELS, "state"],
         )
         for labels, port in entities:
@@ -563,41 +859,59 @@ class AgentMetrics(Collector):
         yield from self._field_families(numeric, _IB_LABELS, entities)
 
     def _agent_families(self, snap: _Snapshot) -> Iterator[Metric]:
-        yield GaugeMetricFamily("fleetwatch_agent_sample_duration_seconds",
-                                "Wall time of the last sampling cycle.", value=snap.sample_wall_seconds_last)
-        yield GaugeMetricFamily("fleetwatch_agent_sample_cpu_seconds",
-                                "CPU time the agent spent in the last sampling cycle.",
-                                value=snap.sample_cpu_seconds_last)
-        yield CounterMetricFamily("fleetwatch_agent_samples_total", "Sampling cycles completed.",
-                                  value=snap.samples_total)
-        yield GaugeMetricFamily("fleetwatch_agent_spool_bytes", "Bytes of batches spooled, not yet acknowledged.",
-                                value=snap.spool_bytes)
-        yield GaugeMetricFamily("fleetwatch_agent_spool_batches", "Batches spooled, not yet acknowledged.",
-                                value=snap.spool_batches)
-        yield CounterMetricFamily("fleetwatch_agent_spool_dropped_batches_total",
-                                  "Unacknowledged batches dropped because the spool hit its limit.",
-                                  value=snap.spool_dropped_batches_total)
-        yield GaugeMetricFamily("fleetwatch_agent_collector_connected",
-                                "1 while the stream to the collector is up, else 0.",
-                                value=1 if snap.collector_connected else 0)
-        yield GaugeMetricFamily("fleetwatch_agent_nvml_available",
-                                "1 when NVML loaded and GPUs are sampled, 0 when the agent runs host-only.",
-                                value=1 if snap.nvml_available else 0)
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_sample_duration_seconds",
+            "Wall time of the last sampling cycle.",
+            value=snap.sample_wall_seconds_last,
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_sample_cpu_seconds",
+            "CPU time the agent spent in the last sampling cycle.",
+            value=snap.sample_cpu_seconds_last,
+        )
+        yield CounterMetricFamily(
+            "fleetwatch_agent_samples_total", "Sampling cycles completed.", value=snap.samples_total
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_spool_bytes", "Bytes of batches spooled, not yet acknowledged.", value=snap.spool_bytes
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_spool_batches", "Batches spooled, not yet acknowledged.", value=snap.spool_batches
+        )
+        yield CounterMetricFamily(
+            "fleetwatch_agent_spool_dropped_batches_total",
+            "Unacknowledged batches dropped because the spool hit its limit.",
+            value=snap.spool_dropped_batches_total,
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_collector_connected",
+            "1 while the stream to the collector is up, else 0.",
+            value=1 if snap.collector_connected else 0,
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_agent_nvml_available",
+            "1 when NVML loaded and GPUs are sampled, 0 when the agent runs host-only.",
+            value=1 if snap.nvml_available else 0,
+        )
         # Per source, as node_exporter's node_scrape_collector_{duration_seconds,success}.
-        duration = GaugeMetricFamily("fleetwatch_agent_source_duration_seconds",
-                                     "Wall time of the source's last sample.", labels=["source"])
-        success = GaugeMetricFamily("fleetwatch_agent_source_success",
-                                    "1 if the source's last sample succeeded, else 0.", labels=["source"])
-        errors = CounterMetricFamily("fleetwatch_agent_source_errors_total",
-                                     "Samples of the source that failed.", labels=["source"])
+        duration = GaugeMetricFamily(
+            "fleetwatch_agent_source_duration_seconds", "Wall time of the source's last sample.", labels=["source"]
+        )
+        success = GaugeMetricFamily(
+            "fleetwatch_agent_source_success", "1 if the source's last sample succeeded, else 0.", labels=["source"]
+        )
+        errors = CounterMetricFamily(
+            "fleetwatch_agent_source_errors_total", "Samples of the source that failed.", labels=["source"]
+        )
         for name, seconds, ok, errors_total in snap.sources:
             duration.add_metric([name], seconds)
             success.add_metric([name], 1 if ok else 0)
             errors.add_metric([name], errors_total)
         if snap.sources:
             yield from (duration, success, errors)
-        build_info = GaugeMetricFamily("fleetwatch_agent_build_info", "The agent's version; always 1.",
-                                       labels=["version"])
+        build_info = GaugeMetricFamily(
+            "fleetwatch_agent_build_info", "The agent's version; always 1.", labels=["version"]
+        )
         build_info.add_metric([AGENT_VERSION], 1)
         yield build_info
 

@@ -12,19 +12,20 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
 from fleetwatch import __version__
-from fleetwatch.asyncwait import wait_any
-from fleetwatch.backoff import backoff_seconds
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.sampler import Cycle, Sampler
 from fleetwatch.agent.sources.kmsg import KmsgSource
 from fleetwatch.agent.sources.steps import StepReceiver
 from fleetwatch.agent.spool import Spool
+from fleetwatch.asyncwait import wait_any
+from fleetwatch.backoff import backoff_seconds
 from fleetwatch.systemd import notify, watchdog_interval_seconds
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
@@ -103,7 +104,9 @@ class Agent:
                 batch.host.ib_ports.append(ib_port_message(port))
         batch.events.extend(event_from_dict(e) for e in cycle.events)
         for step in cycle.steps:
-            report = batch.steps.add(t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"])
+            report = batch.steps.add(
+                t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"]
+            )
             if step.get("gpu") is not None:
                 report.gpu = step["gpu"]
         with self._spool_lock:
@@ -340,7 +343,9 @@ class Agent:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 attempt = 0 if self._welcomed else attempt + 1
                 self._welcomed = False
-                delay = backoff_seconds(attempt, self.config.reconnect_min_seconds, self.config.reconnect_max_seconds, self._rng)
+                delay = backoff_seconds(
+                    attempt, self.config.reconnect_min_seconds, self.config.reconnect_max_seconds, self._rng
+                )
                 log.warning(
                     "collector %s: %s; %d batches spooled; reconnecting in %.1f s",
                     self.config.collector_address,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.infiniband import InfinibandSource
@@ -95,10 +96,16 @@ class Sampler:
                 self.state.count_xid(event.get("gpu"), int(event["xid"]))
                 log.warning(
                     "XID %s on GPU %s (%s) from %s: %s",
-                    event["xid"], event.get("gpu"), event.get("pci_bus_id"), event.get("source"), event.get("message", ""),
+                    event["xid"],
+                    event.get("gpu"),
+                    event.get("pci_bus_id"),
+                    event.get("source"),
+                    event.get("message", ""),
                 )
             elif event.get("kind") == "gpu_lost":
-                log.error("GPU %s (%s) is lost: %s", event.get("gpu"), event.get("pci_bus_id"), event.get("message", ""))
+                log.error(
+                    "GPU %s (%s) is lost: %s", event.get("gpu"), event.get("pci_bus_id"), event.get("message", "")
+                )
             admitted.append(event)
         return admitted
 

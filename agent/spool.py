@@ -107,17 +107,14 @@ class Spool:
         size_bytes = len(payload)
         with self._lock:
             if seq <= 0 or seq > self._last_seq:
-                raise ValueError(
-                    f"seq {seq} was not allocated by next_seq() (last allocated {self._last_seq})"
-                )
+                raise ValueError(f"seq {seq} was not allocated by next_seq() (last allocated {self._last_seq})")
             if seq in self._sizes:
                 raise ValueError(f"seq {seq} is already in the spool")
             if size_bytes > self.max_bytes:
                 self.dropped_batches += 1
                 self.dropped_bytes += size_bytes
                 log.warning(
-                    "spool dropped 1 batch (%d bytes, seq %d): larger than the whole spool "
-                    "bound of %d bytes",
+                    "spool dropped 1 batch (%d bytes, seq %d): larger than the whole spool bound of %d bytes",
                     size_bytes,
                     seq,
                     self.max_bytes,
@@ -130,9 +127,7 @@ class Spool:
             self._total_bytes += size_bytes
             self._enforce_bound()
 
-    def pending(
-        self, after_seq: int = 0, *, max_batches: int | None = None
-    ) -> list[tuple[int, bytes]]:
+    def pending(self, after_seq: int = 0, *, max_batches: int | None = None) -> list[tuple[int, bytes]]:
         """Un-acked batches with seq > ``after_seq``, oldest first, read from disk.
 
         ``max_batches`` caps how many are read, so a sender catching up after a long outage
@@ -228,9 +223,7 @@ class Spool:
         except FileNotFoundError:
             return 0
         except (OSError, UnicodeDecodeError) as exc:
-            log.error(
-                "spool state %s unreadable (%s); seq resumes after the batches on disk", path, exc
-            )
+            log.error("spool state %s unreadable (%s); seq resumes after the batches on disk", path, exc)
             return 0
         try:
             seq = int(text.strip())
@@ -285,8 +278,7 @@ class Spool:
         self.dropped_batches += dropped_count
         self.dropped_bytes += dropped_bytes
         log.warning(
-            "spool over its bound of %d bytes: dropped %d oldest batches (%d bytes); "
-            "%d batches (%d bytes) remain",
+            "spool over its bound of %d bytes: dropped %d oldest batches (%d bytes); %d batches (%d bytes) remain",
             self.max_bytes,
             dropped_count,
             dropped_bytes,

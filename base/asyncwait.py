@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable
+from collections.abc import Awaitable
 
 
 async def wait_any(*conditions: asyncio.Event | Awaitable, timeout_seconds: float) -> None:

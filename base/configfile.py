@@ -17,8 +17,9 @@ import tomllib
 import types
 import typing
 import urllib.parse
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 ENV_PREFIX = "FLEETWATCH_"
 # What a secret with no safe part to show prints as.
@@ -201,7 +202,9 @@ def _coerce(key: str, source: str, value: Any, tp: Any) -> Any:
         try:
             number = base(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {'an integer' if base is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(
+                f"{where}: expected {'an integer' if base is int else 'a number'}, got {value!r}"
+            ) from None
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return number
@@ -241,7 +244,11 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if not f.metadata.get("flag", True):
             continue
         base, _ = _base_type(f.type)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            assert f.default_factory is not dataclasses.MISSING, f"{name} has no default"
+            default = f.default_factory()
         default = _wrap(f.type, default)
         env = ENV_PREFIX + name.upper()
         help_text = f"{f.metadata['help']} [default: {default!r}; env {env}]"

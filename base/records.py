@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 SEVERITIES = ("info", "warning", "critical")
 ACTIONS = ("none", "check_app", "reset_gpu", "reboot", "inspect_hardware", "drain")

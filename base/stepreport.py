@@ -117,7 +117,9 @@ class StepReporter:
         self._logged = False
         self._retry_after_monotonic = 0.0
         # The job and rank never change: encode them once, so a report only formats two numbers.
-        self._prefix = (json.dumps({"job": job, "rank": rank}, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"step":').encode("utf-8")
+        self._prefix = (
+            json.dumps({"job": job, "rank": rank}, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"step":'
+        ).encode("utf-8")
         self._socket: socket.socket | None = None
         try:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -131,7 +133,7 @@ class StepReporter:
         try:
             step = operator.index(step)  # ints, numpy integers; not floats
             seconds = float(seconds)  # floats, numpy floats, 0-d tensors
-        except Exception:  # noqa: BLE001 - whatever the caller passed, report() must not raise
+        except Exception:
             self._refuse(step, seconds)
             return
         if not (0 <= step <= MAX_STEP and 0.0 < seconds < MAX_STEP_SECONDS):  # NaN fails too
@@ -141,7 +143,7 @@ class StepReporter:
         if sock is None or time.monotonic() < self._retry_after_monotonic:
             self.dropped += 1
             return
-        payload = b"%s%d,\"seconds\":%s}" % (self._prefix, step, repr(seconds).encode("ascii"))
+        payload = b'%s%d,"seconds":%s}' % (self._prefix, step, repr(seconds).encode("ascii"))
         try:
             # sendto with the path on every report, not connect() once: a connected socket keeps
             # pointing at a restarted agent's old, dead socket; the path finds the new one.
@@ -185,7 +187,10 @@ class StepReporter:
             logging.WARNING,
             "step report refused: step must be an integer from 0 to %d and seconds a number in (0, %g): "
             "step=%r seconds=%r",
-            MAX_STEP, MAX_STEP_SECONDS, step, seconds,
+            MAX_STEP,
+            MAX_STEP_SECONDS,
+            step,
+            seconds,
         )
 
     def _log_once(self, level: int, message: str, *args: object) -> None:

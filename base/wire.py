@@ -6,7 +6,8 @@ telemetry.proto; this module derives its lists from the descriptors so there is 
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
@@ -21,9 +22,7 @@ _INTEGER_TYPES = {
 
 GPU_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.GpuMetrics.DESCRIPTOR.fields)
 HOST_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.HostMetrics.DESCRIPTOR.fields)
-IB_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in pb.IbPortMetrics.DESCRIPTOR.fields if f.name.startswith("ib_")
-)
+IB_FIELDS: tuple[str, ...] = tuple(f.name for f in pb.IbPortMetrics.DESCRIPTOR.fields if f.name.startswith("ib_"))
 # Fields whose values are whole numbers (counters, bitmasks, flags, link widths).
 INTEGER_FIELDS: frozenset[str] = frozenset(
     f.name

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -32,7 +33,7 @@ PURGE_EVERY_SECONDS = 600.0
 TOUCH_NODES_EVERY_SECONDS = 10.0
 
 
-def ib_sample(node: str, port: dict) -> IbSample:
+def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:
     """An ingested (or stored) InfiniBand port row as the detectors' record."""
     metrics = {k: v for k, v in port.items() if k.startswith("ib_") and v is not None}
     return IbSample(t=port["t"], node=node, device=port["device"], port=int(port["port"]), metrics=metrics)
@@ -87,7 +88,11 @@ class CollectorApp:
     def _on_hello(self, hello: pb.Hello, now: float) -> None:
         interval = self.config.agent_sampling_interval_seconds or hello.sampling_interval_seconds or 1.0
         self.recent.note_node(
-            hello.node, now, boot_id=hello.boot_id, sampling_interval_seconds=interval, gpu_count=len(hello.gpus) or None
+            hello.node,
+            now,
+            boot_id=hello.boot_id,
+            sampling_interval_seconds=interval,
+            gpu_count=len(hello.gpus) or None,
         )
 
     def _on_stored(self, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
@@ -151,9 +156,7 @@ class CollectorApp:
             clock=self.clock,
         )
         limit = self.config.max_message_bytes
-        self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)]
-        )
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
         pb_grpc.add_TelemetryServicer_to_server(service, self._server)
         try:
             self.grpc_port = self._server.add_insecure_port(self.config.grpc_listen)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from fleetwatch.asyncwait import wait_any
-from fleetwatch.systemd import notify, watchdog_interval_seconds
 from fleetwatch.collector.storage.store import Store
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.records import Finding
+from fleetwatch.systemd import notify, watchdog_interval_seconds
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 import math
 import queue
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from fleetwatch.collector.storage.store import IngestBatch, Store, StoreError
 from fleetwatch.records import Event, GpuSample, HostSample, Step
@@ -33,9 +33,14 @@ def _finite(metrics: dict) -> dict:
 def to_ingest_batch(node: str, boot_id: str, batch: pb.Batch, received_at: float) -> IngestBatch:
     if batch.seq == 0:
         raise BatchRejected("batch seq must be 1 or more")
-    if len(batch.gpus) > MAX_GPUS_PER_BATCH or len(batch.events) > MAX_EVENTS_PER_BATCH or len(batch.steps) > MAX_STEPS_PER_BATCH:
+    if (
+        len(batch.gpus) > MAX_GPUS_PER_BATCH
+        or len(batch.events) > MAX_EVENTS_PER_BATCH
+        or len(batch.steps) > MAX_STEPS_PER_BATCH
+    ):
         raise BatchRejected(
-            f"batch {batch.seq} over limits ({len(batch.gpus)} GPU samples, {len(batch.events)} events, {len(batch.steps)} steps)"
+            f"batch {batch.seq} over limits ({len(batch.gpus)} GPU samples, "
+            f"{len(batch.events)} events, {len(batch.steps)} steps)"
         )
     gpu_samples = [
         GpuSample(
@@ -72,7 +77,15 @@ def to_ingest_batch(node: str, boot_id: str, batch: pb.Batch, received_at: float
         for e in batch.events
     ]
     steps = [
-        Step(t=s.t, job=s.job, rank=s.rank, node=node, step=s.step, seconds=s.seconds, gpu=s.gpu if s.HasField("gpu") else None)
+        Step(
+            t=s.t,
+            job=s.job,
+            rank=s.rank,
+            node=node,
+            step=s.step,
+            seconds=s.seconds,
+            gpu=s.gpu if s.HasField("gpu") else None,
+        )
         for s in batch.steps
     ]
     return IngestBatch(
@@ -126,7 +139,7 @@ class IngestWriter:
     def queued(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, item: IngestBatch) -> "asyncio.Future[bool]":
+    async def submit(self, item: IngestBatch) -> asyncio.Future[bool]:
         assert self._loop is not None
         future: asyncio.Future[bool] = self._loop.create_future()
         while True:

@@ -8,11 +8,11 @@ import logging
 import signal
 import sys
 
-from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
-from fleetwatch.systemd import notify, setup_logging
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import DEFAULT_PATH, CollectorConfig
 from fleetwatch.collector.storage.store import Store, StoreError
+from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
+from fleetwatch.systemd import notify, setup_logging
 
 log = logging.getLogger("fleetwatch.collector")
 

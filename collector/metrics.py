@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
 class CollectorMetrics(Collector):
     """collect() reads detection state that only the event loop changes: call it there, as /metrics does."""
 
-    def __init__(self, app: "CollectorApp") -> None:
+    def __init__(self, app: CollectorApp) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
@@ -25,21 +26,43 @@ class CollectorMetrics(Collector):
             return CounterMetricFamily(name, help, value=value)
 
         yield counter("fleetwatch_collector_batches", "Batches stored (first time seen).", stats.batches)
-        yield counter("fleetwatch_collector_batches_duplicate", "Batches received again and not stored twice.", stats.duplicates)
+        yield counter(
+            "fleetwatch_collector_batches_duplicate", "Batches received again and not stored twice.", stats.duplicates
+        )
         samples = CounterMetricFamily("fleetwatch_collector_samples", "Samples stored, by kind.", labels=["kind"])
         samples.add_metric(["gpu"], stats.gpu_samples)
         samples.add_metric(["host"], stats.host_samples)
         yield samples
         yield counter("fleetwatch_collector_events", "Events stored (XIDs, GPU lost, ...).", stats.events)
         yield counter("fleetwatch_collector_batches_rejected", "Streams ended for a malformed message.", stats.rejected)
-        yield counter("fleetwatch_collector_ingest_errors", "Database writes of ingested batches that failed.", app.writer.errors)
-        yield GaugeMetricFamily("fleetwatch_collector_ingest_queue_batches", "Batches waiting for the database writer.", value=app.writer.queued)
-        yield GaugeMetricFamily("fleetwatch_collector_agents_connected", "Agents with an open stream.", value=stats.agents_connected)
+        yield counter(
+            "fleetwatch_collector_ingest_errors", "Database writes of ingested batches that failed.", app.writer.errors
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_collector_ingest_queue_batches",
+            "Batches waiting for the database writer.",
+            value=app.writer.queued,
+        )
+        yield GaugeMetricFamily(
+            "fleetwatch_collector_agents_connected", "Agents with an open stream.", value=stats.agents_connected
+        )
 
-        connected = GaugeMetricFamily("fleetwatch_agent_connected", "1 while the node's agent has an open stream.", labels=["node"])
-        lag = GaugeMetricFamily("fleetwatch_agent_ingest_lag_seconds", "Sampled-at to stored-and-acked of the node's newest batch.", labels=["node"])
-        spool = GaugeMetricFamily("fleetwatch_agent_spool_bytes", "Bytes in the agent's spool (not yet acked) as it last reported.", labels=["node"])
-        spool_batches = GaugeMetricFamily("fleetwatch_agent_spool_batches", "Batches in the agent's spool as it last reported.", labels=["node"])
+        connected = GaugeMetricFamily(
+            "fleetwatch_agent_connected", "1 while the node's agent has an open stream.", labels=["node"]
+        )
+        lag = GaugeMetricFamily(
+            "fleetwatch_agent_ingest_lag_seconds",
+            "Sampled-at to stored-and-acked of the node's newest batch.",
+            labels=["node"],
+        )
+        spool = GaugeMetricFamily(
+            "fleetwatch_agent_spool_bytes",
+            "Bytes in the agent's spool (not yet acked) as it last reported.",
+            labels=["node"],
+        )
+        spool_batches = GaugeMetricFamily(
+            "fleetwatch_agent_spool_batches", "Batches in the agent's spool as it last reported.", labels=["node"]
+        )
         for node, link in sorted(stats.links.items()):
             connected.add_metric([node], 1.0 if link.connected else 0.0)
             if link.ingest_lag_seconds is not None:
@@ -48,7 +71,9 @@ class CollectorMetrics(Collector):
             spool_batches.add_metric([node], link.spool_batches)
         yield from (connected, lag, spool, spool_batches)
 
-        firing = GaugeMetricFamily("fleetwatch_alerts_firing", "Alerts firing, by detector and severity.", labels=["detector", "severity"])
+        firing = GaugeMetricFamily(
+            "fleetwatch_alerts_firing", "Alerts firing, by detector and severity.", labels=["detector", "severity"]
+        )
         counts: dict[tuple[str, str], int] = {}
         for finding in app.tracker.open.values():
             counts[(finding.detector, finding.severity)] = counts.get((finding.detector, finding.severity), 0) + 1
@@ -56,14 +81,18 @@ class CollectorMetrics(Collector):
             firing.add_metric([detector, severity], n)
         yield firing
 
-        duration = GaugeMetricFamily("fleetwatch_detector_duration_seconds", "Duration of the detector's last run.", labels=["detector"])
+        duration = GaugeMetricFamily(
+            "fleetwatch_detector_duration_seconds", "Duration of the detector's last run.", labels=["detector"]
+        )
         errors = CounterMetricFamily("fleetwatch_detector_errors", "Detector runs that raised.", labels=["detector"])
         for detector_id, st in sorted(app.tracker.stats.items()):
             duration.add_metric([detector_id], st.last_duration_seconds)
             errors.add_metric([detector_id], st.errors)
         yield from (duration, errors)
 
-        deliveries = CounterMetricFamily("fleetwatch_alert_deliveries", "Alert deliveries by result.", labels=["result"])
+        deliveries = CounterMetricFamily(
+            "fleetwatch_alert_deliveries", "Alert deliveries by result.", labels=["result"]
+        )
         deliveries.add_metric(["sent"], app.outbox.sent)
         deliveries.add_metric(["retried"], app.outbox.retried)
         deliveries.add_metric(["failed"], app.outbox.failed)

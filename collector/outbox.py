@@ -10,7 +10,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.backoff import backoff_seconds
@@ -53,7 +53,9 @@ class Outbox:
         """Blocking: one send and its bookkeeping (runs in a worker thread)."""
         now = self.clock()
         try:
-            notifier_for(delivery["target"], timeout_seconds=self.timeout_seconds).send(delivery, delivery["transition"])
+            notifier_for(delivery["target"], timeout_seconds=self.timeout_seconds).send(
+                delivery, delivery["transition"]
+            )
         except NotifyError as exc:
             # The stored target holds the whole URL; logs get its redacted form, and the notifier's
             # message (logged and stored as last_error) is redacted by the notifier.

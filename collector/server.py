@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -117,7 +117,14 @@ class TelemetryService(pb_grpc.TelemetryServicer):
             log.warning("node %s connected again from %s while its stream from %s is open", node, peer, previous.peer)
         link = NodeLink(node=node, boot_id=boot_id, peer=peer, connected_at=now)
         self.stats.links[node] = link
-        log.info("agent %s connected from %s (boot %s, %d GPUs, holds up to seq %d)", node, peer, boot_id[:8], len(gpus), last_seq)
+        log.info(
+            "agent %s connected from %s (boot %s, %d GPUs, holds up to seq %d)",
+            node,
+            peer,
+            boot_id[:8],
+            len(gpus),
+            last_seq,
+        )
 
         yield pb.CollectorMessage(welcome=pb.Welcome(last_seq=last_seq))
         if self.sampling_interval_seconds:

@@ -27,7 +27,10 @@ def fetch_json(base_url: str, path: str, timeout_seconds: float = 10.0) -> Any:
     except urllib.error.HTTPError as exc:
         raise CtlError(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise CtlError(f"cannot reach the collector at {base_url} ({getattr(exc, 'reason', exc)}); is it running? (--collector URL)") from None
+        raise CtlError(
+            f"cannot reach the collector at {base_url} ({getattr(exc, 'reason', exc)}); "
+            "is it running? (--collector URL)"
+        ) from None
 
 
 def format_status(status: dict, out: TextIO) -> None:
@@ -54,7 +57,8 @@ def format_alerts(alerts: list[dict], out: TextIO) -> None:
     for a in alerts:
         gpu = "-" if a["gpu"] is None else str(a["gpu"])
         print(
-            f"{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} {a['action']:<17} {a['summary']}",
+            f"{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} "
+            f"{a['action']:<17} {a['summary']}",
             file=out,
         )
 
@@ -83,7 +87,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from fleetwatch.detectors.replay import ReplayError, read_records, replay
 
     path = args.replay or args.kmsg
-    source = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")
+    source = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - the with below closes it
     try:
         with source:
             if args.kmsg:
@@ -147,23 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object a line")
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("detect", help="run the detectors offline over a replay file or a kernel log; findings as JSON Lines")
+    p = sub.add_parser(
+        "detect", help="run the detectors offline over a replay file or a kernel log; findings as JSON Lines"
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--replay", metavar="FILE", help="JSON Lines replay records (see DESIGN.md); - for stdin")
     what.add_argument(
-        "--kmsg", metavar="FILE",
-        help="a kernel log as dmesg, dmesg -T, dmesg --time-format iso, journalctl -k or /dev/kmsg print it; - for stdin",
+        "--kmsg",
+        metavar="FILE",
+        help="a kernel log as dmesg, dmesg -T, dmesg --time-format iso, journalctl -k or /dev/kmsg "
+        "print it; - for stdin",
     )
     p.add_argument("--node", default="localhost", help="node name for findings from --kmsg [default: localhost]")
     p.add_argument(
-        "--boot-time", type=float, default=None, metavar="UNIX_SECONDS",
+        "--boot-time",
+        type=float,
+        default=None,
+        metavar="UNIX_SECONDS",
         help="with --kmsg: when the node booted, to place lines stamped in seconds since boot (dmesg, /dev/kmsg)",
     )
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser(
         "demo",
-        help="a collector, 4 simulated 8-GPU nodes and a webhook receiver on loopback, with an XID 79 and a thermal slowdown",
+        help="a collector, 4 simulated 8-GPU nodes and a webhook receiver on loopback, "
+        "with an XID 79 and a thermal slowdown",
     )
     p.add_argument("--duration", type=float, default=30.0, help="seconds to run [default: 30]")
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes [default: 4]")
@@ -178,11 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, metavar="DIR", help="directory of scenario TOML files (tests/scenarios)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument(
-        "--scenario", action="extend", nargs="+", metavar="NAME",
+        "--scenario",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
         help="evaluate only these scenarios (file names, with or without .toml); repeatable",
     )
     p.add_argument(
-        "--jobs", type=int, default=None, metavar="N",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
         help="scenarios evaluated in parallel [default: the CPU count]",
     )
     p.set_defaults(func=cmd_eval)

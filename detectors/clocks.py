@@ -22,8 +22,9 @@ Deliberately not findings here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import float_reading
 from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number

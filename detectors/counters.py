@@ -20,12 +20,12 @@ its whole series (the detectors' tests count the reads).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterator, Mapping, Sequence
 
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import Window, held_episode
+from fleetwatch.records import GpuSample
 
 Metrics = Mapping[str, float | int]
 
@@ -51,9 +51,7 @@ def back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
     return islice(reversed(series), len(series) - 1 - index, None)
 
 
-def newest_carrying(
-    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
-) -> int:
+def newest_carrying(series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int) -> int:
     """Index of the newest of the `lookback` samples ending at `index` (none older than
     `oldest_t`) that carries `name`; -1 when none does."""
     if series[index].metrics.get(name) is not None:
@@ -135,9 +133,7 @@ def counter_moved(series: Sequence[GpuSample], newest: int, name: str, lookback:
     return first != last
 
 
-def counter_points(
-    series: Sequence[GpuSample], name: str, oldest_t: float, now: float
-) -> list[tuple[float, float]]:
+def counter_points(series: Sequence[GpuSample], name: str, oldest_t: float, now: float) -> list[tuple[float, float]]:
     """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
     newest end, so only the window's tail of a long series is touched."""
     points = []

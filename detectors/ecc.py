@@ -25,8 +25,9 @@ and its rule does not run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import (
     back_from,
@@ -37,8 +38,8 @@ from fleetwatch.detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from fleetwatch.records import Finding, GpuSample
 from fleetwatch.detectors.model import Window, fmt_count
+from fleetwatch.records import Finding, GpuSample
 
 DBE = "ecc_dbe_volatile_total"
 SBE = "ecc_sbe_volatile_total"
@@ -102,9 +103,7 @@ class EccDetector:
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
 
-    def _dbe(
-        self, node: str, gpu: int, series: Sequence[GpuSample], index: int, now: float
-    ) -> Finding:
+    def _dbe(self, node: str, gpu: int, series: Sequence[GpuSample], index: int, now: float) -> Finding:
         total = float(series[index].metrics[DBE])
         # Walk back over the run of samples that show these errors: it ends (going back) at a
         # sample with none, at a reset (an older value above a newer one) or at the window's edge.
@@ -131,10 +130,7 @@ class EccDetector:
             evidence["new_dbe"] = new
             what = f"{fmt_count(new, 'new double-bit ECC error')} (volatile total {total:g})"
         else:
-            what = (
-                f"{fmt_count(total, 'double-bit ECC error')} since the driver loaded "
-                f"(volatile total {total:g})"
-            )
+            what = f"{fmt_count(total, 'double-bit ECC error')} since the driver loaded (volatile total {total:g})"
         return Finding(
             detector=self.id,
             severity="critical",
@@ -156,9 +152,7 @@ class EccDetector:
         boot_seen_at: float | None,
     ) -> Finding | None:
         t = self.thresholds
-        windows = counter_windows(
-            series, SBE, now - self.window_seconds, now, t.sbe_window_seconds, boot_seen_at
-        )
+        windows = counter_windows(series, SBE, now - self.window_seconds, now, t.sbe_window_seconds, boot_seen_at)
         if windows is None:
             return None
         over = [i for i, count in enumerate(windows.counts) if count >= t.sbe_per_window]
@@ -188,4 +182,3 @@ class EccDetector:
             },
             key="sbe_rate",
         )
-

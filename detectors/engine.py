@@ -6,12 +6,13 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Sequence, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 from fleetwatch.detectors.model import Detector, NodeState, Window
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 log = logging.getLogger(__name__)
 
@@ -112,18 +113,18 @@ def _visible_length(items: deque[Any], now: float) -> int:
 
 class _NodeRecord:
     __slots__ = (
-        "node",
-        "last_seen",
-        "sampling_interval_seconds",
-        "gpu_count",
-        "boot_id",
-        "boot_seen_at",
-        "boot_last_t",
-        "gpu_last_seen",
         "_gpu_last_seen_view",
-        "ib_last_active",
         "_ib_last_active_view",
         "_state",
+        "boot_id",
+        "boot_last_t",
+        "boot_seen_at",
+        "gpu_count",
+        "gpu_last_seen",
+        "ib_last_active",
+        "last_seen",
+        "node",
+        "sampling_interval_seconds",
     )
 
     def __init__(self, node: str, sampling_interval_seconds: float) -> None:
@@ -292,10 +293,13 @@ class RecentData:
         """
         record = self._node(node)
         record.seen(t)
-        if sampling_interval_seconds is not None and sampling_interval_seconds > 0:
-            if sampling_interval_seconds != record.sampling_interval_seconds:
-                record.sampling_interval_seconds = float(sampling_interval_seconds)
-                record._state = None
+        if (
+            sampling_interval_seconds is not None
+            and sampling_interval_seconds > 0
+            and sampling_interval_seconds != record.sampling_interval_seconds
+        ):
+            record.sampling_interval_seconds = float(sampling_interval_seconds)
+            record._state = None
         if gpu_count is not None and gpu_count != record.gpu_count:
             record.gpu_count = gpu_count
             record._state = None

@@ -81,19 +81,13 @@ class GpuLostDetector:
 
         findings = self._from_events(window, lost_events)
         reported = {(f.node, f.gpu) for f in findings}
-        findings += [
-            f
-            for f in self._missing(window, xid79)
-            if (f.node, f.gpu) not in reported
-        ]
+        findings += [f for f in self._missing(window, xid79) if (f.node, f.gpu) not in reported]
         findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu))
         return findings
 
     # --- the driver says so ----------------------------------------------------------------------
 
-    def _from_events(
-        self, window: Window, events: dict[tuple[str, int | None], list[Event]]
-    ) -> list[Finding]:
+    def _from_events(self, window: Window, events: dict[tuple[str, int | None], list[Event]]) -> list[Finding]:
         findings = []
         for (node, gpu), lost in events.items():
             state = window.nodes.get(node)
@@ -145,9 +139,7 @@ class GpuLostDetector:
             # A sample from a clock ahead of ours is reporting now, not in the future.
             last_seen = {gpu: min(t, now) for gpu, t in last_seen.items()}
             interval = sampling_interval_seconds(state)
-            limit = max(
-                self.thresholds.missing_intervals * interval, self.thresholds.min_missing_seconds
-            )
+            limit = max(self.thresholds.missing_intervals * interval, self.thresholds.min_missing_seconds)
             newest = max(last_seen.values())
             if now - newest >= limit:
                 continue  # every GPU is quiet: the node or its agent (node_silent), not a GPU
@@ -171,9 +163,7 @@ class GpuLostDetector:
                 ):
                     continue  # XID 79: the xid detector's finding for the same failure
                 findings.append(
-                    self._missing_finding(
-                        window, node, gpu, t, interval, reporting, len(last_seen), boot_seen_at
-                    )
+                    self._missing_finding(window, node, gpu, t, interval, reporting, len(last_seen), boot_seen_at)
                 )
         return findings
 

@@ -27,11 +27,12 @@ window, with the counter below saturation, had no link-down in between and is no
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
-from fleetwatch.records import Finding, IbSample
 from fleetwatch.detectors.model import NodeState, Window, fmt_number
+from fleetwatch.records import Finding, IbSample
 
 # PortCounters field widths (IBTA; the kernel's sysfs counters; agent/sources/infiniband.py).
 LINK_DOWNED_MAX = 255
@@ -184,8 +185,8 @@ def _scan(samples: Sequence[IbSample]) -> _History:
 
 def _quiet(oldest: IbSample, newest: IbSample, newest_active: bool | None) -> bool:
     """No link-down can have happened between the two samples (same boot): skip the scan."""
-    before = oldest.metrics.get("ib_link_downed_total")
-    after = newest.metrics.get("ib_link_downed_total")
+    before = _number(oldest, "ib_link_downed_total")
+    after = _number(newest, "ib_link_downed_total")
     if before is None or after is None or before != after or after >= LINK_DOWNED_MAX:
         return False
     oldest_active = oldest.active
@@ -217,9 +218,7 @@ class InfinibandDetector:
         usual = self._usual_rates(fresh)
         issues: dict[str, list[_PortIssue]] = {}
         for (node, device, port), series, newest, active in fresh:
-            issue = self._port(
-                window, node, device, port, series, newest, active, usual.get((device, port))
-            )
+            issue = self._port(window, node, device, port, series, newest, active, usual.get((device, port)))
             if issue is not None:
                 issues.setdefault(node, []).append(issue)
         findings = [self._finding(node, node_issues) for node, node_issues in issues.items()]
@@ -303,9 +302,7 @@ class InfinibandDetector:
         last_active = state.ib_last_active.get((device, port)) if state is not None else None
         if history is not None:
             down_since = history.down_since
-            if history.last_active is not None and (
-                last_active is None or history.last_active > last_active
-            ):
+            if history.last_active is not None and (last_active is None or history.last_active > last_active):
                 last_active = history.last_active
         else:
             # Nothing changed between the window's first sample and now: down all along.
@@ -343,24 +340,17 @@ class InfinibandDetector:
         if history is not None and history.downs:
             evidence["link_downs"] = len(history.downs)
             if len(history.downs) > 1:
-                summary += (
-                    f", {len(history.downs)} link-downs in the last {fmt_number(t.window_seconds)} s"
-                )
+                summary += f", {len(history.downs)} link-downs in the last {fmt_number(t.window_seconds)} s"
         self._counters(evidence, newest, history)
         return _PortIssue(device, port, "down", "critical", "drain", summary, start, evidence)
 
-    def _link_downs(
-        self, device: str, port: int, newest: IbSample, history: _History
-    ) -> _PortIssue:
+    def _link_downs(self, device: str, port: int, newest: IbSample, history: _History) -> _PortIssue:
         t = self.thresholds
         count = len(history.downs)
         flapping = count >= t.flap_count
         what = "flapping" if flapping else "link went down"
         times = "time" if count == 1 else "times"
-        summary = (
-            f"{device} port {port} {what}: down {count} {times} in the last "
-            f"{fmt_number(t.window_seconds)} s"
-        )
+        summary = f"{device} port {port} {what}: down {count} {times} in the last {fmt_number(t.window_seconds)} s"
         if newest.active:
             rate = _number(newest, "ib_rate_gbps")
             summary += ", ACTIVE again" + (f" at {fmt_number(rate)} Gb/s" if rate is not None else "")
@@ -379,9 +369,7 @@ class InfinibandDetector:
             evidence["ib_state"] = state_name
         self._counters(evidence, newest, history)
         if flapping:
-            return _PortIssue(
-                device, port, "flapping", "critical", "drain", summary, history.downs[0], evidence
-            )
+            return _PortIssue(device, port, "flapping", "critical", "drain", summary, history.downs[0], evidence)
         return _PortIssue(
             device,
             port,
@@ -437,9 +425,7 @@ class InfinibandDetector:
             evidence["earlier_rate_gbps"] = earlier_rate
         if usual_rate is not None:
             evidence["peer_rate_gbps"] = usual_rate
-        return _PortIssue(
-            device, port, "rate_low", "warning", "inspect_hardware", summary, low_since, evidence
-        )
+        return _PortIssue(device, port, "rate_low", "warning", "inspect_hardware", summary, low_since, evidence)
 
     @staticmethod
     def _counters(evidence: dict[str, object], newest: IbSample, history: _History | None) -> None:

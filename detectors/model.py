@@ -4,9 +4,10 @@ the shared sustained-condition rule. The records themselves live in `fleetwatch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
@@ -32,14 +33,10 @@ class NodeState:
     # GPU index -> time of its newest sample, kept (unlike the samples) for as long as the node is
     # known, across reboots: lets gpu_lost notice a GPU that stopped reporting. A live read-only
     # view where the engine provides it; empty where the caller does not know.
-    gpu_last_seen: Mapping[int, float] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False
-    )
+    gpu_last_seen: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}), compare=False)
     # (InfiniBand device, port) -> time of its newest sample in state ACTIVE, kept like
     # gpu_last_seen: lets infiniband tell a port that went down from one never used.
-    ib_last_active: Mapping[tuple[str, int], float] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False
-    )
+    ib_last_active: Mapping[tuple[str, int], float] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
 
 # s; a node's interval where it is unknown or nonsensical (0 or negative): the agent's default
@@ -69,19 +66,19 @@ class Window:
     # "the node went quiet" from "we only just started listening".
     watching_since: float
     # InfiniBand ports by (node, device, port), oldest first; empty where the caller has none.
-    ib: Mapping[tuple[str, str, int], Sequence[IbSample]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
-
-
+    ib: Mapping[tuple[str, str, int], Sequence[IbSample]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class Detector(Protocol):
     """A detector is pure: it reads a Window and returns the findings that hold at window.now."""
 
-    id: str
-    # How much history (seconds before now) this detector needs in the window.
-    window_seconds: float
+    # The detector's name in findings and alerts; a class attribute, read from the class too.
+    id: ClassVar[str]
+
+    @property
+    def window_seconds(self) -> float:
+        """How much history (seconds before now) this detector needs in the window."""
+        ...
 
     def detect(self, window: Window) -> list[Finding]: ...
 
@@ -130,8 +127,7 @@ class Sustained:
         last 10 minutes"."""
         if self.by == "recent":
             return (
-                f" for {round(self.latest.t - self.start, 1):g} s "
-                f"({self.recent_hits} of {self.recent_samples} samples)"
+                f" for {round(self.latest.t - self.start, 1):g} s ({self.recent_hits} of {self.recent_samples} samples)"
             )
         return f" in {self.long_hit_buckets} of the last {self.long_buckets} minutes"
 
@@ -230,9 +226,7 @@ def sustained(
             start = sample.t
     if latest is None or start is None or len(hit_buckets) < long_min_buckets:
         return None
-    return Sustained(
-        start, latest, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets
-    )
+    return Sustained(start, latest, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,10 +56,7 @@ class NodeSilentDetector:
                 continue
             interval_seconds = sampling_interval_seconds(state)
             if state.last_seen is None:
-                summary = (
-                    f"node {node} silent: no data since watching began "
-                    f"{fmt_number(silent_seconds)} s ago"
-                )
+                summary = f"node {node} silent: no data since watching began {fmt_number(silent_seconds)} s ago"
             else:
                 summary = (
                     f"node {node} silent: no data for {fmt_number(silent_seconds)} s "

@@ -33,8 +33,9 @@ the GPU does not keep (e.g. CRC data on Hopper) is absent and judged by nothing.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import (
     CounterWindows,
@@ -45,8 +46,8 @@ from fleetwatch.detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from fleetwatch.records import Finding, GpuSample
 from fleetwatch.detectors.model import Window, held_episode
+from fleetwatch.records import Finding, GpuSample
 
 UP, TOTAL = "nvlink_links_up", "nvlink_links_total"
 # (field, what the summary calls one, is it a CRC counter judged by its rate per second)
@@ -257,9 +258,7 @@ class NvlinkDetector:
         for name, noun, is_crc in COUNTERS:
             if not self._moved(series, index, name, first, last):
                 continue
-            windows = counter_windows(
-                series, name, oldest_t, now, t.error_window_seconds, boot_seen_at
-            )
+            windows = counter_windows(series, name, oldest_t, now, t.error_window_seconds, boot_seen_at)
             if windows is None:
                 continue
             if is_crc:
@@ -275,10 +274,7 @@ class NvlinkDetector:
         start = episode[0]
         # Errors are counted from the sample the episode's first over-limit window started at.
         since = min(
-            c.windows.points[c.windows.bases[i]][0]
-            for c in moved
-            for i in c.over
-            if c.windows.points[i][0] == start
+            c.windows.points[c.windows.bases[i]][0] for c in moved for i in c.over if c.windows.points[i][0] == start
         )
         totals: dict[str, float] = {}
         in_window: dict[str, float] = {}
@@ -295,9 +291,7 @@ class NvlinkDetector:
 
     # --- the finding ---------------------------------------------------------------------------
 
-    def _finding(
-        self, node: str, gpu: int, down: _LinkDown | None, errors: _Errors | None
-    ) -> Finding:
+    def _finding(self, node: str, gpu: int, down: _LinkDown | None, errors: _Errors | None) -> Finding:
         parts = []
         evidence: dict[str, object] = {}
         starts = []
@@ -305,10 +299,7 @@ class NvlinkDetector:
             lost = down.expected - down.up
             link = "link" if lost == 1 else "links"
             against = "its peers have all" if down.by_peers else "earlier"
-            parts.append(
-                f"{lost:g} NVLink {link} down ({down.up:g} of {down.total:g} up, "
-                f"{against} {down.expected:g})"
-            )
+            parts.append(f"{lost:g} NVLink {link} down ({down.up:g} of {down.total:g} up, {against} {down.expected:g})")
             evidence.update(
                 {
                     "nvlink_links_up": down.up,
@@ -320,8 +311,7 @@ class NvlinkDetector:
             starts.append(down.start)
         if errors is not None:
             listed = ", ".join(
-                _count(total, noun)
-                + (f" ({total / errors.seconds:.3g}/s)" if "CRC" in noun and errors.seconds else "")
+                _count(total, noun) + (f" ({total / errors.seconds:.3g}/s)" if "CRC" in noun and errors.seconds else "")
                 for noun, total in errors.totals.items()
             )
             parts.append(f"NVLink errors in the last {errors.seconds:g} s: {listed}")

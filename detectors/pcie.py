@@ -27,8 +27,9 @@ it is the new baseline. A field the GPU does not report is absent and its rule d
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Sequence
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import (
     back_from,
@@ -40,8 +41,8 @@ from fleetwatch.detectors.counters import (
     newest_fresh_index,
     node_boot_seen_at,
 )
-from fleetwatch.records import Finding, GpuSample
 from fleetwatch.detectors.model import Window, fmt_count
+from fleetwatch.records import Finding, GpuSample
 
 REPLAYS = "pcie_replay_total"
 GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"
@@ -107,9 +108,7 @@ class PcieThresholds:
 
 def _link_name(gen: float | None, width: float | None) -> str:
     """E.g. "Gen5 x16", or what of it is known."""
-    parts = ([f"Gen{gen:g}"] if gen is not None else []) + (
-        [f"x{width:g}"] if width is not None else []
-    )
+    parts = ([f"Gen{gen:g}"] if gen is not None else []) + ([f"x{width:g}"] if width is not None else [])
     return " ".join(parts)
 
 
@@ -156,9 +155,7 @@ class PcieDetector:
             if counter_moved(series, newest, REPLAYS, lookback):
                 gen = float_reading(series[gens].metrics, GEN) if gens >= 0 else None
                 width = float_reading(series[widths].metrics, WIDTH) if widths >= 0 else None
-                replays = self._replay_rate(
-                    node, gpu, series, gen, width, now, node_boot_seen_at(window, node)
-                )
+                replays = self._replay_rate(node, gpu, series, gen, width, now, node_boot_seen_at(window, node))
                 if replays is not None:
                     findings.append(replays)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
@@ -277,9 +274,7 @@ class PcieDetector:
         # Fast path: the newest readings show the link at its maximum (or there are none).
         width_run = gen_run = None
         if widths >= 0 and _width_low(series[widths].metrics):
-            width_run = self._run_start(
-                series, widths, now, WIDTH, WIDTH_MAX, busy_only=t.width_requires_busy
-            )
+            width_run = self._run_start(series, widths, now, WIDTH, WIDTH_MAX, busy_only=t.width_requires_busy)
         if gens >= 0 and _gen_low(series[gens].metrics):
             gen_run = self._run_start(series, gens, now, GEN, GEN_MAX, busy_only=True)
         if width_run is None and gen_run is None:
@@ -294,9 +289,7 @@ class PcieDetector:
         width_max = float_reading(width_metrics, WIDTH_MAX)
         trained, maximum = _link_name(gen, width), _link_name(gen_max, width_max)
         below = " and ".join(
-            what
-            for what, start in (("width", width_start), ("generation", gen_start))
-            if start is not None
+            what for what, start in (("width", width_start), ("generation", gen_start)) if start is not None
         )
         util = float_reading(gen_metrics, UTIL)
         busy = f", at {util:g} % utilisation" if util is not None and gen_start is not None else ""
@@ -317,10 +310,7 @@ class PcieDetector:
             detector=self.id,
             severity="warning",
             action="inspect_hardware",
-            summary=(
-                f"GPU {gpu} on {node}: PCIe link trained at {trained}, {below} below its "
-                f"maximum {maximum}{busy}"
-            ),
+            summary=(f"GPU {gpu} on {node}: PCIe link trained at {trained}, {below} below its maximum {maximum}{busy}"),
             start=min(s for s in (width_start, gen_start) if s is not None),
             node=node,
             gpu=gpu,

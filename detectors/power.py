@@ -51,10 +51,7 @@ class PowerDetector:
         return self.thresholds.window_seconds
 
     def detect(self, window: Window) -> list[Finding]:
-        findings = [
-            self._finding(node, gpu, held)
-            for node, gpu, _, held in self.thresholds.held_gpus(window, _braked)
-        ]
+        findings = [self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, _braked)]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
 

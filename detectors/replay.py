@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 from fleetwatch.detectors.model import Detector
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 Record = GpuSample | HostSample | IbSample | Event | Step
 
@@ -180,9 +181,7 @@ def _record(obj: dict[str, Any], line_number: int) -> Record:
         return _event(fields, t, event_kind)
     if kind in ("xid", "gpu_lost"):
         return _event(fields, t, kind)
-    raise fields.fail(
-        f"unknown kind {kind!r} (expected gpu, host, ib, xid, step, gpu_lost or event)"
-    )
+    raise fields.fail(f"unknown kind {kind!r} (expected gpu, host, ib, xid, step, gpu_lost or event)")
 
 
 def read_records(lines: Iterable[str]) -> Iterator[Record]:
@@ -205,6 +204,7 @@ def infer_sampling_intervals(records: Iterable[Record]) -> dict[str, float]:
     last_t: dict[tuple[str, int | None], float] = {}
     gaps: dict[str, list[float]] = {}
     for record in sorted(records, key=lambda r: r.t):
+        series: tuple[str, int | None]
         if isinstance(record, GpuSample):
             series = (record.node, record.gpu)
         elif isinstance(record, HostSample):

@@ -19,12 +19,13 @@ Two findings per GPU, told apart by `key`, each holding while the newest sample 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import flag_raised, newest_carrying, newest_fresh_index, start_of_run
-from fleetwatch.records import Finding
 from fleetwatch.detectors.model import Window
+from fleetwatch.records import Finding
 
 RETIRED_SBE = "retired_pages_sbe"
 RETIRED_DBE = "retired_pages_dbe"
@@ -99,8 +100,7 @@ class RetiredPagesDetector:
                         severity="critical",
                         action="inspect_hardware",
                         summary=(
-                            f"GPU {gpu} on {node}: {retired:g} retired pages ({parts}), "
-                            f"at or over the limit of {limit}"
+                            f"GPU {gpu} on {node}: {retired:g} retired pages ({parts}), at or over the limit of {limit}"
                         ),
                         start=start_of_run(
                             series,
@@ -138,13 +138,9 @@ class RetiredPagesDetector:
         return findings
 
 
-def _evidence(
-    metrics: Mapping[str, float | int], retired: float | None, limit: int
-) -> dict[str, object]:
+def _evidence(metrics: Mapping[str, float | int], retired: float | None, limit: int) -> dict[str, object]:
     evidence: dict[str, object] = {
-        name: metrics[name]
-        for name in (RETIRED_SBE, RETIRED_DBE, PENDING)
-        if metrics.get(name) is not None
+        name: metrics[name] for name in (RETIRED_SBE, RETIRED_DBE, PENDING) if metrics.get(name) is not None
     }
     if retired is not None:
         evidence["retired_pages"] = retired

@@ -21,12 +21,13 @@ A GPU that does not report the fields (pre-Ampere, MIG with active instances) ge
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 from fleetwatch.detectors.counters import flag_raised, newest_fresh_index
-from fleetwatch.records import Finding
 from fleetwatch.detectors.model import Window
+from fleetwatch.records import Finding
 
 PENDING = "remap_pending"
 FAILURE = "remap_failure"
@@ -117,8 +118,4 @@ class RowRemapDetector:
 
 
 def _evidence(metrics: Mapping[str, float | int]) -> dict[str, object]:
-    return {
-        name: metrics[name]
-        for name in (PENDING, FAILURE, *_ROW_COUNTS)
-        if metrics.get(name) is not None
-    }
+    return {name: metrics[name] for name in (PENDING, FAILURE, *_ROW_COUNTS) if metrics.get(name) is not None}

@@ -43,14 +43,15 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from operator import attrgetter, truediv
-from typing import ClassVar, Iterable, Mapping, Sequence
+from typing import ClassVar
 
-from fleetwatch.records import Finding, Step
 from fleetwatch.detectors.model import Window
 from fleetwatch.detectors.straggler_telemetry import GpuCause, gpu_cause, median, tail
+from fleetwatch.records import Finding, Step
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +176,7 @@ def _median_ratio(steps: Sequence[Step], refs: Mapping[int, float]) -> tuple[flo
     C-level maps (this runs for every step of every rank): a step without a reference gets an
     infinite one, a ratio of 0, and sorts first where it is skipped (as is a 0 s step).
     """
-    ratios = list(
-        map(truediv, map(_SECONDS, steps), map(refs.get, map(_STEP, steps), repeat(math.inf)))
-    )
+    ratios = list(map(truediv, map(_SECONDS, steps), map(refs.get, map(_STEP, steps), repeat(math.inf))))
     ratios.sort()
     skip = bisect_right(ratios, 0.0)
     count = len(ratios) - skip
@@ -365,10 +364,7 @@ class StragglerStepsDetector:
                 continue
             if needy < 0:
                 needy = sum(
-                    1
-                    for job_ranks in spans.values()
-                    for span in job_ranks.values()
-                    if len(span) < th.min_recent_steps
+                    1 for job_ranks in spans.values() for span in job_ranks.values() if len(span) < th.min_recent_steps
                 )
             if needy == 0 or t < far:
                 break
@@ -403,9 +399,7 @@ class StragglerStepsDetector:
                 found.update(self._baseline_from(steps, index, now, {job: ranks}))
         return found
 
-    def _baseline_from(
-        self, steps: Sequence[Step], index: int, now: float, recent: _Spans
-    ) -> _Spans:
+    def _baseline_from(self, steps: Sequence[Step], index: int, now: float, recent: _Spans) -> _Spans:
         th = self.thresholds
         if index >= len(steps):
             return {}
@@ -461,11 +455,7 @@ class StragglerStepsDetector:
                 else:
                     values.append(s.seconds)
         min_reports = max(th.min_ranks, (len(ranks) + 1) // 2)
-        return {
-            step: _fastest_half_median(values)
-            for step, values in by_step.items()
-            if len(values) >= min_reports
-        }
+        return {step: _fastest_half_median(values) for step, values in by_step.items() if len(values) >= min_reports}
 
     def _job(self, window: Window, name: str, spans: Mapping[int, list[Step]]) -> _Job | None:
         """The job's ranks scored step by step against the same steps' references."""
@@ -487,20 +477,14 @@ class StragglerStepsDetector:
         """The job's baseline steps and their references, where the job's pace then was
         comparable to now (the ranks' baseline scores follow on first use)."""
         th = self.thresholds
-        based = {
-            rank: span
-            for rank, span in baseline_spans.items()
-            if len(span) >= th.min_baseline_steps
-        }
+        based = {rank: span for rank, span in baseline_spans.items() if len(span) >= th.min_baseline_steps}
         base_refs = self._references(based) if len(based) >= th.min_ranks else {}
         pace = job.reference / median(list(base_refs.values())) if base_refs else math.inf
         job.pace = pace
         if 1 / th.max_pace_change <= pace <= th.max_pace_change:
             job.baselines, job.base_refs = based, base_refs
 
-    def _peers_slow(
-        self, job: _Job, r: _Rank, score: float, score_limit: float, min_growth: float
-    ) -> bool:
+    def _peers_slow(self, job: _Job, r: _Rank, score: float, score_limit: float, min_growth: float) -> bool:
         """The "peers" test of r at `score` (now, or at an earlier step): below score_limit, and
         its gap grown by min_growth, below the floor, or with a hardware cause."""
         if score >= score_limit:
@@ -520,7 +504,7 @@ class StragglerStepsDetector:
         return growth is not None and growth >= slowdown and growth * job.pace >= slowdown
 
     def _verdict(self, job: _Job, r: _Rank) -> str | None:
-        """"peers", "self", "hold" (a peers straggler if the test held lately) or None."""
+        """ "peers", "self", "hold" (a peers straggler if the test held lately) or None."""
         th = self.thresholds
         if self._peers_slow(job, r, r.score, th.peer_score, th.min_gap_growth):
             return "peers"
@@ -530,9 +514,7 @@ class StragglerStepsDetector:
             return "self"
         return None
 
-    def _settle(
-        self, window: Window, steps: Sequence[Step], pending: list[_Pending]
-    ) -> list[Finding]:
+    def _settle(self, window: Window, steps: Sequence[Step], pending: list[_Pending]) -> list[Finding]:
         """Ranks that pass only the hold test: "peers" when the full test held at some step of
         the last hold_seconds, else "self" when that holds, else nothing."""
         history = self._history(steps, window.now, pending)
@@ -545,9 +527,7 @@ class StragglerStepsDetector:
                 findings.extend(self._finding(window, job, r, "self", r.recent))
         return findings
 
-    def _history(
-        self, steps: Sequence[Step], now: float, pending: list[_Pending]
-    ) -> dict[tuple[str, int], list[Step]]:
+    def _history(self, steps: Sequence[Step], now: float, pending: list[_Pending]) -> dict[tuple[str, int], list[Step]]:
         """The pending ranks' steps of the last hold_seconds, newest first, and the
         min_recent_steps (at least recent_seconds' worth) before them."""
         th = self.thresholds
@@ -613,9 +593,7 @@ class StragglerStepsDetector:
 
     # --- the finding -----------------------------------------------------------------------------
 
-    def _finding(
-        self, window: Window, job: _Job, r: _Rank, basis: str, own_newest_first: list[Step]
-    ) -> list[Finding]:
+    def _finding(self, window: Window, job: _Job, r: _Rank, basis: str, own_newest_first: list[Step]) -> list[Finding]:
         """The finding for `r`, none when its slow run is shorter than min_slow_seconds. A step
         counts as slow from halfway to the threshold, so a rank just past the threshold does not
         lose its episode's start to every other step."""

@@ -13,8 +13,9 @@ slowdown and names this same hardware cause: for them this detector reports noth
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import ClassVar
 
 from fleetwatch.detectors.model import Window
 from fleetwatch.nvml_bits import (
@@ -136,17 +137,9 @@ def gpu_cause(
     power = _median_of(busy, "power_watts")
     name = next((text for bit, text in THROTTLE_REASONS if reasons & bit), None)
     kind = "throttle" if name is not None else None
-    clock_low = (
-        clock is not None
-        and peer_sm_clock_mhz is not None
-        and clock <= clock_below_peers * peer_sm_clock_mhz
-    )
+    clock_low = clock is not None and peer_sm_clock_mhz is not None and clock <= clock_below_peers * peer_sm_clock_mhz
     if name is None and clock_low:
-        capped = sum(
-            1
-            for s in busy
-            if int(s.metrics.get("clock_event_reasons", 0)) & SW_POWER_CAP
-        )
+        capped = sum(1 for s in busy if int(s.metrics.get("clock_event_reasons", 0)) & SW_POWER_CAP)
         if capped >= min_fraction * len(busy):
             limit = _median_of(samples, "power_limit_watts")
             name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
@@ -160,10 +153,7 @@ def gpu_cause(
         and peer_power_watts is not None
         and power <= power_below_peers * peer_power_watts
     ):
-        name = (
-            f"power far below its peers' ({round(power):,} W against "
-            f"{round(peer_power_watts):,} W)"
-        )
+        name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
         kind = "power"
     return GpuCause(name, kind, reasons, clock, peer_sm_clock_mhz, power, peer_power_watts)
 
@@ -292,9 +282,7 @@ class StragglerTelemetryDetector:
                 key = f"sm_clock_max_mhz {mhz(float(max_mhz))}"
             powers = _values(current, "power_watts")
             power_watts = median(powers) if powers else None
-            groups.setdefault(key, []).append(
-                _Gpu(node, gpu, latest, current, median(clocks), power_watts)
-            )
+            groups.setdefault(key, []).append(_Gpu(node, gpu, latest, current, median(clocks), power_watts))
 
         candidates: list[tuple[str, _Gpu, list[_Gpu]]] = []
         for key, members in groups.items():
@@ -358,9 +346,7 @@ class StragglerTelemetryDetector:
                 break
         return jobs, gpus
 
-    def _judge(
-        self, window: Window, group: str, member: _Gpu, members: list[_Gpu]
-    ) -> Finding | None:
+    def _judge(self, window: Window, group: str, member: _Gpu, members: list[_Gpu]) -> Finding | None:
         th = self.thresholds
         now = window.now
         peers = [m for m in members if m is not member]

@@ -63,8 +63,7 @@ class ThermalDetector:
 
     def detect(self, window: Window) -> list[Finding]:
         findings = [
-            self._finding(node, gpu, held)
-            for node, gpu, _, held in self.thresholds.held_gpus(window, self._hot)
+            self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, self._hot)
         ]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
@@ -81,11 +80,7 @@ class ThermalDetector:
         sm_clock_mhz = float_reading(latest, "sm_clock_mhz")
         sm_clock_max_mhz = float_reading(latest, "sm_clock_max_mhz")
         mem_max = self.thresholds.temp_mem_max_celsius
-        at_slowdown = (
-            temp_celsius is not None
-            and slowdown_celsius is not None
-            and temp_celsius >= slowdown_celsius
-        )
+        at_slowdown = temp_celsius is not None and slowdown_celsius is not None and temp_celsius >= slowdown_celsius
         if hw:
             condition, state = "hw_thermal_slowdown", "in hardware thermal slowdown"
         elif at_slowdown:
@@ -94,7 +89,6 @@ class ThermalDetector:
             condition, state = "sw_thermal_slowdown", "in software thermal slowdown"
         else:
             condition, state = "hbm_at_max_temperature", "with HBM at its max operating temperature"
-
 
         details = []
         if sm_clock_mhz is not None:
@@ -107,13 +101,9 @@ class ThermalDetector:
             if slowdown_celsius is not None:
                 temp += f" (slowdown at {fmt_number(slowdown_celsius)} C)"
             details.append(temp)
-        if temp_mem_celsius is not None and (
-            condition == "hbm_at_max_temperature" or temp_mem_celsius >= mem_max
-        ):
+        if temp_mem_celsius is not None and (condition == "hbm_at_max_temperature" or temp_mem_celsius >= mem_max):
             details.append(f"HBM {fmt_number(temp_mem_celsius)} C (max {fmt_number(mem_max)} C)")
-        summary = f"GPU {gpu} {state}{held.how_long}" + (
-            ": " + ", ".join(details) if details else ""
-        )
+        summary = f"GPU {gpu} {state}{held.how_long}" + (": " + ", ".join(details) if details else "")
 
         evidence: dict[str, object] = {
             "condition": condition,

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fleetwatch.records import Finding
 from fleetwatch.detectors.model import Window, fmt_number, held_episode
 from fleetwatch.detectors.xid_catalog import lookup
+from fleetwatch.records import Finding
 
 # Actions that need someone to touch the node: the condition does not clear by itself, so the
 # finding holds until the node reboots (or the hold limit passes).
@@ -93,5 +93,3 @@ class XidDetector:
             )
         findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu, f.key))
         return findings
-
-

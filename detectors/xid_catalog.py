@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import functools
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Mapping
 
 from fleetwatch.records import ACTIONS, SEVERITIES
 

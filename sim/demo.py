@@ -23,16 +23,16 @@ from aiohttp import web
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
-from fleetwatch.sim.fake_nvml import make_fake_nvml
-from fleetwatch.sim.node import SimNode
-from fleetwatch.sim.scenario import Fault
 from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.state import AgentState
 from fleetwatch.collector.app import CollectorApp
-from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.collector.config import CollectorConfig, DatabaseUrl, WebhookUrl
 from fleetwatch.collector.web import HEALTH_MARK, fleet_status
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.scenario import Fault
 
 STATUS_EVERY_SECONDS = 2.0
 WEBHOOK_PATH = "/alerts"
@@ -111,8 +111,8 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
             CollectorConfig(
                 grpc_listen="127.0.0.1:0",
                 http_listen="127.0.0.1:0",
-                database_url=f"sqlite:///{workdir / 'collector.db'}",
-                webhook_urls=[receiver.url],
+                database_url=DatabaseUrl(f"sqlite:///{workdir / 'collector.db'}"),
+                webhook_urls=[WebhookUrl(receiver.url)],
                 log_alerts=False,
                 detect_interval_seconds=0.5,
             )
@@ -143,7 +143,11 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
             print(
                 f"demo: collector gRPC 127.0.0.1:{app.grpc_port}, HTTP http://127.0.0.1:{app.http_port}/api/v1/status; "
                 f"{node_count} nodes x {gpu_count} GPUs; "
-                + "; ".join(f"{f.fault.kind}{':' + str(f.fault.xid) if f.fault.xid else ''} on {f.node} GPU {f.fault.gpu} at +{f.fault.at_seconds:.0f}s" for f in injected),
+                + "; ".join(
+                    f"{f.fault.kind}{':' + str(f.fault.xid) if f.fault.xid else ''} on {f.node} "
+                    f"GPU {f.fault.gpu} at +{f.fault.at_seconds:.0f}s"
+                    for f in injected
+                ),
                 file=live,
             )
         stop_agents = asyncio.Event()
@@ -184,11 +188,18 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
 
 
 def print_summary(summary: dict, duration_seconds: float, out: TextIO) -> None:
-    print(f"\n{summary['samples_ingested']} samples ingested in {duration_seconds:.0f} s "
-          f"({summary['samples_ingested'] / duration_seconds:.0f}/s); alerts raised:", file=out)
+    print(
+        f"\n{summary['samples_ingested']} samples ingested in {duration_seconds:.0f} s "
+        f"({summary['samples_ingested'] / duration_seconds:.0f}/s); alerts raised:",
+        file=out,
+    )
     for a in summary["alerts"]:
         took = "-" if a["seconds_to_alert"] is None else f"{a['seconds_to_alert']:.2f} s after the fault"
-        print(f"  {a['severity']:<8} {a['detector']:<12} {a['node']} GPU {a['gpu']}: {a['summary']} [{a['status']}; webhook {took}]", file=out)
+        print(
+            f"  {a['severity']:<8} {a['detector']:<12} {a['node']} GPU {a['gpu']}: {a['summary']} "
+            f"[{a['status']}; webhook {took}]",
+            file=out,
+        )
 
 
 def run_demo(*, duration_seconds: float = 30.0, nodes: int = 4, gpus: int = 8, json_output: bool = False) -> dict:

@@ -22,14 +22,15 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from fleetwatch.records import Finding
 from fleetwatch.detectors.model import Detector
 from fleetwatch.detectors.replay import Episode, replay_episodes
+from fleetwatch.records import Finding
 from fleetwatch.sim.scenario import node_names
 
 SECONDS_PER_DAY = 86400.0
@@ -70,9 +71,7 @@ _TOP_KEYS = frozenset(
     }
 )
 _FLEET_KEYS = frozenset({"nodes", "gpus_per_node", "model", "ib_ports_per_node"})
-_JOB_KEYS = frozenset(
-    {"id", "nodes", "step_seconds", "report_steps", "start_seconds", "end_seconds"}
-)
+_JOB_KEYS = frozenset({"id", "nodes", "step_seconds", "report_steps", "start_seconds", "end_seconds"})
 # Fault parameters the simulator's kinds take (fleetwatch.sim.scenario.Fault plus the fleet-level
 # ones); the simulator itself judges which apply to which kind.
 _FAULT_KEYS = frozenset(
@@ -96,12 +95,8 @@ _FAULT_KEYS = frozenset(
         "rank",
     }
 )
-_NOISE_KEYS = frozenset(
-    {"kind", "node", "gpu", "job", "rank", "at_seconds", "duration_seconds", "factor", "count"}
-)
-_EXPECT_KEYS = frozenset(
-    {"detector", "node", "gpu", "job", "rank", "after_seconds", "within_seconds"}
-)
+_NOISE_KEYS = frozenset({"kind", "node", "gpu", "job", "rank", "at_seconds", "duration_seconds", "factor", "count"})
+_EXPECT_KEYS = frozenset({"detector", "node", "gpu", "job", "rank", "after_seconds", "within_seconds"})
 
 
 def _is_number(value: Any) -> bool:
@@ -309,7 +304,7 @@ class Expectation:
     rank: int | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Expectation":
+    def from_dict(cls, d: Mapping[str, Any]) -> Expectation:
         return cls(
             detector=d["detector"],
             node=d["node"],
@@ -531,10 +526,7 @@ def _rel(t: float, start: float) -> str:
 
 def _miss_detail(result: ScenarioResult, expectation: Expectation) -> str:
     begin = expectation.after_seconds
-    text = (
-        f"expected {expectation.describe()} to open in [{begin:g}, "
-        f"{begin + expectation.within_seconds:g}] s"
-    )
+    text = f"expected {expectation.describe()} to open in [{begin:g}, {begin + expectation.within_seconds:g}] s"
     same = [e for e in result.episodes if expectation.same_entity(e.finding)]
     if not same:
         near = [e for e in result.episodes if e.finding.detector == expectation.detector]
@@ -626,9 +618,7 @@ def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
     return {
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
-        "false_alarms_per_1000_node_days": (
-            1000.0 * false_alarms / node_days if node_days else 0.0
-        ),
+        "false_alarms_per_1000_node_days": (1000.0 * false_alarms / node_days if node_days else 0.0),
         "latency_p50_s": percentile(latencies, 50),
         "latency_p95_s": percentile(latencies, 95),
         "per_detector": per_detector,
@@ -658,8 +648,7 @@ def format_report(report: Mapping[str, Any], out: Any = None) -> None:
     """The human table `fleetwatchctl eval` prints."""
     out = out or sys.stdout
     print(
-        f"{'DETECTOR':<22} {'PRECISION':>9} {'RECALL':>7} {'TP':>4} {'FP':>4} {'FN':>4} "
-        f"{'P50 S':>7} {'P95 S':>7}",
+        f"{'DETECTOR':<22} {'PRECISION':>9} {'RECALL':>7} {'TP':>4} {'FP':>4} {'FN':>4} {'P50 S':>7} {'P95 S':>7}",
         file=out,
     )
     for detector, d in report["per_detector"].items():

@@ -18,8 +18,9 @@ import inspect
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pynvml
 
@@ -70,8 +71,15 @@ def _packed_layout() -> bool:
     """Whether c_nvmlFieldValue_t is laid out as the packers below write it (it is on every
     64-bit Linux pynvml: fieldId, scopeId, timestamp, latencyUsec, valueType, nvmlReturn, value)."""
     t = pynvml.c_nvmlFieldValue_t
-    expected = {"fieldId": (0, 4), "scopeId": (4, 4), "timestamp": (8, 8), "latencyUsec": (16, 8),
-                "valueType": (24, 4), "nvmlReturn": (28, 4), "value": (32, 8)}
+    expected = {
+        "fieldId": (0, 4),
+        "scopeId": (4, 4),
+        "timestamp": (8, 8),
+        "latencyUsec": (16, 8),
+        "valueType": (24, 4),
+        "nvmlReturn": (28, 4),
+        "value": (32, 8),
+    }
     try:
         layout = {name: (getattr(t, name).offset, getattr(t, name).size) for name, _ in t._fields_}
     except AttributeError:
@@ -125,9 +133,7 @@ class FakeNvml:
         # Handles are real c_nvmlDevice_t pointers (to small buffers we own), like the real ones,
         # so code that keys handles by address works on both.
         self._handle_memory = [ctypes.create_string_buffer(16) for _ in node.gpus]
-        self._handles = [
-            ctypes.cast(ctypes.addressof(buf), pynvml.c_nvmlDevice_t) for buf in self._handle_memory
-        ]
+        self._handles = [ctypes.cast(ctypes.addressof(buf), pynvml.c_nvmlDevice_t) for buf in self._handle_memory]
         self._gpu_by_id = {id(h): i for i, h in enumerate(self._handles)}
         self._gpu_by_address = {ctypes.addressof(buf): i for i, buf in enumerate(self._handle_memory)}
         self._event_memory: list[ctypes.Array] = []
@@ -154,8 +160,11 @@ class FakeNvml:
         # Counters that read 0 on a link without faults (the others raise, via the full path).
         self._nvlink_zero_counters = frozenset(
             {pynvml.NVML_NVLINK_ERROR_DL_ECC_DATA}
-            | {c for c, name in _NVLINK_COUNTER_BY_CONSTANT.items()
-               if name not in self.profile.nvlink_counters_not_supported}
+            | {
+                c
+                for c, name in _NVLINK_COUNTER_BY_CONSTANT.items()
+                if name not in self.profile.nvlink_counters_not_supported
+            }
         )
 
     # ---- plumbing ------------------------------------------------------------------------------
@@ -281,12 +290,12 @@ class FakeNvml:
         allocated = self.node.reading(gpu, now).mem_used_bytes
         if not version:
             # v1 folds the driver's reserved memory into `used`.
-            return pynvml.c_nvmlMemory_t(total=total, free=total - reserved - allocated,
-                                         used=allocated + reserved)
+            return pynvml.c_nvmlMemory_t(total=total, free=total - reserved - allocated, used=allocated + reserved)
         if version != pynvml.nvmlMemory_v2:
             raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-        return pynvml.c_nvmlMemory_v2_t(version=version, total=total, reserved=reserved,
-                                        free=total - reserved - allocated, used=allocated)
+        return pynvml.c_nvmlMemory_v2_t(
+            version=version, total=total, reserved=reserved, free=total - reserved - allocated, used=allocated
+        )
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> pynvml.c_nvmlUtilization_t:
         gpu, now = self._device(handle, "nvmlDeviceGetUtilizationRates")
@@ -334,7 +343,7 @@ class FakeNvml:
         gpu, now = self._device(handle, "nvmlDeviceGetTotalEnergyConsumption")
         return self.node.reading(gpu, now).energy_millijoules
 
-    def nvmlDeviceGetClockInfo(self, handle: Any, type: int) -> int:  # noqa: A002 - pynvml's name
+    def nvmlDeviceGetClockInfo(self, handle: Any, type: int) -> int:
         gpu, now = self._device(handle, "nvmlDeviceGetClockInfo")
         reading = self.node.reading(gpu, now)
         if type in (pynvml.NVML_CLOCK_GRAPHICS, pynvml.NVML_CLOCK_SM):
@@ -345,7 +354,7 @@ class FakeNvml:
             return reading.video_clock_mhz
         raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
 
-    def nvmlDeviceGetMaxClockInfo(self, handle: Any, type: int) -> int:  # noqa: A002
+    def nvmlDeviceGetMaxClockInfo(self, handle: Any, type: int) -> int:
         self._device(handle, "nvmlDeviceGetMaxClockInfo")
         value = self._max_clocks.get(type)
         if value is None:
@@ -441,7 +450,8 @@ class FakeNvml:
         if {"nvmlDeviceGetNvLinkState", "nvmlDeviceGetNvLinkErrorCounter"} & not_supported:
             return (False,) * self.node.gpu_count
         return tuple(
-            self._lost_at[gpu] is None and not self._missing[gpu]
+            self._lost_at[gpu] is None
+            and not self._missing[gpu]
             and all(f.gpu != gpu or f.kind not in ("nvlink_errors", "nvlink_down") for f in self.node.faults)
             for gpu in range(self.node.gpu_count)
         )
@@ -455,8 +465,12 @@ class FakeNvml:
         return pynvml.NVML_FEATURE_ENABLED if up else pynvml.NVML_FEATURE_DISABLED
 
     def nvmlDeviceGetNvLinkErrorCounter(self, device: Any, link: int, counter: int) -> int:
-        if (id(device) in self._quiet_handles and counter in self._nvlink_zero_counters
-                and 0 <= link < self._nvlink_count and self._init_count > 0):
+        if (
+            id(device) in self._quiet_handles
+            and counter in self._nvlink_zero_counters
+            and 0 <= link < self._nvlink_count
+            and self._init_count > 0
+        ):
             return 0
         gpu, now = self._device(device, "nvmlDeviceGetNvLinkErrorCounter")
         self._link(link)
@@ -577,8 +591,12 @@ class FakeNvml:
         each = self.node.reading(gpu, now).mem_used_bytes // len(pids)
         return [
             pynvml.nvmlFriendlyObject(
-                {"pid": pid, "usedGpuMemory": each, "gpuInstanceId": _NO_MIG_INSTANCE,
-                 "computeInstanceId": _NO_MIG_INSTANCE}
+                {
+                    "pid": pid,
+                    "usedGpuMemory": each,
+                    "gpuInstanceId": _NO_MIG_INSTANCE,
+                    "computeInstanceId": _NO_MIG_INSTANCE,
+                }
             )
             for pid in pids
         ]

@@ -46,9 +46,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Literal, overload
 
+from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import (
     HUNG,
@@ -64,8 +67,6 @@ from fleetwatch.sim.node import (
 )
 from fleetwatch.sim.profiles import profile_for
 from fleetwatch.sim.scenario import FAULT_KINDS, Fault, node_names
-from fleetwatch.agent.sources.nvml import NvmlSource
-from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 
 Record = GpuSample | HostSample | IbSample | Event | Step
 
@@ -133,8 +134,29 @@ def _fail(key: str, reason: str) -> ScenarioValueError:
 # ---- reading the scenario ------------------------------------------------------------------------
 
 
-def _number(table: Mapping[str, Any], key: str, where: str, default: float | None = None, *,
-            minimum: float | None = None, positive: bool = False) -> float | None:
+@overload
+def _number(
+    table: Mapping[str, Any], key: str, where: str, default: float, *, minimum: float | None = ..., positive: bool = ...
+) -> float: ...
+@overload
+def _number(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: float | None = ...,
+    *,
+    minimum: float | None = ...,
+    positive: bool = ...,
+) -> float | None: ...
+def _number(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: float | None = None,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+) -> float | None:
     value = table.get(key)
     if value is None:
         return default
@@ -147,8 +169,29 @@ def _number(table: Mapping[str, Any], key: str, where: str, default: float | Non
     return float(value)
 
 
-def _integer(table: Mapping[str, Any], key: str, where: str, default: int | None = None, *,
-             minimum: int = 0, below: int | None = None) -> int | None:
+@overload
+def _integer(
+    table: Mapping[str, Any], key: str, where: str, default: int, *, minimum: int = ..., below: int | None = ...
+) -> int: ...
+@overload
+def _integer(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: int | None = ...,
+    *,
+    minimum: int = ...,
+    below: int | None = ...,
+) -> int | None: ...
+def _integer(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: int | None = None,
+    *,
+    minimum: int = 0,
+    below: int | None = None,
+) -> int | None:
     value = table.get(key)
     if value is None:
         return default
@@ -160,6 +203,10 @@ def _integer(table: Mapping[str, Any], key: str, where: str, default: int | None
     return value
 
 
+@overload
+def _string(table: Mapping[str, Any], key: str, where: str, default: str) -> str: ...
+@overload
+def _string(table: Mapping[str, Any], key: str, where: str, default: str | None = ...) -> str | None: ...
 def _string(table: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str | None:
     value = table.get(key)
     if value is None:
@@ -233,8 +280,7 @@ class _IbPort:
         values["ib_link_downed_total"] = min(_U8, self.base["ib_link_downed_total"] + downed)
         values["ib_symbol_error_total"] = min(_U16, symbols)
         values["ib_rcv_errors_total"] = min(_U16, self.base["ib_rcv_errors_total"] + 2 * recovered)
-        values["ib_link_error_recovery_total"] = min(
-            _U8, self.base["ib_link_error_recovery_total"] + recovered)
+        values["ib_link_error_recovery_total"] = min(_U8, self.base["ib_link_error_recovery_total"] + recovered)
         return values
 
 
@@ -310,7 +356,7 @@ class SimFleet:
         gpus = _integer(fleet_table, "gpus_per_node", "fleet.gpus_per_node", 8, minimum=1)
         model = _string(fleet_table, "model", "fleet.model", "H100")
         try:
-            profile_for(model)  # type: ignore[arg-type]
+            profile_for(model)
         except ValueError as exc:
             raise _fail("fleet.model", str(exc)) from None
         ports = _integer(fleet_table, "ib_ports_per_node", "fleet.ib_ports_per_node", 1)
@@ -318,13 +364,13 @@ class SimFleet:
         interval = _number(scenario, "sample_interval_seconds", "sample_interval_seconds", 1.0, positive=True)
         seed = _integer(scenario, "seed", "seed", 0)
         fleet = cls(
-            nodes=node_names(node_count),  # type: ignore[arg-type]
-            gpus_per_node=gpus,  # type: ignore[arg-type]
-            model=model,  # type: ignore[arg-type]
-            ib_ports_per_node=ports,  # type: ignore[arg-type]
-            duration_seconds=duration,  # type: ignore[arg-type]
-            sample_interval_seconds=interval,  # type: ignore[arg-type]
-            seed=seed,  # type: ignore[arg-type]
+            nodes=node_names(node_count),
+            gpus_per_node=gpus,
+            model=model,
+            ib_ports_per_node=ports,
+            duration_seconds=duration,
+            sample_interval_seconds=interval,
+            seed=seed,
             start=start,
             name=str(scenario.get("name", "")),
         )
@@ -337,6 +383,10 @@ class SimFleet:
     def _abs(self, seconds: float) -> float:
         return self.start + seconds
 
+    @overload
+    def _node(self, table: Mapping[str, Any], where: str, required: Literal[True] = ...) -> str: ...
+    @overload
+    def _node(self, table: Mapping[str, Any], where: str, required: bool) -> str | None: ...
     def _node(self, table: Mapping[str, Any], where: str, required: bool = True) -> str | None:
         name = _string(table, "node", where + "node")
         if name is None:
@@ -344,18 +394,24 @@ class SimFleet:
                 raise _fail(where + "node", "missing")
             return None
         if name not in self._faults:
-            raise _fail(where + "node", f"unknown node {name!r}; the fleet has "
-                                        f"{self.node_names[0]}..{self.node_names[-1]}")
+            raise _fail(
+                where + "node", f"unknown node {name!r}; the fleet has {self.node_names[0]}..{self.node_names[-1]}"
+            )
         return name
 
+    @overload
+    def _gpu(self, table: Mapping[str, Any], where: str, required: Literal[True] = ...) -> int: ...
+    @overload
+    def _gpu(self, table: Mapping[str, Any], where: str, required: bool) -> int | None: ...
     def _gpu(self, table: Mapping[str, Any], where: str, required: bool = True) -> int | None:
         gpu = _integer(table, "gpu", where + "gpu", below=self.gpus_per_node)
         if gpu is None and required:
             raise _fail(where + "gpu", "missing")
         return gpu
 
-    def _window(self, table: Mapping[str, Any], where: str, default_duration: float | None,
-                at_required: bool = True) -> tuple[float, float]:
+    def _window(
+        self, table: Mapping[str, Any], where: str, default_duration: float | None, at_required: bool = True
+    ) -> tuple[float, float]:
         at = _number(table, "at_seconds", where + "at_seconds", None if at_required else 0.0, minimum=0)
         if at is None:
             raise _fail(where + "at_seconds", "missing")
@@ -374,7 +430,7 @@ class SimFleet:
             if rank >= len(job.ranks):
                 raise _fail(where + "rank", f"job {job_id!r} has ranks 0..{len(job.ranks) - 1}")
             return job.ranks[rank]
-        return self._node(table, where), self._gpu(table, where)  # type: ignore[return-value]
+        return self._node(table, where), self._gpu(table, where)
 
     def _build(self, scenario: Mapping[str, Any]) -> None:
         noise = _tables(scenario, "noise")
@@ -386,7 +442,7 @@ class SimFleet:
                 gpu = self._gpu(item, where, required=False)
                 window = self._window(item, where, None, at_required=False)
                 for g in range(self.gpus_per_node) if gpu is None else (gpu,):
-                    self._idle_windows.setdefault((node, g), []).append(window)  # type: ignore[arg-type]
+                    self._idle_windows.setdefault((node, g), []).append(window)
         self._read_jobs(scenario)
         deaths: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (node, gpu) -> (t, hung s)
         for i, item in enumerate(_tables(scenario, "faults")):
@@ -394,33 +450,46 @@ class SimFleet:
         for i, item in enumerate(noise):
             self._read_noise(item, f"noise[{i}].")
         for job in self.jobs.values():
-            for rank, (node, gpu) in enumerate(job.ranks):
+            for node, gpu in job.ranks:
                 for t, hung in deaths.get((node, gpu), ()):
                     if t < job.end:
                         job.abort_at(t, hung)
         # Each job rank's own slowdown windows (throttles, slow_rank) from its node's faults.
         for job in self.jobs.values():
             job.factors = [
-                [(self._abs(f.at_seconds), self._abs(f.end_seconds), compute_factor(f))
-                 for f in self._faults[node] if f.gpu == gpu and compute_factor(f) != 1.0]
+                [
+                    (self._abs(f.at_seconds), self._abs(f.end_seconds), compute_factor(f))
+                    for f in self._faults[node]
+                    if f.gpu == gpu and compute_factor(f) != 1.0
+                ]
                 for node, gpu in job.ranks
             ]
         timelines = self._timelines()
         for name in self.node_names:
             self.sims[name] = SimNode(
-                name, gpu_count=self.gpus_per_node, model=self.model, faults=self._faults[name],
-                seed=self.seed, start=self.start, clock=_Clock(self.start),
-                activity={g: timelines.get((name, g), ((-math.inf, IDLE_ACTIVITY),))
-                          for g in range(self.gpus_per_node)},
+                name,
+                gpu_count=self.gpus_per_node,
+                model=self.model,
+                faults=self._faults[name],
+                seed=self.seed,
+                start=self.start,
+                clock=_Clock(self.start),
+                activity={
+                    g: timelines.get((name, g), ((-math.inf, IDLE_ACTIVITY),)) for g in range(self.gpus_per_node)
+                },
             )
         for job in self.jobs.values():
             self._steps.extend(self._simulate_steps(job))
         self._steps.sort(key=lambda s: (s.t, s.job, s.rank))
         for name in self.node_names:
             rng = self._rng("host", name)
-            self._host_params[name] = (rng.uniform(18.0, 30.0), rng.uniform(1.0, 3.0),
-                                       rng.randint(10**12, 10**14), rng.randint(10**12, 10**14),
-                                       rng.uniform(0.2, 0.6))
+            self._host_params[name] = (
+                rng.uniform(18.0, 30.0),
+                rng.uniform(1.0, 3.0),
+                rng.randint(10**12, 10**14),
+                rng.randint(10**12, 10**14),
+                rng.uniform(0.2, 0.6),
+            )
 
     def _read_jobs(self, scenario: Mapping[str, Any]) -> None:
         taken: dict[tuple[str, int], str] = {}
@@ -436,15 +505,17 @@ class SimFleet:
                 raise _fail(where + "nodes", "must be a non-empty array of node names")
             for n, name in enumerate(nodes):
                 if name not in self._faults:
-                    raise _fail(f"{where}nodes[{n}]", f"unknown node {name!r}; the fleet has "
-                                                      f"{self.node_names[0]}..{self.node_names[-1]}")
+                    raise _fail(
+                        f"{where}nodes[{n}]",
+                        f"unknown node {name!r}; the fleet has {self.node_names[0]}..{self.node_names[-1]}",
+                    )
             step = _number(item, "step_seconds", where + "step_seconds", 1.0, positive=True)
             report = item.get("report_steps", True)
             if not isinstance(report, bool):
                 raise _fail(where + "report_steps", f"must be true or false, got {report!r}")
             begin_s = _number(item, "start_seconds", where + "start_seconds", 0.0, minimum=0)
             end_s = _number(item, "end_seconds", where + "end_seconds", None, minimum=0)
-            if end_s is not None and end_s <= begin_s:  # type: ignore[operator]
+            if end_s is not None and end_s <= begin_s:
                 raise _fail(where + "end_seconds", "must be after start_seconds")
             ranks = [(n, g) for n in nodes for g in range(self.gpus_per_node) if (n, g) not in self._idle_windows]
             for rank in ranks:
@@ -452,9 +523,13 @@ class SimFleet:
                     raise _fail(where + "nodes", f"{rank[0]} GPU {rank[1]} is already in job {taken[rank]!r}")
                 taken[rank] = job_id
             self.jobs[job_id] = _Job(
-                id=job_id, ranks=ranks, step_seconds=step, report_steps=report,  # type: ignore[arg-type]
-                begin=-math.inf if not begin_s else self._abs(begin_s),  # type: ignore[arg-type]
-                end=math.inf if end_s is None else self._abs(end_s), nodes=list(dict.fromkeys(nodes)),
+                id=job_id,
+                ranks=ranks,
+                step_seconds=step,
+                report_steps=report,
+                begin=-math.inf if not begin_s else self._abs(begin_s),
+                end=math.inf if end_s is None else self._abs(end_s),
+                nodes=list(dict.fromkeys(nodes)),
             )
             for rank_index, rank in enumerate(ranks):
                 self._attribution[rank] = (job_id, rank_index)
@@ -477,20 +552,25 @@ class SimFleet:
             raise _fail(where + "at_seconds", "missing")
         try:
             fault = Fault(
-                kind=kind, gpu=gpu, at_seconds=at,
+                kind=kind,
+                gpu=gpu,
+                at_seconds=at,
                 xid=_integer(item, "xid", where + "xid", minimum=1),
                 duration_seconds=_number(item, "duration_seconds", where + "duration_seconds", positive=True),
-                link=_integer(item, "link", where + "link", 0),  # type: ignore[arg-type]
+                link=_integer(item, "link", where + "link", 0),
                 rate_per_second=_number(item, "rate_per_second", where + "rate_per_second", positive=True),
-                pcie_gen=_integer(item, "pcie_gen", where + "pcie_gen", 4, minimum=1),  # type: ignore[arg-type]
-                pcie_width=_integer(item, "pcie_width", where + "pcie_width", 8, minimum=1),  # type: ignore[arg-type]
+                pcie_gen=_integer(item, "pcie_gen", where + "pcie_gen", 4, minimum=1),
+                pcie_width=_integer(item, "pcie_width", where + "pcie_width", 8, minimum=1),
                 factor=_number(item, "factor", where + "factor", minimum=1.0),
             )
         except ValueError as exc:
             raise _fail(where.rstrip("."), str(exc)) from None
         if kind == "retired_pages" and "nvmlDeviceGetRetiredPages" in profile_for(self.model).not_supported:
-            raise _fail(where + "kind", f"retired_pages needs a board that retires pages (pre-Ampere); "
-                                        f"{self.model} remaps rows instead: use row_remap_pending")
+            raise _fail(
+                where + "kind",
+                f"retired_pages needs a board that retires pages (pre-Ampere); "
+                f"{self.model} remaps rows instead: use row_remap_pending",
+            )
         self._faults[node].append(fault)
         begin = self._abs(at)
         if kind in ("gpu_lost", "gpu_missing"):
@@ -503,18 +583,22 @@ class SimFleet:
         if not ports:
             raise _fail(where + "node", f"{node} has no InfiniBand ports (fleet.ib_ports_per_node = 0)")
         index = _integer(item, "port", where + "port", 0, below=len(ports))
-        return ports[index]  # type: ignore[index]
+        return ports[index]
 
     def _ib_ports(self, node: str) -> list[_IbPort]:
         if node not in self._ib:
             rng = self._rng("ib", node)
             self._ib[node] = [
-                _IbPort(f"mlx5_{i}", 1, {
-                    "ib_link_downed_total": rng.choice((0, 0, 1)),  # the link trained once at boot
-                    "ib_symbol_error_total": rng.choice((0, 0, 0, 1, 3)),
-                    "ib_rcv_errors_total": 0,
-                    "ib_link_error_recovery_total": 0,
-                })
+                _IbPort(
+                    f"mlx5_{i}",
+                    1,
+                    {
+                        "ib_link_downed_total": rng.choice((0, 0, 1)),  # the link trained once at boot
+                        "ib_symbol_error_total": rng.choice((0, 0, 0, 1, 3)),
+                        "ib_rcv_errors_total": 0,
+                        "ib_link_error_recovery_total": 0,
+                    },
+                )
                 for i in range(self.ib_ports_per_node)
             ]
         return self._ib[node]
@@ -530,9 +614,9 @@ class SimFleet:
         if kind == "ib_rate_low":
             begin, end = self._window(item, where, None)
             gbps = _number(item, "rate_gbps", where + "rate_gbps", _IB_SLOW_RATE_GBPS, positive=True)
-            port.slow.append((begin, end, gbps))  # type: ignore[arg-type]
+            port.slow.append((begin, end, gbps))
             # The collectives through this port move data at gbps instead of the nominal rate.
-            stretch = 1.0 + EXPOSED_COMM_FRACTION * max(0.0, _IB_NOMINAL_GBPS / gbps - 1.0)  # type: ignore[operator]
+            stretch = 1.0 + EXPOSED_COMM_FRACTION * max(0.0, _IB_NOMINAL_GBPS / gbps - 1.0)
             for job in multi_node_jobs:
                 job.stretches.append((begin, end, stretch))
             return
@@ -554,8 +638,9 @@ class SimFleet:
                 downs.append((down_at, down_at + rng.uniform(2.0, min(6.0, period / 2))))
         for down_begin, down_end in downs:
             port.downs.append((down_begin, down_end, kind == "ib_flap"))
-            port.flap_symbol_errors.append(self._rng("flap-symbols", node, down_begin).randint(20, 400)
-                                           if kind == "ib_flap" else 0)
+            port.flap_symbol_errors.append(
+                self._rng("flap-symbols", node, down_begin).randint(20, 400) if kind == "ib_flap" else 0
+            )
             for job in multi_node_jobs:
                 if down_end - down_begin > IB_ABORT_SECONDS:
                     job.abort_at(down_begin, IB_ABORT_SECONDS)
@@ -588,9 +673,9 @@ class SimFleet:
                 node = node or rng.choice(self.node_names)
                 gpu = rng.randrange(self.gpus_per_node)
             else:
-                gpu = self._gpu(item, where)  # type: ignore[assignment]
+                gpu = self._gpu(item, where)
             at = _number(item, "at_seconds", where + "at_seconds", 0.0, minimum=0)
-            self._faults[node].append(Fault("single_sbe", gpu, at))  # type: ignore[arg-type]
+            self._faults[node].append(Fault("single_sbe", gpu, at))
             return
         jobs = self._noise_jobs(item, where, node)
         if kind == "checkpoint_pause":
@@ -602,8 +687,8 @@ class SimFleet:
             for job in jobs:
                 job.restarts.append((begin, end + LOAD_SECONDS))
         else:  # dataloader_hiccup
-            at = _number(item, "at_seconds", where + "at_seconds", minimum=0)
-            if at is None:
+            hiccup_at = _number(item, "at_seconds", where + "at_seconds", minimum=0)
+            if hiccup_at is None:
                 raise _fail(where + "at_seconds", "missing")
             duration = _number(item, "duration_seconds", where + "duration_seconds", None, positive=True)
             count = _integer(item, "count", where + "count", None, minimum=1)
@@ -614,16 +699,21 @@ class SimFleet:
                 gpu = self._gpu(item, where)
                 targets = [(job, job.ranks.index((node, gpu))) for job in jobs if (node, gpu) in job.ranks]
             elif "rank" in item:
-                rank = _integer(item, "rank", where + "rank")
-                targets = [(job, rank) for job in jobs if rank < len(job.ranks)]  # type: ignore[operator]
+                only_rank = _integer(item, "rank", where + "rank")
+                if only_rank is None:  # present but null
+                    raise _fail(where + "rank", "missing")
+                targets = [(job, only_rank) for job in jobs if only_rank < len(job.ranks)]
             else:
                 targets = [(job, rng.randrange(len(job.ranks))) for job in jobs if job.ranks]
-            begin = self._abs(at)
+            begin = self._abs(hiccup_at)
             for job, rank in targets:
                 # `count` slow steps from `at` on; or, given only a duration, those that start in it.
-                steps = count if count is not None else (1 if duration is None else None)
-                until = begin + (duration if steps is None  # type: ignore[operator]
-                                 else steps * job.step_seconds * factor * (1.0 + EXPOSED_COMM_FRACTION))
+                steps: int | None
+                if count is None and duration is not None:
+                    steps, until = None, begin + duration
+                else:
+                    steps = count if count is not None else 1
+                    until = begin + steps * job.step_seconds * factor * (1.0 + EXPOSED_COMM_FRACTION)
                 job.hiccups.append((rank, begin, until, steps, factor))
 
     # ---- the jobs' timelines -------------------------------------------------------------------
@@ -652,8 +742,7 @@ class SimFleet:
             for rank, begin, until, _, factor in job.hiccups:
                 factors[rank].append((begin, until, factor))
             per_rank = synchronous_job_activity(factors, self._job_overrides(job), job.stretches)
-            for rank, timeline in zip(job.ranks, per_rank):
-                timelines[rank] = timeline
+            timelines.update(zip(job.ranks, per_rank))
         for (node, gpu), windows in self._idle_windows.items():
             # Outside its idle windows the GPU runs someone's unnamed work if its node hosts a job.
             outside = RUNNING if self._jobs_on(node) else IDLE_ACTIVITY
@@ -672,8 +761,10 @@ class SimFleet:
             return []
         rng = self._rng("steps", job.id)
         count = len(job.ranks)
-        offsets = [1.0 + min(max(rng.gauss(0.0, RANK_OFFSET_SD), -2.5 * RANK_OFFSET_SD), 2.5 * RANK_OFFSET_SD)
-                   for _ in range(count)]
+        offsets = [
+            1.0 + min(max(rng.gauss(0.0, RANK_OFFSET_SD), -2.5 * RANK_OFFSET_SD), 2.5 * RANK_OFFSET_SD)
+            for _ in range(count)
+        ]
         drifts = [rng.gauss(0.0, STEP_DRIFT_SD) for _ in range(count)]
         drift_step_sd = STEP_DRIFT_SD * math.sqrt(1.0 - STEP_DRIFT_KEEP**2)
         if job.begin == -math.inf:  # running since before the fleet's start: warm, mid-training
@@ -690,7 +781,8 @@ class SimFleet:
         restarts = sorted(job.restarts)
         pauses = sorted(job.pauses)
         stalls = sorted(job.stalls)
-        hiccups = [[rank, begin, until, left, factor] for rank, begin, until, left, factor in job.hiccups]
+        hiccups = [(rank, begin, until, factor) for rank, begin, until, _, factor in job.hiccups]
+        steps_left = [left for _, _, _, left, _ in job.hiccups]  # None: slow by time, not by count
         nodes_gpus = job.ranks
         silent = {node: self._silent[node] for node, _ in nodes_gpus}
         out: list[Step] = []
@@ -698,8 +790,9 @@ class SimFleet:
             for noise_index in range(count):
                 drifts[noise_index] = STEP_DRIFT_KEEP * drifts[noise_index] + rng.gauss(0.0, drift_step_sd)
             whites = [rng.gauss(0.0, STEP_WHITE_SD) for _ in range(count)]
-            spikes = [rng.uniform(*STEP_SPIKE_RANGE) if rng.random() < STEP_SPIKE_PROBABILITY else 0.0
-                      for _ in range(count)]
+            spikes = [
+                rng.uniform(*STEP_SPIKE_RANGE) if rng.random() < STEP_SPIKE_PROBABILITY else 0.0 for _ in range(count)
+            ]
             warmup = 1.0 if warm is None else 1.0 + WARMUP_EXTRA * math.exp(-warm / WARMUP_STEPS_SCALE)
             own = []
             for r in range(count):
@@ -707,15 +800,17 @@ class SimFleet:
                 for begin, end, f in job.factors[r]:
                     if begin <= t < end:
                         factor *= f
-                own.append(job.step_seconds * offsets[r] * max(0.85, 1.0 + drifts[r] + whites[r] + spikes[r])
-                           * factor * warmup)
-            for hiccup in hiccups:  # [rank, begin, until, steps left (None: by time), factor]
-                if hiccup[3] is None:
-                    if hiccup[1] <= t < hiccup[2]:
-                        own[hiccup[0]] *= hiccup[4]
-                elif hiccup[3] > 0 and t >= hiccup[1]:
-                    own[hiccup[0]] *= hiccup[4]
-                    hiccup[3] -= 1
+                own.append(
+                    job.step_seconds * offsets[r] * max(0.85, 1.0 + drifts[r] + whites[r] + spikes[r]) * factor * warmup
+                )
+            for hiccup_index, (slow_rank, slow_from, slow_until, slow_factor) in enumerate(hiccups):
+                left = steps_left[hiccup_index]
+                if left is None:
+                    if slow_from <= t < slow_until:
+                        own[slow_rank] *= slow_factor
+                elif left > 0 and t >= slow_from:
+                    own[slow_rank] *= slow_factor
+                    steps_left[hiccup_index] = left - 1
             wall = max(own) * (1.0 + EXPOSED_COMM_FRACTION)
             for begin, end, stretch in job.stretches:
                 if begin <= t < end:
@@ -741,8 +836,9 @@ class SimFleet:
                 for r, (node, gpu) in enumerate(nodes_gpus):
                     if any(b <= done < e for b, e in silent[node]):
                         continue  # the node's agent sends nothing, its step reports included
-                    out.append(Step(t=done, job=job.id, rank=r, node=node, step=step,
-                                    seconds=round(own[r], 4), gpu=gpu))
+                    out.append(
+                        Step(t=done, job=job.id, rank=r, node=node, step=step, seconds=round(own[r], 4), gpu=gpu)
+                    )
             if checkpointed:
                 checkpoint_step = step + 1
             t = done
@@ -766,8 +862,18 @@ class SimFleet:
             for xid in sim.xid_events:
                 if self.start <= xid.time < self.end and not self.silent(name, xid.time):
                     gpu = sim.gpus[xid.gpu]
-                    events.append(Event(t=xid.time, node=name, kind="xid", gpu=xid.gpu, xid=xid.xid,
-                                        pci_bus_id=_pci_bus_id(gpu.pci_bus_id), uuid=gpu.uuid, source="nvml"))
+                    events.append(
+                        Event(
+                            t=xid.time,
+                            node=name,
+                            kind="xid",
+                            gpu=xid.gpu,
+                            xid=xid.xid,
+                            pci_bus_id=_pci_bus_id(gpu.pci_bus_id),
+                            uuid=gpu.uuid,
+                            source="nvml",
+                        )
+                    )
         events.sort(key=lambda e: (e.t, e.node, e.gpu))
         return events
 
@@ -778,16 +884,20 @@ class SimFleet:
         elapsed = t - self.start
         wobble = math.sin(elapsed / 37.0 + cpu_busy) * 2.0
         net_rate = 2.0e8 * busy + 1.0e5  # bytes/s of the front-end network: data, logs, metrics
-        return HostSample(t=t, node=name, metrics={
-            "cpu_percent": round(cpu_idle + busy * cpu_busy + wobble * busy, 2),
-            "load1": round(0.5 + busy * cpu_busy * 1.6, 2),
-            "mem_used_bytes": int(_HOST_MEMORY_BYTES * (0.03 + busy * mem_fraction)),
-            "mem_total_bytes": _HOST_MEMORY_BYTES,
-            "disk_used_bytes": int(_HOST_DISK_BYTES * 0.41),
-            "disk_total_bytes": _HOST_DISK_BYTES,
-            "net_rx_bytes_total": rx_base + int(net_rate * elapsed),
-            "net_tx_bytes_total": tx_base + int(net_rate * 0.3 * elapsed),
-        })
+        return HostSample(
+            t=t,
+            node=name,
+            metrics={
+                "cpu_percent": round(cpu_idle + busy * cpu_busy + wobble * busy, 2),
+                "load1": round(0.5 + busy * cpu_busy * 1.6, 2),
+                "mem_used_bytes": int(_HOST_MEMORY_BYTES * (0.03 + busy * mem_fraction)),
+                "mem_total_bytes": _HOST_MEMORY_BYTES,
+                "disk_used_bytes": int(_HOST_DISK_BYTES * 0.41),
+                "disk_total_bytes": _HOST_DISK_BYTES,
+                "net_rx_bytes_total": rx_base + int(net_rate * elapsed),
+                "net_tx_bytes_total": tx_base + int(net_rate * 0.3 * elapsed),
+            },
+        )
 
     def records(self) -> Iterator[Record]:
         """Every record of the run in time order (samples of one tick share its time)."""
@@ -801,8 +911,15 @@ class SimFleet:
             source.start()
             sources[name] = source
             # The agent re-initialises NVML when a GPU goes missing or comes back (driver reload).
-            restarts[name] = sorted({t for g in range(sim.gpu_count) for b, e in sim.missing_windows(g)
-                                     for t in (b, e) if self.start < t < self.end})
+            restarts[name] = sorted(
+                {
+                    t
+                    for g in range(sim.gpu_count)
+                    for b, e in sim.missing_windows(g)
+                    for t in (b, e)
+                    if self.start < t < self.end
+                }
+            )
         for name in self.node_names:
             self._ib_ports(name)
         pending: list[Event | Step] = sorted([*self._events(), *self._steps], key=lambda r: r.t)
@@ -828,17 +945,31 @@ class SimFleet:
                     yield self._host(name, now)
                     samples, events = sources[name].sample()
                     for event in events:
-                        yield Event(t=event["t"], node=name, kind=event["kind"], gpu=event.get("gpu"),
-                                    xid=event.get("xid"), pci_bus_id=event.get("pci_bus_id"),
-                                    uuid=event.get("uuid"), message=event.get("message", ""),
-                                    source=event.get("source"))
+                        yield Event(
+                            t=event["t"],
+                            node=name,
+                            kind=event["kind"],
+                            gpu=event.get("gpu"),
+                            xid=event.get("xid"),
+                            pci_bus_id=event.get("pci_bus_id"),
+                            uuid=event.get("uuid"),
+                            message=event.get("message", ""),
+                            source=event.get("source"),
+                        )
                     for sample in samples:
                         gpu = sample["gpu"]
                         job, rank = attribution.get((name, gpu), (None, None))
                         if job is not None and sim.mode(gpu, now) == IDLE:
                             job = rank = None
-                        yield GpuSample(t=sample["t"], node=name, gpu=gpu, metrics=sample["metrics"],
-                                        uuid=sample["uuid"], job=job, rank=rank)
+                        yield GpuSample(
+                            t=sample["t"],
+                            node=name,
+                            gpu=gpu,
+                            metrics=sample["metrics"],
+                            uuid=sample["uuid"],
+                            job=job,
+                            rank=rank,
+                        )
                     for port in self._ib[name]:
                         yield IbSample(t=now, node=name, device=port.device, port=port.port, metrics=port.metrics(now))
             while next_pending < len(pending) and pending[next_pending].t < self.end:

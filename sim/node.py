@@ -29,8 +29,9 @@ import hashlib
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TypedDict
 
 from fleetwatch.nvml_bits import GPU_IDLE, HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN, SW_POWER_CAP
 from fleetwatch.sim.profiles import GpuProfile, profile_for
@@ -290,6 +291,15 @@ class _GpuParams:
     pcie_tx_base_bytes: int = 0
 
 
+class _PcieDraw(TypedDict):
+    """The PCIe fields of _GpuParams, drawn from their own stream."""
+
+    pcie_swing_omega: float
+    pcie_swing_phase: float
+    pcie_rx_base_bytes: int
+    pcie_tx_base_bytes: int
+
+
 @dataclass(frozen=True, slots=True)
 class _Segment:
     """One stretch of a GPU's time over which its workload and hardware state are constant.
@@ -358,20 +368,16 @@ class SimNode:
         self.gpus: tuple[SimGpu, ...] = tuple(self._identity(i) for i in range(gpu_count))
         self._params = tuple(self._draw_params(i) for i in range(gpu_count))
         # Faults per GPU and kind as (absolute start, absolute end, fault).
-        self._windows: list[dict[str, list[tuple[float, float, Fault]]]] = [
-            {} for _ in range(gpu_count)
-        ]
+        self._windows: list[dict[str, list[tuple[float, float, Fault]]]] = [{} for _ in range(gpu_count)]
         for fault in self.faults:
             begin = self.fault_time(fault)
             end = math.inf if fault.duration_seconds is None else begin + fault.duration_seconds
             self._windows[fault.gpu].setdefault(fault.kind, []).append((begin, end, fault))
         self._lost_at: tuple[float | None, ...] = tuple(
-            min((w[0] for w in self._windows[g].get("gpu_lost", ())), default=None)
-            for g in range(gpu_count)
+            min((w[0] for w in self._windows[g].get("gpu_lost", ())), default=None) for g in range(gpu_count)
         )
         self._missing: tuple[tuple[tuple[float, float], ...], ...] = tuple(
-            tuple((begin, end) for begin, end, _ in self._windows[g].get("gpu_missing", ()))
-            for g in range(gpu_count)
+            tuple((begin, end) for begin, end, _ in self._windows[g].get("gpu_missing", ())) for g in range(gpu_count)
         )
         self.xid_events: tuple[XidEvent, ...] = tuple(
             sorted(
@@ -428,10 +434,13 @@ class SimNode:
         rng = random.Random(f"fleetwatch-sim:{self.name}:{self.seed}:{index}:params")
         # Swings of a few percent on periods from seconds (step mix) to many minutes (data mix,
         # sequence lengths); only the slow ones get through the thermal filter.
-        periods = (rng.uniform(6.0, 9.0), rng.uniform(25.0, 40.0), rng.uniform(140.0, 220.0),
-                   rng.uniform(600.0, 1200.0))
-        amplitudes = (rng.uniform(5.0, 8.0), rng.uniform(6.0, 9.0), rng.uniform(8.0, 12.0),
-                      rng.uniform(10.0, 14.0))
+        periods = (
+            rng.uniform(6.0, 9.0),
+            rng.uniform(25.0, 40.0),
+            rng.uniform(140.0, 220.0),
+            rng.uniform(600.0, 1200.0),
+        )
+        amplitudes = (rng.uniform(5.0, 8.0), rng.uniform(6.0, 9.0), rng.uniform(8.0, 12.0), rng.uniform(10.0, 14.0))
         # 87-90 % of the limit: the captures' gpu-burn drew 627-632 W of 700 W.
         power_base = p.power_limit_watts * rng.uniform(0.87, 0.905)
         # Anchored on the capture's idle point. Its load reading came 15 s into the burn, before
@@ -464,7 +473,7 @@ class SimNode:
             **self._draw_pcie(index),
         )
 
-    def _draw_pcie(self, index: int) -> dict[str, float | int]:
+    def _draw_pcie(self, index: int) -> _PcieDraw:
         rng = random.Random(f"fleetwatch-sim:{self.name}:{self.seed}:{index}:pcie")
         return {
             "pcie_swing_omega": 2 * math.pi / rng.uniform(20.0, 90.0),
@@ -582,8 +591,20 @@ class SimNode:
                 scale, watts = 0.0, p.power_idle_watts * _PAUSE_POWER_OVER_IDLE
             else:
                 scale, watts = 0.0, p.power_idle_watts
-            segment = _Segment(begin, act.mode, scale, watts, act.busy, act.pace, clock_ratio, power_ratio, reasons,
-                               joules, rx, filtered)
+            segment = _Segment(
+                begin,
+                act.mode,
+                scale,
+                watts,
+                act.busy,
+                act.pace,
+                clock_ratio,
+                power_ratio,
+                reasons,
+                joules,
+                rx,
+                filtered,
+            )
             segments.append(segment)
             if i + 1 < len(ordered):
                 joules += scale * self._power_integral(q, begin, end) + watts * (end - begin)
@@ -617,7 +638,7 @@ class SimNode:
         u_step = _unit(q.key, step)
         jitter_watts = (_unit(q.key ^ 0x5EED, math.floor(since_start * 10.0)) - 0.5) * 8.0
 
-        if mode == BUSY or mode == HANG:
+        if mode in (BUSY, HANG):
             swing = 0.0
             for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
                 swing += amplitude * math.sin(omega * since_job + phase)
@@ -646,8 +667,16 @@ class SimNode:
                     sm_clock = p.sm_clock_max_mhz
             # The memory controller works while the GPU computes, not while it waits.
             busy = seg.busy if mode == BUSY and clock_ratio >= 1.0 else (1.0 if mode == BUSY else 0.05)
-            mem_util = max(0, round((q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
-                                    * clock_ratio * busy * gpu_util / 100.0))
+            mem_util = max(
+                0,
+                round(
+                    (q.mem_util_base_percent + (_unit(q.key ^ 0x3E3, step) - 0.5) * 2.0)
+                    * clock_ratio
+                    * busy
+                    * gpu_util
+                    / 100.0
+                ),
+            )
             video_clock = p.video_clock_max_mhz
             mem_step = math.floor(since_start / 30.0)
             mem_used = q.mem_job_bytes + (int(_unit(q.key ^ 0x3E30, mem_step) * 5.0) - 2) * (64 << 20)
@@ -844,4 +873,3 @@ class SimNode:
             # A link that drops is retrained: one recovery per drop.
             count += sum(1 for begin, _, f in windows.get("nvlink_down", ()) if f.link == link and begin <= t)
         return count
-

@@ -86,7 +86,7 @@ class GpuProfile:
 
     @property
     def power_limit_milliwatts(self) -> int:
-        return int(round(self.power_limit_watts * 1000))
+        return round(self.power_limit_watts * 1000)
 
 
 # From linux-x86_64__nvidia-h100-80gb-hbm3__590.48.01.txt (driver 590.48.01, CUDA 13.1).

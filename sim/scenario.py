@@ -93,16 +93,13 @@ class Fault:
             raise ValueError(f"fault at_seconds must be >= 0, got {self.at_seconds!r}")
         if self.kind == "xid" and self.xid is None:
             raise ValueError("fault kind 'xid' needs an XID number (e.g. xid:79)")
-        if self.xid is not None and (isinstance(self.xid, bool) or int(self.xid) != self.xid
-                                     or self.xid <= 0):
+        if self.xid is not None and (isinstance(self.xid, bool) or int(self.xid) != self.xid or self.xid <= 0):
             raise ValueError(f"XID must be a positive integer, got {self.xid!r}")
         if self.duration_seconds is not None:
             if self.kind in _NO_DURATION:
                 raise ValueError(f"fault kind {self.kind!r} takes no duration")
             if not math.isfinite(self.duration_seconds) or self.duration_seconds <= 0:
-                raise ValueError(
-                    f"fault duration_seconds must be > 0, got {self.duration_seconds!r}"
-                )
+                raise ValueError(f"fault duration_seconds must be > 0, got {self.duration_seconds!r}")
         if self.link < 0:
             raise ValueError(f"fault link must be >= 0, got {self.link!r}")
         if self.rate_per_second is not None and not self.rate_per_second > 0:
@@ -168,8 +165,7 @@ def parse_fault(spec: str) -> Fault:
     at_seconds = _seconds(at_text, "start", spec)
     duration = _seconds(duration_text, "duration", spec) if slash else None
     try:
-        return Fault(kind=kind, gpu=int(gpu_text), at_seconds=at_seconds, xid=xid,
-                     duration_seconds=duration)
+        return Fault(kind=kind, gpu=int(gpu_text), at_seconds=at_seconds, xid=xid, duration_seconds=duration)
     except ValueError as exc:
         raise ValueError(f"bad fault spec {spec!r}: {exc}") from None
 

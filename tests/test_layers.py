@@ -134,9 +134,7 @@ def test_the_contract_sees_every_module_of_every_layer():
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
-    (tmp_path / "pyproject.toml").write_text(
-        (ROOT / "pyproject.toml").read_text()
-    )
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     for relative, text in files.items():
         path = tmp_path / relative
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the venv's setuptools builds it, so the test needs no index.
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -80,7 +91,18 @@ def test_a_training_image_gets_the_step_reporter_from_the_bare_wheel(wheel, tmp_
     # What `pip install 'fleetwatch[agent]'` would install, resolved without installing it.
     report = tmp_path / "report.json"
     subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed", "--report", str(report), f"{wheel}[agent]"],
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--dry-run",
+            "--ignore-installed",
+            "--report",
+            str(report),
+            f"{wheel}[agent]",
+        ],
         check=True,
         timeout=300,
     )

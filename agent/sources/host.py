@@ -77,7 +77,7 @@ class HostSource:
         for fields, read in readers:
             try:
                 values.update(read())
-            except Exception as exc:  # noqa: BLE001 - one broken reading must not hide the rest
+            except Exception as exc:
                 self._note_unavailable(fields, exc)
         return values
 
@@ -111,7 +111,7 @@ class HostSource:
         try:
             with _psutil_procfs(self.procfs_root):
                 return psutil.cpu_times()
-        except Exception as exc:  # noqa: BLE001 - reported as an absent field by sample()
+        except Exception as exc:
             self._note_unavailable("cpu_percent", exc)
             return None
 
@@ -177,7 +177,7 @@ class HostSource:
 
 def _cpu_total_and_idle(times: _CpuTimes) -> tuple[float, float]:
     """Total and idle CPU seconds, counted as psutil.cpu_percent and htop count them."""
-    total_seconds = sum(times)
+    total_seconds: float = sum(times)
     # On Linux guest time is already included in user and nice.
     total_seconds -= getattr(times, "guest", 0.0) + getattr(times, "guest_nice", 0.0)
     # iowait is time a CPU sat idle waiting for I/O; Linux does not include it in idle.

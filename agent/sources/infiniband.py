@@ -130,9 +130,7 @@ class InfinibandSource:
         for device in devices:
             ports_dir = os.path.join(self.class_dir, device, "ports")
             try:
-                numbers = sorted(
-                    int(entry.name) for entry in os.scandir(ports_dir) if entry.name.isdigit()
-                )
+                numbers = sorted(int(entry.name) for entry in os.scandir(ports_dir) if entry.name.isdigit())
             except OSError as exc:
                 self._note_problem(ports_dir, "InfiniBand device %s has no readable ports: %s", device, exc)
                 continue
@@ -156,9 +154,7 @@ class InfinibandSource:
             state_path=os.path.join(port_dir, "state"),
             phys_state_path=os.path.join(port_dir, "phys_state"),
             rate_path=os.path.join(port_dir, "rate"),
-            counter_paths=tuple(
-                (field, os.path.join(counters_dir, file_name)) for file_name, field in _COUNTER_FIELDS
-            ),
+            counter_paths=tuple((field, os.path.join(counters_dir, file_name)) for file_name, field in _COUNTER_FIELDS),
         )
 
     def _set_ports(self, ports: list[_Port]) -> None:

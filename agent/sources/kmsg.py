@@ -33,10 +33,11 @@ import stat
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import psutil
 
@@ -61,8 +62,12 @@ _FUTURE_SLACK_SECONDS = 2 * 86400.0
 # (Documentation/ABI/testing/dev-kmsg), so a record that claims another one is not the driver's.
 _KERNEL_FACILITY = 0
 
-_MONTHS = {name: number for number, name in enumerate(
-    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}
+_MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1
+    )
+}
 _MONTH = r"(?P<mon>Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
 # `dmesg --decode` (-x) puts facility and level first: "kern  :warn  : ".
 _DECODE = r"(?:(?P<facility>[a-z]+) *:(?P<level>[a-z]*) *: )?"
@@ -70,21 +75,27 @@ _DECODE = r"(?:(?P<facility>[a-z]+) *:(?P<level>[a-z]*) *: )?"
 # /dev/kmsg: "prio,seq,usec,flags[,more fields];text"; unknown extra fields are to be ignored.
 _KMSG_RE = re.compile(r"^(?P<prio>\d+),(?P<seq>\d+),(?P<usec>\d+),(?P<flags>[^;,]*)(?:,[^;]*)?;(?P<text>.*)$")
 _DMESG_ISO_RE = re.compile(
-    rf"^{_DECODE}(?P<iso>\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d,\d+(?:[+-]\d\d:?\d\d|Z)) (?P<text>.*)$")
+    rf"^{_DECODE}(?P<iso>\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d,\d+(?:[+-]\d\d:?\d\d|Z)) (?P<text>.*)$"
+)
 _DMESG_CTIME_RE = re.compile(
     rf"^{_DECODE}\[(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) {_MONTH} +(?P<day>\d{{1,2}}) "
-    r"(?P<hms>\d\d:\d\d:\d\d) (?P<year>\d{4})\] ?(?P<text>.*)$")
+    r"(?P<hms>\d\d:\d\d:\d\d) (?P<year>\d{4})\] ?(?P<text>.*)$"
+)
 # Plain dmesg; `dmesg -r` adds the "<4>" priority.
 _DMESG_RE = re.compile(rf"^{_DECODE}(?:<\d+>)?\[ *(?P<uptime>\d+\.\d+)\] ?(?P<text>.*)$")
 # journalctl -k (short, short-precise) and syslog files; only the kernel's own lines count.
 _SYSLOG_RE = re.compile(
-    rf"^{_MONTH} +(?P<day>\d{{1,2}}) (?P<hms>\d\d:\d\d:\d\d)(?P<frac>\.\d+)? \S+ kernel: ?(?P<text>.*)$")
+    rf"^{_MONTH} +(?P<day>\d{{1,2}}) (?P<hms>\d\d:\d\d:\d\d)(?P<frac>\.\d+)? \S+ kernel: ?(?P<text>.*)$"
+)
 _JOURNAL_ISO_RE = re.compile(
-    r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)) \S+ kernel: ?(?P<text>.*)$")
+    r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)) \S+ kernel: ?(?P<text>.*)$"
+)
 _JOURNAL_UNIX_RE = re.compile(r"^(?P<unix>\d{9,}\.\d+) \S+ kernel: ?(?P<text>.*)$")
 # The same printers' lines from user space ("gpud[12]: ... NVRM: Xid ..." quotes a kernel line).
 _NOT_KERNEL_RE = re.compile(
-    rf"^(?:{_MONTH} +\d{{1,2}} \d\d:\d\d:\d\d|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\S*|\d{{9,}}\.\d+)(?:\.\d+)? \S+ [^\s:]+: ")
+    rf"^(?:{_MONTH} +\d{{1,2}} \d\d:\d\d:\d\d|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\S*|\d{{9,}}\.\d+)"
+    rf"(?:\.\d+)? \S+ [^\s:]+: "
+)
 # Syslog files written from the kernel ring keep printk's own "[seconds]" in the text.
 _UPTIME_IN_TEXT_RE = re.compile(r"^\[ *(?P<uptime>\d+\.\d+)\] ?(?P<text>.*)$", re.DOTALL)
 _KMSG_ESCAPE_RE = re.compile(r"\\x([0-9a-fA-F]{2})")
@@ -175,6 +186,7 @@ _Split = tuple[str, float | None, float | None, bool]
 
 def _split_prefix(header: str, boot_time: float | None, year: int | None) -> _Split | None:
     """The text and times of one line, or None when the line is not the kernel's."""
+    since_boot: float | None  # seconds since boot, where the line gives them
     if match := _KMSG_RE.match(header):
         if int(match["prio"]) >> 3 != _KERNEL_FACILITY:
             return None
@@ -205,7 +217,7 @@ def _split_prefix(header: str, boot_time: float | None, year: int | None) -> _Sp
     elif _NOT_KERNEL_RE.match(header):
         return None
     elif header.startswith("kernel: "):  # a grep of journalctl output cut before the host
-        text = header[len("kernel: "):]
+        text = header[len("kernel: ") :]
     since_boot = None
     if match := _UPTIME_IN_TEXT_RE.match(text):
         text, since_boot = match["text"], float(match["uptime"])
@@ -245,7 +257,7 @@ def _parse_name(value: str | None) -> str | None:
 def _one_line(text: str) -> str:
     """A multi-line driver message as one sentence, without the repeated "NVRM:" prefixes."""
     parts = [part.strip() for part in text.splitlines()]
-    return " ".join(part[len("NVRM:"):].strip() if part.startswith("NVRM:") else part for part in parts if part)
+    return " ".join(part[len("NVRM:") :].strip() if part.startswith("NVRM:") else part for part in parts if part)
 
 
 def _xid_from_record(record: _Record) -> tuple[KernelXid, bool] | None:
@@ -262,8 +274,9 @@ def _xid_from_record(record: _Record) -> tuple[KernelXid, bool] | None:
         if fields := _PID_NAME_RE.match(rest):
             pid, process = _parse_pid(fields["pid"]), _parse_name(fields["name"])
             message = (fields["text"] or "").strip()
-        xid = KernelXid(int(match["xid"]), bus_id, _one_line(message), pid, process, record.t, record.raw,
-                        record.since_boot_seconds)
+        xid = KernelXid(
+            int(match["xid"]), bus_id, _one_line(message), pid, process, record.t, record.raw, record.since_boot_seconds
+        )
         return xid, True
     match = _FALLEN_RE.search(text) or _FALLEN_MULTILINE_RE.search(text)
     if match is None:
@@ -272,7 +285,7 @@ def _xid_from_record(record: _Record) -> tuple[KernelXid, bool] | None:
         bus_id = normalize_pci_bus_id(match["bus"])
     except ValueError:
         return None
-    message = _one_line(text[match.start():])
+    message = _one_line(text[match.start() :])
     xid = KernelXid(FALLEN_OFF_BUS_XID, bus_id, message, None, None, record.t, record.raw, record.since_boot_seconds)
     return xid, False
 
@@ -310,8 +323,11 @@ class _FallenOffBusRepeats:
         kind, at = ("wall", xid.t) if xid.t is not None else ("boot", xid.since_boot_seconds)
         with self._lock:
             previous = self._last.get(xid.pci_bus_id)
-            repeat = not explicit and previous is not None and previous[0] == kind and (
-                previous[1] is None or at is None or 0.0 <= at - previous[1] <= FALLEN_OFF_BUS_REPEAT_SECONDS
+            repeat = (
+                not explicit
+                and previous is not None
+                and previous[0] == kind
+                and (previous[1] is None or at is None or 0.0 <= at - previous[1] <= FALLEN_OFF_BUS_REPEAT_SECONDS)
             )
             if not repeat:
                 self._last[xid.pci_bus_id] = (kind, at)
@@ -391,10 +407,18 @@ def replay_events(
         else:
             t = last_t
         last_t = t
-        events.append(Event(
-            t=t, node=node, kind="xid", gpu=gpu_of.get(found.pci_bus_id), xid=found.xid,
-            pci_bus_id=found.pci_bus_id, message=found.message, source="kmsg",
-        ))
+        events.append(
+            Event(
+                t=t,
+                node=node,
+                kind="xid",
+                gpu=gpu_of.get(found.pci_bus_id),
+                xid=found.xid,
+                pci_bus_id=found.pci_bus_id,
+                message=found.message,
+                source="kmsg",
+            )
+        )
     return events
 
 
@@ -639,7 +663,7 @@ class KmsgSource:
                 os.lseek(reader.fd, 0, os.SEEK_END)  # on /dev/kmsg: only records from now on
             return
         same_file = resume is not None and resume.inode == (info.st_dev, info.st_ino)
-        if same_file and not resume.is_kmsg and resume.offset <= info.st_size:
+        if resume is not None and same_file and not resume.is_kmsg and resume.offset <= info.st_size:
             reader.offset = os.lseek(reader.fd, resume.offset, os.SEEK_SET)
         else:
             reader.offset = os.lseek(reader.fd, 0, os.SEEK_END)

@@ -21,8 +21,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,12 @@ class NvmlSource:
         # architecture lacks: DataDog/datadog-agent nvlink_fields.go).
         self._field_unsupported_codes = frozenset(
             getattr(nvml, name)
-            for name in ("NVML_ERROR_NOT_SUPPORTED", "NVML_ERROR_INVALID_ARGUMENT", "NVML_ERROR_DEPRECATED",
-                         "NVML_ERROR_FUNCTION_NOT_FOUND")
+            for name in (
+                "NVML_ERROR_NOT_SUPPORTED",
+                "NVML_ERROR_INVALID_ARGUMENT",
+                "NVML_ERROR_DEPRECATED",
+                "NVML_ERROR_FUNCTION_NOT_FOUND",
+            )
             if hasattr(nvml, name)
         )
         self._success = nvml.NVML_SUCCESS
@@ -251,7 +256,8 @@ class NvmlSource:
         layout = getattr(nvml, "c_nvmlFieldValue_t", None)
         self._plain_field_value: type[ctypes.Structure] | None = (
             type("_PlainFieldValue", (ctypes.Structure,), {"_fields_": list(layout._fields_)})
-            if isinstance(layout, type) and issubclass(layout, ctypes.Structure) else None
+            if isinstance(layout, type) and issubclass(layout, ctypes.Structure)
+            else None
         )
         self._max_nvlinks = getattr(nvml, "NVML_NVLINK_MAX_LINKS", 18)
         self._nvlink_counter_consts = [
@@ -277,42 +283,94 @@ class NvmlSource:
             R("memory", ("mem_used_bytes", "mem_total_bytes"), read=self._read_memory),
             R("temp_gpu", ("temp_gpu_celsius",), read=self._read_temp_gpu, fallback="temp_gpu_deprecated"),
             R("temp_gpu_deprecated", ("temp_gpu_celsius",), read=self._read_temp_gpu_deprecated, primary=False),
-            R("temp_mem_field", ("temp_mem_celsius",), ids=ids("NVML_FI_DEV_MEMORY_TEMP"),
-              decode=self._decode_temp_mem),
-            R("temp_slowdown", ("temp_slowdown_celsius",), static=True,
-              read=self._threshold("temp_slowdown_celsius", nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)),
-            R("temp_shutdown", ("temp_shutdown_celsius",), static=True,
-              read=self._threshold("temp_shutdown_celsius", nvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)),
+            R(
+                "temp_mem_field",
+                ("temp_mem_celsius",),
+                ids=ids("NVML_FI_DEV_MEMORY_TEMP"),
+                decode=self._decode_temp_mem,
+            ),
+            R(
+                "temp_slowdown",
+                ("temp_slowdown_celsius",),
+                static=True,
+                read=self._threshold("temp_slowdown_celsius", nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN),
+            ),
+            R(
+                "temp_shutdown",
+                ("temp_shutdown_celsius",),
+                static=True,
+                read=self._threshold("temp_shutdown_celsius", nvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN),
+            ),
             R("power", ("power_watts",), read=self._read_power),
             R("power_limit", ("power_limit_watts",), read=self._read_power_limit),
-            R("energy_field", ("energy_joules",), ids=ids("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
-              decode=self._decode_energy, fallback="energy"),
+            R(
+                "energy_field",
+                ("energy_joules",),
+                ids=ids("NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION"),
+                decode=self._decode_energy,
+                fallback="energy",
+            ),
             R("energy", ("energy_joules",), read=self._read_energy, primary=False),
             R("sm_clock", ("sm_clock_mhz",), read=self._clock("sm_clock_mhz", nvml.NVML_CLOCK_SM)),
             R("sm_clock_max", ("sm_clock_max_mhz",), read=self._read_sm_clock_max, static=True),
             R("mem_clock", ("mem_clock_mhz",), read=self._clock("mem_clock_mhz", nvml.NVML_CLOCK_MEM)),
-            R("clock_event_reasons", ("clock_event_reasons",), fallback="clock_throttle_reasons",
-              read=self._reasons("nvmlDeviceGetCurrentClocksEventReasons")),
-            R("clock_throttle_reasons", ("clock_event_reasons",), primary=False,
-              read=self._reasons("nvmlDeviceGetCurrentClocksThrottleReasons")),
+            R(
+                "clock_event_reasons",
+                ("clock_event_reasons",),
+                fallback="clock_throttle_reasons",
+                read=self._reasons("nvmlDeviceGetCurrentClocksEventReasons"),
+            ),
+            R(
+                "clock_throttle_reasons",
+                ("clock_event_reasons",),
+                primary=False,
+                read=self._reasons("nvmlDeviceGetCurrentClocksThrottleReasons"),
+            ),
             R("fan", ("fan_percent",), read=self._read_fan),
-            R("pcie_replay_field", ("pcie_replay_total",), ids=ids("NVML_FI_DEV_PCIE_REPLAY_COUNTER"),
-              decode=self._decode_count("pcie_replay_total"), fallback="pcie_replay"),
+            R(
+                "pcie_replay_field",
+                ("pcie_replay_total",),
+                ids=ids("NVML_FI_DEV_PCIE_REPLAY_COUNTER"),
+                decode=self._decode_count("pcie_replay_total"),
+                fallback="pcie_replay",
+            ),
             R("pcie_replay", ("pcie_replay_total",), read=self._read_pcie_replay, primary=False),
-            R("pcie_bytes_field", ("pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"),
-              ids=ids("NVML_FI_DEV_PCIE_COUNT_TX_BYTES", "NVML_FI_DEV_PCIE_COUNT_RX_BYTES"),
-              decode=self._decode_pcie_bytes, fallback="pcie_throughput"),
-            R("pcie_throughput", ("pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"),
-              read=self._read_pcie_throughput, primary=False,
-              cost="nvmlDeviceGetPcieThroughput blocks ~20 ms per call, 40 ms per GPU per cycle"),
-            R("pcie_link_gen", ("pcie_link_gen",),
-              read=self._link("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration")),
-            R("pcie_link_gen_max", ("pcie_link_gen_max",), static=True,
-              read=self._link("pcie_link_gen_max", "nvmlDeviceGetMaxPcieLinkGeneration")),
-            R("pcie_link_width", ("pcie_link_width",),
-              read=self._link("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth")),
-            R("pcie_link_width_max", ("pcie_link_width_max",), static=True,
-              read=self._link("pcie_link_width_max", "nvmlDeviceGetMaxPcieLinkWidth")),
+            R(
+                "pcie_bytes_field",
+                ("pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"),
+                ids=ids("NVML_FI_DEV_PCIE_COUNT_TX_BYTES", "NVML_FI_DEV_PCIE_COUNT_RX_BYTES"),
+                decode=self._decode_pcie_bytes,
+                fallback="pcie_throughput",
+            ),
+            R(
+                "pcie_throughput",
+                ("pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"),
+                read=self._read_pcie_throughput,
+                primary=False,
+                cost="nvmlDeviceGetPcieThroughput blocks ~20 ms per call, 40 ms per GPU per cycle",
+            ),
+            R(
+                "pcie_link_gen",
+                ("pcie_link_gen",),
+                read=self._link("pcie_link_gen", "nvmlDeviceGetCurrPcieLinkGeneration"),
+            ),
+            R(
+                "pcie_link_gen_max",
+                ("pcie_link_gen_max",),
+                static=True,
+                read=self._link("pcie_link_gen_max", "nvmlDeviceGetMaxPcieLinkGeneration"),
+            ),
+            R(
+                "pcie_link_width",
+                ("pcie_link_width",),
+                read=self._link("pcie_link_width", "nvmlDeviceGetCurrPcieLinkWidth"),
+            ),
+            R(
+                "pcie_link_width_max",
+                ("pcie_link_width_max",),
+                static=True,
+                read=self._link("pcie_link_width_max", "nvmlDeviceGetMaxPcieLinkWidth"),
+            ),
         ]
         for name, const, error_type, counter_type in (
             ("ecc_sbe_volatile_total", "NVML_FI_DEV_ECC_SBE_VOL_TOTAL", corrected, volatile),
@@ -323,23 +381,41 @@ class NvmlSource:
             routes.append(R(f"{name}_field", (name,), ids=ids(const), decode=self._decode_count(name), fallback=name))
             routes.append(R(name, (name,), read=self._ecc(name, error_type, counter_type), primary=False))
         for name, const, read in (
-            ("retired_pages_sbe", "NVML_FI_DEV_RETIRED_SBE",
-             self._retired("retired_pages_sbe", nvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)),
-            ("retired_pages_dbe", "NVML_FI_DEV_RETIRED_DBE",
-             self._retired("retired_pages_dbe", nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR)),
+            (
+                "retired_pages_sbe",
+                "NVML_FI_DEV_RETIRED_SBE",
+                self._retired("retired_pages_sbe", nvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
+            ),
+            (
+                "retired_pages_dbe",
+                "NVML_FI_DEV_RETIRED_DBE",
+                self._retired("retired_pages_dbe", nvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+            ),
             ("retired_pages_pending", "NVML_FI_DEV_RETIRED_PENDING", self._read_retired_pending),
         ):
             routes.append(R(f"{name}_field", (name,), ids=ids(const), decode=self._decode_count(name), fallback=name))
             routes.append(R(name, (name,), read=read, primary=False))
         remapped = ("remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure")
-        routes.append(R("remapped_rows_field", remapped, decode=self._decode_remapped, fallback="remapped_rows",
-                        ids=ids("NVML_FI_DEV_REMAPPED_COR", "NVML_FI_DEV_REMAPPED_UNC",
-                                "NVML_FI_DEV_REMAPPED_PENDING", "NVML_FI_DEV_REMAPPED_FAILURE")))
+        routes.append(
+            R(
+                "remapped_rows_field",
+                remapped,
+                decode=self._decode_remapped,
+                fallback="remapped_rows",
+                ids=ids(
+                    "NVML_FI_DEV_REMAPPED_COR",
+                    "NVML_FI_DEV_REMAPPED_UNC",
+                    "NVML_FI_DEV_REMAPPED_PENDING",
+                    "NVML_FI_DEV_REMAPPED_FAILURE",
+                ),
+            )
+        )
         routes.append(R("remapped_rows", remapped, read=self._read_remapped_rows, primary=False))
         # Fallbacks for the per-link NVLink counters, switched on by _read_nvlink only (see there).
         for name, _, total_const in _NVLINK_COUNTERS:
-            routes.append(R(f"{name}_field", (name,), ids=ids(total_const), decode=self._decode_count(name),
-                            primary=False))
+            routes.append(
+                R(f"{name}_field", (name,), ids=ids(total_const), decode=self._decode_count(name), primary=False)
+            )
         return routes
 
     def _plan(self, gpu: _Gpu) -> None:
@@ -371,9 +447,15 @@ class NvmlSource:
             gpu.batch_ids = None
         fallback = self._routes.get(route.fallback) if route.fallback else None
         if fallback is not None and fallback.name not in gpu.dead and not (fallback.is_field and fallback.ids is None):
-            log.log(logging.INFO if fallback.cost else logging.DEBUG,
-                    "GPU %d: %s not supported (%s); reading it through %s%s", gpu.index, route.name, reason,
-                    fallback.name, f" ({fallback.cost})" if fallback.cost else "")
+            log.log(
+                logging.INFO if fallback.cost else logging.DEBUG,
+                "GPU %d: %s not supported (%s); reading it through %s%s",
+                gpu.index,
+                route.name,
+                reason,
+                fallback.name,
+                f" ({fallback.cost})" if fallback.cost else "",
+            )
             self._activate(gpu, fallback)
         elif fallback is not None:
             self._route_unsupported(gpu, fallback, reason)
@@ -521,8 +603,7 @@ class NvmlSource:
                 finally:
                     self._wait_lock.release()
             else:
-                log.warning("NVML event wait still running after %.0f s; not freeing its set",
-                            _CLOSE_WAIT_SECONDS)
+                log.warning("NVML event wait still running after %.0f s; not freeing its set", _CLOSE_WAIT_SECONDS)
         if self._started:
             try:
                 self.nvml.nvmlShutdown()
@@ -627,8 +708,11 @@ class NvmlSource:
             self._log_once(gpu, "field values", "nvmlDeviceGetFieldValues failed: %s", exc)
             return
         plain = self._plain_field_value
-        if (plain is not None and isinstance(values, ctypes.Array)
-                and ctypes.sizeof(values) == ctypes.sizeof(plain) * len(values)):
+        if (
+            plain is not None
+            and isinstance(values, ctypes.Array)
+            and ctypes.sizeof(values) == ctypes.sizeof(plain) * len(values)
+        ):
             values = (plain * len(values)).from_buffer(values)
         success, unsupported = self._success, self._field_unsupported_codes
         # Each value carries its own return code; the call as a whole succeeded. Usually all are
@@ -644,8 +728,9 @@ class NvmlSource:
                     self._route_unsupported(gpu, route, f"field return codes {codes}")
                     continue
                 if any(code != success for code in codes):
-                    self._log_once(gpu, route.name, "field values for %s failed with return codes %s", route.name,
-                                   codes)
+                    self._log_once(
+                        gpu, route.name, "field values for %s failed with return codes %s", route.name, codes
+                    )
                     continue
             try:
                 route.decode(gpu, chunk, metrics)  # type: ignore[misc]
@@ -829,8 +914,10 @@ class NvmlSource:
         # Only where the byte-counter fields are not supported: each call samples a byte counter
         # over 20 ms (NVML API reference) and so blocks ~20 ms, 40 ms per GPU per cycle.
         nvml = self.nvml
-        for name, counter in (("pcie_tx_bytes_per_second", nvml.NVML_PCIE_UTIL_TX_BYTES),
-                              ("pcie_rx_bytes_per_second", nvml.NVML_PCIE_UTIL_RX_BYTES)):
+        for name, counter in (
+            ("pcie_tx_bytes_per_second", nvml.NVML_PCIE_UTIL_TX_BYTES),
+            ("pcie_rx_bytes_per_second", nvml.NVML_PCIE_UTIL_RX_BYTES),
+        ):
             kilobytes = _u32(nvml.nvmlDeviceGetPcieThroughput(handle, counter))
             if kilobytes is None:
                 self._not_available(gpu, name)
@@ -890,16 +977,16 @@ class NvmlSource:
         """Links up/total from each link's state, and the error counters summed over the links."""
         nvml = self.nvml
         if gpu.nvlinks is None:
-            links = []
+            answering: list[int] = []
             for link in range(self._max_nvlinks):
                 try:
                     nvml.nvmlDeviceGetNvLinkState(handle, link)
                 except self._invalid_link:
                     continue
-                links.append(link)
-            if not links:
+                answering.append(link)
+            if not answering:
                 raise self._NotSupported()  # no NVLink (a PCIe board): none of its fields exist
-            gpu.nvlinks = links
+            gpu.nvlinks = answering
         up = total = 0
         enabled = nvml.NVML_FEATURE_ENABLED
         for link in gpu.nvlinks:

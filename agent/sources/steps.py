@@ -16,7 +16,8 @@ import select
 import socket
 import stat
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # The receiver enforces the bounds the client promises (one definition, in the client).
 from fleetwatch.stepreport import MAX_DATAGRAM_BYTES, MAX_JOB_CHARS, MAX_RANK, MAX_STEP, MAX_STEP_SECONDS
@@ -58,7 +59,9 @@ def parse_step(datagram: bytes) -> tuple[str, int, int, float]:
     if type(step) is not int or not 0 <= step <= MAX_STEP:
         raise MalformedStep(f"step must be an integer from 0 to {MAX_STEP}")
     # The range test first: it also refuses 1e400 (parsed as inf) and ints too big for a float.
-    if type(seconds) not in (int, float) or not (0 < seconds < MAX_STEP_SECONDS and math.isfinite(seconds)):
+    if (type(seconds) is not int and type(seconds) is not float) or not (
+        0 < seconds < MAX_STEP_SECONDS and math.isfinite(seconds)
+    ):
         raise MalformedStep(f"seconds must be a finite number in (0, {MAX_STEP_SECONDS:g})")
     return job, rank, step, float(seconds)
 
@@ -203,7 +206,10 @@ class StepReceiver:
         if last is None or now - last >= MALFORMED_LOG_INTERVAL_SECONDS:
             log.warning(
                 "%d malformed step report(s) on %s skipped (latest: %s); %d in all",
-                self._malformed_unlogged, self.socket_path, reason, self.malformed,
+                self._malformed_unlogged,
+                self.socket_path,
+                reason,
+                self.malformed,
             )
             self._malformed_logged_monotonic = now
             self._malformed_unlogged = 0

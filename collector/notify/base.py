@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 from fleetwatch.configfile import MASK
 
@@ -23,11 +24,15 @@ class NotifyError(Exception):
 def rfc3339(ts: float | None) -> str:
     if ts is None:
         return ZERO_TIME
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def alert_labels(alert: Mapping[str, Any]) -> dict[str, str]:
-    labels = {"alertname": f"fleetwatch_{alert['detector'].replace('.', '_')}", "detector": alert["detector"], "severity": alert["severity"]}
+    labels = {
+        "alertname": f"fleetwatch_{alert['detector'].replace('.', '_')}",
+        "detector": alert["detector"],
+        "severity": alert["severity"],
+    }
     for key in ("node", "gpu", "job", "rank"):
         if alert.get(key) is not None:
             labels[key] = str(alert[key])

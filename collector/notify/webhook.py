@@ -8,7 +8,8 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from fleetwatch.collector.notify.base import Notifier, NotifyError, alert_labels, alertmanager_alert
 from fleetwatch.configfile import url_origin
@@ -21,7 +22,7 @@ def webhook_body(alert: Mapping[str, Any], transition: str, receiver: str = "fle
     labels = alert_labels(alert)
     return {
         "version": "4",
-        "groupKey": f"{{}}:{{alertname=\"{labels['alertname']}\", fingerprint=\"{alert['fingerprint']}\"}}",
+        "groupKey": f'{{}}:{{alertname="{labels["alertname"]}", fingerprint="{alert["fingerprint"]}"}}',
         "truncatedAlerts": 0,
         "status": transition,
         "receiver": receiver,

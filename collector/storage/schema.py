@@ -151,10 +151,7 @@ ib_samples = Table(
     Column("ts", Double, nullable=False),
     Column("device", String(64), nullable=False),
     Column("port", Integer, nullable=False),
-    *(
-        Column(name, String(32) if name in _IB_TEXT_FIELDS else _metric_type(name), nullable=True)
-        for name in IB_FIELDS
-    ),
+    *(Column(name, String(32) if name in _IB_TEXT_FIELDS else _metric_type(name), nullable=True) for name in IB_FIELDS),
     Index(None, "node", "ts"),
     Index(None, "ts"),
 )

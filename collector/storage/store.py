@@ -117,9 +117,7 @@ def redact_url(url: str | URL) -> str:
     try:
         parsed = make_url(url)
         hidden = {key: _HIDDEN for key in parsed.query if "password" in key.lower()}
-        return parsed.update_query_dict(hidden).render_as_string(hide_password=True).replace(
-            _HIDDEN_QUOTED, _HIDDEN
-        )
+        return parsed.update_query_dict(hidden).render_as_string(hide_password=True).replace(_HIDDEN_QUOTED, _HIDDEN)
     except (sa_exc.ArgumentError, ValueError, TypeError):
         # Unparseable: where userinfo or a query could hold a password, nothing of it is safe to show.
         text = str(url)
@@ -145,8 +143,7 @@ class Store:
                 engine_args["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_SECONDS}
         elif backend != "sqlite":
             raise StoreError(
-                f"unsupported database {self.url_for_log!r}: "
-                "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+                f"unsupported database {self.url_for_log!r}: use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
             )
         try:
             self._engine = create_engine(parsed, **engine_args)
@@ -282,9 +279,7 @@ class Store:
             stored[i] = True
         return stored
 
-    def _ingest_one_by_one(
-        self, unique: list[tuple[int, IngestBatch]], stored: list[bool]
-    ) -> list[bool]:
+    def _ingest_one_by_one(self, unique: list[tuple[int, IngestBatch]], stored: list[bool]) -> list[bool]:
         for i, item in unique:
             try:
                 with self._write("ingest") as conn:
@@ -302,9 +297,7 @@ class Store:
         """Highest stored seq of this node's boot; 0 when none (the wire's Welcome.last_seq)."""
         b = schema.batches
         with self._read("last_seq") as conn:
-            value = conn.execute(
-                select(func.max(b.c.seq)).where(b.c.node == node, b.c.boot_id == boot_id)
-            ).scalar()
+            value = conn.execute(select(func.max(b.c.seq)).where(b.c.node == node, b.c.boot_id == boot_id)).scalar()
         return 0 if value is None else int(value)
 
     # -- node inventory ---------------------------------------------------------------------
@@ -400,11 +393,7 @@ class Store:
     def latest_gpu_samples(self) -> dict[tuple[str, int], GpuSample]:
         """The newest stored sample of every (node, gpu)."""
         g = schema.gpu_samples
-        newest = (
-            select(g.c.node, g.c.gpu, func.max(g.c.ts).label("ts"))
-            .group_by(g.c.node, g.c.gpu)
-            .subquery()
-        )
+        newest = select(g.c.node, g.c.gpu, func.max(g.c.ts).label("ts")).group_by(g.c.node, g.c.gpu).subquery()
         query = (
             select(g)
             .join(
@@ -425,18 +414,13 @@ class Store:
         h = schema.host_samples
         with self._read("read host samples") as conn:
             rows = conn.execute(select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)).mappings()
-            return [
-                HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS))
-                for row in rows
-            ]
+            return [HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS)) for row in rows]
 
     def ib_samples_since(self, ts: float) -> list[dict[str, Any]]:
         """InfiniBand port samples with t >= ts, oldest first: the ingest dict shape plus node."""
         ib = schema.ib_samples
         with self._read("read ib samples") as conn:
-            rows = conn.execute(
-                select(ib).where(ib.c.ts >= ts).order_by(ib.c.ts, ib.c.id)
-            ).mappings()
+            rows = conn.execute(select(ib).where(ib.c.ts >= ts).order_by(ib.c.ts, ib.c.id)).mappings()
             result = []
             for row in rows:
                 port: dict[str, Any] = {
@@ -493,11 +477,7 @@ class Store:
         if table not in schema.metadata.tables:
             raise ValueError(f"unknown table {table!r}; known: {sorted(schema.metadata.tables)}")
         with self._read(f"count {table}") as conn:
-            return int(
-                conn.execute(
-                    select(func.count()).select_from(schema.metadata.tables[table])
-                ).scalar()
-            )
+            return int(conn.execute(select(func.count()).select_from(schema.metadata.tables[table])).scalar_one())
 
     # -- alerts and the delivery outbox -----------------------------------------------------
 
@@ -513,29 +493,27 @@ class Store:
                 alert_id = _firing_alert_id(conn, fingerprint)
                 if alert_id is not None:
                     return alert_id
-                alert_id = int(
-                    conn.execute(
-                        insert(a).values(
-                            fingerprint=fingerprint,
-                            detector=finding.detector,
-                            severity=finding.severity,
-                            action=finding.action,
-                            node=finding.node,
-                            gpu=finding.gpu,
-                            job=finding.job,
-                            rank=finding.rank,
-                            key=finding.key,
-                            summary=finding.summary,
-                            evidence=json.dumps(
-                                dict(finding.evidence), sort_keys=True, default=str
-                            ),
-                            status="firing",
-                            starts_at=finding.start,
-                            ends_at=None,
-                            updated_at=now,
-                        )
-                    ).inserted_primary_key[0]
-                )
+                primary_key = conn.execute(
+                    insert(a).values(
+                        fingerprint=fingerprint,
+                        detector=finding.detector,
+                        severity=finding.severity,
+                        action=finding.action,
+                        node=finding.node,
+                        gpu=finding.gpu,
+                        job=finding.job,
+                        rank=finding.rank,
+                        key=finding.key,
+                        summary=finding.summary,
+                        evidence=json.dumps(dict(finding.evidence), sort_keys=True, default=str),
+                        status="firing",
+                        starts_at=finding.start,
+                        ends_at=None,
+                        updated_at=now,
+                    )
+                ).inserted_primary_key
+                assert primary_key is not None  # an INSERT of one row into a table with a primary key
+                alert_id = int(primary_key[0])
                 _add_deliveries(conn, alert_id, "firing", targets, now)
                 return alert_id
         except sa_exc.IntegrityError:
@@ -547,9 +525,7 @@ class Store:
                 raise
             return alert_id
 
-    def resolve_alert(
-        self, fingerprint: str, end: float, now: float, targets: Sequence[str]
-    ) -> int | None:
+    def resolve_alert(self, fingerprint: str, end: float, now: float, targets: Sequence[str]) -> int | None:
         """Resolve the firing alert and queue its 'resolved' deliveries; None when none fires."""
         a = schema.alerts
         with self._write("resolve alert") as conn:
@@ -570,9 +546,7 @@ class Store:
         """Every firing alert, oldest start first."""
         a = schema.alerts
         with self._read("read alerts") as conn:
-            rows = conn.execute(
-                select(a).where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id)
-            ).mappings()
+            rows = conn.execute(select(a).where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id)).mappings()
             return [_alert_dict(row) for row in rows]
 
     def alerts(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -641,9 +615,7 @@ class Store:
 
     def mark_failed(self, delivery_id: int, error: str) -> None:
         """Give up on a delivery: it stays in the outbox as 'failed' with the last error."""
-        self._finish_attempt(
-            delivery_id, "mark failed", state="failed", last_error=error[:LAST_ERROR_MAX_CHARS]
-        )
+        self._finish_attempt(delivery_id, "mark failed", state="failed", last_error=error[:LAST_ERROR_MAX_CHARS])
 
     def _finish_attempt(self, delivery_id: int, what: str, **values: Any) -> None:
         """Count one attempt on a pending delivery; a delivery already settled stays as it is."""
@@ -654,10 +626,7 @@ class Store:
                 .where(d.c.id == delivery_id, d.c.state == "pending")
                 .values(attempts=d.c.attempts + 1, **values)
             ).rowcount
-            if (
-                changed == 0
-                and conn.execute(select(d.c.id).where(d.c.id == delivery_id)).first() is None
-            ):
+            if changed == 0 and conn.execute(select(d.c.id).where(d.c.id == delivery_id)).first() is None:
                 raise KeyError(f"no delivery with id {delivery_id}")
 
     # -- retention --------------------------------------------------------------------------
@@ -722,9 +691,7 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def _held_batch_keys(
-    conn: Connection, keys: Sequence[tuple[str, str, int]]
-) -> set[tuple[str, str, int]]:
+def _held_batch_keys(conn: Connection, keys: Sequence[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
     """Which of these (node, boot_id, seq) keys are already stored."""
     b = schema.batches
     seqs_by_boot: dict[tuple[str, str], list[int]] = {}
@@ -762,8 +729,7 @@ def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> None:
         )
         rows[schema.gpu_samples].extend(_gpu_sample_row(s) for s in item.gpu_samples)
         rows[schema.host_samples].extend(
-            {"node": s.node, "ts": s.t, **_metric_values(HOST_FIELDS, s.metrics)}
-            for s in item.host_samples
+            {"node": s.node, "ts": s.t, **_metric_values(HOST_FIELDS, s.metrics)} for s in item.host_samples
         )
         rows[schema.ib_samples].extend(_ib_row(item.node, port) for port in item.ib_ports)
         rows[schema.events].extend(_event_row(ev) for ev in item.events)
@@ -783,9 +749,9 @@ def _coerce_metric(name: str, value: Any) -> float | int | None:
         number = int(value)
         # An all-ones uint64 is NVML's "not available"; BIGINT could not hold it anyway.
         return number if _INT64_MIN <= number <= _INT64_MAX else None
-    number = float(value)
+    real = float(value)
     # NaN means "no reading"; SQLite would store NULL and PostgreSQL NaN, so make both NULL.
-    return None if math.isnan(number) else number
+    return None if math.isnan(real) else real
 
 
 def _metric_values(names: Sequence[str], metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -891,9 +857,7 @@ def _firing_alert_id(conn: Connection, fingerprint: str, *, for_update: bool = F
     return None if value is None else int(value)
 
 
-def _add_deliveries(
-    conn: Connection, alert_id: int, transition: str, targets: Sequence[str], now: float
-) -> None:
+def _add_deliveries(conn: Connection, alert_id: int, transition: str, targets: Sequence[str], now: float) -> None:
     # A target listed twice would be notified twice; keep the first of each.
     rows = [
         {

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 
 from fleetwatch.agent.config import AgentConfig
-from fleetwatch.configfile import ConfigError, load_config
 from fleetwatch.agent.main import build_parser as agent_parser
 from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.main import build_parser as collector_parser
+from fleetwatch.configfile import ConfigError, load_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 

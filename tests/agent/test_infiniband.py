@@ -151,9 +151,7 @@ def test_port_without_counters_dir_or_rate_keeps_its_state(sysfs_copy: Path) -> 
     }
 
 
-def test_no_infiniband_class_dir_gives_empty_list_logged_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_no_infiniband_class_dir_gives_empty_list_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = ManualClock()
     source = InfinibandSource(str(tmp_path), clock=clock)
     with caplog.at_level(logging.DEBUG, logger=infiniband.__name__):
@@ -255,8 +253,13 @@ def test_parse_rate_gbps(text: str, gbps: float | None) -> None:
 
 @pytest.mark.parametrize(
     ("text", "name"),
-    [("4: ACTIVE\n", "ACTIVE"), ("1: DOWN\n", "DOWN"), ("5: LinkUp\n", "LinkUp"),
-     ("7: Phy Test\n", "Phy Test"), ("ACTIVE\n", "ACTIVE")],
+    [
+        ("4: ACTIVE\n", "ACTIVE"),
+        ("1: DOWN\n", "DOWN"),
+        ("5: LinkUp\n", "LinkUp"),
+        ("7: Phy Test\n", "Phy Test"),
+        ("ACTIVE\n", "ACTIVE"),
+    ],
 )
 def test_parse_state(text: str, name: str) -> None:
     assert parse_state(text) == name
@@ -264,8 +267,14 @@ def test_parse_state(text: str, name: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "count"),
-    [("0\n", 0), ("65535\n", 65535), ("18446744073709551615\n", 2**64 - 1),
-     ("N/A (no PMA)\n", None), ("-1\n", None), ("\n", None)],
+    [
+        ("0\n", 0),
+        ("65535\n", 65535),
+        ("18446744073709551615\n", 2**64 - 1),
+        ("N/A (no PMA)\n", None),
+        ("-1\n", None),
+        ("\n", None),
+    ],
 )
 def test_parse_counter(text: str, count: int | None) -> None:
     assert parse_counter(text) == count

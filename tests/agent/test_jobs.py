@@ -114,8 +114,11 @@ def test_vanished_pid_is_none() -> None:
 
 @pytest.mark.parametrize(
     "error",
-    [PermissionError(13, "Permission denied"), ProcessLookupError(3, "No such process"),
-     FileNotFoundError(2, "No such file or directory")],
+    [
+        PermissionError(13, "Permission denied"),
+        ProcessLookupError(3, "No such process"),
+        FileNotFoundError(2, "No such file or directory"),
+    ],
 )
 def test_unreadable_environ_falls_back_to_cgroup(error: OSError) -> None:
     resolver = RecordingResolver(FIXTURE_PROCFS)
@@ -141,8 +144,9 @@ def test_environ_job_wins_without_reading_the_cgroup() -> None:
 def test_pod_job_takes_rank_from_a_readable_environ(procfs: Path) -> None:
     # torchrun in a pod without --rdzv-id: TORCHELASTIC_RUN_ID is the default "none", which names
     # no job, so the pod does, and RANK still gives the rank.
-    make_proc(procfs, 5201, environ={"TORCHELASTIC_RUN_ID": "none", "RANK": "11", "LOCAL_RANK": "3"},
-              cgroup=KUBE_CGROUP)
+    make_proc(
+        procfs, 5201, environ={"TORCHELASTIC_RUN_ID": "none", "RANK": "11", "LOCAL_RANK": "3"}, cgroup=KUBE_CGROUP
+    )
     assert JobResolver(str(procfs)).for_pid(5201) == JobInfo(job=KUBE_POD, rank=11, scheduler="kubernetes")
 
 
@@ -176,8 +180,10 @@ def test_malformed_stat_is_treated_as_gone(procfs: Path) -> None:
         ({"SLURM_JOB_ID": "81", "PMI_RANK": "7"}, JobInfo("81", 7, "slurm")),
         ({"SLURM_JOB_ID": "82"}, JobInfo("82", None, "slurm")),
         # srun launching torchrun (one task per node): SLURM_PROCID is the node's task, RANK the worker.
-        ({"SLURM_JOB_ID": "83", "SLURM_PROCID": "1", "TORCHELASTIC_RUN_ID": "83", "RANK": "13"},
-         JobInfo("83", 13, "slurm")),
+        (
+            {"SLURM_JOB_ID": "83", "SLURM_PROCID": "1", "TORCHELASTIC_RUN_ID": "83", "RANK": "13"},
+            JobInfo("83", 13, "slurm"),
+        ),
         # A malformed rank is skipped in favour of the next source.
         ({"SLURM_JOB_ID": "84", "SLURM_PROCID": "x", "RANK": "2"}, JobInfo("84", 2, "slurm")),
         ({"SLURM_JOB_ID": "85", "SLURM_PROCID": "-1"}, JobInfo("85", None, "slurm")),
@@ -212,34 +218,50 @@ def test_parse_stat_start_time() -> None:
     [
         # Kubernetes, cgroup v2, systemd driver, containerd (burstable, besteffort, guaranteed).
         (KUBE_CGROUP, (KUBE_POD, "kubernetes")),
-        ("0::/kubepods.slice/kubepods-besteffort.slice/"
-         "kubepods-besteffort-pod729d2f46_480d_4796_a76c_e227e2671d31.slice/"
-         "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n",
-         ("pod:729d2f46-480d-4796-a76c-e227e2671d31", "kubernetes")),
-        ("0::/kubepods.slice/kubepods-podd80f4a0e_576f_47a8_a0cf_69dc23dc1980.slice/crio-0bc5eac79e3a.scope\n",
-         ("pod:d80f4a0e-576f-47a8-a0cf-69dc23dc1980", "kubernetes")),
+        (
+            "0::/kubepods.slice/kubepods-besteffort.slice/"
+            "kubepods-besteffort-pod729d2f46_480d_4796_a76c_e227e2671d31.slice/"
+            "cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n",
+            ("pod:729d2f46-480d-4796-a76c-e227e2671d31", "kubernetes"),
+        ),
+        (
+            "0::/kubepods.slice/kubepods-podd80f4a0e_576f_47a8_a0cf_69dc23dc1980.slice/crio-0bc5eac79e3a.scope\n",
+            ("pod:d80f4a0e-576f-47a8-a0cf-69dc23dc1980", "kubernetes"),
+        ),
         # Kubernetes, cgroup v1, cgroupfs driver (every controller line names the pod).
-        ("11:devices:/kubepods/besteffort/pod74c13223-5a00-11e9-b385-42010a80018d/"
-         "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376\n"
-         "10:perf_event:/kubepods/besteffort/pod74c13223-5a00-11e9-b385-42010a80018d/"
-         "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376\n1:name=systemd:/\n",
-         ("pod:74c13223-5a00-11e9-b385-42010a80018d", "kubernetes")),
+        (
+            "11:devices:/kubepods/besteffort/pod74c13223-5a00-11e9-b385-42010a80018d/"
+            "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376\n"
+            "10:perf_event:/kubepods/besteffort/pod74c13223-5a00-11e9-b385-42010a80018d/"
+            "34dc0b5e626f2c5c4c5170e34b10e7654ce36f0fcd532739f4445baabea03376\n1:name=systemd:/\n",
+            ("pod:74c13223-5a00-11e9-b385-42010a80018d", "kubernetes"),
+        ),
         # Guaranteed pod under cgroupfs, a static pod (hash UID, no dashes).
-        ("0::/kubepods/pod2f6e7f3c-1b2a-4c5d-9e8f-0a1b2c3d4e5f/abc\n",
-         ("pod:2f6e7f3c-1b2a-4c5d-9e8f-0a1b2c3d4e5f", "kubernetes")),
-        ("0::/kubepods/burstable/pod6b4d3d6cd15d5a1d1b0d1c2e3f4a5b6c/abc\n",
-         ("pod:6b4d3d6cd15d5a1d1b0d1c2e3f4a5b6c", "kubernetes")),
+        (
+            "0::/kubepods/pod2f6e7f3c-1b2a-4c5d-9e8f-0a1b2c3d4e5f/abc\n",
+            ("pod:2f6e7f3c-1b2a-4c5d-9e8f-0a1b2c3d4e5f", "kubernetes"),
+        ),
+        (
+            "0::/kubepods/burstable/pod6b4d3d6cd15d5a1d1b0d1c2e3f4a5b6c/abc\n",
+            ("pod:6b4d3d6cd15d5a1d1b0d1c2e3f4a5b6c", "kubernetes"),
+        ),
         # kind nests the tree under kubelet.slice; cgroup v1 systemd driver with docker.
-        ("0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
-         "kubelet-kubepods-besteffort-pod1c178021_5860_4495_a1ab_f9ac17877672.slice/cri-containerd-ab.scope\n",
-         ("pod:1c178021-5860-4495-a1ab-f9ac17877672", "kubernetes")),
-        ("4:pids:/kubepods.slice/kubepods-burstable.slice/"
-         "kubepods-burstable-pod1c178021_5860_4495_a1ab_f9ac17877672.slice/docker-2403fae93d37.scope\n",
-         ("pod:1c178021-5860-4495-a1ab-f9ac17877672", "kubernetes")),
+        (
+            "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+            "kubelet-kubepods-besteffort-pod1c178021_5860_4495_a1ab_f9ac17877672.slice/cri-containerd-ab.scope\n",
+            ("pod:1c178021-5860-4495-a1ab-f9ac17877672", "kubernetes"),
+        ),
+        (
+            "4:pids:/kubepods.slice/kubepods-burstable.slice/"
+            "kubepods-burstable-pod1c178021_5860_4495_a1ab_f9ac17877672.slice/docker-2403fae93d37.scope\n",
+            ("pod:1c178021-5860-4495-a1ab-f9ac17877672", "kubernetes"),
+        ),
         # The pod's own slice (a process in the pod cgroup rather than a container).
-        ("0::/kubepods.slice/kubepods-burstable.slice/"
-         "kubepods-burstable-pod0b7632a2_a56e_4278_987a_22de18008dbe.slice\n",
-         ("pod:0b7632a2-a56e-4278-987a-22de18008dbe", "kubernetes")),
+        (
+            "0::/kubepods.slice/kubepods-burstable.slice/"
+            "kubepods-burstable-pod0b7632a2_a56e_4278_987a_22de18008dbe.slice\n",
+            ("pod:0b7632a2-a56e-4278-987a-22de18008dbe", "kubernetes"),
+        ),
         # Slurm, cgroup v2 (single and multiple slurmd), v1 (step and interactive), extern step.
         ("0::/system.slice/slurmstepd.scope/job_1392969/step_0/user/task_0\n", ("1392969", "slurm")),
         ("0::/system.slice/gpu07_slurmstepd.scope/job_101/step_batch/user/task_special\n", ("101", "slurm")),
@@ -249,9 +271,12 @@ def test_parse_stat_start_time() -> None:
         # Inside a cgroup namespace the slurm-named parent can be out of view.
         ("0::/job_43/step_0/user/task_2\n", ("43", "slurm")),
         # slurmd running in a pod (Slinky): the Slurm job is the narrower identity.
-        ("0::/kubepods.slice/kubepods-burstable.slice/"
-         "kubepods-burstable-pod0b7632a2_a56e_4278_987a_22de18008dbe.slice/cri-containerd-ab.scope/"
-         "system.slice/slurmstepd.scope/job_55/step_0/user/task_0\n", ("55", "slurm")),
+        (
+            "0::/kubepods.slice/kubepods-burstable.slice/"
+            "kubepods-burstable-pod0b7632a2_a56e_4278_987a_22de18008dbe.slice/cri-containerd-ab.scope/"
+            "system.slice/slurmstepd.scope/job_55/step_0/user/task_0\n",
+            ("55", "slurm"),
+        ),
         # Not jobs: the slurmstepd daemon itself, a login session, services, this machine's shape.
         ("0::/system.slice/slurmstepd.scope/system\n", None),
         ("0::/system.slice/slurmd.service\n", None),

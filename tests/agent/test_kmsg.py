@@ -16,7 +16,6 @@ import pytest
 
 from fleetwatch.agent.sources.kmsg import (
     FALLEN_OFF_BUS_XID,
-    KernelXid,
     KmsgSource,
     _Assembler,
     _FallenOffBusRepeats,
@@ -26,9 +25,9 @@ from fleetwatch.agent.sources.kmsg import (
     parse_lines,
     replay_events,
 )
-from fleetwatch.records import Event
 from fleetwatch.detectors.replay import replay
 from fleetwatch.detectors.xid_catalog import lookup
+from fleetwatch.records import Event
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "kmsg"
 BOOT_TIME = 1_700_000_000.0  # Unix seconds; places the lines stamped in seconds since boot
@@ -62,8 +61,10 @@ EXPECTED: dict[str, list[tuple[int, str, int | None, str | None, float]]] = {
         (32, "0000:01:00.0", None, None, 24128.828315),
         (32, "0000:01:00.0", None, None, 24128.828608),
         (31, "0000:01:00.0", None, None, 24128.834365),
-        *[(13, "0000:43:00.0", None, None, s) for s in (
-            93297.027938, 93297.029837, 93297.031618, 93297.040286, 93297.042086, 93297.043905)],
+        *[
+            (13, "0000:43:00.0", None, None, s)
+            for s in (93297.027938, 93297.029837, 93297.031618, 93297.040286, 93297.042086, 93297.043905)
+        ],
         (45, "0000:dc:00.0", 1818990, "python3", 100200.000100),
         (94, "0000:01:00.0", 7194, None, 100300.000200),  # MIG: "(PCI:0000:01:00 GPU-I:05)"
         (95, "0000:01:00.0", 7062, None, 100300.000300),
@@ -89,8 +90,10 @@ EXPECTED: dict[str, list[tuple[int, str, int | None, str | None, float]]] = {
         *[(13, "0000:07:00.0", None, None, local(2026, 7, 21, "23:13:57"))] * 8,
     ],
     "dmesg-iso.txt": [
-        *[(13, "0000:38:00.0", None, None, iso(f"2025-01-21T02:21:33.{us}+00:00"))
-          for us in ("498559", "498648", "498749", "498965", "499059", "499153")],
+        *[
+            (13, "0000:38:00.0", None, None, iso(f"2025-01-21T02:21:33.{us}+00:00"))
+            for us in ("498559", "498648", "498749", "498965", "499059", "499153")
+        ],
         (43, "0000:38:00.0", 2815167, "pt_main_thread", iso("2025-01-21T02:21:33.502278+00:00")),
         (13, "0000:38:00.0", None, None, iso("2025-01-21T02:44:00.563375+00:00")),
         (13, "0000:38:00.0", None, None, iso("2025-01-21T02:44:00.563475+00:00")),
@@ -238,7 +241,9 @@ def test_raw_kmsg_escapes_and_foreign_facilities() -> None:
         "fallen off the bus and is not responding to commands."
     )
     # user space can write to /dev/kmsg, but never as the kernel (facility 0)
-    assert parse_line("12,4060,93300000000,-;NVRM: Xid (PCI:0000:43:00): 79, pid=1, GPU has fallen off the bus.") is None
+    assert (
+        parse_line("12,4060,93300000000,-;NVRM: Xid (PCI:0000:43:00): 79, pid=1, GPU has fallen off the bus.") is None
+    )
     # `dmesg --decode` shows the facility too
     assert parse_line("user  :warn  : 2025-01-21T02:21:33,498559+00:00 NVRM: Xid (PCI:0000:38:00): 13, x") is None
 
@@ -247,19 +252,31 @@ def test_raw_kmsg_escapes_and_foreign_facilities() -> None:
     ("line", "xid", "bus_id"),
     [
         # open-gpu-kernel-modules #1150: the cause names another XID; the line's own XID is first
-        ("kernel: NVRM: Xid (PCI:0000:dc:00): 45, pid=1818990, name=python3, Ch 00000001 caused by previous Xid 149", 45, "0000:dc:00.0"),
+        (
+            "kernel: NVRM: Xid (PCI:0000:dc:00): 45, pid=1818990, name=python3, Ch 00000001 caused by previous Xid 149",
+            45,
+            "0000:dc:00.0",
+        ),
         # NVIDIA's XID documentation example: the oldest format, no "PCI:"
         ("[...] NVRM: Xid (0000:03:00): 14, Channel 00000001", 14, "0000:03:00.0"),
         # MIG attribution with both instance ids (kernel_rc.c format string)
         ("NVRM: Xid (PCI:0000:01:00 GPU-I:05 GPU-CI:01): 43, pid=7, name=python, Ch 00000008", 43, "0000:01:00.0"),
         # pid=<unknown> without quotes (AWS HyperPod documentation)
-        ("Mar 03 04:05:06 host kernel: NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink: fatal error detected on link 6(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)", 74, "0000:b9:00.0"),
+        (
+            "Mar 03 04:05:06 host kernel: NVRM: Xid (PCI:0000:b9:00): 74, pid=<unknown>, name=<unknown>, NVLink: fatal error detected on link 6(0x10000, 0x0, 0x0, 0x0, 0x0, 0x0, 0x0)",
+            74,
+            "0000:b9:00.0",
+        ),
         # the XID number alone, nothing after it
         ("NVRM: Xid (PCI:0000:01:00): 79", 79, "0000:01:00.0"),
         # gpud's test of a driver line without a PCI domain
         ("NVRM: GPU 18:00.0: GPU has fallen off the bus.", 79, "0000:18:00.0"),
         # the driver's domain is printed as given; GB200 uses domains past 0
-        ("[171167.620236] NVRM: Xid (PCI:0009:01:00): 149, NETIR_LINK_EVT  Fatal   XC0 i0 Link 01 (0x021425c6 0x00000000)", 149, "0009:01:00.0"),
+        (
+            "[171167.620236] NVRM: Xid (PCI:0009:01:00): 149, NETIR_LINK_EVT  Fatal   XC0 i0 Link 01 (0x021425c6 0x00000000)",
+            149,
+            "0009:01:00.0",
+        ),
     ],
 )
 def test_line_variants(line: str, xid: int, bus_id: str) -> None:
@@ -307,8 +324,12 @@ def test_normalize_pci_bus_id() -> None:
 
 
 def test_read_existing_on_a_fixture_file_maps_bus_ids_to_gpus() -> None:
-    source = KmsgSource(str(FIXTURES / "dmesg.txt"), bus_id_to_gpu={"00000000:9B:00.0": 4, "0000:43:00.0": 2},
-                        boot_time=BOOT_TIME, clock=lambda: 5.0)
+    source = KmsgSource(
+        str(FIXTURES / "dmesg.txt"),
+        bus_id_to_gpu={"00000000:9B:00.0": 4, "0000:43:00.0": 2},
+        boot_time=BOOT_TIME,
+        clock=lambda: 5.0,
+    )
     events = source.read_existing()
     assert len(events) == len(EXPECTED["dmesg.txt"])
     for event, (xid, bus_id, _, _, since_boot) in zip(events, EXPECTED["dmesg.txt"]):
@@ -344,7 +365,9 @@ class Collector:
 
 def start_follow(source: KmsgSource, collector: Collector) -> tuple[threading.Event, threading.Thread]:
     stop = threading.Event()
-    thread = threading.Thread(target=source.follow, args=(stop, collector), kwargs={"poll_timeout_seconds": 0.02}, daemon=True)
+    thread = threading.Thread(
+        target=source.follow, args=(stop, collector), kwargs={"poll_timeout_seconds": 0.02}, daemon=True
+    )
     thread.start()
     assert source.following.wait(WAIT_SECONDS)
     return stop, thread
@@ -371,7 +394,9 @@ def test_follow_reports_appended_lines_only(tmp_path: Path) -> None:
     try:
         append(log_path, "".join(fixture_lines("dmesg-T.txt")[22:40]))  # the XID 119 episode
         events = collector.take(5)
-        assert [(e["xid"], e["gpu"], e["pci_bus_id"], e["source"]) for e in events] == [(119, 4, "0000:9b:00.0", "kmsg")] * 5
+        assert [(e["xid"], e["gpu"], e["pci_bus_id"], e["source"]) for e in events] == [
+            (119, 4, "0000:9b:00.0", "kmsg")
+        ] * 5
         assert all(e["t"] == 123.0 for e in events)  # new records are stamped when read
         # a line written in two pieces is one line
         append(log_path, "[  219.470994] NVRM: Xid (PCI:0000:07:00): 48, pid='<unknown>', ")
@@ -396,7 +421,10 @@ def test_follow_carries_on_where_read_existing_stopped(tmp_path: Path) -> None:
         (event,) = collector.take(1)
         assert (event["xid"], event["pci_bus_id"]) == (79, "0000:01:00.0")
         append(log_path, "[   49.261472] NVRM: GPU at 0000:01:00.0 has fallen off the bus.\n")  # restated
-        append(log_path, "[ 1451.785035] NVRM: Xid (PCI:0000:01:00): 31, pid=35097, name=SpaceEngine.exe, channel 0x0000005c\n")
+        append(
+            log_path,
+            "[ 1451.785035] NVRM: Xid (PCI:0000:01:00): 31, pid=35097, name=SpaceEngine.exe, channel 0x0000005c\n",
+        )
         (event,) = collector.take(1)
         assert event["xid"] == 31
     finally:
@@ -434,7 +462,9 @@ def test_follow_keeps_going_when_the_consumer_fails(tmp_path: Path, caplog: pyte
         collector(events)
 
     stop = threading.Event()
-    thread = threading.Thread(target=source.follow, args=(stop, flaky), kwargs={"poll_timeout_seconds": 0.02}, daemon=True)
+    thread = threading.Thread(
+        target=source.follow, args=(stop, flaky), kwargs={"poll_timeout_seconds": 0.02}, daemon=True
+    )
     thread.start()
     assert source.following.wait(WAIT_SECONDS)
     try:
@@ -523,7 +553,9 @@ def test_kmsg_reader_skips_records_read_before() -> None:
 
 
 @pytest.mark.skipif(
-    not (os.path.exists("/dev/kmsg") and stat.S_ISCHR(os.stat("/dev/kmsg").st_mode) and os.access("/dev/kmsg", os.R_OK)),
+    not (
+        os.path.exists("/dev/kmsg") and stat.S_ISCHR(os.stat("/dev/kmsg").st_mode) and os.access("/dev/kmsg", os.R_OK)
+    ),
     reason="no readable /dev/kmsg here",
 )
 def test_real_dev_kmsg_reads_and_follows_without_blocking() -> None:

@@ -14,13 +14,15 @@ import socket
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from fleetwatch import wire
 from fleetwatch.agent import metrics
 from fleetwatch.agent.metrics import (
     DCGM_METRICS,
@@ -30,12 +32,11 @@ from fleetwatch.agent.metrics import (
     AgentMetrics,
     MetricsServer,
 )
-from fleetwatch.sim.fake_nvml import make_fake_nvml
-from fleetwatch.sim.node import SimNode
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.state import AgentState, SourceStats
-from fleetwatch import wire
 from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "metrics" / "agent-sim.prom"
 START = 1_700_000_000.0
@@ -113,8 +114,14 @@ def build_state() -> AgentState:
     gpu1 = {k: v for k, v in FULL_GPU_METRICS.items() if k not in H100_ABSENT}
     gpu1.update({"clock_event_reasons": 0x08 | 0x40, "sm_clock_mhz": 990.0, "temp_gpu_celsius": 88.0})
     state.gpus = {
-        0: {"gpu": 0, "t": START, "uuid": state.inventory[0]["uuid"], "job": "j7", "rank": 0,
-            "metrics": dict(FULL_GPU_METRICS)},
+        0: {
+            "gpu": 0,
+            "t": START,
+            "uuid": state.inventory[0]["uuid"],
+            "job": "j7",
+            "rank": 0,
+            "metrics": dict(FULL_GPU_METRICS),
+        },
         1: {"gpu": 1, "t": START, "uuid": state.inventory[1]["uuid"], "job": "j7", "rank": 1, "metrics": gpu1},
     }
     state.host = {
@@ -128,8 +135,16 @@ def build_state() -> AgentState:
         "net_tx_bytes_total": 123_456_789,
     }
     state.ib_ports = [
-        {"device": "mlx5_0", "port": 1, "ib_state": "ACTIVE", "ib_rate_gbps": 400.0, "ib_link_downed_total": 1,
-         "ib_symbol_error_total": 5, "ib_rcv_errors_total": 2, "ib_link_error_recovery_total": 0},
+        {
+            "device": "mlx5_0",
+            "port": 1,
+            "ib_state": "ACTIVE",
+            "ib_rate_gbps": 400.0,
+            "ib_link_downed_total": 1,
+            "ib_symbol_error_total": 5,
+            "ib_rcv_errors_total": 2,
+            "ib_link_error_recovery_total": 0,
+        },
         {"device": "mlx5_1", "port": 1, "ib_state": "DOWN", "ib_rate_gbps": 10.0, "ib_link_downed_total": 3},
     ]
     state.xid_counts = {(1, 79): 1, (0, 13): 2, (None, 31): 1}
@@ -240,8 +255,11 @@ def test_metric_names_follow_prometheus_conventions():
     specs = GPU_METRICS + HOST_METRICS + IB_METRICS
     names = [spec.name for spec in specs]
     assert len(names) == len(set(names))
-    for table, prefix in ((GPU_METRICS, "fleetwatch_gpu_"), (HOST_METRICS, "fleetwatch_host_"),
-                          (IB_METRICS, "fleetwatch_ib_")):
+    for table, prefix in (
+        (GPU_METRICS, "fleetwatch_gpu_"),
+        (HOST_METRICS, "fleetwatch_host_"),
+        (IB_METRICS, "fleetwatch_ib_"),
+    ):
         for spec in table:
             assert re.fullmatch(r"[a-z][a-z0-9_]*", spec.name), spec.name
             assert spec.name.startswith(prefix), spec.name
@@ -270,12 +288,24 @@ def test_dcgm_table_reads_canonical_fields_under_unique_dcgm_names():
         # xid_last is the one non-canonical input: the snapshot adds it from AgentState.xid_last
         assert set(spec.fields) <= set(wire.GPU_FIELDS) | {"xid_last"}, spec.name
     # The series of dcgm-exporter's default counters file that we can feed.
-    assert {"DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP", "DCGM_FI_DEV_GPU_TEMP",
-            "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
-            "DCGM_FI_DEV_PCIE_RX_THROUGHPUT", "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_GPU_UTIL",
-            "DCGM_FI_DEV_MEM_COPY_UTIL", "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED",
-            "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS", "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
-            "DCGM_FI_DEV_ROW_REMAP_FAILURE"} <= set(names)
+    assert {
+        "DCGM_FI_DEV_SM_CLOCK",
+        "DCGM_FI_DEV_MEM_CLOCK",
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "DCGM_FI_DEV_GPU_TEMP",
+        "DCGM_FI_DEV_POWER_USAGE",
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "DCGM_FI_DEV_PCIE_TX_THROUGHPUT",
+        "DCGM_FI_DEV_PCIE_RX_THROUGHPUT",
+        "DCGM_FI_DEV_PCIE_REPLAY_COUNTER",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "DCGM_FI_DEV_MEM_COPY_UTIL",
+        "DCGM_FI_DEV_FB_FREE",
+        "DCGM_FI_DEV_FB_USED",
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+    } <= set(names)
 
 
 # ---- what a scrape shows ------------------------------------------------------------------------
@@ -352,8 +382,9 @@ def test_clock_event_reasons_as_bitmask_and_one_series_per_named_bit(serve):
         reason: lookup(found, "fleetwatch_gpu_clock_event_reason", {**gpu_labels(state, 1), "reason": reason})
         for _, reason in CLOCK_EVENT_REASONS
     }
-    assert bits == {reason: (1.0 if reason in ("hw_slowdown", "hw_thermal_slowdown") else 0.0)
-                    for _, reason in CLOCK_EVENT_REASONS}
+    assert bits == {
+        reason: (1.0 if reason in ("hw_slowdown", "hw_thermal_slowdown") else 0.0) for _, reason in CLOCK_EVENT_REASONS
+    }
     assert lookup(found, "fleetwatch_gpu_clock_event_reason", {**gpu_labels(state, 0), "reason": "sw_power_cap"}) == 1
 
 
@@ -375,8 +406,13 @@ def test_gpu_info_from_the_inventory(serve):
     found = series(serve(state).text())
     entry = state.inventory[1]
     labels = {
-        "node": "n01", "gpu": "1", "uuid": entry["uuid"], "name": "NVIDIA H100 80GB HBM3",
-        "pci_bus_id": "0000:2a:00.0", "serial": entry["serial"], "driver_version": "570.124.06",
+        "node": "n01",
+        "gpu": "1",
+        "uuid": entry["uuid"],
+        "name": "NVIDIA H100 80GB HBM3",
+        "pci_bus_id": "0000:2a:00.0",
+        "serial": entry["serial"],
+        "driver_version": "570.124.06",
         "cuda_version": "12.8",
     }
     assert lookup(found, "fleetwatch_gpu_info", labels) == 1
@@ -628,11 +664,17 @@ def test_whole_output_matches_the_golden_file(serve, monkeypatch):
 
 def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu(serve) -> None:
     state = AgentState(node="n01")
-    state.gpus = {0: {"gpu": 0, "uuid": "GPU-a", "metrics": {"power_watts": 600.0}},
-                  1: {"gpu": 1, "uuid": "GPU-b", "metrics": {"power_watts": 610.0}}}
+    state.gpus = {
+        0: {"gpu": 0, "uuid": "GPU-a", "metrics": {"power_watts": 600.0}},
+        1: {"gpu": 1, "uuid": "GPU-b", "metrics": {"power_watts": 610.0}},
+    }
     state.count_xid(0, 13)
     state.count_xid(0, 31)
     text = serve(state, dcgm_names=True).text()
-    samples = {s.labels["gpu"]: s.value for f in text_string_to_metric_families(text)
-               if f.name == "DCGM_FI_DEV_XID_ERRORS" for s in f.samples}
+    samples = {
+        s.labels["gpu"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "DCGM_FI_DEV_XID_ERRORS"
+        for s in f.samples
+    }
     assert samples == {"0": 31.0}

@@ -11,18 +11,19 @@ c_ulonglong results (all ones), signed results (-1), and each field value type.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import pynvml
 import pytest
 
+from fleetwatch import wire
+from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.sim.fake_nvml import FakeNvml
 from fleetwatch.sim.node import SimNode
 from fleetwatch.sim.profiles import H100_80GB_HBM3, H200, GpuProfile
 from fleetwatch.sim.scenario import parse_fault
-from fleetwatch.agent.sources.nvml import NvmlSource
-from fleetwatch import wire
 from fleetwatch.v1 import telemetry_pb2 as pb
 
 START = 1_700_000_000.0
@@ -111,9 +112,18 @@ CONFIGURATIONS: dict[str, tuple[str, type[FakeNvml], GpuProfile | None]] = {
 # Every fault kind at once, on different GPUs, so the ranges hold under faults too.
 FAULTS = [
     parse_fault(spec)
-    for spec in ("ecc_dbe@0+1", "row_remap_pending@1+1", "row_remap_failure@1+2", "nvlink_errors@2+1",
-                 "nvlink_down@3+1", "pcie_replays@4+1", "pcie_downtrain@5+1", "thermal_slowdown@6+1",
-                 "power_brake@7+1", "xid:13@0+1")
+    for spec in (
+        "ecc_dbe@0+1",
+        "row_remap_pending@1+1",
+        "row_remap_failure@1+2",
+        "nvlink_errors@2+1",
+        "nvlink_down@3+1",
+        "pcie_replays@4+1",
+        "pcie_downtrain@5+1",
+        "thermal_slowdown@6+1",
+        "power_brake@7+1",
+        "xid:13@0+1",
+    )
 ]
 
 
@@ -140,9 +150,14 @@ def _check_sample(metrics: dict[str, Any], unsupported: set[str], first_cycle: b
         assert kind is int or math.isfinite(value), (name, value)
         assert low <= value <= high, (name, value)
     # Relations a real board keeps.
-    pairs = (("mem_used_bytes", "mem_total_bytes"), ("nvlink_links_up", "nvlink_links_total"),
-             ("pcie_link_gen", "pcie_link_gen_max"), ("pcie_link_width", "pcie_link_width_max"),
-             ("sm_clock_mhz", "sm_clock_max_mhz"), ("temp_slowdown_celsius", "temp_shutdown_celsius"))
+    pairs = (
+        ("mem_used_bytes", "mem_total_bytes"),
+        ("nvlink_links_up", "nvlink_links_total"),
+        ("pcie_link_gen", "pcie_link_gen_max"),
+        ("pcie_link_width", "pcie_link_width_max"),
+        ("sm_clock_mhz", "sm_clock_max_mhz"),
+        ("temp_slowdown_celsius", "temp_shutdown_celsius"),
+    )
     for small, large in pairs:
         if small in metrics and large in metrics:
             assert metrics[small] <= metrics[large], (small, large)
@@ -184,8 +199,13 @@ def test_every_canonical_field_is_present_in_some_configuration():
 def test_hopper_lists_exactly_what_its_capture_shows_as_na(profile):
     source, _, _ = _source(profile.model)
     source.sample()
-    expected = ["fan_percent", "nvlink_crc_data_errors_total", "retired_pages_dbe", "retired_pages_pending",
-                "retired_pages_sbe"]
+    expected = [
+        "fan_percent",
+        "nvlink_crc_data_errors_total",
+        "retired_pages_dbe",
+        "retired_pages_pending",
+        "retired_pages_sbe",
+    ]
     assert source.unsupported_fields() == {gpu: expected for gpu in range(8)}
 
 
@@ -228,58 +248,112 @@ U32, U64 = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, pynvml.NVML_VALUE_TYPE_UNSIGNED_
 SENTINELS: dict[str, tuple[type[FakeNvml], set[str], frozenset[str]]] = {
     # case: (NVML with the sentinel, fields it must take out, pynvml names hidden)
     "power usage c_uint all ones": (
-        _call_sentinel("nvmlDeviceGetPowerUsage", lambda v: U32_NA), {"power_watts"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetPowerUsage", lambda v: U32_NA),
+        {"power_watts"},
+        frozenset(),
+    ),
     "enforced limit c_uint all ones": (
-        _call_sentinel("nvmlDeviceGetEnforcedPowerLimit", lambda v: U32_NA), {"power_limit_watts"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetEnforcedPowerLimit", lambda v: U32_NA),
+        {"power_limit_watts"},
+        frozenset(),
+    ),
     "temperature V signed -1": (
-        _call_sentinel("nvmlDeviceGetTemperatureV", lambda v: -1), {"temp_gpu_celsius"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetTemperatureV", lambda v: -1),
+        {"temp_gpu_celsius"},
+        frozenset(),
+    ),
     "deprecated temperature c_uint all ones": (
-        _call_sentinel("nvmlDeviceGetTemperature", lambda v: U32_NA), {"temp_gpu_celsius"},
-        frozenset({"nvmlDeviceGetTemperatureV"})),
+        _call_sentinel("nvmlDeviceGetTemperature", lambda v: U32_NA),
+        {"temp_gpu_celsius"},
+        frozenset({"nvmlDeviceGetTemperatureV"}),
+    ),
     "clocks c_uint all ones": (
-        _call_sentinel("nvmlDeviceGetClockInfo", lambda v: U32_NA), {"sm_clock_mhz", "mem_clock_mhz"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetClockInfo", lambda v: U32_NA),
+        {"sm_clock_mhz", "mem_clock_mhz"},
+        frozenset(),
+    ),
     "clock event reasons c_ulonglong all ones": (
-        _call_sentinel("nvmlDeviceGetCurrentClocksEventReasons", lambda v: U64_NA), {"clock_event_reasons"},
-        frozenset()),
+        _call_sentinel("nvmlDeviceGetCurrentClocksEventReasons", lambda v: U64_NA),
+        {"clock_event_reasons"},
+        frozenset(),
+    ),
     "utilization struct member all ones": (
-        _call_sentinel("nvmlDeviceGetUtilizationRates", _utilization), {"gpu_util_percent"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetUtilizationRates", _utilization),
+        {"gpu_util_percent"},
+        frozenset(),
+    ),
     "memory info c_ulonglong all ones": (
-        _call_sentinel("nvmlDeviceGetMemoryInfo", _memory), {"mem_used_bytes", "mem_total_bytes"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetMemoryInfo", _memory),
+        {"mem_used_bytes", "mem_total_bytes"},
+        frozenset(),
+    ),
     "pcie link gen all ones": (
-        _call_sentinel("nvmlDeviceGetCurrPcieLinkGeneration", lambda v: U32_NA), {"pcie_link_gen"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetCurrPcieLinkGeneration", lambda v: U32_NA),
+        {"pcie_link_gen"},
+        frozenset(),
+    ),
     "pcie link width 0 (unknown under a hypervisor)": (
-        _call_sentinel("nvmlDeviceGetCurrPcieLinkWidth", lambda v: 0), {"pcie_link_width"}, frozenset()),
+        _call_sentinel("nvmlDeviceGetCurrPcieLinkWidth", lambda v: 0),
+        {"pcie_link_width"},
+        frozenset(),
+    ),
     "nvlink counter c_ulonglong all ones": (
         _call_sentinel("nvmlDeviceGetNvLinkErrorCounter", lambda v: U64_NA),
-        {"nvlink_crc_flit_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total"}, frozenset()),
+        {"nvlink_crc_flit_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total"},
+        frozenset(),
+    ),
     "memory temperature field uint all ones": (
-        _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, U32, "uiVal", U32_NA), {"temp_mem_celsius"}, frozenset()),
+        _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, U32, "uiVal", U32_NA),
+        {"temp_mem_celsius"},
+        frozenset(),
+    ),
     "memory temperature field 0 (no sensor)": (
-        _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, U32, "uiVal", 0), {"temp_mem_celsius"}, frozenset()),
+        _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, U32, "uiVal", 0),
+        {"temp_mem_celsius"},
+        frozenset(),
+    ),
     "memory temperature field signed int -1": (
         _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, pynvml.NVML_VALUE_TYPE_SIGNED_INT, "siVal", -1),
-        {"temp_mem_celsius"}, frozenset()),
+        {"temp_mem_celsius"},
+        frozenset(),
+    ),
     "energy field ull all ones": (
-        _field_sentinel(pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, U64, "ullVal", U64_NA), {"energy_joules"},
-        frozenset()),
+        _field_sentinel(pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, U64, "ullVal", U64_NA),
+        {"energy_joules"},
+        frozenset(),
+    ),
     "energy field signed long long -1": (
-        _field_sentinel(pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG,
-                        "sllVal", -1), {"energy_joules"}, frozenset()),
+        _field_sentinel(
+            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG, "sllVal", -1
+        ),
+        {"energy_joules"},
+        frozenset(),
+    ),
     "ecc field ull all ones": (
-        _field_sentinel(pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, U64, "ullVal", U64_NA), {"ecc_dbe_volatile_total"},
-        frozenset()),
+        _field_sentinel(pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, U64, "ullVal", U64_NA),
+        {"ecc_dbe_volatile_total"},
+        frozenset(),
+    ),
     "replay field unsigned short all ones": (
         _field_sentinel(pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT, "usVal", 0xFFFF),
-        {"pcie_replay_total"}, frozenset()),
+        {"pcie_replay_total"},
+        frozenset(),
+    ),
     "remapped rows field uint all ones": (
         _field_sentinel(pynvml.NVML_FI_DEV_REMAPPED_UNC, U32, "uiVal", U32_NA),
-        {"remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure"}, frozenset()),
+        {"remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure"},
+        frozenset(),
+    ),
     "pcie byte counter field ull all ones": (
         _field_sentinel(pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, U64, "ullVal", U64_NA),
-        {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}, frozenset()),
+        {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"},
+        frozenset(),
+    ),
     "memory temperature field double NaN": (
         _field_sentinel(pynvml.NVML_FI_DEV_MEMORY_TEMP, pynvml.NVML_VALUE_TYPE_DOUBLE, "dVal", math.nan),
-        {"temp_mem_celsius"}, frozenset()),
+        {"temp_mem_celsius"},
+        frozenset(),
+    ),
 }
 
 
@@ -350,8 +424,11 @@ def test_process_sentinel_pids_are_dropped():
     class SentinelPid(FakeNvml):
         def nvmlDeviceGetComputeRunningProcesses(self, handle):
             processes = super().nvmlDeviceGetComputeRunningProcesses(handle)
-            processes.append(pynvml.nvmlFriendlyObject({"pid": U32_NA, "usedGpuMemory": None,
-                                                        "gpuInstanceId": U32_NA, "computeInstanceId": U32_NA}))
+            processes.append(
+                pynvml.nvmlFriendlyObject(
+                    {"pid": U32_NA, "usedGpuMemory": None, "gpuInstanceId": U32_NA, "computeInstanceId": U32_NA}
+                )
+            )
             return processes
 
     clock = ManualClock()

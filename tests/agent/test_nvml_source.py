@@ -16,18 +16,23 @@ from typing import Any
 import pynvml
 import pytest
 
+from fleetwatch import wire
+from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch.sim.fake_nvml import FakeNvml, make_fake_nvml
 from fleetwatch.sim.node import SimNode
 from fleetwatch.sim.scenario import Fault, parse_fault
-from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
-from fleetwatch import wire
 from fleetwatch.v1 import telemetry_pb2 as pb
 
 START = 1_700_000_000.0
 MIB = 1024 * 1024
 # What an H100 SXM answers NOT_SUPPORTED ("N/A" in the capture; NVLink 4 keeps no data-CRC count).
-H100_ABSENT = {"fan_percent", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending",
-               "nvlink_crc_data_errors_total"}
+H100_ABSENT = {
+    "fan_percent",
+    "retired_pages_sbe",
+    "retired_pages_dbe",
+    "retired_pages_pending",
+    "nvlink_crc_data_errors_total",
+}
 # Derived from two readings of the PCIe byte counters: absent from the first cycle only.
 PCIE_RATES = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}
 
@@ -54,6 +59,7 @@ class CountingNvml:
             raise AttributeError(name)
         value = getattr(self._inner, name)
         if name.startswith("nvml") and callable(value) and not isinstance(value, type):
+
             def counted(*args: Any, **kwargs: Any) -> Any:
                 self.calls[name] += 1
                 return value(*args, **kwargs)
@@ -155,7 +161,10 @@ def test_inventory():
         "mem_clock_max_mhz": 3201,
     }
     assert [g["pci_bus_id"] for g in source.inventory][-4:] == [
-        "0000:9a:00.0", "0000:ab:00.0", "0000:ba:00.0", "0000:db:00.0",
+        "0000:9a:00.0",
+        "0000:ab:00.0",
+        "0000:ba:00.0",
+        "0000:db:00.0",
     ]
     assert len({g["uuid"] for g in source.inventory}) == 8
 
@@ -187,8 +196,13 @@ def test_fast_path_one_field_values_call_per_gpu_and_no_blocking_throughput_call
     calls = nvml.calls
     assert calls["nvmlDeviceGetFieldValues"] == 8 * 5
     # Everything the batch answers is never asked through its own call.
-    for covered in ("nvmlDeviceGetPcieThroughput", "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetTotalEccErrors",
-                    "nvmlDeviceGetRemappedRows", "nvmlDeviceGetPcieReplayCounter"):
+    for covered in (
+        "nvmlDeviceGetPcieThroughput",
+        "nvmlDeviceGetTotalEnergyConsumption",
+        "nvmlDeviceGetTotalEccErrors",
+        "nvmlDeviceGetRemappedRows",
+        "nvmlDeviceGetPcieReplayCounter",
+    ):
         assert calls[covered] == 0, covered
     # Current names only: the deprecated ones are fallbacks for libraries that lack these.
     assert calls["nvmlDeviceGetTemperatureV"] == 8 * 5 and calls["nvmlDeviceGetTemperature"] == 0
@@ -299,8 +313,9 @@ def test_gpu_temperature_falls_back_to_the_deprecated_call_only_when_v_is_unavai
 
 
 def test_clock_event_reasons_fall_back_to_the_throttle_name_only_on_an_older_library():
-    source, node, clock, nvml = _counting_source(hidden={"nvmlDeviceGetCurrentClocksEventReasons"},
-                                                 faults=[parse_fault("power_brake@1+0")])
+    source, _node, clock, nvml = _counting_source(
+        hidden={"nvmlDeviceGetCurrentClocksEventReasons"}, faults=[parse_fault("power_brake@1+0")]
+    )
     metrics = _cycles(source, clock, 2)
     assert metrics[1]["clock_event_reasons"] & 0x88 == 0x88
     assert nvml.calls["nvmlDeviceGetCurrentClocksThrottleReasons"] == 2 * 2
@@ -321,7 +336,7 @@ def test_nvlink_counters_come_from_the_total_fields_where_per_link_calls_fail():
 
     fault = Fault("nvlink_errors", gpu=1, at_seconds=5.0, link=3, rate_per_second=100.0)
     summing = replace(H100_80GB_HBM3, nvlink_legacy_totals_read_zero=False, nvlink_counters_not_supported=frozenset())
-    source, node, clock, nvml = _counting_source(PerLinkCountersNotSupported, profile=summing, faults=[fault])
+    source, _node, clock, nvml = _counting_source(PerLinkCountersNotSupported, profile=summing, faults=[fault])
     first = _cycles(source, clock, 1)
     # The totals join the batch in the cycle that learned the per-link calls fail.
     assert first[0]["nvlink_crc_flit_errors_total"] == 0 and first[0]["nvlink_crc_data_errors_total"] == 0
@@ -341,8 +356,10 @@ def test_nvlink_per_link_function_missing_from_pynvml_uses_the_total_fields():
     metrics = _cycles(source, clock, 2)
     # Hopper's legacy totals answer SUCCESS (with 0); with no per-link call they are all there is.
     assert {name for name in metrics[0] if name.endswith("errors_total") and name.startswith("nvlink")} == {
-        "nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total",
-        "nvlink_replay_errors_total", "nvlink_recovery_errors_total",
+        "nvlink_crc_flit_errors_total",
+        "nvlink_crc_data_errors_total",
+        "nvlink_replay_errors_total",
+        "nvlink_recovery_errors_total",
     }
 
 
@@ -403,7 +420,7 @@ def test_pcie_rates_need_two_readings_and_skip_a_counter_reset():
     first = _cycles(source, clock, 1)
     assert not PCIE_RATES & set(first[0])  # one reading is no rate
     second = _cycles(source, clock, 1)
-    assert PCIE_RATES <= set(second[0])
+    assert set(second[0]) >= PCIE_RATES
     nvml._inner.offset = node.pcie_bytes(0, START)[1]  # the driver reloaded: counters start over
     third = _cycles(source, clock, 1)
     assert not PCIE_RATES & set(third[0])  # a decrease is a reset, not a huge wrap
@@ -433,7 +450,7 @@ def test_32_bit_pcie_byte_counters_alias_so_the_throughput_call_is_used():
 def test_pcie_fields_missing_from_an_older_pynvml_use_the_throughput_call():
     source, _, clock, nvml = _counting_source(hidden={"NVML_FI_DEV_PCIE_COUNT_TX_BYTES"})
     metrics = _cycles(source, clock, 1)
-    assert PCIE_RATES <= set(metrics[0])  # the call gives a rate on the first cycle
+    assert set(metrics[0]) >= PCIE_RATES  # the call gives a rate on the first cycle
     assert nvml.calls["nvmlDeviceGetPcieThroughput"] == 2 * 2
 
 
@@ -444,8 +461,13 @@ def test_field_values_call_unsupported_as_a_whole_falls_back_to_calls():
 
     source, _, clock, nvml = _counting_source(NoFieldValues)
     metrics = _cycles(source, clock, 2)
-    assert {"energy_joules", "pcie_replay_total", "ecc_sbe_volatile_total", "remapped_rows_correctable",
-            "pcie_rx_bytes_per_second"} <= set(metrics[0])
+    assert {
+        "energy_joules",
+        "pcie_replay_total",
+        "ecc_sbe_volatile_total",
+        "remapped_rows_correctable",
+        "pcie_rx_bytes_per_second",
+    } <= set(metrics[0])
     assert "temp_mem_celsius" not in metrics[0] and "temp_mem_celsius" in source.unsupported_fields()[0]
     assert nvml.calls["nvmlDeviceGetFieldValues"] == 2
 
@@ -463,7 +485,7 @@ def test_field_errors_other_than_not_supported_leave_the_field_out_for_that_cycl
                         value.nvmlReturn = pynvml.NVML_ERROR_UNKNOWN
             return values
 
-    source, _, clock, nvml = _counting_source(FlakyFields)
+    source, _, clock, _nvml = _counting_source(FlakyFields)
     first = _cycles(source, clock, 1)
     assert all("temp_mem_celsius" not in m for m in first.values())
     assert "energy_joules" in first[0]  # the other values of the same call are fine
@@ -476,7 +498,7 @@ def test_field_errors_other_than_not_supported_leave_the_field_out_for_that_cycl
 
 
 def test_pids_default_to_one_training_worker_per_gpu_in_rank_order():
-    source, node, clock, _ = _source()
+    source, node, _clock, _ = _source()
     samples, _ = source.sample()
     pids = [s["pids"] for s in samples]
     assert all(len(p) == 1 for p in pids)
@@ -513,7 +535,7 @@ def test_pids_survive_used_memory_not_available_and_errors():
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
             return processes
 
-    source, node, clock, nvml = _counting_source(Quirky)
+    source, node, _clock, nvml = _counting_source(Quirky)
     assert _pids(source) == [list(node.processes(0)), list(node.processes(1))]
     nvml._inner.mode = "error"
     assert _pids(source) == [[], []]  # unknown this cycle
@@ -688,8 +710,16 @@ def test_every_fault_kind_shows_at_its_time_and_not_before(kind):
     sw_power_cap = pynvml.nvmlClocksEventReasonSwPowerCap  # the workload's own, at peak draw
     for gpu in range(8):  # nothing has moved yet beyond the workload's own wander
         assert before[gpu]["clock_event_reasons"] & ~sw_power_cap == 0, gpu
-        for name in ("ecc_dbe_volatile_total", "remap_pending", "remap_failure", "nvlink_links_up",
-                     "pcie_link_gen", "pcie_link_width", "pcie_replay_total", "nvlink_crc_flit_errors_total"):
+        for name in (
+            "ecc_dbe_volatile_total",
+            "remap_pending",
+            "remap_failure",
+            "nvlink_links_up",
+            "pcie_link_gen",
+            "pcie_link_width",
+            "pcie_replay_total",
+            "nvlink_crc_flit_errors_total",
+        ):
             assert before[gpu][name] == baseline[gpu][name], (gpu, name)
     clock.t = START + FAULT_AT + 3.0
     after_samples, after_events = source.sample()
@@ -703,16 +733,18 @@ def test_every_fault_kind_shows_at_its_time_and_not_before(kind):
     if xid is None:
         assert events == []
     else:
-        assert [(e["kind"], e["gpu"], e["xid"], e["uuid"]) for e in events] == [
-            ("xid", 2, xid, node.gpus[2].uuid)
-        ]
+        assert [(e["kind"], e["gpu"], e["xid"], e["uuid"]) for e in events] == [("xid", 2, xid, node.gpus[2].uuid)]
         assert events[0]["pci_bus_id"] == "0000:3a:00.0" and events[0]["source"] == "nvml"
     source.close()
 
 
 def test_fault_with_a_duration_clears():
-    faults = [parse_fault("thermal_slowdown@1+10/20"), parse_fault("nvlink_down@4+10/5"),
-              parse_fault("pcie_downtrain@6+10/5"), parse_fault("row_remap_pending@7+10/5")]
+    faults = [
+        parse_fault("thermal_slowdown@1+10/20"),
+        parse_fault("nvlink_down@4+10/5"),
+        parse_fault("pcie_downtrain@6+10/5"),
+        parse_fault("row_remap_pending@7+10/5"),
+    ]
     source, _, clock, _ = _source(faults=faults)
     clock.t = START + 12.0
     during = _by_gpu(source.sample()[0])
@@ -730,7 +762,7 @@ def test_fault_with_a_duration_clears():
 
 def test_nvlink_errors_climb_on_the_chosen_link_at_the_chosen_rate():
     fault = Fault("nvlink_errors", gpu=0, at_seconds=5.0, link=7, rate_per_second=100.0)
-    source, node, clock, nvml = _source(faults=[fault])
+    source, _node, clock, nvml = _source(faults=[fault])
     clock.t = START + 15.0
     metrics = _by_gpu(source.sample()[0])[0]
     assert metrics["nvlink_crc_flit_errors_total"] == 1 + 1000
@@ -806,8 +838,10 @@ def _nvml_library_present() -> bool:
     return True
 
 
-@pytest.mark.skipif(_nvml_library_present() or ctypes.util.find_library("nvidia-ml") is not None,
-                    reason="this machine has an NVIDIA driver")
+@pytest.mark.skipif(
+    _nvml_library_present() or ctypes.util.find_library("nvidia-ml") is not None,
+    reason="this machine has an NVIDIA driver",
+)
 def test_load_nvml_returns_none_without_a_driver(caplog):
     with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.nvml"):
         assert load_nvml() is None

@@ -14,9 +14,23 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 def run_once(*extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--once", "--json", "--simulate",
-         "--sysfs-root", str(FIXTURES / "sys"), *extra],
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            sys.executable,
+            "-m",
+            "fleetwatch.agent.main",
+            "--config",
+            "/nonexistent.toml",
+            "--once",
+            "--json",
+            "--simulate",
+            "--sysfs-root",
+            str(FIXTURES / "sys"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
@@ -50,8 +64,23 @@ def test_every_field_is_present_with_its_type_or_listed_unsupported() -> None:
 def test_once_without_json_is_readable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
     proc = subprocess.run(
-        [sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--once", "--simulate", "--sim-gpus", "2", "--kmsg-path", ""],
-        capture_output=True, text=True, timeout=60, env=env,
+        [
+            sys.executable,
+            "-m",
+            "fleetwatch.agent.main",
+            "--config",
+            "/nonexistent.toml",
+            "--once",
+            "--simulate",
+            "--sim-gpus",
+            "2",
+            "--kmsg-path",
+            "",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "GPU 0 GPU-" in proc.stdout and "not supported: " in proc.stdout and "host: " in proc.stdout

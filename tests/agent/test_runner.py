@@ -7,20 +7,18 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
-from fleetwatch.sim.fake_nvml import make_fake_nvml
-from fleetwatch.sim.node import SimNode
-from fleetwatch.sim.scenario import Fault
 from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.state import AgentState
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import CollectorConfig
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
+from fleetwatch.sim.scenario import Fault
 
 
 def free_port() -> int:
@@ -30,8 +28,16 @@ def free_port() -> int:
 
 
 def make_agent(
-    tmp_path: Path, port: int, *, gpus: int = 2, interval: float = 0.1, faults=(), nvml: bool = True, drain: float = 5,
-    kmsg=None, steps=None,
+    tmp_path: Path,
+    port: int,
+    *,
+    gpus: int = 2,
+    interval: float = 0.1,
+    faults=(),
+    nvml: bool = True,
+    drain: float = 5,
+    kmsg=None,
+    steps=None,
 ) -> Agent:
     config = AgentConfig(
         node="n01",
@@ -55,8 +61,11 @@ def make_agent(
 
 async def start_collector(tmp_path: Path, port: int = 0, **overrides) -> CollectorApp:
     config = CollectorConfig(
-        grpc_listen=f"127.0.0.1:{port}", http_listen="127.0.0.1:0",
-        database_url=f"sqlite:///{tmp_path / 'c.db'}", log_alerts=False, **overrides,
+        grpc_listen=f"127.0.0.1:{port}",
+        http_listen="127.0.0.1:0",
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        log_alerts=False,
+        **overrides,
     )
     app = CollectorApp(config)
     await app.start()

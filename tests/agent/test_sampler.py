@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from fleetwatch.agent.sampler import Sampler
-from fleetwatch.sim.fake_nvml import make_fake_nvml
-from fleetwatch.sim.node import SimNode
 from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.jobs import JobInfo
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.state import AgentState
+from fleetwatch.sim.fake_nvml import make_fake_nvml
+from fleetwatch.sim.node import SimNode
 
 
 def nvml_source(gpus: int = 2) -> NvmlSource:
@@ -64,8 +64,12 @@ def test_steps_are_forwarded_with_the_gpu_of_their_rank() -> None:
     first = sampler.sample()
     rank_gpu = {g["rank"]: g["gpu"] for g in first.gpus}
     rank = next(iter(rank_gpu))
-    sampler.add_steps([{"t": 1.0, "job": "4242", "rank": rank, "step": 7, "seconds": 0.93},
-                       {"t": 1.0, "job": "other", "rank": 0, "step": 1, "seconds": 1.2}])
+    sampler.add_steps(
+        [
+            {"t": 1.0, "job": "4242", "rank": rank, "step": 7, "seconds": 0.93},
+            {"t": 1.0, "job": "other", "rank": 0, "step": 1, "seconds": 1.2},
+        ]
+    )
     cycle = sampler.sample()
     by_job = {s["job"]: s for s in cycle.steps}
     assert by_job["4242"]["gpu"] == rank_gpu[rank]

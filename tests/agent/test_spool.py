@@ -116,9 +116,7 @@ def test_append_rejects_unallocated_and_duplicate_seq(tmp_path: Path) -> None:
     assert spool.pending() == [(seq, b"once")]
 
 
-def test_byte_bound_drops_oldest_first_and_counts(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_byte_bound_drops_oldest_first_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     spool = _spool(tmp_path, max_bytes=250)
     seqs = _fill(spool, [b"a" * 100, b"b" * 100])
     assert (spool.dropped_batches, spool.dropped_bytes) == (0, 0)
@@ -136,9 +134,7 @@ def test_byte_bound_drops_oldest_first_and_counts(
     assert "dropped 2 oldest batches (200 bytes)" in warnings[0].getMessage()
 
 
-def test_batch_larger_than_bound_is_dropped_not_written(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_batch_larger_than_bound_is_dropped_not_written(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     spool = _spool(tmp_path, max_bytes=100)
     kept = _fill(spool, [b"k" * 50])
     with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.spool"):
@@ -173,9 +169,7 @@ def test_leftover_temp_files_from_a_crash_are_ignored_and_removed(tmp_path: Path
     assert restarted.next_seq() == seqs[0] + 1
 
 
-def test_corrupt_file_names_are_logged_and_skipped(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_corrupt_file_names_are_logged_and_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     seqs = _fill(_spool(tmp_path), [b"good"])
     (tmp_path / "not-a-seq.batch").write_bytes(b"junk")
     (tmp_path / "42.batch").write_bytes(b"wrong width")
@@ -188,9 +182,7 @@ def test_corrupt_file_names_are_logged_and_skipped(
     assert (tmp_path / "not-a-seq.batch").exists()
 
 
-def test_corrupt_state_file_resumes_after_batches_on_disk(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_corrupt_state_file_resumes_after_batches_on_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     seqs = _fill(_spool(tmp_path), [b"a", b"b"])
     (tmp_path / "seq.state").write_text("garbage\n")
     with caplog.at_level(logging.ERROR, logger="fleetwatch.agent.spool"):

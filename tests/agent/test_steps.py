@@ -26,8 +26,13 @@ from fleetwatch.stepreport import StepReporter, report_step
 STEPREPORT_FILE = Path(stepreport.__file__)
 FIXED_T = 1_700_000_000.0
 LAUNCHER_ENV = (
-    "FLEETWATCH_JOB", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID",
-    "RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "FLEETWATCH_STEP_SOCKET",
+    "FLEETWATCH_JOB",
+    "SLURM_JOB_ID",
+    "TORCHELASTIC_RUN_ID",
+    "RANK",
+    "SLURM_PROCID",
+    "OMPI_COMM_WORLD_RANK",
+    "FLEETWATCH_STEP_SOCKET",
 )
 
 
@@ -201,9 +206,7 @@ def test_agent_started_later_is_picked_up(socket_dir: Path, monkeypatch: pytest.
     assert reporter.dropped == 2
 
 
-def test_full_receiver_does_not_block_the_reporter(
-    receiver: StepReceiver, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_full_receiver_does_not_block_the_reporter(receiver: StepReceiver, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="fleetwatch.stepreport")
     reporter = StepReporter(job="j", rank=0, socket_path=receiver.socket_path)
     # Fill the receiver's queue by never receiving, until the kernel refuses more.
@@ -290,9 +293,7 @@ MALFORMED = [
 ]
 
 
-def test_malformed_datagrams_are_counted_and_skipped(
-    receiver: StepReceiver, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_malformed_datagrams_are_counted_and_skipped(receiver: StepReceiver, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="fleetwatch.agent.sources.steps")
     records = send_all_and_receive(receiver, [*MALFORMED, good(42, extra="ignored")])
     assert records == [{"t": FIXED_T, "job": "j7", "rank": 3, "step": 42, "seconds": 0.5}]
@@ -320,8 +321,17 @@ def test_reporter_refuses_bad_values_without_raising(receiver: StepReceiver) -> 
 
     with StepReporter(job="j", rank=0, socket_path=receiver.socket_path) as reporter:
         for step, seconds in [
-            (-1, 0.1), (1.5, 0.1), ("1", 0.1), (None, 0.1), (2**63, 0.1),
-            (1, float("nan")), (1, float("inf")), (1, 0.0), (1, -1.0), (1, 86_400.0), (1, "fast"),
+            (-1, 0.1),
+            (1.5, 0.1),
+            ("1", 0.1),
+            (None, 0.1),
+            (2**63, 0.1),
+            (1, float("nan")),
+            (1, float("inf")),
+            (1, 0.0),
+            (1, -1.0),
+            (1, 86_400.0),
+            (1, "fast"),
             (1, Broken()),
         ]:
             reporter.report(step, seconds)  # type: ignore[arg-type]
@@ -352,9 +362,8 @@ def test_step_context_manager_times_and_counts(receiver: StepReceiver) -> None:
             numbers.append(number)
         with reporter.step(100):  # resumed from a checkpoint
             pass
-        with pytest.raises(RuntimeError):
-            with reporter.step():
-                raise RuntimeError("out of memory")
+        with pytest.raises(RuntimeError), reporter.step():
+            raise RuntimeError("out of memory")
         with reporter.step():
             pass
     records = receiver.receive(1.0)
@@ -418,9 +427,7 @@ def test_defaults_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     reporter.close()
 
 
-def test_report_step_uses_a_default_reporter(
-    monkeypatch: pytest.MonkeyPatch, receiver: StepReceiver
-) -> None:
+def test_report_step_uses_a_default_reporter(monkeypatch: pytest.MonkeyPatch, receiver: StepReceiver) -> None:
     monkeypatch.setattr(stepreport, "_default_reporter", None)
     monkeypatch.setenv("FLEETWATCH_STEP_SOCKET", receiver.socket_path)
     monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -528,9 +535,10 @@ def test_stepreport_imports_only_the_standard_library(socket_dir: Path, receiver
     )
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", script],
-        cwd=vendored, capture_output=True, text=True, timeout=30,
+        cwd=vendored,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
-    assert [(r["job"], r["rank"], r["step"], r["seconds"]) for r in receiver.receive(1.0)] == [
-        ("vendored", 1, 3, 0.75)
-    ]
+    assert [(r["job"], r["rank"], r["step"], r["seconds"]) for r in receiver.receive(1.0)] == [("vendored", 1, 3, 0.75)]

@@ -18,11 +18,29 @@ class FakeClock:
 
 
 def nvml(xid: int, gpu: int = 3, bus_id: str | None = "0000:9b:00.0") -> dict:
-    return {"t": 1.0, "kind": "xid", "gpu": gpu, "uuid": "GPU-1", "pci_bus_id": bus_id, "xid": xid, "message": "", "source": "nvml"}
+    return {
+        "t": 1.0,
+        "kind": "xid",
+        "gpu": gpu,
+        "uuid": "GPU-1",
+        "pci_bus_id": bus_id,
+        "xid": xid,
+        "message": "",
+        "source": "nvml",
+    }
 
 
 def kmsg(xid: int, gpu: int | None = 3, bus_id: str = "0000:9b:00.0") -> dict:
-    return {"t": 2.0, "kind": "xid", "gpu": gpu, "uuid": None, "pci_bus_id": bus_id, "xid": xid, "message": "x", "source": "kmsg"}
+    return {
+        "t": 2.0,
+        "kind": "xid",
+        "gpu": gpu,
+        "uuid": None,
+        "pci_bus_id": bus_id,
+        "xid": xid,
+        "message": "x",
+        "source": "kmsg",
+    }
 
 
 @pytest.mark.parametrize("first,second", [(nvml(79), kmsg(79)), (kmsg(79), nvml(79))])

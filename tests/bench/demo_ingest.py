@@ -40,8 +40,14 @@ def make_batch(seq: int, gpus: int, boot: str) -> bytes:
 
 async def push(port: int, node: str, gpus: int, until: float) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString)()
-        await call.write(pb.AgentMessage(hello=pb.Hello(node=node, boot_id="bench", sampling_interval_seconds=1.0)).SerializeToString())
+        call = channel.stream_stream(
+            METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString
+        )()
+        await call.write(
+            pb.AgentMessage(
+                hello=pb.Hello(node=node, boot_id="bench", sampling_interval_seconds=1.0)
+            ).SerializeToString()
+        )
         await call.read()
         seq, acked, window = 0, 0, 64
         while time.time() < until:
@@ -57,17 +63,30 @@ async def push(port: int, node: str, gpus: int, until: float) -> int:
 
 
 async def capacity(seconds: float, streams: int, gpus: int, workdir: Path) -> dict:
-    app = CollectorApp(CollectorConfig(grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0",
-                                       database_url=f"sqlite:///{workdir / 'bench.db'}", log_alerts=False))
+    app = CollectorApp(
+        CollectorConfig(
+            grpc_listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            database_url=f"sqlite:///{workdir / 'bench.db'}",
+            log_alerts=False,
+        )
+    )
     await app.start()
     started = time.time()
     acked = await asyncio.gather(*(push(app.grpc_port, f"b{i:03d}", gpus, started + seconds) for i in range(streams)))
     elapsed = time.time() - started
     stored = app.stats.batches
     await app.stop(grace_seconds=1)
-    return {"benchmark": "collector_ingest_capacity", "streams": streams, "gpus_per_batch": gpus,
-            "seconds": round(elapsed, 1), "batches_acked": sum(acked), "batches_stored": stored,
-            "batches_per_second": round(stored / elapsed), "gpu_samples_per_second": round(stored * gpus / elapsed)}
+    return {
+        "benchmark": "collector_ingest_capacity",
+        "streams": streams,
+        "gpus_per_batch": gpus,
+        "seconds": round(elapsed, 1),
+        "batches_acked": sum(acked),
+        "batches_stored": stored,
+        "batches_per_second": round(stored / elapsed),
+        "gpu_samples_per_second": round(stored * gpus / elapsed),
+    }
 
 
 def main() -> None:
@@ -81,8 +100,16 @@ def main() -> None:
         started = time.time()
         summary = asyncio.run(_run(args.demo_seconds, 4, 8, None, Path(tmp)))
         elapsed = time.time() - started
-        print(json.dumps({"benchmark": "demo_ingest", "seconds": round(elapsed, 1), "samples_ingested": summary["samples_ingested"],
-                          "samples_per_second": round(summary["samples_ingested"] / args.demo_seconds, 1)}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "demo_ingest",
+                    "seconds": round(elapsed, 1),
+                    "samples_ingested": summary["samples_ingested"],
+                    "samples_per_second": round(summary["samples_ingested"] / args.demo_seconds, 1),
+                }
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(asyncio.run(capacity(args.capacity_seconds, args.streams, 8, Path(tmp)))))
 

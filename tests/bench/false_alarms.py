@@ -51,8 +51,12 @@ def run_one(args: tuple[str, dict]):
     name, scenario = args
     result = evaluate_scenario(scenario, name=name)
     alarms = [
-        {"run": name, "detector": e.finding.detector, "opened_at_s": round(e.opened_at - result.start, 1),
-         "summary": e.finding.summary}
+        {
+            "run": name,
+            "detector": e.finding.detector,
+            "opened_at_s": round(e.opened_at - result.start, 1),
+            "summary": e.finding.summary,
+        }
         for e in result.false_alarms
     ]
     return name, result.node_days, alarms, result.wall_seconds
@@ -73,18 +77,22 @@ def main() -> None:
     node_days = sum(r[1] for r in results)
     alarms = Counter(a["detector"] for r in results for a in r[2])
     total = sum(alarms.values())
-    print(json.dumps({
-        "benchmark": "false_alarms",
-        "healthy_runs": len(results),
-        "hours_each": args.hours,
-        "node_days": round(node_days, 2),
-        "false_alarms": total,
-        "false_alarms_per_1000_node_days": round(total / node_days * 1000, 1),
-        "upper_95_per_1000_node_days": round(poisson_upper_95(total) / node_days * 1000, 1),
-        "by_detector": dict(alarms),
-        "alarms": [a for r in results for a in r[2]],
-        "wall_seconds": round(time.time() - started, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "false_alarms",
+                "healthy_runs": len(results),
+                "hours_each": args.hours,
+                "node_days": round(node_days, 2),
+                "false_alarms": total,
+                "false_alarms_per_1000_node_days": round(total / node_days * 1000, 1),
+                "upper_95_per_1000_node_days": round(poisson_upper_95(total) / node_days * 1000, 1),
+                "by_detector": dict(alarms),
+                "alarms": [a for r in results for a in r[2]],
+                "wall_seconds": round(time.time() - started, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,18 @@ METHOD = "/fleetwatch.v1.Telemetry/Stream"
 
 
 def hello(node: str = "n01", boot_id: str = "boot-1", gpus: int = 2) -> pb.AgentMessage:
-    msg = pb.Hello(node=node, boot_id=boot_id, agent_version="test", sampling_interval_seconds=1.0, t=time.time(), nvml_available=True)
+    msg = pb.Hello(
+        node=node,
+        boot_id=boot_id,
+        agent_version="test",
+        sampling_interval_seconds=1.0,
+        t=time.time(),
+        nvml_available=True,
+    )
     for i in range(gpus):
-        msg.gpus.add(index=i, uuid=f"GPU-{node}-{i}", name="NVIDIA H100 80GB HBM3", pci_bus_id=f"0000:{0x18 + i:02x}:00.0")
+        msg.gpus.add(
+            index=i, uuid=f"GPU-{node}-{i}", name="NVIDIA H100 80GB HBM3", pci_bus_id=f"0000:{0x18 + i:02x}:00.0"
+        )
     return pb.AgentMessage(hello=msg)
 
 
@@ -45,8 +54,11 @@ def batch(seq: int, *, gpus: int = 2, xid: int | None = None, t: float | None = 
 async def exchange(port: int, messages: list[pb.AgentMessage], expect: int) -> list[pb.CollectorMessage]:
     """Send messages on one stream and read `expect` replies."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = channel.stream_stream(METHOD, request_serializer=pb.AgentMessage.SerializeToString,
-                                     response_deserializer=pb.CollectorMessage.FromString)()
+        call = channel.stream_stream(
+            METHOD,
+            request_serializer=pb.AgentMessage.SerializeToString,
+            response_deserializer=pb.CollectorMessage.FromString,
+        )()
         for m in messages:
             await call.write(m)
         replies = []
@@ -164,7 +176,9 @@ async def test_xid_event_reaches_the_webhook_within_two_seconds(app: CollectorAp
 async def test_metrics_parse_and_show_ingest_and_alerts(app: CollectorApp) -> None:
     await exchange(app.grpc_port, [hello(), batch(1), batch(2, xid=48)], expect=3)
     await asyncio.sleep(0.5)
-    families = {f.name: f for f in text_string_to_metric_families(await get(f"http://127.0.0.1:{app.http_port}/metrics"))}
+    families = {
+        f.name: f for f in text_string_to_metric_families(await get(f"http://127.0.0.1:{app.http_port}/metrics"))
+    }
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     assert samples[("fleetwatch_collector_batches_total", ())] == 2
     assert samples[("fleetwatch_collector_samples_total", (("kind", "gpu"),))] == 4
@@ -192,9 +206,14 @@ async def test_unreachable_webhook_is_retried_until_it_answers(tmp_path: Path) -
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = CollectorConfig(
-        grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'c.db'}",
-        webhook_urls=[f"http://127.0.0.1:{port}/alerts"], log_alerts=False, detect_interval_seconds=0.2,
-        delivery_backoff_min_seconds=0.2, delivery_backoff_max_seconds=0.4,
+        grpc_listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
+        database_url=f"sqlite:///{tmp_path / 'c.db'}",
+        webhook_urls=[f"http://127.0.0.1:{port}/alerts"],
+        log_alerts=False,
+        detect_interval_seconds=0.2,
+        delivery_backoff_min_seconds=0.2,
+        delivery_backoff_max_seconds=0.4,
     )
     app = CollectorApp(config)
     await app.start()
@@ -245,9 +264,10 @@ async def test_alert_fires_then_resolves_and_both_reach_the_webhook(app: Collect
     cool = [thermal_batch(i, hot=False, t=now - 5 + (i - 26)) for i in range(26, 32)]
     await exchange(app.grpc_port, [hello(gpus=1), *cool], expect=7)
     deadline = time.time() + 5
-    while time.time() < deadline and sum(
-        body["alerts"][0]["labels"]["detector"] == "thermal" for _, body in app.receiver.received
-    ) < 2:
+    while (
+        time.time() < deadline
+        and sum(body["alerts"][0]["labels"]["detector"] == "thermal" for _, body in app.receiver.received) < 2
+    ):
         await asyncio.sleep(0.05)
     # Only thermal's deliveries: between the two streams node_silent may fire on a loaded machine.
     thermal = [body for _, body in app.receiver.received if body["alerts"][0]["labels"]["detector"] == "thermal"]
@@ -261,8 +281,14 @@ async def test_alert_fires_then_resolves_and_both_reach_the_webhook(app: Collect
 
 async def test_restarted_collector_keeps_its_firing_alerts_without_notifying_twice(tmp_path: Path) -> None:
     async with WebhookReceiver() as receiver:
-        config = CollectorConfig(grpc_listen="127.0.0.1:0", http_listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'c.db'}",
-                                 webhook_urls=[receiver.url], log_alerts=False, detect_interval_seconds=0.2)
+        config = CollectorConfig(
+            grpc_listen="127.0.0.1:0",
+            http_listen="127.0.0.1:0",
+            database_url=f"sqlite:///{tmp_path / 'c.db'}",
+            webhook_urls=[receiver.url],
+            log_alerts=False,
+            detect_interval_seconds=0.2,
+        )
         first = CollectorApp(config)
         await first.start()
         await exchange(first.grpc_port, [hello(), batch(1, xid=79)], expect=2)

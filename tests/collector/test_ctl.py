@@ -11,26 +11,61 @@ from fleetwatch.ctl.main import main
 
 
 def run_ctl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fleetwatch.ctl.main", *args], capture_output=True, text=True, input=stdin, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fleetwatch.ctl.main", *args], capture_output=True, text=True, input=stdin, timeout=60
+    )
 
 
 def test_detect_replay_of_one_xid_79_prints_one_finding(tmp_path: Path) -> None:
     file = tmp_path / "one.jsonl"
-    file.write_text(json.dumps({"t": 1700000000.4, "kind": "xid", "node": "n01", "gpu": 3,
-                                "pci_bus_id": "0000:9b:00", "xid": 79, "message": "GPU has fallen off the bus."}) + "\n")
+    file.write_text(
+        json.dumps(
+            {
+                "t": 1700000000.4,
+                "kind": "xid",
+                "node": "n01",
+                "gpu": 3,
+                "pci_bus_id": "0000:9b:00",
+                "xid": 79,
+                "message": "GPU has fallen off the bus.",
+            }
+        )
+        + "\n"
+    )
     proc = run_ctl("detect", "--replay", str(file))
     assert proc.returncode == 0, proc.stderr
     findings = [json.loads(line) for line in proc.stdout.splitlines()]
     xid = [f for f in findings if f["detector"] == "xid"]
     assert len(xid) == 1
     f = xid[0]
-    assert (f["severity"], f["action"], f["node"], f["gpu"], f["start"], f["end"]) == ("critical", "reboot", "n01", 3, 1700000000.4, None)
-    assert list(f) == ["detector", "severity", "action", "node", "gpu", "job", "rank", "start", "end", "summary", "evidence"]
+    assert (f["severity"], f["action"], f["node"], f["gpu"], f["start"], f["end"]) == (
+        "critical",
+        "reboot",
+        "n01",
+        3,
+        1700000000.4,
+        None,
+    )
+    assert list(f) == [
+        "detector",
+        "severity",
+        "action",
+        "node",
+        "gpu",
+        "job",
+        "rank",
+        "start",
+        "end",
+        "summary",
+        "evidence",
+    ]
     assert f["evidence"]["xid"] == 79 and "fallen off the bus" in f["summary"]
 
 
 def test_detect_reads_stdin_and_reports_bad_lines() -> None:
-    proc = run_ctl("detect", "--replay", "-", stdin='{"t": 1, "kind": "xid", "node": "n1", "gpu": 0, "xid": 13}\nnot json\n')
+    proc = run_ctl(
+        "detect", "--replay", "-", stdin='{"t": 1, "kind": "xid", "node": "n1", "gpu": 0, "xid": 13}\nnot json\n'
+    )
     assert proc.returncode == 1
     assert "line 2" in proc.stderr
 

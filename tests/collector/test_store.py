@@ -23,9 +23,7 @@ def gpu_sample(t: float, gpu: int = 0, node: str = "n01", **metrics: float | int
     return GpuSample(t=t, node=node, gpu=gpu, metrics=metrics or {"power_watts": 300.0})
 
 
-def batch(
-    seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float = T0, **records
-) -> IngestBatch:
+def batch(seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float = T0, **records) -> IngestBatch:
     records.setdefault("gpu_samples", [gpu_sample(t, g, node) for g in range(2)])
     return IngestBatch(node=node, boot_id=boot_id, seq=seq, received_at=t + 0.5, **records)
 
@@ -48,10 +46,7 @@ def finding(**overrides) -> Finding:
 
 def every_gpu_metric() -> dict[str, float | int]:
     """A value for each canonical GPU field: ints beyond 32 bits, floats with a fraction."""
-    return {
-        name: (2**40 + i) if name in INTEGER_FIELDS else 100.25 + i
-        for i, name in enumerate(GPU_FIELDS)
-    }
+    return {name: (2**40 + i) if name in INTEGER_FIELDS else 100.25 + i for i, name in enumerate(GPU_FIELDS)}
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -83,8 +78,7 @@ def test_same_batch_twice_is_stored_once(store: Store) -> None:
     assert store.ingest([item]) == [True]
     assert store.ingest([item]) == [False]
     counts = {
-        t: store.count_rows(t)
-        for t in ("batches", "gpu_samples", "host_samples", "ib_samples", "events", "steps")
+        t: store.count_rows(t) for t in ("batches", "gpu_samples", "host_samples", "ib_samples", "events", "steps")
     }
     assert counts == {
         "batches": 1,
@@ -138,9 +132,7 @@ def test_two_collectors_ingesting_the_same_batches_store_each_once(store: Store,
     results: dict[str, list[tuple[tuple[str, str, int], bool]]] = {}
 
     def run(name: str, st: Store, chunks: list[list[IngestBatch]]) -> None:
-        results[name] = [
-            (b.key, ok) for chunk in chunks for b, ok in zip(chunk, st.ingest(chunk), strict=True)
-        ]
+        results[name] = [(b.key, ok) for chunk in chunks for b, ok in zip(chunk, st.ingest(chunk), strict=True)]
 
     forward = [items[i : i + 7] for i in range(0, len(items), 7)]
     backward = [list(reversed(items))[i : i + 5] for i in range(0, len(items), 5)]
@@ -171,9 +163,7 @@ def test_a_bad_record_is_not_acked_as_a_duplicate(store: Store) -> None:
 
 
 def test_absent_fields_stay_null_and_come_back_absent(store: Store) -> None:
-    sample = GpuSample(
-        t=T0, node="n01", gpu=0, metrics={"power_watts": 312.5, "ecc_dbe_volatile_total": 0}
-    )
+    sample = GpuSample(t=T0, node="n01", gpu=0, metrics={"power_watts": 312.5, "ecc_dbe_volatile_total": 0})
     host = HostSample(t=T0, node="n01", metrics={"load1": 0.0})
     store.ingest([batch(1, gpu_samples=[sample], host_samples=[host])])
 
@@ -201,13 +191,8 @@ def test_unrepresentable_values_are_stored_as_absent(store: Store) -> None:
 
 def test_every_canonical_field_round_trips_with_its_type(store: Store) -> None:
     metrics = every_gpu_metric()
-    sample = GpuSample(
-        t=T0 + 0.125, node="n01", gpu=7, metrics=metrics, uuid="GPU-1234", job="j7", rank=6
-    )
-    host_metrics = {
-        name: (2**41 + i) if name in INTEGER_FIELDS else 1.5 + i
-        for i, name in enumerate(HOST_FIELDS)
-    }
+    sample = GpuSample(t=T0 + 0.125, node="n01", gpu=7, metrics=metrics, uuid="GPU-1234", job="j7", rank=6)
+    host_metrics = {name: (2**41 + i) if name in INTEGER_FIELDS else 1.5 + i for i, name in enumerate(HOST_FIELDS)}
     port = {"t": T0, "device": "mlx5_0", "port": 1, "ib_state": "ACTIVE"}
     port.update(
         {
@@ -293,9 +278,7 @@ def test_latest_gpu_samples_is_the_newest_row_per_gpu(store: Store) -> None:
             )
         ]
     )
-    store.ingest(
-        [batch(1, node="n02", gpu_samples=[gpu_sample(T0, 0, node="n02", power_watts=9.0)])]
-    )
+    store.ingest([batch(1, node="n02", gpu_samples=[gpu_sample(T0, 0, node="n02", power_watts=9.0)])])
     latest = store.latest_gpu_samples()
     assert {key: s.metrics["power_watts"] for key, s in latest.items()} == {
         ("n01", 0): 2.0,
@@ -351,9 +334,7 @@ def test_upsert_node_moves_boot_seen_at_only_on_a_new_boot(store: Store) -> None
     }
 
     # Rebooted with a GPU gone and a new driver: boot_seen_at moves, GPU rows are replaced.
-    store.upsert_node(
-        "n01", "boot-b", "0.1.1", False, 5.0, gpu_infos(7, "560.28.03"), seen_at=T0 + 600
-    )
+    store.upsert_node("n01", "boot-b", "0.1.1", False, 5.0, gpu_infos(7, "560.28.03"), seen_at=T0 + 600)
     [node] = store.nodes()
     assert (node["boot_id"], node["boot_seen_at"], node["first_seen"], node["last_seen"]) == (
         "boot-b",
@@ -394,9 +375,7 @@ def test_touch_nodes_only_moves_last_seen_forward(store: Store) -> None:
 
 def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -> None:
     f = finding()
-    alert_id = store.open_alert(
-        f, now=T0 + 1, targets=["webhook:ops", "alertmanager", "webhook:ops"]
-    )
+    alert_id = store.open_alert(f, now=T0 + 1, targets=["webhook:ops", "alertmanager", "webhook:ops"])
     assert store.open_alert(f, now=T0 + 2, targets=["webhook:ops", "alertmanager"]) == alert_id
     assert store.count_rows("alerts") == 1
     assert store.count_rows("deliveries") == 2  # one per distinct target, none for the repeat
@@ -426,9 +405,7 @@ def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -
 def test_resolve_alert_queues_resolved_deliveries(store: Store) -> None:
     f = finding()
     alert_id = store.open_alert(f, now=T0, targets=["a"])
-    assert (
-        store.resolve_alert(f.fingerprint, end=T0 + 50, now=T0 + 51, targets=["a", "b"]) == alert_id
-    )
+    assert store.resolve_alert(f.fingerprint, end=T0 + 50, now=T0 + 51, targets=["a", "b"]) == alert_id
     assert store.resolve_alert(f.fingerprint, end=T0 + 60, now=T0 + 61, targets=["a"]) is None
     assert store.resolve_alert("no|such|alert", end=T0, now=T0, targets=["a"]) is None
     assert store.firing_alerts() == []
@@ -525,10 +502,7 @@ def test_purge_deletes_old_rows_in_bounded_batches(store: Store) -> None:
         )
         for seq in range(1, 26)
     ]
-    new = [
-        batch(seq, t=T0 + 1000 + seq, gpu_samples=[gpu_sample(T0 + 1000 + seq)])
-        for seq in range(26, 31)
-    ]
+    new = [batch(seq, t=T0 + 1000 + seq, gpu_samples=[gpu_sample(T0 + 1000 + seq)]) for seq in range(26, 31)]
     store.ingest(old + new)
     store.open_alert(finding(), now=T0, targets=["hook"])  # alerts are not retention data
 
@@ -539,9 +513,7 @@ def test_purge_deletes_old_rows_in_bounded_batches(store: Store) -> None:
             deletes.append((statement.split()[2], cursor.rowcount))
 
     event.listen(store._engine, "after_cursor_execute", record)
-    assert (
-        store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25 + 25
-    )  # samples, events, batches
+    assert store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25 + 25  # samples, events, batches
     event.remove(store._engine, "after_cursor_execute", record)
 
     assert all(rowcount <= 4 for _, rowcount in deletes)
@@ -592,8 +564,7 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
     big = batch(
         2,
         gpu_samples=[
-            GpuSample(t=T0 + i * 1e-3, node="n01", gpu=i % 8, metrics=every_gpu_metric())
-            for i in range(3000)
+            GpuSample(t=T0 + i * 1e-3, node="n01", gpu=i % 8, metrics=every_gpu_metric()) for i in range(3000)
         ],
     )
     with pytest.raises(StoreError) as info:
@@ -622,9 +593,7 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
         ("not a url", "not a url", None),
     ],
 )
-def test_unusable_database_raises_store_error_naming_it(
-    url: str, shown: str, hidden: str | None
-) -> None:
+def test_unusable_database_raises_store_error_naming_it(url: str, shown: str, hidden: str | None) -> None:
     with pytest.raises(StoreError) as info:
         Store(url)
     assert shown in str(info.value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from fleetwatch.records import Step
 
@@ -53,9 +53,7 @@ def steps_from_alibaba_csv(
             iteration = int(row["time"])
             seconds = round(float(row["batch_time_norm"]) * seconds_per_unit, 9)
         except (TypeError, ValueError):
-            raise ValueError(
-                f"line {line}: worker, time and batch_time_norm must be numbers"
-            ) from None
+            raise ValueError(f"line {line}: worker, time and batch_time_norm must be numbers") from None
         if worker < 0 or iteration < 0 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"line {line}: negative or non-finite value in {dict(row)!r}")
         rows.setdefault(iteration, {})[worker] = seconds

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from fleetwatch.detectors import detector_ids
-from tests.detectors.alibaba_traces import steps_from_alibaba_csv
-from fleetwatch.records import Step
 from fleetwatch.detectors.replay import replay
 from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
 from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector
+from fleetwatch.records import Step
+from tests.detectors.alibaba_traces import steps_from_alibaba_csv
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "alibaba"
 T0 = 1_700_000_000.0
@@ -56,7 +56,9 @@ def test_options_scale_time_and_fix_the_interval():
     text = ",worker,gpu,time,batch_time_norm\n0,0,20,1,500\n1,1,20,1,1000\n2,0,20,11,400\n"
     steps = steps_from_alibaba_csv(io.StringIO(text), "x", seconds_per_unit=0.002, start=100.0)
     assert [(s.t, s.rank, s.step, s.seconds) for s in steps] == [
-        (102.0, 0, 1, 1.0), (102.0, 1, 1, 2.0), (102.0 + 10 * 0.8, 0, 11, 0.8)
+        (102.0, 0, 1, 1.0),
+        (102.0, 1, 1, 2.0),
+        (102.0 + 10 * 0.8, 0, 11, 0.8),
     ]
     fixed = steps_from_alibaba_csv(io.StringIO(text), "x", start=0.0, step_interval_seconds=0.5)
     assert [s.t for s in fixed] == [0.5, 0.5, 5.5]
@@ -119,8 +121,16 @@ def write_replay(steps: list[Step], path: Path) -> Path:
     """DESIGN.md replay records, one JSON object a line."""
     with open(path, "w", encoding="utf-8") as out:
         for s in steps:
-            record = {"t": s.t, "kind": "step", "job": s.job, "rank": s.rank, "node": s.node,
-                      "step": s.step, "seconds": s.seconds, "gpu": s.gpu}
+            record = {
+                "t": s.t,
+                "kind": "step",
+                "job": s.job,
+                "rank": s.rank,
+                "node": s.node,
+                "step": s.step,
+                "seconds": s.seconds,
+                "gpu": s.gpu,
+            }
             out.write(json.dumps(record) + "\n")
     return path
 
@@ -128,7 +138,10 @@ def write_replay(steps: list[Step], path: Path) -> Path:
 def fleetwatchctl_detect(path: Path) -> list[dict]:
     done = subprocess.run(
         [sys.executable, "-m", "fleetwatch.ctl.main", "detect", "--replay", str(path)],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     findings = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     # Every registered detector runs; on step records only the straggler detectors may speak

@@ -4,10 +4,10 @@ import pytest
 
 from fleetwatch.detectors.clocks import ClocksDetector, ClocksThresholds
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.power import PowerDetector
 from fleetwatch.detectors.thermal import ThermalDetector
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 OK = {
@@ -24,9 +24,7 @@ BRAKE = dict(OK, clock_event_reasons=0x08 | 0x80, sm_clock_mhz=885)
 
 
 def window(metrics_list, gpu=1, now=None):
-    series = [
-        GpuSample(t=T0 + i, node="n03", gpu=gpu, metrics=m) for i, m in enumerate(metrics_list)
-    ]
+    series = [GpuSample(t=T0 + i, node="n03", gpu=gpu, metrics=m) for i, m in enumerate(metrics_list)]
     now = series[-1].t if now is None else now
     return Window(
         now=now,
@@ -124,17 +122,13 @@ def run_all(pattern):
     return opened_ids
 
 
-@pytest.mark.parametrize(
-    ("fault", "detector"), [(THERMAL, "thermal"), (BRAKE, "power"), (SLOW, "clocks")]
-)
+@pytest.mark.parametrize(("fault", "detector"), [(THERMAL, "thermal"), (BRAKE, "power"), (SLOW, "clocks")])
 def test_one_slowdown_fault_gives_one_hardware_finding(fault, detector):
     assert run_all([OK] * 60 + [fault] * 120 + [OK] * 30) == [(detector, 75)]
 
 
 def test_thresholds():
     assert ClocksDetector().window_seconds == 600.0
-    assert ClocksDetector(ClocksThresholds(clear_samples=2)).detect(
-        window([OK] * 30 + [SLOW] * 20 + [OK] * 2)
-    ) == []
+    assert ClocksDetector(ClocksThresholds(clear_samples=2)).detect(window([OK] * 30 + [SLOW] * 20 + [OK] * 2)) == []
     with pytest.raises(ValueError):
         ClocksThresholds(clear_samples=0)

@@ -4,8 +4,8 @@ import pytest
 
 from fleetwatch.detectors.ecc import EccDetector, EccThresholds
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 DBE = "ecc_dbe_volatile_total"
@@ -14,9 +14,7 @@ SBE = "ecc_sbe_volatile_total"
 
 def window(metrics_per_second, gpu=3, node="n02", now=None, boot_seen_at=None):
     """One GPU's samples, one a second from T0, as of `now` (default: the last sample)."""
-    samples = [
-        GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)
-    ]
+    samples = [GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)]
     now = samples[-1].t if now is None else now
     state = NodeState(node, samples[-1].t, 1.0, boot_id="b", boot_seen_at=boot_seen_at)
     return Window(
@@ -87,9 +85,7 @@ def test_errors_after_a_reset_fire_without_a_new_count():
     # DCGM fails a GPU for any volatile DBE, so this still fires; how many are new is unknown.
     (finding,) = EccDetector().detect(window(dbe(3, 3, 1, 1)))
     assert finding.start == T0 + 2
-    assert finding.summary == (
-        "GPU 3 on n02: 1 double-bit ECC error since the driver loaded (volatile total 1)"
-    )
+    assert finding.summary == ("GPU 3 on n02: 1 double-bit ECC error since the driver loaded (volatile total 1)")
     assert "new_dbe" not in finding.evidence
 
 
@@ -97,9 +93,7 @@ def test_dbes_already_there_when_watching_starts_fire():
     # DCGM's rule is "any volatile DBE"; the GPU has not been reset since they happened.
     (finding,) = EccDetector().detect(window(dbe(2, 2, 2)))
     assert finding.start == T0
-    assert finding.summary == (
-        "GPU 3 on n02: 2 double-bit ECC errors since the driver loaded (volatile total 2)"
-    )
+    assert finding.summary == ("GPU 3 on n02: 2 double-bit ECC errors since the driver loaded (volatile total 2)")
 
 
 def test_dbe_holds_until_the_counter_is_reset():
@@ -127,9 +121,7 @@ def test_a_dbe_read_missing_for_a_sample_does_not_close_the_finding():
 LIMIT = EccThresholds().sbe_per_window
 
 
-@pytest.mark.parametrize(
-    ("errors", "fires"), [(LIMIT - 1, False), (LIMIT, True), (LIMIT + 1, True)]
-)
+@pytest.mark.parametrize(("errors", "fires"), [(LIMIT - 1, False), (LIMIT, True), (LIMIT + 1, True)])
 def test_sbe_rate_edges(errors, fires):
     samples = sbe_counter(list(range(10, 10 + errors)), 70)
     findings = EccDetector().detect(window(samples))
@@ -147,9 +139,7 @@ def test_sbe_rate_edges(errors, fires):
 def test_sbe_summary_and_evidence():
     samples = sbe_counter(list(range(1, 21)), 30)  # 20 SBEs, one a second
     (finding,) = EccDetector().detect(window(samples))
-    assert finding.summary == (
-        "GPU 3 on n02: 20 single-bit ECC errors in the last 29 s (limit 10 in 60 s)"
-    )
+    assert finding.summary == ("GPU 3 on n02: 20 single-bit ECC errors in the last 29 s (limit 10 in 60 s)")
     assert finding.evidence == {
         "sbe_new": 20.0,
         "seconds": 29.0,
@@ -246,10 +236,7 @@ def test_healthy_gpus_are_judged_from_the_ends_of_their_series():
             raise AssertionError("a healthy series must not be walked")
 
     healthy = {DBE: 0, SBE: 4}
-    gpus = {
-        ("n01", gpu): Counting(GpuSample(T0 + i, "n01", gpu, healthy) for i in range(180))
-        for gpu in range(8)
-    }
+    gpus = {("n01", gpu): Counting(GpuSample(T0 + i, "n01", gpu, healthy) for i in range(180)) for gpu in range(8)}
     w = Window(
         now=T0 + 179,
         gpu=gpus,

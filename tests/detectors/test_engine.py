@@ -8,8 +8,8 @@ import pytest
 
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, SeriesView, Tracker
-from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.detectors.model import Window
+from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 
 T0 = 1_700_000_000.0
 
@@ -30,9 +30,7 @@ def test_window_hands_out_views_of_the_same_samples_oldest_first():
     assert isinstance(series, SeriesView)
     assert list(series) == samples and all(a is b for a, b in zip(series, samples))
     assert series[-1] is samples[-1] and series[0] is samples[0]
-    assert (
-        series[-3:] == samples[-3:] and series[1:3] == samples[1:3] and series[::2] == samples[::2]
-    )
+    assert series[-3:] == samples[-3:] and series[1:3] == samples[1:3] and series[::2] == samples[::2]
     assert list(reversed(series)) == samples[::-1]
     with pytest.raises(IndexError):
         series[5]
@@ -85,7 +83,7 @@ def test_data_from_a_clock_ahead_of_now_stays_out_of_the_window():
     data.add_event(Event(t=T0 + 2, node="n01", kind="gpu_lost"))
     window = data.window(T0 + 1, watching_since=T0)
     assert [s.t for s in window.gpu[("n01", 0)]] == [T0, T0 + 1]
-    assert list(reversed(window.gpu[("n01", 0)]))[0].t == T0 + 1
+    assert next(reversed(window.gpu[("n01", 0)])).t == T0 + 1
     assert window.gpu[("n01", 0)][-1:][0].t == T0 + 1
     assert len(window.events) == 0
 
@@ -208,9 +206,7 @@ def test_a_crashing_detector_keeps_its_findings_open_and_the_others_run(caplog):
         tracker.evaluate(empty_window(T0 + 2))
     assert opened == [] and [f.detector for f in closed] == ["healthy"]
     assert [f.detector for f in tracker.open.values()] == ["broken"]
-    assert [r.getMessage() for r in caplog.records] == [
-        "detector broken failed; its open findings stay open"
-    ]
+    assert [r.getMessage() for r in caplog.records] == ["detector broken failed; its open findings stay open"]
     assert caplog.records[0].exc_info is not None
     stats = tracker.stats["broken"]
     assert (stats.runs, stats.errors, stats.last_ok, stats.last_error) == (

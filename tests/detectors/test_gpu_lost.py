@@ -4,8 +4,8 @@ import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.gpu_lost import GpuLostDetector, GpuLostThresholds
-from fleetwatch.records import Event, GpuSample
 from fleetwatch.detectors.model import NodeState, Window
+from fleetwatch.records import Event, GpuSample
 
 T0 = 1_700_000_000.0
 LIMIT = GpuLostThresholds().hold_limit_seconds
@@ -21,9 +21,7 @@ def xid(t, number, gpu=5):
 
 def window(now, events, boot_seen_at=None):
     state = NodeState("n01", now, 1.0, boot_id="b", boot_seen_at=boot_seen_at)
-    return Window(
-        now=now, gpu={}, host={}, events=events, steps=[], nodes={"n01": state}, watching_since=T0
-    )
+    return Window(now=now, gpu={}, host={}, events=events, steps=[], nodes={"n01": state}, watching_since=T0)
 
 
 def test_gpu_lost_event_is_critical_reboot():
@@ -48,9 +46,7 @@ def test_lost_gpu_without_an_index():
     assert finding.gpu is None and finding.summary.startswith("a GPU on n01 lost")
 
 
-@pytest.mark.parametrize(
-    ("boot_seen_at", "held"), [(None, True), (T0 - 10, True), (T0, True), (T0 + 30, False)]
-)
+@pytest.mark.parametrize(("boot_seen_at", "held"), [(None, True), (T0 - 10, True), (T0, True), (T0 + 30, False)])
 def test_holds_until_the_boot_changes_after_the_event(boot_seen_at, held):
     assert bool(GpuLostDetector().detect(window(T0 + 3600, [lost(T0)], boot_seen_at))) is held
 
@@ -88,9 +84,7 @@ def fleet_window(now, last_t, interval=1.0, boot_seen_at=None, events=(), node="
     for g in range(8):
         end = last_t.get(g, now)
         times = [t for t in range(0, int(end - T0) + 1, int(interval))]
-        gpu[(node, g)] = [
-            GpuSample(t=T0 + t, node=node, gpu=g, metrics={}, uuid=f"GPU-{g}") for t in times
-        ]
+        gpu[(node, g)] = [GpuSample(t=T0 + t, node=node, gpu=g, metrics={}, uuid=f"GPU-{g}") for t in times]
     state = NodeState(node, now, interval, boot_id="b", boot_seen_at=boot_seen_at)
     return Window(
         now=now,
@@ -118,9 +112,7 @@ def test_stopped_reporting_finding_shape():
         "reboot",
     )
     assert (finding.node, finding.gpu, finding.start) == ("n02", 5, T0 + 21)
-    assert finding.summary == (
-        "GPU 5 on n02 stopped reporting: 7 of 8 GPUs sampled, none from GPU 5 for 12 s"
-    )
+    assert finding.summary == ("GPU 5 on n02 stopped reporting: 7 of 8 GPUs sampled, none from GPU 5 for 12 s")
     assert finding.evidence == {
         "last_seen": T0 + 20,
         "silent_seconds": 12.0,

@@ -7,9 +7,9 @@ import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.infiniband import InfinibandDetector, InfinibandThresholds
-from fleetwatch.records import IbSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.replay import ReplayError, read_records, replay
+from fleetwatch.records import IbSample
 
 T0 = 1_700_000_000.0
 UP = {
@@ -27,10 +27,7 @@ def down(link_downed=4, **more):
 
 
 def series(metrics_list, node="n03", device="mlx5_0", port=1, t0=T0):
-    return [
-        IbSample(t=t0 + i, node=node, device=device, port=port, metrics=m)
-        for i, m in enumerate(metrics_list)
-    ]
+    return [IbSample(t=t0 + i, node=node, device=device, port=port, metrics=m) for i, m in enumerate(metrics_list)]
 
 
 def window(ports, now=None, boot_seen_at=None, ib_last_active=None):
@@ -61,9 +58,7 @@ def window(ports, now=None, boot_seen_at=None, ib_last_active=None):
 
 
 def detect(metrics_list, detector=None, **kwargs):
-    return (detector or InfinibandDetector()).detect(
-        window({("n03", "mlx5_0", 1): metrics_list}, **kwargs)
-    )
+    return (detector or InfinibandDetector()).detect(window({("n03", "mlx5_0", 1): metrics_list}, **kwargs))
 
 
 # --- down ----------------------------------------------------------------------------------------
@@ -72,9 +67,7 @@ def detect(metrics_list, detector=None, **kwargs):
 def test_a_port_that_leaves_active_is_a_link_down_at_once_and_down_after_5_s():
     (first,) = detect([UP] * 30 + [down()])
     assert (first.severity, first.action) == ("warning", "inspect_hardware")
-    assert first.summary == (
-        "InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s"
-    )
+    assert first.summary == ("InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s")
     assert detect([UP] * 30 + [down()] * 5)[0].severity == "warning"  # DOWN for 4 s
     (finding,) = detect([UP] * 30 + [down()] * 6)  # DOWN for 5 s
     assert (finding.detector, finding.severity, finding.action) == (
@@ -151,8 +144,7 @@ def test_one_link_down_that_recovered_is_a_warning():
         T0 + 30,
     )
     assert finding.summary == (
-        "InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s, "
-        "ACTIVE again at 400 Gb/s"
+        "InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s, ACTIVE again at 400 Gb/s"
     )
     port = finding.evidence["ports"][0]
     assert (port["link_downs"], port["state_transitions"], port["link_downed_increments"]) == (
@@ -179,8 +171,7 @@ def test_two_link_downs_in_the_window_are_flapping():
     (finding,) = detect(pattern)
     assert (finding.severity, finding.action, finding.start) == ("critical", "drain", T0 + 30)
     assert finding.summary == (
-        "InfiniBand on n03: mlx5_0 port 1 flapping: down 2 times in the last 600 s, "
-        "ACTIVE again at 400 Gb/s"
+        "InfiniBand on n03: mlx5_0 port 1 flapping: down 2 times in the last 600 s, ACTIVE again at 400 Gb/s"
     )
 
 
@@ -290,10 +281,7 @@ def test_a_port_slower_than_it_was_is_a_warning_after_10_s(slow_seconds, fires):
 
 
 def fleet(rates, seconds=30):
-    return {
-        (f"n{i:02d}", "mlx5_0", 1): [dict(UP, ib_rate_gbps=rate)] * seconds
-        for i, rate in enumerate(rates)
-    }
+    return {(f"n{i:02d}", "mlx5_0", 1): [dict(UP, ib_rate_gbps=rate)] * seconds for i, rate in enumerate(rates)}
 
 
 def test_a_port_slower_than_its_peers_from_the_start_is_a_warning():
@@ -366,9 +354,7 @@ def test_a_thousand_nodes_of_healthy_ports_are_cheap():
     for i in range(20):  # the rules read each port's ends, not its length
         for n in range(1000):
             for d in range(8):
-                data.add_ib(
-                    IbSample(t=T0 + i, node=f"n{n:04d}", device=f"mlx5_{d}", port=1, metrics=UP)
-                )
+                data.add_ib(IbSample(t=T0 + i, node=f"n{n:04d}", device=f"mlx5_{d}", port=1, metrics=UP))
     w = data.window(T0 + 19, watching_since=T0)
     detector = InfinibandDetector()
     best = float("inf")
@@ -437,13 +423,11 @@ def test_replay_reads_ib_records():
             "missing 'port'",
         ),
         (
-            '{"t": 1, "kind": "ib", "node": "n03", "device": "mlx5_0", "port": 1, '
-            '"metrics": {"ib_state": 4}}',
+            '{"t": 1, "kind": "ib", "node": "n03", "device": "mlx5_0", "port": 1, "metrics": {"ib_state": 4}}',
             "metric 'ib_state' must be a string",
         ),
         (
-            '{"t": 1, "kind": "ib", "node": "n03", "device": "mlx5_0", "port": 1, '
-            '"metrics": {"ib_rate_gbps": "fast"}}',
+            '{"t": 1, "kind": "ib", "node": "n03", "device": "mlx5_0", "port": 1, "metrics": {"ib_rate_gbps": "fast"}}',
             "metric 'ib_rate_gbps'",
         ),
     ],
@@ -469,6 +453,5 @@ def test_replay_finds_a_port_that_went_down():
     )
     assert (finding.severity, finding.summary) == (
         "warning",
-        "InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s, "
-        "ACTIVE again at 400 Gb/s",
+        "InfiniBand on n03: mlx5_0 port 1 link went down: down 1 time in the last 600 s, ACTIVE again at 400 Gb/s",
     )

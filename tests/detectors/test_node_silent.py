@@ -3,18 +3,16 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import HostSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.node_silent import NodeSilentDetector, NodeSilentThresholds
+from fleetwatch.records import HostSample
 
 T0 = 1_700_000_000.0
 
 
 def window(now, last_seen, interval=1.0, watching_since=T0 - 3600):
     nodes = {"n01": NodeState("n01", last_seen=last_seen, sampling_interval_seconds=interval)}
-    return Window(
-        now=now, gpu={}, host={}, events=[], steps=[], nodes=nodes, watching_since=watching_since
-    )
+    return Window(now=now, gpu={}, host={}, events=[], steps=[], nodes=nodes, watching_since=watching_since)
 
 
 @pytest.mark.parametrize(("silent", "fires"), [(2.9, False), (3.0, True), (10.0, True)])

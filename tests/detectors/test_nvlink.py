@@ -3,9 +3,9 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.nvlink import NvlinkDetector, NvlinkThresholds
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 REPLAY = "nvlink_replay_errors_total"
@@ -34,9 +34,7 @@ def window(per_gpu, node="n02", now=None, boot_seen_at=None):
     last = max(s[-1].t for s in gpus.values())
     now = last if now is None else now
     state = NodeState(node, last, 1.0, boot_id="b", boot_seen_at=boot_seen_at)
-    return Window(
-        now=now, gpu=gpus, host={}, events=[], steps=[], nodes={node: state}, watching_since=T0
-    )
+    return Window(now=now, gpu=gpus, host={}, events=[], steps=[], nodes={node: state}, watching_since=T0)
 
 
 def alone(history, **kwargs):
@@ -75,9 +73,7 @@ def test_link_down_finding_reads_well():
 def test_a_link_down_from_the_start_is_found_against_its_peers():
     (finding,) = NvlinkDetector().detect(with_peers([links(up=16)] * 3))
     assert finding.gpu == 7 and finding.start == T0
-    assert finding.summary == (
-        "GPU 7 on n02: 2 NVLink links down (16 of 18 up, its peers have all 18)"
-    )
+    assert finding.summary == ("GPU 7 on n02: 2 NVLink links down (16 of 18 up, its peers have all 18)")
 
 
 def test_a_link_that_stays_down_is_still_reported_after_the_drop_leaves_the_window():
@@ -150,9 +146,7 @@ def test_crc_errors_below_the_rate_show_in_the_summary_of_a_replay_finding():
     for second in range(40):
         history.append(links(replay=second // 2, flit=20 * second))
     (finding,) = NvlinkDetector().detect(alone(history))
-    assert finding.summary == (
-        "GPU 7 on n02: NVLink errors in the last 39 s: 19 replays, 780 CRC flit errors (20/s)"
-    )
+    assert finding.summary == ("GPU 7 on n02: NVLink errors in the last 39 s: 19 replays, 780 CRC flit errors (20/s)")
     assert finding.evidence == {
         "errors": {"replay": 19.0, "CRC flit error": 780.0},
         "seconds": 39.0,
@@ -236,10 +230,7 @@ def test_healthy_gpus_are_judged_from_the_ends_of_their_series():
         def __reversed__(self):
             raise AssertionError("a healthy series must not be walked")
 
-    gpus = {
-        ("n01", gpu): Counting(GpuSample(T0 + i, "n01", gpu, links()) for i in range(180))
-        for gpu in range(8)
-    }
+    gpus = {("n01", gpu): Counting(GpuSample(T0 + i, "n01", gpu, links()) for i in range(180)) for gpu in range(8)}
     w = Window(
         now=T0 + 179,
         gpu=gpus,

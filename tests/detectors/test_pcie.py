@@ -3,9 +3,9 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.pcie import PcieDetector, PcieThresholds
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 FULL = {
@@ -17,9 +17,7 @@ FULL = {
 
 
 def window(metrics_per_second, gpu=1, node="n01", now=None, boot_seen_at=None):
-    samples = [
-        GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)
-    ]
+    samples = [GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)]
     now = samples[-1].t if now is None else now
     state = NodeState(node, samples[-1].t, 1.0, boot_id="b", boot_seen_at=boot_seen_at)
     return Window(
@@ -90,9 +88,7 @@ def test_sustained_replays_fire_with_a_readable_summary():
         "replay_rate",
     )
     assert finding.start == T0 + 16  # the 32nd replay
-    assert finding.summary == (
-        "GPU 1 on n01: 138 PCIe replays in the last 69 s (limit 31 in 60 s at Gen5 x16)"
-    )
+    assert finding.summary == ("GPU 1 on n01: 138 PCIe replays in the last 69 s (limit 31 in 60 s at Gen5 x16)")
     assert finding.evidence == {
         "replays": 138.0,
         "seconds": 69.0,
@@ -173,9 +169,7 @@ def test_downtrained_link_summary_and_evidence():
 
 def test_width_below_max_fires_when_idle_too():
     (finding,) = PcieDetector().detect(window([link(gen=1, width=8, util=0)] * N))
-    assert finding.summary == (
-        "GPU 1 on n01: PCIe link trained at Gen1 x8, width below its maximum Gen5 x16"
-    )
+    assert finding.summary == ("GPU 1 on n01: PCIe link trained at Gen1 x8, width below its maximum Gen5 x16")
     assert finding.evidence["gen_low"] is False
 
 
@@ -198,8 +192,7 @@ def test_generation_below_max_while_busy_fires_after_n_busy_samples(busy, fires)
 def test_generation_low_while_busy_says_so():
     (finding,) = PcieDetector().detect(window([link(gen=3, util=80)] * N))
     assert finding.summary == (
-        "GPU 1 on n01: PCIe link trained at Gen3 x16, generation below its maximum Gen5 x16, "
-        "at 80 % utilisation"
+        "GPU 1 on n01: PCIe link trained at Gen3 x16, generation below its maximum Gen5 x16, at 80 % utilisation"
     )
 
 
@@ -214,17 +207,14 @@ def test_a_dip_at_the_newest_sample_reports_the_busy_reading():
     samples = [link(gen=4, util=99)] * N + [link(gen=1, util=3)] * 2
     (finding,) = PcieDetector().detect(window(samples))
     assert finding.summary == (
-        "GPU 1 on n01: PCIe link trained at Gen4 x16, generation below its maximum Gen5 x16, "
-        "at 99 % utilisation"
+        "GPU 1 on n01: PCIe link trained at Gen4 x16, generation below its maximum Gen5 x16, at 99 % utilisation"
     )
 
 
 def test_width_finding_without_generation_fields():
     samples = [{"pcie_link_width": 8, "pcie_link_width_max": 16}] * N
     (finding,) = PcieDetector().detect(window(samples))
-    assert finding.summary == (
-        "GPU 1 on n01: PCIe link trained at x8, width below its maximum x16"
-    )
+    assert finding.summary == ("GPU 1 on n01: PCIe link trained at x8, width below its maximum x16")
 
 
 def test_generation_rule_needs_enough_busy_samples_lately():

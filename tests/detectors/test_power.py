@@ -3,10 +3,10 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.power import PowerDetector, PowerThresholds
 from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 BUSY = {  # full load: the GPU holds its power limit (SW power cap), as H100s do under training
@@ -26,10 +26,7 @@ BRAKED = {
 
 
 def window(metrics_list, gpu=4, now=None, interval=1.0):
-    series = [
-        GpuSample(t=T0 + i * interval, node="n02", gpu=gpu, metrics=m)
-        for i, m in enumerate(metrics_list)
-    ]
+    series = [GpuSample(t=T0 + i * interval, node="n02", gpu=gpu, metrics=m) for i, m in enumerate(metrics_list)]
     now = series[-1].t if now is None else now
     return Window(
         now=now,

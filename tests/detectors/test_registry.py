@@ -15,11 +15,30 @@ def test_registry_lists_every_detector_module_of_the_package():
     found = set()
     for module in pkgutil.iter_modules(detectors.__path__):
         for value in vars(importlib.import_module(f"fleetwatch.detectors.{module.name}")).values():
-            if isinstance(value, type) and value.__module__.endswith(module.name) and hasattr(value, "detect") and isinstance(getattr(value, "id", None), str):
+            if (
+                isinstance(value, type)
+                and value.__module__.endswith(module.name)
+                and hasattr(value, "detect")
+                and isinstance(getattr(value, "id", None), str)
+            ):
                 found.add(value)
     assert found == set(DETECTORS), "a detector module is not registered in detectors/__init__.py"
-    assert {"xid", "ecc", "row_remap", "retired_pages", "pcie", "nvlink", "thermal", "power", "clocks", "gpu_lost",
-            "node_silent", "infiniband", "straggler.steps", "straggler.telemetry"} == set(detector_ids())
+    assert {
+        "xid",
+        "ecc",
+        "row_remap",
+        "retired_pages",
+        "pcie",
+        "nvlink",
+        "thermal",
+        "power",
+        "clocks",
+        "gpu_lost",
+        "node_silent",
+        "infiniband",
+        "straggler.steps",
+        "straggler.telemetry",
+    } == set(detector_ids())
     assert [d.id for d in default_detectors()] == detector_ids()
     assert isinstance(DETECTORS, tuple)
 
@@ -48,7 +67,7 @@ def test_readme_detector_table_is_the_registry():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    table = readme[readme.index("## Detectors"):]
+    table = readme[readme.index("## Detectors") :]
     table = table[: table.index("\n## ", 3)]
     listed = re.findall(r"^\| `([a-z_.]+)` \|", table, flags=re.M)
     assert listed == detector_ids(), "README's detector table drifted from detectors/__init__.py"

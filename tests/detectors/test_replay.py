@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from fleetwatch.records import Event, GpuSample, HostSample, Step
 from fleetwatch.detectors.replay import ReplayError, infer_sampling_intervals, read_records, replay
 from fleetwatch.detectors.xid import XidDetector
+from fleetwatch.records import Event, GpuSample, HostSample, Step
 
 T0 = 1_700_000_000.0
 
@@ -55,8 +55,7 @@ def test_reads_every_design_record_kind():
             [
                 '{"t": 1700000000.0, "kind": "gpu",  "node": "n01", "gpu": 3, "uuid": "GPU-1", '
                 '"job": "j7", "metrics": {"sm_clock_mhz": 1980, "power_watts": 655.2}}',
-                '{"t": 1700000000.0, "kind": "host", "node": "n01", '
-                '"metrics": {"cpu_percent": 12.5}}',
+                '{"t": 1700000000.0, "kind": "host", "node": "n01", "metrics": {"cpu_percent": 12.5}}',
                 DESIGN_XID_LINE,
                 '{"t": 1700000001.0, "kind": "step", "job": "j7", "rank": 6, "node": "n06", '
                 '"step": 1811, "seconds": 0.93}',
@@ -64,9 +63,7 @@ def test_reads_every_design_record_kind():
         )
     )
     assert records == [
-        GpuSample(
-            T0, "n01", 3, {"sm_clock_mhz": 1980, "power_watts": 655.2}, uuid="GPU-1", job="j7"
-        ),
+        GpuSample(T0, "n01", 3, {"sm_clock_mhz": 1980, "power_watts": 655.2}, uuid="GPU-1", job="j7"),
         HostSample(T0, "n01", {"cpu_percent": 12.5}),
         Event(
             T0 + 0.4,
@@ -95,9 +92,7 @@ def test_gpu_lost_events_are_accepted_in_both_spellings(text):
 
 
 def test_null_metrics_are_absent_and_blank_lines_skipped():
-    records = list(
-        read_records(["", gpu_line(T0, temp_gpu_celsius=None, power_watts=100), "   \n"])
-    )
+    records = list(read_records(["", gpu_line(T0, temp_gpu_celsius=None, power_watts=100), "   \n"]))
     assert [r.metrics for r in records] == [{"power_watts": 100}]
 
 

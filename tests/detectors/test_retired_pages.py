@@ -3,9 +3,9 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.retired_pages import RetiredPagesDetector, RetiredPagesThresholds
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 LIMIT = RetiredPagesThresholds().max_retired_pages
@@ -16,9 +16,7 @@ def pages(sbe=0, dbe=0, pending=0):
 
 
 def window(metrics_per_second, gpu=1, node="n01", now=None):
-    samples = [
-        GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)
-    ]
+    samples = [GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)]
     now = samples[-1].t if now is None else now
     return Window(
         now=now,
@@ -72,8 +70,7 @@ def test_pending_retirement_is_a_warning_to_reset():
     (finding,) = RetiredPagesDetector().detect(window([pages(dbe=2), pages(dbe=3, pending=1)]))
     assert (finding.severity, finding.action, finding.key) == ("warning", "reset_gpu", "pending")
     assert finding.summary == (
-        "GPU 1 on n01: page retirement pending, reset the GPU (or reload the driver) to retire "
-        "the pages"
+        "GPU 1 on n01: page retirement pending, reset the GPU (or reload the driver) to retire the pages"
     )
     assert finding.start == T0 + 1
     assert finding.evidence["retired_pages_pending"] == 1
@@ -97,9 +94,7 @@ def test_pending_clears_when_the_retirement_is_applied():
 
 def test_one_of_the_two_counts_is_enough():
     (finding,) = RetiredPagesDetector().detect(window([{"retired_pages_dbe": 70}]))
-    assert finding.summary == (
-        "GPU 1 on n01: 70 retired pages (70 double-bit), at or over the limit of 63"
-    )
+    assert finding.summary == ("GPU 1 on n01: 70 retired pages (70 double-bit), at or over the limit of 63")
 
 
 @pytest.mark.parametrize(
@@ -120,8 +115,6 @@ def test_stale_samples_say_nothing_about_now():
 
 
 def test_thresholds_are_configurable_and_validate():
-    assert RetiredPagesDetector(RetiredPagesThresholds(max_retired_pages=60)).detect(
-        window([pages(dbe=60)])
-    )
+    assert RetiredPagesDetector(RetiredPagesThresholds(max_retired_pages=60)).detect(window([pages(dbe=60)]))
     with pytest.raises(ValueError):
         RetiredPagesThresholds(max_retired_pages=0)

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.row_remap import RowRemapDetector, RowRemapThresholds
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 
@@ -22,9 +22,7 @@ def rows(pending=0, failure=0, correctable=0, uncorrectable=0):
 
 
 def window(metrics_per_second, gpu=2, node="n02", now=None):
-    samples = [
-        GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)
-    ]
+    samples = [GpuSample(t=T0 + i, node=node, gpu=gpu, metrics=m) for i, m in enumerate(metrics_per_second)]
     now = samples[-1].t if now is None else now
     return Window(
         now=now,
@@ -38,12 +36,9 @@ def window(metrics_per_second, gpu=2, node="n02", now=None):
 
 
 def test_pending_remap_is_a_warning_to_reset_the_gpu():
-    (finding,) = RowRemapDetector().detect(
-        window([rows(), rows(), rows(pending=1, uncorrectable=1)])
-    )
+    (finding,) = RowRemapDetector().detect(window([rows(), rows(), rows(pending=1, uncorrectable=1)]))
     assert finding.summary == (
-        "GPU 2 on n02: row remapping pending, reset the GPU to apply it "
-        "(rows remapped: 0 correctable, 1 uncorrectable)"
+        "GPU 2 on n02: row remapping pending, reset the GPU to apply it (rows remapped: 0 correctable, 1 uncorrectable)"
     )
     assert (finding.detector, finding.severity, finding.action, finding.key) == (
         "row_remap",

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from fleetwatch.detectors.engine import RecentData
-from fleetwatch.records import GpuSample, Step
 from fleetwatch.detectors.model import Window
 from fleetwatch.detectors.replay import replay
 from fleetwatch.detectors.straggler_steps import StragglerStepsDetector, StragglerStepsThresholds
+from fleetwatch.records import GpuSample, Step
 
 T0 = 1_700_000_000.0
 STEP_SECONDS = 0.9
@@ -93,8 +93,15 @@ def straggler_findings(records, detector=None):
 
 def exact(**overrides) -> StragglerStepsDetector:
     """A detector with round thresholds and no hold, for noise-free edge tests."""
-    base = dict(peer_score=0.8, floor_score=0.5, hold_score=0.85, min_gap_growth=1.25,
-                hold_gap_growth=1.1, hold_seconds=0.0, self_slowdown=2.0)
+    base = dict(
+        peer_score=0.8,
+        floor_score=0.5,
+        hold_score=0.85,
+        min_gap_growth=1.25,
+        hold_gap_growth=1.1,
+        hold_seconds=0.0,
+        self_slowdown=2.0,
+    )
     base.update(overrides)
     return StragglerStepsDetector(StragglerStepsThresholds(**base))
 
@@ -106,12 +113,9 @@ def test_slow_rank_found_within_30_s_naming_rank_gpu_node_and_its_speed():
     steps = job_steps(slow=((11, 300.0, 500.0, 1.3),))
     (finding,) = straggler_findings(steps)
     assert finding.summary == (
-        "rank 11 of job j1 (GPU 3 on n02) runs at 0.77 of its peers' speed: "
-        "1.17 s per step against 0.90 s"
+        "rank 11 of job j1 (GPU 3 on n02) runs at 0.77 of its peers' speed: 1.17 s per step against 0.90 s"
     )
-    assert (finding.detector, finding.severity, finding.action) == (
-        "straggler.steps", "warning", "check_app"
-    )
+    assert (finding.detector, finding.severity, finding.action) == ("straggler.steps", "warning", "check_app")
     assert (finding.job, finding.rank, finding.node, finding.gpu) == ("j1", 11, "n02", 3)
     # The episode starts at the first slow step and ends once the rank is back (its median over
     # the last 20 s recovers after ~10 s).
@@ -138,9 +142,7 @@ def test_open_time_is_between_10_and_30_seconds_after_the_slowdown():
 def test_each_step_is_compared_with_the_same_step_of_its_peers():
     # Ranks with a 2x slower step every 4th step, the same for all: the reference moves with it.
     steps = job_steps(slow=((3, 200.0, 600.0, 1.4),))
-    steps = [
-        dataclasses.replace(s, seconds=s.seconds * 2) if s.step % 4 == 0 else s for s in steps
-    ]
+    steps = [dataclasses.replace(s, seconds=s.seconds * 2) if s.step % 4 == 0 else s for s in steps]
     (finding,) = straggler_findings(steps)
     assert finding.rank == 3 and finding.evidence["score"] == pytest.approx(1 / 1.4, abs=0.001)
 
@@ -191,8 +193,7 @@ def test_a_finding_needs_ten_seconds_of_slow_steps():
 
 def test_steady_offsets_from_the_start_are_not_an_episode():
     # Alibaba job 2's spread: the slowest worker at 0.80 of the reference for the whole job.
-    offsets = {0: 0.95, 1: 0.92, 2: 1.0, 3: 1.15, 4: 1.14, 5: 1.22, 6: 1.12, 7: 1.13, 8: 1.12,
-               9: 1.07}
+    offsets = {0: 0.95, 1: 0.92, 2: 1.0, 3: 1.15, 4: 1.14, 5: 1.22, 6: 1.12, 7: 1.13, 8: 1.12, 9: 1.07}
     steps = job_steps(ranks=10, offsets=offsets, cv=0.02, duration=1800, seed=2)
     assert straggler_findings(steps) == []
 
@@ -205,15 +206,18 @@ def test_noisy_healthy_ranks_raise_nothing(seed):
     hiccups = frozenset((rng.randrange(24), rng.randrange(1300)) for _ in range(80))
     pauses = tuple((float(a), 20.0, 3.0, 0.0) for a in range(150, 1200, 400))
     steps = job_steps(
-        ranks=24, offsets=offsets, cv=0.04, hiccups=hiccups, pauses=pauses, duration=1200,
+        ranks=24,
+        offsets=offsets,
+        cv=0.04,
+        hiccups=hiccups,
+        pauses=pauses,
+        duration=1200,
         seed=seed,
     )
     assert straggler_findings(steps) == []
 
 
-@pytest.mark.parametrize(
-    ("factor", "added_seconds"), [(3.0, 0.0), (1.0, 5.0)], ids=["3x slower", "5 s added"]
-)
+@pytest.mark.parametrize(("factor", "added_seconds"), [(3.0, 0.0), (1.0, 5.0)], ids=["3x slower", "5 s added"])
 def test_checkpoint_pause_of_the_whole_job_is_not_a_straggler(factor, added_seconds):
     offsets = {4: 1.18}  # a steady slow rank, whose gap a pause compresses or stretches
     steps = job_steps(offsets=offsets, pauses=((330.0, 25.0, factor, added_seconds),), cv=0.02)
@@ -251,8 +255,7 @@ def test_a_job_that_started_later_gets_its_baseline_from_its_first_steps():
     # A job running since before the window and one started at 400 s; 100 s into the young job
     # one of its ranks slows 1.3x (0.77: above the floor, so its baseline must show the change).
     old = job_steps(job="old", duration=900, cv=0.02, seed=5)
-    young = job_steps(job="young", start=400.0, duration=500, cv=0.02, seed=6,
-                      slow=((3, 500.0, 900.0, 1.3),))
+    young = job_steps(job="young", start=400.0, duration=500, cv=0.02, seed=6, slow=((3, 500.0, 900.0, 1.3),))
     young = [dataclasses.replace(s, step=s.step - 100) for s in young]  # numbered from 0
     (finding,) = straggler_findings(old + young)
     assert (finding.job, finding.rank) == ("young", 3)
@@ -315,8 +318,7 @@ def test_a_rank_hovering_at_the_threshold_is_one_episode():
 
 def gpu_samples(steps, *, slow_gpu=("n02", 3), start=0.0, metrics=None, healthy=None):
     """One sample a second for every GPU the ranks use; `metrics` on slow_gpu from `start` on."""
-    healthy = healthy or {"sm_clock_mhz": 1980, "clock_event_reasons": 0, "power_watts": 650.0,
-                          "gpu_util_percent": 100}
+    healthy = healthy or {"sm_clock_mhz": 1980, "clock_event_reasons": 0, "power_watts": 650.0, "gpu_util_percent": 100}
     end = int(max(s.t for s in steps) - T0) + 1
     gpus = sorted({(s.node, s.gpu) for s in steps})
     return {
@@ -325,8 +327,7 @@ def gpu_samples(steps, *, slow_gpu=("n02", 3), start=0.0, metrics=None, healthy=
                 t=T0 + second,
                 node=key[0],
                 gpu=key[1],
-                metrics=(metrics if key == slow_gpu and second >= start and metrics is not None
-                         else healthy),
+                metrics=(metrics if key == slow_gpu and second >= start and metrics is not None else healthy),
             )
             for second in range(end)
         ]
@@ -351,13 +352,12 @@ def replay_with_gpus(steps, samples, detector=None):
 def test_hardware_cause_is_named_with_the_clock_against_the_peers(reasons, clock, cause):
     steps = job_steps(slow=((11, 300.0, 600.0, 1980 / clock),))
     samples = gpu_samples(
-        steps, start=300, metrics={"sm_clock_mhz": clock, "clock_event_reasons": reasons,
-                                   "power_watts": 330.0},
+        steps,
+        start=300,
+        metrics={"sm_clock_mhz": clock, "clock_event_reasons": reasons, "power_watts": 330.0},
     )
     (finding,) = replay_with_gpus(steps, samples)
-    assert finding.summary.endswith(
-        f": {cause} (SM clock {clock:,} MHz against peers' 1,980 MHz)"
-    )
+    assert finding.summary.endswith(f": {cause} (SM clock {clock:,} MHz against peers' 1,980 MHz)")
     assert finding.action == "inspect_hardware"
     assert finding.evidence["cause"] == cause
     assert finding.evidence["clock_event_reasons"] == reasons
@@ -368,7 +368,8 @@ def test_hardware_cause_is_named_with_the_clock_against_the_peers(reasons, clock
 def test_thermal_straggler_summary_in_full():
     steps = job_steps(slow=((11, 300.0, 600.0, 1.97),))
     samples = gpu_samples(
-        steps, start=300,
+        steps,
+        start=300,
         metrics={"sm_clock_mhz": 1005, "clock_event_reasons": 0x48, "power_watts": 330.0},
     )
     (finding,) = replay_with_gpus(steps, samples)
@@ -382,9 +383,7 @@ def test_low_clock_without_a_reason_and_low_power_are_named_too():
     steps = job_steps(slow=((11, 300.0, 600.0, 1.4),))
     low_clock = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1410, "power_watts": 600.0})
     (finding,) = replay_with_gpus(steps, low_clock)
-    assert finding.summary.endswith(
-        ": SM clock 1,410 MHz against peers' 1,980 MHz with no clock event reason reported"
-    )
+    assert finding.summary.endswith(": SM clock 1,410 MHz against peers' 1,980 MHz with no clock event reason reported")
     assert finding.action == "inspect_hardware"
 
     low_power = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1980, "power_watts": 300.0})
@@ -456,9 +455,15 @@ def test_a_1000_rank_job_is_cheap_to_evaluate():
     rng = random.Random(7)
     pace = [rng.uniform(0.95, 1.05) for _ in range(1000)]
     steps = [
-        Step(t=T0 + k, job="big", rank=r, node=f"n{r // 8:03d}", step=100 + k,
-             seconds=pace[r] * rng.gauss(1.0, 0.03) * (1.3 if r == 17 and k > 250 else 1.0),
-             gpu=r % 8)
+        Step(
+            t=T0 + k,
+            job="big",
+            rank=r,
+            node=f"n{r // 8:03d}",
+            step=100 + k,
+            seconds=pace[r] * rng.gauss(1.0, 0.03) * (1.3 if r == 17 and k > 250 else 1.0),
+            gpu=r % 8,
+        )
         for k in range(300)
         for r in range(1000)
     ]

@@ -7,11 +7,11 @@ import random
 import pytest
 
 from fleetwatch.detectors.engine import RecentData
-from fleetwatch.records import GpuSample, Step
 from fleetwatch.detectors.model import Window
 from fleetwatch.detectors.replay import replay
 from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector, StragglerTelemetryThresholds
 from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN, SW_POWER_CAP
+from fleetwatch.records import GpuSample, Step
 
 T0 = 1_700_000_000.0
 PEER = {
@@ -86,11 +86,12 @@ def telemetry_findings(records, detector=None):
 def test_thermal_straggler_in_a_job_is_named_with_its_clock_and_cause():
     (finding,) = telemetry_findings(fleet(180, slow_from=60))
     assert finding.summary == (
-        "GPU 3 on n02 (job j1, rank 11) runs at 990 MHz against its peers' 1,980 MHz: "
-        "hardware thermal slowdown"
+        "GPU 3 on n02 (job j1, rank 11) runs at 990 MHz against its peers' 1,980 MHz: hardware thermal slowdown"
     )
     assert (finding.detector, finding.severity, finding.action) == (
-        "straggler.telemetry", "warning", "inspect_hardware"
+        "straggler.telemetry",
+        "warning",
+        "inspect_hardware",
     )
     assert (finding.node, finding.gpu, finding.job, finding.rank) == ("n02", 3, "j1", 11)
     assert finding.start == T0 + 60
@@ -106,10 +107,9 @@ def test_thermal_straggler_in_a_job_is_named_with_its_clock_and_cause():
 
 
 def test_found_once_80_percent_of_the_last_20_s_are_slow_and_closed_when_it_recovers():
-    samples = [s for s in fleet(200, slow_from=60) if not (s.node, s.gpu) == ("n02", 3)]
+    samples = [s for s in fleet(200, slow_from=60) if (s.node, s.gpu) != ("n02", 3)]
     slow = [
-        GpuSample(t=T0 + t, node="n02", gpu=3, metrics=THERMAL if 60 <= t < 150 else PEER,
-                  job="j1", rank=11)
+        GpuSample(t=T0 + t, node="n02", gpu=3, metrics=THERMAL if 60 <= t < 150 else PEER, job="j1", rank=11)
         for t in range(200)
     ]
     detector = StragglerTelemetryDetector()
@@ -122,18 +122,13 @@ def test_found_once_80_percent_of_the_last_20_s_are_slow_and_closed_when_it_reco
 def test_power_brake_and_a_clock_low_for_no_reason():
     brake = {**THERMAL, "sm_clock_mhz": 885, "clock_event_reasons": 0x88, "power_watts": 260.0}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=brake))
-    assert finding.summary.endswith(
-        "runs at 885 MHz against its peers' 1,980 MHz: hardware power brake"
-    )
+    assert finding.summary.endswith("runs at 885 MHz against its peers' 1,980 MHz: hardware power brake")
     assert finding.evidence["clock_event_reasons"] == HW_POWER_BRAKE_SLOWDOWN | HW_SLOWDOWN
 
     unexplained = {**PEER, "sm_clock_mhz": 1410}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=unexplained))
-    assert finding.summary.endswith(
-        "runs at 1,410 MHz against its peers' 1,980 MHz: no clock event reason reported"
-    )
-    capped = {**PEER, "sm_clock_mhz": 1500, "clock_event_reasons": SW_POWER_CAP,
-              "power_limit_watts": 450.0}
+    assert finding.summary.endswith("runs at 1,410 MHz against its peers' 1,980 MHz: no clock event reason reported")
+    capped = {**PEER, "sm_clock_mhz": 1500, "clock_event_reasons": SW_POWER_CAP, "power_limit_watts": 450.0}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=capped))
     assert finding.evidence["cause"] == "software power cap at a 450 W limit"
 
@@ -151,8 +146,14 @@ def test_the_whole_job_idling_and_resuming_is_not_a_straggler():
     # after, the last 20 s are mostly idle samples at 345 MHz: idle, not slow.
     paused = {**IDLE, "clock_event_reasons": 0x1}  # NVML's GPU idle reason
     samples = [
-        GpuSample(t=s.t, node=s.node, gpu=s.gpu, job=s.job, rank=s.rank,
-                  metrics=paused if 100 <= s.t - T0 < 130 else s.metrics)
+        GpuSample(
+            t=s.t,
+            node=s.node,
+            gpu=s.gpu,
+            job=s.job,
+            rank=s.rank,
+            metrics=paused if 100 <= s.t - T0 < 130 else s.metrics,
+        )
         for s in fleet(200, slow_from=10**9)
     ]
     assert telemetry_findings(samples) == []
@@ -168,9 +169,16 @@ def test_healthy_fleet_with_clock_bins_and_power_swings_raises_nothing():
     rng = random.Random(5)
     samples = [
         GpuSample(
-            t=s.t, node=s.node, gpu=s.gpu, job=s.job, rank=s.rank,
-            metrics={**s.metrics, "power_watts": rng.uniform(450, 690),
-                     "sm_clock_mhz": s.metrics["sm_clock_mhz"] - 15 * rng.randrange(3)},
+            t=s.t,
+            node=s.node,
+            gpu=s.gpu,
+            job=s.job,
+            rank=s.rank,
+            metrics={
+                **s.metrics,
+                "power_watts": rng.uniform(450, 690),
+                "sm_clock_mhz": s.metrics["sm_clock_mhz"] - 15 * rng.randrange(3),
+            },
         )
         for s in fleet(600, nodes=4, slow_from=10**9)
     ]
@@ -182,7 +190,8 @@ def test_idle_gpus_are_left_out_on_both_sides():
     samples = fleet(120, slow_from=60)
     samples = [
         GpuSample(t=s.t, node=s.node, gpu=s.gpu, job=s.job, rank=s.rank, metrics=IDLE)
-        if s.node == "n01" and s.gpu < 6 else s
+        if s.node == "n01" and s.gpu < 6
+        else s
         for s in samples
     ]
     (finding,) = telemetry_findings(samples)
@@ -192,9 +201,7 @@ def test_idle_gpus_are_left_out_on_both_sides():
 
 def test_without_job_the_busy_gpus_of_one_model_are_peers_and_a_reason_is_needed():
     (finding,) = telemetry_findings(fleet(120, job=None))
-    assert finding.summary == (
-        "GPU 3 on n02 runs at 990 MHz against its peers' 1,980 MHz: hardware thermal slowdown"
-    )
+    assert finding.summary == ("GPU 3 on n02 runs at 990 MHz against its peers' 1,980 MHz: hardware thermal slowdown")
     assert finding.job is None and finding.rank is None
     assert finding.evidence["group"] == "sm_clock_max_mhz 1,980"
     # A job-less GPU at a lower clock with no reason may just run something else.
@@ -222,8 +229,7 @@ def test_a_job_with_step_reports_is_left_to_straggler_steps():
     no_job = fleet(120, job=None, slow_from=60)
     assert telemetry_findings(no_job + steps) == []
     # Steps of another job do not hide this one.
-    other = [Step(t=s.t, job="j9", rank=s.rank, node="n77", step=s.step, seconds=0.9, gpu=s.gpu)
-             for s in steps]
+    other = [Step(t=s.t, job="j9", rank=s.rank, node="n77", step=s.step, seconds=0.9, gpu=s.gpu) for s in steps]
     assert [f.rank for f in telemetry_findings(samples + other)] == [11]
 
 
@@ -237,12 +243,12 @@ def test_too_few_samples_or_peers_and_missing_fields():
     pair = [s for s in samples if s.node == "n02" and s.gpu in (2, 3)]
     assert detector.detect(window_at(T0 + 119, pair)) == []
     # No clock at all, or no sm_clock_max_mhz without a job: nothing to compare.
-    bare = [GpuSample(t=s.t, node=s.node, gpu=s.gpu, metrics={"power_watts": 100.0})
-            for s in samples]
+    bare = [GpuSample(t=s.t, node=s.node, gpu=s.gpu, metrics={"power_watts": 100.0}) for s in samples]
     assert detector.detect(window_at(T0 + 119, bare)) == []
     modelless = [
-        GpuSample(t=s.t, node=s.node, gpu=s.gpu,
-                  metrics={k: v for k, v in s.metrics.items() if k != "sm_clock_max_mhz"})
+        GpuSample(
+            t=s.t, node=s.node, gpu=s.gpu, metrics={k: v for k, v in s.metrics.items() if k != "sm_clock_max_mhz"}
+        )
         for s in samples
     ]
     assert detector.detect(window_at(T0 + 119, modelless)) == []
@@ -255,8 +261,14 @@ def test_a_spread_job_does_not_flag_its_slowest():
     rng = random.Random(9)
     clocks = {(f"n0{n}", g): rng.choice([1980, 1800, 1650, 1500]) for n in (1, 2) for g in range(8)}
     samples = [
-        GpuSample(t=s.t, node=s.node, gpu=s.gpu, job=s.job, rank=s.rank,
-                  metrics={**s.metrics, "sm_clock_mhz": clocks[(s.node, s.gpu)]})
+        GpuSample(
+            t=s.t,
+            node=s.node,
+            gpu=s.gpu,
+            job=s.job,
+            rank=s.rank,
+            metrics={**s.metrics, "sm_clock_mhz": clocks[(s.node, s.gpu)]},
+        )
         for s in fleet(120, slow_from=10**9, jitter=False)
     ]
     assert telemetry_findings(samples) == []
@@ -276,11 +288,23 @@ def test_idle_samples_before_a_job_starts_are_not_a_low_clock_cause():
     from fleetwatch.detectors.model import GpuSample
     from fleetwatch.detectors.straggler_telemetry import gpu_cause
 
-    idle = [GpuSample(t=float(i), node="n01", gpu=4, metrics={"sm_clock_mhz": 345.0, "clock_event_reasons": 0x1,
-                                                               "power_watts": 70.0, "gpu_util_percent": 0.0})
-            for i in range(12)]
-    busy = [GpuSample(t=float(12 + i), node="n01", gpu=4, metrics={"sm_clock_mhz": 1980.0, "clock_event_reasons": 0,
-                                                                    "power_watts": 640.0, "gpu_util_percent": 99.0})
-            for i in range(8)]
+    idle = [
+        GpuSample(
+            t=float(i),
+            node="n01",
+            gpu=4,
+            metrics={"sm_clock_mhz": 345.0, "clock_event_reasons": 0x1, "power_watts": 70.0, "gpu_util_percent": 0.0},
+        )
+        for i in range(12)
+    ]
+    busy = [
+        GpuSample(
+            t=float(12 + i),
+            node="n01",
+            gpu=4,
+            metrics={"sm_clock_mhz": 1980.0, "clock_event_reasons": 0, "power_watts": 640.0, "gpu_util_percent": 99.0},
+        )
+        for i in range(8)
+    ]
     cause = gpu_cause(idle + busy, 1980.0, 650.0, min_fraction=0.5, clock_below_peers=0.85, power_below_peers=0.6)
     assert not cause.hardware and cause.name is None

@@ -3,10 +3,10 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import GpuSample
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.thermal import ThermalDetector, ThermalThresholds
 from fleetwatch.nvml_bits import HW_THERMAL_SLOWDOWN, SW_THERMAL_SLOWDOWN
+from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
 COOL = {
@@ -28,10 +28,7 @@ HOT = {
 
 
 def samples(metrics_list, gpu=2, interval=1.0, t0=T0, job=None):
-    return [
-        GpuSample(t=t0 + i * interval, node="n01", gpu=gpu, metrics=m, job=job)
-        for i, m in enumerate(metrics_list)
-    ]
+    return [GpuSample(t=t0 + i * interval, node="n01", gpu=gpu, metrics=m, job=job) for i, m in enumerate(metrics_list)]
 
 
 def window(metrics_list, gpu=2, now=None, interval=1.0):
@@ -104,8 +101,7 @@ def test_blips_and_short_spikes_do_not_fire(pattern):
 
 def test_warming_up_to_just_under_the_threshold_does_not_fire():
     ramp = [
-        dict(COOL, temp_gpu_celsius=60 + min(28, i), temp_mem_celsius=55 + min(39, i))
-        for i in range(120)
+        dict(COOL, temp_gpu_celsius=60 + min(28, i), temp_mem_celsius=55 + min(39, i)) for i in range(120)
     ]  # core ends at 88 C (slowdown 89 C), HBM at 94 C (max 95 C)
     assert detect(ramp) == []
 

@@ -3,9 +3,9 @@
 import pytest
 
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import Event
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.xid import XidDetector, XidThresholds
+from fleetwatch.records import Event
 
 T0 = 1_700_000_000.0
 
@@ -15,9 +15,7 @@ def xid(t, xid_number, node="n01", gpu=3):
 
 
 def window(now, events, boot_seen_at=None, node="n01"):
-    state = NodeState(
-        node, now, sampling_interval_seconds=1.0, boot_id="b", boot_seen_at=boot_seen_at
-    )
+    state = NodeState(node, now, sampling_interval_seconds=1.0, boot_id="b", boot_seen_at=boot_seen_at)
     return Window(
         now=now,
         gpu={},
@@ -156,7 +154,12 @@ def test_a_reboot_class_xid_recurring_after_a_reboot_asks_for_hardware_inspectio
     }
     # The same alert, escalated: the fields its fingerprint hashes are unchanged.
     assert (finding.detector, finding.node, finding.gpu, finding.job, finding.rank, finding.key) == (
-        "xid", "n01", 3, None, None, "79",
+        "xid",
+        "n01",
+        3,
+        None,
+        None,
+        "79",
     )
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 
-from fleetwatch.records import ACTIONS, SEVERITIES
 from fleetwatch.detectors.xid_catalog import (
     UNKNOWN_ACTION,
     UNKNOWN_MEANING,
@@ -13,6 +12,7 @@ from fleetwatch.detectors.xid_catalog import (
     lookup,
     parse_catalog,
 )
+from fleetwatch.records import ACTIONS, SEVERITIES
 
 HEADER = "xid,meaning,severity,action,seen_as_fatal_by\n"
 
@@ -29,9 +29,7 @@ def test_packaged_catalog_loads_every_row_with_valid_grades():
 
 
 def test_xid_79_is_critical_reboot_and_fatal_for_both_sources():
-    assert lookup(79) == XidInfo(
-        79, "GPU has fallen off the bus", "critical", "reboot", ("gpud", "azure")
-    )
+    assert lookup(79) == XidInfo(79, "GPU has fallen off the bus", "critical", "reboot", ("gpud", "azure"))
 
 
 def test_application_xid_is_a_warning_to_check_the_app_and_fatal_for_nobody():

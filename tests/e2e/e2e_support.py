@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,9 +35,18 @@ def wait_for(predicate, timeout_seconds: float, what: str) -> None:
 class Collector:
     def __init__(self, db: Path, grpc_port: int, http_port: int, log: Path) -> None:
         self.args = [
-            sys.executable, "-m", "fleetwatch.collector.main", "--config", "/nonexistent.toml",
-            "--grpc-listen", f"127.0.0.1:{grpc_port}", "--http-listen", f"127.0.0.1:{http_port}",
-            "--database-url", f"sqlite:///{db}", "--no-log-alerts",
+            sys.executable,
+            "-m",
+            "fleetwatch.collector.main",
+            "--config",
+            "/nonexistent.toml",
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+            "--database-url",
+            f"sqlite:///{db}",
+            "--no-log-alerts",
         ]
         self.http_port = http_port
         self.log = log

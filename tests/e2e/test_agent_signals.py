@@ -44,22 +44,49 @@ def test_agent_sources_reach_the_collector_and_metrics(tmp_path: Path) -> None:
     metrics_port = free_port()
     collector.start()
     agent = subprocess.Popen(
-        [sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--simulate", "--node", "n01",
-         "--collector-address", f"127.0.0.1:{grpc_port}", "--sampling-interval-seconds", "0.2",
-         "--spool-dir", str(tmp_path / "spool"), "--no-spool-fsync", "--sysfs-root", str(FIXTURES / "sys"),
-         "--kmsg-path", str(kmsg), "--step-socket", str(step_socket),
-         "--metrics-listen", f"127.0.0.1:{metrics_port}", "--dcgm-names"],
-        env=clean_env(), stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "fleetwatch.agent.main",
+            "--config",
+            "/nonexistent.toml",
+            "--simulate",
+            "--node",
+            "n01",
+            "--collector-address",
+            f"127.0.0.1:{grpc_port}",
+            "--sampling-interval-seconds",
+            "0.2",
+            "--spool-dir",
+            str(tmp_path / "spool"),
+            "--no-spool-fsync",
+            "--sysfs-root",
+            str(FIXTURES / "sys"),
+            "--kmsg-path",
+            str(kmsg),
+            "--step-socket",
+            str(step_socket),
+            "--metrics-listen",
+            f"127.0.0.1:{metrics_port}",
+            "--dcgm-names",
+        ],
+        env=clean_env(),
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: step_socket.exists() and bool(rows(db, "SELECT count(*) FROM gpu_samples")[0][0]), 20, "samples")
+        wait_for(
+            lambda: step_socket.exists() and bool(rows(db, "SELECT count(*) FROM gpu_samples")[0][0]), 20, "samples"
+        )
         with kmsg.open("a") as f:
             f.write(XID_LINE)
         reporter = StepReporter(job="j7", rank=0, socket_path=str(step_socket))
         for step in range(5):
             reporter.report(step, 0.9 + step / 100)
         wait_for(lambda: rows(db, "SELECT count(*) FROM steps")[0][0] == 5, 10, "the step reports")
-        wait_for(lambda: rows(db, "SELECT count(*) FROM events WHERE source = 'kmsg'")[0][0] == 1, 10, "the kernel-log XID")
+        wait_for(
+            lambda: rows(db, "SELECT count(*) FROM events WHERE source = 'kmsg'")[0][0] == 1, 10, "the kernel-log XID"
+        )
 
         (xid,) = rows(db, "SELECT xid, gpu, pci_bus_id FROM events WHERE source = 'kmsg'")
         assert xid == (31, 0, "0000:18:00.0")

@@ -17,11 +17,35 @@ GPUS = 4
 def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [
-            sys.executable, "-m", "fleetwatch.agent.main", "--config", "/nonexistent.toml", "--simulate",
-            "--node", node, "--sim-gpus", str(GPUS), "--collector-address", f"127.0.0.1:{grpc_port}",
-            "--sampling-interval-seconds", "0.1", "--spool-dir", str(spool), "--no-spool-fsync",
-            "--reconnect-min-seconds", "0.1", "--reconnect-max-seconds", "0.5", "--stop-drain-seconds", "30",
-            "--metrics-listen", "", "--step-socket", "", "--kmsg-path", "",
+            sys.executable,
+            "-m",
+            "fleetwatch.agent.main",
+            "--config",
+            "/nonexistent.toml",
+            "--simulate",
+            "--node",
+            node,
+            "--sim-gpus",
+            str(GPUS),
+            "--collector-address",
+            f"127.0.0.1:{grpc_port}",
+            "--sampling-interval-seconds",
+            "0.1",
+            "--spool-dir",
+            str(spool),
+            "--no-spool-fsync",
+            "--reconnect-min-seconds",
+            "0.1",
+            "--reconnect-max-seconds",
+            "0.5",
+            "--stop-drain-seconds",
+            "30",
+            "--metrics-listen",
+            "",
+            "--step-socket",
+            "",
+            "--kmsg-path",
+            "",
         ],
         env=clean_env(),
         stdout=log.open("ab"),
@@ -50,7 +74,7 @@ def test_every_batch_stored_exactly_once_across_collector_kills(tmp_path: Path) 
             time.sleep(1.5)  # agents keep sampling into their spools meanwhile
             before = stored_batches(db)
             collector.start()
-            wait_for(lambda: stored_batches(db) > before + 20, 20, "the spooled backlog to arrive")
+            wait_for(lambda before=before: stored_batches(db) > before + 20, 20, "the spooled backlog to arrive")
         for proc in agents.values():
             proc.send_signal(signal.SIGTERM)
         for node, proc in agents.items():

@@ -10,7 +10,10 @@ def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
     proc = subprocess.run(
         [sys.executable, "-m", "fleetwatch.ctl.main", "demo", "--duration", "20", "--json"],
-        capture_output=True, text=True, timeout=120, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

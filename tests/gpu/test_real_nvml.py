@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch import wire
+from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +51,8 @@ def _check_fields(gpu: dict[str, Any], unsupported: set[str], allowed_gaps: set[
     for name in wire.GPU_FIELDS:
         if name not in metrics:
             assert name in unsupported or name in allowed_gaps, (
-                f"GPU {gpu['gpu']}: {name} neither reported nor listed unsupported")
+                f"GPU {gpu['gpu']}: {name} neither reported nor listed unsupported"
+            )
             continue
         value = metrics[name]
         assert name not in unsupported, f"GPU {gpu['gpu']}: {name} reported and listed unsupported"
@@ -64,8 +65,20 @@ def _check_fields(gpu: dict[str, Any], unsupported: set[str], allowed_gaps: set[
 
 def _agent_once(tmp_path: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
-    command = [sys.executable, "-m", "fleetwatch.agent.main", "--once", "--json", "--no-simulate",
-               "--spool-dir", str(tmp_path / "spool"), "--config", str(tmp_path / "absent.toml"), "--kmsg-path", ""]
+    command = [
+        sys.executable,
+        "-m",
+        "fleetwatch.agent.main",
+        "--once",
+        "--json",
+        "--no-simulate",
+        "--spool-dir",
+        str(tmp_path / "spool"),
+        "--config",
+        str(tmp_path / "absent.toml"),
+        "--kmsg-path",
+        "",
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -98,11 +111,13 @@ def test_once_json_reports_every_field_or_lists_it_unsupported(nvml, tmp_path):
 
 
 def test_values_agree_with_nvidia_smi(nvml, tmp_path):
-    before = _nvidia_smi("--query-gpu=index,uuid,temperature.gpu,power.draw,clocks.sm,memory.total",
-                         "--format=csv,noheader,nounits")
+    before = _nvidia_smi(
+        "--query-gpu=index,uuid,temperature.gpu,power.draw,clocks.sm,memory.total", "--format=csv,noheader,nounits"
+    )
     result = _agent_once(tmp_path)
-    after = _nvidia_smi("--query-gpu=index,uuid,temperature.gpu,power.draw,clocks.sm,memory.total",
-                        "--format=csv,noheader,nounits")
+    after = _nvidia_smi(
+        "--query-gpu=index,uuid,temperature.gpu,power.draw,clocks.sm,memory.total", "--format=csv,noheader,nounits"
+    )
     smi = {int(row[0]): row for row in before}
     smi_after = {int(row[0]): row for row in after}
     for gpu in result["gpus"]:
@@ -139,7 +154,7 @@ def test_source_over_real_pynvml_two_cycles_fast_path_and_pids(nvml):
         first_seconds = time.perf_counter() - started
         time.sleep(1.0)
         started = time.perf_counter()
-        samples, events = source.sample()
+        samples, _events = source.sample()
         second_seconds = time.perf_counter() - started
         compute_after = _compute_apps()
         unsupported = source.unsupported_fields()
@@ -151,9 +166,11 @@ def test_source_over_real_pynvml_two_cycles_fast_path_and_pids(nvml):
             steady = compute_before.get(sample["uuid"], set()) & compute_after.get(sample["uuid"], set())
             assert steady <= set(sample["pids"]), (steady, sample["pids"])
         throughput_calls = counting.calls["nvmlDeviceGetPcieThroughput"]
-        print(f"{len(samples)} GPUs: first cycle {first_seconds * 1000:.1f} ms, second {second_seconds * 1000:.1f} ms "
-              f"wall; nvmlDeviceGetPcieThroughput calls: {throughput_calls}; "
-              f"field-values calls: {counting.calls['nvmlDeviceGetFieldValues']}")
+        print(
+            f"{len(samples)} GPUs: first cycle {first_seconds * 1000:.1f} ms, second {second_seconds * 1000:.1f} ms "
+            f"wall; nvmlDeviceGetPcieThroughput calls: {throughput_calls}; "
+            f"field-values calls: {counting.calls['nvmlDeviceGetFieldValues']}"
+        )
         if throughput_calls == 0 and samples:
             # The fast path: no 20 ms blocking call, so a cycle costs calls in the microseconds.
             assert second_seconds < 0.05 * len(samples), second_seconds
@@ -182,6 +199,7 @@ class _Counting:
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._inner, name)
         if name.startswith("nvml") and callable(value) and not isinstance(value, type):
+
             def counted(*args: Any, **kwargs: Any) -> Any:
                 self.calls[name] += 1
                 return value(*args, **kwargs)

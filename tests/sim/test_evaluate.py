@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from fleetwatch.ctl.main import main
+from fleetwatch.detectors.replay import Episode, replay_episodes
+from fleetwatch.detectors.xid import XidDetector
+from fleetwatch.records import Event, Finding, GpuSample
 from fleetwatch.sim.evaluate import (
     Expectation,
     ScenarioError,
@@ -18,9 +21,6 @@ from fleetwatch.sim.evaluate import (
     score,
     summarize,
 )
-from fleetwatch.records import Event, Finding, GpuSample
-from fleetwatch.detectors.replay import Episode, replay_episodes
-from fleetwatch.detectors.xid import XidDetector
 
 START = 1_700_000_000.0
 
@@ -142,7 +142,7 @@ def test_matching_is_maximal_not_greedy():
     early, late = episode(opened=101), episode(opened=120)
     matches, misses, false_alarms = score([wide, narrow], [early, late], START)
     assert misses == [] and false_alarms == []
-    pairs = sorted(((m.expectation.within_seconds, m.episode.opened_at) for m in matches))
+    pairs = sorted((m.expectation.within_seconds, m.episode.opened_at) for m in matches)
     assert pairs == [(2.0, early.opened_at), (30.0, late.opened_at)]
 
 
@@ -227,10 +227,16 @@ def test_report_shape_and_numbers():
     miss, false_alarm = report["failures"]
     assert set(miss) == set(false_alarm) == FAILURE_KEYS
     assert (miss["scenario"], miss["kind"], miss["detector"], miss["node"], miss["gpu"]) == (
-        "faulty", "miss", "ecc", "n01", 3,
+        "faulty",
+        "miss",
+        "ecc",
+        "n01",
+        3,
     )
     assert (false_alarm["scenario"], false_alarm["kind"], false_alarm["detector"]) == (
-        "quiet", "false_alarm", "power",
+        "quiet",
+        "false_alarm",
+        "power",
     )
     assert false_alarm["node"] == "n02" and false_alarm["gpu"] == 1
     assert "70.0 s" in false_alarm["detail"]
@@ -303,12 +309,16 @@ def test_load_scenario_reads_a_good_file(tmp_path):
 @pytest.mark.parametrize(
     ("change", "key", "reason"),
     [
-        (lambda s: s.replace('seed = 1', 'seeds = 1'), "seeds", "unknown key"),
+        (lambda s: s.replace("seed = 1", "seeds = 1"), "seeds", "unknown key"),
         (lambda s: s.replace('model = "H100"', 'modle = "H100"'), "fleet.modle", "unknown key"),
         (lambda s: s.replace("duration_seconds = 60", ""), "duration_seconds", "missing"),
         (lambda s: s.replace("within_seconds = 2", "within_seconds = -2"), "expect[0].within_seconds", "positive"),
         (lambda s: s.replace("within_seconds = 2", "within = 2"), "expect[0].within", "unknown key"),
-        (lambda s: s.replace('node = "n02"\ngpu = 3\nafter', 'node = "n07"\ngpu = 3\nafter'), "expect[0].node", "unknown node"),
+        (
+            lambda s: s.replace('node = "n02"\ngpu = 3\nafter', 'node = "n07"\ngpu = 3\nafter'),
+            "expect[0].node",
+            "unknown node",
+        ),
         (lambda s: s.replace("gpu = 3\nafter", "gpu = 4\nafter"), "expect[0].gpu", "must be < 4"),
         (lambda s: s.replace("after_seconds = 20", "after_seconds = 600"), "expect[0].after_seconds", "<= 60"),
         (lambda s: s.replace("at_seconds = 20", 'at_seconds = "20"'), "faults[0].at_seconds", "number"),
@@ -458,7 +468,9 @@ def test_ctl_eval_names_a_bad_scenario_file(tmp_path, capsys):
 def test_ctl_eval_help():
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "fleetwatch.ctl.main", "eval", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fleetwatch.ctl.main", "eval", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0 and "--corpus" in proc.stdout and "--jobs" in proc.stdout
 
 

@@ -40,7 +40,7 @@ def _query_section(text: str, section: str) -> dict[str, str]:
     begin = next(i for i, line in enumerate(lines) if line.startswith(f"# {section} :: query (-q)"))
     values: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
-    for line in lines[begin + 3:]:
+    for line in lines[begin + 3 :]:
         if line.startswith("####"):
             break
         if not line.strip() or line.startswith("="):
@@ -119,7 +119,7 @@ def test_profile_lookup():
     assert profile_for("h100") is H100_80GB_HBM3
     assert profile_for("NVIDIA H200") is H200
     assert set(PROFILES) == {"H100", "H200"}
-    with pytest.raises(ValueError, match="unknown GPU model 'A100'.*H100, H200"):
+    with pytest.raises(ValueError, match=r"unknown GPU model 'A100'.*H100, H200"):
         profile_for("A100")
 
 
@@ -137,8 +137,17 @@ def test_parse_fault_examples():
     assert parse_fault("power_brake@1+2").effective_xid is None
     assert str(parse_fault("thermal_slowdown@2+6/30")) == "thermal_slowdown@2+6/30"
     assert set(KINDS) == {
-        "xid", "ecc_dbe", "row_remap_pending", "row_remap_failure", "nvlink_errors", "nvlink_down",
-        "pcie_replays", "pcie_downtrain", "thermal_slowdown", "power_brake", "gpu_lost",
+        "xid",
+        "ecc_dbe",
+        "row_remap_pending",
+        "row_remap_failure",
+        "nvlink_errors",
+        "nvlink_down",
+        "pcie_replays",
+        "pcie_downtrain",
+        "thermal_slowdown",
+        "power_brake",
+        "gpu_lost",
     }
     for kind in KINDS:
         spec = f"{kind}:13@0+1" if kind == "xid" else f"{kind}@0+1"
@@ -193,7 +202,7 @@ def _fake(model: str = "H100", faults=(), seed: int = 0, clock=None, gpu_count: 
 
 
 def test_identity_like_an_hgx_board():
-    nvml, node, _ = _fake()
+    nvml, _node, _ = _fake()
     assert nvml.nvmlDeviceGetCount() == 8
     handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(8)]
     assert all(isinstance(h, pynvml.c_nvmlDevice_t) for h in handles)
@@ -216,7 +225,7 @@ def test_identity_like_an_hgx_board():
 
 @pytest.mark.parametrize("profile", [H100_80GB_HBM3, H200], ids=lambda p: p.model)
 def test_shapes_and_units_match_pynvml_and_the_capture(profile):
-    nvml, node, clock = _fake(profile.model)
+    nvml, _node, clock = _fake(profile.model)
     h = nvml.nvmlDeviceGetHandleByIndex(0)
     assert nvml.nvmlDeviceGetName(h) == profile.name
     pci = nvml.nvmlDeviceGetPciInfo(h)
@@ -251,7 +260,9 @@ def test_shapes_and_units_match_pynvml_and_the_capture(profile):
     assert 1_000 <= nvml.nvmlDeviceGetPcieThroughput(h, pynvml.NVML_PCIE_UTIL_RX_BYTES) <= 500_000  # KB/s
     assert nvml.nvmlDeviceGetNvLinkState(h, 17) == pynvml.NVML_FEATURE_ENABLED
     assert nvml.nvmlDeviceGetNvLinkErrorCounter(h, 0, pynvml.NVML_NVLINK_ERROR_DL_CRC_FLIT) == 0
-    values = nvml.nvmlDeviceGetFieldValues(h, [pynvml.NVML_FI_DEV_MEMORY_TEMP, (pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT, 0), 9999])
+    values = nvml.nvmlDeviceGetFieldValues(
+        h, [pynvml.NVML_FI_DEV_MEMORY_TEMP, (pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT, 0), 9999]
+    )
     assert isinstance(values[0], pynvml.c_nvmlFieldValue_t)
     assert values[0].nvmlReturn == pynvml.NVML_SUCCESS
     assert values[0].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
@@ -302,13 +313,17 @@ def test_uninitialised_library_refuses_calls():
 
 
 def test_lost_gpu_fails_every_call_with_gpu_is_lost():
-    nvml, node, clock = _fake(faults=[parse_fault("gpu_lost@3+10")])
+    nvml, _node, clock = _fake(faults=[parse_fault("gpu_lost@3+10")])
     handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(8)]
     assert nvml.nvmlDeviceGetPowerUsage(handles[3]) > 0
     clock.t = START + 10.0
     for call in (
-        nvml.nvmlDeviceGetPowerUsage, nvml.nvmlDeviceGetUUID, nvml.nvmlDeviceGetUtilizationRates,
-        nvml.nvmlDeviceGetRemappedRows, nvml.nvmlDeviceGetFanSpeed, nvml.nvmlDeviceGetSupportedEventTypes,
+        nvml.nvmlDeviceGetPowerUsage,
+        nvml.nvmlDeviceGetUUID,
+        nvml.nvmlDeviceGetUtilizationRates,
+        nvml.nvmlDeviceGetRemappedRows,
+        nvml.nvmlDeviceGetFanSpeed,
+        nvml.nvmlDeviceGetSupportedEventTypes,
     ):
         with pytest.raises(pynvml.NVMLError_GpuIsLost):
             call(handles[3])
@@ -330,7 +345,7 @@ def _register_all(nvml) -> object:
 
 
 def test_event_wait_delivers_each_xid_once_at_its_time():
-    nvml, node, clock = _fake(faults=[parse_fault("xid:31@5+2"), parse_fault("ecc_dbe@1+4")])
+    nvml, _node, clock = _fake(faults=[parse_fault("xid:31@5+2"), parse_fault("ecc_dbe@1+4")])
     event_set = _register_all(nvml)
     clock.t = START + 1.9
     with pytest.raises(pynvml.NVMLError_Timeout):
@@ -437,7 +452,7 @@ def test_power_clock_and_temperature_move_together():
     readings = _series(node, 0, 1800)
     power = [r.power_milliwatts for r in readings]
     # Temperature follows the power of the last minute (thermal inertia), not the instant.
-    smoothed = [sum(power[max(0, i - 60):i + 1]) / len(power[max(0, i - 60):i + 1]) for i in range(len(power))]
+    smoothed = [sum(power[max(0, i - 60) : i + 1]) / len(power[max(0, i - 60) : i + 1]) for i in range(len(power))]
     assert _corr(smoothed[120:], [r.temp_gpu_celsius for r in readings][120:]) > 0.5
     # At the power cap the firmware trims the clock: the highest draws come with the lowest clocks.
     capped = [r for r in readings if r.clock_event_reasons & pynvml.nvmlClocksEventReasonSwPowerCap]
@@ -475,10 +490,11 @@ def test_readings_are_deterministic_per_seed_and_time():
 
 
 def test_temperature_v_is_the_signed_versioned_call():
-    nvml, node, clock = _fake()
+    nvml, _node, _clock = _fake()
     h = nvml.nvmlDeviceGetHandleByIndex(0)
     assert nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU) == nvml.nvmlDeviceGetTemperature(
-        h, pynvml.NVML_TEMPERATURE_GPU)
+        h, pynvml.NVML_TEMPERATURE_GPU
+    )
     assert nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU, pynvml.nvmlTemperature_v1) > 0
     with pytest.raises(pynvml.NVMLError_ArgumentVersionMismatch):
         nvml.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU, 0x2000010)
@@ -491,12 +507,19 @@ def _fields(nvml, handle, *ids):
 
 
 def test_field_values_match_the_calls_they_stand_for():
-    nvml, node, clock = _fake(faults=[parse_fault("ecc_dbe@0+1"), parse_fault("row_remap_pending@0+1")])
+    nvml, _node, clock = _fake(faults=[parse_fault("ecc_dbe@0+1"), parse_fault("row_remap_pending@0+1")])
     clock.t = START + 5.0
     h = nvml.nvmlDeviceGetHandleByIndex(0)
-    f = _fields(nvml, h, pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION, pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER,
-                pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
-                pynvml.NVML_FI_DEV_REMAPPED_UNC, pynvml.NVML_FI_DEV_REMAPPED_PENDING)
+    f = _fields(
+        nvml,
+        h,
+        pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+        pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER,
+        pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+        pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL,
+        pynvml.NVML_FI_DEV_REMAPPED_UNC,
+        pynvml.NVML_FI_DEV_REMAPPED_PENDING,
+    )
     assert all(v.nvmlReturn == pynvml.NVML_SUCCESS for v in f.values())
     energy = f[pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION]
     assert energy.valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
@@ -506,16 +529,20 @@ def test_field_values_match_the_calls_they_stand_for():
     assert f[pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL].value.ullVal == dbe == 1
     assert f[pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL].value.ullVal == 0
     _, uncorrectable, pending, _ = nvml.nvmlDeviceGetRemappedRows(h)
-    assert (f[pynvml.NVML_FI_DEV_REMAPPED_UNC].value.uiVal, f[pynvml.NVML_FI_DEV_REMAPPED_PENDING].value.uiVal) == (
-        uncorrectable, pending) == (1, 1)
+    assert (
+        (f[pynvml.NVML_FI_DEV_REMAPPED_UNC].value.uiVal, f[pynvml.NVML_FI_DEV_REMAPPED_PENDING].value.uiVal)
+        == (uncorrectable, pending)
+        == (1, 1)
+    )
     assert all(v.timestamp == int(clock.t * 1_000_000) for v in f.values())  # microseconds
 
 
 def test_hopper_fields_not_supported_answer_per_field():
     nvml, _, _ = _fake()
     h = nvml.nvmlDeviceGetHandleByIndex(0)
-    f = _fields(nvml, h, pynvml.NVML_FI_DEV_RETIRED_SBE, pynvml.NVML_FI_DEV_RETIRED_PENDING,
-                pynvml.NVML_FI_DEV_MEMORY_TEMP)
+    f = _fields(
+        nvml, h, pynvml.NVML_FI_DEV_RETIRED_SBE, pynvml.NVML_FI_DEV_RETIRED_PENDING, pynvml.NVML_FI_DEV_MEMORY_TEMP
+    )
     assert f[pynvml.NVML_FI_DEV_RETIRED_SBE].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
     assert f[pynvml.NVML_FI_DEV_RETIRED_PENDING].nvmlReturn == pynvml.NVML_ERROR_NOT_SUPPORTED
     assert f[pynvml.NVML_FI_DEV_MEMORY_TEMP].nvmlReturn == pynvml.NVML_SUCCESS
@@ -562,7 +589,8 @@ def test_nvlink_counters_like_hopper():
         nvml.nvmlDeviceGetNvLinkErrorCounter(h, 2, pynvml.NVML_NVLINK_ERROR_DL_CRC_DATA)
     # The legacy all-lane totals answer SUCCESS with 0 on Hopper, whatever the links saw.
     total = _fields(nvml, h, pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL)[
-        pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL]
+        pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL
+    ]
     assert (total.nvmlReturn, total.value.ullVal) == (pynvml.NVML_SUCCESS, 0)
     # A board whose totals sum the links (a profile override changes support, not behaviour).
     from dataclasses import replace
@@ -575,7 +603,7 @@ def test_nvlink_counters_like_hopper():
 
 
 def test_compute_processes_have_pynvml_shapes():
-    nvml, node, clock = _fake()
+    nvml, node, _clock = _fake()
     h = nvml.nvmlDeviceGetHandleByIndex(3)
     processes = nvml.nvmlDeviceGetComputeRunningProcesses(h)
     assert isinstance(processes[0], pynvml.nvmlFriendlyObject)
@@ -605,8 +633,12 @@ def test_capture_shows_what_the_fake_supports():
     assert load["Temperature/Memory Current Temp"].endswith(" C")  # NVML_FI_DEV_MEMORY_TEMP answers
     assert load["PCI/GPU Link Info/Link Width/Current"] == "16x"
     symbols = text.split("# capabilities :: nvml-symbols", 1)[1]
-    for symbol in ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetCurrentClocksEventReasons",
-                   "nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetFieldValues"):
+    for symbol in (
+        "nvmlDeviceGetTemperatureV",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetFieldValues",
+    ):
         assert f"\n{symbol}\n" in symbols, symbol
     # Three compute processes under the capture's load, no MIG: "GPU instance ID : N/A".
     assert text.count("Type                          : C") >= 3

@@ -11,16 +11,15 @@ from collections import defaultdict
 
 import pytest
 
+from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 from fleetwatch.sim.fleet import DEFAULT_START, SimFleet
 from fleetwatch.sim.node import SimNode
 from fleetwatch.sim.scenario import Fault
-from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
 
 T0 = DEFAULT_START
 
 
-def scenario(*, nodes=2, duration=300, seed=7, jobs=None, faults=(), noise=(), model="H100", ib_ports=1,
-             interval=1.0):
+def scenario(*, nodes=2, duration=300, seed=7, jobs=None, faults=(), noise=(), model="H100", ib_ports=1, interval=1.0):
     """A scenario dict as tomllib would parse it."""
     return {
         "name": "test",
@@ -29,8 +28,11 @@ def scenario(*, nodes=2, duration=300, seed=7, jobs=None, faults=(), noise=(), m
         "sample_interval_seconds": interval,
         "seed": seed,
         "fleet": {"nodes": nodes, "gpus_per_node": 8, "model": model, "ib_ports_per_node": ib_ports},
-        "jobs": [{"id": "j1", "nodes": [f"n{i:02d}" for i in range(1, nodes + 1)], "step_seconds": 0.9,
-                  "report_steps": True}] if jobs is None else jobs,
+        "jobs": [
+            {"id": "j1", "nodes": [f"n{i:02d}" for i in range(1, nodes + 1)], "step_seconds": 0.9, "report_steps": True}
+        ]
+        if jobs is None
+        else jobs,
         "faults": list(faults),
         "noise": list(noise),
     }
@@ -208,8 +210,9 @@ def test_single_sbe_counts_one_correctable_error_once():
 
 def test_idle_gpus_draw_little_and_drop_their_pcie_link():
     jobs = [{"id": "j1", "nodes": ["n01"], "step_seconds": 0.9, "report_steps": True}]
-    spec = scenario(jobs=jobs, noise=[{"kind": "idle_gpu", "at_seconds": 100, "duration_seconds": 100, "node": "n01",
-                                       "gpu": 6}])
+    spec = scenario(
+        jobs=jobs, noise=[{"kind": "idle_gpu", "at_seconds": 100, "duration_seconds": 100, "node": "n01", "gpu": 6}]
+    )
     fleet = SimFleet.from_scenario(spec)
     recs = list(fleet.records())
     gpus = of(recs, GpuSample)
@@ -229,8 +232,12 @@ def test_idle_gpus_draw_little_and_drop_their_pcie_link():
 
 
 def test_job_restart_stops_the_steps_then_resumes_with_warm_up_steps():
-    spec = scenario(noise=[{"kind": "checkpoint_pause", "at_seconds": 60, "duration_seconds": 10},
-                           {"kind": "job_restart", "at_seconds": 150, "duration_seconds": 40}])
+    spec = scenario(
+        noise=[
+            {"kind": "checkpoint_pause", "at_seconds": 60, "duration_seconds": 10},
+            {"kind": "job_restart", "at_seconds": 150, "duration_seconds": 40},
+        ]
+    )
     recs = records(spec)
     steps, gpus = of(recs, Step), of(recs, GpuSample)
     rank0 = sorted((s for s in steps if s.rank == 0), key=lambda s: s.t)
@@ -291,11 +298,14 @@ def test_gpu_lost_gives_xid_79_at_its_time_and_a_gpu_lost_event():
 
 
 def test_ib_link_down_flap_and_low_rate():
-    spec = scenario(ib_ports=2, faults=[
-        {"kind": "ib_link_down", "node": "n01", "at_seconds": 50, "duration_seconds": 20},
-        {"kind": "ib_flap", "node": "n02", "port": 1, "at_seconds": 100, "duration_seconds": 120, "count": 4},
-        {"kind": "ib_rate_low", "node": "n02", "at_seconds": 240, "rate_gbps": 200},
-    ])
+    spec = scenario(
+        ib_ports=2,
+        faults=[
+            {"kind": "ib_link_down", "node": "n01", "at_seconds": 50, "duration_seconds": 20},
+            {"kind": "ib_flap", "node": "n02", "port": 1, "at_seconds": 100, "duration_seconds": 120, "count": 4},
+            {"kind": "ib_rate_low", "node": "n02", "at_seconds": 240, "rate_gbps": 200},
+        ],
+    )
     recs = records(spec)
     ib = of(recs, IbSample)
     assert {(s.node, s.device, s.port) for s in ib} == {(n, f"mlx5_{i}", 1) for n in ("n01", "n02") for i in (0, 1)}
@@ -334,10 +344,23 @@ def test_an_ib_link_down_for_long_aborts_a_multi_node_job():
 
 
 def test_ecc_sbe_burst_climbs():
-    spec = scenario(faults=[{"kind": "ecc_sbe_burst", "node": "n01", "gpu": 0, "at_seconds": 100, "rate_per_second": 2,
-                             "duration_seconds": 50}])
-    counts = [(s.t - T0, s.metrics["ecc_sbe_aggregate_total"]) for s in of(records(spec), GpuSample)
-              if (s.node, s.gpu) == ("n01", 0)]
+    spec = scenario(
+        faults=[
+            {
+                "kind": "ecc_sbe_burst",
+                "node": "n01",
+                "gpu": 0,
+                "at_seconds": 100,
+                "rate_per_second": 2,
+                "duration_seconds": 50,
+            }
+        ]
+    )
+    counts = [
+        (s.t - T0, s.metrics["ecc_sbe_aggregate_total"])
+        for s in of(records(spec), GpuSample)
+        if (s.node, s.gpu) == ("n01", 0)
+    ]
     assert dict(counts)[99] == 0 and dict(counts)[100] == 1 and dict(counts)[150] == 101 and dict(counts)[299] == 101
 
 
@@ -345,8 +368,9 @@ def test_scenario_values_it_cannot_use_name_their_key():
     with pytest.raises(ValueError, match=r"^faults\[0\]\.kind: unknown fault kind 'melt'"):
         SimFleet.from_scenario(scenario(faults=[{"kind": "melt", "node": "n01", "gpu": 0, "at_seconds": 1}]))
     with pytest.raises(ValueError, match=r"^noise\[1\]\.kind: unknown noise kind 'cosmic_ray'"):
-        SimFleet.from_scenario(scenario(noise=[{"kind": "single_sbe", "at_seconds": 1},
-                                               {"kind": "cosmic_ray", "at_seconds": 1}]))
+        SimFleet.from_scenario(
+            scenario(noise=[{"kind": "single_sbe", "at_seconds": 1}, {"kind": "cosmic_ray", "at_seconds": 1}])
+        )
     with pytest.raises(ValueError, match=r"^faults\[0\]\.kind: retired_pages .*H100 remaps rows"):
         SimFleet.from_scenario(scenario(faults=[{"kind": "retired_pages", "node": "n01", "gpu": 0, "at_seconds": 1}]))
     with pytest.raises(ValueError, match=r"^faults\[0\]\.node: unknown node 'n09'"):
@@ -365,18 +389,32 @@ def test_scenario_values_it_cannot_use_name_their_key():
 
 
 MIXED = scenario(
-    nodes=3, duration=240, seed=11,
-    jobs=[{"id": "j1", "nodes": ["n01", "n02"], "step_seconds": 0.9, "report_steps": True},
-          {"id": "j2", "nodes": ["n03"], "step_seconds": 1.2, "report_steps": True, "start_seconds": 30,
-           "end_seconds": 200}],
-    faults=[{"kind": "thermal_slowdown", "node": "n02", "gpu": 3, "at_seconds": 60, "duration_seconds": 60},
-            {"kind": "xid", "xid": 13, "node": "n03", "gpu": 1, "at_seconds": 150.5},
-            {"kind": "nvlink_errors", "node": "n01", "gpu": 0, "at_seconds": 20, "link": 3},
-            {"kind": "ib_flap", "node": "n01", "at_seconds": 100, "duration_seconds": 60}],
-    noise=[{"kind": "checkpoint_pause", "job": "j1", "at_seconds": 90, "duration_seconds": 15},
-           {"kind": "dataloader_hiccup", "job": "j2", "rank": 2, "at_seconds": 70, "count": 2},
-           {"kind": "single_sbe", "at_seconds": 33},
-           {"kind": "job_restart", "job": "j1", "at_seconds": 170, "duration_seconds": 20}],
+    nodes=3,
+    duration=240,
+    seed=11,
+    jobs=[
+        {"id": "j1", "nodes": ["n01", "n02"], "step_seconds": 0.9, "report_steps": True},
+        {
+            "id": "j2",
+            "nodes": ["n03"],
+            "step_seconds": 1.2,
+            "report_steps": True,
+            "start_seconds": 30,
+            "end_seconds": 200,
+        },
+    ],
+    faults=[
+        {"kind": "thermal_slowdown", "node": "n02", "gpu": 3, "at_seconds": 60, "duration_seconds": 60},
+        {"kind": "xid", "xid": 13, "node": "n03", "gpu": 1, "at_seconds": 150.5},
+        {"kind": "nvlink_errors", "node": "n01", "gpu": 0, "at_seconds": 20, "link": 3},
+        {"kind": "ib_flap", "node": "n01", "at_seconds": 100, "duration_seconds": 60},
+    ],
+    noise=[
+        {"kind": "checkpoint_pause", "job": "j1", "at_seconds": 90, "duration_seconds": 15},
+        {"kind": "dataloader_hiccup", "job": "j2", "rank": 2, "at_seconds": 70, "count": 2},
+        {"kind": "single_sbe", "at_seconds": 33},
+        {"kind": "job_restart", "job": "j1", "at_seconds": 170, "duration_seconds": 20},
+    ],
 )
 
 
@@ -385,7 +423,7 @@ def test_records_are_in_time_order_and_every_kind_appears():
     times = [r.t for r in recs]
     assert times == sorted(times)
     assert {type(r) for r in recs} == {GpuSample, HostSample, IbSample, Event, Step}
-    assert T0 <= times[0] and times[-1] < T0 + 240
+    assert times[0] >= T0 and times[-1] < T0 + 240
     ticks = sorted({r.t for r in recs if isinstance(r, GpuSample)})
     assert ticks == [T0 + i for i in range(240)]  # a simulated 1 Hz clock, the whole duration
 
@@ -419,6 +457,8 @@ def test_generation_speed():
     elapsed = time.perf_counter() - started
     assert count == 4 * 8 * 400
     per_sample = elapsed / count
-    print(f"\nsim fleet: {count} GPU samples (plus host, IB, steps) in {elapsed:.2f} s: "
-          f"{per_sample * 1e6:.0f} us per GPU sample, {per_sample * 100_000:.1f} s per 100,000")
+    print(
+        f"\nsim fleet: {count} GPU samples (plus host, IB, steps) in {elapsed:.2f} s: "
+        f"{per_sample * 1e6:.0f} us per GPU sample, {per_sample * 100_000:.1f} s per 100,000"
+    )
     assert math.isfinite(per_sample)
