@@ -4,17 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleetwatch.configfile import non_negative, one_of, positive, setting
+from fleetwatch.addresses import parse_host_port
+from fleetwatch.configfile import ConfigError, Secret, non_negative, one_of, positive, setting, wrap_secrets
 from fleetwatch.stepreport import DEFAULT_SOCKET
 from fleetwatch.systemd import LOG_LEVELS
 
 DEFAULT_PATH = "/etc/fleetwatch/agent.toml"
 
 
+def _collector_address(value: str) -> str | None:
+    """HOST:PORT to dial. gRPC would take a bare host for port 443 and never reach a collector on 9470."""
+    example = "e.g. collector.example.internal:9470 or [fd00::1]:9470"
+    if value.count(":") > 1 and not value.startswith("["):
+        return f"must be HOST:PORT; an IPv6 address goes in brackets, [ADDRESS]:PORT ({example})"
+    if ":" not in value or value.endswith("]"):
+        return f"needs a port, HOST:PORT ({example}; the collector listens on 9470 by default)"
+    try:
+        _, port = parse_host_port(value)
+    except ValueError as exc:
+        return f"{exc} ({example})"
+    if not value.rpartition(":")[0]:  # ":9470" is fine to listen on, not to dial
+        return f"needs a host before the port ({example})"
+    if port == 0:
+        return f"port 0 cannot be dialed ({example})"
+    return None
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node: str = setting("", "node name reported to the collector (empty: the host name)")
-    collector_address: str = setting("127.0.0.1:9470", "collector gRPC address, host:port")
+    collector_address: str = setting(
+        "127.0.0.1:9470",
+        "collector gRPC address, HOST:PORT (a DNS name or an address; IPv6 in brackets)",
+        check=_collector_address,
+    )
+    tls_ca_file: str = setting(
+        "",
+        "CA certificate (PEM) the collector's certificate must chain to; with tls_cert_file and tls_key_file "
+        "the stream uses mTLS (fleetwatchctl certs)",
+    )
+    tls_cert_file: str = setting("", "this node's client certificate (PEM), issued for the node name")
+    tls_key_file: str = setting("", "private key of tls_cert_file (PEM, unencrypted; keep it 0600)")
+    tls_server_name: str = setting(
+        "",
+        "name to verify the collector's certificate against, when it is not issued for the host in "
+        "collector_address (e.g. an IP address or a load balancer's name; empty: that host)",
+    )
     sampling_interval_seconds: float = setting(1.0, "seconds between samples", check=positive)
     spool_dir: str = setting("/var/lib/fleetwatch/spool", "directory holding batches until the collector acks them")
     spool_max_bytes: int = setting(
@@ -28,6 +63,20 @@ class AgentConfig:
     job_attribution: bool = setting(True, "name the Slurm job / Kubernetes pod and rank of each GPU's processes")
     metrics_listen: str = setting("0.0.0.0:9472", "address of the agent's own Prometheus /metrics (empty: off)")
     dcgm_names: bool = setting(False, "also export DCGM exporter metric names so existing dashboards keep working")
+    metrics_tls_cert_file: str = setting("", "certificate (PEM) to serve /metrics over HTTPS with (empty: plain HTTP)")
+    metrics_tls_key_file: str = setting("", "private key of metrics_tls_cert_file (PEM, unencrypted)")
+    metrics_basic_auth_user: str = setting(
+        "", "user name scrapers of /metrics must send with HTTP basic auth (empty: no auth)"
+    )
+    # File/environment only (flag=False): a flag would show the password in `ps`.
+    metrics_basic_auth_password: Secret = setting(
+        "", "password of metrics_basic_auth_user; prefer metrics_basic_auth_password_file", flag=False
+    )
+    metrics_basic_auth_password_file: str = setting(
+        "",
+        "file holding metrics_basic_auth_password, read at start (instead of metrics_basic_auth_password)",
+        file_for="metrics_basic_auth_password",
+    )
     disk_path: str = setting("/", "filesystem whose usage is reported as disk_used_bytes/disk_total_bytes")
     reconnect_min_seconds: float = setting(0.5, "first reconnect delay; doubles up to the maximum", check=positive)
     reconnect_max_seconds: float = setting(30.0, "longest reconnect delay", check=positive)
@@ -43,3 +92,27 @@ class AgentConfig:
         [], "faults to inject, KIND[:XID]@GPU+SECONDS[/DURATION], comma separated (with --simulate)"
     )
     log_level: str = setting("info", "log level", check=one_of(*LOG_LEVELS))
+
+    def __post_init__(self) -> None:
+        wrap_secrets(self)
+        _check_metrics_trust(self)
+
+
+def _check_metrics_trust(config: AgentConfig) -> None:
+    """The /metrics TLS and basic auth settings come in pairs; ConfigError stops the agent at start."""
+    pairs = (
+        ("metrics_tls_cert_file", config.metrics_tls_cert_file, "metrics_tls_key_file", config.metrics_tls_key_file),
+        (
+            "metrics_basic_auth_user",
+            config.metrics_basic_auth_user,
+            "metrics_basic_auth_password_file (or metrics_basic_auth_password)",
+            config.metrics_basic_auth_password.reveal(),
+        ),
+    )
+    for first, first_value, second, second_value in pairs:
+        if bool(first_value) != bool(second_value):
+            given, missing = (first, second) if first_value else (second, first)
+            raise ConfigError(f"{missing}: must be set with {given}")
+    if ":" in config.metrics_basic_auth_user:
+        # Basic auth sends user:password; RFC 7617 leaves no way to put a colon in the user.
+        raise ConfigError(f"metrics_basic_auth_user: must not contain ':' (got {config.metrics_basic_auth_user!r})")

@@ -23,8 +23,9 @@ from fleetwatch.agent.sources.jobs import JobResolver
 from fleetwatch.agent.sources.kmsg import KmsgSource
 from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch.agent.sources.steps import StepReceiver
-from fleetwatch.agent.spool import Spool
+from fleetwatch.agent.spool import Spool, SpoolBusyError, SpoolLock
 from fleetwatch.agent.state import AgentState
+from fleetwatch.agent.tls import load_channel_tls, plaintext_warning
 from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
 from fleetwatch.systemd import setup_logging
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 # Worded as load_config words the problems it finds.
                 raise ConfigError(f"metrics_listen: {exc} (got {config.metrics_listen!r})") from None
+        if not args.once:
+            # Checked now so that a wrong path stops the agent at start, not at its first connect.
+            load_channel_tls(config)
     except (ConfigError, ValueError) as exc:
         print(f"fleetwatch-agent: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -173,6 +177,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     log.info("starting with %s", describe(config))
+    warning = plaintext_warning(config)
+    if warning:
+        log.warning("%s", warning)
+    try:
+        # Locked before the Spool opens it: opening removes half-written files, which in a
+        # directory another agent is writing would be that agent's batches in progress. Held
+        # until the process exits (the kernel drops a flock with its holder, however it dies).
+        spool_lock = SpoolLock(config.spool_dir)
+    except SpoolBusyError as exc:
+        log.error("%s; exiting", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot lock the spool directory %s: %s", config.spool_dir, exc)
+        return 1
     try:
         spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=config.spool_fsync)
     except OSError as exc:
@@ -192,9 +210,28 @@ def main(argv: list[str] | None = None) -> int:
     if metrics_address is not None:
         metrics_host, metrics_port = metrics_address
         try:
-            metrics = MetricsServer(sampler.state, metrics_host, metrics_port, dcgm_names=config.dcgm_names)
+            metrics = MetricsServer(
+                sampler.state,
+                metrics_host,
+                metrics_port,
+                dcgm_names=config.dcgm_names,
+                tls_cert_file=config.metrics_tls_cert_file,
+                tls_key_file=config.metrics_tls_key_file,
+                basic_auth_user=config.metrics_basic_auth_user,
+                basic_auth_password=config.metrics_basic_auth_password.reveal(),
+            )
             metrics.start()
-            log.info("metrics on http://%s/metrics", join_host_port(metrics_host, metrics.port))
+            log.info(
+                "metrics on %s://%s/metrics%s",
+                metrics.scheme,
+                join_host_port(metrics_host, metrics.port),
+                ", basic auth" if config.metrics_basic_auth_user else "",
+            )
+            if config.metrics_basic_auth_user and not config.metrics_tls_cert_file:
+                log.warning(
+                    "metrics_basic_auth_user without metrics_tls_cert_file: "
+                    "the /metrics password crosses the network in the clear"
+                )
         except OSError as exc:
             log.error("cannot serve /metrics on %s: %s", config.metrics_listen, exc)
             return 1
@@ -217,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         if sampler.nvml is not None:
             sampler.nvml.close()
     log.info("stopped; %d batches left in the spool", spool.count)
+    spool_lock.release()
     return 0
 
 

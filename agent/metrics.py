@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fleetwatch import __version__ as AGENT_VERSION
+from fleetwatch.agent.metrics_http import ThreadingWsgiServer, basic_auth, serve, server_ssl_context
 from fleetwatch.agent.state import AgentState
 from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
 
@@ -642,6 +642,7 @@ class _Snapshot:
     spool_bytes: int
     spool_batches: int
     spool_dropped_batches_total: int
+    spool_quarantined_batches_total: int
     collector_connected: bool
     nvml_available: bool
 
@@ -721,6 +722,7 @@ class AgentMetrics(Collector):
                 spool_bytes=state.spool_bytes,
                 spool_batches=state.spool_batches,
                 spool_dropped_batches_total=state.spool_dropped_batches_total,
+                spool_quarantined_batches_total=state.spool_quarantined_batches_total,
                 collector_connected=state.collector_connected,
                 nvml_available=state.nvml_available,
             )
@@ -883,6 +885,12 @@ class AgentMetrics(Collector):
             "Unacknowledged batches dropped because the spool hit its limit.",
             value=snap.spool_dropped_batches_total,
         )
+        yield CounterMetricFamily(
+            "fleetwatch_agent_spool_quarantined_batches_total",
+            "Spooled batches that could not be sent (damaged on disk, or refused by the collector), "
+            "moved to the spool's quarantine/ directory.",
+            value=snap.spool_quarantined_batches_total,
+        )
         yield GaugeMetricFamily(
             "fleetwatch_agent_collector_connected",
             "1 while the stream to the collector is up, else 0.",
@@ -917,26 +925,50 @@ class AgentMetrics(Collector):
 
 
 class MetricsServer:
-    """The agent's /metrics on host:port from prometheus_client's own HTTP server (port 0 picks a free one).
+    """The agent's /metrics on host:port (port 0 picks a free one), over HTTPS and behind basic auth if asked.
 
-    prometheus_client serves the registry on every path, gzip-compressed when the scraper accepts
-    it, in the text or the OpenMetrics format as its Accept header asks, over IPv4 or IPv6 as the
-    host resolves.
+    prometheus_client's WSGI app serves the registry on every path, gzip-compressed when the
+    scraper accepts it, in the text or the OpenMetrics format as its Accept header asks; the
+    server (fleetwatch.agent.metrics_http) listens over IPv4 or IPv6 as the host resolves.
     """
 
-    def __init__(self, state: AgentState, host: str, port: int, *, dcgm_names: bool = False) -> None:
+    def __init__(
+        self,
+        state: AgentState,
+        host: str,
+        port: int,
+        *,
+        dcgm_names: bool = False,
+        tls_cert_file: str = "",
+        tls_key_file: str = "",
+        basic_auth_user: str = "",
+        basic_auth_password: str = "",
+    ) -> None:
+        """Basic auth is on when `basic_auth_user` is set; TLS when `tls_cert_file` is (its key in `tls_key_file`)."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(AgentMetrics(state, dcgm_names=dcgm_names))
         self.host = host
         self.port = port  # the bound port once start() returned
-        self._server: WSGIServer | None = None
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
+        self._basic_auth = (basic_auth_user, basic_auth_password) if basic_auth_user else None
+        self._server: ThreadingWsgiServer | None = None
         self._thread: threading.Thread | None = None
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
+
     def start(self) -> None:
-        """Binds and serves from a daemon thread; OSError when the address cannot be used."""
+        """Binds and serves from a daemon thread; OSError when the address or the certificate cannot be used."""
         if self._server is not None:
             return
-        self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        # Loaded at start: a renewed certificate takes a restart.
+        ssl_context = server_ssl_context(self.tls_cert_file, self.tls_key_file)
+        app = make_wsgi_app(self.registry)
+        if self._basic_auth is not None:
+            app = basic_auth(app, *self._basic_auth)
+        self._server, self._thread = serve(app, self.host, self.port, ssl_context)
         self.port = self._server.server_port
 
     def stop(self) -> None:

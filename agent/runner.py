@@ -1,8 +1,9 @@
 """The agent's loops: sample on a timer, send events the moment they are seen, spool, stream, resend.
 
 Every batch goes to the on-disk spool before it is sent and leaves it only when the collector
-acks it, so a collector restart, a network cut or an agent restart loses nothing: after
-reconnecting, the agent resends every un-acked batch in order.
+acks that batch's own seq, so a collector restart, a network cut or an agent restart loses
+nothing: after reconnecting, the agent resends every un-acked batch in order. What a collector
+claims beyond that (a Welcome or an ack for seqs this agent never sent) removes nothing.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import grpc
 
 from fleetwatch import __version__
 from fleetwatch.agent.config import AgentConfig
+from fleetwatch.agent.liveness import Heartbeats, WatchdogFeeder
 from fleetwatch.agent.sampler import Cycle, Sampler
 from fleetwatch.agent.sources.kmsg import KmsgSource
 from fleetwatch.agent.sources.steps import StepReceiver
 from fleetwatch.agent.spool import Spool
+from fleetwatch.agent.tls import open_channel
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.backoff import backoff_seconds
 from fleetwatch.systemd import notify, watchdog_interval_seconds
@@ -33,7 +36,67 @@ from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
 log = logging.getLogger(__name__)
 
 STREAM_METHOD = "/fleetwatch.v1.Telemetry/Stream"
+# Covers the Hello's write (which waits for the connection) and the Welcome's read.
 WELCOME_TIMEOUT_SECONDS = 10.0
+# A write held this long (the collector stopped reading and HTTP/2 flow control holds us) ends
+# the stream, so the sender reconnects instead of hanging where no watchdog ping would come.
+WRITE_TIMEOUT_SECONDS = 30.0
+# Batches in flight and not one of them acked for this long: the stream is treated as dead (a
+# collector whose ingest hangs, or one that acks only seqs we never sent); keepalive only
+# catches a dead TCP peer.
+ACK_STALL_SECONDS = 120.0
+# After a write fails because the RPC already ended, how long the reader gets to hand over the
+# acks that came before the end, and the status.
+READER_DRAIN_SECONDS = 2.0
+# Streams ended with INVALID_ARGUMENT while the same batch was the oldest unacked before that
+# batch is quarantined: the collector will never take it, and resending it forever would block
+# every batch behind it until the spool bound dropped them.
+REJECTIONS_BEFORE_QUARANTINE = 3
+# A collector's bogus claims are logged at most this often (it may repeat one on every ack).
+CLAIM_WARNING_INTERVAL_SECONDS = 60.0
+# The loops whose progress feeds the systemd watchdog.
+SAMPLE_LOOP = "sample"
+SEND_LOOP = "send"
+
+
+def batch_problem(seq: int, payload: bytes) -> str | None:
+    """Why a spooled payload cannot be sent as batch ``seq`` (None when it can).
+
+    Checked before every send: a payload that does not decode would only make the collector
+    end the stream, again on every reconnect, and nothing behind it would ever be delivered.
+    """
+    try:
+        message = pb.AgentMessage.FromString(payload)
+    except Exception as exc:  # DecodeError, or whatever else arbitrary bytes make the parser raise
+        return f"does not decode as a batch ({exc or type(exc).__name__})"
+    if message.WhichOneof("body") != "batch":
+        return "decodes, but holds no batch"
+    if message.batch.seq != seq:
+        return f"holds batch seq {message.batch.seq}, not the {seq} its file name says"
+    return None
+
+
+class _RateLimitedLog:
+    """At most one warning per key per interval; the next one says how many were held back."""
+
+    def __init__(self, interval_seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_seconds = interval_seconds
+        self._clock = clock
+        self._last_at: dict[str, float] = {}
+        self._held_back: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = self._clock()
+        last_at = self._last_at.get(key)
+        if last_at is not None and now - last_at < self.interval_seconds:
+            self._held_back[key] = self._held_back.get(key, 0) + 1
+            return
+        self._last_at[key] = now
+        held_back = self._held_back.pop(key, 0)
+        if held_back:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, held_back, self.interval_seconds)
+        log.warning(message, *args)
 
 
 def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
@@ -80,8 +143,13 @@ class Agent:
         self.sampling_interval_seconds = config.sampling_interval_seconds
         self.connected = False
         self._welcomed = False  # set once per connection, when the collector answered the hello
-        self.acked_seq = 0
+        self.highest_sent_seq = 0  # the highest seq this process wrote to any stream
         self.batches_made = 0
+        self._claims = _RateLimitedLog(CLAIM_WARNING_INTERVAL_SECONDS)
+        self._last_ack_at = 0.0  # monotonic; when the stream last acked a batch we sent on it
+        self._rejected_seq = 0  # the oldest unacked batch when the collector last said INVALID_ARGUMENT
+        self._rejections = 0  # how many streams in a row ended so with that batch oldest
+        self.heartbeats = Heartbeats((SAMPLE_LOOP, SEND_LOOP))
         self._spool_lock = threading.Lock()  # the sampler and the event threads all append
         self._stopping = threading.Event()
         self._rng = random.Random()
@@ -116,13 +184,18 @@ class Agent:
             batch.spool_batches = self.spool.count
             self.spool.append(seq, pb.AgentMessage(batch=batch).SerializeToString())
             self.batches_made += 1
-            with self.state.lock:
-                self.state.spool_bytes = self.spool.bytes
-                self.state.spool_batches = self.spool.count
-                self.state.spool_dropped_batches_total = self.spool.dropped_batches
+            self._publish_spool_state()
         if self._loop is not None and self._wake_sender is not None:
             self._loop.call_soon_threadsafe(self._wake_sender.set)
         return seq
+
+    def _publish_spool_state(self) -> None:
+        """Copy the spool's gauges and counters into the state /metrics reads (spool lock held)."""
+        with self.state.lock:
+            self.state.spool_bytes = self.spool.bytes
+            self.state.spool_batches = self.spool.count
+            self.state.spool_dropped_batches_total = self.spool.dropped_batches
+            self.state.spool_quarantined_batches_total = self.spool.quarantined_batches
 
     def sample_once(self) -> int:
         """One sampling cycle (blocking: NVML, psutil and sysfs reads); returns the batch's seq."""
@@ -216,23 +289,31 @@ class Agent:
     async def _sample_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         assert self._reschedule is not None
-        watchdog = watchdog_interval_seconds()
         last_tick = loop.time()
         while not stop.is_set():
             last_tick = loop.time()
+            # No grace for the cycle itself: NVML, psutil and sysfs reads that hang past the
+            # watchdog interval are what the watchdog is there to catch.
+            self.heartbeats.beat(SAMPLE_LOOP)
             try:
                 await asyncio.to_thread(self.sample_once)
             except Exception:  # e.g. a full disk under the spool: keep the loop alive and say so
                 log.exception("sampling cycle failed")
-            if watchdog is not None:
-                notify("WATCHDOG=1")
             # Sleep until the next tick; a new interval from the collector re-plans it at once.
             while not stop.is_set():
                 self._reschedule.clear()
                 remaining = last_tick + self.sampling_interval_seconds - loop.time()
                 if remaining <= 0:
                     break
+                self.heartbeats.beat(SAMPLE_LOOP, grace_seconds=remaining)
                 await wait_any(stop, self._reschedule, timeout_seconds=remaining)
+
+    async def _watchdog_loop(self, stop: asyncio.Event, interval_seconds: float) -> None:
+        """Feed systemd's watchdog while both loops make progress (see WatchdogFeeder)."""
+        feeder = WatchdogFeeder(self.heartbeats, interval_seconds)
+        while not stop.is_set():
+            feeder.tick()
+            await wait_any(stop, timeout_seconds=interval_seconds / 2)
 
     # -- streaming ---------------------------------------------------------------------------
 
@@ -260,12 +341,86 @@ class Agent:
                     setattr(gpu, key, type(getattr(gpu, key))(info[key]))
         return pb.AgentMessage(hello=hello).SerializeToString()
 
-    def _on_ack(self, seq: int) -> None:
+    def _on_welcome(self, held: int) -> None:
+        """The collector says it holds up to ``held`` for this (node, boot_id)."""
+        # held is the highest seq the collector stored for this boot: a maximum, not a promise
+        # that every lower seq arrived (batches the spool dropped or quarantined leave holes, and
+        # a stream posing as this node can store any seq it likes under our name). So it never
+        # removes a spooled batch: every batch still spooled is sent again under its own seq and
+        # leaves the spool only on its own ack. Ingest is idempotent on (node, boot_id, seq), so a
+        # batch the collector already had costs one duplicate, never a loss.
+        #
+        # New batches are still numbered above held. If seq.state was lost, this agent would
+        # otherwise hand out seqs the collector already holds for this boot and ingest would drop
+        # the new batches as duplicates. If instead held is a spoofer's seq 1000, numbering above
+        # it costs nothing: our spooled seq 45 is a seq the collector does not hold, so it is
+        # stored when sent (unless the collector acks past it, which it must not), and new
+        # batches from 1001 on are new too.
         with self._spool_lock:
-            self.spool.ack(seq)
-        self.acked_seq = max(self.acked_seq, seq)
+            newest = self.spool.last_seq
+            if held > newest:
+                self._claims.warning(
+                    "welcome",
+                    "collector %s says it holds seq %d for this boot, ahead of any seq this agent allocated "
+                    "(%d): another stream may be posing as node %s, or this spool's state was lost; "
+                    "resending all %d spooled batches under their own seqs and numbering new ones above %d",
+                    self.config.collector_address,
+                    held,
+                    newest,
+                    self.node,
+                    self.spool.count,
+                    held,
+                )
+                self.spool.ensure_seq_above(held)
 
-    async def _read_replies(self, call: Any) -> None:
+    def _on_ack(self, seq: int, in_flight: set[int]) -> None:
+        """Remove the acked batch from the spool, if it is one this stream sent and still waits for."""
+        if seq in in_flight:
+            in_flight.discard(seq)
+            with self._spool_lock:
+                self.spool.ack(seq)
+                self._publish_spool_state()
+            self._last_ack_at = time.monotonic()
+            if seq == self._rejected_seq:
+                self._rejected_seq = self._rejections = 0
+            return
+        if seq > self.highest_sent_seq:
+            self._claims.warning(
+                "ack",
+                "collector %s acked seq %d, ahead of any seq this agent sent (%d); ignored, nothing removed",
+                self.config.collector_address,
+                seq,
+                self.highest_sent_seq,
+            )
+        else:
+            # A batch acked twice, or one sent on an earlier stream: it was removed, or is resent.
+            log.debug("collector acked seq %d, which is not in flight on this stream; ignored", seq)
+
+    def _quarantine(self, seq: int, reason: str) -> None:
+        with self._spool_lock:
+            self.spool.quarantine(seq, reason)
+            self._publish_spool_state()
+
+    def _note_rejection(self, in_flight: set[int], details: str) -> None:
+        """The collector ended the stream with INVALID_ARGUMENT: blame the oldest unacked batch.
+
+        The collector acks in order and ends the stream at the batch it cannot store, so by the
+        time its status arrives every batch before that one has been acked; the oldest still in
+        flight is the one it refused. Only the same batch refused several streams in a row is
+        quarantined, so a transient refusal costs nothing.
+        """
+        if not in_flight:
+            return
+        suspect = min(in_flight)
+        if suspect == self._rejected_seq:
+            self._rejections += 1
+        else:
+            self._rejected_seq, self._rejections = suspect, 1
+        if self._rejections >= REJECTIONS_BEFORE_QUARANTINE:
+            self._quarantine(suspect, f"the collector refused it {self._rejections} times: {details}")
+            self._rejected_seq = self._rejections = 0
+
+    async def _read_replies(self, call: Any, in_flight: set[int]) -> None:
         assert self._acked is not None
         while True:
             msg = await call.read()
@@ -273,7 +428,7 @@ class Agent:
                 raise ConnectionError("collector closed the stream")
             body = msg.WhichOneof("body")
             if body == "ack":
-                self._on_ack(msg.ack.seq)
+                self._on_ack(msg.ack.seq, in_flight)
                 self._acked.set()
             elif body == "settings":
                 interval = msg.settings.sampling_interval_seconds
@@ -283,58 +438,109 @@ class Agent:
                     assert self._reschedule is not None
                     self._reschedule.set()
 
+    async def _handshake(self, call: Any) -> int:
+        """Hello, then the collector's Welcome; returns the seq it says it holds."""
+        await call.write(self._hello())
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+            raise ConnectionError("collector did not answer the hello with a welcome")
+        return int(first.welcome.last_seq)
+
+    async def _write(self, call: Any, reader: asyncio.Task[None], payload: bytes) -> None:
+        self.heartbeats.beat(SEND_LOOP, grace_seconds=WRITE_TIMEOUT_SECONDS)
+        try:
+            await asyncio.wait_for(call.write(payload), WRITE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise ConnectionError(f"a batch could not be written for {WRITE_TIMEOUT_SECONDS:.0f} s") from None
+        except asyncio.InvalidStateError:
+            # grpc's answer to a write after the RPC ended (the collector closed or aborted it
+            # during a burst). The reader still holds the acks sent before the end, then the
+            # status that says why: let it hand both over.
+            await asyncio.wait([reader], timeout=READER_DRAIN_SECONDS)
+            if reader.done() and not reader.cancelled():
+                reader.result()  # raises the stream's status
+            raise ConnectionError("the stream ended while a batch was being written") from None
+
     async def _stream_once(self, channel: grpc.aio.Channel, stop_sending: asyncio.Event) -> None:
         assert self._wake_sender is not None and self._acked is not None
         call = channel.stream_stream(
             STREAM_METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString
         )()
+        in_flight: set[int] = set()  # sent on this stream, not yet acked on it
         try:
-            await call.write(self._hello())
-            first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT_SECONDS)
-            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
-                raise ConnectionError("collector did not answer the hello with a welcome")
-            held = first.welcome.last_seq
-            with self._spool_lock:
-                self.spool.ensure_seq_above(held)
-            self._on_ack(held)
+            self.heartbeats.beat(SEND_LOOP, grace_seconds=WELCOME_TIMEOUT_SECONDS)
+            held = await asyncio.wait_for(self._handshake(call), WELCOME_TIMEOUT_SECONDS)
+            self._on_welcome(held)
             self.connected = self.state.collector_connected = True
             self._welcomed = True
+            self._last_ack_at = time.monotonic()
             log.info(
                 "connected to collector %s (it holds up to seq %d; %d batches to send)",
                 self.config.collector_address,
                 held,
                 self.spool.count,
             )
-            reader = asyncio.create_task(self._read_replies(call))
-            sent = self.acked_seq
+            reader = asyncio.create_task(self._read_replies(call, in_flight))
             try:
-                while True:
-                    if reader.done():
-                        reader.result()  # raises why the stream ended
-                    self._wake_sender.clear()
-                    room = self.config.max_in_flight_batches - (sent - self.acked_seq)
-                    if room > 0:
-                        with self._spool_lock:
-                            pending = self.spool.pending(after_seq=sent)[:room]
-                        for seq, payload in pending:
-                            await call.write(payload)
-                            sent = seq
-                    if stop_sending.is_set() and self.spool.count == 0:
-                        return
-                    self._acked.clear()
-                    await wait_any(self._wake_sender, self._acked, reader, timeout_seconds=1.0)
+                await self._send_spooled(call, reader, in_flight, stop_sending)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    self._note_rejection(in_flight, exc.details() or "")
+                raise
             finally:
                 reader.cancel()
         finally:
             self.connected = self.state.collector_connected = False
             call.cancel()
 
+    async def _send_spooled(
+        self, call: Any, reader: asyncio.Task[None], in_flight: set[int], stop_sending: asyncio.Event
+    ) -> None:
+        """Send every spooled batch, oldest first, then each new one, until the stream ends."""
+        assert self._wake_sender is not None and self._acked is not None
+        # Every stream starts from the oldest spooled batch, whatever the Welcome said: see
+        # _on_welcome. cursor is the highest seq this stream has sent or quarantined.
+        cursor = 0
+        while True:
+            if reader.done():
+                reader.result()  # raises why the stream ended
+                raise ConnectionError("collector stopped answering")
+            # Cleared before looking, so a wake or an ack that comes while we send is not lost.
+            self._wake_sender.clear()
+            self._acked.clear()
+            quarantined = False
+            room = self.config.max_in_flight_batches - len(in_flight)
+            if room > 0:
+                with self._spool_lock:
+                    pending = self.spool.pending(after_seq=cursor, max_batches=room)
+                for seq, payload in pending:
+                    cursor = seq
+                    problem = batch_problem(seq, payload)
+                    if problem is not None:
+                        self._quarantine(seq, problem)
+                        quarantined = True
+                        continue
+                    # Both before the write: its ack can be read before the write returns.
+                    in_flight.add(seq)
+                    self.highest_sent_seq = max(self.highest_sent_seq, seq)
+                    await self._write(call, reader, payload)
+            if stop_sending.is_set() and self.spool.count == 0:
+                return
+            if in_flight and time.monotonic() - self._last_ack_at > ACK_STALL_SECONDS:
+                raise ConnectionError(f"no ack for {ACK_STALL_SECONDS:.0f} s with {len(in_flight)} batches in flight")
+            if quarantined:
+                continue  # what took the quarantined batches' room is free now: fill it at once
+            self.heartbeats.beat(SEND_LOOP, grace_seconds=1.0)
+            await wait_any(self._wake_sender, self._acked, reader, timeout_seconds=1.0)
+
     async def _send_loop(self, stop_sending: asyncio.Event) -> None:
+        """Stream until drained after stop; supervised: no exception ends it, each is retried with backoff."""
         attempt = 0
         options = [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
         while True:
+            self.heartbeats.beat(SEND_LOOP)
             try:
-                async with grpc.aio.insecure_channel(self.config.collector_address, options=options) as channel:
+                async with open_channel(self.config, options) as channel:
                     await self._stream_once(channel, stop_sending)
                     return  # drained after stop
             except asyncio.CancelledError:
@@ -353,9 +559,28 @@ class Agent:
                     self.spool.count,
                     delay,
                 )
+            except Exception:
+                # Not the network: a bug or a local failure (a spool read, a TLS file). Logged
+                # with its traceback, and sending starts over after a backoff that grows while it
+                # repeats, so one bad moment never leaves the node silent until a restart.
+                attempt += 1
+                self._welcomed = False
+                delay = backoff_seconds(
+                    attempt, self.config.reconnect_min_seconds, self.config.reconnect_max_seconds, self._rng
+                )
+                log.exception(
+                    "the send loop failed; %d batches spooled; restarting it in %.1f s", self.spool.count, delay
+                )
             if stop_sending.is_set() and self.spool.count == 0:
                 return
+            self.heartbeats.beat(SEND_LOOP, grace_seconds=delay)  # a backoff is progress, not a hang
             await asyncio.sleep(delay)
+
+    def _sender_ended(self, task: asyncio.Task[None]) -> None:
+        """The send loop catches every Exception; should anything still end it, say so at once."""
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("the send loop ended: %r; the watchdog stops being fed", exc, exc_info=exc)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -367,8 +592,15 @@ class Agent:
         self._stopping.clear()
         stop_sending = asyncio.Event()
         await asyncio.to_thread(self._start_threads)
+        # Fresh heartbeats: the time spent starting the threads is no loop's silence.
+        self.heartbeats = Heartbeats((SAMPLE_LOOP, SEND_LOOP))
         sampler = asyncio.create_task(self._sample_loop(stop))
         sender = asyncio.create_task(self._send_loop(stop_sending))
+        sender.add_done_callback(self._sender_ended)
+        watchdog_seconds = watchdog_interval_seconds()
+        watchdog = (
+            asyncio.create_task(self._watchdog_loop(stop, watchdog_seconds)) if watchdog_seconds is not None else None
+        )
         notify("READY=1")
         log.info(
             "agent for node %s sampling every %.3g s (%s)",
@@ -381,7 +613,7 @@ class Agent:
         finally:
             notify("STOPPING=1")
             self._stopping.set()
-            await asyncio.gather(sampler, return_exceptions=True)
+            await asyncio.gather(sampler, *([watchdog] if watchdog is not None else []), return_exceptions=True)
             stop_sending.set()
             self._wake_sender.set()
             try:

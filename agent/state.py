@@ -36,6 +36,7 @@ class AgentState:
     spool_bytes: int = 0
     spool_batches: int = 0
     spool_dropped_batches_total: int = 0
+    spool_quarantined_batches_total: int = 0  # spool files that could not be sent, moved aside
     collector_connected: bool = False
     nvml_available: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)

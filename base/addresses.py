@@ -39,3 +39,20 @@ def parse_host_port(text: str) -> tuple[str, int]:
 def join_host_port(host: str, port: int) -> str:
     """The inverse of parse_host_port, for logs and URLs: an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` (as parse_host_port gives it) is reachable from this machine only.
+
+    `localhost` and loopback addresses (127.0.0.0/8, ::1, and ::ffff:127.x) are; every other name
+    or address, the wildcard ones included, may be reachable from the network.
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve to any interface
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback

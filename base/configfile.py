@@ -224,6 +224,27 @@ def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return out
 
 
+class ConfigPath(str):
+    """A configuration file path given on purpose (--config PATH): load_config refuses it missing.
+
+    The default path stays a plain str: a host without /etc/fleetwatch/*.toml runs on defaults,
+    but a mistyped --config must not start the daemon on defaults without a word.
+    """
+
+
+class _ExplicitConfigPath(argparse.Action):
+    """Stores --config's value as a ConfigPath (the default, never passed through here, stays a str)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | typing.Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, ConfigPath(str(values)))
+
+
 def daemon_parser(prog: str, description: str, cls: type, default_path: str) -> argparse.ArgumentParser:
     """A daemon's command line: --config plus one flag per setting of `cls`."""
     parser = argparse.ArgumentParser(
@@ -231,7 +252,10 @@ def daemon_parser(prog: str, description: str, cls: type, default_path: str) -> 
         description=description + " Settings come from the TOML file, then FLEETWATCH_<KEY> variables, then flags.",
     )
     parser.add_argument(
-        "--config", default=default_path, help=f"TOML configuration file [default: {default_path}; missing is fine]"
+        "--config",
+        default=default_path,
+        action=_ExplicitConfigPath,
+        help=f"TOML configuration file; one named here must exist [default: {default_path}, which may be missing]",
     )
     add_flags(parser, cls)
     return parser
@@ -267,7 +291,11 @@ def load_config(
     env: Mapping[str, str] | None = None,
     require_file: bool = False,
 ) -> T:
-    """Build `cls` from defaults, the TOML file at `path`, FLEETWATCH_* variables and flags."""
+    """Build `cls` from defaults, the TOML file at `path`, FLEETWATCH_* variables and flags.
+
+    A missing file at `path` is fine (defaults), unless `require_file` is set or `path` is a
+    ConfigPath (named by --config): then it is an error.
+    """
     fields = _fields(cls)
     values: dict[str, Any] = {}
     # Where each key was set, for the errors that name two keys.
@@ -286,6 +314,8 @@ def load_config(
                     raise ConfigError(f"{file}: unknown key {key!r} (known keys: {known})")
                 values[key] = _coerce(key, str(file), value, fields[key].type)
                 given[key] = str(file)
+        elif isinstance(path, ConfigPath):
+            raise ConfigError(f"--config {file}: no such file")
         elif require_file:
             raise ConfigError(f"{file}: configuration file not found")
 

@@ -78,6 +78,8 @@ def _job_problem(job: object) -> str | None:
         return "job must be a non-empty string"
     if len(job) > MAX_JOB_CHARS:
         return f"job must be at most {MAX_JOB_CHARS} characters"
+    if not job.isprintable():  # the agent refuses control characters (a NUL, a newline) in a job
+        return "job must be printable (no control characters)"
     try:
         encoded = json.dumps(job, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

@@ -14,10 +14,14 @@ from fleetwatch.addresses import parse_host_port
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
+from fleetwatch.collector.health import Readiness, sqlite_file
 from fleetwatch.collector.ingest import IngestWriter
+from fleetwatch.collector.notify import Notifiers
 from fleetwatch.collector.outbox import Outbox
 from fleetwatch.collector.server import IngestStats, TelemetryService
 from fleetwatch.collector.storage.store import IngestBatch, Store
+from fleetwatch.collector.tls import check_listen_security, load_server_tls
+from fleetwatch.collector.validate import ClockWindow
 from fleetwatch.collector.web import WebServer
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
@@ -56,15 +60,20 @@ class CollectorApp:
         self.tracker = Tracker(detectors)
         self.stats = IngestStats()
         self.writer = IngestWriter(self.store, self._on_stored, config.ingest_max_batches_per_commit)
-        # Outbox rows keep the whole URL (the database is trusted); logs show notify.target_for_log.
-        webhooks = [f"webhook:{url.reveal()}" for url in config.webhook_urls]
-        self.targets = (["log"] if config.log_alerts else []) + webhooks
+        self.readiness = Readiness(self.store, self.writer, sqlite_path=sqlite_file(config.database_url.reveal()))
+        # Outbox rows name a webhook by reference (origin and a key), never by its URL with tokens.
+        self.notifiers = Notifiers(
+            log_alerts=config.log_alerts,
+            webhook_urls=[url.reveal() for url in config.webhook_urls],
+            timeout_seconds=config.webhook_timeout_seconds,
+        )
+        self.targets = self.notifiers.targets
         self.outbox = Outbox(
             self.store,
+            self.notifiers,
             max_attempts=config.delivery_max_attempts,
             backoff_min_seconds=config.delivery_backoff_min_seconds,
             backoff_max_seconds=config.delivery_backoff_max_seconds,
-            timeout_seconds=config.webhook_timeout_seconds,
             clock=clock,
         )
         self.detection = DetectionLoop(
@@ -145,6 +154,10 @@ class CollectorApp:
             self.recent.add_ib(ib_sample(port["node"], port))
 
     async def start(self) -> None:
+        """Raises ConfigError, before migrating or listening, for TLS files or listen addresses that are refused."""
+        tls = await asyncio.to_thread(load_server_tls, self.config)
+        for warning in check_listen_security(self.config, tls=tls is not None):
+            log.warning("%s", warning)
         await asyncio.to_thread(self._warm_start)
         self.writer.start()
         service = TelemetryService(
@@ -154,12 +167,18 @@ class CollectorApp:
             sampling_interval_seconds=self.config.agent_sampling_interval_seconds,
             on_hello=self._on_hello,
             clock=self.clock,
+            authenticate_peers=tls is not None,
+            window=ClockWindow(self.config.max_clock_skew_seconds, self.config.max_data_age_seconds),
+            max_streams=self.config.max_agent_streams,
         )
         limit = self.config.max_message_bytes
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
         pb_grpc.add_TelemetryServicer_to_server(service, self._server)
         try:
-            self.grpc_port = self._server.add_insecure_port(self.config.grpc_listen)
+            if tls is None:
+                self.grpc_port = self._server.add_insecure_port(self.config.grpc_listen)
+            else:
+                self.grpc_port = self._server.add_secure_port(self.config.grpc_listen, tls.credentials())
         except RuntimeError as exc:
             raise OSError(f"cannot listen for agents on {self.config.grpc_listen}: {exc}") from None
         await self._server.start()
@@ -172,9 +191,10 @@ class CollectorApp:
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
         ]
         log.info(
-            "collector listening: gRPC %s (port %d), HTTP %s (port %d), database %s, %d alert targets",
+            "collector listening: gRPC %s (port %d, %s), HTTP %s (port %d), database %s, %d alert targets",
             self.config.grpc_listen,
             self.grpc_port,
+            "plaintext" if tls is None else "mTLS, streams bound to their certificate's node",
             self.config.http_listen,
             self.http_port,
             self.store.url_for_log,
@@ -208,4 +228,9 @@ class CollectorApp:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._web is not None:
             await self._web.stop()
+        # Database work in progress finishes before the store closes; a send to a hanging webhook is
+        # not waited for (it ends by its own timeout).
+        await asyncio.to_thread(self.outbox.close)
+        await asyncio.to_thread(self.detection.close)
+        await asyncio.to_thread(self.readiness.close)
         self.store.close()

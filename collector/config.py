@@ -10,7 +10,18 @@ from sqlalchemy.exc import ArgumentError
 
 from fleetwatch.addresses import parse_host_port
 from fleetwatch.collector.storage.store import redact_url
-from fleetwatch.configfile import Secret, non_negative, one_of, positive, setting, url_origin, wrap_secrets
+from fleetwatch.configfile import (
+    MASK,
+    ConfigError,
+    Secret,
+    non_negative,
+    one_of,
+    positive,
+    setting,
+    url_origin,
+    wrap_secrets,
+)
+from fleetwatch.limits import DEFAULT_MAX_AGENT_STREAMS, DEFAULT_MAX_CLOCK_SKEW_SECONDS, DEFAULT_MAX_DATA_AGE_SECONDS
 from fleetwatch.systemd import LOG_LEVELS
 
 DEFAULT_PATH = "/etc/fleetwatch/collector.toml"
@@ -30,6 +41,14 @@ class DatabaseUrl(Secret):
     @staticmethod
     def redact(value: str) -> str:
         return redact_url(value)
+
+
+class ApiToken(Secret):
+    """A bearer token of the HTTP API; never shown, only whether it is set."""
+
+    @staticmethod
+    def redact(value: str) -> str:
+        return MASK if value else ""
 
 
 class WebhookUrl(Secret):
@@ -72,8 +91,31 @@ def _webhooks(urls: list[WebhookUrl]) -> str | None:
 class CollectorConfig:
     grpc_listen: str = setting("0.0.0.0:9470", "address agents stream to (gRPC)", check=_address)
     http_listen: str = setting(
-        "0.0.0.0:9471", "address of /metrics, /healthz and the JSON API (/api/v1/...)", check=_address
+        "0.0.0.0:9471", "address of /metrics, /healthz, /readyz and the JSON API (/api/v1/...)", check=_address
     )
+    tls_cert_file: str = setting("", "server certificate (PEM) for gRPC and HTTP")
+    tls_key_file: str = setting("", "its private key (PEM)")
+    # The tokens themselves are file/environment only (flag=False): a flag would show them in `ps`.
+    api_read_token: ApiToken = setting(
+        "",
+        "bearer token that GETs of the JSON API (/api/v1/...) must carry (empty: reads are open); "
+        "prefer api_read_token_file",
+        flag=False,
+    )
+    api_read_token_file: str = setting(
+        "", "file holding api_read_token, read at start (instead of api_read_token)", file_for="api_read_token"
+    )
+    api_admin_token: ApiToken = setting(
+        "",
+        "bearer token that routes changing state must carry; it also reads (empty: with api_read_token set, "
+        "those routes are refused; with neither set, everything is open); prefer api_admin_token_file",
+        flag=False,
+    )
+    api_admin_token_file: str = setting(
+        "", "file holding api_admin_token, read at start (instead of api_admin_token)", file_for="api_admin_token"
+    )
+    health_require_token: bool = setting(False, "put /healthz and /readyz behind api_read_token")
+    metrics_require_token: bool = setting(False, "put /metrics behind api_read_token")
     database_url: DatabaseUrl = setting(
         "sqlite:////var/lib/fleetwatch/collector.db",
         "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql+psycopg://USER[:PASSWORD]@HOST/DB; "
@@ -104,11 +146,47 @@ class CollectorConfig:
     retention_hours: float = setting(168.0, "raw samples, events and steps older than this are purged", check=positive)
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from an agent", check=positive)
     ingest_max_batches_per_commit: int = setting(256, "batches written in one database transaction", check=positive)
+    max_clock_skew_seconds: float = setting(
+        DEFAULT_MAX_CLOCK_SKEW_SECONDS,
+        "a batch with a time further ahead of the collector's clock is refused (a node's clock is wrong)",
+        check=positive,
+    )
+    max_data_age_seconds: float = setting(
+        DEFAULT_MAX_DATA_AGE_SECONDS,
+        "a batch with a time older than this is refused; spooled batches and kernel-log XIDs can be old",
+        check=positive,
+    )
+    max_agent_streams: int = setting(
+        DEFAULT_MAX_AGENT_STREAMS, "agent streams open at once; more are refused (RESOURCE_EXHAUSTED)", check=positive
+    )
     delivery_max_attempts: int = setting(12, "tries per alert delivery before it is marked failed", check=positive)
     delivery_backoff_min_seconds: float = setting(1.0, "first retry delay of a failed delivery", check=positive)
     delivery_backoff_max_seconds: float = setting(300.0, "longest retry delay of a failed delivery", check=positive)
     webhook_timeout_seconds: float = setting(5.0, "HTTP timeout of one webhook POST", check=positive)
+    # tls_cert_file and tls_key_file (above) serve gRPC too; agents must then present a certificate.
+    tls_client_ca_file: str = setting(
+        "",
+        "CA certificate(s) (PEM) agents' client certificates must chain to (mTLS, required with tls_cert_file); "
+        "a stream may then speak only for the node its certificate names (fleetwatchctl certs)",
+    )
+    insecure: bool = setting(
+        False,
+        "allow plaintext gRPC (no TLS) and HTTP on an address other than loopback: anyone who reaches the "
+        "port can then send data as any node",
+    )
     log_level: str = setting("info", "log level", check=one_of(*LOG_LEVELS))
 
     def __post_init__(self) -> None:
         wrap_secrets(self)
+        _check_api_tokens(self)
+
+
+def _check_api_tokens(config: CollectorConfig) -> None:
+    """Token settings that only make sense together; ConfigError stops the collector at start."""
+    read, admin = config.api_read_token.reveal(), config.api_admin_token.reveal()
+    if read and read == admin:
+        # One token for both would hand every reader the right to change state.
+        raise ConfigError("api_read_token and api_admin_token are the same token; give admins their own")
+    for name in ("health_require_token", "metrics_require_token"):
+        if getattr(config, name) and not read:
+            raise ConfigError(f"{name}: needs api_read_token (or api_read_token_file) to be set")

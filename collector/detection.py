@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.collector.storage.store import Store
@@ -57,6 +58,9 @@ class DetectionLoop:
         self._trigger = asyncio.Event()
         # Transitions the database has not taken yet (it was down); retried on the next pass.
         self._unsaved: list[tuple[str, Finding]] = []
+        # Alert recording has a thread of its own: a burst of Hellos or API queries on the loop's
+        # default executor must not hold a new alert back (one pass saves at a time anyway).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-recording")
 
     def trigger(self) -> None:
         """Run a pass now (events must not wait for the next interval)."""
@@ -81,7 +85,7 @@ class DetectionLoop:
         self.passes += 1
         transitions = self._unsaved + [("open", f) for f in opened] + [("close", f) for f in closed]
         if transitions:
-            await asyncio.to_thread(self._save, transitions, now)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._save, transitions, now)
             self.on_alerts_changed()
         return opened, closed
 
@@ -96,3 +100,7 @@ class DetectionLoop:
             if watchdog:
                 notify("WATCHDOG=1")
             await wait_any(self._trigger, stop, timeout_seconds=self.interval_seconds)
+
+    def close(self) -> None:
+        """After run() has ended: a save in progress finishes (the store closes next), nothing new starts."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,111 +1,58 @@
-"""Turns agent batches into store rows and writes them from one thread, many batches per commit."""
+"""Writes checked agent batches from one thread, many batches per commit, never one stream's out of order."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
-from fleetwatch.collector.storage.store import IngestBatch, Store, StoreError
-from fleetwatch.records import Event, GpuSample, HostSample, Step
-from fleetwatch.v1 import telemetry_pb2 as pb
-from fleetwatch.wire import IB_FIELDS, metrics_to_dict
+from fleetwatch.collector.storage.store import BatchRefused, IngestBatch, Store, StoreError
+from fleetwatch.collector.validate import InvalidMessage
 
 log = logging.getLogger(__name__)
 
-MAX_GPUS_PER_BATCH = 64
-MAX_EVENTS_PER_BATCH = 1024
-MAX_STEPS_PER_BATCH = 10_000
+# After a failed commit the writer waits this long before the next: a sick database is not spun on.
+FAILED_COMMIT_PAUSE_SECONDS = 0.5
 
 
-class BatchRejected(ValueError):
-    """A batch that cannot be stored as sent (the message says why)."""
+class IngestStream:
+    """One agent stream's place in the writer's queue.
+
+    Once a batch of the stream is not stored (refused, or the database failed), the stream's later
+    batches are not stored either: the stream acks in order and ends at the failed one, and a
+    stored later seq would make the agent's next Welcome (the highest stored seq) pass over it.
+    """
+
+    __slots__ = ("broken",)
+
+    def __init__(self) -> None:
+        self.broken = False  # written by the writer thread only
 
 
-def _finite(metrics: dict) -> dict:
-    """NaN/inf is not a measurement; dropping it keeps 'absent means unknown'."""
-    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+class StreamBroken(Exception):
+    """A batch not stored because an earlier batch of its stream was not."""
 
 
-def to_ingest_batch(node: str, boot_id: str, batch: pb.Batch, received_at: float) -> IngestBatch:
-    if batch.seq == 0:
-        raise BatchRejected("batch seq must be 1 or more")
-    if (
-        len(batch.gpus) > MAX_GPUS_PER_BATCH
-        or len(batch.events) > MAX_EVENTS_PER_BATCH
-        or len(batch.steps) > MAX_STEPS_PER_BATCH
-    ):
-        raise BatchRejected(
-            f"batch {batch.seq} over limits ({len(batch.gpus)} GPU samples, "
-            f"{len(batch.events)} events, {len(batch.steps)} steps)"
-        )
-    gpu_samples = [
-        GpuSample(
-            t=g.t,
-            node=node,
-            gpu=g.gpu,
-            metrics=_finite(metrics_to_dict(g.metrics)),
-            uuid=g.uuid or None,
-            job=g.job or None,
-            rank=g.rank if g.HasField("rank") else None,
-        )
-        for g in batch.gpus
-    ]
-    host_samples = []
-    ib_ports = []
-    if batch.HasField("host"):
-        host_samples.append(HostSample(t=batch.host.t, node=node, metrics=_finite(metrics_to_dict(batch.host.metrics))))
-        for port in batch.host.ib_ports:
-            row = {"t": batch.host.t, "device": port.device, "port": port.port, "ib_state": port.ib_state or None}
-            row.update({k: getattr(port, k) for k in IB_FIELDS if k != "ib_state" and port.HasField(k)})
-            ib_ports.append(row)
-    events = [
-        Event(
-            t=e.t,
-            node=node,
-            kind=e.kind,
-            gpu=e.gpu if e.HasField("gpu") else None,
-            xid=e.xid if e.HasField("xid") else None,
-            pci_bus_id=e.pci_bus_id or None,
-            uuid=e.uuid or None,
-            message=e.message,
-            source=e.source or None,
-        )
-        for e in batch.events
-    ]
-    steps = [
-        Step(
-            t=s.t,
-            job=s.job,
-            rank=s.rank,
-            node=node,
-            step=s.step,
-            seconds=s.seconds,
-            gpu=s.gpu if s.HasField("gpu") else None,
-        )
-        for s in batch.steps
-    ]
-    return IngestBatch(
-        node=node,
-        boot_id=boot_id,
-        seq=batch.seq,
-        received_at=received_at,
-        gpu_samples=gpu_samples,
-        host_samples=host_samples,
-        ib_ports=ib_ports,
-        events=events,
-        steps=steps,
-    )
+# What a queued batch comes to: True stored, False already held, or why it was not stored.
+Outcome = bool | BaseException
+
+
+def _retrieve(future: asyncio.Future[bool]) -> None:
+    # A stream that ended early never awaits its later futures; reading the exception here keeps
+    # asyncio from logging "exception was never retrieved" for each.
+    if not future.cancelled():
+        future.exception()
 
 
 class IngestWriter:
     """Batches from every agent stream queue here; one thread commits them in groups.
 
     `submit` returns a future that resolves True (stored) / False (already stored) after the
-    commit, so the stream acks only what is durable.
+    commit, so the stream acks only what is durable. A group the database refuses for one batch's
+    values is stored again batch by batch, so no other stream's batch fails with it.
     """
 
     def __init__(
@@ -124,6 +71,12 @@ class IngestWriter:
         self._stop = threading.Event()
         self.commits = 0
         self.errors = 0
+        self._pause = False  # the last group failed: wait before the next (writer thread only)
+        # Read by /readyz (collector/health.py), written by the writer thread only; time.monotonic().
+        self.commit_started_at: float | None = None  # the store.ingest call now running began
+        self.last_commit_at: float | None = None
+        self.last_error_at: float | None = None
+        self.failing_since: float | None = None  # first failure since the last commit
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -136,29 +89,128 @@ class IngestWriter:
             self._thread.join(timeout_seconds)
 
     @property
+    def alive(self) -> bool:
+        """Whether the writer thread runs (it never exits before stop() on its own)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def queued(self) -> int:
         return self._queue.qsize()
 
-    async def submit(self, item: IngestBatch) -> asyncio.Future[bool]:
+    async def submit(self, item: IngestBatch, stream: IngestStream) -> asyncio.Future[bool]:
+        """Queue a checked batch of `stream` (in seq order); the future resolves after its commit.
+
+        True: stored; False: already held. It raises InvalidMessage when the database refused the
+        batch for its values, StoreError (or another exception) when the database failed, and
+        StreamBroken when an earlier batch of the stream was not stored.
+        """
         assert self._loop is not None
         future: asyncio.Future[bool] = self._loop.create_future()
+        future.add_done_callback(_retrieve)
         while True:
             try:
-                self._queue.put_nowait((item, future))
+                self._queue.put_nowait((item, future, stream))
                 return future
             except queue.Full:  # back-pressure onto the agent's stream instead of growing without bound
                 await asyncio.sleep(0.05)
 
-    def _resolve(self, entries: list, flags: Sequence[bool] | None, error: Exception | None) -> None:
-        if error is None:
-            self.on_stored([item for item, _ in entries], flags or [])
-        for i, (_, future) in enumerate(entries):
+    def _resolve(self, entries: list, outcomes: Sequence[Outcome]) -> None:
+        stored = [(item, outcome) for (item, _, _), outcome in zip(entries, outcomes) if isinstance(outcome, bool)]
+        if stored:
+            try:
+                self.on_stored([item for item, _ in stored], [flag for _, flag in stored])
+            except Exception:  # live detection's bookkeeping must not keep acks from the agents
+                log.exception("handing %d stored batches to detection failed", len(stored))
+        for (_, future, _), outcome in zip(entries, outcomes):
             if future.done():
                 continue
-            if error is not None:
-                future.set_exception(error)
+            if isinstance(outcome, bool):
+                future.set_result(outcome)
             else:
-                future.set_result(flags[i])  # type: ignore[index]
+                future.set_exception(outcome)
+
+    def _ingest_timed(self, items: list[IngestBatch]) -> list[bool]:
+        """store.ingest, keeping the times that tell /readyz whether ingest is progressing."""
+        self.commit_started_at = time.monotonic()
+        try:
+            flags = self.store.ingest(items)
+        except BatchRefused:
+            self.last_commit_at = time.monotonic()  # the database answered: refusing data is not failing
+            raise
+        except Exception:
+            self.last_error_at = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = self.last_error_at
+            raise
+        finally:
+            self.commit_started_at = None
+        self.last_commit_at = time.monotonic()
+        self.failing_since = None
+        return flags
+
+    def _store(self, entries: list) -> list[Outcome]:
+        """Each entry's outcome: the whole group in one commit, item by item when the database refuses one."""
+        outcomes: list[Outcome | None] = [None] * len(entries)
+        live: list[int] = []
+        for i, (_, _, stream) in enumerate(entries):
+            if stream.broken:
+                outcomes[i] = StreamBroken("an earlier batch of this stream was not stored")
+            else:
+                live.append(i)
+        if not live:
+            return outcomes  # type: ignore[return-value]
+        try:
+            flags = self._ingest_timed([entries[i][0] for i in live])
+        except BatchRefused as exc:
+            # One batch's values broke the database's limits (a check is missing: the log says
+            # which): store the others one by one, so only that batch and its stream's later ones
+            # fail, and the rest of the group is acked.
+            self._store_one_by_one(entries, live, outcomes, exc.stored)
+        except Exception as exc:
+            self._fail(entries, live, outcomes, exc)
+        else:
+            self.commits += 1
+            for i, flag in zip(live, flags):
+                outcomes[i] = flag
+        return outcomes  # type: ignore[return-value]
+
+    def _store_one_by_one(
+        self, entries: list, live: list[int], outcomes: list[Outcome | None], stored: frozenset[tuple[str, str, int]]
+    ) -> None:
+        for n, i in enumerate(live):
+            item, _, stream = entries[i]
+            if item.key in stored:  # committed by the store's own item-by-item pass: new, not a duplicate
+                outcomes[i] = True
+                continue
+            if stream.broken:
+                outcomes[i] = StreamBroken("an earlier batch of this stream was not stored")
+                continue
+            try:
+                (outcomes[i],) = self._ingest_timed([item])
+                self.commits += 1
+            except BatchRefused as exc:
+                stream.broken = True
+                outcomes[i] = InvalidMessage(
+                    "batch",
+                    "values",
+                    "refused by the database (a value beyond its column's limits); not stored",
+                    seq=item.seq,
+                    detail=exc.reason,
+                )
+            except Exception as exc:  # the database failed mid-way: the rest waits for the agents' resend
+                self._fail(entries, live[n:], outcomes, exc)
+                return
+
+    def _fail(self, entries: list, failed: list[int], outcomes: list[Outcome | None], exc: Exception) -> None:
+        self.errors += 1
+        if isinstance(exc, StoreError):
+            log.error("storing %d batches failed: %s (agents keep them spooled and resend)", len(failed), exc)
+        else:  # never let the writer thread die silently
+            log.exception("unexpected error storing %d batches", len(failed))
+        for i in failed:
+            entries[i][2].broken = True
+            outcomes[i] = exc
+        self._pause = True
 
     def _run(self) -> None:
         assert self._loop is not None
@@ -172,16 +224,8 @@ class IngestWriter:
                     entries.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                flags = self.store.ingest([item for item, _ in entries])
-                self.commits += 1
-                self._loop.call_soon_threadsafe(self._resolve, entries, flags, None)
-            except StoreError as exc:
-                self.errors += 1
-                log.error("storing %d batches failed: %s (agents keep them spooled and resend)", len(entries), exc)
-                self._loop.call_soon_threadsafe(self._resolve, entries, None, exc)
-                self._stop.wait(0.5)  # a sick database: don't spin
-            except Exception as exc:  # never let the writer thread die silently
-                self.errors += 1
-                log.exception("unexpected error storing %d batches", len(entries))
-                self._loop.call_soon_threadsafe(self._resolve, entries, None, exc)
+            self._pause = False
+            outcomes = self._store(entries)
+            self._loop.call_soon_threadsafe(self._resolve, entries, outcomes)
+            if self._pause:
+                self._stop.wait(FAILED_COMMIT_PAUSE_SECONDS)  # a sick database: don't spin

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting with %s", describe(config))
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # TLS files and listen addresses are checked when the servers start
+        log.error("cannot start: configuration error: %s", exc)
+        return 2
     except (StoreError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1

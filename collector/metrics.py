@@ -35,6 +35,29 @@ class CollectorMetrics(Collector):
         yield samples
         yield counter("fleetwatch_collector_events", "Events stored (XIDs, GPU lost, ...).", stats.events)
         yield counter("fleetwatch_collector_batches_rejected", "Streams ended for a malformed message.", stats.rejected)
+        invalid = CounterMetricFamily(
+            "fleetwatch_collector_invalid_messages",
+            "Agent messages refused for a field beyond the wire contract's limits, by node and field "
+            "(node _invalid: a name that is no node name; _unknown: a node this database does not know).",
+            labels=["node", "field"],
+        )
+        for (node, field), n in sorted(stats.invalid.items()):
+            invalid.add_metric([node, field], n)
+        yield invalid
+        dropped = CounterMetricFamily(
+            "fleetwatch_collector_metric_values_dropped",
+            "Metric values dropped as no measurement (NaN, infinite, NVML's all-ones 'not available'), by field.",
+            labels=["field"],
+        )
+        for name, n in sorted(stats.dropped_values.items()):
+            dropped.add_metric([name], n)
+        yield dropped
+        yield GaugeMetricFamily("fleetwatch_collector_agent_streams", "Agent streams open.", value=stats.streams_open)
+        yield counter(
+            "fleetwatch_collector_agent_streams_refused",
+            "Agent streams refused at max_agent_streams.",
+            stats.streams_refused,
+        )
         yield counter(
             "fleetwatch_collector_ingest_errors", "Database writes of ingested batches that failed.", app.writer.errors
         )

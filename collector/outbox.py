@@ -1,97 +1,229 @@
-"""Delivers alert transitions from the database outbox, retrying with backoff until each is sent.
+"""Delivers alert transitions from the database outbox on each target's own threads, retrying with backoff.
 
 An alert change and its delivery rows commit together, so a collector that dies between the two
 still sends the notification after it restarts.
+
+Sends never touch the event loop's default executor, which ingest, the gRPC Hello and the HTTP API
+use: each target (the log, each webhook) has a lane of its own, a few threads of its own, so a
+receiver that hangs holds only its own lane's threads, for at most webhook_timeout_seconds a try,
+and neither ingest, alert recording nor the other targets wait for it. The outbox's own queries
+run on one thread of their own too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.backoff import backoff_seconds
-from fleetwatch.collector.notify import NotifyError, notifier_for, target_for_log
+from fleetwatch.collector.notify import Notifiers, NotifyError, TargetNotConfigured, target_for_log
 from fleetwatch.collector.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_CONCURRENT_SENDS = 16
+# Sends in flight to one target at once; a hanging receiver holds at most this many threads.
+SENDS_PER_TARGET = 4
+# Due deliveries read per query.
+DUE_PER_QUERY = 100
 IDLE_POLL_SECONDS = 5.0
+# A delivery whose outcome could not be written (the database failed) waits this long before it is
+# sent again: it stays pending, and re-sending it at once would flood the receiver.
+UNRECORDED_HOLD_SECONDS = 5.0
+
+Outcome = Literal["sent", "retry", "failed", "unrecorded"]
+T = TypeVar("T")
+
+
+@dataclass
+class _Lane:
+    """One target's sends: its own threads and the deliveries in flight on them."""
+
+    executor: ThreadPoolExecutor
+    capacity: int
+    in_flight: set[int] = field(default_factory=set)
+    # The stored targets sent on this lane (an old row's whole URL shares its webhook's lane).
+    targets: set[str] = field(default_factory=set)
+
+    @property
+    def full(self) -> bool:
+        return len(self.in_flight) >= self.capacity
 
 
 class Outbox:
     def __init__(
         self,
         store: Store,
+        notifiers: Notifiers,
         *,
         max_attempts: int = 12,
         backoff_min_seconds: float = 1.0,
         backoff_max_seconds: float = 300.0,
-        timeout_seconds: float = 5.0,
+        sends_per_target: int = SENDS_PER_TARGET,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.notifiers = notifiers
         self.max_attempts = max_attempts
         self.backoff_min_seconds = backoff_min_seconds
         self.backoff_max_seconds = backoff_max_seconds
-        self.timeout_seconds = timeout_seconds
+        self.sends_per_target = sends_per_target
         self.clock = clock
         self.sent = 0
         self.retried = 0
         self.failed = 0
+        self._counts_lock = threading.Lock()  # the lanes' threads count outcomes
         self._wake = asyncio.Event()
         self._rng = random.Random()
+        self._lanes: dict[str, _Lane] = {}
+        # Delivery id -> clock time before which it is not sent again (its outcome was not recorded).
+        self._held: dict[int, float] = {}
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-db")
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _deliver(self, delivery: dict) -> None:
-        """Blocking: one send and its bookkeeping (runs in a worker thread)."""
+    # -- one delivery (a lane's thread) -------------------------------------------------------
+
+    def _count(self, outcome: Outcome) -> None:
+        with self._counts_lock:
+            if outcome == "sent":
+                self.sent += 1
+            elif outcome == "retry":
+                self.retried += 1
+            elif outcome == "failed":
+                self.failed += 1
+
+    def _deliver(self, delivery: dict[str, Any]) -> Outcome:
+        """Blocking: one send and its bookkeeping. Logs name the target by its reference, never a token."""
+        target = target_for_log(delivery["target"])
+        try:
+            outcome = self._send_and_record(delivery, target)
+        except Exception as exc:  # the database failed us: the delivery stays pending
+            log.error("cannot record the delivery to %s (it will be sent again): %s", target, exc)
+            return "unrecorded"
+        self._count(outcome)
+        return outcome
+
+    def _send_and_record(self, delivery: dict[str, Any], target: str) -> Outcome:
         now = self.clock()
         try:
-            notifier_for(delivery["target"], timeout_seconds=self.timeout_seconds).send(
-                delivery, delivery["transition"]
-            )
+            self.notifiers.for_target(delivery["target"]).send(delivery, delivery["transition"])
         except NotifyError as exc:
-            # The stored target holds the whole URL; logs get its redacted form, and the notifier's
-            # message (logged and stored as last_error) is redacted by the notifier.
-            target = target_for_log(delivery["target"])
+            # The notifier's message (logged and stored as last_error) is redacted by the notifier.
             attempts = delivery["attempts"] + 1
-            if attempts >= self.max_attempts:
-                self.failed += 1
+            if isinstance(exc, TargetNotConfigured) or attempts >= self.max_attempts:
                 log.error("giving up on %s after %d attempts: %s", target, attempts, exc)
                 self.store.mark_failed(delivery["id"], str(exc))
-                return
+                return "failed"
             # attempts counts the failed sends, so the first retry (backoff's retry 0) follows 1.
             delay = backoff_seconds(attempts - 1, self.backoff_min_seconds, self.backoff_max_seconds, self._rng)
-            self.retried += 1
             log.warning("delivery to %s failed (%s); retry %d in %.1f s", target, exc, attempts, delay)
             self.store.mark_retry(delivery["id"], str(exc), now + delay)
-            return
-        self.sent += 1
+            return "retry"
         self.store.mark_delivered(delivery["id"], self.clock())
+        return "sent"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _lane(self, target: str) -> _Lane:
+        name = self.notifiers.lane(target)
+        lane = self._lanes.get(name)
+        if lane is None:
+            scheme = name.partition(":")[0]
+            executor = ThreadPoolExecutor(max_workers=self.sends_per_target, thread_name_prefix=f"notify-{scheme}")
+            lane = self._lanes[name] = _Lane(executor, self.sends_per_target)
+        lane.targets.add(target)
+        return lane
+
+    def _skips(self) -> tuple[set[int], set[str]]:
+        """Deliveries not to read now: those in flight, those held, and every one of a full lane's targets."""
+        now = self.clock()
+        for delivery_id in [i for i, until in self._held.items() if until <= now]:
+            del self._held[delivery_id]
+        ids = set(self._held)
+        targets: set[str] = set()
+        for lane in self._lanes.values():
+            ids |= lane.in_flight
+            if lane.full:
+                targets |= lane.targets
+        return ids, targets
+
+    def _dispatch(self, delivery: dict[str, Any]) -> bool:
+        """Start sending on the delivery's lane; False when the lane has no room (it is read again later)."""
+        assert self._loop is not None
+        lane = self._lane(delivery["target"])
+        if lane.full or delivery["id"] in lane.in_flight:
+            return False
+        delivery_id = int(delivery["id"])
+        lane.in_flight.add(delivery_id)
+        future = lane.executor.submit(self._deliver, delivery)
+        loop = self._loop
+
+        def finished(done: Future[Outcome]) -> None:
+            # RuntimeError: the loop closed during shutdown, nothing is left to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._finished, lane, delivery_id, done)
+
+        future.add_done_callback(finished)
+        return True
+
+    def _finished(self, lane: _Lane, delivery_id: int, done: Future[Outcome]) -> None:
+        lane.in_flight.discard(delivery_id)
+        if done.cancelled() or done.exception() is not None or done.result() == "unrecorded":
+            self._held[delivery_id] = self.clock() + UNRECORDED_HOLD_SECONDS
+        self._wake.set()  # the lane has room, and the next delivery of that alert may be due
+
+    async def _query(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._db, lambda: call(*args, **kwargs))
+
+    async def _pass(self) -> float | None:
+        """Start every due delivery there is room for; when the next one falls due (None: none pends)."""
+        while True:
+            skip_ids, skip_targets = self._skips()
+            due = await self._query(
+                self.store.due_deliveries,
+                self.clock(),
+                DUE_PER_QUERY,
+                skip_ids=skip_ids,
+                skip_targets=skip_targets,
+            )
+            for delivery in due:
+                self._dispatch(delivery)
+            if len(due) < DUE_PER_QUERY:
+                break  # else there may be more due right away (full lanes are skipped from now on)
+        skip_ids, skip_targets = self._skips()
+        next_due = await self._query(self.store.next_delivery_due, skip_ids=skip_ids, skip_targets=skip_targets)
+        if self._held:
+            held_until = min(self._held.values())
+            next_due = held_until if next_due is None else min(next_due, held_until)
+        return next_due
 
     async def run(self, stop: asyncio.Event) -> None:
-        limit = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
-
-        async def deliver(d: dict) -> None:
-            async with limit:
-                await asyncio.to_thread(self._deliver, d)
-
+        self._loop = asyncio.get_running_loop()
         while not stop.is_set():
             self._wake.clear()
             try:
-                due = await asyncio.to_thread(self.store.due_deliveries, self.clock(), 100)
-                if due:
-                    await asyncio.gather(*(deliver(d) for d in due), return_exceptions=False)
-                    continue  # there may be more due right away
-                next_due = await asyncio.to_thread(self.store.next_delivery_due)
+                next_due = await self._pass()
             except Exception:
                 log.exception("outbox pass failed; retrying")
                 next_due = None
             wait = IDLE_POLL_SECONDS if next_due is None else min(IDLE_POLL_SECONDS, max(0.0, next_due - self.clock()))
             await wait_any(self._wake, stop, timeout_seconds=wait)
+
+    def close(self) -> None:
+        """Stop taking work; sends in flight end by their own timeout (their threads are not waited
+        for), while a database step in progress finishes, since the store closes next."""
+        for lane in self._lanes.values():
+            lane.executor.shutdown(wait=False, cancel_futures=True)
+        self._db.shutdown(wait=True, cancel_futures=True)

@@ -1,4 +1,4 @@
-"""The collector's HTTP endpoint on its own event loop: /metrics, /healthz and the JSON API fleetwatchctl reads."""
+"""The collector's HTTP endpoint on its own event loop: /metrics, /healthz, /readyz and the API fleetwatchctl reads."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from fleetwatch.collector.httpauth import Access, add_route, server_ssl_context, token_middleware
 from fleetwatch.collector.metrics import CollectorMetrics
 from fleetwatch.collector.storage.store import Store
 
@@ -27,7 +28,7 @@ SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 HEALTH_MARK = {"ok": ".", "info": "i", "warning": "W", "critical": "C"}
 ALERT_STATUSES = ("firing", "resolved", "all")
 DEFAULT_ALERTS_LIMIT = 200
-ROUTES_HINT = "try /metrics, /healthz, /api/v1/status, /api/v1/alerts"
+ROUTES_HINT = "try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts"
 # How long stop() lets requests in progress (a status query in its worker thread) finish.
 SHUTDOWN_TIMEOUT_SECONDS = 2.0
 
@@ -154,7 +155,21 @@ class _Handlers:
         return response
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json({"ok": True, "agents_connected": self.app.stats.agents_connected})
+        """Liveness: 200 whenever the loop answers. The readiness facts ride along, as last known (no wait)."""
+        readiness = self.app.readiness.snapshot()
+        return _json(
+            {
+                "ok": True,
+                "agents_connected": self.app.stats.agents_connected,
+                "ready": readiness["ready"],
+                "readiness": readiness,
+            }
+        )
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 while the database takes a write and ingest progresses, 503 (with why) otherwise."""
+        readiness = await self.app.readiness.check()
+        return _json(readiness, 200 if readiness["ready"] else 503)
 
     async def status(self, request: web.Request) -> web.Response:
         return _json(await fleet_status(self.app))
@@ -171,11 +186,19 @@ class _Handlers:
 
 def build_web_app(app: CollectorApp) -> web.Application:
     handlers = _Handlers(app)
-    web_app = web.Application(middlewares=[_json_errors])
-    web_app.router.add_get("/metrics", handlers.metrics)
-    web_app.router.add_get("/healthz", handlers.healthz)
-    web_app.router.add_get("/api/v1/status", handlers.status)
-    web_app.router.add_get("/api/v1/alerts", handlers.alerts)
+    config = app.config
+    # Outermost, so that a caller without the token learns nothing, not even which paths exist.
+    auth = token_middleware(config.api_read_token.reveal(), config.api_admin_token.reveal())
+    web_app = web.Application(middlewares=[auth, _json_errors])
+    # Every route with add_route and its Access (health checks: `health`); one added with
+    # router.add_get instead counts as READ, so it is never left open by mistake.
+    health = Access.READ if config.health_require_token else Access.OPEN
+    scrape = Access.READ if config.metrics_require_token else Access.OPEN
+    add_route(web_app, "GET", "/metrics", handlers.metrics, scrape)
+    add_route(web_app, "GET", "/healthz", handlers.healthz, health)
+    add_route(web_app, "GET", "/readyz", handlers.readyz, health)
+    add_route(web_app, "GET", "/api/v1/status", handlers.status, Access.READ)
+    add_route(web_app, "GET", "/api/v1/alerts", handlers.alerts, Access.READ)
     return web_app
 
 
@@ -183,6 +206,7 @@ class WebServer:
     """The collector's HTTP side, served by aiohttp from the collector's event loop."""
 
     def __init__(self, app: CollectorApp) -> None:
+        self._config = app.config
         # No access log: every scrape would write a line to the journal.
         self._runner = web.AppRunner(build_web_app(app), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
 
@@ -190,10 +214,20 @@ class WebServer:
         """Listens on host:port and returns the bound port (port 0 picks a free one)."""
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, host, port).start()
+            # Loaded at start: a renewed certificate takes a restart, as for the gRPC side.
+            ssl_context = server_ssl_context(self._config.tls_cert_file, self._config.tls_key_file)
+            await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         except BaseException:
             await self._runner.cleanup()
             raise
+        log.info(
+            "HTTP API: %s, read token %s, admin token %s, health checks %s, /metrics %s",
+            "https" if ssl_context is not None else "plain http",
+            "on" if self._config.api_read_token.reveal() else "off",
+            "on" if self._config.api_admin_token.reveal() else "off",
+            "behind the read token" if self._config.health_require_token else "open",
+            "behind the read token" if self._config.metrics_require_token else "open",
+        )
         return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import ssl
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, TextIO
 
 from fleetwatch.collector.web import HEALTH_MARK
+from fleetwatch.ctl.certs import add_certs_parser
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9471"
 
@@ -19,18 +24,99 @@ class CtlError(Exception):
     pass
 
 
-def fetch_json(base_url: str, path: str, timeout_seconds: float = 10.0) -> Any:
-    url = base_url.rstrip("/") + path
+TOKEN_HINT = "--token-file FILE (or FLEETWATCH_TOKEN_FILE)"
+CA_HINT = "--ca-file FILE (or FLEETWATCH_CA_FILE)"
+
+
+def read_token_file(path: str) -> str:
+    """The API token a file holds, without surrounding whitespace (a trailing newline is usual)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_seconds) as response:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CtlError(f"cannot read --token-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CtlError(f"--token-file {path} is not UTF-8 text") from None
+    if not token:
+        raise CtlError(f"--token-file {path} is empty")
+    return token
+
+
+def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verifies the collector's certificate against `ca_file`, or the system's CAs without one."""
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except OSError as exc:  # ssl.SSLError included: a file that holds no PEM certificate
+        raise CtlError(f"cannot load --ca-file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    """The collector's {"error": ...} text, or the start of whatever body came back."""
+    body = exc.read().decode(errors="replace")
+    try:
+        return str(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200]
+
+
+def fetch_json(
+    base_url: str,
+    path: str,
+    timeout_seconds: float = 10.0,
+    *,
+    token: str | None = None,
+    ca_file: str | None = None,
+) -> Any:
+    """GET base_url + path as JSON, sending `token` as a bearer token; errors say what to pass to fix them."""
+    url = base_url.rstrip("/") + path
+    https = urllib.parse.urlsplit(base_url).scheme == "https"
+    # A TLS server answers a plain HTTP request with a TLS alert (not a status line) or hangs up.
+    plain_to_tls_hint = "" if https else "; if it serves HTTPS, use an https:// --collector URL"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
+    context = client_ssl_context(ca_file) if https else None
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_seconds, context=context) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
-        raise CtlError(f"{url}: HTTP {exc.code}: {exc.read().decode(errors='replace')[:200]}") from None
-    except (urllib.error.URLError, OSError) as exc:
+        if exc.code == 401:
+            raise CtlError(f"{url}: HTTP 401: the collector needs an API token: {TOKEN_HINT}") from None
+        if exc.code == 403:
+            if token:
+                raise CtlError(
+                    f"{url}: HTTP 403: the collector refused the API token ({_error_text(exc)}); check {TOKEN_HINT}"
+                ) from None
+            raise CtlError(f"{url}: HTTP 403: the collector refused the request ({_error_text(exc)})") from None
+        raise CtlError(f"{url}: HTTP {exc.code}: {_error_text(exc)}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise CtlError(
+                f"cannot verify the collector's certificate at {base_url} ({reason.verify_message}); "
+                f"pass the CA that issued it with {CA_HINT}"
+            ) from None
+        if isinstance(reason, ssl.SSLError):
+            raise CtlError(
+                f"TLS with the collector at {base_url} failed ({reason.reason or reason}); "
+                "does it serve HTTPS? (an http:// --collector URL talks plain HTTP)"
+            ) from None
+        if isinstance(reason, ConnectionResetError):
+            raise CtlError(f"the collector at {base_url} hung up ({reason}){plain_to_tls_hint}") from None
         raise CtlError(
-            f"cannot reach the collector at {base_url} ({getattr(exc, 'reason', exc)}); "
-            "is it running? (--collector URL)"
+            f"cannot reach the collector at {base_url} ({reason}); is it running? (--collector URL)"
         ) from None
+    except (http.client.HTTPException, ConnectionError) as exc:
+        # The exception's text would be the TLS alert's raw bytes: its name says enough.
+        raise CtlError(
+            f"the collector at {base_url} hung up or did not answer in HTTP ({type(exc).__name__}){plain_to_tls_hint}"
+        ) from None
+    except OSError as exc:
+        raise CtlError(f"cannot reach the collector at {base_url} ({exc}); is it running? (--collector URL)") from None
+
+
+def api_get(args: argparse.Namespace, path: str) -> Any:
+    """GET one JSON API path of the collector that --collector names, with --token-file and --ca-file."""
+    token = read_token_file(args.token_file) if args.token_file else None
+    return fetch_json(args.collector, path, token=token, ca_file=args.ca_file)
 
 
 def format_status(status: dict, out: TextIO) -> None:
@@ -64,7 +150,7 @@ def format_alerts(alerts: list[dict], out: TextIO) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = fetch_json(args.collector, "/api/v1/status")
+    status = api_get(args, "/api/v1/status")
     if args.json:
         json.dump(status, sys.stdout)
         print()
@@ -74,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    alerts = fetch_json(args.collector, f"/api/v1/alerts?status={args.status}&limit={args.limit}")["alerts"]
+    alerts = api_get(args, f"/api/v1/alerts?status={args.status}&limit={args.limit}")["alerts"]
     if args.json:
         for a in alerts:
             print(json.dumps(a))
@@ -111,7 +197,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from fleetwatch.sim.demo import run_demo
 
-    summary = run_demo(duration_seconds=args.duration, nodes=args.nodes, gpus=args.gpus, json_output=args.json)
+    summary = run_demo(
+        duration_seconds=args.duration, nodes=args.nodes, gpus=args.gpus, json_output=args.json, tls=args.tls
+    )
     return 0 if summary["alerts"] else 1
 
 
@@ -137,7 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--collector",
         default=os.environ.get("FLEETWATCH_COLLECTOR_URL", DEFAULT_COLLECTOR_URL),
-        help=f"collector HTTP address [default: {DEFAULT_COLLECTOR_URL}; env FLEETWATCH_COLLECTOR_URL]",
+        help=f"collector HTTP address, http:// or https:// [default: {DEFAULT_COLLECTOR_URL}; "
+        "env FLEETWATCH_COLLECTOR_URL]",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=os.environ.get("FLEETWATCH_TOKEN_FILE") or None,
+        help="file holding the collector's API token (its api_read_token), sent as a bearer token "
+        "[env FLEETWATCH_TOKEN_FILE]",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        default=os.environ.get("FLEETWATCH_CA_FILE") or None,
+        help="CA certificate (PEM) that an https:// collector's certificate must chain to "
+        "[default: the system's CAs; env FLEETWATCH_CA_FILE]",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -181,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=4, help="simulated nodes [default: 4]")
     p.add_argument("--gpus", type=int, default=8, help="GPUs per node [default: 8]")
     p.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="agents and collector speak mTLS, with a CA and certificates made in the demo's temporary directory",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -204,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenarios evaluated in parallel [default: the CPU count]",
     )
     p.set_defaults(func=cmd_eval)
+
+    add_certs_parser(sub)
     return parser
 
 

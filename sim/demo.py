@@ -3,7 +3,8 @@
 A collector on a temporary SQLite file, simulated 8-GPU nodes running real agents that stream
 over gRPC on loopback, and a local webhook receiver. One GPU gets XID 79, another a hardware
 thermal slowdown; the summary says which alerts were raised and how long each took from the
-fault to the webhook.
+fault to the webhook. With `tls`, agents and collector speak mTLS with certificates made for the
+run, each agent holding its own node's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.state import AgentState
+from fleetwatch.certs import CA_CERT_FILE, init_ca, issue_into
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import CollectorConfig, DatabaseUrl, WebhookUrl
 from fleetwatch.collector.web import HEALTH_MARK, fleet_status
@@ -36,6 +38,8 @@ from fleetwatch.sim.scenario import Fault
 
 STATUS_EVERY_SECONDS = 2.0
 WEBHOOK_PATH = "/alerts"
+# The collector's certificate name with --tls (its SANs 127.0.0.1 and localhost are what agents verify).
+DEMO_COLLECTOR_NAME = "collector"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,25 @@ async def status_line(app: CollectorApp, elapsed_seconds: float) -> str:
     return f"t+{elapsed_seconds:4.0f}s  " + "  ".join(cells) + f"  | {firing} alert{'' if firing == 1 else 's'} firing"
 
 
-async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: TextIO | None, workdir: Path) -> dict:
+def make_demo_certs(directory: Path, nodes: list[str]) -> None:
+    """A CA, the collector's certificate for 127.0.0.1 (where the demo's agents dial it) and one per node."""
+    init_ca(directory)
+    issue_into(directory, DEMO_COLLECTOR_NAME, server=True, sans=["127.0.0.1", "localhost"])
+    for node in nodes:
+        issue_into(directory, node)
+
+
+async def _run(
+    duration_seconds: float, node_count: int, gpu_count: int, live: TextIO | None, workdir: Path, tls: bool = False
+) -> dict:
+    names = [f"n{i:02d}" for i in range(1, node_count + 1)]
+    certs = workdir / "tls"
+    if tls:
+        await asyncio.to_thread(make_demo_certs, certs, names)
+
+    def cert_file(name: str) -> str:
+        return str(certs / name) if tls else ""  # "": that TLS setting off
+
     async with WebhookReceiver() as receiver:
         app = CollectorApp(
             CollectorConfig(
@@ -115,6 +137,9 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
                 webhook_urls=[WebhookUrl(receiver.url)],
                 log_alerts=False,
                 detect_interval_seconds=0.5,
+                tls_cert_file=cert_file(f"{DEMO_COLLECTOR_NAME}.crt"),
+                tls_key_file=cert_file(f"{DEMO_COLLECTOR_NAME}.key"),
+                tls_client_ca_file=cert_file(CA_CERT_FILE),
             )
         )
         await app.start()
@@ -122,8 +147,7 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
         start = time.time()
         sims: dict[str, SimNode] = {}
         agents = []
-        for i in range(1, node_count + 1):
-            node = f"n{i:02d}"
+        for i, node in enumerate(names, start=1):
             sims[node] = SimNode(
                 node, gpu_count=gpu_count, faults=[f.fault for f in injected if f.node == node], seed=i, start=start
             )
@@ -134,6 +158,9 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
                 collector_address=f"127.0.0.1:{app.grpc_port}",
                 spool_dir=str(workdir / f"spool-{node}"),
                 spool_fsync=False,
+                tls_ca_file=cert_file(CA_CERT_FILE),
+                tls_cert_file=cert_file(f"{node}.crt"),
+                tls_key_file=cert_file(f"{node}.key"),
             )
             spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=False)
             host = HostSource()
@@ -141,7 +168,8 @@ async def _run(duration_seconds: float, node_count: int, gpu_count: int, live: T
             agents.append(Agent(config, node=node, sampler=sampler, spool=spool, boot_id=host.boot_id()))
         if live:
             print(
-                f"demo: collector gRPC 127.0.0.1:{app.grpc_port}, HTTP http://127.0.0.1:{app.http_port}/api/v1/status; "
+                f"demo: collector gRPC 127.0.0.1:{app.grpc_port}{' (mTLS)' if tls else ''}, "
+                f"HTTP http{'s' if tls else ''}://127.0.0.1:{app.http_port}/api/v1/status; "
                 f"{node_count} nodes x {gpu_count} GPUs; "
                 + "; ".join(
                     f"{f.fault.kind}{':' + str(f.fault.xid) if f.fault.xid else ''} on {f.node} "
@@ -202,12 +230,15 @@ def print_summary(summary: dict, duration_seconds: float, out: TextIO) -> None:
         )
 
 
-def run_demo(*, duration_seconds: float = 30.0, nodes: int = 4, gpus: int = 8, json_output: bool = False) -> dict:
+def run_demo(
+    *, duration_seconds: float = 30.0, nodes: int = 4, gpus: int = 8, json_output: bool = False, tls: bool = False
+) -> dict:
+    """Runs the demo and prints its summary; `tls`: mTLS between the agents and the collector."""
     # The agents and collector log to stderr; in the demo only problems are worth showing.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     live = None if json_output else sys.stdout
     with tempfile.TemporaryDirectory(prefix="fleetwatch-demo-") as tmp:
-        summary = asyncio.run(_run(duration_seconds, nodes, gpus, live, Path(tmp)))
+        summary = asyncio.run(_run(duration_seconds, nodes, gpus, live, Path(tmp), tls))
     if json_output:
         for a in summary["alerts"]:
             a.pop("summary")

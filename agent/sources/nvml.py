@@ -10,8 +10,10 @@ one nvmlDeviceGetFieldValues call each GPU gets per cycle. A route that NVML ans
 route has a fallback (a field id with an equivalent call, a versioned call with its deprecated
 predecessor) the fallback takes over in the same cycle. A field with no live route left is
 absent from every sample and listed by unsupported_fields(). NVML's "not available" values
-(all ones, or -1 for signed results) and any other transient failure leave the field out of that
-one cycle only: an unsupported or unknown value is never reported as 0 or as a sentinel.
+(all ones, or -1 for signed results), any value no GPU can report (fleetwatch.limits: NaN, a count
+beyond a signed 64-bit integer, all ones however NVML typed it) and any other transient failure
+leave the field out of that one cycle only: an unsupported or unknown value is never reported as 0
+or as a sentinel.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fleetwatch.limits import XID_MAX, XID_MIN, storable_metric
 
 log = logging.getLogger(__name__)
 
@@ -658,7 +662,25 @@ class NvmlSource:
         # Fallbacks switched on by the batch (a field the GPU lacks) run in this same cycle.
         self._run_calls(gpu, metrics, early=False)
         metrics.update(gpu.static)
-        return metrics
+        return self._measurements(gpu, metrics)
+
+    def _measurements(self, gpu: _Gpu, metrics: dict[str, float | int]) -> dict[str, float | int]:
+        """`metrics` without the values no GPU can report, whatever route they came by.
+
+        The reads above catch NVML's exact "not available" values; this catches the rest the same
+        way the collector does (fleetwatch.limits.storable_metric): NaN, a field value NVML typed
+        as a double holding all ones (1.8e19), a negative or beyond-int64 count. Left out here,
+        such a value never reaches the agent's /metrics, the collector's live detection or its
+        database, which would otherwise disagree (the database cannot hold it, detection alerts on it).
+        """
+        kept: dict[str, float | int] = {}
+        for name, value in metrics.items():
+            storable = storable_metric(name, value)
+            if storable is None:
+                self._log_once(gpu, "range:" + name, "%s read as %r, which is no measurement; left out", name, value)
+            else:
+                kept[name] = storable
+        return kept
 
     def _run_calls(self, gpu: _Gpu, metrics: dict, early: bool) -> None:
         handle, calls = gpu.handle, gpu.calls
@@ -1194,6 +1216,17 @@ class NvmlSource:
         if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
             return []
         gpu = self._gpu_by_key.get(_handle_key(data.device))
+        xid = int(data.eventData)
+        if not XID_MIN <= xid <= XID_MAX:
+            # Not an XID the driver defines: the collector refuses a batch carrying it (whole), so
+            # it is said here, once a GPU, and left out.
+            key = "xid-range"
+            if gpu is not None:
+                self._log_once(gpu, key, "NVML reported XID event data %d, which is no XID; left out", xid)
+            elif key not in self._wait_errors_logged:
+                self._wait_errors_logged.add(key)
+                log.warning("NVML reported XID event data %d, which is no XID; left out", xid)
+            return []
         return [
             {
                 "t": self.clock(),
@@ -1201,7 +1234,7 @@ class NvmlSource:
                 "gpu": gpu.index if gpu is not None else None,
                 "uuid": gpu.uuid if gpu is not None else None,
                 "pci_bus_id": gpu.pci_bus_id if gpu is not None else None,
-                "xid": int(data.eventData),
+                "xid": xid,
                 "message": "",
                 "source": "nvml",
             }

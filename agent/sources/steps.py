@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-# The receiver enforces the bounds the client promises (one definition, in the client).
-from fleetwatch.stepreport import MAX_DATAGRAM_BYTES, MAX_JOB_CHARS, MAX_RANK, MAX_STEP, MAX_STEP_SECONDS
+# The receiver enforces the bounds the client promises (defined in the client) with the checks the
+# collector applies to the steps it is sent (fleetwatch.limits), so a report taken here is stored.
+from fleetwatch.limits import MAX_RANK, MAX_STEP, MAX_STEP_SECONDS, STEP_JOB_MAX_CHARS, text_problem
+from fleetwatch.stepreport import MAX_DATAGRAM_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,13 @@ def parse_step(datagram: bytes) -> tuple[str, int, int, float]:
         raise MalformedStep("not a JSON object")
     # Keys beyond these four are ignored (a newer reporter may add some) and never forwarded.
     job, rank, step, seconds = (report.get(k) for k in ("job", "rank", "step", "seconds"))
-    if not isinstance(job, str) or not 0 < len(job) <= MAX_JOB_CHARS:
-        raise MalformedStep(f"job must be a string of 1 to {MAX_JOB_CHARS} characters")
+    if not isinstance(job, str):
+        raise MalformedStep(f"job must be a string of 1 to {STEP_JOB_MAX_CHARS} printable characters")
+    # Printable only: a NUL (which PostgreSQL text cannot hold), a newline or an escape sequence
+    # in a job name would reach the collector's database and logs.
+    problem = text_problem(job, STEP_JOB_MAX_CHARS, required=True)
+    if problem is not None:
+        raise MalformedStep(f"job {problem}")
     # bool is an int subclass; JSON true is not a rank.
     if type(rank) is not int or not 0 <= rank <= MAX_RANK:
         raise MalformedStep(f"rank must be an integer from 0 to {MAX_RANK}")

@@ -21,6 +21,10 @@ class NotifyError(Exception):
     """
 
 
+class TargetNotConfigured(NotifyError):
+    """The delivery's target names no configured destination: retrying cannot help, it fails at once."""
+
+
 def rfc3339(ts: float | None) -> str:
     if ts is None:
         return ZERO_TIME

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -56,6 +58,10 @@ _HIDDEN_QUOTED = "%2A%2A%2A"
 _INT64_MAX = 2**63 - 1
 _INT64_MIN = -(2**63)
 
+# What a database raises for a value it cannot take (a constraint, a type's range, a NUL byte in
+# PostgreSQL text); SQLite's driver raises OverflowError itself for an integer beyond 64 bits.
+_DATA_ERRORS = (sa_exc.IntegrityError, sa_exc.DataError, OverflowError)
+
 # IB_FIELDS holds ib_state (text) beside the numeric port counters.
 _IB_METRIC_FIELDS: tuple[str, ...] = tuple(f for f in IB_FIELDS if f != "ib_state")
 
@@ -71,6 +77,9 @@ LEGACY_REVISION = "0001"
 # application's.
 _MIGRATION_LOCK_ID = 0x666C656574776174
 
+# The meta row Store.probe_write rewrites (0.1.0 reads only its schema_version row).
+PROBE_KEY = "readiness_probe_at"
+
 log = logging.getLogger(__name__)
 
 
@@ -79,6 +88,27 @@ class StoreError(Exception):
 
     Nothing of the failed call was committed; the caller may keep serving and retry later.
     """
+
+
+class BatchRefused(Exception):
+    """The database refused a batch for its values (a constraint, a type's range), not for an outage.
+
+    Resending it cannot help. The message is the database's one-line reason, never the statement
+    or its parameters; `key` is the refused batch's (node, boot_id, seq) when one batch is known
+    to be the cause, and `stored` the keys of the call's batches that were committed before it
+    (each in its own transaction, on the item-by-item path).
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        key: tuple[str, str, int] | None = None,
+        stored: frozenset[tuple[str, str, int]] = frozenset(),
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key = key
+        self.stored = stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +286,10 @@ class Store:
         """Store batches in one transaction; per item True = stored, False = already held.
 
         A repeat of a key within `items` is False too. Raises StoreError when the database is
-        unreachable or full (nothing stored), and IntegrityError for a record that violates the
-        schema (never reported as a duplicate, so the agent keeps it and nothing is lost).
+        unreachable or full (nothing stored), and BatchRefused for a record the database refuses
+        (never reported as a duplicate, so it is never acked; its `key` names it when `items` is
+        one batch or the item-by-item fallback found it). The collector checks every value
+        before it gets here (collector/validate.py), so BatchRefused means a check is missing.
         """
         stored = [False] * len(items)
         first_index: dict[tuple[str, str, int], int] = {}
@@ -275,11 +307,14 @@ class Store:
             # Another collector sharing this database stored one of these keys between our check
             # and our insert; settle item by item so the others still go in.
             return self._ingest_one_by_one(unique, stored)
+        except _DATA_ERRORS as exc:
+            raise BatchRefused(_reason(exc), unique[0][1].key if len(unique) == 1 else None) from exc
         for i, _ in fresh:
             stored[i] = True
         return stored
 
     def _ingest_one_by_one(self, unique: list[tuple[int, IngestBatch]], stored: list[bool]) -> list[bool]:
+        """Item by item, in order; stops at the first record the database refuses (BatchRefused)."""
         for i, item in unique:
             try:
                 with self._write("ingest") as conn:
@@ -287,11 +322,21 @@ class Store:
                         continue
                     _insert_batches(conn, [item])
                 stored[i] = True
-            except sa_exc.IntegrityError:
-                with self._read("ingest") as conn:
-                    if not _held_batch_keys(conn, [item.key]):
-                        raise  # a bad record, not a duplicate: acking it would lose it
+            except _DATA_ERRORS as exc:
+                if isinstance(exc, sa_exc.IntegrityError):
+                    with self._read("ingest") as conn:
+                        if _held_batch_keys(conn, [item.key]):
+                            continue  # the other collector's copy: a duplicate
+                # A bad record, not a duplicate: acking it would lose it.
+                done = frozenset(unique_item.key for j, unique_item in unique if stored[j])
+                raise BatchRefused(_reason(exc), item.key, done) from exc
         return stored
+
+    def node_known(self, node: str) -> bool:
+        """Whether `node` has a row, i.e. some stream of it has had a batch stored."""
+        n = schema.nodes
+        with self._read("node_known") as conn:
+            return conn.execute(select(n.c.node).where(n.c.node == node)).first() is not None
 
     def last_seq(self, node: str, boot_id: str) -> int:
         """Highest stored seq of this node's boot; 0 when none (the wire's Welcome.last_seq)."""
@@ -560,14 +605,24 @@ class Store:
         with self._read("read alerts") as conn:
             return [_alert_dict(row) for row in conn.execute(query).mappings()]
 
-    def due_deliveries(self, now: float, limit: int = 50) -> list[dict[str, Any]]:
+    def due_deliveries(
+        self,
+        now: float,
+        limit: int = 50,
+        *,
+        skip_ids: Collection[int] = (),
+        skip_targets: Collection[str] = (),
+    ) -> list[dict[str, Any]]:
         """Pending deliveries due by `now`, oldest first, each with its alert's fields.
 
         Keys: id (the delivery's), alert_id, target, transition, state, attempts,
         next_attempt_at, last_error, created_at, and the alert's fingerprint, detector, severity,
         action, node, gpu, job, rank, summary, evidence (dict), status, starts_at, ends_at.
-        A delivery waits while an older one for the same alert and target is still pending, so a
-        receiver never sees 'resolved' before the 'firing' that is being retried.
+        A delivery waits while an older one for the same alert fingerprint and target is still
+        pending, so a receiver hears an alert's transitions in order, across re-openings too:
+        firing, resolved, firing again ends firing there, whatever was retried. `skip_ids` (being
+        sent) and `skip_targets` (no room to send now) leave rows out, so that they cannot crowd
+        other targets' deliveries out of `limit`.
         """
         d, a = schema.deliveries, schema.alerts
         query = (
@@ -584,7 +639,8 @@ class Store:
                 *(a.c[name] for name in _ALERT_KEYS if name != "id"),
             )
             .join(a, a.c.id == d.c.alert_id)
-            .where(d.c.state == "pending", d.c.next_attempt_at <= now, _not_blocked(d))
+            .where(d.c.state == "pending", d.c.next_attempt_at <= now, _not_blocked(d, a))
+            .where(*_skipping(d, skip_ids, skip_targets))
             .order_by(d.c.created_at, d.c.id)
             .limit(limit)
         )
@@ -592,13 +648,19 @@ class Store:
             rows = conn.execute(query).mappings().all()
         return [{**row, "evidence": _parse_evidence(row["evidence"])} for row in rows]
 
-    def next_delivery_due(self) -> float | None:
-        """When the next pending delivery falls due (may be in the past); None when none pends."""
-        d = schema.deliveries
+    def next_delivery_due(self, *, skip_ids: Collection[int] = (), skip_targets: Collection[str] = ()) -> float | None:
+        """When the next pending delivery falls due (may be in the past); None when none pends.
+
+        Only deliveries `due_deliveries` would return count, with the same `skip_ids` and `skip_targets`.
+        """
+        d, a = schema.deliveries, schema.alerts
+        query = (
+            select(func.min(d.c.next_attempt_at))
+            .select_from(d.join(a, a.c.id == d.c.alert_id))
+            .where(d.c.state == "pending", _not_blocked(d, a), *_skipping(d, skip_ids, skip_targets))
+        )
         with self._read("read next delivery") as conn:
-            value = conn.execute(
-                select(func.min(d.c.next_attempt_at)).where(d.c.state == "pending", _not_blocked(d))
-            ).scalar()
+            value = conn.execute(query).scalar()
         return None if value is None else float(value)
 
     def mark_delivered(self, delivery_id: int, now: float) -> None:
@@ -650,6 +712,32 @@ class Store:
                     break
         return deleted_rows
 
+    # -- readiness --------------------------------------------------------------------------
+
+    def probe_write(self, now: float, timeout_seconds: float) -> None:
+        """Commit one tiny write (a meta row), waiting at most about `timeout_seconds` for locks.
+
+        Raises StoreError when the database cannot take it: unreachable, read-only, locked by
+        another writer, or out of space. For /readyz: a read would succeed in most of those.
+        """
+        m = schema.meta
+        with self._errors("write probe"), self._write_engine.connect() as conn:
+            sqlite = conn.dialect.name == "sqlite"
+            if sqlite:
+                # Before the transaction begins: BEGIN IMMEDIATE would wait the writers' 10 s.
+                _sqlite_busy_timeout(conn, timeout_seconds)
+            try:
+                with conn.begin():
+                    if not sqlite:
+                        milliseconds = max(1, int(timeout_seconds * 1000))
+                        for setting_name in ("lock_timeout", "statement_timeout"):
+                            conn.execute(select(func.set_config(setting_name, f"{milliseconds}ms", True)))
+                    upsert = (pg_insert if not sqlite else sqlite_insert)(m).values(key=PROBE_KEY, value=repr(now))
+                    conn.execute(upsert.on_conflict_do_update(index_elements=[m.c.key], set_={"value": repr(now)}))
+            finally:
+                if sqlite:
+                    _sqlite_busy_timeout(conn, SQLITE_BUSY_TIMEOUT_MS / 1000)
+
 
 # -- helpers (module level: they take the connection of the caller's transaction) -----------
 
@@ -689,6 +777,18 @@ def _install_sqlite_hooks(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _sqlite_busy_timeout(conn: Connection, seconds: float) -> None:
+    """Set how long this SQLite connection waits for another writer's lock (a connection setting)."""
+    conn.connection.driver_connection.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")  # type: ignore[union-attr]
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what the database said, without the statement and parameters SQLAlchemy appends."""
+    orig = getattr(exc, "orig", None)
+    lines = str(orig if orig is not None else exc).strip().splitlines()
+    return lines[0][:LAST_ERROR_MAX_CHARS] if lines else type(exc).__name__
 
 
 def _held_batch_keys(conn: Connection, keys: Sequence[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
@@ -877,15 +977,30 @@ def _add_deliveries(conn: Connection, alert_id: int, transition: str, targets: S
         conn.execute(insert(schema.deliveries), rows)
 
 
-def _not_blocked(d: Table) -> ColumnElement[bool]:
-    """No older pending delivery exists for the same alert and target."""
+def _not_blocked(d: Table, a: Table) -> ColumnElement[bool]:
+    """No older pending delivery exists for the same target and alert fingerprint (`a` joined to `d`).
+
+    By fingerprint, not alert id: a re-opened alert is a new row, and its 'firing' must not pass
+    the previous alert's 'resolved' (or 'firing') that is still being retried.
+    """
     older = d.alias("older")
+    older_alert = a.alias("older_alert")
     return ~exists().where(
-        older.c.alert_id == d.c.alert_id,
         older.c.target == d.c.target,
         older.c.state == "pending",
         older.c.id < d.c.id,
+        older_alert.c.id == older.c.alert_id,
+        older_alert.c.fingerprint == a.c.fingerprint,
     )
+
+
+def _skipping(d: Table, skip_ids: Collection[int], skip_targets: Collection[str]) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = []
+    if skip_ids:
+        conditions.append(d.c.id.not_in(sorted(skip_ids)))
+    if skip_targets:
+        conditions.append(d.c.target.not_in(sorted(skip_targets)))
+    return conditions
 
 
 def _parse_evidence(text: str | None) -> dict[str, Any]:

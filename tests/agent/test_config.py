@@ -1,5 +1,6 @@
 """Configuration: TOML < FLEETWATCH_* < flags, and errors that name the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,48 @@ def test_agent_exits_2_on_bad_config(tmp_path: Path, capsys) -> None:
     file.write_text("bogus = 1\n")
     assert main(["--config", str(file)]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("daemon", ["agent", "collector"])
+def test_missing_config_named_by_flag_is_an_error(daemon: str, tmp_path: Path, capsys) -> None:
+    from fleetwatch.agent.main import main as agent_main
+    from fleetwatch.collector.main import main as collector_main
+
+    main = agent_main if daemon == "agent" else collector_main
+    missing = tmp_path / "agnet.toml"  # a typo must not start the daemon on defaults
+    assert main(["--config", str(missing)]) == 2
+    assert f"fleetwatch-{daemon}: configuration error: --config {missing}: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parser", [agent_parser, collector_parser])
+def test_default_config_path_may_be_missing(parser, tmp_path: Path) -> None:
+    args = parser().parse_args([])
+    assert args.config in ("/etc/fleetwatch/agent.toml", "/etc/fleetwatch/collector.toml")
+    # The default path, absent on this host, is fine: defaults apply (load_config sees a plain str).
+    load_config(AgentConfig, path=str(tmp_path / "absent.toml"), env={})
+    with pytest.raises(ConfigError, match=r"^--config .*absent\.toml: no such file$"):
+        load_config(AgentConfig, path=parser().parse_args(["--config", str(tmp_path / "absent.toml")]).config, env={})
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("collector.example.internal", "needs a port"),
+        ("10.0.0.5", "needs a port"),
+        ("[fd00::1]", "needs a port"),
+        ("fd00::1", "must be HOST:PORT; an IPv6 address goes in brackets"),
+        (":9470", "needs a host"),
+        ("collector:0", "port 0 cannot be dialed"),
+        ("collector:http", "port 'http' is not a number"),
+    ],
+)
+def test_collector_address_needs_host_and_port(address: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^collector_address: {message}.*\(got '{re.escape(address)}'\)$"):
+        load_config(AgentConfig, path=None, env={"FLEETWATCH_COLLECTOR_ADDRESS": address})
+
+
+@pytest.mark.parametrize("address", ["collector.example.internal:9470", "10.0.0.5:9470", "[fd00::1]:9470"])
+def test_collector_address_dns_name_or_address_with_port(address: str) -> None:
+    assert load_config(AgentConfig, path=None, env={"FLEETWATCH_COLLECTOR_ADDRESS": address}).collector_address == (
+        address
+    )

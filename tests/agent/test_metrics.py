@@ -7,10 +7,13 @@ text parser, as Prometheus would read it.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import http.client
 import os
 import re
 import socket
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -24,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleetwatch import wire
 from fleetwatch.agent import metrics
+from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.metrics import (
     DCGM_METRICS,
     GPU_METRICS,
@@ -34,9 +38,11 @@ from fleetwatch.agent.metrics import (
 )
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.state import AgentState, SourceStats
+from fleetwatch.configfile import ConfigError, describe, load_config
 from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import SimNode
+from tests.selfsigned import ServerCert, make_server_cert
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "metrics" / "agent-sim.prom"
 START = 1_700_000_000.0
@@ -678,3 +684,163 @@ def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu(serve) -> None:
         for s in f.samples
     }
     assert samples == {"0": 31.0}
+
+
+# ---- HTTPS and basic auth -----------------------------------------------------------------------
+
+USER = "prometheus"
+PASSWORD = "metrics-SENTINEL-93ad"
+
+
+@pytest.fixture(scope="module")
+def server_cert(tmp_path_factory: pytest.TempPathFactory) -> ServerCert:
+    return make_server_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def trusted() -> Iterator[Any]:
+    """Starts MetricsServers with TLS or basic auth settings on 127.0.0.1, stopped after the test."""
+    servers: list[MetricsServer] = []
+
+    def start(**settings: Any) -> MetricsServer:
+        server = MetricsServer(build_state(), "127.0.0.1", 0, **settings)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def scrape(url: str, headers: dict[str, str] | None = None, ca_file: Path | None = None) -> tuple[int, dict, bytes]:
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def tls(cert: ServerCert) -> dict[str, str]:
+    return {"tls_cert_file": str(cert.cert_file), "tls_key_file": str(cert.key_file)}
+
+
+def test_tls_scrape_works_with_the_ca(trusted, server_cert: ServerCert) -> None:
+    server = trusted(**tls(server_cert))
+    assert server.scheme == "https"
+    status, _, body = scrape(f"https://127.0.0.1:{server.port}/metrics", ca_file=server_cert.ca_file)
+    assert status == 200 and b"fleetwatch_gpu_power_watts" in body
+
+
+def test_tls_port_refuses_plain_http_and_keeps_serving(trusted, server_cert: ServerCert) -> None:
+    server = trusted(**tls(server_cert))
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+        scrape(f"http://127.0.0.1:{server.port}/metrics")
+    assert scrape(f"https://127.0.0.1:{server.port}/metrics", ca_file=server_cert.ca_file)[0] == 200
+
+
+def test_a_client_stuck_before_its_handshake_does_not_stop_other_scrapes(trusted, server_cert: ServerCert) -> None:
+    # The handshake runs in the connection's thread: a silent peer holds only that one.
+    server = trusted(**tls(server_cert))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        status, _, _ = scrape(f"https://127.0.0.1:{server.port}/metrics", ca_file=server_cert.ca_file)
+    assert status == 200
+
+
+def test_basic_auth_without_credentials_is_401_with_a_challenge(trusted) -> None:
+    server = trusted(basic_auth_user=USER, basic_auth_password=PASSWORD)
+    status, headers, body = scrape(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 401
+    assert headers["WWW-Authenticate"] == 'Basic realm="fleetwatch agent", charset="UTF-8"'
+    assert b"fleetwatch_" not in body
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        basic(USER, "wrong"),
+        basic("someone", PASSWORD),
+        basic(USER, PASSWORD + "x"),
+        {"Authorization": "Basic !!not-base64!!"},
+        {"Authorization": f"Bearer {PASSWORD}"},
+    ],
+    ids=["wrong-password", "wrong-user", "longer", "not-base64", "bearer"],
+)
+def test_basic_auth_with_wrong_credentials_is_401(trusted, headers: dict[str, str]) -> None:
+    server = trusted(basic_auth_user=USER, basic_auth_password=PASSWORD)
+    assert scrape(f"http://127.0.0.1:{server.port}/metrics", headers)[0] == 401
+
+
+def test_basic_auth_with_the_right_credentials_is_200(trusted) -> None:
+    server = trusted(basic_auth_user=USER, basic_auth_password=PASSWORD)
+    status, headers, body = scrape(f"http://127.0.0.1:{server.port}/metrics", basic(USER, PASSWORD))
+    assert status == 200 and b"fleetwatch_gpu_power_watts" in body
+    # prometheus_client's app still negotiates: gzip for Prometheus, which asks for it.
+    status, headers, body = scrape(
+        f"http://127.0.0.1:{server.port}/metrics", {**basic(USER, PASSWORD), "Accept-Encoding": "gzip"}
+    )
+    assert headers["Content-Encoding"] == "gzip" and b"fleetwatch_gpu_power_watts" in gzip.decompress(body)
+
+
+def test_tls_and_basic_auth_together(trusted, server_cert: ServerCert) -> None:
+    server = trusted(basic_auth_user=USER, basic_auth_password=PASSWORD, **tls(server_cert))
+    url = f"https://127.0.0.1:{server.port}/metrics"
+    assert scrape(url, ca_file=server_cert.ca_file)[0] == 401
+    assert scrape(url, basic(USER, PASSWORD), ca_file=server_cert.ca_file)[0] == 200
+
+
+def test_an_unloadable_certificate_stops_the_start_naming_the_file(tmp_path: Path, server_cert: ServerCert) -> None:
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not PEM\n")
+    server = MetricsServer(
+        build_state(), "127.0.0.1", 0, tls_cert_file=str(garbage), tls_key_file=str(server_cert.key_file)
+    )
+    with pytest.raises(OSError, match=f"cannot load metrics_tls_cert_file {garbage}"):
+        server.start()
+    server.stop()
+
+
+def test_the_password_comes_from_its_file_and_is_never_described(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text(PASSWORD + "\n")
+    env = {
+        "FLEETWATCH_METRICS_BASIC_AUTH_USER": USER,
+        "FLEETWATCH_METRICS_BASIC_AUTH_PASSWORD_FILE": str(tmp_path / "password"),
+    }
+    config = load_config(AgentConfig, path=None, env=env)
+    assert config.metrics_basic_auth_password.reveal() == PASSWORD
+    assert PASSWORD not in str(describe(config))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"FLEETWATCH_METRICS_TLS_CERT_FILE": "/x.crt"},
+            "metrics_tls_key_file: must be set with metrics_tls_cert_file",
+        ),
+        ({"FLEETWATCH_METRICS_TLS_KEY_FILE": "/x.key"}, "metrics_tls_cert_file: must be set with metrics_tls_key_file"),
+        (
+            {"FLEETWATCH_METRICS_BASIC_AUTH_USER": USER},
+            r"metrics_basic_auth_password_file \(or metrics_basic_auth_password\): must be set with "
+            "metrics_basic_auth_user",
+        ),
+        (
+            {"FLEETWATCH_METRICS_BASIC_AUTH_PASSWORD": PASSWORD},
+            r"metrics_basic_auth_user: must be set with metrics_basic_auth_password_file",
+        ),
+        (
+            {"FLEETWATCH_METRICS_BASIC_AUTH_USER": "a:b", "FLEETWATCH_METRICS_BASIC_AUTH_PASSWORD": PASSWORD},
+            "metrics_basic_auth_user: must not contain ':'",
+        ),
+    ],
+)
+def test_metrics_trust_settings_come_in_pairs(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(AgentConfig, path=None, env=env)
+    assert PASSWORD not in str(error.value)

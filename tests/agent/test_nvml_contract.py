@@ -334,6 +334,23 @@ SENTINELS: dict[str, tuple[type[FakeNvml], set[str], frozenset[str]]] = {
         {"ecc_dbe_volatile_total"},
         frozenset(),
     ),
+    # A value NVML hands over as a double can carry the all-ones count as 1.8e19: no counter is
+    # that high, and live detection would alert on it ("1.8e19 double-bit errors").
+    "ecc field double of all ones": (
+        _field_sentinel(pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL, pynvml.NVML_VALUE_TYPE_DOUBLE, "dVal", float(U64_NA)),
+        {"ecc_dbe_volatile_total"},
+        frozenset(),
+    ),
+    "ecc field signed long long negative": (
+        _field_sentinel(pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL, pynvml.NVML_VALUE_TYPE_SIGNED_LONG_LONG, "sllVal", -2),
+        {"ecc_sbe_volatile_total"},
+        frozenset(),
+    ),
+    "ecc field ull beyond a 64-bit signed count": (
+        _field_sentinel(pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL, U64, "ullVal", U64_NA - 1),
+        {"ecc_dbe_aggregate_total"},
+        frozenset(),
+    ),
     "replay field unsigned short all ones": (
         _field_sentinel(pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER, pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT, "usVal", 0xFFFF),
         {"pcie_replay_total"},

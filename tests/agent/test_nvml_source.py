@@ -856,3 +856,15 @@ def test_load_nvml_returns_none_without_pynvml(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="fleetwatch.agent.sources.nvml"):
         assert load_nvml() is None
     assert [r.getMessage() for r in caplog.records][-1].endswith("running host-only")
+
+
+def test_xid_event_data_that_is_no_xid_is_left_out(caplog):
+    # The collector refuses a batch carrying an XID outside 1-999 (fleetwatch.limits) as a whole,
+    # so event data that is no XID is said once in the log and never sent.
+    caplog.set_level(logging.WARNING, logger="fleetwatch.agent.sources.nvml")
+    source, _node, clock, _ = _source(faults=[parse_fault("xid:4000@2+1"), parse_fault("xid:79@3+2")])
+    clock.t = START + 3.0
+    received = source.wait_events(0.1) + source.wait_events(0.1)
+    assert [(e["gpu"], e["xid"]) for e in received] == [(3, 79)]
+    assert "XID event data 4000, which is no XID" in caplog.text
+    source.close()

@@ -271,6 +271,12 @@ MALFORMED = [
     good(job=7),
     good(job=""),
     good(job="x" * 129),
+    # Control characters the collector would refuse: a NUL (PostgreSQL text cannot hold it), a
+    # newline that forges log lines, an escape, a bidirectional override.
+    good(job="j7\u0000"),
+    good(job="j7\nERROR forged line"),
+    good(job="\u001b[31mred"),
+    good(job="j\u202e7"),
     good(rank="3"),
     good(rank=True),
     good(rank=1.0),
@@ -343,7 +349,18 @@ def test_reporter_refuses_bad_values_without_raising(receiver: StepReceiver) -> 
 
 @pytest.mark.parametrize(
     ("job", "rank"),
-    [("", 0), ("x" * 129, 0), (7, 0), ("😀" * 128, 0), ("j", -1), ("j", 1_000_001), ("j", True), ("j", 1.0)],
+    [
+        ("", 0),
+        ("x" * 129, 0),
+        (7, 0),
+        ("😀" * 128, 0),
+        ("j\x00", 0),
+        ("j\n", 0),
+        ("j", -1),
+        ("j", 1_000_001),
+        ("j", True),
+        ("j", 1.0),
+    ],
 )
 def test_reporter_refuses_bad_identity_at_construction(job: object, rank: object) -> None:
     with pytest.raises(ValueError):

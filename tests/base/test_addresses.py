@@ -1,4 +1,4 @@
-"""parse_host_port and join_host_port: the one reading of HOST:PORT listen addresses."""
+"""parse_host_port, join_host_port and is_loopback: the one reading of HOST:PORT listen addresses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fleetwatch.addresses import join_host_port, parse_host_port
+from fleetwatch.addresses import is_loopback, join_host_port, parse_host_port
 
 
 @pytest.mark.parametrize(
@@ -59,3 +59,25 @@ def test_join_is_the_inverse_of_parse(host: str, port: int) -> None:
 def test_join_puts_ipv6_in_brackets() -> None:
     assert join_host_port("::1", 9472) == "[::1]:9472"
     assert join_host_port("10.0.0.7", 9472) == "10.0.0.7:9472"
+
+
+@pytest.mark.parametrize(
+    ("text", "loopback"),
+    [
+        ("127.0.0.1:0", True),
+        ("127.3.4.5:9470", True),
+        ("[::1]:9471", True),
+        ("[::ffff:127.0.0.1]:9471", True),
+        ("localhost:9470", True),
+        ("LOCALHOST:9470", True),
+        ("0.0.0.0:9470", False),  # every interface
+        (":9470", False),
+        ("[::]:9470", False),
+        ("10.0.0.5:9470", False),
+        ("collector.example.org:9470", False),  # a name may resolve to any interface
+        ("localhost.example.org:9470", False),
+    ],
+)
+def test_only_loopback_addresses_and_localhost_count_as_loopback(text: str, loopback: bool) -> None:
+    host, _ = parse_host_port(text)
+    assert is_loopback(host) is loopback

@@ -43,7 +43,7 @@ def daemon_footprint(seconds: float, gpus: int) -> dict:
                 "-m",
                 "fleetwatch.agent.main",
                 "--config",
-                "/nonexistent.toml",
+                "/dev/null",
                 "--simulate",
                 "--sim-gpus",
                 str(gpus),

@@ -19,6 +19,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import make_url
 
 from fleetwatch.collector.detection import finding_from_alert
+from fleetwatch.collector.notify import webhook_target
 from fleetwatch.collector.storage import schema
 from fleetwatch.collector.storage.migrations import alembic_config, script_directory
 from fleetwatch.collector.storage.store import SchemaMigration, Store, StoreError
@@ -250,8 +251,10 @@ def test_0_1_0_database_is_upgraded_in_place_with_its_data(database: DbUnderTest
         # The outbox survives: the webhook deliveries still pend, with their failed attempts.
         pending = store.due_deliveries(now=2e9)
         assert sorted(d["detector"] for d in pending) == ["straggler.telemetry", "thermal", "xid"]
-        assert {d["target"] for d in pending} == {"webhook:http://127.0.0.1:9/hook?token=s3cret"}
+        # Revision 0003: the outbox names the webhook by reference, and no stored error quotes its token.
+        assert {d["target"] for d in pending} == {webhook_target("http://127.0.0.1:9/hook?token=s3cret")}
         assert all(d["attempts"] >= 5 and "refused" in d["last_error"] for d in pending)
+        assert {d["last_error"] for d in pending} == {"http://127.0.0.1:9/...: [Errno 111] Connection refused"}
     finally:
         store.close()
 

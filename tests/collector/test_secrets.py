@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, select
 
 from fleetwatch.collector.config import CollectorConfig, DatabaseUrl, WebhookUrl
 from fleetwatch.collector.main import build_parser, main
-from fleetwatch.collector.notify import NotifyError, notifier_for, target_for_log
+from fleetwatch.collector.notify import Notifiers, NotifyError, notifier_for, target_for_log, webhook_target
 from fleetwatch.collector.notify.webhook import WebhookNotifier, scrub
 from fleetwatch.collector.outbox import Outbox
 from fleetwatch.collector.storage import schema
@@ -189,7 +189,7 @@ def test_configuration_error_printed_by_main_holds_no_secret(
 
 def test_missing_secret_file_is_named_by_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "no-such-file"
-    assert main(["--config", "/nonexistent.toml", "--database-url-file", str(missing)]) == 2
+    assert main(["--config", "/dev/null", "--database-url-file", str(missing)]) == 2
     err = capsys.readouterr().err
     assert f"database_url_file (from --database-url-file): cannot read {missing}" in err
 
@@ -212,6 +212,8 @@ def test_target_for_log() -> None:
         == "webhook:https://hooks.slack.com/..."
     )
     assert target_for_log(f"pager:https://pager.example/{TOKEN}") == f"pager:{MASK}"  # unknown: nothing shown
+    reference = webhook_target(f"https://hooks.slack.com/services/T0/B0/{TOKEN}")
+    assert target_for_log(reference) == reference and TOKEN not in reference  # what the outbox stores
 
 
 def test_unknown_target_error_names_only_the_scheme() -> None:
@@ -267,32 +269,60 @@ def test_scrub_hides_every_token_bearing_part() -> None:
 # -- the outbox -----------------------------------------------------------------------------------
 
 
+def stored_deliveries(database: DbUnderTest) -> list[tuple[str, str | None]]:
+    engine = create_engine(database.url)
+    try:
+        with engine.connect() as conn:
+            query = select(schema.deliveries.c.target, schema.deliveries.c.last_error).order_by(schema.deliveries.c.id)
+            return [(target, last_error) for target, last_error in conn.execute(query)]
+    finally:
+        engine.dispose()
+
+
 def test_outbox_logs_and_stores_only_redacted_targets(
     store: Store, database: DbUnderTest, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = closed_port()
-    target = f"webhook:http://127.0.0.1:{port}/hook?token={TOKEN}"
+    url = f"http://ops:{PASSWORD}@127.0.0.1:{port}/hook?token={TOKEN}"
+    notifiers = Notifiers(log_alerts=False, webhook_urls=[url], timeout_seconds=2)
+    (target,) = notifiers.targets
+    assert target == webhook_target(url) and re.fullmatch(
+        rf"webhook:http://127\.0\.0\.1:{port}/\.\.\.#[0-9a-f]{{16}}", target
+    )
     finding = Finding(
         detector="xid", severity="critical", action="reboot", summary="XID 79", start=100.0, node="n01", gpu=3
     )
-    store.open_alert(finding, now=100.0, targets=[target])
-    outbox = Outbox(store, max_attempts=2, backoff_min_seconds=0.01, backoff_max_seconds=0.01, timeout_seconds=2)
+    store.open_alert(finding, now=100.0, targets=notifiers.targets)
+    outbox = Outbox(store, notifiers, max_attempts=2, backoff_min_seconds=0.01, backoff_max_seconds=0.01)
     with caplog.at_level(logging.DEBUG):
         for _ in range(2):  # a retry, then giving up
             (delivery,) = store.due_deliveries(now=1e12)
             outbox._deliver(delivery)
     assert outbox.retried == 1 and outbox.failed == 1
-    assert TOKEN not in caplog.text
-    assert re.search(rf"delivery to webhook:http://127\.0\.0\.1:{port}/\.\.\. failed", caplog.text)
-    assert f"giving up on webhook:http://127.0.0.1:{port}/... after 2 attempts" in caplog.text
+    assert TOKEN not in caplog.text and PASSWORD not in caplog.text
+    assert f"delivery to {target} failed" in caplog.text
+    assert f"giving up on {target} after 2 attempts" in caplog.text
+    ((stored_target, last_error),) = stored_deliveries(database)
+    assert stored_target == target  # a reference: the database holds no token
+    assert last_error is not None and TOKEN not in last_error and PASSWORD not in last_error
+    assert last_error.startswith(f"http://127.0.0.1:{port}/...: ")
 
-    engine = create_engine(database.url)
-    try:
-        with engine.connect() as conn:
-            stored_target, last_error = conn.execute(
-                select(schema.deliveries.c.target, schema.deliveries.c.last_error)
-            ).one()
-    finally:
-        engine.dispose()
-    assert stored_target == target  # the database is trusted with the whole URL
-    assert TOKEN not in last_error and last_error.startswith(f"http://127.0.0.1:{port}/...: ")
+
+def test_outbox_sends_an_old_rows_whole_url_and_fails_a_reference_no_longer_configured(
+    store: Store, receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"http://127.0.0.1:{receiver.port}/hook?token={TOKEN}"
+    removed = webhook_target(f"http://127.0.0.1:{receiver.port}/old?token={TOKEN}")
+    # Written by a collector before revision 0003 (the migration rewrites these; a shared database may not wait).
+    legacy = f"webhook:{url}"
+    finding = Finding(detector="xid", severity="critical", action="reboot", summary="XID 79", start=1.0, node="n01")
+    store.open_alert(finding, now=1.0, targets=[legacy, removed])
+    outbox = Outbox(store, Notifiers(log_alerts=False, webhook_urls=[url], timeout_seconds=2), max_attempts=5)
+    with caplog.at_level(logging.DEBUG):
+        for delivery in store.due_deliveries(now=1e12):
+            outbox._deliver(delivery)
+    assert receiver.authorization == [None]  # the old row's delivery arrived
+    assert outbox.sent == 1 and outbox.failed == 1 and outbox.retried == 0  # no retries for what cannot work
+    assert f"giving up on {removed} after 1 attempts" in caplog.text and "not among the configured" in caplog.text
+    assert TOKEN not in caplog.text
+    assert store.due_deliveries(now=1e12) == []

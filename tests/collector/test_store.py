@@ -12,7 +12,7 @@ from sqlalchemy import exc as sa_exc
 
 from fleetwatch.collector.storage import schema
 from fleetwatch.collector.storage import store as store_module
-from fleetwatch.collector.storage.store import IngestBatch, SchemaMigration, Store, StoreError
+from fleetwatch.collector.storage.store import BatchRefused, IngestBatch, SchemaMigration, Store, StoreError
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
@@ -156,8 +156,10 @@ def test_two_collectors_ingesting_the_same_batches_store_each_once(store: Store,
 
 def test_a_bad_record_is_not_acked_as_a_duplicate(store: Store) -> None:
     bad = batch(2, steps=[Step(t=T0, job=None, rank=0, node="n01", step=1, seconds=1.0)])
-    with pytest.raises(sa_exc.IntegrityError):
+    with pytest.raises(BatchRefused) as refused:
         store.ingest([batch(1), bad])
+    assert refused.value.key == bad.key
+    assert "INSERT" not in str(refused.value)  # the database's reason, never the statement
     assert store.last_seq("n01", "boot-a") == 1  # the good batch went in on the fallback path
     assert store.count_rows("steps") == 0
 
@@ -487,6 +489,44 @@ def test_resolved_delivery_waits_for_its_firing_retry(store: Store) -> None:
     store.mark_delivered(firing["id"], now=T0 + 100)
     [resolved] = store.due_deliveries(T0 + 100)
     assert resolved["transition"] == "resolved" and resolved["status"] == "resolved"
+
+
+def test_reopened_alert_waits_behind_its_previous_alerts_deliveries_per_target(store: Store) -> None:
+    f = finding()
+    first = store.open_alert(f, now=T0, targets=["hook", "log"])
+    for d in store.due_deliveries(T0):  # the hook's firing fails; the log's goes out
+        if d["target"] == "hook":
+            store.mark_retry(d["id"], "timeout", next_attempt_at=T0 + 100)
+        else:
+            store.mark_delivered(d["id"], now=T0)
+    store.resolve_alert(f.fingerprint, end=T0 + 10, now=T0 + 10, targets=["hook", "log"])
+    second = store.open_alert(finding(start=T0 + 20), now=T0 + 20, targets=["hook", "log"])
+    assert second != first  # a new alert row with the same fingerprint
+    # The log proceeds on its own; the hook's re-opened firing waits behind the first alert's rows.
+    due = store.due_deliveries(T0 + 50)
+    assert [(d["alert_id"], d["target"], d["transition"]) for d in due] == [(first, "log", "resolved")]
+    store.mark_delivered(due[0]["id"], now=T0 + 50)
+    assert [(d["alert_id"], d["target"]) for d in store.due_deliveries(T0 + 50)] == [(second, "log")]
+    assert store.next_delivery_due() == T0 + 20  # the log's second firing
+    heard = []
+    for now in (T0 + 100, T0 + 101, T0 + 102):
+        for d in store.due_deliveries(now):
+            if d["target"] == "hook":
+                heard.append(d["transition"])
+            store.mark_delivered(d["id"], now=now)
+    assert heard == ["firing", "resolved", "firing"]  # the hook's last word: firing, as the alert is
+    assert store.due_deliveries(T0 + 1e6) == []
+
+
+def test_due_deliveries_skip_ids_and_targets(store: Store) -> None:
+    store.open_alert(finding(), now=T0, targets=["a", "b"])
+    store.open_alert(finding(gpu=5), now=T0 + 1, targets=["a", "b"])
+    due = store.due_deliveries(T0 + 1)
+    assert len(due) == 4
+    skipped = store.due_deliveries(T0 + 1, skip_ids={due[0]["id"]}, skip_targets={"b"})
+    assert [(d["alert_id"], d["target"]) for d in skipped] == [(due[2]["alert_id"], "a")]
+    assert store.next_delivery_due(skip_targets={"a", "b"}) is None
+    assert store.next_delivery_due(skip_ids={due[0]["id"]}) == T0
 
 
 # -- retention --------------------------------------------------------------------------------

@@ -64,14 +64,17 @@ def client(app: CollectorApp) -> Client:
 async def test_healthz(client: Client) -> None:
     status, headers, body = await client.get("/healthz")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"ok": True, "agents_connected": 0}
+    health = json.loads(body)
+    assert health["ok"] is True and health["agents_connected"] == 0
+    # Liveness only; the readiness facts ride along as last known (/readyz: tests/collector/test_readiness.py).
+    assert set(health["readiness"]) == {"ready", "problems", "database", "ingest"}
 
 
 async def test_unknown_path_is_a_json_404_naming_the_routes(client: Client) -> None:
     status, headers, body = await client.get("/api/v2/status")
     assert status == 404 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {
-        "error": "no such path /api/v2/status; try /metrics, /healthz, /api/v1/status, /api/v1/alerts"
+        "error": "no such path /api/v2/status; try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts"
     }
 
 

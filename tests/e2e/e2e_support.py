@@ -39,7 +39,7 @@ class Collector:
             "-m",
             "fleetwatch.collector.main",
             "--config",
-            "/nonexistent.toml",
+            "/dev/null",
             "--grpc-listen",
             f"127.0.0.1:{grpc_port}",
             "--http-listen",

@@ -49,7 +49,7 @@ def test_agent_sources_reach_the_collector_and_metrics(tmp_path: Path) -> None:
             "-m",
             "fleetwatch.agent.main",
             "--config",
-            "/nonexistent.toml",
+            "/dev/null",
             "--simulate",
             "--node",
             "n01",

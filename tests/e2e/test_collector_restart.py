@@ -21,7 +21,7 @@ def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess
             "-m",
             "fleetwatch.agent.main",
             "--config",
-            "/nonexistent.toml",
+            "/dev/null",
             "--simulate",
             "--node",
             node,

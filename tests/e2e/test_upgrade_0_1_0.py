@@ -42,7 +42,7 @@ def migrate_only(db: Path) -> subprocess.CompletedProcess[str]:
             "-m",
             "fleetwatch.collector.main",
             "--config",
-            "/nonexistent.toml",
+            "/dev/null",
             "--database-url",
             f"sqlite:///{db}",
             "--migrate-only",

@@ -75,7 +75,7 @@ def _agent_once(tmp_path: Path) -> dict[str, Any]:
         "--spool-dir",
         str(tmp_path / "spool"),
         "--config",
-        str(tmp_path / "absent.toml"),
+        "/dev/null",
         "--kmsg-path",
         "",
     ]

@@ -1,0 +1,304 @@
+"""Checks every field of an agent's messages against fleetwatch.limits before anything is stored or detected."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from fleetwatch import limits
+from fleetwatch.collector.storage.store import IngestBatch
+from fleetwatch.records import Event, GpuSample, HostSample, Step
+from fleetwatch.v1 import telemetry_pb2 as pb
+
+# The event kinds agents send and detectors act on (telemetry.proto's Event.kind). A kind this
+# collector does not know is refused rather than stored unread: upgrade collectors before agents.
+EVENT_KINDS = frozenset({"xid", "gpu_lost"})
+
+# "gpus[3].metrics" -> "gpus.metrics": a field's metric label, one per schema field however many
+# entries a message has.
+_INDEX_RE = re.compile(r"\[\d+\]")
+
+
+class InvalidMessage(ValueError):
+    """A message that breaks the wire contract's limits: which field (`field`), and why (`problem`).
+
+    `where` is "hello", "batch" (then `seq` is the batch's) or "stream" (a message out of order).
+    str() is what the agent is told, e.g. "batch 12: gpus[3].gpu: 4000000000 is not a GPU index
+    (0-63)": it quotes values escaped and cut short, never SQL. `detail` goes to the log only.
+    """
+
+    def __init__(self, where: str, field: str, problem: str, *, seq: int | None = None, detail: str = "") -> None:
+        self.where = where
+        self.field = field
+        self.problem = problem
+        self.seq = seq
+        self.detail = detail
+        super().__init__(f"{self.subject}: {field}: {problem}")
+
+    @property
+    def subject(self) -> str:
+        return f"batch {self.seq}" if self.where == "batch" else self.where
+
+    @property
+    def field_label(self) -> str:
+        """The field without entry indexes, prefixed by the message: a bounded set, fit for a metric label."""
+        return f"{self.where}.{_INDEX_RE.sub('', self.field)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClockWindow:
+    """How far from the collector's clock a sample's time may be (fleetwatch.limits explains the defaults)."""
+
+    max_skew_seconds: float = limits.DEFAULT_MAX_CLOCK_SKEW_SECONDS  # ahead of the collector
+    max_age_seconds: float = limits.DEFAULT_MAX_DATA_AGE_SECONDS  # behind it
+
+
+class _Checker:
+    """The checks of one message; raises InvalidMessage at the first field that breaks a limit."""
+
+    def __init__(self, where: str, seq: int | None = None) -> None:
+        self.where = where
+        self.seq = seq
+
+    def fail(self, field: str, problem: str) -> InvalidMessage:
+        return InvalidMessage(self.where, field, problem, seq=self.seq)
+
+    def count(self, field: str, n: int, most: int) -> None:
+        if n > most:
+            raise self.fail(field, f"{n} entries, at most {most}")
+
+    def text(self, field: str, value: str, max_chars: int, *, required: bool = False) -> str | None:
+        """The value, or None for an empty optional one."""
+        problem = limits.text_problem(value, max_chars, required=required)
+        if problem is not None:
+            raise self.fail(field, problem)
+        return value or None
+
+    def gpu_index(self, field: str, value: int) -> int:
+        if value >= limits.MAX_GPUS_PER_NODE:
+            raise self.fail(field, f"{value} is not a GPU index (0-{limits.MAX_GPUS_PER_NODE - 1})")
+        return value
+
+    def at_most(self, field: str, value: int, most: int, what: str) -> int:
+        if value > most:
+            raise self.fail(field, f"{value} is not {what} (0-{most})")
+        return value
+
+
+class _BatchChecker(_Checker):
+    def __init__(self, seq: int, received_at: float, window: ClockWindow, dropped: Counter[str] | None) -> None:
+        super().__init__("batch", seq)
+        self.now = received_at
+        self.earliest = received_at - window.max_age_seconds
+        self.latest = received_at + window.max_skew_seconds
+        self.window = window
+        self.dropped = dropped
+
+    def time(self, field: str, value: float) -> float:
+        if self.earliest <= value <= self.latest:  # NaN compares false
+            return value
+        if not math.isfinite(value):
+            problem = f"{value} is not a time"
+        elif value > self.latest:
+            problem = (
+                f"{value:.3f} is {value - self.now:.0f} s ahead of the collector's clock "
+                f"(at most {self.window.max_skew_seconds:g} s: max_clock_skew_seconds)"
+            )
+        else:
+            problem = (
+                f"{value:.3f} is {self.now - value:.0f} s old "
+                f"(at most {self.window.max_age_seconds:g} s: max_data_age_seconds)"
+            )
+        raise self.fail(field, problem)
+
+    def metrics(self, msg: Any) -> dict[str, float | int]:
+        """The present fields that can be measurements; the others are dropped (absent) and counted."""
+        kept: dict[str, float | int] = {}
+        for descriptor, value in msg.ListFields():
+            name = descriptor.name
+            if name == "port" or name == "ib_state" or name == "device":
+                continue  # an IbPortMetrics' identity, checked by the caller
+            storable = limits.storable_metric(name, value)
+            if storable is None:
+                if self.dropped is not None:
+                    self.dropped[name] += 1
+            else:
+                kept[name] = storable
+        return kept
+
+
+def check_hello(hello: pb.Hello) -> list[dict[str, Any]]:
+    """The Hello's GPU inventory as Store.upsert_node takes it; InvalidMessage for a field out of bounds.
+
+    A measured value of a GPU (memory size, power limit, clocks) that cannot be one is absent, as in
+    samples; names, indexes and strings must be right.
+    """
+    c = _Checker("hello")
+    for field, problem in (
+        ("node", limits.node_name_problem(hello.node)),
+        ("boot_id", limits.boot_id_problem(hello.boot_id)),
+    ):
+        if problem is not None:
+            raise c.fail(field, problem)
+    c.text("agent_version", hello.agent_version, limits.VERSION_MAX_CHARS)
+    interval = hello.sampling_interval_seconds
+    if interval != 0.0 and not (
+        limits.SAMPLING_INTERVAL_MIN_SECONDS <= interval <= limits.SAMPLING_INTERVAL_MAX_SECONDS
+    ):
+        raise c.fail(
+            "sampling_interval_seconds",
+            f"{interval} s is outside {limits.SAMPLING_INTERVAL_MIN_SECONDS:g}-"
+            f"{limits.SAMPLING_INTERVAL_MAX_SECONDS:g} s (0: unset)",
+        )
+    if not math.isfinite(hello.t):
+        raise c.fail("t", f"{hello.t} is not a time")
+    c.count("gpus", len(hello.gpus), limits.MAX_GPUS_PER_NODE)
+    inventory: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for i, g in enumerate(hello.gpus):
+        at = f"gpus[{i}]"
+        index = c.gpu_index(f"{at}.index", g.index)
+        if index in seen:
+            raise c.fail(f"{at}.index", f"GPU {index} is listed twice")
+        seen.add(index)
+        memory = g.memory_total_bytes if g.HasField("memory_total_bytes") else None
+        inventory.append(
+            {
+                "index": index,
+                "uuid": c.text(f"{at}.uuid", g.uuid, limits.GPU_UUID_MAX_CHARS),
+                "name": c.text(f"{at}.name", g.name, limits.GPU_NAME_MAX_CHARS),
+                "pci_bus_id": c.text(f"{at}.pci_bus_id", g.pci_bus_id, limits.PCI_BUS_ID_MAX_CHARS),
+                "serial": c.text(f"{at}.serial", g.serial, limits.GPU_SERIAL_MAX_CHARS),
+                "memory_total_bytes": None if memory is None else limits.storable_metric("mem_total_bytes", memory),
+                "driver_version": c.text(f"{at}.driver_version", g.driver_version, limits.VERSION_MAX_CHARS),
+                "cuda_version": c.text(f"{at}.cuda_version", g.cuda_version, limits.VERSION_MAX_CHARS),
+                **{
+                    key: (getattr(g, key) if g.HasField(key) and math.isfinite(getattr(g, key)) else None)
+                    for key in ("power_limit_watts", "sm_clock_max_mhz", "mem_clock_max_mhz")
+                },
+            }
+        )
+    return inventory
+
+
+def check_batch(
+    node: str,
+    boot_id: str,
+    batch: pb.Batch,
+    received_at: float,
+    window: ClockWindow = ClockWindow(),
+    dropped: Counter[str] | None = None,
+) -> IngestBatch:
+    """The batch as the store and the detectors take it, every field checked; InvalidMessage otherwise.
+
+    `node` and `boot_id` come from the stream's checked Hello (a batch's own non-empty boot_id,
+    for batches spooled before a reboot, is checked here). Metric values that cannot be
+    measurements (NaN, NVML's all-ones "not available") are dropped and counted in `dropped` by
+    field name, so the detectors never see them: the field is absent, as for a GPU without it.
+    """
+    seq = batch.seq
+    c = _BatchChecker(seq, received_at, window, dropped)
+    if not limits.SEQ_MIN <= seq <= limits.SEQ_MAX:
+        raise c.fail("seq", f"{seq} is not a batch number ({limits.SEQ_MIN} to 2**63-1)")
+    c.time("t", batch.t)
+    if batch.boot_id:
+        problem = limits.boot_id_problem(batch.boot_id)
+        if problem is not None:
+            raise c.fail("boot_id", problem)
+        boot_id = batch.boot_id
+    c.count("gpus", len(batch.gpus), limits.MAX_GPU_SAMPLES_PER_BATCH)
+    c.count("events", len(batch.events), limits.MAX_EVENTS_PER_BATCH)
+    c.count("steps", len(batch.steps), limits.MAX_STEPS_PER_BATCH)
+    gpu_samples = []
+    for i, g in enumerate(batch.gpus):
+        at = f"gpus[{i}]"
+        gpu_samples.append(
+            GpuSample(
+                t=c.time(f"{at}.t", g.t),
+                node=node,
+                gpu=c.gpu_index(f"{at}.gpu", g.gpu),
+                metrics=c.metrics(g.metrics),
+                uuid=c.text(f"{at}.uuid", g.uuid, limits.GPU_UUID_MAX_CHARS),
+                job=c.text(f"{at}.job", g.job, limits.JOB_MAX_CHARS),
+                rank=c.at_most(f"{at}.rank", g.rank, limits.MAX_RANK, "a rank") if g.HasField("rank") else None,
+            )
+        )
+    host_samples = []
+    ib_ports: list[dict[str, Any]] = []
+    if batch.HasField("host"):
+        host = batch.host
+        host_t = c.time("host.t", host.t)
+        host_samples.append(HostSample(t=host_t, node=node, metrics=c.metrics(host.metrics)))
+        c.count("host.ib_ports", len(host.ib_ports), limits.MAX_IB_PORTS_PER_BATCH)
+        for i, port in enumerate(host.ib_ports):
+            at = f"host.ib_ports[{i}]"
+            problem = limits.ib_device_problem(port.device)
+            if problem is not None:
+                raise c.fail(f"{at}.device", problem)
+            row: dict[str, Any] = {
+                "t": host_t,
+                "device": port.device,
+                "port": c.at_most(f"{at}.port", port.port, limits.IB_PORT_MAX, "an InfiniBand port"),
+                "ib_state": c.text(f"{at}.ib_state", port.ib_state, limits.IB_STATE_MAX_CHARS),
+            }
+            row.update(c.metrics(port))
+            ib_ports.append(row)
+    events = []
+    for i, e in enumerate(batch.events):
+        at = f"events[{i}]"
+        if e.kind not in EVENT_KINDS:
+            raise c.fail(f"{at}.kind", f"{limits.shown(e.kind)} is not one of {', '.join(sorted(EVENT_KINDS))}")
+        xid = None
+        if e.HasField("xid"):
+            xid = e.xid
+            if not limits.XID_MIN <= xid <= limits.XID_MAX:
+                raise c.fail(f"{at}.xid", f"{xid} is not an XID ({limits.XID_MIN}-{limits.XID_MAX})")
+        elif e.kind == "xid":
+            raise c.fail(f"{at}.xid", "an xid event needs its XID")
+        if e.source:
+            problem = limits.event_source_problem(e.source)
+            if problem is not None:
+                raise c.fail(f"{at}.source", problem)
+        events.append(
+            Event(
+                t=c.time(f"{at}.t", e.t),
+                node=node,
+                kind=e.kind,
+                gpu=c.gpu_index(f"{at}.gpu", e.gpu) if e.HasField("gpu") else None,
+                xid=xid,
+                pci_bus_id=c.text(f"{at}.pci_bus_id", e.pci_bus_id, limits.PCI_BUS_ID_MAX_CHARS),
+                uuid=c.text(f"{at}.uuid", e.uuid, limits.GPU_UUID_MAX_CHARS),
+                message=c.text(f"{at}.message", e.message, limits.EVENT_MESSAGE_MAX_CHARS) or "",
+                source=e.source or None,
+            )
+        )
+    steps = []
+    for i, s in enumerate(batch.steps):
+        at = f"steps[{i}]"
+        if not (0.0 < s.seconds < limits.MAX_STEP_SECONDS):  # NaN fails too
+            raise c.fail(f"{at}.seconds", f"{s.seconds} is outside (0, {limits.MAX_STEP_SECONDS:g})")
+        steps.append(
+            Step(
+                t=c.time(f"{at}.t", s.t),
+                job=c.text(f"{at}.job", s.job, limits.STEP_JOB_MAX_CHARS, required=True) or "",
+                rank=c.at_most(f"{at}.rank", s.rank, limits.MAX_RANK, "a rank"),
+                node=node,
+                step=c.at_most(f"{at}.step", s.step, limits.MAX_STEP, "a step number"),
+                seconds=s.seconds,
+                gpu=c.gpu_index(f"{at}.gpu", s.gpu) if s.HasField("gpu") else None,
+            )
+        )
+    return IngestBatch(
+        node=node,
+        boot_id=boot_id,
+        seq=seq,
+        received_at=received_at,
+        gpu_samples=gpu_samples,
+        host_samples=host_samples,
+        ib_ports=ib_ports,
+        events=events,
+        steps=steps,
+    )
