@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from fleetwatch import __version__
+from fleetwatch import __version__, limits
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.liveness import Heartbeats, WatchdogFeeder
 from fleetwatch.agent.sampler import Cycle, Sampler
@@ -29,6 +29,7 @@ from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.tls import open_channel
 from fleetwatch.asyncwait import wait_any
 from fleetwatch.backoff import backoff_seconds
+from fleetwatch.limits import printable
 from fleetwatch.systemd import notify, watchdog_interval_seconds
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
@@ -99,6 +100,26 @@ class _RateLimitedLog:
         log.warning(message, *args)
 
 
+def storable_event(event: dict[str, Any]) -> dict[str, Any] | None:
+    """The event as the collector accepts it, or None for an XID number no driver prints.
+
+    The collector refuses a whole batch over one bad field, so values from the kernel log and
+    NVML are brought inside fleetwatch.limits here, before the batch is spooled.
+    """
+    xid = event.get("xid")
+    if xid is not None and not limits.XID_MIN <= int(xid) <= limits.XID_MAX:
+        log.warning(
+            "dropping an XID %s event on GPU %s: outside %d-%d", xid, event.get("gpu"), limits.XID_MIN, limits.XID_MAX
+        )
+        return None
+    text_limits = {
+        "message": limits.EVENT_MESSAGE_MAX_CHARS,
+        "uuid": limits.GPU_UUID_MAX_CHARS,
+        "pci_bus_id": limits.PCI_BUS_ID_MAX_CHARS,
+    }
+    return event | {key: printable(str(event[key]), most) for key, most in text_limits.items() if event.get(key)}
+
+
 def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
     msg = pb.IbPortMetrics(device=port["device"], port=int(port["port"]), ib_state=port.get("ib_state") or "")
     fill_metrics(msg, {k: v for k, v in port.items() if k in IB_FIELDS and k != "ib_state"})
@@ -108,7 +129,8 @@ def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
 def gpu_sample_message(sample: dict[str, Any]) -> pb.GpuSample:
     msg = pb.GpuSample(gpu=int(sample["gpu"]), t=float(sample["t"]), uuid=sample.get("uuid") or "")
     if sample.get("job"):
-        msg.job = str(sample["job"])
+        # Job names come from the environment and cgroup paths of the GPU's processes.
+        msg.job = printable(str(sample["job"]), limits.JOB_MAX_CHARS)
     if sample.get("rank") is not None:
         msg.rank = int(sample["rank"])
     fill_metrics(msg.metrics, sample["metrics"])
@@ -170,7 +192,7 @@ class Agent:
             fill_metrics(batch.host.metrics, cycle.host)
             for port in cycle.ib_ports:
                 batch.host.ib_ports.append(ib_port_message(port))
-        batch.events.extend(event_from_dict(e) for e in cycle.events)
+        batch.events.extend(event_from_dict(e) for e in map(storable_event, cycle.events) if e is not None)
         for step in cycle.steps:
             report = batch.steps.add(
                 t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"]

@@ -217,3 +217,11 @@ def text_problem(value: str, max_chars: int, *, required: bool = False) -> str |
         refused = next(char for char in value if not char.isprintable())
         return f"{shown(value)}: character {refused!a} at {value.index(refused)} is not printable"
     return None
+
+
+def printable(value: str, max_chars: int) -> str:
+    """`value` made acceptable as a text field: non-printable characters (see text_problem) become
+    U+FFFD and the text is cut to `max_chars`, so one odd kernel line cannot get a batch refused."""
+    if value.isprintable() and len(value) <= max_chars:
+        return value
+    return "".join(char if char.isprintable() else "\ufffd" for char in value[:max_chars])

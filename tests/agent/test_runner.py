@@ -172,3 +172,31 @@ async def test_agent_restart_continues_numbering_and_resends_its_spool(tmp_path:
         assert app.store.count_rows("batches") == len(seqs) == first.batches_made + second.batches_made
     finally:
         await app.stop(0.2)
+
+
+async def test_odd_kernel_log_values_never_get_a_batch_refused(tmp_path: Path) -> None:
+    """The collector refuses a whole batch over one bad field: the agent brings values in first."""
+    app = await start_collector(tmp_path)
+    agent = make_agent(tmp_path, app.grpc_port, interval=30, nvml=False)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await until(lambda: app.store.count_rows("batches") == 1, 4, "the first sample")
+        now = time.time()
+        agent.send_events(
+            [
+                # An XID number no driver prints, then a real one whose message carries an escape
+                # sequence and a NUL, as a corrupted kernel line may.
+                {"t": now, "kind": "xid", "gpu": 0, "xid": 123456, "message": "garbled", "source": "kmsg"},
+                {"t": now, "kind": "xid", "gpu": 1, "xid": 79, "message": "off \x1b[31mthe\x00 bus", "source": "kmsg"},
+            ]
+        )
+        await until(lambda: app.store.count_rows("events") == 1, 4, "the valid XID to be stored")
+        (event,) = app.store.events_since(0)
+        assert (event.gpu, event.xid) == (1, 79)
+        assert event.message.isprintable() and "bus" in event.message
+        assert app.stats.rejected == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await app.stop(0.2)
