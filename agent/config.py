@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fleetwatch.addresses import parse_host_port
 from fleetwatch.configfile import ConfigError, Secret, non_negative, one_of, positive, setting, wrap_secrets
+from fleetwatch.limits import SAMPLING_INTERVAL_MAX_SECONDS, SAMPLING_INTERVAL_MIN_SECONDS, node_name_problem
 from fleetwatch.stepreport import DEFAULT_SOCKET
 from fleetwatch.systemd import LOG_LEVELS
 
@@ -30,9 +31,21 @@ def _collector_address(value: str) -> str | None:
     return None
 
 
+def _node_name(value: str) -> str | None:
+    """What the collector accepts as a node name (fleetwatch.limits); empty means the host name."""
+    return node_name_problem(value) if value else None
+
+
+def sampling_interval(value: float) -> str | None:
+    """The range the collector accepts in a Hello (fleetwatch.limits)."""
+    if SAMPLING_INTERVAL_MIN_SECONDS <= value <= SAMPLING_INTERVAL_MAX_SECONDS:
+        return None
+    return f"must be {SAMPLING_INTERVAL_MIN_SECONDS:g} to {SAMPLING_INTERVAL_MAX_SECONDS:g} seconds"
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    node: str = setting("", "node name reported to the collector (empty: the host name)")
+    node: str = setting("", "node name reported to the collector (empty: the host name)", check=_node_name)
     collector_address: str = setting(
         "127.0.0.1:9470",
         "collector gRPC address, HOST:PORT (a DNS name or an address; IPv6 in brackets)",
@@ -50,7 +63,7 @@ class AgentConfig:
         "name to verify the collector's certificate against, when it is not issued for the host in "
         "collector_address (e.g. an IP address or a load balancer's name; empty: that host)",
     )
-    sampling_interval_seconds: float = setting(1.0, "seconds between samples", check=positive)
+    sampling_interval_seconds: float = setting(1.0, "seconds between samples", check=sampling_interval)
     spool_dir: str = setting("/var/lib/fleetwatch/spool", "directory holding batches until the collector acks them")
     spool_max_bytes: int = setting(
         256 * 1024 * 1024, "spool size bound in bytes; the oldest batches are dropped past it", check=positive

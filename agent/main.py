@@ -27,6 +27,7 @@ from fleetwatch.agent.spool import Spool, SpoolBusyError, SpoolLock
 from fleetwatch.agent.state import AgentState
 from fleetwatch.agent.tls import load_channel_tls, plaintext_warning
 from fleetwatch.configfile import ConfigError, daemon_parser, describe, load_config
+from fleetwatch.limits import node_name_problem
 from fleetwatch.systemd import setup_logging
 
 log = logging.getLogger("fleetwatch.agent")
@@ -165,8 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"fleetwatch-agent: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging("warning" if args.once else config.log_level)
     node = config.node or socket.gethostname()
+    problem = node_name_problem(node)
+    if problem:
+        # The collector would refuse every stream; say so now, naming what to set.
+        print(f"fleetwatch-agent: configuration error: node: the host name {problem}; set node", file=sys.stderr)
+        return 2
+    setup_logging("warning" if args.once else config.log_level)
     if args.once:
         result = sample_once_json(config, node)
         if args.json:

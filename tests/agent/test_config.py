@@ -41,7 +41,11 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("sampling_interval_seconds = -1\n", "sampling_interval_seconds: must be greater than 0"),
+        ("sampling_interval_seconds = -1\n", "sampling_interval_seconds: must be 0.01 to 3600 seconds"),
+        # What the collector would refuse in every Hello stops the agent at start instead.
+        ("sampling_interval_seconds = 0.001\n", "sampling_interval_seconds: must be 0.01 to 3600 seconds"),
+        ('node = "gpu node 7"\n', "node: .*character ' ' at 3 is not one of"),
+        ('node = "n01\\nFAKE LOG LINE"\n', "node: .*is not one of"),
         ('sampling_interval_seconds = "fast"\n', "sampling_interval_seconds .*expected a number"),
         ('log_level = "loud"\n', "log_level: must be one of"),
         ("spool_max_bytes = 1.5\n", "spool_max_bytes .*expected an integer"),
