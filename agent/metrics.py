@@ -24,8 +24,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from fleetwatch import __version__ as AGENT_VERSION
-from fleetwatch.agent.metrics_http import ThreadingWsgiServer, basic_auth, serve, server_ssl_context
+from fleetwatch.agent.metrics_http import ThreadingWsgiServer, basic_auth, serve
 from fleetwatch.agent.state import AgentState
+from fleetwatch.https import server_ssl_context
 from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
 
 Kind = Literal["gauge", "counter", "bitmask", "state"]
@@ -964,7 +965,9 @@ class MetricsServer:
         if self._server is not None:
             return
         # Loaded at start: a renewed certificate takes a restart.
-        ssl_context = server_ssl_context(self.tls_cert_file, self.tls_key_file)
+        ssl_context = server_ssl_context(
+            self.tls_cert_file, self.tls_key_file, cert_key="metrics_tls_cert_file", key_key="metrics_tls_key_file"
+        )
         app = make_wsgi_app(self.registry)
         if self._basic_auth is not None:
             app = basic_auth(app, *self._basic_auth)

@@ -62,21 +62,6 @@ def basic_auth(app: WSGIApplication, user: str, password: str) -> WSGIApplicatio
     return guarded
 
 
-def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
-    """The TLS context of /metrics from PEM files, None without a certificate; OSError names the files."""
-    if not cert_file:
-        return None
-    # Purpose.CLIENT_AUTH is the server side's defaults: TLS 1.2 at least, the stdlib's cipher choice.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except OSError as exc:  # ssl.SSLError included
-        raise OSError(
-            f"cannot load metrics_tls_cert_file {cert_file} and metrics_tls_key_file {key_file}: {exc}"
-        ) from None
-    return context
-
-
 def listen_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     """The address family and address to bind for `host` (a name, an IPv4 or an IPv6 literal)."""
     family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]

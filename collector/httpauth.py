@@ -6,7 +6,6 @@ import enum
 import hashlib
 import hmac
 import json
-import ssl
 from collections.abc import Iterable
 
 from aiohttp import hdrs, web
@@ -104,21 +103,3 @@ def token_middleware(read_token: str, admin_token: str) -> Middleware:
         return await handler(request)
 
     return check_token
-
-
-def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext | None:
-    """The HTTP server's TLS context from PEM files, None without a certificate (plain HTTP).
-
-    No client certificate is asked for: HTTP callers prove who they are with tokens. The files are
-    the gRPC side's, checked together by fleetwatch.collector.tls before this runs; OSError names
-    them if they still cannot be loaded.
-    """
-    if not cert_file:
-        return None
-    # Purpose.CLIENT_AUTH is the server side's defaults: TLS 1.2 at least, the stdlib's cipher choice.
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except OSError as exc:  # ssl.SSLError included
-        raise OSError(f"cannot load tls_cert_file {cert_file} and tls_key_file {key_file} for HTTPS: {exc}") from None
-    return context

@@ -14,9 +14,10 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from fleetwatch.collector.httpauth import Access, add_route, server_ssl_context, token_middleware
+from fleetwatch.collector.httpauth import Access, add_route, token_middleware
 from fleetwatch.collector.metrics import CollectorMetrics
 from fleetwatch.collector.storage.store import Store
+from fleetwatch.https import server_ssl_context
 
 if TYPE_CHECKING:
     from fleetwatch.collector.app import CollectorApp
@@ -215,7 +216,9 @@ class WebServer:
         await self._runner.setup()
         try:
             # Loaded at start: a renewed certificate takes a restart, as for the gRPC side.
-            ssl_context = server_ssl_context(self._config.tls_cert_file, self._config.tls_key_file)
+            ssl_context = server_ssl_context(
+                self._config.tls_cert_file, self._config.tls_key_file, cert_key="tls_cert_file", key_key="tls_key_file"
+            )
             await web.TCPSite(self._runner, host, port, ssl_context=ssl_context).start()
         except BaseException:
             await self._runner.cleanup()

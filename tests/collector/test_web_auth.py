@@ -20,8 +20,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import CollectorConfig
-from fleetwatch.collector.httpauth import Access, add_route, server_ssl_context, token_middleware
+from fleetwatch.collector.httpauth import Access, add_route, token_middleware
 from fleetwatch.configfile import ConfigError, describe, load_config
+from fleetwatch.https import server_ssl_context
 from tests.selfsigned import ServerCert, make_server_cert
 
 READ_TOKEN = "read-SENTINEL-4b1d"
@@ -315,11 +316,11 @@ async def test_https_with_the_ca_works_and_plain_http_does_not(tmp_path: Path, s
 
 
 def test_no_certificate_means_plain_http() -> None:
-    assert server_ssl_context("", "") is None
+    assert server_ssl_context("", "", cert_key="tls_cert_file", key_key="tls_key_file") is None
 
 
 def test_an_unloadable_certificate_is_named(tmp_path: Path, server_cert: ServerCert) -> None:
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("not PEM")
     with pytest.raises(OSError, match=f"cannot load tls_cert_file {garbage} and tls_key_file"):
-        server_ssl_context(str(garbage), str(server_cert.key_file))
+        server_ssl_context(str(garbage), str(server_cert.key_file), cert_key="tls_cert_file", key_key="tls_key_file")

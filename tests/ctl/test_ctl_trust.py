@@ -176,7 +176,7 @@ def test_https_without_the_ca_says_to_pass_it(https: Running, capsys: pytest.Cap
 def test_https_with_the_wrong_ca_says_to_pass_it(
     https: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = make_server_cert(tmp_path, common_name="some other CA")
+    other = make_server_cert(tmp_path)  # a CA of its own: not the one that signed the collector's
     argv = ["--collector", https.url, "--token-file", str(https.token_file), "--ca-file", str(other.ca_file)]
     assert main([*argv, "status"]) == 1
     assert "cannot verify the collector's certificate" in capsys.readouterr().err
