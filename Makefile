@@ -27,7 +27,8 @@ test: lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	rm -rf $(TYPECHECK)
+	# setuptools builds through build/lib, where modules deleted from the tree would linger.
+	rm -rf $(TYPECHECK) build/lib
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target $(TYPECHECK) .
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml
 
