@@ -36,11 +36,15 @@ lint: $(STAMP)
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $(PROTO_SRC)
 
+# collector_fleet.py runs the collector beside Prometheus on the same simulated fleet; Prometheus
+# comes from Debian's package, installed here only (make test never needs it).
 bench: $(STAMP)
 	$(PY) tests/bench/agent_cycle.py
 	$(PY) tests/bench/demo_ingest.py
 	$(PY) tests/bench/false_alarms.py
 	$(PY) -m fleetwatch.ctl.main eval --corpus tests/scenarios
+	command -v prometheus >/dev/null || (apt-get update && apt-get install -y prometheus)
+	$(PY) tests/bench/collector_fleet.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -133,6 +133,11 @@ _INTEGER_MAX: dict[str, int] = {
 }
 
 
+def integer_metric_max(name: str) -> int | None:
+    """The largest storable value of integer metric `name`; None for a field that is not an integer."""
+    return _INTEGER_MAX.get(name)
+
+
 def storable_metric(name: str, value: float | int) -> float | int | None:
     """`value` as the canonical metric `name` keeps it, or None when it cannot be a measurement.
 

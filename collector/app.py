@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,6 +22,7 @@ from fleetwatch.collector.ingest import IngestWriter
 from fleetwatch.collector.notify import Notifiers
 from fleetwatch.collector.outbox import Outbox
 from fleetwatch.collector.server import IngestStats, TelemetryService
+from fleetwatch.collector.storage.compaction import compact, expire, roll_up
 from fleetwatch.collector.storage.store import IngestBatch, Store
 from fleetwatch.collector.tls import check_listen_security, load_server_tls
 from fleetwatch.collector.validate import ClockWindow
@@ -33,8 +37,39 @@ from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 PURGE_EVERY_SECONDS = 600.0
+COMPACT_EVERY_SECONDS = 20.0  # s; batches wait compact_after_seconds plus at most this
+
+
+@dataclass
+class StorageStats:
+    """What storage maintenance did since start, for /metrics."""
+
+    batches_compacted: int = 0
+    blocks_written: int = 0
+    rollup_blocks_written: int = 0
+    blocks_expired: int = 0
+
+
 # How often each node's last_seen is written to the database (what a restarted collector starts from).
 TOUCH_NODES_EVERY_SECONDS = 10.0
+
+
+def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
+    """Stored batches into detection's recent data (in the detection thread)."""
+    for item, new in zip(items, stored):
+        recent.note_node(item.node, item.received_at)
+        if not new:
+            continue
+        for s in item.gpu_samples:
+            recent.add_gpu(s)
+        for h in item.host_samples:
+            recent.add_host(h)
+        for e in item.events:
+            recent.add_event(e)
+        for st in item.steps:
+            recent.add_step(st)
+        for port in item.ib_ports:
+            recent.add_ib(ib_sample(item.node, port))
 
 
 def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:
@@ -85,6 +120,12 @@ class CollectorApp:
             on_alerts_changed=self.outbox.wake,
             clock=clock,
         )
+        self.storage_stats = StorageStats()
+        # (node, gpu) -> (t, metrics) of its newest sample, for /api/v1/status (event loop only).
+        self.latest_gpu: dict[tuple[str, int], tuple[float, Mapping[str, float | int]]] = {}
+        # Compaction and rollups have a thread of their own: their minutes of CPU never queue behind
+        # (or ahead of) Hellos and API queries on the loop's default executor.
+        self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-maintenance")
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
@@ -96,35 +137,34 @@ class CollectorApp:
 
     def _on_hello(self, hello: pb.Hello, now: float) -> None:
         interval = self.config.agent_sampling_interval_seconds or hello.sampling_interval_seconds or 1.0
-        self.recent.note_node(
-            hello.node,
-            now,
-            boot_id=hello.boot_id,
-            sampling_interval_seconds=interval,
-            gpu_count=len(hello.gpus) or None,
+        self.detection.feed(
+            functools.partial(
+                RecentData.note_node,
+                node=hello.node,
+                t=now,
+                boot_id=hello.boot_id,
+                sampling_interval_seconds=interval,
+                gpu_count=len(hello.gpus) or None,
+            )
         )
 
     def _on_stored(self, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
+        """Count what was stored and hand it to detection (applied in its thread)."""
         has_events = False
         for item, new in zip(items, stored):
-            self.recent.note_node(item.node, item.received_at)
             if not new:
                 continue
             self.stats.batches += 1
             self.stats.gpu_samples += len(item.gpu_samples)
             self.stats.host_samples += len(item.host_samples)
             self.stats.events += len(item.events)
-            for s in item.gpu_samples:
-                self.recent.add_gpu(s)
-            for h in item.host_samples:
-                self.recent.add_host(h)
-            for e in item.events:
-                self.recent.add_event(e)
-                has_events = True
-            for st in item.steps:
-                self.recent.add_step(st)
-            for port in item.ib_ports:
-                self.recent.add_ib(ib_sample(item.node, port))
+            has_events = has_events or bool(item.events)
+            for sample in item.gpu_samples:
+                key = (item.node, sample.gpu)
+                newest = self.latest_gpu.get(key)
+                if newest is None or sample.t >= newest[0]:
+                    self.latest_gpu[key] = (sample.t, sample.metrics)
+        self.detection.feed(functools.partial(feed_recent, items=list(items), stored=list(stored)))
         if has_events:
             self.detection.trigger()
 
@@ -144,6 +184,7 @@ class CollectorApp:
             )
         for s in self.store.gpu_samples_since(since):
             self.recent.add_gpu(s)
+        self.latest_gpu.update({key: (s.t, s.metrics) for key, s in self.store.latest_gpu_samples().items()})
         for h in self.store.host_samples_since(since):
             self.recent.add_host(h)
         for e in self.store.events_since(self.clock() - self.recent.event_retention_seconds):
@@ -159,6 +200,7 @@ class CollectorApp:
         for warning in check_listen_security(self.config, tls=tls is not None):
             log.warning("%s", warning)
         await asyncio.to_thread(self._warm_start)
+        self.detection.start()
         self.writer.start()
         service = TelemetryService(
             self.store,
@@ -186,9 +228,10 @@ class CollectorApp:
         self._web = WebServer(self)
         self.http_port = await self._web.start(host, port)
         self._tasks = [
-            asyncio.create_task(self.detection.run(self._stop), name="detection"),
+            asyncio.create_task(self.detection.watchdog(self._stop), name="watchdog"),
             asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+            asyncio.create_task(self._storage_loop(), name="storage-maintenance"),
         ]
         log.info(
             "collector listening: gRPC %s (port %d, %s), HTTP %s (port %d), database %s, %d alert targets",
@@ -200,6 +243,47 @@ class CollectorApp:
             self.store.url_for_log,
             len(self.targets),
         )
+
+    def maintain_storage(self, *, roll_up_and_expire: bool = True) -> None:
+        """Compact batches into blocks; then roll finished hours up and drop blocks past retention (blocking).
+
+        Runs in the storage-maintenance thread; tests call it directly, e.g. after moving the clock.
+        """
+        now = self.clock()
+        result = compact(self.store, now, after_seconds=self.config.compact_after_seconds)
+        self.storage_stats.batches_compacted += result.batches
+        self.storage_stats.blocks_written += result.blocks
+        if result.batches:
+            log.debug("compaction: %d batches into %d blocks", result.batches, result.blocks)
+        if result.undecodable:
+            log.error("compaction: %d batches could not be decoded and were dropped", result.undecodable)
+        if roll_up_and_expire:
+            self.storage_stats.rollup_blocks_written += roll_up(self.store, now)
+            dropped = expire(
+                self.store,
+                now,
+                raw_retention_seconds=self.config.raw_retention_hours * 3600,
+                rollup_retention_seconds=self.config.rollup_retention_days * 86400,
+            )
+            self.storage_stats.blocks_expired += dropped
+            if dropped:
+                log.info("retention: dropped %d blocks past raw or rollup retention", dropped)
+
+    async def _storage_loop(self) -> None:
+        """Compaction every COMPACT_EVERY_SECONDS, rollups and block expiry every PURGE_EVERY_SECONDS, in one thread."""
+        loop = asyncio.get_running_loop()
+        every = min(COMPACT_EVERY_SECONDS, self.config.compact_after_seconds)
+        next_rollup = self.clock()
+        while not self._stop.is_set():
+            roll = self.clock() >= next_rollup
+            if roll:
+                next_rollup = self.clock() + PURGE_EVERY_SECONDS
+            try:
+                work = functools.partial(self.maintain_storage, roll_up_and_expire=roll)
+                await loop.run_in_executor(self._maintenance, work)
+            except Exception:
+                log.exception("storage maintenance (compaction, rollups, expiry) failed; retrying")
+            await wait_any(self._stop, timeout_seconds=every)
 
     async def _housekeeping_loop(self) -> None:
         retention_seconds = self.config.retention_hours * 3600
@@ -233,4 +317,6 @@ class CollectorApp:
         await asyncio.to_thread(self.outbox.close)
         await asyncio.to_thread(self.detection.close)
         await asyncio.to_thread(self.readiness.close)
+        # A compaction in progress commits or rolls back whole before the store closes.
+        await asyncio.to_thread(self._maintenance.shutdown, wait=True, cancel_futures=True)
         self.store.close()

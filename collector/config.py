@@ -143,7 +143,16 @@ class CollectorConfig:
     agent_sampling_interval_seconds: float = setting(
         0.0, "sampling interval pushed to every agent on connect (0: agents keep their own)", check=non_negative
     )
-    retention_hours: float = setting(168.0, "raw samples, events and steps older than this are purged", check=positive)
+    retention_hours: float = setting(
+        168.0, "events, step reports and the keys of stored batches older than this are purged", check=positive
+    )
+    raw_retention_hours: float = setting(
+        72.0, "full-resolution samples are kept this long (their 1-minute rollups longer)", check=positive
+    )
+    rollup_retention_days: float = setting(90.0, "1-minute rollups of every field are kept this long", check=positive)
+    compact_after_seconds: float = setting(
+        60.0, "batches are compressed into column blocks once this old (the rows hold them until then)", check=positive
+    )
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from an agent", check=positive)
     ingest_max_batches_per_commit: int = setting(256, "batches written in one database transaction", check=positive)
     max_clock_skew_seconds: float = setting(

@@ -34,6 +34,24 @@ class CollectorMetrics(Collector):
         samples.add_metric(["host"], stats.host_samples)
         yield samples
         yield counter("fleetwatch_collector_events", "Events stored (XIDs, GPU lost, ...).", stats.events)
+        storage = app.storage_stats
+        yield counter(
+            "fleetwatch_collector_batches_compacted",
+            "Batches compressed into column blocks.",
+            storage.batches_compacted,
+        )
+        blocks = CounterMetricFamily(
+            "fleetwatch_collector_blocks_written", "Compressed blocks written, by kind.", labels=["kind"]
+        )
+        blocks.add_metric(["samples"], storage.blocks_written)
+        blocks.add_metric(["rollups"], storage.rollup_blocks_written)
+        yield blocks
+        yield counter(
+            "fleetwatch_collector_blocks_expired",
+            "Blocks dropped past raw or rollup retention.",
+            storage.blocks_expired,
+        )
+
         yield counter("fleetwatch_collector_batches_rejected", "Streams ended for a malformed message.", stats.rejected)
         invalid = CounterMetricFamily(
             "fleetwatch_collector_invalid_messages",
@@ -98,7 +116,7 @@ class CollectorMetrics(Collector):
             "fleetwatch_alerts_firing", "Alerts firing, by detector and severity.", labels=["detector", "severity"]
         )
         counts: dict[tuple[str, str], int] = {}
-        for finding in app.tracker.open.values():
+        for finding in list(app.tracker.open.values()):  # copied at once: detection runs in its own thread
             counts[(finding.detector, finding.severity)] = counts.get((finding.detector, finding.severity), 0) + 1
         for (detector, severity), n in sorted(counts.items()):
             firing.add_metric([detector, severity], n)
@@ -108,7 +126,7 @@ class CollectorMetrics(Collector):
             "fleetwatch_detector_duration_seconds", "Duration of the detector's last run.", labels=["detector"]
         )
         errors = CounterMetricFamily("fleetwatch_detector_errors", "Detector runs that raised.", labels=["detector"])
-        for detector_id, st in sorted(app.tracker.stats.items()):
+        for detector_id, st in sorted(list(app.tracker.stats.items())):
             duration.add_metric([detector_id], st.last_duration_seconds)
             errors.add_metric([detector_id], st.errors)
         yield from (duration, errors)

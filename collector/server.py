@@ -267,7 +267,9 @@ class TelemetryService(pb_grpc.TelemetryServicer):
                         raise InvalidMessage("stream", "batch", f"only batches may follow the Hello, not {body}")
                     received_at = self.clock()
                     dropped: Counter[str] = Counter()
-                    item = check_batch(node, boot_id, msg.batch, received_at, self.window, dropped)
+                    # A seq above what the database held at the Welcome is new, unless another stream
+                    # of this boot stored it meanwhile, which the batch row's unique key catches.
+                    item = check_batch(node, boot_id, msg.batch, received_at, self.window, dropped, held_up_to=last_seq)
                     if item.seq <= previous_seq:
                         problem = f"does not follow {previous_seq}: seqs increase along a stream"
                         raise InvalidMessage("batch", "seq", problem, seq=item.seq)

@@ -56,6 +56,17 @@ class ClockWindow:
     max_age_seconds: float = limits.DEFAULT_MAX_DATA_AGE_SECONDS  # behind it
 
 
+# Field descriptor -> (canonical name, largest storable value or None for a double): what
+# _BatchChecker.metrics keeps. Identity fields of IbPortMetrics are left out (_NOT_A_METRIC).
+_METRIC_LIMITS: dict[Any, tuple[str, int | None]] = {
+    f: (f.name, limits.integer_metric_max(f.name))
+    for d in (pb.GpuMetrics.DESCRIPTOR, pb.HostMetrics.DESCRIPTOR, pb.IbPortMetrics.DESCRIPTOR)
+    for f in d.fields
+    if f.name not in ("device", "port", "ib_state")
+}
+_NOT_A_METRIC: tuple[None, None] = (None, None)
+
+
 class _Checker:
     """The checks of one message; raises InvalidMessage at the first field that breaks a limit."""
 
@@ -115,18 +126,20 @@ class _BatchChecker(_Checker):
         raise self.fail(field, problem)
 
     def metrics(self, msg: Any) -> dict[str, float | int]:
-        """The present fields that can be measurements; the others are dropped (absent) and counted."""
+        """The present fields that can be measurements; the others are dropped (absent) and counted.
+
+        The rule is limits.storable_metric's, inlined: this runs for every value an agent sends.
+        """
         kept: dict[str, float | int] = {}
         for descriptor, value in msg.ListFields():
-            name = descriptor.name
-            if name == "port" or name == "ib_state" or name == "device":
-                continue  # an IbPortMetrics' identity, checked by the caller
-            storable = limits.storable_metric(name, value)
-            if storable is None:
-                if self.dropped is not None:
-                    self.dropped[name] += 1
-            else:
-                kept[name] = storable
+            name, most = _METRIC_LIMITS.get(descriptor, _NOT_A_METRIC)
+            if name is None:
+                continue  # an IbPortMetrics' identity (device, port, state), checked by the caller
+            # On the wire an integer field is an unsigned int and any other a double.
+            if (value <= most) if most is not None else (value - value == 0.0):  # inf - inf and NaN are NaN
+                kept[name] = value
+            elif self.dropped is not None:
+                self.dropped[name] += 1
         return kept
 
 
@@ -191,6 +204,7 @@ def check_batch(
     received_at: float,
     window: ClockWindow = ClockWindow(),
     dropped: Counter[str] | None = None,
+    held_up_to: int | None = None,
 ) -> IngestBatch:
     """The batch as the store and the detectors take it, every field checked; InvalidMessage otherwise.
 
@@ -200,6 +214,7 @@ def check_batch(
     field name, so the detectors never see them: the field is absent, as for a GPU without it.
     """
     seq = batch.seq
+    stream_boot_id = boot_id
     c = _BatchChecker(seq, received_at, window, dropped)
     if not limits.SEQ_MIN <= seq <= limits.SEQ_MAX:
         raise c.fail("seq", f"{seq} is not a batch number ({limits.SEQ_MIN} to 2**63-1)")
@@ -301,4 +316,9 @@ def check_batch(
         ib_ports=ib_ports,
         events=events,
         steps=steps,
+        # Stored as it came: compaction reads the samples back from it (storage/blocks.py).
+        body=batch.SerializeToString(),
+        # `held_up_to`: the highest seq the stream's boot had when it said Hello; a seq above it
+        # (of that boot) cannot be among the compacted batches.
+        may_be_compacted=held_up_to is None or boot_id != stream_boot_id or seq <= held_up_to,
     )

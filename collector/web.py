@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,10 @@ from prometheus_client.exposition import choose_encoder
 
 from fleetwatch.collector.httpauth import Access, add_route, token_middleware
 from fleetwatch.collector.metrics import CollectorMetrics
+from fleetwatch.collector.storage.series import SeriesQuery, SeriesQueryError, read_series
 from fleetwatch.collector.storage.store import Store
 from fleetwatch.https import server_ssl_context
+from fleetwatch.limits import MAX_GPUS_PER_NODE
 
 if TYPE_CHECKING:
     from fleetwatch.collector.app import CollectorApp
@@ -29,7 +32,11 @@ SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 HEALTH_MARK = {"ok": ".", "info": "i", "warning": "W", "critical": "C"}
 ALERT_STATUSES = ("firing", "resolved", "all")
 DEFAULT_ALERTS_LIMIT = 200
-ROUTES_HINT = "try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts"
+ROUTES_HINT = "try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, /api/v1/series"
+DEFAULT_SERIES_SECONDS = 3600.0  # /api/v1/series without start: the last hour
+# An alert's history span: the 10 minutes before it (the longest detector window) and 5 after.
+SPAN_BEFORE_SECONDS = 600.0
+SPAN_AFTER_SECONDS = 300.0
 # How long stop() lets requests in progress (a status query in its worker thread) finish.
 SHUTDOWN_TIMEOUT_SECONDS = 2.0
 
@@ -54,13 +61,17 @@ class DetectionSnapshot:
 
     alerts: tuple[FiringAlert, ...]
     links: Mapping[str, AgentLink]
+    # (node, gpu) -> the newest metrics this collector received (the store's after a restart).
+    latest: Mapping[tuple[str, int], Mapping[str, float | int]]
 
     @classmethod
     def take(cls, app: CollectorApp) -> DetectionSnapshot:
-        """Call on the event loop: the one place that changes tracker.open and stats.links."""
+        """Call on the event loop, the one place that changes stats.links (tracker.open is copied at once)."""
         return cls(
-            alerts=tuple(FiringAlert(f.node, f.gpu, f.detector, f.severity) for f in app.tracker.open.values()),
+            # list() copies in one step: the detection thread may change the dict meanwhile.
+            alerts=tuple(FiringAlert(f.node, f.gpu, f.detector, f.severity) for f in list(app.tracker.open.values())),
             links={name: AgentLink(link.connected, link.last_received_at) for name, link in app.stats.links.items()},
+            latest={key: metrics for key, (_, metrics) in app.latest_gpu.items()},
         )
 
 
@@ -73,7 +84,6 @@ def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
     gpus_by_node: dict[str, list[dict]] = {}
     for gpu in store.gpus():
         gpus_by_node.setdefault(gpu["node"], []).append(gpu)
-    latest = store.latest_gpu_samples()
     nodes_out = []
     for node in store.nodes():
         name = node["node"]
@@ -81,7 +91,7 @@ def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
         gpus_out = []
         for gpu in sorted(gpus_by_node.get(name, []), key=lambda g: g["gpu"]):
             gpu_alerts = [a for a in node_alerts if a.gpu == gpu["gpu"]]
-            sample = latest.get((name, gpu["gpu"]))
+            metrics = snapshot.latest.get((name, gpu["gpu"]))
             gpus_out.append(
                 {
                     "gpu": gpu["gpu"],
@@ -90,7 +100,7 @@ def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
                     "pci_bus_id": gpu.get("pci_bus_id"),
                     "health": _worst(gpu_alerts),
                     "alerts": [a.detector for a in gpu_alerts],
-                    "metrics": dict(sample.metrics) if sample is not None else {},
+                    "metrics": dict(metrics) if metrics is not None else {},
                 }
             )
         link = snapshot.links.get(name)
@@ -182,7 +192,40 @@ class _Handlers:
             return _json({"error": "status must be firing, resolved or all"}, 400)
         limit = int(request.query.get("limit") or DEFAULT_ALERTS_LIMIT)
         rows = await asyncio.to_thread(self.app.store.alerts, status=None if status == "all" else status, limit=limit)
-        return _json({"alerts": rows})
+        return _json({"alerts": [with_history_span(row) for row in rows]})
+
+    async def alert(self, request: web.Request) -> web.Response:
+        try:
+            alert_id = int(request.match_info["id"])
+        except ValueError:
+            return _json({"error": f"alert id must be a number, not {request.match_info['id']!a}"}, 400)
+        row = await asyncio.to_thread(self.app.store.alert, alert_id)
+        if row is None:
+            return _json({"error": f"no alert with id {alert_id}"}, 404)
+        return _json(with_history_span(row))
+
+    async def series(self, request: web.Request) -> web.Response:
+        """GET /api/v1/series?node=N[&gpu=G][&field=F...][&start=T][&end=T][&step=S] (Unix seconds)."""
+        query = request.query
+        node = query.get("node") or ""
+        if not node:
+            return _json({"error": "node: required (a node name as /api/v1/status lists it)"}, 400)
+        now = self.app.clock()
+        end = _number(query, "end", now)
+        start = _number(query, "start", end - DEFAULT_SERIES_SECONDS)
+        step = _number(query, "step", None)
+        gpu_text = query.get("gpu")
+        gpu = None if not gpu_text else _number(query, "gpu", None)
+        if gpu is not None and (gpu != int(gpu) or not 0 <= gpu < MAX_GPUS_PER_NODE):
+            raise SeriesQueryError("gpu", f"{gpu_text[:40]!a} is not a GPU index (0-{MAX_GPUS_PER_NODE - 1})")
+        gpu = None if gpu is None else int(gpu)
+        fields = [name for value in query.getall("field", []) for name in value.split(",") if name]
+        series_query = SeriesQuery(node=node, gpu=gpu, fields=fields, start=start, end=end, step=step)
+        store = self.app.store
+        if not await asyncio.to_thread(store.node_known, node):
+            return _json({"error": f"no node named {node!a} has reported to this collector"}, 404)
+        retention = self.app.config.raw_retention_hours * 3600
+        return _json(await asyncio.to_thread(read_series, store, series_query, now, retention))
 
 
 def build_web_app(app: CollectorApp) -> web.Application:
@@ -200,7 +243,39 @@ def build_web_app(app: CollectorApp) -> web.Application:
     add_route(web_app, "GET", "/readyz", handlers.readyz, health)
     add_route(web_app, "GET", "/api/v1/status", handlers.status, Access.READ)
     add_route(web_app, "GET", "/api/v1/alerts", handlers.alerts, Access.READ)
+    add_route(web_app, "GET", "/api/v1/alerts/{id}", handlers.alert, Access.READ)
+    add_route(web_app, "GET", "/api/v1/series", handlers.series, Access.READ)
     return web_app
+
+
+def with_history_span(alert: dict[str, Any]) -> dict[str, Any]:
+    """The alert with evidence["span"]: the stretch of its node's telemetry worth looking at.
+
+    From SPAN_BEFORE_SECONDS before it started to SPAN_AFTER_SECONDS after it ended (end None
+    while it fires), unless its detector named a span of its own.
+    """
+    evidence = dict(alert.get("evidence") or {})
+    if "span" not in evidence:
+        ends_at = alert.get("ends_at")
+        evidence["span"] = {
+            "start": alert["starts_at"] - SPAN_BEFORE_SECONDS,
+            "end": None if ends_at is None else ends_at + SPAN_AFTER_SECONDS,
+        }
+    return {**alert, "evidence": evidence}
+
+
+def _number(query: Mapping[str, str], name: str, default: float | None) -> Any:
+    """A query parameter as a finite number (Unix seconds, seconds, an index), or `default` when absent."""
+    text = query.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise SeriesQueryError(name, f"{text[:40]!a} is not a number") from None
+    if not math.isfinite(value):
+        raise SeriesQueryError(name, f"{text[:40]!a} is not a finite number")
+    return value
 
 
 class WebServer:

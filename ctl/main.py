@@ -8,14 +8,30 @@ import json
 import os
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 from fleetwatch.collector.web import HEALTH_MARK
 from fleetwatch.ctl.certs import add_certs_parser
+from fleetwatch.ctl.history import (
+    DEFAULT_WIDTH,
+    alert_window,
+    format_history_csv,
+    format_history_json,
+    format_history_table,
+    format_time,
+    parse_duration,
+    parse_fields,
+    parse_time,
+    series_path,
+    time_window,
+)
 
 DEFAULT_COLLECTOR_URL = "http://127.0.0.1:9471"
 
@@ -149,6 +165,64 @@ def format_alerts(alerts: list[dict], out: TextIO) -> None:
         )
 
 
+def format_alert(alert: dict, out: TextIO) -> None:
+    """One alert as a row of the alerts table, then its id, times, job and evidence."""
+    format_alerts([alert], out)
+    ended = "still firing" if alert.get("ends_at") is None else f"ended {format_time(alert['ends_at'])}"
+    details = [f"id {alert['id']}", f"started {format_time(alert['starts_at'])}", ended]
+    if alert.get("job") is not None:
+        details.append(f"job {alert['job']}" + ("" if alert.get("rank") is None else f" rank {alert['rank']}"))
+    print(", ".join(details), file=out)
+    evidence = alert.get("evidence") or {}
+    print("evidence:", file=out)
+    for line in json.dumps(evidence, indent=2, ensure_ascii=False).splitlines():
+        print(f"  {line}", file=out)
+
+
+@contextmanager
+def _flag_errors() -> Iterator[None]:
+    """The history parsers' ValueErrors (which name the flag) as CtlErrors."""
+    try:
+        yield
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+
+
+def _series_options(args: argparse.Namespace) -> tuple[list[str], float | None, int]:
+    """--field, --step and --width, checked."""
+    with _flag_errors():
+        step = None if args.step is None else parse_duration(args.step, "--step")
+    if args.width < 1:
+        raise CtlError(f"--width must be at least 1, got {args.width}")
+    return parse_fields(args.field), step, args.width
+
+
+def _print_history(response: dict, fields: list[str], width: int, window: tuple[float, float], form: str) -> None:
+    if form == "json":
+        format_history_json(response, sys.stdout)
+    elif form == "csv":
+        format_history_csv(response, sys.stdout, fields=fields)
+    else:
+        format_history_table(response, sys.stdout, fields=fields, width=width, window=window)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    now = time.time()
+    fields, step, width = _series_options(args)
+    if args.gpu is not None and args.gpu < 0:
+        raise CtlError(f"--gpu must be 0 or more, got {args.gpu}")
+    with _flag_errors():
+        window = time_window(
+            since=None if args.since is None else parse_duration(args.since, "--since"),
+            start=None if args.start is None else parse_time(args.start, "--start", now),
+            end=None if args.end is None else parse_time(args.end, "--end", now),
+            now=now,
+        )
+    response = api_get(args, series_path(args.node, args.gpu, fields, *window, step))
+    _print_history(response, fields, width, window, args.format)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = api_get(args, "/api/v1/status")
     if args.json:
@@ -159,7 +233,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alert(args: argparse.Namespace) -> int:
+    """alerts --id N [--history]: one alert, and with --history its node's or GPU's telemetry over its span."""
+    fields, step, width = _series_options(args)
+    alert = api_get(args, f"/api/v1/alerts/{args.id}")
+    if args.json:
+        print(json.dumps(alert))
+    else:
+        format_alert(alert, sys.stdout)
+    if not args.history:
+        return 0
+    if not alert.get("node"):
+        raise CtlError(f"alert {args.id} names no node, so it has no telemetry history")
+    window = alert_window(alert, time.time())
+    response = api_get(args, series_path(alert["node"], alert.get("gpu"), fields, *window, step))
+    if not args.json:
+        print()
+    _print_history(response, fields, width, window, "json" if args.json else "table")
+    return 0
+
+
 def cmd_alerts(args: argparse.Namespace) -> int:
+    if args.id is not None:
+        return cmd_alert(args)
+    flags = (("--history", args.history), ("--field", args.field), ("--step", args.step))
+    given = [flag for flag, value in flags if value]
+    if given:
+        raise CtlError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --id N (one alert's history)")
     alerts = api_get(args, f"/api/v1/alerts?status={args.status}&limit={args.limit}")["alerts"]
     if args.json:
         for a in alerts:
@@ -220,6 +320,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0  # it reports; thresholds are the test suite's to assert
 
 
+def _add_series_arguments(p: argparse.ArgumentParser, *, all_fields: str, scope: str = "") -> None:
+    """--field, --step and --width: what a history table shows, for `history` and `alerts --id --history`."""
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="F",
+        help=f"{scope}a field to show (sm_clock_mhz); repeatable, or a comma list [default: {all_fields}]",
+    )
+    p.add_argument(
+        "--step",
+        metavar="DURATION",
+        help=f"{scope}one point per step, its mean (with min and max) [default: raw samples when the range is "
+        "within raw retention, else 60 s]",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        default=DEFAULT_WIDTH,
+        metavar="N",
+        help=f"{scope}sparkline width in characters, in the table [default: {DEFAULT_WIDTH}]",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetwatchctl", description="Look at and test a fleetwatch deployment.")
     parser.add_argument(
@@ -248,11 +371,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the status API's JSON")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("alerts", help="alerts, firing by default")
-    p.add_argument("--status", choices=("firing", "resolved", "all"), default="firing")
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p = sub.add_parser(
+        "alerts",
+        help="alerts, firing by default; --id N for one, --history for its telemetry",
+        description="List alerts, or show one (--id) with its evidence and, with --history, the telemetry "
+        "of its node or GPU around it.",
+    )
+    p.add_argument("--status", choices=("firing", "resolved", "all"), default="firing", help="[default: firing]")
+    p.add_argument("--limit", type=int, default=200, help="at most this many, newest first [default: 200]")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object a line (with --id --history: the alert, then the series API's response)",
+    )
+    p.add_argument("--id", type=int, metavar="N", help="only alert N, with its evidence (--status, --limit unused)")
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="with --id: also the history table of the alert's node or GPU over its evidence's span "
+        "[default span: 10 min before it started to 5 min after it ended, or now]",
+    )
+    _add_series_arguments(p, all_fields="every field with data", scope="with --history: ")
     p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser(
+        "history",
+        help="a node's or GPU's telemetry over time: min, max, last value and a sparkline a field",
+        description="Telemetry of one node (its host series) or one of its GPUs over a time range, from the "
+        "collector's series API. TIME is Unix seconds, ISO 8601 / RFC 3339 (2025-12-06T05:00:00Z, "
+        "2025-12-06T06:00:00+01:00; without an offset it is UTC) or now. DURATION is seconds, or a number "
+        "with s, m, h or d (90s, 15m, 1h, 2d, 1h30m).",
+    )
+    p.add_argument("node", metavar="NODE", help="the node, as `fleetwatchctl status` names it")
+    p.add_argument("--gpu", type=int, metavar="N", help="GPU index on NODE [default: the node's host series]")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--since", metavar="DURATION", help="the range is this long and ends at --end [default: 1h]")
+    when.add_argument("--start", metavar="TIME", help="the range starts here (instead of --since)")
+    p.add_argument("--end", metavar="TIME", help="the range ends here [default: now]")
+    _add_series_arguments(p, all_fields="every field with data in the range")
+    p.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="table: min, max, last value and a sparkline a field; csv: columns time (ISO 8601 UTC), "
+        "t (Unix seconds) and one a field, a row a time; json: the API's response [default: table]",
+    )
+    p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(
         "detect", help="run the detectors offline over a replay file or a kernel log; findings as JSON Lines"

@@ -4,8 +4,14 @@ They model the newest revision of migrations/ (Store.migrate builds and upgrades
 those; a test fails while the two differ), and every query is written against them.
 
 Timestamps are float Unix seconds (the wire's `t`), so no dialect's datetime handling is involved.
-GPU, host and InfiniBand sample tables are wide: one nullable column per canonical field, generated
-from `fleetwatch.wire`, so a field the hardware does not support is stored as NULL, never 0.
+
+Samples arrive as `batches` rows holding the agent's serialized Batch (`body`), committed before the
+ack; compaction (storage/compaction.py) turns them into `sample_blocks` (one compressed matrix of a
+node's GPUs, host or InfiniBand ports over a span, storage/chunks.py) and keeps their keys as
+`batch_ranges`; whole hours of blocks are rolled up into 1-minute `rollup_blocks`. The wide
+`gpu_samples`, `host_samples` and `ib_samples` tables (one column per canonical field) are where
+revisions up to 0003 kept samples; nothing is written to them any more, and compaction moves what
+an upgraded database holds there into blocks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -103,7 +110,9 @@ gpus = Table(
     Column("updated_at", Double, nullable=False),
 )
 
-# One row per stored agent batch: the key that makes ingest idempotent across resends.
+# One row per stored agent batch not compacted yet: the key that makes ingest idempotent across
+# resends, and the serialized pb.Batch as it came (NULL in rows of revisions before 0004, whose
+# samples went to the wide tables).
 batches = Table(
     "batches",
     metadata,
@@ -112,8 +121,62 @@ batches = Table(
     Column("boot_id", String(64), nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("received_at", Double, nullable=False),
+    # Added by revision 0004, so the database has it last.
+    Column("body", LargeBinary, nullable=True),
     UniqueConstraint("node", "boot_id", "seq"),
     Index(None, "received_at"),
+)
+
+# The keys of compacted batches: runs first_seq..last_seq of one (node, boot_id), every seq stored.
+batch_ranges = Table(
+    "batch_ranges",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("boot_id", String(64), nullable=False),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("last_received_at", Double, nullable=False),
+    Index(None, "node", "boot_id"),
+    Index(None, "last_received_at"),
+)
+
+BLOCK_KINDS = ("gpu", "host", "ib")
+
+# A node's samples of one kind over [t_start, t_end] as one compressed matrix (storage/chunks.py).
+sample_blocks = Table(
+    "sample_blocks",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("t_start", Double, nullable=False),
+    Column("t_end", Double, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    # Whether rollup_blocks hold this block's minutes: only then may retention drop it.
+    Column("rolled_up", Boolean, nullable=False, default=False),
+    Index(None, "node", "kind", "t_start"),
+    Index(None, "t_end"),
+    Index(None, "rolled_up", "t_end"),
+    # PostgreSQL: a partition per day of t_start (storage/partitions.py); its primary key is (id, t_start).
+    postgresql_partition_by="RANGE (t_start)",
+)
+
+# 1-minute rollups (count, min, max, mean, last per field) of a node's blocks of one kind and hour.
+rollup_blocks = Table(
+    "rollup_blocks",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("t_start", Double, nullable=False),
+    Column("t_end", Double, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    Index(None, "node", "kind", "t_start"),
+    Index(None, "t_end"),
+    postgresql_partition_by="RANGE (t_start)",  # a partition per 30 days of t_start
 )
 
 gpu_samples = Table(
@@ -237,7 +300,7 @@ deliveries = Table(
     Index(None, "alert_id"),
 )
 
-# Tables whose rows age out (Store.purge), each with the column that holds the row's time.
+# Tables whose rows age out after retention_hours (Store.purge), each with the column of the row's time.
 RETENTION_TABLES: tuple[tuple[Table, str], ...] = (
     (gpu_samples, "ts"),
     (host_samples, "ts"),
@@ -245,4 +308,5 @@ RETENTION_TABLES: tuple[tuple[Table, str], ...] = (
     (events, "ts"),
     (steps, "ts"),
     (batches, "received_at"),
+    (batch_ranges, "last_received_at"),
 )

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,6 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
-    or_,
     select,
     update,
 )
@@ -39,13 +38,21 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from fleetwatch import __version__
 from fleetwatch.collector.storage import schema
+from fleetwatch.collector.storage.blocks import blocks_from_bodies
+from fleetwatch.collector.storage.blocks import gpu_samples as block_gpu_samples
+from fleetwatch.collector.storage.blocks import host_samples as block_host_samples
+from fleetwatch.collector.storage.blocks import ib_ports as block_ib_ports
+from fleetwatch.collector.storage.chunks import Block, decode_block
 from fleetwatch.collector.storage.migrations import alembic_config, script_directory
 from fleetwatch.configfile import MASK
+from fleetwatch.limits import storable_metric
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
-from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
+from fleetwatch.v1 import telemetry_pb2 as pb
+from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS, fill_metrics
 
 # How long an SQLite writer waits for another writer's lock; well above one purge chunk's time.
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_WAL_LIMIT_BYTES = 16 * 1024 * 1024
 # A collector should fail start-up within seconds, not hang, when PostgreSQL is unreachable.
 PG_CONNECT_TIMEOUT_SECONDS = 10
 # Notifier errors can be whole HTTP bodies; keep what fits a log line.
@@ -65,6 +72,10 @@ _DATA_ERRORS = (sa_exc.IntegrityError, sa_exc.DataError, OverflowError)
 # IB_FIELDS holds ib_state (text) beside the numeric port counters.
 _IB_METRIC_FIELDS: tuple[str, ...] = tuple(f for f in IB_FIELDS if f != "ib_state")
 
+_GPU_FIELD_SET = frozenset(GPU_FIELDS)
+_HOST_FIELD_SET = frozenset(HOST_FIELDS)
+_IB_METRIC_SET = frozenset(_IB_METRIC_FIELDS)
+
 # Execution option that makes the SQLite "begin" hook take the write lock up front.
 _WRITE_OPTION = "fleetwatch_write"
 
@@ -76,6 +87,13 @@ LEGACY_REVISION = "0001"
 # PostgreSQL advisory lock key of Store.migrate: "fleetwat" in ASCII, unlikely to be another
 # application's.
 _MIGRATION_LOCK_ID = 0x666C656574776174
+
+# Raw batches are selected by when they arrived, samples by their own time, which may be ahead of
+# arrival by the clock skew the collector allows (limits: minutes at most).
+_RAW_RECEIVED_MARGIN_SECONDS = 3600.0
+_LATEST_BATCHES_PER_NODE = 8
+# A node's GPUs in its newest block: samples this close to its last row count as "latest".
+_LATEST_SPREAD_SECONDS = 120.0
 
 # The meta row Store.probe_write rewrites (0.1.0 reads only its schema_version row).
 PROBE_KEY = "readiness_probe_at"
@@ -133,6 +151,12 @@ class IngestBatch:
     ib_ports: Sequence[Mapping[str, Any]] = ()
     events: Sequence[Event] = ()
     steps: Sequence[Step] = ()
+    # The serialized pb.Batch as the agent sent it: what is stored (the samples above feed live
+    # detection). Empty: built from the records (tests, tools that make IngestBatches themselves).
+    body: bytes = b""
+    # False when the batch cannot be among the compacted ones: its stream's Welcome said the boot
+    # held less than its seq. Spares the lookup in batch_ranges for nearly every batch.
+    may_be_compacted: bool = True
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -164,7 +188,9 @@ class Store:
         except sa_exc.ArgumentError as exc:
             raise StoreError(f"invalid database URL {self.url_for_log!r}: {exc}") from None
         backend = parsed.get_backend_name()
-        engine_args: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+        # A pooled PostgreSQL connection may have been cut (a server restart, a proxy's idle timeout);
+        # a SQLite file cannot be, and a ping per transaction would cost every ingest commit.
+        engine_args: dict[str, Any] = {"echo": echo, "pool_pre_ping": backend != "sqlite"}
         if backend == "postgresql":
             if parsed.drivername == "postgresql":
                 # The bare scheme means psycopg2 to SQLAlchemy; fleetwatch ships psycopg 3 only.
@@ -214,6 +240,31 @@ class Store:
         """One transaction: committed when the block ends, rolled back when it raises."""
         with self._errors(what), self._write_engine.begin() as conn:
             yield conn
+
+    def reading(self, what: str) -> AbstractContextManager[Connection]:
+        """A connection for reads (storage/compaction.py); errors become StoreError naming `what`."""
+        return self._read(what)
+
+    def writing(self, what: str) -> AbstractContextManager[Connection]:
+        """One write transaction, committed when the block ends (storage/compaction.py)."""
+        return self._write(what)
+
+    def release_free_pages(self) -> None:
+        """SQLite: give the pages freed by compaction and expiry back to the file system.
+
+        Databases created since revision 0004 are in incremental auto-vacuum mode; in an older
+        file this does nothing (its free pages are reused by later writes instead).
+        """
+        if self._engine.dialect.name != "sqlite":
+            return
+        with self._errors("release free pages"):
+            raw = self._engine.raw_connection()
+            try:
+                # executescript steps the pragma to the end (a plain execute frees nothing) and
+                # runs it in autocommit, where SQLite's incremental vacuum works.
+                raw.driver_connection.executescript("PRAGMA incremental_vacuum;")  # type: ignore[union-attr]
+            finally:
+                raw.close()
 
     def close(self) -> None:
         self._engine.dispose()
@@ -285,11 +336,12 @@ class Store:
     def ingest(self, items: Sequence[IngestBatch]) -> list[bool]:
         """Store batches in one transaction; per item True = stored, False = already held.
 
-        A repeat of a key within `items` is False too. Raises StoreError when the database is
-        unreachable or full (nothing stored), and BatchRefused for a record the database refuses
-        (never reported as a duplicate, so it is never acked; its `key` names it when `items` is
-        one batch or the item-by-item fallback found it). The collector checks every value
-        before it gets here (collector/validate.py), so BatchRefused means a check is missing.
+        A batch is held when its key (node, boot_id, seq) is in `batches` (not compacted yet) or in
+        a compacted run of `batch_ranges`; a repeat of a key within `items` is False too. Raises
+        StoreError when the database is unreachable or full (nothing stored), and BatchRefused for
+        a record the database refuses (never reported as a duplicate, so it is never acked; its
+        `key` names it when `items` is one batch). The collector checks every value before it gets
+        here (collector/validate.py), so BatchRefused means a check is missing.
         """
         stored = [False] * len(items)
         first_index: dict[tuple[str, str, int], int] = {}
@@ -300,34 +352,26 @@ class Store:
             return stored
         try:
             with self._write("ingest") as conn:
-                held = _held_batch_keys(conn, [item.key for _, item in unique])
-                fresh = [(i, item) for i, item in unique if item.key not in held]
-                _insert_batches(conn, [item for _, item in fresh])
-        except sa_exc.IntegrityError:
-            # Another collector sharing this database stored one of these keys between our check
-            # and our insert; settle item by item so the others still go in.
-            return self._ingest_one_by_one(unique, stored)
+                compacted = _compacted_keys(conn, [item.key for _, item in unique if item.may_be_compacted])
+                fresh = [(i, item) for i, item in unique if item.key not in compacted]
+                new_keys = _insert_batches(conn, [item for _, item in fresh])
         except _DATA_ERRORS as exc:
-            raise BatchRefused(_reason(exc), unique[0][1].key if len(unique) == 1 else None) from exc
-        for i, _ in fresh:
-            stored[i] = True
+            if len(unique) == 1:
+                raise BatchRefused(_reason(exc), unique[0][1].key) from exc
+            return self._ingest_one_by_one(unique, stored)
+        for i, item in fresh:
+            stored[i] = item.key in new_keys
         return stored
 
     def _ingest_one_by_one(self, unique: list[tuple[int, IngestBatch]], stored: list[bool]) -> list[bool]:
-        """Item by item, in order; stops at the first record the database refuses (BatchRefused)."""
+        """Item by item, in order, to find the batch the database refuses (BatchRefused names it)."""
         for i, item in unique:
             try:
                 with self._write("ingest") as conn:
-                    if _held_batch_keys(conn, [item.key]):
+                    if _compacted_keys(conn, [item.key]):
                         continue
-                    _insert_batches(conn, [item])
-                stored[i] = True
+                    stored[i] = item.key in _insert_batches(conn, [item])
             except _DATA_ERRORS as exc:
-                if isinstance(exc, sa_exc.IntegrityError):
-                    with self._read("ingest") as conn:
-                        if _held_batch_keys(conn, [item.key]):
-                            continue  # the other collector's copy: a duplicate
-                # A bad record, not a duplicate: acking it would lose it.
                 done = frozenset(unique_item.key for j, unique_item in unique if stored[j])
                 raise BatchRefused(_reason(exc), item.key, done) from exc
         return stored
@@ -340,10 +384,26 @@ class Store:
 
     def last_seq(self, node: str, boot_id: str) -> int:
         """Highest stored seq of this node's boot; 0 when none (the wire's Welcome.last_seq)."""
-        b = schema.batches
+        b, r = schema.batches, schema.batch_ranges
         with self._read("last_seq") as conn:
-            value = conn.execute(select(func.max(b.c.seq)).where(b.c.node == node, b.c.boot_id == boot_id)).scalar()
-        return 0 if value is None else int(value)
+            raw = conn.execute(select(func.max(b.c.seq)).where(b.c.node == node, b.c.boot_id == boot_id)).scalar()
+            ranges = conn.execute(
+                select(func.max(r.c.last_seq)).where(r.c.node == node, r.c.boot_id == boot_id)
+            ).scalar()
+        return max(int(raw or 0), int(ranges or 0))
+
+    def stored_seqs(self, node: str, boot_id: str | None = None) -> list[int]:
+        """Every stored seq of `node` (of one boot, or of all), compacted or not, ascending; repeats across boots."""
+        b, r = schema.batches, schema.batch_ranges
+        raw = select(b.c.seq).where(b.c.node == node)
+        runs = select(r.c.first_seq, r.c.last_seq).where(r.c.node == node)
+        if boot_id is not None:
+            raw, runs = raw.where(b.c.boot_id == boot_id), runs.where(r.c.boot_id == boot_id)
+        with self._read("read stored seqs") as conn:
+            seqs = [int(seq) for seq in conn.execute(raw).scalars()]
+            for first, last in conn.execute(runs):
+                seqs.extend(range(int(first), int(last) + 1))
+        return sorted(seqs)
 
     # -- node inventory ---------------------------------------------------------------------
 
@@ -428,45 +488,115 @@ class Store:
 
     # -- sample reads -----------------------------------------------------------------------
 
+    def blocks(
+        self, kind: str, start: float, end: float = math.inf, node: str | None = None, *, rolled_up: bool | None = None
+    ) -> list[tuple[str, Block]]:
+        """Each node's samples of `kind` ("gpu", "host", "ib") that may hold times in [start, end].
+
+        Compacted blocks, then the batches not compacted yet (decoded here), oldest first per node;
+        rows outside [start, end] are not cut off (Block rows are sorted: callers slice). With
+        `rolled_up` False, only blocks whose minutes are not in rollup_blocks yet (raw batches
+        are never rolled up).
+        """
+        sb, b = schema.sample_blocks, schema.batches
+        query = select(sb.c.node, sb.c.data).where(sb.c.kind == kind, sb.c.t_end >= start, sb.c.t_start <= end)
+        raw = select(b.c.node, b.c.body).where(
+            b.c.body.is_not(None), b.c.received_at >= start - _RAW_RECEIVED_MARGIN_SECONDS
+        )
+        if node is not None:
+            query = query.where(sb.c.node == node)
+            raw = raw.where(b.c.node == node)
+        if rolled_up is not None:
+            query = query.where(sb.c.rolled_up == rolled_up)
+        with self._read(f"read {kind} blocks") as conn:
+            stored = conn.execute(query.order_by(sb.c.node, sb.c.t_start, sb.c.id)).all()
+            bodies = conn.execute(raw.order_by(b.c.node, b.c.id)).all()
+        out: list[tuple[str, Block]] = [(row_node, decode_block(data)) for row_node, data in stored]
+        by_node: dict[str, list[bytes]] = {}
+        for row_node, body in bodies:
+            by_node.setdefault(row_node, []).append(body)
+        for row_node, node_bodies in by_node.items():
+            block = blocks_from_bodies(row_node, node_bodies).get(kind)
+            if block is not None:
+                out.append((row_node, block))
+        return out
+
     def gpu_samples_since(self, ts: float) -> list[GpuSample]:
         """GPU samples with t >= ts, oldest first."""
+        samples = [s for node, block in self.blocks("gpu", ts) for s in block_gpu_samples(node, block, ts)]
         g = schema.gpu_samples
         with self._read("read gpu samples") as conn:
             rows = conn.execute(select(g).where(g.c.ts >= ts).order_by(g.c.ts, g.c.id)).mappings()
-            return [_gpu_sample(row) for row in rows]
+            samples += [_gpu_sample(row) for row in rows]  # written before revision 0004, not moved yet
+        samples.sort(key=lambda s: s.t)
+        return samples
 
     def latest_gpu_samples(self) -> dict[tuple[str, int], GpuSample]:
         """The newest stored sample of every (node, gpu)."""
-        g = schema.gpu_samples
-        newest = select(g.c.node, g.c.gpu, func.max(g.c.ts).label("ts")).group_by(g.c.node, g.c.gpu).subquery()
-        query = (
-            select(g)
-            .join(
-                newest,
-                and_(g.c.node == newest.c.node, g.c.gpu == newest.c.gpu, g.c.ts == newest.c.ts),
-            )
-            .order_by(g.c.id)
-        )
         latest: dict[tuple[str, int], GpuSample] = {}
+
+        def keep(sample: GpuSample) -> None:
+            key = (sample.node, sample.gpu)
+            current = latest.get(key)
+            if current is None or sample.t >= current.t:
+                latest[key] = sample
+
+        g, sb, b = schema.gpu_samples, schema.sample_blocks, schema.batches
+        legacy_newest = select(g.c.node, g.c.gpu, func.max(g.c.ts).label("ts")).group_by(g.c.node, g.c.gpu).subquery()
+        legacy = select(g).join(
+            legacy_newest,
+            and_(g.c.node == legacy_newest.c.node, g.c.gpu == legacy_newest.c.gpu, g.c.ts == legacy_newest.c.ts),
+        )
+        newest_block = select(func.max(sb.c.id)).where(sb.c.kind == "gpu").group_by(sb.c.node).scalar_subquery()
+        # The newest few batches of each node not compacted yet: a spooled one sent late may hold
+        # older samples than the one stored before it.
+        ranked = (
+            select(
+                b.c.node,
+                b.c.body,
+                func.row_number().over(partition_by=b.c.node, order_by=b.c.id.desc()).label("rank"),
+            )
+            .where(b.c.body.is_not(None))
+            .subquery()
+        )
+        newest_bodies = select(ranked.c.node, ranked.c.body).where(ranked.c.rank <= _LATEST_BATCHES_PER_NODE)
         with self._read("read latest gpu samples") as conn:
-            for row in conn.execute(query).mappings():
-                sample = _gpu_sample(row)
-                latest[(sample.node, sample.gpu)] = sample  # on a tie of ts the later row wins
+            for row in conn.execute(legacy.order_by(g.c.id)).mappings():
+                keep(_gpu_sample(row))
+            blocks = conn.execute(select(sb.c.node, sb.c.data).where(sb.c.id.in_(newest_block))).all()
+            bodies = conn.execute(newest_bodies).all()
+        for node, data in blocks:
+            block = decode_block(data)
+            for sample in block_gpu_samples(node, block, float(block.t[-1]) - _LATEST_SPREAD_SECONDS):
+                keep(sample)
+        by_node: dict[str, list[bytes]] = {}
+        for node, body in bodies:
+            by_node.setdefault(node, []).append(body)
+        for node, node_bodies in by_node.items():
+            block = blocks_from_bodies(node, node_bodies).get("gpu")
+            if block is not None:
+                for sample in block_gpu_samples(node, block, float(block.t[-1]) - _LATEST_SPREAD_SECONDS):
+                    keep(sample)
         return latest
 
     def host_samples_since(self, ts: float) -> list[HostSample]:
         """Host samples with t >= ts, oldest first."""
+        samples = [s for node, block in self.blocks("host", ts) for s in block_host_samples(node, block, ts)]
         h = schema.host_samples
         with self._read("read host samples") as conn:
             rows = conn.execute(select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)).mappings()
-            return [HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS)) for row in rows]
+            samples += [
+                HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS)) for row in rows
+            ]
+        samples.sort(key=lambda s: s.t)
+        return samples
 
     def ib_samples_since(self, ts: float) -> list[dict[str, Any]]:
         """InfiniBand port samples with t >= ts, oldest first: the ingest dict shape plus node."""
+        result = [{**port, "node": node} for node, block in self.blocks("ib", ts) for port in block_ib_ports(block, ts)]
         ib = schema.ib_samples
         with self._read("read ib samples") as conn:
             rows = conn.execute(select(ib).where(ib.c.ts >= ts).order_by(ib.c.ts, ib.c.id)).mappings()
-            result = []
             for row in rows:
                 port: dict[str, Any] = {
                     "t": row["ts"],
@@ -478,7 +608,8 @@ class Store:
                     port["ib_state"] = row["ib_state"]
                 port.update(_row_metrics(row, _IB_METRIC_FIELDS))
                 result.append(port)
-            return result
+        result.sort(key=lambda p: p["t"])
+        return result
 
     def events_since(self, ts: float) -> list[Event]:
         """Events with t >= ts, oldest first."""
@@ -593,6 +724,13 @@ class Store:
         with self._read("read alerts") as conn:
             rows = conn.execute(select(a).where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id)).mappings()
             return [_alert_dict(row) for row in rows]
+
+    def alert(self, alert_id: int) -> dict[str, Any] | None:
+        """One alert by id, or None."""
+        a = schema.alerts
+        with self._read("read alert") as conn:
+            row = conn.execute(select(a).where(a.c.id == alert_id)).mappings().first()
+        return None if row is None else _alert_dict(row)
 
     def alerts(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Alerts newest start first, optionally only those with `status`."""
@@ -767,7 +905,11 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         # deferred, and a deferred writer can fail with SQLITE_BUSY without waiting busy_timeout.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
+        # Takes effect only in a new, empty file: compaction then returns freed pages (release_free_pages).
+        cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
         cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the ingest writer
+        # A big compaction transaction must not leave a WAL of its size behind after the checkpoint.
+        cursor.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_LIMIT_BYTES}")
         cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; safe with WAL
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
@@ -791,74 +933,94 @@ def _reason(exc: BaseException) -> str:
     return lines[0][:LAST_ERROR_MAX_CHARS] if lines else type(exc).__name__
 
 
-def _held_batch_keys(conn: Connection, keys: Sequence[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
-    """Which of these (node, boot_id, seq) keys are already stored."""
-    b = schema.batches
-    seqs_by_boot: dict[tuple[str, str], list[int]] = {}
-    for node, boot_id, seq in keys:
-        seqs_by_boot.setdefault((node, boot_id), []).append(seq)
-    # One (node, boot_id) group per agent stream; its seqs go in one IN list.
-    condition = or_(
-        *(
-            and_(b.c.node == node, b.c.boot_id == boot_id, b.c.seq.in_(seqs))
-            for (node, boot_id), seqs in seqs_by_boot.items()
-        )
+def _compacted_keys(conn: Connection, keys: Sequence[tuple[str, str, int]]) -> set[tuple[str, str, int]]:
+    """Which of these (node, boot_id, seq) keys lie in a compacted run of batch_ranges."""
+    if not keys:
+        return set()
+    r = schema.batch_ranges
+    nodes = sorted({node for node, _, _ in keys})
+    runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    query = select(r.c.node, r.c.boot_id, r.c.first_seq, r.c.last_seq).where(
+        r.c.node.in_(bindparam("nodes", expanding=True))
     )
-    rows = conn.execute(select(b.c.node, b.c.boot_id, b.c.seq).where(condition))
-    return {(node, boot_id, int(seq)) for node, boot_id, seq in rows}
-
-
-def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> None:
-    """One executemany INSERT per table for all records of `items`."""
-    rows: dict[Table, list[dict[str, Any]]] = {
-        schema.batches: [],
-        schema.gpu_samples: [],
-        schema.host_samples: [],
-        schema.ib_samples: [],
-        schema.events: [],
-        schema.steps: [],
+    for node, boot_id, first, last in conn.execute(query, {"nodes": nodes}):
+        runs.setdefault((node, boot_id), []).append((int(first), int(last)))
+    if not runs:
+        return set()
+    return {
+        (node, boot_id, seq)
+        for node, boot_id, seq in keys
+        if any(first <= seq <= last for first, last in runs.get((node, boot_id), ()))
     }
-    for item in items:
-        rows[schema.batches].append(
-            {
-                "node": item.node,
-                "boot_id": item.boot_id,
-                "seq": int(item.seq),
-                "received_at": item.received_at,
-            }
-        )
-        rows[schema.gpu_samples].extend(_gpu_sample_row(s) for s in item.gpu_samples)
-        rows[schema.host_samples].extend(
-            {"node": s.node, "ts": s.t, **_metric_values(HOST_FIELDS, s.metrics)} for s in item.host_samples
-        )
-        rows[schema.ib_samples].extend(_ib_row(item.node, port) for port in item.ib_ports)
-        rows[schema.events].extend(_event_row(ev) for ev in item.events)
-        rows[schema.steps].extend(_step_row(st) for st in item.steps)
+
+
+def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> set[tuple[str, str, int]]:
+    """The batch rows (bodies) of `items` and their events and steps; returns the keys that were new.
+
+    A key already in `batches` (a resend, or another collector's copy) is skipped by the database
+    itself (ON CONFLICT DO NOTHING), which also settles two collectors inserting the same key.
+    """
+    if not items:
+        return set()
+    b = schema.batches
+    rows = [
+        {
+            "node": item.node,
+            "boot_id": item.boot_id,
+            "seq": int(item.seq),
+            "received_at": item.received_at,
+            "body": item.body or batch_body(item),
+        }
+        for item in items
+    ]
     # Keys in one global order: two collectors inserting overlapping lists on PostgreSQL then
     # wait on each other's unique-index entries in the same order and cannot deadlock.
-    rows[schema.batches].sort(key=lambda row: (row["node"], row["boot_id"], row["seq"]))
-    for table, table_rows in rows.items():
-        if table_rows:
-            conn.execute(insert(table), table_rows)
+    rows.sort(key=lambda row: (row["node"], row["boot_id"], row["seq"]))
+    upsert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(b)
+    statement = upsert.on_conflict_do_nothing(index_elements=[b.c.node, b.c.boot_id, b.c.seq]).returning(
+        b.c.node, b.c.boot_id, b.c.seq
+    )
+    new = {(node, boot_id, int(seq)) for node, boot_id, seq in conn.execute(statement, rows)}
+    event_rows = [_event_row(ev) for item in items if item.key in new for ev in item.events]
+    step_rows = [_step_row(st) for item in items if item.key in new for st in item.steps]
+    if event_rows:
+        conn.execute(insert(schema.events), event_rows)
+    if step_rows:
+        conn.execute(insert(schema.steps), step_rows)
+    return new
 
 
-def _coerce_metric(name: str, value: Any) -> float | int | None:
-    if value is None:
-        return None
-    if name in INTEGER_FIELDS:
-        number = int(value)
-        # An all-ones uint64 is NVML's "not available"; BIGINT could not hold it anyway.
-        return number if _INT64_MIN <= number <= _INT64_MAX else None
-    real = float(value)
-    # NaN means "no reading"; SQLite would store NULL and PostgreSQL NaN, so make both NULL.
-    return None if math.isnan(real) else real
+def batch_body(item: IngestBatch) -> bytes:
+    """A serialized pb.Batch of an IngestBatch's samples, for one made without the agent's bytes."""
+    batch = pb.Batch(seq=int(item.seq), t=item.received_at, boot_id=item.boot_id)
+    for s in item.gpu_samples:
+        sample = batch.gpus.add(gpu=int(s.gpu), t=s.t, uuid=s.uuid or "", job=s.job or "")
+        if s.rank is not None:
+            sample.rank = int(s.rank)
+        fill_metrics(sample.metrics, _storable(s.metrics, _GPU_FIELD_SET))
+    host_t = item.host_samples[0].t if item.host_samples else None
+    for h in item.host_samples[:1]:
+        batch.host.t = h.t
+        fill_metrics(batch.host.metrics, _storable(h.metrics, _HOST_FIELD_SET))
+    for port in item.ib_ports:
+        if host_t is None:
+            host_t = batch.host.t = float(port["t"])
+        entry = batch.host.ib_ports.add(device=str(port["device"]), port=int(port["port"]))
+        if port.get("ib_state"):
+            entry.ib_state = str(port["ib_state"])
+        fill_metrics(entry, _storable(port, _IB_METRIC_SET))
+    return batch.SerializeToString()
 
 
-def _metric_values(names: Sequence[str], metrics: Mapping[str, Any]) -> dict[str, Any]:
-    # Every column in every row (None when absent) so executemany sees one statement shape.
-    # Names outside the canonical list are dropped: a newer agent's extra field must not fail
-    # the whole batch (the proto decoder drops unknown fields the same way).
-    return {name: _coerce_metric(name, metrics.get(name)) for name in names}
+def _storable(metrics: Mapping[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """The canonical fields of `metrics` that can be measurements (a newer agent's extra names dropped)."""
+    out = {}
+    for name, value in metrics.items():
+        if name in names and value is not None:
+            kept = storable_metric(name, value)
+            if kept is not None:
+                out[name] = kept
+    return out
 
 
 def _row_metrics(row: RowMapping, names: Sequence[str]) -> dict[str, float | int]:
@@ -871,18 +1033,6 @@ def _row_metrics(row: RowMapping, names: Sequence[str]) -> dict[str, float | int
     return metrics
 
 
-def _gpu_sample_row(sample: GpuSample) -> dict[str, Any]:
-    return {
-        "node": sample.node,
-        "gpu": int(sample.gpu),
-        "ts": sample.t,
-        "uuid": sample.uuid or None,
-        "job": sample.job or None,
-        "rank": sample.rank,
-        **_metric_values(GPU_FIELDS, sample.metrics),
-    }
-
-
 def _gpu_sample(row: RowMapping) -> GpuSample:
     return GpuSample(
         t=row["ts"],
@@ -893,17 +1043,6 @@ def _gpu_sample(row: RowMapping) -> GpuSample:
         job=row["job"],
         rank=row["rank"],
     )
-
-
-def _ib_row(node: str, port: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "node": node,
-        "ts": float(port["t"]),
-        "device": str(port["device"]),
-        "port": int(port["port"]),
-        "ib_state": port.get("ib_state") or None,
-        **_metric_values(_IB_METRIC_FIELDS, port),
-    }
 
 
 def _event_row(ev: Event) -> dict[str, Any]:

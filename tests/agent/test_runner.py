@@ -95,7 +95,7 @@ async def test_agent_spools_while_the_collector_is_down_and_delivers_everything_
         await asyncio.wait_for(task, 10)
         assert agent.spool.count == 0
         assert app.store.count_rows("batches") == agent.batches_made
-        assert app.store.count_rows("gpu_samples") == 2 * agent.batches_made
+        assert len(app.store.gpu_samples_since(0)) == 2 * agent.batches_made
     finally:
         await app.stop(0.2)
 
@@ -137,8 +137,8 @@ async def test_without_nvml_the_agent_streams_host_samples_only(tmp_path: Path) 
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await until(lambda: app.store.count_rows("host_samples") >= 3, 5, "host samples")
-        assert app.store.count_rows("gpu_samples") == 0
+        await until(lambda: len(app.store.host_samples_since(0)) >= 3, 5, "host samples")
+        assert len(app.store.gpu_samples_since(0)) == 0
         (node,) = app.store.nodes()
         assert not node["nvml_available"]
         # the first sample may come within a clock tick of the CPU baseline: absent, never 0

@@ -102,13 +102,13 @@ async def test_welcome_then_acks_after_commit_and_duplicates_stored_once(app: Co
     replies = await exchange(app.grpc_port, [hello(), batch(1), batch(2)], expect=3)
     assert replies[0].WhichOneof("body") == "welcome" and replies[0].welcome.last_seq == 0
     assert [r.ack.seq for r in replies[1:]] == [1, 2]
-    assert app.store.count_rows("gpu_samples") == 4
+    assert len(app.store.gpu_samples_since(0)) == 4
 
     # A reconnecting agent learns what is already stored, and a resent batch is not stored twice.
     replies = await exchange(app.grpc_port, [hello(), batch(2), batch(3)], expect=3)
     assert replies[0].welcome.last_seq == 2
     assert [r.ack.seq for r in replies[1:]] == [2, 3]
-    assert app.store.count_rows("gpu_samples") == 6
+    assert len(app.store.gpu_samples_since(0)) == 6
     assert app.store.count_rows("batches") == 3
 
 

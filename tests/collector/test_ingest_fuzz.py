@@ -26,7 +26,6 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import text
 
 from fleetwatch import limits
 from fleetwatch.collector.app import CollectorApp
@@ -491,14 +490,8 @@ def assert_good_agent_lost_nothing(app: CollectorApp, good: GoodAgent, database_
 
     store = Store(database_url)
     try:
-        with store._engine.connect() as conn:
-            seqs = conn.execute(
-                text("SELECT seq FROM batches WHERE node = :n AND boot_id = :b ORDER BY seq"),
-                {"n": GOOD_NODE, "b": GOOD_BOOT},
-            ).scalars()
-            assert list(seqs) == list(range(1, good.sent + 1))  # each stored exactly once
-            samples = conn.execute(text("SELECT count(*) FROM gpu_samples WHERE node = :n"), {"n": GOOD_NODE})
-            assert samples.scalar() == good.sent
+        assert store.stored_seqs(GOOD_NODE, GOOD_BOOT) == list(range(1, good.sent + 1))  # each stored once
+        assert len([s for s in store.gpu_samples_since(0) if s.node == GOOD_NODE]) == good.sent
     finally:
         store.close()
 

@@ -230,7 +230,7 @@ async def test_gpu_index_of_4e9_names_batch_and_field(app: CollectorApp, channel
     assert_refused(outcome, "batch 12: gpus[3].gpu: 4000000000 is not a GPU index (0-63)")
     assert outcome.acks == [11]  # everything before the bad batch is stored and acked first
     assert outcome.trailers[REJECTED_SEQ_METADATA_KEY] == "12"  # so the agent can set it aside
-    assert app.store.count_rows("batches") == 1 and app.store.count_rows("gpu_samples") == 2
+    assert app.store.count_rows("batches") == 1 and len(app.store.gpu_samples_since(0)) == 2
 
 
 async def test_every_limit_has_a_message_naming_its_field() -> None:
@@ -433,13 +433,15 @@ async def test_idle_streams_leave_no_nodes_and_raise_no_alerts(app: CollectorApp
     assert app.stats.streams_open == 60
     assert app.store.nodes() == [] and app.store.gpus() == []
     assert app.stats.links == {}
-    assert app.recent.window(time.time(), watching_since=0.0).nodes == {}  # node_silent has nothing to watch
+    nodes = await asyncio.wrap_future(app.detection.inspect(lambda recent: recent.window(time.time(), 0.0).nodes))
+    assert nodes == {}  # node_silent has nothing to watch
     for call in calls:
         call.cancel()
     # The first stored batch makes the node: row, GPUs, link and detection.
     assert (await run_stream(channel, [hello(), batch(1)])).acks == [1]
     assert [n["node"] for n in app.store.nodes()] == ["n01"] and len(app.store.gpus()) == 2
-    assert set(app.recent.window(time.time(), watching_since=0.0).nodes) == {"n01"}
+    nodes = await asyncio.wrap_future(app.detection.inspect(lambda recent: recent.window(time.time(), 0.0).nodes))
+    assert set(nodes) == {"n01"}
 
 
 async def test_streams_past_the_limit_are_resource_exhausted(tmp_path: Path) -> None:
@@ -483,8 +485,9 @@ async def test_not_available_ecc_value_is_dropped_before_detection_and_storage(
     assert (await run_stream(channel, [hello(), msg])).acks == [1]
     await asyncio.sleep(0.6)  # detection ran (every 0.2 s)
     assert not [f for f in app.tracker.open.values() if f.detector == "ecc"]
-    window = app.recent.window(time.time(), watching_since=0.0)
-    live = window.gpu[("n01", 1)][-1].metrics
+    live = await asyncio.wrap_future(
+        app.detection.inspect(lambda recent: dict(recent.window(time.time(), 0.0).gpu[("n01", 1)][-1].metrics))
+    )
     assert "ecc_dbe_volatile_total" not in live and "pcie_link_gen" not in live and "temp_gpu_celsius" not in live
     stored = app.store.latest_gpu_samples()[("n01", 1)].metrics
     assert set(stored) == set(live)  # live detection and the database agree

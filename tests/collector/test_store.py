@@ -12,7 +12,9 @@ from sqlalchemy import exc as sa_exc
 
 from fleetwatch.collector.storage import schema
 from fleetwatch.collector.storage import store as store_module
+from fleetwatch.collector.storage.compaction import compact
 from fleetwatch.collector.storage.store import BatchRefused, IngestBatch, SchemaMigration, Store, StoreError
+from fleetwatch.limits import integer_metric_max
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
@@ -23,7 +25,9 @@ def gpu_sample(t: float, gpu: int = 0, node: str = "n01", **metrics: float | int
     return GpuSample(t=t, node=node, gpu=gpu, metrics=metrics or {"power_watts": 300.0})
 
 
-def batch(seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float = T0, **records) -> IngestBatch:
+def batch(seq: int, *, node: str = "n01", boot_id: str = "boot-a", t: float | None = None, **records) -> IngestBatch:
+    # Each batch samples its own second: samples of one GPU at one time are one sample in the store.
+    t = T0 + seq if t is None else t
     records.setdefault("gpu_samples", [gpu_sample(t, g, node) for g in range(2)])
     return IngestBatch(node=node, boot_id=boot_id, seq=seq, received_at=t + 0.5, **records)
 
@@ -44,9 +48,14 @@ def finding(**overrides) -> Finding:
     return Finding(**values)
 
 
+def big_int(name: str, i: int, bits: int = 40) -> int:
+    """An integer for field `name` beyond 32 bits where the field can hold it (its wire type is 64-bit)."""
+    return (2**bits + i) if (integer_metric_max(name) or 0) > 2**bits else i + 1
+
+
 def every_gpu_metric() -> dict[str, float | int]:
-    """A value for each canonical GPU field: ints beyond 32 bits, floats with a fraction."""
-    return {name: (2**40 + i) if name in INTEGER_FIELDS else 100.25 + i for i, name in enumerate(GPU_FIELDS)}
+    """A value for each canonical GPU field: ints beyond 32 bits where they fit, floats with a fraction."""
+    return {name: big_int(name, i) if name in INTEGER_FIELDS else 100.25 + i for i, name in enumerate(GPU_FIELDS)}
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -56,7 +65,7 @@ def test_migrate_again_keeps_data(store: Store) -> None:
     store.ingest([batch(1)])
     head = store.migrate().to_revision  # the fixture migrated already: nothing to do
     assert store.migrate() == SchemaMigration(from_revision=head, to_revision=head)
-    assert store.count_rows("gpu_samples") == 2
+    assert len(store.gpu_samples_since(0)) == 2
 
 
 def test_count_rows_rejects_unknown_table(store: Store) -> None:
@@ -77,11 +86,14 @@ def test_same_batch_twice_is_stored_once(store: Store) -> None:
     )
     assert store.ingest([item]) == [True]
     assert store.ingest([item]) == [False]
-    counts = {
-        t: store.count_rows(t) for t in ("batches", "gpu_samples", "host_samples", "ib_samples", "events", "steps")
-    }
+    compact(store, now=T0 + 3600)
+    assert store.ingest([item]) == [False]  # its key is in a compacted run now
+    counts = {t: store.count_rows(t) for t in ("batch_ranges", "events", "steps")}
+    counts["gpu_samples"] = len(store.gpu_samples_since(0))
+    counts["host_samples"] = len(store.host_samples_since(0))
+    counts["ib_samples"] = len(store.ib_samples_since(0))
     assert counts == {
-        "batches": 1,
+        "batch_ranges": 1,
         "gpu_samples": 2,
         "host_samples": 1,
         "ib_samples": 1,
@@ -91,7 +103,7 @@ def test_same_batch_twice_is_stored_once(store: Store) -> None:
 
 
 def test_duplicates_inside_one_list_are_stored_once(store: Store) -> None:
-    assert store.ingest([batch(1), batch(2), batch(1), batch(1, boot_id="boot-b")]) == [
+    assert store.ingest([batch(1), batch(2), batch(1), batch(1, boot_id="boot-b", t=T0 + 100)]) == [
         True,
         True,
         False,
@@ -99,30 +111,20 @@ def test_duplicates_inside_one_list_are_stored_once(store: Store) -> None:
     ]
     assert store.ingest([batch(2), batch(3)]) == [False, True]
     assert store.count_rows("batches") == 4
-    assert store.count_rows("gpu_samples") == 8
+    assert len(store.gpu_samples_since(0)) == 8
     assert store.ingest([]) == []
 
 
-def test_key_race_with_another_collector_falls_back_item_by_item(
-    store: Store, database, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_key_another_collector_stored_meanwhile_is_a_duplicate(store: Store, database) -> None:
     other = Store(database.url)  # a second collector on the same database
     try:
         assert other.ingest([batch(2)]) == [True]
-        # Make our pre-check miss it once, as if `other` committed between check and insert.
-        real = store_module._held_batch_keys
-        calls = {"n": 0}
-
-        def stale_first_check(conn, keys):
-            calls["n"] += 1
-            return set() if calls["n"] == 1 else real(conn, keys)
-
-        monkeypatch.setattr(store_module, "_held_batch_keys", stale_first_check)
+        # The database settles the key (ON CONFLICT DO NOTHING): no error, no second copy.
         assert store.ingest([batch(1), batch(2), batch(3)]) == [True, False, True]
     finally:
         other.close()
     assert store.count_rows("batches") == 3
-    assert store.count_rows("gpu_samples") == 6
+    assert len(store.gpu_samples_since(0)) == 6
 
 
 def test_two_collectors_ingesting_the_same_batches_store_each_once(store: Store, database) -> None:
@@ -151,7 +153,7 @@ def test_two_collectors_ingesting_the_same_batches_store_each_once(store: Store,
     stored_by = [key for name in results for key, ok in results[name] if ok]
     assert sorted(stored_by) == sorted(b.key for b in items)  # every key stored exactly once
     assert store.count_rows("batches") == 60
-    assert store.count_rows("gpu_samples") == 120
+    assert len(store.gpu_samples_since(0)) == 120
 
 
 def test_a_bad_record_is_not_acked_as_a_duplicate(store: Store) -> None:
@@ -169,19 +171,15 @@ def test_absent_fields_stay_null_and_come_back_absent(store: Store) -> None:
     host = HostSample(t=T0, node="n01", metrics={"load1": 0.0})
     store.ingest([batch(1, gpu_samples=[sample], host_samples=[host])])
 
-    with store._engine.connect() as conn:
-        row = conn.execute(select(schema.gpu_samples)).mappings().one()
-    assert row["power_watts"] == 312.5
-    assert row["ecc_dbe_volatile_total"] == 0  # a real zero stays zero
-    for name in GPU_FIELDS:
-        if name not in sample.metrics:
-            assert row[name] is None, name  # unsupported is NULL, never 0
-    assert row["uuid"] is None and row["job"] is None and row["rank"] is None
-
-    [back] = store.gpu_samples_since(T0)
-    assert dict(back.metrics) == {"power_watts": 312.5, "ecc_dbe_volatile_total": 0}
-    [host_back] = store.host_samples_since(T0)
-    assert dict(host_back.metrics) == {"load1": 0.0}
+    # Unsupported is absent, never 0; a real zero stays zero: before compaction and after it.
+    for _ in ("raw batch", "compacted block"):
+        [back] = store.gpu_samples_since(T0)
+        assert dict(back.metrics) == {"power_watts": 312.5, "ecc_dbe_volatile_total": 0}
+        assert back.uuid is None and back.job is None and back.rank is None
+        [host_back] = store.host_samples_since(T0)
+        assert dict(host_back.metrics) == {"load1": 0.0}
+        compact(store, now=T0 + 3600)
+    assert store.count_rows("batches") == 0 and store.count_rows("sample_blocks") == 2
 
 
 def test_unrepresentable_values_are_stored_as_absent(store: Store) -> None:
@@ -194,11 +192,13 @@ def test_unrepresentable_values_are_stored_as_absent(store: Store) -> None:
 def test_every_canonical_field_round_trips_with_its_type(store: Store) -> None:
     metrics = every_gpu_metric()
     sample = GpuSample(t=T0 + 0.125, node="n01", gpu=7, metrics=metrics, uuid="GPU-1234", job="j7", rank=6)
-    host_metrics = {name: (2**41 + i) if name in INTEGER_FIELDS else 1.5 + i for i, name in enumerate(HOST_FIELDS)}
+    host_metrics = {
+        name: big_int(name, i, 41) if name in INTEGER_FIELDS else 1.5 + i for i, name in enumerate(HOST_FIELDS)
+    }
     port = {"t": T0, "device": "mlx5_0", "port": 1, "ib_state": "ACTIVE"}
     port.update(
         {
-            name: (2**42 + i) if name in INTEGER_FIELDS else 400.5
+            name: big_int(name, i, 42) if name in INTEGER_FIELDS else 400.5
             for i, name in enumerate(IB_FIELDS)
             if name != "ib_state"
         }
@@ -214,21 +214,23 @@ def test_every_canonical_field_round_trips_with_its_type(store: Store) -> None:
         ]
     )
 
-    [back] = store.gpu_samples_since(T0)
-    assert back == sample
-    assert set(back.metrics) == set(GPU_FIELDS)
-    for name, value in back.metrics.items():
-        assert type(value) is (int if name in INTEGER_FIELDS else float), name
+    for _ in ("raw batch", "compacted block"):
+        [back] = store.gpu_samples_since(T0)
+        assert back == sample
+        assert set(back.metrics) == set(GPU_FIELDS)
+        for name, value in back.metrics.items():
+            assert type(value) is (int if name in INTEGER_FIELDS else float), name
 
-    [host_back] = store.host_samples_since(T0)
-    assert dict(host_back.metrics) == host_metrics
-    for name, value in host_back.metrics.items():
-        assert type(value) is (int if name in INTEGER_FIELDS else float), name
+        [host_back] = store.host_samples_since(T0)
+        assert dict(host_back.metrics) == host_metrics
+        for name, value in host_back.metrics.items():
+            assert type(value) is (int if name in INTEGER_FIELDS else float), name
 
-    [port_back] = store.ib_samples_since(T0)
-    assert port_back == {**port, "node": "n01"}
-    assert type(port_back["ib_link_downed_total"]) is int
-    assert type(port_back["ib_rate_gbps"]) is float
+        [port_back] = store.ib_samples_since(T0)
+        assert port_back == {**port, "node": "n01"}
+        assert type(port_back["ib_link_downed_total"]) is int
+        assert type(port_back["ib_rate_gbps"]) is float
+        compact(store, now=T0 + 3600)
 
 
 def test_events_and_steps_round_trip_oldest_first(store: Store) -> None:
@@ -553,13 +555,14 @@ def test_purge_deletes_old_rows_in_bounded_batches(store: Store) -> None:
             deletes.append((statement.split()[2], cursor.rowcount))
 
     event.listen(store._engine, "after_cursor_execute", record)
-    assert store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25 + 25  # samples, events, batches
+    # Events and batches (with their samples: a batch never compacted past retention goes whole).
+    assert store.purge(older_than=T0 + 500, batch_rows=4) == 25 + 25
     event.remove(store._engine, "after_cursor_execute", record)
 
     assert all(rowcount <= 4 for _, rowcount in deletes)
     # 25 rows in chunks of 4: six full DELETEs and a last one of 1.
-    assert [n for table, n in deletes if table == "gpu_samples"] == [4, 4, 4, 4, 4, 4, 1]
-    assert store.count_rows("gpu_samples") == 5
+    assert [n for table, n in deletes if table == "events"] == [4, 4, 4, 4, 4, 4, 1]
+    assert len(store.gpu_samples_since(0)) == 5
     assert store.count_rows("events") == 0
     assert store.count_rows("batches") == 5
     assert store.count_rows("alerts") == 1 and store.count_rows("deliveries") == 1
@@ -587,7 +590,7 @@ def _break_next_sample_insert(store: Store, database) -> None:
         return
 
     def kill_own_backend(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("INSERT INTO gpu_samples"):
+        if statement.startswith("INSERT INTO batches"):
             event.remove(store._engine, "before_cursor_execute", kill_own_backend)
             pid = conn.connection.dbapi_connection.info.backend_pid
             with database.admin.connect() as admin:
@@ -617,7 +620,7 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
     # Nothing of the failed batch was kept, and reads keep working.
     assert store.last_seq("n01", "boot-a") == 1
     assert store.count_rows("batches") == 1
-    assert store.count_rows("gpu_samples") == 2
+    assert len(store.gpu_samples_since(0)) == 2
     assert len(store.gpu_samples_since(T0)) == 2
     assert len(store.firing_alerts()) == 1
     assert len(store.due_deliveries(T0)) == 1

@@ -74,7 +74,7 @@ async def test_unknown_path_is_a_json_404_naming_the_routes(client: Client) -> N
     status, headers, body = await client.get("/api/v2/status")
     assert status == 404 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {
-        "error": "no such path /api/v2/status; try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts"
+        "error": "no such path /api/v2/status; try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, /api/v1/series"
     }
 
 
@@ -90,6 +90,16 @@ async def test_alerts_parameters(app: CollectorApp, client: Client) -> None:
     assert len(json.loads((await client.get("/api/v1/alerts?status=all&limit=1"))[2])["alerts"]) == 1
     # An empty value is the default, as before.
     assert len(json.loads((await client.get("/api/v1/alerts?status=&limit="))[2])["alerts"]) == 1
+
+    # One alert by id, with the span of telemetry worth looking at (10 min before, open-ended while firing).
+    [listed] = json.loads((await client.get("/api/v1/alerts"))[2])["alerts"]
+    status, _, body = await client.get(f"/api/v1/alerts/{listed['id']}")
+    assert status == 200 and json.loads(body) == listed
+    assert listed["evidence"]["span"] == {"start": 1.0 - 600, "end": None}
+    status, _, body = await client.get("/api/v1/alerts/999")
+    assert status == 404 and json.loads(body) == {"error": "no alert with id 999"}
+    status, _, body = await client.get("/api/v1/alerts/x1")
+    assert status == 400 and "alert id" in json.loads(body)["error"]
 
     status, _, body = await client.get("/api/v1/alerts?status=open")
     assert status == 400 and json.loads(body) == {"error": "status must be firing, resolved or all"}
@@ -150,3 +160,43 @@ async def test_listens_on_an_ipv6_literal(tmp_path: Path) -> None:
         assert status == 200 and json.loads(body)["ok"] is True
     finally:
         await collector.stop(grace_seconds=0.2)
+
+
+async def test_series_answers_raw_samples_and_names_bad_parameters(app: CollectorApp, client: Client) -> None:
+    from fleetwatch.collector.storage.store import IngestBatch
+    from fleetwatch.records import GpuSample
+
+    now = app.clock()
+    items = [
+        IngestBatch(
+            node="n01",
+            boot_id="b",
+            seq=i + 1,
+            received_at=now - 100 + i,
+            gpu_samples=[GpuSample(t=now - 100 + i, node="n01", gpu=3, metrics={"sm_clock_mhz": 1980.0 - i})],
+        )
+        for i in range(10)
+    ]
+    await asyncio.to_thread(app.store.upsert_node, "n01", "b", "test", True, 1.0, [], now)
+    await asyncio.to_thread(app.store.ingest, items)
+    status, headers, body = await client.get(f"/api/v1/series?node=n01&gpu=3&field=sm_clock_mhz&start={now - 200}")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    answer = json.loads(body)
+    assert answer["source"] == "raw" and answer["gpu"] == 3 and answer["step"] is None
+    assert answer["series"] == [{"field": "sm_clock_mhz", "points": [[now - 100 + i, 1980.0 - i] for i in range(10)]}]
+    status, _, body = await client.get(f"/api/v1/series?node=n01&gpu=3&start={now - 200}&step=5")
+    stepped = json.loads(body)
+    [clock] = [s for s in stepped["series"] if s["field"] == "sm_clock_mhz"]
+    assert stepped["step"] == 5.0 and sum(len(s["points"]) for s in [clock]) in (2, 3)
+
+    for query, problem in [
+        ("gpu=3", "node: required"),
+        ("node=n01&gpu=99", "gpu:"),
+        ("node=n01&gpu=3&field=nope", "field: nope is not a gpu field"),
+        ("node=n01&start=abc", "start:"),
+        ("node=n01&step=-1", "step:"),
+    ]:
+        status, _, body = await client.get(f"/api/v1/series?{query}")
+        assert status == 400 and json.loads(body)["error"].startswith(problem), query
+    status, _, body = await client.get("/api/v1/series?node=nobody")
+    assert status == 404 and "nobody" in json.loads(body)["error"]

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from fleetwatch.collector.storage.store import Store
 from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
 
 GPUS = 4
@@ -86,13 +87,17 @@ def test_every_batch_stored_exactly_once_across_collector_kills(tmp_path: Path) 
         collector.stop()
         print(log.read_text()[-5000:])
 
-    with sqlite3.connect(db) as conn:
+    store = Store(f"sqlite:///{db}")
+    try:
+        samples_of: dict[str, list[tuple[int, float]]] = {}
+        for sample in store.gpu_samples_since(0):
+            samples_of.setdefault(sample.node, []).append((sample.gpu, sample.t))
         for node, spool in spools.items():
             produced = int((spool / "seq.state").read_text())
             assert not list(spool.glob("*.batch")), f"agent {node} stopped with un-acked batches"
-            seqs = [r[0] for r in conn.execute("SELECT seq FROM batches WHERE node = ? ORDER BY seq", (node,))]
+            seqs = store.stored_seqs(node)
             assert seqs == list(range(1, produced + 1)), f"{node}: stored seqs are not exactly 1..{produced}"
-            samples, distinct = conn.execute(
-                "SELECT count(*), count(DISTINCT gpu || '/' || ts) FROM gpu_samples WHERE node = ?", (node,)
-            ).fetchone()
-            assert samples == distinct == GPUS * produced, f"{node}: {samples} GPU rows for {produced} batches"
+            samples = samples_of.get(node, [])
+            assert len(samples) == len(set(samples)) == GPUS * produced, f"{node}: {len(samples)} GPU samples"
+    finally:
+        store.close()
