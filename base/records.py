@@ -6,6 +6,7 @@ them; they live here, under every layer, so none of those depends on another for
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -88,6 +89,13 @@ class Step:
     gpu: int | None = None
 
 
+@functools.lru_cache(maxsize=65536)
+def _fingerprint(detector: str, node: str | None, gpu: int | None, job: str | None, rank: int | None, key: str) -> str:
+    # Cached: every detection pass asks every open finding for it, and a hash of JSON is not free.
+    digest = hashlib.sha256(json.dumps([detector, node, gpu, job, rank, key], separators=(",", ":")).encode())
+    return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     detector: str
@@ -117,16 +125,14 @@ class Finding:
         Opaque, like Alertmanager's; hashing a JSON array keeps names containing any character apart.
         The collector stores it: a change needs a migration that recomputes stored alerts' (as 0002).
         """
-        parts = [
+        return _fingerprint(
             self.detector,
             self.node,
             None if self.gpu is None else int(self.gpu),
             self.job,
             None if self.rank is None else int(self.rank),
             self.key,
-        ]
-        digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode())
-        return digest.hexdigest()[:FINGERPRINT_HEX_DIGITS]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The DESIGN.md findings shape (one JSON object a line)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 
 from fleetwatch.addresses import parse_host_port
 from fleetwatch.asyncwait import wait_any
@@ -30,11 +32,15 @@ from fleetwatch.collector.web import WebServer
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.model import Detector
-from fleetwatch.records import IbSample
+from fleetwatch.records import GpuSample, IbSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
+from fleetwatch.wire import GPU_FIELDS
 
 log = logging.getLogger(__name__)
+
+_FIELD_INDEX = {name: i for i, name in enumerate(GPU_FIELDS)}
+_FIELD_COUNT = len(GPU_FIELDS)
 
 PURGE_EVERY_SECONDS = 600.0
 COMPACT_EVERY_SECONDS = 20.0  # s; batches wait compact_after_seconds plus at most this
@@ -60,8 +66,7 @@ def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequen
         recent.note_node(item.node, item.received_at)
         if not new:
             continue
-        for s in item.gpu_samples:
-            recent.add_gpu(s)
+        _add_gpu_samples(recent, item.node, item.gpu_samples)
         for h in item.host_samples:
             recent.add_host(h)
         for e in item.events:
@@ -70,6 +75,27 @@ def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequen
             recent.add_step(st)
         for port in item.ib_ports:
             recent.add_ib(ib_sample(item.node, port))
+
+
+def _add_gpu_samples(recent: RecentData, node: str, samples: Sequence[GpuSample]) -> None:
+    """A batch's GPU samples as rows, one add_gpu_rows per sampling time (one for an agent's batch)."""
+    by_time: dict[float, list[GpuSample]] = {}
+    for sample in samples:
+        by_time.setdefault(sample.t, []).append(sample)
+    for t, group in by_time.items():
+        rows = [[math.nan] * _FIELD_COUNT for _ in group]
+        for row, sample in zip(rows, group):
+            for name, value in sample.metrics.items():
+                row[_FIELD_INDEX[name]] = value  # check_batch kept canonical fields only
+        recent.add_gpu_rows(
+            node,
+            t,
+            [s.gpu for s in group],
+            np.array(rows, dtype=np.float64),
+            [s.uuid for s in group],
+            [s.job for s in group],
+            [s.rank for s in group],
+        )
 
 
 def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:

@@ -214,7 +214,7 @@ class _Handlers:
         end = _number(query, "end", now)
         start = _number(query, "start", end - DEFAULT_SERIES_SECONDS)
         step = _number(query, "step", None)
-        gpu_text = query.get("gpu")
+        gpu_text = query.get("gpu") or ""
         gpu = None if not gpu_text else _number(query, "gpu", None)
         if gpu is not None and (gpu != int(gpu) or not 0 <= gpu < MAX_GPUS_PER_NODE):
             raise SeriesQueryError("gpu", f"{gpu_text[:40]!a} is not a GPU index (0-{MAX_GPUS_PER_NODE - 1})")

@@ -22,14 +22,17 @@ Deliberately not findings here:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import float_reading
-from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number, gpu_table
+from fleetwatch.detectors.table import Condition, Rows, reasons_mask
 from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.records import Finding
 
 # HW slowdown with either cause bit is the thermal or the power detector's finding, not ours.
 EXPLAINED_ELSEWHERE = HW_THERMAL_SLOWDOWN | HW_POWER_BRAKE_SLOWDOWN
@@ -40,30 +43,18 @@ class ClocksThresholds(SustainedThresholds):
     """The shared sustained rule's defaults (detectors.model)."""
 
 
-def _reasons(sample: GpuSample) -> int | None:
-    value = sample.metrics.get("clock_event_reasons")
-    return None if value is None else int(value)
+def _unexplained_slowdown(rows: Rows) -> np.ndarray:
+    reasons = reasons_mask(rows)
+    return ((reasons & HW_SLOWDOWN) != 0) & ((reasons & EXPLAINED_ELSEWHERE) == 0)
 
 
-def _unexplained_slowdown(sample: GpuSample) -> bool:
-    reasons = sample.metrics.get("clock_event_reasons")
-    if reasons is None:
-        return False
-    reasons = int(reasons)
-    return reasons & HW_SLOWDOWN != 0 and reasons & EXPLAINED_ELSEWHERE == 0
+def _explained(rows: Rows) -> np.ndarray:
+    """HW thermal or power brake slowdown: the thermal or the power detector's finding."""
+    return (reasons_mask(rows) & EXPLAINED_ELSEWHERE) != 0
 
 
-def _explained_within(series: Sequence[GpuSample], now: float, since: float) -> bool:
-    """Whether a sample in (since, now] shows HW thermal or power brake slowdown."""
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t <= since:
-            return False
-        reasons = _reasons(sample)
-        if reasons is not None and reasons & EXPLAINED_ELSEWHERE:
-            return True
-    return False
+# What a finding reads from its newest slowed sample.
+_FIELDS = ("clock_event_reasons", "sm_clock_mhz", "sm_clock_max_mhz")
 
 
 @dataclass(slots=True)
@@ -83,12 +74,38 @@ class ClocksDetector:
     def window_seconds(self) -> float:
         return self.thresholds.window_seconds
 
+    @property
+    def gpu_window_seconds(self) -> float:
+        """Full samples for the fast window; the long one reads the conditions' times."""
+        return self.thresholds.short_seconds
+
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.thresholds.short_seconds)
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (self.slowed, self.explained)
+
+    @property
+    def slowed(self) -> Condition:
+        """A sample shows HW slowdown without the thermal or the power brake bit."""
+        return Condition(
+            "clocks.unexplained", ("clock_event_reasons",), _unexplained_slowdown, self.thresholds.long_seconds
+        )
+
+    @property
+    def explained(self) -> Condition:
+        """A sample shows HW thermal or power brake slowdown (which clears this detector)."""
+        return Condition("clocks.explained", ("clock_event_reasons",), _explained, self.thresholds.long_seconds)
+
     def detect(self, window: Window) -> list[Finding]:
         t = self.thresholds
         findings = []
-        for node, gpu, series, held in t.held_gpus(window, _unexplained_slowdown):
+        for node, gpu, p, held in t.held_gpus(window, self.slowed):
             judged = t.recent_seconds if held.by == "recent" else t.long_seconds
-            if _explained_within(series, window.now, window.now - judged):
+            # Whether a sample in (now - judged, now] shows HW thermal or power brake slowdown.
+            if gpu_table(window).hits(self.explained, p, window.now - judged):
                 continue  # thermal's or power's finding, not a second one here
             findings.append(self._finding(node, gpu, held))
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))

@@ -12,10 +12,12 @@ same way (and `float_reading` by every detector that puts a field in a finding):
 - A field the GPU does not report is absent from every sample; one missing from a single sample is
   a failed read, so the newest reading is taken from the newest of a few samples.
 
-Series are oldest first. The helpers index a series only at its two ends and otherwise read it
-backwards from the newest sample: a window's views (detectors.engine.SeriesView) iterate that way
-without indexing into the middle of their deque, and a healthy GPU must be judged without walking
-its whole series (the detectors' tests count the reads).
+Series are a window's table series (detectors.table.TableSeries), oldest first, restricted to
+the samples that still keep the detector's fields, so their first sample is the oldest reading of
+those fields. The helpers read fields as lists (`values`), one column at a time, and materialise
+a sample only where a finding needs its metrics. A healthy GPU never gets here: each detector
+judges the whole fleet's newest readings with numpy first and hands these helpers only the GPUs
+that may have something to report.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+import numpy as np
+
 from fleetwatch.detectors.model import Window, held_episode
+from fleetwatch.detectors.table import COLUMN, GpuTable, TableSeries
 from fleetwatch.records import GpuSample
 
 Metrics = Mapping[str, float | int]
@@ -33,13 +38,13 @@ Metrics = Mapping[str, float | int]
 # --- where to read -------------------------------------------------------------------------------
 
 
-def newest_fresh_index(series: Sequence[GpuSample], now: float, fresh_t: float) -> int:
+def newest_fresh_index(series: TableSeries, now: float, fresh_t: float) -> int:
     """Index of the newest sample at or before `now`, or -1 when there is none or it is older than
-    `fresh_t` (a stale series says nothing about now). A window's views hide samples later than
-    `now`; plain lists in tests may not."""
-    index = len(series) - 1
+    `fresh_t` (a stale series says nothing about now)."""
+    times = series.times()
+    index = len(times) - 1
     while index >= 0:
-        t = series[index].t  # read once: a view's indexing is a Python call
+        t = times[index]
         if t <= now:
             return index if t >= fresh_t else -1
         index -= 1
@@ -51,16 +56,16 @@ def back_from(series: Sequence[GpuSample], index: int) -> Iterator[GpuSample]:
     return islice(reversed(series), len(series) - 1 - index, None)
 
 
-def newest_carrying(series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int) -> int:
+def newest_carrying(series: TableSeries, index: int, name: str, oldest_t: float, lookback: int) -> int:
     """Index of the newest of the `lookback` samples ending at `index` (none older than
     `oldest_t`) that carries `name`; -1 when none does."""
-    if series[index].metrics.get(name) is not None:
-        return index  # the fast path, kept to one read: every GPU takes it on every tick
+    if series.values(name)[index] is not None:
+        return index
     return newest_carrying_all(series, index, (name,), oldest_t, lookback)
 
 
 def newest_carrying_all(
-    series: Sequence[GpuSample],
+    series: TableSeries,
     index: int,
     names: tuple[str, ...],
     oldest_t: float,
@@ -68,26 +73,61 @@ def newest_carrying_all(
 ) -> int:
     """Index of the newest of the `lookback` samples ending at `index` (none older than
     `oldest_t`) that carries all of `names`; -1 when none does."""
-    newest = series[index].metrics
-    for name in names:
-        if newest.get(name) is None:
-            break
-    else:
-        return index  # the fast path: the newest sample has them
-    oldest = series[0].metrics  # read only off the fast path: healthy GPUs cost one sample here
-    for name in names:
-        if newest.get(name) is None and oldest.get(name) is None:
+    columns = [series.values(name) for name in names]
+    if all(column[index] is not None for column in columns):
+        return index
+    for column in columns:
+        if column[index] is None and column[0] is None:
             return -1  # nor the oldest: a field the GPU does not report at all
+    times = series.times()
     stop = max(index - lookback, -1)
     while index > stop:
-        sample = series[index]
-        if sample.t < oldest_t:
+        if times[index] < oldest_t:
             break
-        metrics = sample.metrics
-        if all(metrics.get(name) is not None for name in names):
+        if all(column[index] is not None for column in columns):
             return index
         index -= 1
     return -1
+
+
+def newest_readings(
+    table: GpuTable, positions: np.ndarray, newest: np.ndarray, names: tuple[str, ...]
+) -> tuple[np.ndarray, ...]:
+    """Fields `names` at each GPU's newest sample (NaN where that sample lacks one)."""
+    return tuple(table.values(name, newest, positions) for name in names)
+
+
+def unsettled(table: GpuTable, names: tuple[str, ...], fields: tuple[str, ...]) -> np.ndarray:
+    """Per GPU, whether newest_carrying_all(names) must look back: the newest sample lacks one
+    of `names` that the oldest sample keeping `fields` has (a failed read). Where the oldest lacks
+    it too, the GPU does not report the field at all and newest_carrying_all gives up at once."""
+    newest = table.newest_rows
+    out = np.zeros(len(table), dtype=bool)
+    for name in names:
+        gone = np.isnan(newest[:, COLUMN[name]])
+        if np.count_nonzero(gone):
+            out |= gone & ~np.isnan(table.first_column(name, fields))
+    return out
+
+
+def ends_moved(table: GpuTable, name: str, fields: tuple[str, ...], lookback: int) -> np.ndarray:
+    """Per GPU, whether counter `name` may have moved (counter_moved) in its series of `fields`,
+    judged for the whole fleet at once: its reading at the oldest sample against the newest. Where
+    an end has no reading, True if the first `lookback` samples at either end have one (a failed
+    read: counter_moved decides), False if none does (a counter the GPU does not keep)."""
+    old, new = table.first_column(name, fields), table.newest_rows[:, COLUMN[name]]
+    moved = old != new  # NaN at an end counts as moved: refined below
+    either = (old != old) | (new != new)
+    which = either.nonzero()[0]
+    if len(which):
+        first = table.field_first(fields, which)
+        newest = table.end[which] - 1
+        offsets = np.arange(lookback)
+        heads = np.minimum(first[:, None] + offsets, newest[:, None])
+        tails = np.maximum(newest[:, None] - offsets, first[:, None])
+        read = ~np.isnan(table.values(name, heads, which)) | ~np.isnan(table.values(name, tails, which))
+        moved[which] = read.any(axis=1)
+    return moved
 
 
 def float_reading(metrics: Metrics, name: str) -> float | None:
@@ -105,47 +145,47 @@ def node_boot_seen_at(window: Window, node: str) -> float | None:
 # --- counters ------------------------------------------------------------------------------------
 
 
-def counter_ends(
-    series: Sequence[GpuSample], newest: int, name: str, lookback: int
-) -> tuple[float | int | None, float | int | None]:
+def counter_ends(series: TableSeries, newest: int, name: str, lookback: int) -> tuple[float | None, float | None]:
     """A counter's oldest and newest readings in the kept series, each taken from the first of the
     `lookback` samples at that end that carries it (None: none does)."""
+    values = series.values(name)
     last = None
     for i in range(newest, max(newest - lookback, -1), -1):
-        last = series[i].metrics.get(name)
+        last = values[i]
         if last is not None:
             break
     first = None
     for i in range(min(lookback, newest + 1)):
-        first = series[i].metrics.get(name)
+        first = values[i]
         if first is not None:
             break
     return first, last
 
 
-def counter_moved(series: Sequence[GpuSample], newest: int, name: str, lookback: int) -> bool:
-    """Whether counter `name` may have moved in the kept series, judged from its two ends so that
-    a healthy GPU costs two reads: a counter that reads the same at both ends has not (a reset that
-    climbed back to the same value in between is missed)."""
-    first, last = series[0].metrics.get(name), series[newest].metrics.get(name)
+def counter_moved(series: TableSeries, newest: int, name: str, lookback: int) -> bool:
+    """Whether counter `name` may have moved in the kept series, judged from its two ends: a
+    counter that reads the same at both ends has not (a reset that climbed back to the same value
+    in between is missed)."""
+    values = series.values(name)
+    first, last = values[0], values[newest]
     if first is None or last is None:  # a failed read at an end: look a little further in
         first, last = counter_ends(series, newest, name, lookback)
     return first != last
 
 
-def counter_points(series: Sequence[GpuSample], name: str, oldest_t: float, now: float) -> list[tuple[float, float]]:
-    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first; read from the
-    newest end, so only the window's tail of a long series is touched."""
+def counter_points(series: TableSeries, name: str, oldest_t: float, now: float) -> list[tuple[float, float]]:
+    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first."""
+    times, values = series.times(), series.values(name)
     points = []
-    for sample in reversed(series):
-        t = sample.t
+    for i in range(len(times) - 1, -1, -1):
+        t = times[i]
         if t > now:
             continue
         if t < oldest_t:
             break
-        value = sample.metrics.get(name)
+        value = values[i]
         if value is not None:
-            points.append((t, float(value)))
+            points.append((t, value))
     points.reverse()
     return points
 
@@ -187,7 +227,7 @@ class CounterWindows:
 
 
 def counter_windows(
-    series: Sequence[GpuSample],
+    series: TableSeries,
     name: str,
     oldest_t: float,
     now: float,
@@ -242,45 +282,46 @@ def held_over_limit(
 
 
 def start_of_run(
-    series: Sequence[GpuSample],
+    series: TableSeries,
     index: int,
     oldest_t: float,
     names: tuple[str, ...],
     holds: Callable[[Metrics], bool],
 ) -> float:
-    """The time of the first sample of the run of samples, ending at `index`, for which `holds`;
-    a sample carrying none of `names` (a failed read) does not break the run, the window's edge
-    does."""
-    start = series[index].t
-    for sample in back_from(series, index - 1):
-        if sample.t < oldest_t:
+    """The time of the first sample of the run of samples, ending at `index`, for which `holds`
+    (given the sample's readings of `names`); a sample carrying none of `names` (a failed read)
+    does not break the run, the window's edge does."""
+    times = series.times()
+    columns = [(name, series.values(name)) for name in names]
+    start = times[index]
+    for i in range(index - 1, -1, -1):
+        if times[i] < oldest_t:
             break
-        metrics = sample.metrics
-        for name in names:
-            if metrics.get(name) is not None:
-                break
-        else:
+        metrics: dict[str, float | int] = {}
+        for name, column in columns:
+            value = column[i]
+            if value is not None:
+                metrics[name] = value
+        if not metrics:
             continue  # carries none of them: a failed read, which neither holds nor breaks
         if not holds(metrics):
             break
-        start = sample.t
+        start = times[i]
     return start
 
 
 def flag_raised(
-    series: Sequence[GpuSample], index: int, name: str, oldest_t: float, lookback: int
+    series: TableSeries, index: int, name: str, oldest_t: float, lookback: int
 ) -> tuple[Metrics, float] | None:
     """When flag `name` is set on its newest reading (from the newest of the `lookback` samples
     ending at `index` that carries it): that sample's metrics and the time the run of set readings
     began; None when it is clear or not read."""
-    metrics = series[index].metrics
-    value = metrics.get(name)
+    value = series.values(name)[index]
     if value is None:  # off the fast path: a failed read, or a flag the GPU does not report
         index = newest_carrying_all(series, index, (name,), oldest_t, lookback)
         if index < 0:
             return None
-        metrics = series[index].metrics
-        value = metrics[name]
-    if value < 1:
+        value = series.values(name)[index]
+    if value is None or value < 1:
         return None
-    return metrics, start_of_run(series, index, oldest_t, (name,), lambda m: m[name] >= 1)
+    return series[index].metrics, start_of_run(series, index, oldest_t, (name,), lambda m: m[name] >= 1)

@@ -25,24 +25,33 @@ and its rule does not run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import (
-    back_from,
     counter_moved,
     counter_windows,
+    ends_moved,
     held_over_limit,
     newest_carrying,
-    newest_fresh_index,
     node_boot_seen_at,
+    unsettled,
 )
-from fleetwatch.detectors.model import Window, fmt_count
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window, fmt_count, gpu_table
+from fleetwatch.detectors.table import COLUMN, Condition, TableSeries, changed
+from fleetwatch.records import Finding
 
 DBE = "ecc_dbe_volatile_total"
 SBE = "ecc_sbe_volatile_total"
+_FIELDS = (DBE, SBE)
+_DBE_COLUMN = COLUMN[DBE]
+# Samples with volatile DBEs, and samples whose SBE count differs from the GPU's sample before:
+# where none came lately, no GPU has anything to report (counted errors need the count to move).
+_DBE_SEEN = Condition("ecc.dbe", (DBE,), lambda rows: rows[DBE] > 0, 0.0)
+_SBE_MOVED = Condition("ecc.sbe_moved", (SBE,), lambda rows: changed(rows, (SBE,)), 0.0, uses_prior=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,37 +93,68 @@ class EccDetector:
         t = self.thresholds
         return max(t.sbe_window_seconds + t.sbe_hold_seconds, t.max_sample_age_seconds)
 
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.window_seconds)
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (_DBE_SEEN, _SBE_MOVED)
+
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
+        if not len(table):
+            return []
+        # Nothing in the whole fleet: no DBE read while fresh, no SBE count moved in the window.
+        if (
+            table.latest_hit_t(_DBE_SEEN) < now - self.thresholds.max_sample_age_seconds
+            and table.latest_hit_t(_SBE_MOVED) <= now - self.window_seconds
+        ):
+            return []
         fresh_t = now - self.thresholds.max_sample_age_seconds
         lookback = self.thresholds.field_lookback_samples
+        # The whole fleet at once: most GPUs read no volatile DBE at their newest sample and the
+        # same SBE count at both ends of the window; only the others are looked at one by one.
+        dbe = table.newest_rows[:, _DBE_COLUMN]
+        look = (dbe > 0) | unsettled(table, (DBE,), _FIELDS)
+        look |= ends_moved(table, SBE, _FIELDS, lookback)
+        look &= table.fresh(self.thresholds.max_sample_age_seconds)
+        if not np.count_nonzero(look):
+            return []
         findings = []
-        for (node, gpu), series in window.gpu.items():
-            newest = newest_fresh_index(series, now, fresh_t)
-            if newest < 0:
-                continue
-            index = newest_carrying(series, newest, DBE, fresh_t, lookback)
-            if index >= 0 and series[index].metrics[DBE] > 0:
-                findings.append(self._dbe(node, gpu, series, index, now))
-            if counter_moved(series, newest, SBE, lookback):
+        keys = table.keys
+        for p in look.nonzero()[0].tolist():
+            node, gpu = keys[p]
+            series = table.series(p, _FIELDS)
+            index = len(series) - 1
+            index_dbe = newest_carrying(series, index, DBE, fresh_t, lookback)
+            if index_dbe >= 0 and (series.values(DBE)[index_dbe] or 0) > 0:
+                findings.append(self._dbe(node, gpu, series, index_dbe, now))
+            if counter_moved(series, index, SBE, lookback):
                 finding = self._sbe_rate(node, gpu, series, now, node_boot_seen_at(window, node))
                 if finding is not None:
                     findings.append(finding)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
 
-    def _dbe(self, node: str, gpu: int, series: Sequence[GpuSample], index: int, now: float) -> Finding:
-        total = float(series[index].metrics[DBE])
+    def _dbe(self, node: str, gpu: int, series: TableSeries, index: int, now: float) -> Finding:
+        times, values = series.times(), series.values(DBE)
+        total = float(values[index] or 0.0)
         # Walk back over the run of samples that show these errors: it ends (going back) at a
         # sample with none, at a reset (an older value above a newer one) or at the window's edge.
         oldest_t = now - self.window_seconds
-        start = series[index].t
+        start = times[index]
         newer = total
         baseline = None
-        for sample in back_from(series, index):
-            if sample.t < oldest_t:
+        for i in range(index, -1, -1):
+            if times[i] < oldest_t:
                 break
-            value = sample.metrics.get(DBE)
+            value = values[i]
             if value is None:
                 continue
             if value <= 0:
@@ -122,7 +162,7 @@ class EccDetector:
                 break
             if value > newer:
                 break  # reset between this sample and the newer one: the run began after it
-            start = sample.t
+            start = times[i]
             newer = value
         evidence: dict[str, object] = {"ecc_dbe_volatile_total": total}
         if baseline is not None:
@@ -147,7 +187,7 @@ class EccDetector:
         self,
         node: str,
         gpu: int,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         now: float,
         boot_seen_at: float | None,
     ) -> Finding | None:

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
+import numpy as np
+
 from fleetwatch.detectors.model import Detector, NodeState, Window
+from fleetwatch.detectors.table import (
+    FIELDS,
+    Condition,
+    GpuStore,
+    GpuTable,
+    Key,
+    RowMetrics,
+    StepColumns,
+    TableSeries,
+    row_of,
+)
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 log = logging.getLogger(__name__)
@@ -111,6 +125,61 @@ def _visible_length(items: deque[Any], now: float) -> int:
     return length
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class GpuRows:
+    """GPU samples of one node taken at one time, as rows (RecentData.add_gpu_rows' arguments):
+    the batch form of GpuSample, for replay and the simulator."""
+
+    t: float
+    node: str
+    gpus: Sequence[int]
+    values: np.ndarray  # shape (len(gpus), len(GPU_FIELDS)), float64, NaN: absent
+    uuids: Sequence[str | None]
+    jobs: Sequence[str | None]
+    ranks: Sequence[int | None]
+
+    def samples(self) -> list[GpuSample]:
+        """The same samples as GpuSamples (integer fields as int, the others as float)."""
+        rows = self.values.tolist()
+        return [
+            GpuSample(
+                t=self.t,
+                node=self.node,
+                gpu=int(gpu),
+                metrics=dict(RowMetrics(row).items()),
+                uuid=uuid,
+                job=job,
+                rank=rank,
+            )
+            for gpu, row, uuid, job, rank in zip(self.gpus, rows, self.uuids, self.jobs, self.ranks)
+        ]
+
+
+class GpuSeriesMap(Mapping[Key, Sequence[GpuSample]]):
+    """A Window's `gpu`: (node, gpu) -> that GPU's samples, read from the table (TableSeries,
+    GpuSamples materialised on access). Valid until the RecentData is next changed."""
+
+    __slots__ = ("_table",)
+
+    def __init__(self, table: GpuTable) -> None:
+        self._table = table
+
+    def __getitem__(self, key: Key) -> TableSeries:
+        position = self._table.position(key)
+        if position is None:
+            raise KeyError(key)
+        return self._table.series(position)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and self._table.position(key) is not None
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self._table.keys)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
 class _NodeRecord:
     __slots__ = (
         "_gpu_last_seen_view",
@@ -149,6 +218,18 @@ class _NodeRecord:
             self.last_seen = t
             self._state = None
 
+    def gpus_seen(self, gpus: Iterable[int], t: float) -> None:
+        """A batch of samples of `gpus`, all taken at `t`: seen() and gpu_seen() of each."""
+        if self.last_seen is not None and t >= self.last_seen:
+            # Newer than anything of this node: no GPU's time goes backwards.
+            self.gpu_last_seen.update(dict.fromkeys(map(int, gpus), t))
+            if t > self.last_seen:
+                self.seen(t)
+            return
+        self.seen(t)
+        for gpu in gpus:
+            self.gpu_seen(int(gpu), t)
+
     def gpu_seen(self, gpu: int, t: float) -> None:
         # The NodeState holds a live read-only view of this dict: no rebuild needed.
         previous = self.gpu_last_seen.get(gpu)
@@ -181,10 +262,14 @@ class _NodeRecord:
 class RecentData:
     """A bounded buffer of recent samples, events and steps that hands out Windows without copying.
 
-    Samples (GPU, host, InfiniBand port) and steps are kept for `retention_seconds`, events for
-    `event_retention_seconds`; each GPU/host/port series is a deque of at most
-    `max_samples_per_series`. Not thread-safe: feed it and
-    take windows from one thread or event loop.
+    GPU samples live in numpy ring buffers (detectors.table.GpuStore): each field for as long as
+    `gpu_retention` says (RecentData.for_detectors: as long as the detectors that read it need;
+    default: every field for `retention_seconds`), the samples themselves for the longest of those
+    or `gpu_times_seconds`, and per-sample conditions (`gpu_conditions`) as the times of the
+    samples that pass them. Host and InfiniBand samples and steps are kept for
+    `retention_seconds`, events for `event_retention_seconds`; each series holds at most
+    `max_samples_per_series`. Not thread-safe: feed it and take windows from one thread or event
+    loop.
     """
 
     def __init__(
@@ -196,6 +281,9 @@ class RecentData:
         max_events: int = DEFAULT_MAX_EVENTS,
         max_steps: int = DEFAULT_MAX_STEPS,
         default_sampling_interval_seconds: float = DEFAULT_SAMPLING_INTERVAL_SECONDS,
+        gpu_retention: Mapping[str, float] | None = None,
+        gpu_times_seconds: float = 0.0,
+        gpu_conditions: Iterable[Condition] = (),
     ) -> None:
         if retention_seconds < 0 or event_retention_seconds < 0:
             raise ValueError("retention must not be negative")
@@ -205,25 +293,60 @@ class RecentData:
         self.event_retention_seconds = float(event_retention_seconds)
         self.max_samples_per_series = max_samples_per_series
         self.default_sampling_interval_seconds = default_sampling_interval_seconds
-        self._gpu: dict[tuple[str, int], deque[GpuSample]] = {}
+        plain = gpu_retention is None
+        if gpu_retention is None:
+            gpu_retention = dict.fromkeys(FIELDS, self.retention_seconds)
+        self._gpus = GpuStore(
+            gpu_retention,
+            gpu_conditions,
+            max_samples=max_samples_per_series,
+            interval_seconds=default_sampling_interval_seconds,
+            times_seconds=gpu_times_seconds,
+            # Every field for retention_seconds: a condition sees that far back, as the samples do.
+            max_condition_seconds=self.retention_seconds if plain else math.inf,
+        )
         self._host: dict[str, deque[HostSample]] = {}
         self._ib: dict[tuple[str, str, int], deque[IbSample]] = {}
         self._events: deque[Event] = deque(maxlen=max_events)
         self._steps: deque[Step] = deque(maxlen=max_steps)
+        self._max_steps = max_steps
+        self._step_columns = StepColumns()  # the same steps as numpy columns, for the detectors
         self._nodes: dict[str, _NodeRecord] = {}
         # What hit a bound, by kind ("gpu", "host", "ib", "event", "step"): exported as a metric.
         self.dropped: dict[str, int] = {"gpu": 0, "host": 0, "ib": 0, "event": 0, "step": 0}
+        # node -> its last GpuRows' (gpus, uuids, jobs, ranks) lists and their keys and ident codes
+        self._batch_cache: dict[str, tuple[Any, Any, Any, Any, list[Key], list[int]]] = {}
 
     @classmethod
     def for_detectors(cls, detectors: Iterable[Detector], **kwargs: Any) -> RecentData:
-        """A buffer that keeps as much as `detectors` need: max window_seconds of samples, and
-        events for at least the longest `event_window_seconds` a detector declares."""
+        """A buffer that keeps as much as `detectors` need: each GPU field for as long as the
+        detectors that read it say (`gpu_fields`; a detector that does not say needs every field
+        for its window), their per-sample conditions (`gpu_conditions`), max window_seconds of
+        everything else, and events for at least the longest `event_window_seconds` a detector
+        declares."""
         detectors = list(detectors)
         retention_seconds = max((float(d.window_seconds) for d in detectors), default=0.0)
         event_retention_seconds = max(
             [kwargs.pop("event_retention_seconds", DEFAULT_EVENT_RETENTION_SECONDS)]
             + [float(getattr(d, "event_window_seconds", 0.0)) for d in detectors]
         )
+        fields: dict[str, float] = {}
+        times_seconds = 0.0
+        conditions: list[Condition] = []
+        for d in detectors:
+            gpu_seconds = float(getattr(d, "gpu_window_seconds", d.window_seconds))
+            times_seconds = max(times_seconds, gpu_seconds)
+            declared: Mapping[str, float] | None = getattr(d, "gpu_fields", None)
+            if declared is None:
+                declared = dict.fromkeys(FIELDS, gpu_seconds)
+            for name, seconds in declared.items():
+                fields[name] = max(fields.get(name, 0.0), float(seconds))
+            conditions.extend(getattr(d, "gpu_conditions", ()))
+        kwargs.setdefault("gpu_retention", fields)
+        # The samples themselves (time, uuid, job, rank: 12 bytes each) for the whole window, as
+        # everything else: a GPU that stopped reporting keeps its identity in the window.
+        kwargs.setdefault("gpu_times_seconds", max(times_seconds, retention_seconds))
+        kwargs.setdefault("gpu_conditions", conditions)
         return cls(retention_seconds, event_retention_seconds, **kwargs)
 
     # --- feeding ---------------------------------------------------------------------------------
@@ -240,13 +363,91 @@ class RecentData:
             self.dropped[kind] += 1
 
     def add_gpu(self, s: GpuSample) -> None:
-        series = self._gpu.get((s.node, s.gpu))
-        if series is None:
-            series = self._gpu[(s.node, s.gpu)] = deque(maxlen=self.max_samples_per_series)
-        self._add("gpu", series, s)
+        store = self._gpus
+        self.dropped["gpu"] += store.add((s.node, s.gpu), s.t, row_of(s.metrics), store.intern(s.uuid, s.job, s.rank))
         record = self._node(s.node)
         record.seen(s.t)
         record.gpu_seen(s.gpu, s.t)
+
+    def add_gpu_rows(
+        self,
+        node: str,
+        t: float,
+        gpus: Sequence[int],
+        values: np.ndarray,
+        uuids: Sequence[str | None],
+        jobs: Sequence[str | None],
+        ranks: Sequence[int | None],
+    ) -> None:
+        """One decoded batch of GPU samples of `node`, all taken at `t`, without GpuSamples.
+
+        Row i is GPU `gpus[i]`: `values[i]` holds its fields in the column order of
+        `fleetwatch.wire.GPU_FIELDS` (values has shape (len(gpus), len(GPU_FIELDS)), float64),
+        NaN where the sample does not carry the field (absent, never 0); integer fields are whole
+        numbers (exact up to 2**53). `uuids[i]`, `jobs[i]` and `ranks[i]` are the GPU's identity
+        and attribution as GpuSample has them (None where unknown). The same as add_gpu() of the
+        equivalent GpuSamples, one call per batch; `values` is copied, the caller may reuse it.
+        """
+        count = len(gpus)
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (count, len(FIELDS)):
+            raise ValueError(f"values must have shape ({count}, {len(FIELDS)}), got {array.shape}")
+        if not len(uuids) == len(jobs) == len(ranks) == count:
+            raise ValueError("gpus, uuids, jobs and ranks must have one entry per row")
+        if not count:
+            return
+        store = self._gpus
+        intern = store.intern
+        keys = [(node, int(gpu)) for gpu in gpus]
+        idents = [intern(uuid, job, rank) for uuid, job, rank in zip(uuids, jobs, ranks)]
+        self.dropped["gpu"] += store.add_rows(keys, float(t), array, idents)
+        self._node(node).gpus_seen([gpu for _, gpu in keys], t)
+
+    def add_rows(self, rows: GpuRows) -> None:
+        """add_gpu_rows() of a GpuRows record."""
+        self.add_gpu_rows(rows.node, rows.t, rows.gpus, rows.values, rows.uuids, rows.jobs, rows.ranks)
+
+    def add_rows_batch(self, batch: Sequence[GpuRows]) -> None:
+        """Several GpuRows records of one time (the nodes of one replay tick) in one write."""
+        if len(batch) == 1:
+            self.add_rows(batch[0])
+            return
+        t = batch[0].t
+        if any(rows.t != t for rows in batch):
+            for rows in batch:
+                self.add_rows(rows)
+            return
+        keys: list[Key] = []
+        idents: list[int] = []
+        for rows in batch:
+            node_keys, node_idents = self._batch_keys(rows)
+            keys.extend(node_keys)
+            idents.extend(node_idents)
+        values = np.concatenate([np.asarray(rows.values, dtype=np.float64) for rows in batch])
+        if values.shape != (len(keys), len(FIELDS)):
+            raise ValueError(f"values must have shape ({len(keys)}, {len(FIELDS)}), got {values.shape}")
+        self.dropped["gpu"] += self._gpus.add_rows(keys, float(t), values, idents)
+        for rows in batch:
+            self._node(rows.node).gpus_seen(rows.gpus, t)
+
+    def _batch_keys(self, rows: GpuRows) -> tuple[list[Key], list[int]]:
+        """The store keys and ident codes of a GpuRows record; the same lists as the node's
+        previous record's when it names the same GPUs, uuids, jobs and ranks (list objects the
+        simulator reuses while they do not change)."""
+        cached = self._batch_cache.get(rows.node)
+        if (
+            cached is not None
+            and cached[0] is rows.gpus
+            and cached[1] is rows.uuids
+            and cached[2] is rows.jobs
+            and cached[3] is rows.ranks
+        ):
+            return cached[4], cached[5]
+        intern = self._gpus.intern
+        keys = [(rows.node, int(gpu)) for gpu in rows.gpus]
+        idents = [intern(uuid, job, rank) for uuid, job, rank in zip(rows.uuids, rows.jobs, rows.ranks)]
+        self._batch_cache[rows.node] = (rows.gpus, rows.uuids, rows.jobs, rows.ranks, keys, idents)
+        return keys, idents
 
     def add_host(self, s: HostSample) -> None:
         series = self._host.get(s.node)
@@ -271,8 +472,18 @@ class RecentData:
         self._node(e.node).seen(e.t)
 
     def add_step(self, s: Step) -> None:
-        self._add("step", self._steps, s)
-        self._node(s.node).seen(s.t)
+        steps = self._steps
+        if (not steps or steps[-1].t <= s.t) and len(steps) < self._max_steps:
+            steps.append(s)  # the common case: in time order, with room
+            self._step_columns.append(s)
+        else:
+            self._add("step", steps, s)
+            self._step_columns.dirty = True
+        record = self._nodes.get(s.node)
+        if record is None:
+            record = self._node(s.node)
+        if record.last_seen is None or s.t > record.last_seen:
+            record.seen(s.t)
 
     def note_node(
         self,
@@ -318,8 +529,7 @@ class RecentData:
         """Drops a decommissioned node and its series (node_silent would otherwise fire forever)."""
         self._nodes.pop(node, None)
         self._host.pop(node, None)
-        for key in [key for key in self._gpu if key[0] == node]:
-            del self._gpu[key]
+        self._gpus.forget(node)
         for ib_key in [ib_key for ib_key in self._ib if ib_key[0] == node]:
             del self._ib[ib_key]
 
@@ -331,15 +541,8 @@ class RecentData:
         The views share storage with this buffer: use the Window before feeding more data.
         """
         oldest_sample_t = now - self.retention_seconds
-        gpu: dict[tuple[str, int], SeriesView[GpuSample]] = {}
-        for key, series in list(self._gpu.items()):
-            _prune(series, oldest_sample_t)
-            if not series:
-                del self._gpu[key]  # a GPU that stopped reporting leaves no empty series behind
-                continue
-            length = _visible_length(series, now)
-            if length:
-                gpu[key] = SeriesView(series, length)
+        table = self._gpus.table(now)
+        table.last_seen_in_states = True  # add_gpu*() note every sample's time in gpu_last_seen
         host: dict[str, SeriesView[HostSample]] = {}
         for node, host_series in list(self._host.items()):
             _prune(host_series, oldest_sample_t)
@@ -359,21 +562,29 @@ class RecentData:
             if length:
                 ib[ib_key] = SeriesView(ib_series, length)
         _prune(self._events, now - self.event_retention_seconds)
+        steps_before = len(self._steps)
         _prune(self._steps, oldest_sample_t)
+        if self._step_columns.dirty:
+            self._step_columns.rebuild(self._steps)
+        else:
+            self._step_columns.popleft(steps_before - len(self._steps))
+        steps = SeriesView(self._steps, _visible_length(self._steps, now))
         return Window(
             now=now,
-            gpu=gpu,
+            gpu=GpuSeriesMap(table),
             host=host,
             events=SeriesView(self._events, _visible_length(self._events, now)),
-            steps=SeriesView(self._steps, _visible_length(self._steps, now)),
+            steps=steps,
             nodes={node: record.state() for node, record in self._nodes.items()},
             watching_since=watching_since,
             ib=ib,
+            table=table,
+            step_table=self._step_columns.table(len(steps), steps),
         )
 
     @property
     def series_count(self) -> int:
-        return len(self._gpu) + len(self._host) + len(self._ib)
+        return len(self._gpus) + len(self._host) + len(self._ib)
 
 
 @dataclass(slots=True)

@@ -22,10 +22,12 @@ Caveat: NVML numbers GPUs from 0 at boot, so after a reboot without GPU 5 the ol
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
-from fleetwatch.detectors.model import Window, fmt_number, held_episode, sampling_interval_seconds
+from fleetwatch.detectors.model import Window, fmt_number, gpu_table, held_episode, sampling_interval_seconds
 from fleetwatch.records import Event, Finding
 
 # XID 79: GPU has fallen off the bus (detectors/xid_catalog.csv); the xid detector reports it.
@@ -63,6 +65,13 @@ class GpuLostDetector:
         # retention; the samples themselves are read only for a uuid, and where a caller's window
         # has no gpu_last_seen. A minute covers the missing limit at the default interval.
         return 60.0
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    # The samples' times and uuids only, no fields (RecentData.for_detectors).
+    gpu_fields: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
     @property
     def event_window_seconds(self) -> float:
@@ -123,26 +132,33 @@ class GpuLostDetector:
 
     def _missing(self, window: Window, xid79: dict[str, list[Event]]) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
         newest_sample: dict[str, dict[int, float]] = {}
-        for (node, gpu), series in window.gpu.items():
-            if series:
-                newest_sample.setdefault(node, {})[gpu] = series[-1].t
+        if not table.last_seen_in_states:  # else the nodes' gpu_last_seen already hold these
+            for (node, gpu), t in zip(table.keys, table.newest_t.tolist()):
+                newest_sample.setdefault(node, {})[gpu] = t
         findings = []
         for node in set(window.nodes) | set(newest_sample):
             state = window.nodes.get(node)
-            last_seen: dict[int, float] = dict(state.gpu_last_seen) if state is not None else {}
-            for gpu, t in newest_sample.get(node, {}).items():
-                if t > last_seen.get(gpu, float("-inf")):
-                    last_seen[gpu] = t
-            if len(last_seen) < 2:
+            seen: Mapping[int, float] = state.gpu_last_seen if state is not None else {}
+            from_samples = newest_sample.get(node)
+            if from_samples:
+                merged = dict(seen)
+                for gpu, t in from_samples.items():
+                    if t > merged.get(gpu, float("-inf")):
+                        merged[gpu] = t
+                seen = merged
+            if len(seen) < 2:
                 continue  # one GPU alone going quiet is the node going quiet
-            # A sample from a clock ahead of ours is reporting now, not in the future.
-            last_seen = {gpu: min(t, now) for gpu, t in last_seen.items()}
             interval = sampling_interval_seconds(state)
             limit = max(self.thresholds.missing_intervals * interval, self.thresholds.min_missing_seconds)
-            newest = max(last_seen.values())
+            # A sample from a clock ahead of ours is reporting now, not in the future.
+            newest = min(max(seen.values()), now)
             if now - newest >= limit:
                 continue  # every GPU is quiet: the node or its agent (node_silent), not a GPU
+            if newest - min(min(seen.values()), now) < limit:
+                continue  # every GPU reported lately: none missing (the common case)
+            last_seen = {gpu: min(t, now) for gpu, t in seen.items()}
             missing = {
                 gpu: t
                 for gpu, t in last_seen.items()
@@ -195,9 +211,10 @@ class GpuLostDetector:
         }
         if survived_reboot:
             evidence["boot_seen_at"] = boot_seen_at
-        series = window.gpu.get((node, gpu))
-        if series:
-            uuid = series[-1].uuid
+        table = gpu_table(window)
+        position = table.position((node, gpu))
+        if position is not None:
+            uuid = table.ident(position, int(table.end[position]) - 1)[0]
             if uuid is not None:
                 evidence["uuid"] = uuid
         return Finding(

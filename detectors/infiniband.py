@@ -27,8 +27,9 @@ window, with the counter below saturation, had no link-down in between and is no
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import ClassVar
 
 from fleetwatch.detectors.model import NodeState, Window, fmt_number
@@ -203,6 +204,10 @@ class InfinibandDetector:
     @property
     def window_seconds(self) -> float:
         return max(self.thresholds.window_seconds, self.thresholds.max_sample_age_seconds)
+
+    # Reads InfiniBand port samples only: no GPU sample fields (RecentData.for_detectors).
+    gpu_window_seconds: ClassVar[float] = 0.0
+    gpu_fields: ClassVar[Mapping[str, float]] = MappingProxyType({})
 
     def detect(self, window: Window) -> list[Finding]:
         if not window.ib:

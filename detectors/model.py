@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Protocol, TypeVar
 
+import numpy as np
+
+from fleetwatch.detectors.table import Condition, GpuTable, StepTable, step_table_of, table_of
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 
@@ -67,10 +70,40 @@ class Window:
     watching_since: float
     # InfiniBand ports by (node, device, port), oldest first; empty where the caller has none.
     ib: Mapping[tuple[str, str, int], Sequence[IbSample]] = field(default_factory=lambda: MappingProxyType({}))
+    # `gpu` as arrays (detectors.table), which the detectors read; RecentData hands it out, and
+    # gpu_table() builds it from `gpu` for a Window made by hand.
+    table: GpuTable | None = field(default=None, compare=False, repr=False)
+    # `steps` as columns (detectors.table.StepTable), likewise: step_table() builds it by hand.
+    step_table: StepTable | None = field(default=None, compare=False, repr=False)
+
+
+def step_table(window: Window) -> StepTable:
+    """The window's steps as columns: RecentData's, or built (once) from `window.steps`."""
+    table = window.step_table
+    if table is None:
+        table = step_table_of(window.steps)
+        object.__setattr__(window, "step_table", table)  # a cache, as gpu_table's
+    return table
+
+
+def gpu_table(window: Window) -> GpuTable:
+    """The window's GPU samples as a table: RecentData's, or one built (once) from `window.gpu`."""
+    table = window.table
+    if table is None or table.now != window.now:
+        table = table_of(window.gpu, window.now)
+        object.__setattr__(window, "table", table)  # a cache: Windows are frozen, not their reads
+    return table
 
 
 class Detector(Protocol):
-    """A detector is pure: it reads a Window and returns the findings that hold at window.now."""
+    """A detector is pure: it reads a Window and returns the findings that hold at window.now.
+
+    Optional attributes RecentData.for_detectors reads to keep no more than detectors need:
+    `gpu_fields` (GPU field name -> seconds of full-resolution history; without it, every field
+    for `gpu_window_seconds`, default window_seconds), `gpu_conditions` (detectors.table
+    Conditions tested on every sample as it arrives), `event_window_seconds`. Detectors read GPU
+    samples through `gpu_table(window)`, the arrays behind `window.gpu`.
+    """
 
     # The detector's name in findings and alerts; a class attribute, read from the class too.
     id: ClassVar[str]
@@ -156,46 +189,91 @@ def sustained(
     - long: it shows in at least `long_min_buckets` of the `long_bucket_seconds` buckets of the last
       `long_seconds` (gpud's rule for intermittent slowdowns: 6 of the last 10 minutes).
 
-    Cheap for the common case: a GPU without the condition costs `clear_samples` reads; the long
-    window is read only when the recent one does not already decide.
+    Detectors apply the rule to a window's table (SustainedThresholds.held_gpus), where the long
+    window reads only the times of the samples that showed the condition; this form takes the
+    samples themselves.
     """
+    visible = [(i, sample) for i, sample in enumerate(series) if sample.t <= now]
+    shown = {i for i, sample in visible if condition(sample)}
     oldest_fresh = now - max_sample_age_seconds
-    clear = 0
+    recent = []
+    for i, sample in reversed(visible):
+        if sample.t < oldest_fresh and sample.t <= now - recent_seconds:
+            break
+        recent.append((sample.t, i in shown, i))
+    long_from = now - long_seconds
+    long_hits = [(sample.t, i) for i, sample in reversed(visible) if i in shown and sample.t > long_from]
+    held = sustained_rule(
+        recent,
+        long_hits,
+        now,
+        clear_samples=clear_samples,
+        max_sample_age_seconds=max_sample_age_seconds,
+        recent_seconds=recent_seconds,
+        recent_fraction=recent_fraction,
+        recent_min_seconds=recent_min_seconds,
+        long_seconds=long_seconds,
+        long_bucket_seconds=long_bucket_seconds,
+        long_min_buckets=long_min_buckets,
+    )
+    if held is None:
+        return None
+    latest, start, by, recent_hits, recent_samples, long_hit_buckets, long_buckets = held
+    return Sustained(start, series[latest], by, recent_hits, recent_samples, long_hit_buckets, long_buckets)
+
+
+_Held = tuple[int, float, str, int, int, int | None, int]
+
+
+def sustained_rule(
+    recent: Sequence[tuple[float, bool, int]],
+    long_hits: Sequence[tuple[float, int]],
+    now: float,
+    *,
+    clear_samples: int,
+    max_sample_age_seconds: float,
+    recent_seconds: float,
+    recent_fraction: float,
+    recent_min_seconds: float,
+    long_seconds: float,
+    long_bucket_seconds: float,
+    long_min_buckets: int,
+) -> _Held | None:
+    """The `sustained` rule on one GPU: `recent` is (t, shows it, id) of its newest samples at or
+    before now, newest first, down to at least the older of the recent window and the freshness
+    limit; `long_hits` (t, id) of the samples in the long window that show it, newest first.
+    Returns (id of the latest sample showing it, start, by, recent hits, recent samples, long hit
+    buckets, long buckets) or None."""
+    oldest_fresh = now - max_sample_age_seconds
     gate = False
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t < oldest_fresh:
+    for clear, (t, shows, _) in enumerate(recent):
+        if t < oldest_fresh or clear >= clear_samples:
             break
-        if condition(sample):
+        if shows:
             gate = True
-            break
-        clear += 1
-        if clear >= clear_samples:
             break
     if not gate:
         return None
 
     recent_from = now - recent_seconds
     recent_samples = recent_hits = 0
-    latest: S | None = None
+    latest: int | None = None
+    latest_t = 0.0
     oldest_recent_hit: float | None = None
     start: float | None = None
     clear_run = 0
     in_episode = True
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t <= recent_from:
+    for t, shows, i in recent:
+        if t <= recent_from:
             break
         recent_samples += 1
-        if condition(sample):
+        if shows:
             recent_hits += 1
-            oldest_recent_hit = sample.t
+            oldest_recent_hit = t
             if latest is None:
-                latest = sample
+                latest, latest_t = i, t
             if in_episode:
-                start, clear_run = sample.t, 0
+                start, clear_run = t, 0
         elif in_episode:
             clear_run += 1
             in_episode = clear_run < clear_samples
@@ -205,28 +283,25 @@ def sustained(
         and oldest_recent_hit is not None
         and start is not None
         and recent_hits >= recent_fraction * recent_samples
-        and latest.t - oldest_recent_hit >= recent_min_seconds
+        and latest_t - oldest_recent_hit >= recent_min_seconds
     ):
-        return Sustained(start, latest, "recent", recent_hits, recent_samples, None, long_buckets)
+        return latest, start, "recent", recent_hits, recent_samples, None, long_buckets
 
     # Intermittent: the episode is the whole stretch of the long window with the condition, so
     # it starts at the oldest sample there that shows it.
     long_from = now - long_seconds
     hit_buckets: set[int] = set()
     latest, start = None, None
-    for sample in reversed(series):
-        if sample.t > now:
-            continue
-        if sample.t <= long_from:
+    for t, i in long_hits:
+        if t <= long_from:
             break
-        if condition(sample):
-            hit_buckets.add(int((now - sample.t) // long_bucket_seconds))
-            if latest is None:
-                latest = sample
-            start = sample.t
+        hit_buckets.add(int((now - t) // long_bucket_seconds))
+        if latest is None:
+            latest = i
+        start = t
     if latest is None or start is None or len(hit_buckets) < long_min_buckets:
         return None
-    return Sustained(start, latest, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets)
+    return latest, start, "long", recent_hits, recent_samples, len(hit_buckets), long_buckets
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,30 +343,63 @@ class SustainedThresholds:
         """The history the rule reads: the detector's window_seconds."""
         return max(self.recent_seconds, self.long_seconds, self.max_sample_age_seconds)
 
-    def held_gpus(
-        self, window: Window, condition: Callable[[GpuSample], bool]
-    ) -> Iterator[tuple[str, int, Sequence[GpuSample], Sustained]]:
-        """(node, gpu, series, how it held) of each GPU of `window` on which `condition` holds,
-        sustained (see `sustained`)."""
+    @property
+    def short_seconds(self) -> float:
+        """The history the rule reads whole samples of (the long window reads a condition's times)."""
+        return max(self.recent_seconds, self.max_sample_age_seconds)
+
+    def held_gpus(self, window: Window, condition: Condition) -> Iterator[tuple[str, int, int, Sustained]]:
+        """(node, gpu, table position, how it held) of each GPU of `window` on which `condition`
+        holds, sustained (see `sustained`).
+
+        Vectorised for the common case: only GPUs whose newest `clear_samples` samples include
+        one that shows the condition are looked at one by one; their long window is the times of
+        the samples that showed it (the table keeps those for the condition's `seconds`)."""
+        table = gpu_table(window)
         now = window.now
-        # Read once, not once a GPU: every GPU of the fleet is judged on every tick.
-        clear_samples, max_sample_age_seconds = self.clear_samples, self.max_sample_age_seconds
-        recent_seconds, recent_fraction = self.recent_seconds, self.recent_fraction
-        recent_min_seconds, long_seconds = self.recent_min_seconds, self.long_seconds
-        long_bucket_seconds, long_min_buckets = self.long_bucket_seconds, self.long_min_buckets
-        for (node, gpu), series in window.gpu.items():
-            held = sustained(
-                series,
+        if not len(table) or table.latest_hit_t(condition) < now - self.max_sample_age_seconds:
+            return  # no fresh sample of any GPU shows the condition: none passes the gate
+        last = table.last_hit(condition)
+        gate = (last >= table.end - self.clear_samples) & (last >= table.first)
+        if not gate.any():
+            return
+        candidates = np.flatnonzero(gate)
+        fresh = table.times(last[candidates], candidates) >= now - self.max_sample_age_seconds
+        keys = table.keys
+        oldest = now - max(self.recent_seconds, self.max_sample_age_seconds)
+        long_from = now - self.long_seconds
+        for p in candidates[fresh].tolist():
+            series = table.series(p)
+            times = series.t.tolist()
+            hits = table.hits(condition, p, long_from)
+            shown = {i for _, i in hits}
+            recent = []
+            for k in range(len(times) - 1, -1, -1):
+                t = times[k]
+                if t < oldest and t <= now - self.recent_seconds:
+                    break
+                i = series.lo + k
+                recent.append((t, i in shown, i))
+            held = sustained_rule(
+                recent,
+                hits[::-1],
                 now,
-                condition,
-                clear_samples=clear_samples,
-                max_sample_age_seconds=max_sample_age_seconds,
-                recent_seconds=recent_seconds,
-                recent_fraction=recent_fraction,
-                recent_min_seconds=recent_min_seconds,
-                long_seconds=long_seconds,
-                long_bucket_seconds=long_bucket_seconds,
-                long_min_buckets=long_min_buckets,
+                clear_samples=self.clear_samples,
+                max_sample_age_seconds=self.max_sample_age_seconds,
+                recent_seconds=self.recent_seconds,
+                recent_fraction=self.recent_fraction,
+                recent_min_seconds=self.recent_min_seconds,
+                long_seconds=self.long_seconds,
+                long_bucket_seconds=self.long_bucket_seconds,
+                long_min_buckets=self.long_min_buckets,
             )
             if held is not None:
-                yield node, gpu, series, held
+                latest, start, by, recent_hits, recent_samples, long_hit_buckets, long_buckets = held
+                node, gpu = keys[p]
+                sample = table.sample(p, latest)
+                yield (
+                    node,
+                    gpu,
+                    p,
+                    Sustained(start, sample, by, recent_hits, recent_samples, long_hit_buckets, long_buckets),
+                )

@@ -33,21 +33,23 @@ the GPU does not keep (e.g. CRC data on Hopper) is absent and judged by nothing.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import (
     CounterWindows,
-    back_from,
     counter_moved,
     counter_windows,
     newest_carrying_all,
-    newest_fresh_index,
     node_boot_seen_at,
+    unsettled,
 )
-from fleetwatch.detectors.model import Window, held_episode
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window, gpu_table, held_episode
+from fleetwatch.detectors.table import COLUMN, Condition, TableSeries, changed
+from fleetwatch.records import Finding
 
 UP, TOTAL = "nvlink_links_up", "nvlink_links_total"
 # (field, what the summary calls one, is it a CRC counter judged by its rate per second)
@@ -58,6 +60,12 @@ COUNTERS = (
     ("nvlink_crc_data_errors_total", "CRC data error", True),
 )
 _COUNTER_NAMES = tuple(name for name, _, _ in COUNTERS)
+_FIELDS = (UP, TOTAL, *_COUNTER_NAMES)
+_UP, _TOTAL = COLUMN[UP], COLUMN[TOTAL]
+# Samples with fewer links up than the GPU has, and samples whose error counts differ from the
+# GPU's sample before: a link down needs a fresh one, counted errors a moved count.
+_DOWN = Condition("nvlink.down", (UP, TOTAL), lambda rows: rows[UP] < rows[TOTAL], 0.0)
+_MOVED = Condition("nvlink.moved", _COUNTER_NAMES, lambda rows: changed(rows, _COUNTER_NAMES), 0.0, uses_prior=True)
 _PLURALS = {"replay": "replays", "recovery": "recoveries"}
 
 
@@ -140,35 +148,64 @@ class NvlinkDetector:
         t = self.thresholds
         return max(t.error_window_seconds + t.error_hold_seconds, t.max_sample_age_seconds)
 
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.window_seconds)
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (_DOWN, _MOVED)
+
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
+        if not len(table):
+            return []
         oldest_t = now - self.thresholds.max_sample_age_seconds
+        if table.latest_hit_t(_DOWN) < oldest_t and table.latest_hit_t(_MOVED) <= now - self.window_seconds:
+            return []  # no GPU with a link down lately, no error count moved in the window
         lookback = self.thresholds.field_lookback_samples
-        # Per GPU, its newest sample and its newest with the link counts (-1: none).
-        newest: dict[tuple[str, int], tuple[int, int]] = {}
+        # The whole fleet at once: links all up (or none to compare) at the newest sample and every
+        # counter equal at both ends of the window; only the other GPUs are looked at one by one.
+        newest = table.newest_rows
+        up, total = newest[:, _UP], newest[:, _TOTAL]
+        look = (up < total) | unsettled(table, (UP, TOTAL), _FIELDS)
+        for name in _COUNTER_NAMES:
+            old, new = table.first_column(name, _FIELDS), newest[:, COLUMN[name]]
+            look |= (old != new) & ((old == old) | (new == new))  # not both absent
+        fresh = table.fresh(self.thresholds.max_sample_age_seconds)
+        look &= fresh
+        if not np.count_nonzero(look):
+            return []
+        keys = table.keys
         # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to.
         all_up: dict[str, set[float]] = {}
-        for key, series in window.gpu.items():
-            index = newest_fresh_index(series, now, oldest_t)
-            if index < 0:
-                continue
-            links = newest_carrying_all(series, index, (UP, TOTAL), oldest_t, lookback)
-            newest[key] = (index, links)
+        healthy = fresh & (total > 0) & (up >= total)
+        for p in np.flatnonzero(healthy).tolist():
+            all_up.setdefault(keys[p][0], set()).add(float(total[p]))
+        for p in np.flatnonzero(fresh & np.isnan(up + total) & look).tolist():  # counts missing here
+            series = table.series(p, _FIELDS)
+            links = newest_carrying_all(series, len(series) - 1, (UP, TOTAL), oldest_t, lookback)
             if links >= 0:
-                metrics = series[links].metrics
-                up, total = metrics[UP], metrics[TOTAL]
-                if total > 0 and up >= total:
-                    all_up.setdefault(key[0], set()).add(float(total))
+                gpu_up, gpu_total = series.values(UP)[links], series.values(TOTAL)[links]
+                if gpu_up is not None and gpu_total is not None and 0 < gpu_total <= gpu_up:
+                    all_up.setdefault(keys[p][0], set()).add(float(gpu_total))
 
         findings = []
-        for (node, gpu), (index, links) in newest.items():
-            series = window.gpu[(node, gpu)]
+        for p in look.nonzero()[0].tolist():
+            node, gpu = keys[p]
+            series = table.series(p, _FIELDS)
+            index = len(series) - 1
+            links = newest_carrying_all(series, index, (UP, TOTAL), oldest_t, lookback)
             down = errors = None
-            if links >= 0 and series[links].metrics[UP] < series[links].metrics[TOTAL]:
+            if links >= 0 and (series.values(UP)[links] or 0) < (series.values(TOTAL)[links] or 0):
                 down = self._link_down(series, links, now, all_up.get(node, set()))
-            first, last = series[0].metrics, series[index].metrics
             for name in _COUNTER_NAMES:
-                if self._moved(series, index, name, first, last):
+                if self._moved(series, index, name):
                     errors = self._errors(series, index, now, node_boot_seen_at(window, node))
                     break
             if down is not None or errors is not None:
@@ -180,14 +217,14 @@ class NvlinkDetector:
 
     def _link_down(
         self,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         index: int,
         now: float,
         peers_all_up: set[float],
     ) -> _LinkDown | None:
         """`peers_all_up`: the link totals of the node's GPUs that have every link up."""
-        metrics = series[index].metrics
-        up, total = float(metrics[UP]), float(metrics[TOTAL])  # the caller saw up < total
+        times, ups, totals = series.times(), series.values(UP), series.values(TOTAL)
+        up, total = float(ups[index] or 0.0), float(totals[index] or 0.0)  # the caller saw up < total
         # `index` is the newest sample with the counts; the run below starts from it.
         oldest_t = now - self.window_seconds
         # Peers: another GPU of the node with the same links, all up (this GPU is not among them).
@@ -196,57 +233,51 @@ class NvlinkDetector:
         if not by_peers:
             # Earlier in the window with the same total: was any sample's count higher? A count
             # equal at both ends of the kept series has not dropped (the fast path).
-            first = series[0].metrics
-            if first.get(TOTAL) == total and first.get(UP) == up:
+            if totals[0] == total and ups[0] == up:
                 return None
-            for sample in reversed(series):
-                if sample.t > now:
+            for i in range(len(times) - 1, -1, -1):
+                t = times[i]
+                if t > now:
                     continue
-                if sample.t < oldest_t:
+                if t < oldest_t:
                     break
-                m = sample.metrics
-                if m.get(TOTAL) == total and m.get(UP) is not None and m[UP] > expected:
-                    expected = float(m[UP])
+                sample_up = ups[i]
+                if totals[i] == total and sample_up is not None and sample_up > expected:
+                    expected = float(sample_up)
             if expected <= up:
                 return None
         # The run of samples with fewer links up than expected, ending at the newest sample.
         run = 0
-        start = series[index].t
-        for sample in back_from(series, index):
-            if sample.t < oldest_t:
+        start = times[index]
+        for i in range(index, -1, -1):
+            if times[i] < oldest_t:
                 break
-            m = sample.metrics
-            if m.get(UP) is None or m.get(TOTAL) is None:
+            sample_up, sample_total = ups[i], totals[i]
+            if sample_up is None or sample_total is None:
                 continue
-            if m[TOTAL] != total or m[UP] >= expected:
+            if sample_total != total or sample_up >= expected:
                 break
             run += 1
-            start = sample.t
+            start = times[i]
         if run < self.thresholds.link_down_samples:
             return None
         return _LinkDown(start=start, up=up, total=total, expected=expected, by_peers=by_peers)
 
     # --- error counters ------------------------------------------------------------------------
 
-    def _moved(
-        self,
-        series: Sequence[GpuSample],
-        index: int,
-        name: str,
-        first_metrics: Mapping[str, float | int],
-        last_metrics: Mapping[str, float | int],
-    ) -> bool:
-        """Whether counter `name` may have moved in the kept series (whose oldest and newest
-        samples' metrics are given). A counter that reads the same at both ends has not (a reset
-        that climbed back to the same value in between is missed); one absent at both ends is one
-        the GPU does not keep (CRC data on Hopper, every counter on a board without NVLink)."""
-        if first_metrics.get(name) == last_metrics.get(name):
+    def _moved(self, series: TableSeries, index: int, name: str) -> bool:
+        """Whether counter `name` may have moved in the kept series. A counter that reads the same
+        at both ends has not (a reset that climbed back to the same value in between is missed);
+        one absent at both ends is one the GPU does not keep (CRC data on Hopper, every counter on
+        a board without NVLink)."""
+        values = series.values(name)
+        if values[0] == values[index]:
             return False  # the fast path, taken too by a counter absent at both ends
         return counter_moved(series, index, name, self.thresholds.field_lookback_samples)
 
     def _errors(
         self,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         index: int,
         now: float,
         boot_seen_at: float | None,
@@ -254,9 +285,8 @@ class NvlinkDetector:
         t = self.thresholds
         oldest_t = now - self.window_seconds
         moved: list[_Counter] = []
-        first, last = series[0].metrics, series[index].metrics
         for name, noun, is_crc in COUNTERS:
-            if not self._moved(series, index, name, first, last):
+            if not self._moved(series, index, name):
                 continue
             windows = counter_windows(series, name, oldest_t, now, t.error_window_seconds, boot_seen_at)
             if windows is None:

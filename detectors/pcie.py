@@ -27,27 +27,35 @@ it is the new baseline. A field the GPU does not report is absent and its rule d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import (
-    back_from,
     counter_moved,
     counter_windows,
+    ends_moved,
     float_reading,
     held_over_limit,
     newest_carrying_all,
-    newest_fresh_index,
     node_boot_seen_at,
+    unsettled,
 )
-from fleetwatch.detectors.model import Window, fmt_count
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.detectors.model import Window, fmt_count, gpu_table
+from fleetwatch.detectors.table import COLUMN, Condition, GpuTable, Rows, TableSeries, changed
+from fleetwatch.records import Finding
 
 REPLAYS = "pcie_replay_total"
 GEN, GEN_MAX = "pcie_link_gen", "pcie_link_gen_max"
 WIDTH, WIDTH_MAX = "pcie_link_width", "pcie_link_width_max"
 UTIL = "gpu_util_percent"
+_FIELDS = (REPLAYS, GEN, GEN_MAX, WIDTH, WIDTH_MAX, UTIL)
+# Samples whose replay count differs from the GPU's sample before: counted replays need one.
+_REPLAYS_MOVED = Condition(
+    "pcie.replays_moved", (REPLAYS,), lambda rows: changed(rows, (REPLAYS,)), 0.0, uses_prior=True
+)
 
 # GT/s per lane of PCIe generations 1-6 (the PCIe specifications; DCGM's table is the same).
 LANE_GIGATRANSFERS_PER_SECOND = {1: 2.5, 2: 5.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0}
@@ -112,18 +120,10 @@ def _link_name(gen: float | None, width: float | None) -> str:
     return " ".join(parts)
 
 
-def _width_low(metrics: Mapping[str, float | int]) -> bool | None:
-    width, width_max = metrics.get(WIDTH), metrics.get(WIDTH_MAX)
-    if width is None or width_max is None:
-        return None
-    return width < width_max
-
-
-def _gen_low(metrics: Mapping[str, float | int]) -> bool | None:
-    gen, gen_max = metrics.get(GEN), metrics.get(GEN_MAX)
-    if gen is None or gen_max is None:
-        return None
-    return gen < gen_max
+def _below(series: TableSeries, index: int, name: str, name_max: str) -> bool:
+    """Whether sample `index` reads `name` below `name_max` (False where it lacks either)."""
+    value, maximum = series.values(name)[index], series.values(name_max)[index]
+    return value is not None and maximum is not None and value < maximum
 
 
 @dataclass(slots=True)
@@ -138,28 +138,92 @@ class PcieDetector:
         t = self.thresholds
         return max(t.replay_window_seconds + t.replay_hold_seconds, t.max_sample_age_seconds)
 
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.window_seconds)
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (self.link_low, _REPLAYS_MOVED)
+
+    @property
+    def link_low(self) -> Condition:
+        """Samples a link rule judges low: width below its maximum, or (busy) the generation."""
+        busy = self.thresholds.busy_util_percent
+        width_busy = self.thresholds.width_requires_busy
+
+        def test(rows: Rows) -> np.ndarray:
+            busy_now = rows[UTIL] >= busy
+            width_low = rows[WIDTH] < rows[WIDTH_MAX]
+            if width_busy:
+                width_low &= busy_now
+            return width_low | ((rows[GEN] < rows[GEN_MAX]) & busy_now)
+
+        return Condition(f"pcie.link_low:{busy!r}:{width_busy}", (GEN, GEN_MAX, WIDTH, WIDTH_MAX, UTIL), test, 0.0)
+
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
+        if not len(table):
+            return []
+        since = now - self.window_seconds
+        if table.latest_hit_t(self.link_low) <= since and table.latest_hit_t(_REPLAYS_MOVED) <= since:
+            return []  # no GPU read its link low, nor a replay count move, in the window
         fresh_t = now - self.thresholds.max_sample_age_seconds
         lookback = self.thresholds.field_lookback_samples
+        look = self._may_find(table, now) & table.fresh(self.thresholds.max_sample_age_seconds)
+        if not np.count_nonzero(look):
+            return []
         findings = []
-        for (node, gpu), series in window.gpu.items():
-            newest = newest_fresh_index(series, now, fresh_t)
-            if newest < 0:
-                continue
-            widths = newest_carrying_all(series, newest, (WIDTH, WIDTH_MAX), fresh_t, lookback)
-            gens = newest_carrying_all(series, newest, (GEN, GEN_MAX), fresh_t, lookback)
+        keys = table.keys
+        for p in look.nonzero()[0].tolist():
+            node, gpu = keys[p]
+            series = table.series(p, _FIELDS)
+            index = len(series) - 1
+            widths = newest_carrying_all(series, index, (WIDTH, WIDTH_MAX), fresh_t, lookback)
+            gens = newest_carrying_all(series, index, (GEN, GEN_MAX), fresh_t, lookback)
             link = self._link(node, gpu, series, widths, gens, now)
             if link is not None:
                 findings.append(link)
-            if counter_moved(series, newest, REPLAYS, lookback):
-                gen = float_reading(series[gens].metrics, GEN) if gens >= 0 else None
-                width = float_reading(series[widths].metrics, WIDTH) if widths >= 0 else None
+            if counter_moved(series, index, REPLAYS, lookback):
+                gen = series.values(GEN)[gens] if gens >= 0 else None
+                width = series.values(WIDTH)[widths] if widths >= 0 else None
                 replays = self._replay_rate(node, gpu, series, gen, width, now, node_boot_seen_at(window, node))
                 if replays is not None:
                     findings.append(replays)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
+
+    def _may_find(self, table: GpuTable, now: float) -> np.ndarray:
+        """Per GPU, whether it needs the per-GPU rules: its replay count moved, its newest link
+        reading is below its maximum (for the generation: with enough busy samples among the
+        newest for a run), or a reading is missing (a failed read: the rules look further back)."""
+        t = self.thresholds
+        newest = table.newest_rows
+        width, width_max = newest[:, COLUMN[WIDTH]], newest[:, COLUMN[WIDTH_MAX]]
+        gen, gen_max = newest[:, COLUMN[GEN]], newest[:, COLUMN[GEN_MAX]]
+        look = width < width_max
+        look |= unsettled(table, (WIDTH, WIDTH_MAX), _FIELDS) | unsettled(table, (GEN, GEN_MAX), _FIELDS)
+        look |= ends_moved(table, REPLAYS, _FIELDS, t.field_lookback_samples)
+        gen_low = np.flatnonzero((gen < gen_max) & ~look)
+        if len(gen_low):
+            # _run_start judges busy samples only: fewer than link_samples busy ones among the
+            # newest link_lookback_samples (each with the fields, all in the window) never make a run.
+            idx = table.end[gen_low, None] - 1 - np.arange(t.link_lookback_samples)[None, :]
+            first = table.field_first(_FIELDS, gen_low)[:, None]
+            inside = idx >= first
+            idx = np.maximum(idx, first)
+            util = table.values(UTIL, idx, gen_low)
+            busy = inside & (util >= t.busy_util_percent)
+            fields = ~np.isnan(table.values(GEN, idx, gen_low)) & ~np.isnan(table.values(GEN_MAX, idx, gen_low))
+            edge = (~inside | (table.times(idx, gen_low) < now - self.window_seconds)).any(axis=1)
+            odd = (busy & ~fields).any(axis=1) | edge
+            look[gen_low] = odd | ((busy & fields).sum(axis=1) >= t.link_samples)
+        return look
 
     # --- replays -----------------------------------------------------------------------------
 
@@ -167,7 +231,7 @@ class PcieDetector:
         self,
         node: str,
         gpu: int,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         gen: float | None,
         width: float | None,
         now: float,
@@ -217,7 +281,7 @@ class PcieDetector:
 
     def _run_start(
         self,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         newest: int,
         now: float,
         name: str,
@@ -233,38 +297,39 @@ class PcieDetector:
         need, lookback, busy = t.link_samples, t.link_lookback_samples, t.busy_util_percent
         judged = seen = 0
         start = 0.0
-        latest: Mapping[str, float | int] = {}
+        latest_index = -1
         oldest_t = now - self.window_seconds
-        for sample in back_from(series, newest):
-            if sample.t < oldest_t:
+        times, utils = series.times(), series.values(UTIL)
+        values, maxima = series.values(name), series.values(name_max)
+        for i in range(newest, -1, -1):
+            if times[i] < oldest_t:
                 break
-            metrics = sample.metrics
             if busy_only:
-                util = metrics.get(UTIL)
+                util = utils[i]
                 if util is None or util < busy:  # not judged, but it counts against the lookback
                     seen += 1
                     if judged < need and judged + lookback - seen < need:
                         return None  # too few samples left in the lookback to reach need
                     continue
-            value, maximum = metrics.get(name), metrics.get(name_max)
+            value, maximum = values[i], maxima[i]
             if value is None or maximum is None:
                 continue
             seen += 1
             if value >= maximum:
                 break  # at its maximum here: the low run starts after this sample
             if not judged:
-                latest = metrics
+                latest_index = i
             judged += 1
-            start = sample.t
+            start = times[i]
             if judged < need and judged + lookback - seen < need:
                 return None
-        return (start, latest) if judged >= need else None
+        return (start, series[latest_index].metrics) if judged >= need else None
 
     def _link(
         self,
         node: str,
         gpu: int,
-        series: Sequence[GpuSample],
+        series: TableSeries,
         widths: int,
         gens: int,
         now: float,
@@ -273,9 +338,9 @@ class PcieDetector:
         t = self.thresholds
         # Fast path: the newest readings show the link at its maximum (or there are none).
         width_run = gen_run = None
-        if widths >= 0 and _width_low(series[widths].metrics):
+        if widths >= 0 and _below(series, widths, WIDTH, WIDTH_MAX):
             width_run = self._run_start(series, widths, now, WIDTH, WIDTH_MAX, busy_only=t.width_requires_busy)
-        if gens >= 0 and _gen_low(series[gens].metrics):
+        if gens >= 0 and _below(series, gens, GEN, GEN_MAX):
             gen_run = self._run_start(series, gens, now, GEN, GEN_MAX, busy_only=True)
         if width_run is None and gen_run is None:
             return None

@@ -13,13 +13,17 @@ SW power cap (0x4) is the GPU holding its own power limit: normal at full load, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import float_reading
 from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.table import Condition, Rows, reasons_mask
 from fleetwatch.nvml_bits import HW_POWER_BRAKE_SLOWDOWN
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.records import Finding
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +31,12 @@ class PowerThresholds(SustainedThresholds):
     """The shared sustained rule's defaults (detectors.model)."""
 
 
-def _braked(sample: GpuSample) -> bool:
-    reasons = sample.metrics.get("clock_event_reasons")
-    return reasons is not None and int(reasons) & HW_POWER_BRAKE_SLOWDOWN != 0
+def _braked(rows: Rows) -> np.ndarray:
+    return (reasons_mask(rows) & HW_POWER_BRAKE_SLOWDOWN) != 0
+
+
+# What a finding reads from its newest braked sample.
+_FIELDS = ("clock_event_reasons", "power_watts", "power_limit_watts", "sm_clock_mhz", "sm_clock_max_mhz")
 
 
 @dataclass(slots=True)
@@ -50,8 +57,28 @@ class PowerDetector:
     def window_seconds(self) -> float:
         return self.thresholds.window_seconds
 
+    @property
+    def gpu_window_seconds(self) -> float:
+        """Full samples for the fast window; the long one reads the `braked` condition's times."""
+        return self.thresholds.short_seconds
+
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.thresholds.short_seconds)
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (self.braked,)
+
+    @property
+    def braked(self) -> Condition:
+        """A sample shows HW power brake slowdown."""
+        return Condition("power.braked", ("clock_event_reasons",), _braked, self.thresholds.long_seconds)
+
     def detect(self, window: Window) -> list[Finding]:
-        findings = [self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, _braked)]
+        findings = [
+            self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, self.braked)
+        ]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
 

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
 
 from fleetwatch.detectors import default_detectors
-from fleetwatch.detectors.engine import RecentData, Tracker
+from fleetwatch.detectors.engine import GpuRows, RecentData, Tracker
 from fleetwatch.detectors.model import Detector
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 Record = GpuSample | HostSample | IbSample | Event | Step
+# What replay() takes: the records above, and GPU samples as rows (the simulator's batches).
+ReplayRecord = Record | GpuRows
 
 # IbSample fields that are text, not numbers (sysfs `state` names, e.g. "ACTIVE").
 _IB_TEXT_METRICS = frozenset({"ib_state"})
@@ -199,23 +200,71 @@ def read_records(lines: Iterable[str]) -> Iterator[Record]:
         yield _record(obj, line_number)
 
 
-def infer_sampling_intervals(records: Iterable[Record]) -> dict[str, float]:
+def infer_sampling_intervals(records: Iterable[ReplayRecord]) -> dict[str, float]:
     """Per node, the median gap between consecutive samples of each of its GPU and host series."""
+    return _intervals(sorted(records, key=lambda r: r.t))
+
+
+def _intervals(ordered: Sequence[ReplayRecord]) -> dict[str, float]:
+    """infer_sampling_intervals() of records already in time order."""
     last_t: dict[tuple[str, int | None], float] = {}
-    gaps: dict[str, list[float]] = {}
-    for record in sorted(records, key=lambda r: r.t):
-        series: tuple[str, int | None]
-        if isinstance(record, GpuSample):
-            series = (record.node, record.gpu)
-        elif isinstance(record, HostSample):
-            series = (record.node, None)
-        else:
+    gaps: dict[str, dict[float, int]] = {}  # node -> gap -> how many times
+    # Per node, the GPUs of its last GpuRows and their common time: the next batch of the same
+    # GPUs adds one gap per GPU without a look at each.
+    batches: dict[str, tuple[tuple[int, ...], float]] = {}
+
+    def flush(node: str) -> None:
+        """The node's last GpuRows into last_t, before its GPUs are looked at one by one."""
+        last = batches.pop(node, None)
+        if last is not None:
+            for gpu in last[0]:
+                last_t[(node, gpu)] = last[1]
+
+    def seen(node: str, gpu: int | None, t: float) -> None:
+        previous = last_t.get((node, gpu))
+        if previous is not None and t > previous:
+            counts = gaps.setdefault(node, {})
+            counts[t - previous] = counts.get(t - previous, 0) + 1
+        last_t[(node, gpu)] = t
+
+    for record in ordered:
+        if type(record) is Step:  # most records of a simulated run: no sampling cadence
             continue
-        previous = last_t.get(series)
-        if previous is not None and record.t > previous:
-            gaps.setdefault(record.node, []).append(record.t - previous)
-        last_t[series] = record.t
-    return {node: statistics.median(node_gaps) for node, node_gaps in gaps.items()}
+        if isinstance(record, GpuRows):
+            node, t = record.node, record.t
+            gpus = tuple(int(gpu) for gpu in record.gpus)
+            last = batches.get(node)
+            if last is not None and last[0] == gpus and t > last[1]:
+                counts = gaps.setdefault(node, {})
+                counts[t - last[1]] = counts.get(t - last[1], 0) + len(gpus)
+            else:
+                flush(node)
+                for gpu in gpus:
+                    seen(node, gpu, t)
+            batches[node] = (gpus, t)
+        elif isinstance(record, GpuSample):
+            flush(record.node)
+            seen(record.node, record.gpu, record.t)
+        elif isinstance(record, HostSample):
+            seen(record.node, None, record.t)
+    return {node: _median_of_counts(counts) for node, counts in gaps.items()}
+
+
+def _median_of_counts(counts: dict[float, int]) -> float:
+    """statistics.median of a multiset given as value -> count."""
+    values = sorted(counts)
+    total = sum(counts.values())
+    running = 0
+    low = high = None
+    for value in values:
+        running += counts[value]
+        if low is None and running > (total - 1) // 2:
+            low = value
+        if running > total // 2:
+            high = value
+            break
+    assert low is not None and high is not None
+    return low if total % 2 else (low + high) / 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +281,7 @@ class Episode:
 
 
 def replay(
-    records: Iterable[Record],
+    records: Iterable[ReplayRecord],
     detectors: Sequence[Detector] | None = None,
     step_seconds: float = 1.0,
     *,
@@ -252,7 +301,7 @@ def replay(
 
 
 def replay_episodes(
-    records: Iterable[Record],
+    records: Iterable[ReplayRecord],
     detectors: Sequence[Detector] | None = None,
     step_seconds: float = 1.0,
     *,
@@ -266,7 +315,7 @@ def replay_episodes(
         return []
     if detectors is None:
         detectors = default_detectors()
-    intervals = infer_sampling_intervals(ordered)
+    intervals = _intervals(ordered)
     data = RecentData.for_detectors(detectors)
     tracker = Tracker(detectors)
     first_t = ordered[0].t
@@ -283,7 +332,8 @@ def replay_episodes(
             episodes.append(Episode(finding, now))
 
     known_nodes: set[str] = set()
-    sampled_nodes = {r.node for r in ordered if isinstance(r, (GpuSample, HostSample, IbSample))}
+    add_step = data.add_step
+    sampled_nodes = {r.node for r in ordered if isinstance(r, (GpuSample, GpuRows, HostSample, IbSample))}
     tick = 0  # grid times are first_t + tick * step_seconds (no drift from repeated addition)
     last_evaluated: float | None = None
     for t, group in groupby(ordered, key=lambda r: r.t):
@@ -294,6 +344,7 @@ def replay_episodes(
             evaluate(first_t + tick * step_seconds)
             tick += 1
         has_event = False
+        rows: list[GpuRows] = []  # one write for the tick's GPU rows of every node
         for record in group:
             if record.node not in known_nodes:
                 known_nodes.add(record.node)
@@ -303,7 +354,12 @@ def replay_episodes(
                     # silent against (node_silent would read every gap between steps as silence).
                     interval_seconds = math.inf
                 data.note_node(record.node, t, sampling_interval_seconds=interval_seconds)
-            if isinstance(record, GpuSample):
+            kind = type(record)
+            if kind is Step:  # the commonest record of a simulated run: first
+                add_step(record)  # type: ignore[arg-type]
+            elif kind is GpuRows:
+                rows.append(record)  # type: ignore[arg-type]
+            elif isinstance(record, GpuSample):
                 data.add_gpu(record)
             elif isinstance(record, HostSample):
                 data.add_host(record)
@@ -312,8 +368,12 @@ def replay_episodes(
             elif isinstance(record, Event):
                 data.add_event(record)
                 has_event = True
+            elif isinstance(record, GpuRows):
+                rows.append(record)
             else:
-                data.add_step(record)
+                add_step(record)
+        if rows:
+            data.add_rows_batch(rows)
         on_grid = first_t + tick * step_seconds == t
         if has_event or on_grid:
             evaluate(t)

@@ -23,13 +23,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fleetwatch.detectors.counters import flag_raised, newest_carrying, newest_fresh_index, start_of_run
-from fleetwatch.detectors.model import Window
+import numpy as np
+
+from fleetwatch.detectors.counters import flag_raised, newest_carrying, start_of_run, unsettled
+from fleetwatch.detectors.model import Window, gpu_table
+from fleetwatch.detectors.table import COLUMN, Condition, Rows
 from fleetwatch.records import Finding
 
 RETIRED_SBE = "retired_pages_sbe"
 RETIRED_DBE = "retired_pages_dbe"
 PENDING = "retired_pages_pending"
+_FIELDS = (RETIRED_SBE, RETIRED_DBE, PENDING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,16 +76,56 @@ class RetiredPagesDetector:
     def window_seconds(self) -> float:
         return self.thresholds.max_sample_age_seconds
 
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.window_seconds)
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (self.flagged,)
+
+    @property
+    def flagged(self) -> Condition:
+        """Samples at the limit or with a retirement pending: a finding needs a fresh one."""
+        limit = self.thresholds.max_retired_pages
+
+        def test(rows: Rows) -> np.ndarray:
+            sbe, dbe = rows[RETIRED_SBE], rows[RETIRED_DBE]
+            at_limit = (np.fmax(sbe, 0.0) + np.fmax(dbe, 0.0) >= limit) & ((sbe == sbe) | (dbe == dbe))
+            return at_limit | (rows[PENDING] >= 1)
+
+        return Condition(f"retired_pages.flagged:{limit}", _FIELDS, test, 0.0)
+
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
         limit = self.thresholds.max_retired_pages
         oldest_t = now - self.thresholds.max_sample_age_seconds
         findings = []
         lookback = self.thresholds.field_lookback_samples
-        for (node, gpu), series in window.gpu.items():
-            index = newest_fresh_index(series, now, oldest_t)
-            if index < 0:
-                continue
+        if not len(table) or table.latest_hit_t(self.flagged) < oldest_t:
+            return []  # no fresh sample of any GPU at the limit or with a retirement pending
+        # The whole fleet at once: retired pages under the limit and no retirement pending at the
+        # newest sample (Ampere and later report none of these fields); the rest one by one.
+        newest = table.newest_rows
+        sbe, dbe = newest[:, COLUMN[RETIRED_SBE]], newest[:, COLUMN[RETIRED_DBE]]
+        # SBE + DBE, either alone where the other is absent (fmax skips NaN; counts are >= 0).
+        look = (np.fmax(sbe, 0.0) + np.fmax(dbe, 0.0) >= limit) & ((sbe == sbe) | (dbe == dbe))
+        look |= newest[:, COLUMN[PENDING]] >= 1
+        look |= unsettled(table, (RETIRED_SBE,), _FIELDS) | unsettled(table, (RETIRED_DBE,), _FIELDS)
+        look |= unsettled(table, (PENDING,), _FIELDS)
+        look &= table.fresh(self.thresholds.max_sample_age_seconds)
+        if not np.count_nonzero(look):
+            return []
+        keys = table.keys
+        for p in look.nonzero()[0].tolist():
+            node, gpu = keys[p]
+            series = table.series(p, _FIELDS)
+            index = len(series) - 1
             counted = max(
                 newest_carrying(series, index, RETIRED_SBE, oldest_t, lookback),
                 newest_carrying(series, index, RETIRED_DBE, oldest_t, lookback),

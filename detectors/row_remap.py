@@ -25,13 +25,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fleetwatch.detectors.counters import flag_raised, newest_fresh_index
-from fleetwatch.detectors.model import Window
+import numpy as np
+
+from fleetwatch.detectors.counters import flag_raised, unsettled
+from fleetwatch.detectors.model import Window, gpu_table
+from fleetwatch.detectors.table import COLUMN, Condition
 from fleetwatch.records import Finding
 
 PENDING = "remap_pending"
 FAILURE = "remap_failure"
 _ROW_COUNTS = ("remapped_rows_correctable", "remapped_rows_uncorrectable")
+_FIELDS = (PENDING, FAILURE, *_ROW_COUNTS)
+# Samples with either flag set: a finding needs a fresh one.
+_RAISED = Condition(
+    "row_remap.raised", (PENDING, FAILURE), lambda rows: (rows[PENDING] >= 1) | (rows[FAILURE] >= 1), 0.0
+)
 # (flag, finding key, severity, action, what the summary says while it is set), failure first
 _RULES = (
     (
@@ -86,15 +94,39 @@ class RowRemapDetector:
     def window_seconds(self) -> float:
         return self.thresholds.max_sample_age_seconds
 
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.window_seconds)
+
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.window_seconds
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (_RAISED,)
+
     def detect(self, window: Window) -> list[Finding]:
         now = window.now
+        table = gpu_table(window)
         oldest_t = now - self.thresholds.max_sample_age_seconds
         lookback = self.thresholds.field_lookback_samples
+        if not len(table) or table.latest_hit_t(_RAISED) < oldest_t:
+            return []  # no flag set in any GPU's fresh samples
+        # The whole fleet at once: both flags read clear (or are not reported at all) at the
+        # newest sample on most GPUs; only the others are looked at one by one.
+        newest = table.newest_rows
+        look = (newest[:, COLUMN[PENDING]] >= 1) | (newest[:, COLUMN[FAILURE]] >= 1)
+        look |= unsettled(table, (PENDING,), _FIELDS) | unsettled(table, (FAILURE,), _FIELDS)
+        look &= table.fresh(self.thresholds.max_sample_age_seconds)
+        if not np.count_nonzero(look):
+            return []
         findings = []
-        for (node, gpu), series in window.gpu.items():
-            index = newest_fresh_index(series, now, oldest_t)
-            if index < 0:
-                continue
+        keys = table.keys
+        for p in look.nonzero()[0].tolist():
+            node, gpu = keys[p]
+            series = table.series(p, _FIELDS)
+            index = len(series) - 1
             for flag, key, severity, action, what in _RULES:
                 raised = flag_raised(series, index, flag, oldest_t, lookback)
                 if raised is None:

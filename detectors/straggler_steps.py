@@ -42,15 +42,17 @@ until its onset leaves the window, then its episode closes. Hysteresis is rebuil
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice, repeat
-from operator import attrgetter, truediv
+from operator import attrgetter
 from typing import ClassVar
 
-from fleetwatch.detectors.model import Window
-from fleetwatch.detectors.straggler_telemetry import GpuCause, gpu_cause, median, tail
+import numpy as np
+
+from fleetwatch.detectors.model import Window, gpu_table, step_table
+from fleetwatch.detectors.straggler_telemetry import CAUSE_FIELDS, GpuCause, gpu_cause_of, median
+from fleetwatch.detectors.table import COLUMN, StepTable
 from fleetwatch.records import Finding, Step
 
 
@@ -148,85 +150,216 @@ class StragglerStepsThresholds:
             raise ValueError("cause_min_fraction must be in (0, 1]")
 
 
-# job -> rank -> steps: recent spans newest first, baselines oldest first
-_Spans = dict[str, dict[int, list[Step]]]
+# s; a recent span's oldest step began this long before it was reported at most, for the GPU
+# samples kept (longer steps see their GPU's samples of their last minute only; our choice)
+_SPAN_MARGIN_SECONDS = 60.0
+# What gpu_cause reads of a rank's GPU.
+_CAUSE_FIELDS = ("clock_event_reasons", "sm_clock_mhz", "power_watts", "power_limit_watts", "gpu_util_percent")
+
+# Rank numbers are below this: (job, rank) as one integer key, job * _RANK_SPAN + rank.
+_RANK_SPAN = 1 << 32
+_CLOCK_COLUMN, _POWER_COLUMN = COLUMN["sm_clock_mhz"], COLUMN["power_watts"]
 
 _SECONDS = attrgetter("seconds")
-_STEP = attrgetter("step")
-_T = attrgetter("t")
 
 
 def _median_seconds(steps: Iterable[Step]) -> float:
     return median(list(map(_SECONDS, steps)))
 
 
-def _fastest_half_median(values: list[float]) -> float:
-    """The median of the fastest half: robust to up to half the ranks slowing down together."""
-    values.sort()
-    return median(values[: (len(values) + 1) // 2])
-
-
 def _score(ratio: float) -> float:
     return 1.0 / ratio if ratio > 0 else math.inf
 
 
-def _median_ratio(steps: Sequence[Step], refs: Mapping[int, float]) -> tuple[float, int]:
-    """The median of each step's time over its step's reference, and how many steps had one.
+@dataclass(slots=True)
+class _Groups:
+    """Rows of a window's step table grouped by (job, rank), groups sorted by job then rank:
+    group g's rows are rows[start[g]:start[g] + count[g]], in the order they were grouped in."""
 
-    C-level maps (this runs for every step of every rank): a step without a reference gets an
-    infinite one, a ratio of 0, and sorts first where it is skipped (as is a 0 s step).
-    """
-    ratios = list(map(truediv, map(_SECONDS, steps), map(refs.get, map(_STEP, steps), repeat(math.inf))))
-    ratios.sort()
-    skip = bisect_right(ratios, 0.0)
-    count = len(ratios) - skip
-    if count == 0:
-        return math.nan, 0
-    middle = skip + count // 2
-    if count % 2:
-        return ratios[middle], count
-    return (ratios[middle - 1] + ratios[middle]) / 2, count
+    job: np.ndarray
+    rank: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.job)
+
+    def of(self, g: int) -> np.ndarray:
+        start = int(self.start[g])
+        return self.rows[start : start + int(self.count[g])]
+
+    def take(self, which: np.ndarray) -> _Groups:
+        """The groups `which` (indexes, ascending), their rows alone."""
+        counts = self.count[which]
+        offsets = np.cumsum(counts) - counts
+        # Each taken row's position in self.rows: its group's start plus its place in the group.
+        at = np.repeat(self.start[which] - offsets, counts) + np.arange(
+            int(offsets[-1] + counts[-1]) if len(counts) else 0
+        )
+        return _Groups(self.job[which], self.rank[which], offsets, counts, self.rows[at])
+
+
+def _grouped(table: StepTable, rows: np.ndarray, newest_first: bool) -> _Groups:
+    """`rows` grouped by (job, rank), each group's rows newest first or oldest first."""
+    order = np.lexsort((-rows if newest_first else rows, table.rank[rows], table.job[rows]))
+    rows = rows[order]
+    job, rank = table.job[rows], table.rank[rows]
+    start = _run_starts((job, rank))
+    return _Groups(job[start], rank[start], start, _run_lengths(start, len(rows)), rows)
+
+
+def _run_starts(keys: Sequence[np.ndarray]) -> np.ndarray:
+    """Where a new run of equal (keys[0][i], keys[1][i], ...) starts in sorted columns."""
+    first = keys[0]
+    if len(first) < 2:
+        return np.zeros(len(first), dtype=np.int64)
+    changed = first[1:] != first[:-1]
+    for key in keys[1:]:
+        changed |= key[1:] != key[:-1]
+    starts = np.empty(np.count_nonzero(changed) + 1, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = changed.nonzero()[0] + 1
+    return starts
+
+
+def _run_lengths(starts: np.ndarray, total: int) -> np.ndarray:
+    """The length of each run starting at `starts`, the last one ending at `total`."""
+    lengths = np.empty_like(starts)
+    if len(starts):
+        lengths[:-1] = starts[1:] - starts[:-1]
+        lengths[-1] = total - starts[-1]
+    return lengths
+
+
+@dataclass(slots=True)
+class _Refs:
+    """Step references of some jobs: (job, step) keys, ascending, and each one's reference."""
+
+    keys: np.ndarray  # job * span + step
+    values: np.ndarray
+    span: int  # larger than any step number
+
+    def of(self, job: int) -> dict[int, float]:
+        """One job's references: step number -> reference seconds."""
+        lo, hi = np.searchsorted(self.keys, [job * self.span, (job + 1) * self.span])
+        return dict(zip((self.keys[lo:hi] - job * self.span).tolist(), self.values[lo:hi].tolist()))
+
+
+def _median_ratios(table: StepTable, groups: _Groups, refs: _Refs) -> tuple[np.ndarray, np.ndarray]:
+    """_median_ratio for each group: (median of its steps' time over their reference, how many
+    steps had one), for every group at once."""
+    rows = groups.rows
+    keys = table.job[rows] * refs.span + table.step[rows]
+    if len(refs.keys):
+        at = refs.keys.searchsorted(keys)
+        at[at == len(refs.keys)] = 0
+        known = refs.keys[at] == keys
+        ratios = table.seconds[rows] / refs.values[at]
+        ratios[~known] = 0.0  # no reference: 0, skipped like a 0 s step
+    else:
+        ratios = np.zeros(len(rows))
+    # Sorted within each group: groups are consecutive, so sort by group, then ratio.
+    gid = np.repeat(np.arange(len(groups)), groups.count)
+    ratios = ratios[np.lexsort((ratios, gid))]
+    skip = np.bincount(gid[ratios <= 0.0], minlength=len(groups))
+    counts = groups.count - skip
+    middle = groups.start + skip + counts // 2
+    last = len(ratios) - 1
+    if last < 0:
+        return np.full(len(groups), np.nan), counts
+    high = ratios[np.minimum(middle, last)]
+    low = ratios[np.clip(middle - 1, 0, last)]
+    medians = np.where(counts % 2 == 1, high, (low + high) / 2)
+    medians[counts == 0] = np.nan
+    return medians, counts
 
 
 @dataclass(slots=True)
 class _Rank:
     rank: int
-    recent: list[Step]  # newest first
+    groups: _Groups  # its recent steps are group `group` of these (rows newest first)
+    group: int
     score: float
-    # Filled by _Job.baseline_score on first use: most ranks of a healthy job never need it.
-    baseline: list[Step] | None = None  # oldest first, when the baseline counts
-    baseline_score: float | None = None
-    baseline_read: bool = False
+    steps: Sequence[Step]  # the window's steps, which the rows index
+    # Set by the detector where the rank has baseline steps (oldest first) and their score.
+    baseline_rows: np.ndarray | None = None
+    baseline_ratio: tuple[float, int] | None = None
+    _recent: list[Step] | None = None
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.groups.of(self.group)
+
+    @property
+    def recent(self) -> list[Step]:
+        """Its recent steps, newest first."""
+        if self._recent is None:
+            steps = self.steps
+            self._recent = [steps[i] for i in self.rows.tolist()]
+        return self._recent
+
+    @property
+    def newest(self) -> Step:
+        if self._recent is not None:
+            return self._recent[0]
+        return self.steps[int(self.groups.rows[self.groups.start[self.group]])]
+
+    @property
+    def baseline(self) -> list[Step] | None:
+        """Its baseline steps, oldest first, where they count (see _Job.baseline_score)."""
+        if self.baseline_rows is None or self.baseline_score is None:
+            return None
+        return [self.steps[i] for i in self.baseline_rows.tolist()]
+
+    @property
+    def baseline_score(self) -> float | None:
+        return None if self.baseline_ratio is None else _score(self.baseline_ratio[0])
 
 
 @dataclass(slots=True)
 class _Job:
     """One job at one evaluation: its ranks, references, pace against the baseline, and its GPUs'
-    telemetry, read once and only when some rank needs a cause."""
+    telemetry, read once and only when some rank needs a cause. Ranks and references become
+    Python objects only where a verdict needs them (most ranks of a healthy job never do)."""
 
     name: str
-    ranks: list[_Rank]
-    refs: dict[int, float]  # step number -> reference seconds
-    reference: float  # median of refs: the healthy step time now
+    groups: _Groups  # every scored rank's recent steps (all jobs)
+    members: np.ndarray  # this job's scored groups, the rank whose step came last first
+    scores: np.ndarray  # per group of `groups`
+    all_refs: _Refs  # the references of every scored job
+    code: int  # the job's index in the step table
+    reference: float  # median of its references: the healthy step time now
     window: Window
     min_baseline_steps: int
     pace: float = math.inf  # reference now / reference in the baseline (inf without one)
-    # rank -> baseline steps and their step references; empty when the baseline does not count
-    baselines: Mapping[int, list[Step]] = field(default_factory=dict)
-    base_refs: dict[int, float] = field(default_factory=dict)
+    _ranks: dict[int, _Rank] = field(default_factory=dict)  # group -> rank, as they are needed
+    _refs: dict[int, float] | None = None
     _gpus: dict[int, tuple[float | None, float | None]] | None = None  # rank -> clock, power
     _causes: dict[int, GpuCause | None] = field(default_factory=dict)
 
+    def rank(self, g: int) -> _Rank:
+        """The rank of group g."""
+        r = self._ranks.get(g)
+        if r is None:
+            groups = self.groups
+            r = self._ranks[g] = _Rank(int(groups.rank[g]), groups, g, float(self.scores[g]), self.window.steps)
+        return r
+
+    @property
+    def ranks(self) -> list[_Rank]:
+        """Every scored rank, the one whose step came last first."""
+        return [self.rank(g) for g in self.members.tolist()]
+
+    @property
+    def refs(self) -> dict[int, float]:
+        """Step number -> reference seconds."""
+        if self._refs is None:
+            self._refs = self.all_refs.of(self.code)
+        return self._refs
+
     def baseline_score(self, r: _Rank) -> float | None:
         """r's score over its baseline steps against those steps' references, or None."""
-        if not r.baseline_read:
-            r.baseline_read = True
-            span = self.baselines.get(r.rank)
-            if span is not None:
-                ratio, count = _median_ratio(span, self.base_refs)
-                if count * 2 >= self.min_baseline_steps:
-                    r.baseline = span
-                    r.baseline_score = _score(ratio)
         return r.baseline_score
 
     def growth(self, r: _Rank) -> float | None:
@@ -242,17 +375,26 @@ class _Job:
         if r.rank in self._causes:
             return self._causes[r.rank]
         cause = None
-        newest = r.recent[0]
-        series = self.window.gpu.get((newest.node, newest.gpu)) if newest.gpu is not None else None
-        if series:
-            began_t = r.recent[-1].t - r.recent[-1].seconds  # when its oldest recent step began
-            samples = tail(series, began_t, self.window.now)
-            if samples:
+        newest = r.newest
+        table = gpu_table(self.window)
+        p = table.position((newest.node, newest.gpu)) if newest.gpu is not None else None
+        if p is not None:
+            oldest = r.recent[-1]
+            began_t = oldest.t - oldest.seconds  # when its oldest recent step began
+            # Its GPU's samples in [began_t, now], read as columns (tail() of the series).
+            series = table.series(p)
+            times = series.times()
+            lo = bisect_left(times, began_t)
+            if lo < len(times):
                 gpus = self._peer_gpus(th.recent_seconds)
                 clocks = [c for rank, (c, _) in gpus.items() if rank != r.rank and c is not None]
                 powers = [p for rank, (_, p) in gpus.items() if rank != r.rank and p is not None]
-                cause = gpu_cause(
-                    samples,
+                reasons, sm_clocks, power_draws, limits = (series.values(name)[lo:] for name in CAUSE_FIELDS)
+                cause = gpu_cause_of(
+                    reasons,
+                    sm_clocks,
+                    power_draws,
+                    limits,
                     median(clocks) if clocks else None,
                     median(powers) if powers else None,
                     min_fraction=th.cause_min_fraction,
@@ -263,28 +405,87 @@ class _Job:
         return cause
 
     def _peer_gpus(self, max_age_seconds: float) -> dict[int, tuple[float | None, float | None]]:
+        """rank -> its GPU's SM clock and power at its newest sample, where that is at most
+        max_age_seconds old (a GPU two ranks share counts for the first of them)."""
         if self._gpus is None:
             self._gpus = {}
             now = self.window.now
+            table = gpu_table(self.window)
+            newest_t, newest = table.newest_t, table.newest_rows
             seen: set[tuple[str, int]] = set()
             for r in self.ranks:
-                step = r.recent[0]
+                step = r.newest
                 if step.gpu is None or (step.node, step.gpu) in seen:
                     continue
                 seen.add((step.node, step.gpu))  # two ranks on one GPU count once
-                series = self.window.gpu.get((step.node, step.gpu))
-                latest = tail(series[-3:], now - max_age_seconds, now) if series else []
-                if latest:
-                    clock = latest[-1].metrics.get("sm_clock_mhz")
-                    power = latest[-1].metrics.get("power_watts")
-                    self._gpus[r.rank] = (
-                        None if clock is None else float(clock),
-                        None if power is None else float(power),
-                    )
+                p = table.position((step.node, step.gpu))
+                if p is None or not now - max_age_seconds <= newest_t[p] <= now:
+                    continue
+                clock, power = newest[p, _CLOCK_COLUMN], newest[p, _POWER_COLUMN]
+                self._gpus[r.rank] = (
+                    None if clock != clock else float(clock),
+                    None if power != power else float(power),
+                )
         return self._gpus
 
 
 _Pending = tuple[_Job, _Rank]
+
+
+@dataclass(slots=True)
+class _Baselines:
+    """The baselines of one evaluation (see StragglerStepsDetector._baseline_scores)."""
+
+    medians: dict[int, float]  # job code -> median of its baseline step references
+    groups: _Groups  # the ranks with a baseline that counts, and their baseline rows
+    ratios: np.ndarray  # per group: _median_ratio of its baseline steps
+    counts: np.ndarray  # per group: how many of them had a reference
+    index: dict[tuple[int, int], int]  # (job code, rank) -> group
+    origin: int  # StepTable.origin[1] of the table the rows index
+
+    @classmethod
+    def none(cls, table: StepTable) -> _Baselines:
+        empty = np.zeros(0, dtype=np.int64)
+        return cls({}, _Groups(empty, empty, empty, empty, empty), np.zeros(0), empty, {}, table.origin[1])
+
+
+@dataclass(slots=True)
+class _BaselineMemo:
+    """The baselines of the last evaluation, reused while they cannot have changed: the window
+    has not moved past its oldest step (a window that has not filled yet), the same ranks are
+    judged, and every one had its full baseline of steps, all older than the newest evaluation's
+    recent spans could reach (which only move forward). Pure: the same result, computed once."""
+
+    generation: int  # StepTable.origin[0]: which step columns (job codes hold within them)
+    oldest: int  # absolute row the baselines were looked for from
+    job: np.ndarray  # the groups' jobs and ranks the baselines are for
+    rank: np.ndarray
+    newest_t: float  # the newest baseline step
+    baselines: _Baselines
+
+    @classmethod
+    def of(
+        cls,
+        table: StepTable,
+        oldest: int,
+        found: Mapping[int, np.ndarray],
+        baselines: _Baselines,
+        recent: _Groups,
+        th: StragglerStepsThresholds,
+    ) -> _BaselineMemo | None:
+        if len(found) != len(recent) or any(len(rows) < th.min_baseline_steps for rows in found.values()):
+            return None  # a rank without its full baseline: its next evaluation may find more
+        newest_t = max(float(table.t[rows[-1]]) for rows in found.values()) if found else -math.inf
+        return cls(table.origin[0], oldest + table.origin[1], recent.job, recent.rank, newest_t, baselines)
+
+    def holds(self, table: StepTable, oldest: int, recent: _Groups, now: float, th: StragglerStepsThresholds) -> bool:
+        return (
+            table.origin[0] == self.generation
+            and oldest + table.origin[1] == self.oldest
+            and self.newest_t < now - max(th.recent_seconds, th.max_recent_seconds)
+            and np.array_equal(recent.job, self.job)
+            and np.array_equal(recent.rank, self.rank)
+        )
 
 
 @dataclass(slots=True)
@@ -294,6 +495,8 @@ class StragglerStepsDetector:
 
     thresholds: StragglerStepsThresholds = field(default_factory=StragglerStepsThresholds)
     id: ClassVar[str] = "straggler.steps"
+    # The last evaluation's baselines, reused while they cannot have changed (_BaselineMemo).
+    _baseline_memo: _BaselineMemo | None = field(default=None, init=False, repr=False, compare=False)
     # Warning: the job still runs, at the straggler's pace.
     severity: ClassVar[str] = "warning"
 
@@ -301,188 +504,296 @@ class StragglerStepsDetector:
     def window_seconds(self) -> float:
         return self.thresholds.window_seconds
 
+    @property
+    def gpu_window_seconds(self) -> float:
+        """GPU samples over a rank's recent span: its steps of max_recent_seconds, the oldest of
+        which began up to _SPAN_MARGIN_SECONDS earlier."""
+        return self.thresholds.max_recent_seconds + _SPAN_MARGIN_SECONDS
+
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_CAUSE_FIELDS, self.gpu_window_seconds)
+
     def detect(self, window: Window) -> list[Finding]:
         th = self.thresholds
         steps = window.steps
         if not steps:
             return []
         now = window.now
-        recent = self._recent(steps, now)
-        if not recent:
+        table = step_table(window)
+        recent = self._recent(table, now)
+        if recent is None:
             return []
-        jobs: list[tuple[_Job, list[_Rank]]] = []
-        for name, spans in recent.items():
-            job = self._job(window, name, spans)
-            if job is not None:
-                # Ranks within a few percent of the healthy pace slow nobody: never judged.
-                judged = [r for r in job.ranks if r.score < th.judged_below_score]
-                if judged:
-                    jobs.append((job, judged))
-        # Baselines only for the jobs with a rank to judge.
-        baselines = self._baselines(steps, now, {job.name: recent[job.name] for job, _ in jobs})
+        # Every job's ranks scored at once; only jobs with a rank to judge are looked at further.
+        ranks_per_job = np.bincount(recent.job)
+        eligible = ranks_per_job[recent.job] >= th.min_ranks
+        if not np.count_nonzero(eligible):
+            return []
+        scored = recent if eligible.all() else recent.take(eligible.nonzero()[0])
+        refs = self._references(table, scored)
+        ratios, counts = _median_ratios(table, scored, refs)
+        counted = counts > 0
+        with np.errstate(divide="ignore"):
+            scores = np.where(ratios > 0, 1.0 / ratios, np.inf)
+        judged_any = np.bincount(scored.job, weights=counted & (scores < th.judged_below_score))
+        counted_per_job = np.bincount(scored.job, weights=counted)
+        codes = ((judged_any > 0) & (counted_per_job >= th.min_ranks)).nonzero()[0]
+        if not len(codes):
+            return []
+        jobs = {
+            code: self._job(window, table, scored, ((scored.job == code) & counted).nonzero()[0], scores, refs, code)
+            for code in codes.tolist()
+        }
+        # Ranks within a few percent of the healthy pace slow nobody: never judged.
+        judged = [
+            (job, job.rank(g))
+            for job in jobs.values()
+            for g in job.members[scores[job.members] < th.judged_below_score].tolist()
+        ]
+        # Baselines only for the jobs with a rank to judge, all at once.
+        in_jobs = np.zeros(len(ranks_per_job), dtype=bool)
+        in_jobs[codes] = True
+        in_jobs = in_jobs[scored.job]
+        spans = scored if in_jobs.all() else scored.take(in_jobs.nonzero()[0])
+        self._attach_baselines(table, jobs, spans, now, judged)
         findings: list[Finding] = []
         pending: list[_Pending] = []
-        for job, judged in jobs:
-            self._attach_baseline(job, baselines.get(job.name, {}))
-            for r in judged:
-                verdict = self._verdict(job, r)
-                if verdict == "hold":
-                    pending.append((job, r))
-                elif verdict is not None:
-                    findings.extend(self._finding(window, job, r, verdict, r.recent))
+        for job, r in judged:
+            verdict = self._verdict(job, r)
+            if verdict == "hold":
+                pending.append((job, r))
+            elif verdict is not None:
+                findings.extend(self._finding(window, job, r, verdict, r.recent))
         if pending:
             findings.extend(self._settle(window, steps, pending))
         findings.sort(key=lambda f: (f.start, f.job or "", -1 if f.rank is None else f.rank))
         return findings
 
-    # --- reading the window: newest steps back, oldest steps forward, both stopping early -------
+    # --- reading the window's step table: newest steps back, oldest steps forward ----------------
 
-    def _recent(self, steps: Sequence[Step], now: float) -> _Spans:
+    def _recent(self, table: StepTable, now: float) -> _Groups | None:
         """Each running rank's steps (one at least in the last recent_seconds), newest first,
-        extended back to min_recent_steps within max_recent_seconds."""
+        extended back to min_recent_steps within max_recent_seconds; steps before warm-up are
+        never read. None when no rank is running."""
         th = self.thresholds
-        cut = now - th.recent_seconds
-        far = now - th.max_recent_seconds
-        warmup = th.warmup_steps
-        spans: _Spans = {}
-        last_job: str | None = None
-        ranks: dict[int, list[Step]] = {}
-        needy = -1  # ranks short of min_recent_steps, counted once past `cut`
-        for s in reversed(steps):
-            t = s.t
-            if t > now or s.step < warmup:
-                continue
-            if t >= cut:
-                if s.job != last_job:  # steps of one job mostly come together: one lookup
-                    last_job = s.job
-                    ranks = spans.setdefault(last_job, {})
-                span = ranks.get(s.rank)
-                if span is None:
-                    ranks[s.rank] = [s]
-                else:
-                    span.append(s)
-                continue
-            if needy < 0:
-                needy = sum(
-                    1 for job_ranks in spans.values() for span in job_ranks.values() if len(span) < th.min_recent_steps
-                )
-            if needy == 0 or t < far:
-                break
-            job_ranks = spans.get(s.job)
-            span = job_ranks.get(s.rank) if job_ranks is not None else None
-            if span is None or len(span) >= th.min_recent_steps:
-                continue
-            span.append(s)
-            if len(span) == th.min_recent_steps:
-                needy -= 1
-        return spans
+        t = table.t
+        end = int(np.searchsorted(t, now, side="right"))
+        cut = int(np.searchsorted(t, now - th.recent_seconds, side="left"))
+        rows = np.arange(cut, end)
+        rows = rows[table.step[rows] >= th.warmup_steps]
+        if not len(rows):
+            return None
+        recent = _grouped(table, rows, newest_first=True)
+        short = recent.count < th.min_recent_steps
+        if np.count_nonzero(short):
+            far = int(np.searchsorted(t, now - th.max_recent_seconds, side="left"))
+            older = np.arange(cut - 1, far - 1, -1)  # newest first
+            older = older[table.step[older] >= th.warmup_steps]
+            if len(older):
+                # Each short rank takes its newest older steps, as many as it lacks.
+                wanted = recent.job[short] * _RANK_SPAN + recent.rank[short]
+                lacking = th.min_recent_steps - recent.count[short]
+                keys = table.job[older] * _RANK_SPAN + table.rank[older]
+                which = np.searchsorted(wanted, keys)
+                which = np.minimum(which, len(wanted) - 1)
+                mine = wanted[which] == keys
+                older, which = older[mine], which[mine]
+                order = np.argsort(which, kind="stable")
+                sorted_which = which[order]
+                runs = _run_starts([sorted_which])
+                position = np.arange(len(order)) - np.repeat(runs, np.diff(np.append(runs, len(order))))
+                taken = np.empty(len(order), dtype=bool)
+                taken[order] = position < lacking[sorted_which]
+                if np.count_nonzero(taken):
+                    recent = _grouped(table, np.concatenate([recent.rows, older[taken]]), newest_first=True)
+        return recent
 
-    def _baselines(self, steps: Sequence[Step], now: float, recent: _Spans) -> _Spans:
-        """Each running rank's oldest min_baseline_steps steps in the window before its recent
-        span (oldest first): a job's first steps after warm-up when it started in the window."""
+    def _references(self, table: StepTable, groups: _Groups) -> _Refs:
+        """Per job of `groups`: step number -> the median of the fastest half of that step's times,
+        over at most reference_ranks of its ranks, for the steps most of those reported."""
         th = self.thresholds
+        per_job = np.bincount(groups.job)
+        used = groups
+        if np.count_nonzero(per_job > th.reference_ranks):
+            sampled = np.ones(len(groups), dtype=bool)
+            for code in (per_job > th.reference_ranks).nonzero()[0].tolist():
+                members = (groups.job == code).nonzero()[0]  # ranks in ascending order
+                every = len(members) / th.reference_ranks
+                sampled[members] = False
+                sampled[members[[int(i * every) for i in range(th.reference_ranks)]]] = True
+            used = groups.take(sampled.nonzero()[0])
+            per_job = np.bincount(used.job, minlength=len(per_job))
+        span = table.step_span
+        rows = used.rows
+        keys = table.job[rows] * span + table.step[rows]
+        seconds = table.seconds[rows]
+        order = np.lexsort((seconds, keys))
+        keys, seconds = keys[order], seconds[order]
+        starts = _run_starts((keys,))
+        counts = _run_lengths(starts, len(keys))
+        step_keys = keys[starts]
+        min_reports = np.maximum(th.min_ranks, (per_job + 1) // 2)
+        keep = counts >= min_reports[step_keys // span]
+        starts, counts, step_keys = starts[keep], counts[keep], step_keys[keep]
+        half = (counts + 1) // 2  # the fastest half of each step's times, and its median
+        middle = starts + half // 2
+        high = seconds[middle]
+        low = seconds[np.maximum(middle - 1, 0)]
+        return _Refs(step_keys, np.where(half % 2 == 1, high, (low + high) / 2), span)
+
+    def _job(
+        self,
+        window: Window,
+        table: StepTable,
+        groups: _Groups,
+        members: np.ndarray,
+        scores: np.ndarray,
+        refs: _Refs,
+        code: int,
+    ) -> _Job:
+        """The job's ranks (those of `members` with a score), in the order their newest steps
+        came (the newest first), against its references."""
+        newest = groups.rows[groups.start[members]]
+        members = members[np.argsort(-newest, kind="stable")]
+        lo, hi = refs.keys.searchsorted([code * refs.span, (code + 1) * refs.span])
+        values = np.sort(refs.values[lo:hi])  # their median, as median() takes it
+        middle = len(values) // 2
+        reference = float(values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2)
+        return _Job(
+            table.jobs[code], groups, members, scores, refs, code, reference, window, self.thresholds.min_baseline_steps
+        )
+
+    def _baselines(self, table: StepTable, now: float, recent: _Groups) -> dict[int, np.ndarray]:
+        """Each running rank's (group of `recent`) oldest min_baseline_steps steps in the window
+        before its recent span (rows, oldest first): a job's first steps after warm-up when it
+        started in the window."""
+        th = self.thresholds
+        t = table.t
         # The engine keeps steps as long as the most demanding detector needs: start at this
         # detector's own window, so that its baseline does not depend on the others.
-        oldest = bisect_left(steps, now - th.window_seconds, key=_T)
-        found = self._baseline_from(steps, oldest, now, recent)
+        oldest = int(np.searchsorted(t, now - th.window_seconds, side="left"))
+        found = self._baseline_from(table, oldest, now, recent, np.arange(len(recent)))
         # A job that started later: its steps are numbered from 0, so its step rate says when its
         # first steps after warm-up ran; look there (a job younger than a baseline has none yet).
-        for job, ranks in recent.items():
-            if found.get(job):
+        with_baseline = {int(recent.job[g]) for g in found}
+        for code in np.unique(recent.job).tolist():
+            if code in with_baseline:
                 continue
-            began_t = _warmed_up_at(ranks, th.warmup_steps)
-            recent_t = min(span[-1].t for span in ranks.values())
+            groups = (recent.job == code).nonzero()[0]
+            spans = [recent.of(g) for g in groups.tolist()]
+            began_t = _warmed_up_at(table, spans, th.warmup_steps)
+            recent_t = min(float(t[span[-1]]) for span in spans)
             if began_t is None or began_t + th.baseline_seconds > recent_t:
                 continue
-            index = bisect_left(steps, max(began_t, now - th.window_seconds), key=_T)
+            index = int(np.searchsorted(t, max(began_t, now - th.window_seconds), side="left"))
             if index > oldest:
-                found.update(self._baseline_from(steps, index, now, {job: ranks}))
+                found.update(self._baseline_from(table, index, now, recent, groups))
         return found
 
-    def _baseline_from(self, steps: Sequence[Step], index: int, now: float, recent: _Spans) -> _Spans:
+    def _baseline_from(
+        self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray
+    ) -> dict[int, np.ndarray]:
+        """From row `index` on: per group `groups` of `recent`, its first min_baseline_steps steps
+        after warm-up before the recent window and its own recent span, where the first comes
+        within baseline_seconds of row `index` (a rank that first appears later has no baseline
+        here)."""
         th = self.thresholds
-        if index >= len(steps):
+        t = table.t
+        if index >= len(t) or not len(groups):
             return {}
-        warmup = th.warmup_steps
         need = th.min_baseline_steps
-        stop_t = now - th.recent_seconds
+        look_until_t = float(t[index]) + th.baseline_seconds  # where ranks are looked for
+        stop = int(np.searchsorted(t, now - th.recent_seconds, side="left"))
         overlap_t = now - th.max_recent_seconds  # a slow stepper's recent span may reach here
-        look_until_t = steps[index].t + th.baseline_seconds  # where ranks are looked for
-        spans: _Spans = {job: {rank: [] for rank in ranks} for job, ranks in recent.items()}
-        needy = 0  # ranks found, short of min_baseline_steps
-        last_job: str | None = None
-        ranks: dict[int, list[Step]] | None = None
-        for s in islice(steps, index, None):
-            t = s.t
-            if t >= stop_t or (needy == 0 and t > look_until_t):
-                break
-            if s.job != last_job:  # steps of one job mostly come together: one lookup
-                last_job = s.job
-                ranks = spans.get(last_job)
-            if ranks is None:
-                continue
-            span = ranks.get(s.rank)
-            if span is None or s.step < warmup:
-                continue
-            count = len(span)
-            if count >= need or (count == 0 and t > look_until_t):
-                continue  # enough, or a rank that first appears later: no baseline here
-            if t >= overlap_t and t >= recent[s.job][s.rank][-1].t:
-                continue  # never overlap the rank's own recent span
-            span.append(s)
-            if count == 0:
-                needy += need > 1
-            elif count + 1 == need:
-                needy -= 1
-        return {job: {r: span for r, span in ranks.items() if span} for job, ranks in spans.items()}
+        wanted = recent.job[groups] * _RANK_SPAN + recent.rank[groups]  # ascending, as the groups
+        # each rank's oldest recent step
+        own_oldest_t = t[recent.rows[recent.start[groups] + recent.count[groups] - 1]]
+        found: dict[int, np.ndarray] = {}
+        end = min(stop, index + max(need * len(groups) * 2, 256))
+        while True:
+            rows = np.arange(index, end)
+            keys = table.job[rows] * _RANK_SPAN + table.rank[rows]
+            which = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
+            usable = (wanted[which] == keys) & (table.step[rows] >= th.warmup_steps)
+            times = t[rows]
+            usable &= ~((times >= overlap_t) & (times >= own_oldest_t[which]))  # never its recent span
+            rows, which, times = rows[usable], which[usable], times[usable]
+            order = np.argsort(which, kind="stable")
+            rows, which, times = rows[order], which[order], times[order]
+            starts = _run_starts([which])
+            counts = np.diff(np.append(starts, len(rows)))
+            # A rank counts only if its first step comes by look_until_t; then its first `need`.
+            found = {
+                int(groups[which[start]]): rows[start : start + min(count, need)]
+                for start, count in zip(starts.tolist(), counts.tolist())
+                if times[start] <= look_until_t
+            }
+            short = any(len(span) < need for span in found.values())
+            if end >= stop or (not short and float(t[end - 1]) > look_until_t):
+                return found
+            end = min(stop, index + 2 * (end - index))
 
     # --- judging ---------------------------------------------------------------------------------
 
-    def _references(self, spans: Mapping[int, list[Step]]) -> dict[int, float]:
-        """Step number -> the median of the fastest half of that step's times, over at most
-        reference_ranks ranks, for the steps most of those reported."""
+    def _attach_baselines(
+        self,
+        table: StepTable,
+        jobs: Mapping[int, _Job],
+        recent: _Groups,
+        now: float,
+        judged: Sequence[tuple[_Job, _Rank]],
+    ) -> None:
+        """Each job's pace against its baseline, where it has one, and the judged ranks' scores
+        over their baseline steps where the job's pace then was comparable to now."""
         th = self.thresholds
-        ranks = sorted(spans)
-        if len(ranks) > th.reference_ranks:
-            every = len(ranks) / th.reference_ranks
-            ranks = [ranks[int(i * every)] for i in range(th.reference_ranks)]
-        by_step: dict[int, list[float]] = {}
-        for rank in ranks:
-            for s in spans[rank]:
-                values = by_step.get(s.step)
-                if values is None:
-                    by_step[s.step] = [s.seconds]
-                else:
-                    values.append(s.seconds)
-        min_reports = max(th.min_ranks, (len(ranks) + 1) // 2)
-        return {step: _fastest_half_median(values) for step, values in by_step.items() if len(values) >= min_reports}
+        oldest = int(np.searchsorted(table.t, now - th.window_seconds, side="left"))
+        memo = self._baseline_memo
+        if memo is not None and memo.holds(table, oldest, recent, now, th):
+            baselines = memo.baselines
+        else:
+            found = self._baselines(table, now, recent)
+            baselines = self._baseline_scores(table, recent, found)
+            self._baseline_memo = _BaselineMemo.of(table, oldest, found, baselines, recent, th)
+        for code, job in jobs.items():
+            base_median = baselines.medians.get(code)
+            job.pace = math.inf if base_median is None else job.reference / base_median
+        for job, r in judged:
+            if not 1 / th.max_pace_change <= job.pace <= th.max_pace_change:
+                continue  # another phase then (warm-up, evaluation): its baseline does not count
+            i = baselines.index.get((job.code, r.rank))
+            if i is not None and baselines.counts[i] * 2 >= th.min_baseline_steps:
+                r.baseline_rows = baselines.groups.of(i) + (baselines.origin - table.origin[1])
+                r.baseline_ratio = (float(baselines.ratios[i]), int(baselines.counts[i]))
 
-    def _job(self, window: Window, name: str, spans: Mapping[int, list[Step]]) -> _Job | None:
-        """The job's ranks scored step by step against the same steps' references."""
+    def _baseline_scores(
+        self, table: StepTable, recent: _Groups, baseline_rows: Mapping[int, np.ndarray]
+    ) -> _Baselines:
+        """The ranks' baselines that count (min_baseline_steps steps, in a job with min_ranks such
+        ranks): per job the median of its baseline step references, per rank its _median_ratio."""
         th = self.thresholds
-        if len(spans) < th.min_ranks:
-            return None
-        refs = self._references(spans)
-        ranks = []
-        for rank, span in spans.items():
-            ratio, count = _median_ratio(span, refs)
-            if count:
-                ranks.append(_Rank(rank, span, _score(ratio)))
-        if len(ranks) < th.min_ranks:
-            return None
-        reference = median(list(refs.values()))
-        return _Job(name, ranks, refs, reference, window, th.min_baseline_steps)
-
-    def _attach_baseline(self, job: _Job, baseline_spans: Mapping[int, list[Step]]) -> None:
-        """The job's baseline steps and their references, where the job's pace then was
-        comparable to now (the ranks' baseline scores follow on first use)."""
-        th = self.thresholds
-        based = {rank: span for rank, span in baseline_spans.items() if len(span) >= th.min_baseline_steps}
-        base_refs = self._references(based) if len(based) >= th.min_ranks else {}
-        pace = job.reference / median(list(base_refs.values())) if base_refs else math.inf
-        job.pace = pace
-        if 1 / th.max_pace_change <= pace <= th.max_pace_change:
-            job.baselines, job.base_refs = based, base_refs
+        based = np.array(sorted(g for g, rows in baseline_rows.items() if len(rows) >= th.min_baseline_steps))
+        if len(based):
+            per_job = np.bincount(recent.job[based])
+            based = based[per_job[recent.job[based]] >= th.min_ranks]
+        if not len(based):
+            return _Baselines.none(table)
+        counts = np.array([len(baseline_rows[g]) for g in based.tolist()], dtype=np.int64)
+        groups = _Groups(
+            recent.job[based],
+            recent.rank[based],
+            np.cumsum(counts) - counts,
+            counts,
+            np.concatenate([baseline_rows[g] for g in based.tolist()]),
+        )
+        base_refs = self._references(table, groups)
+        ratios, counts = _median_ratios(table, groups, base_refs)
+        medians = {}
+        for code in np.unique(groups.job).tolist():
+            lo, hi = base_refs.keys.searchsorted([code * base_refs.span, (code + 1) * base_refs.span])
+            if hi > lo:
+                medians[code] = median(base_refs.values[lo:hi].tolist())
+        index = {(job, rank): i for i, (job, rank) in enumerate(zip(groups.job.tolist(), groups.rank.tolist()))}
+        return _Baselines(medians, groups, ratios, counts, index, table.origin[1])
 
     def _peers_slow(self, job: _Job, r: _Rank, score: float, score_limit: float, min_growth: float) -> bool:
         """The "peers" test of r at `score` (now, or at an earlier step): below score_limit, and
@@ -621,7 +932,7 @@ class StragglerStepsDetector:
             "reference_seconds": reference_seconds,
             "cause": cause.name if cause is not None else None,
             "basis": basis,
-            "ranks": len(job.ranks),
+            "ranks": len(job.members),
             "steps": len(r.recent),
         }
         if basis == "peers":
@@ -664,14 +975,17 @@ class StragglerStepsDetector:
         ]
 
 
-def _warmed_up_at(ranks: Mapping[int, list[Step]], warmup_steps: int) -> float | None:
-    """When a job's step number `warmup_steps` ran, from its recent steps' rate, or None."""
-    newest = max((span[0] for span in ranks.values()), key=_STEP)
-    oldest = min((span[-1] for span in ranks.values()), key=_STEP)
-    if newest.step <= oldest.step or newest.t <= oldest.t:
+def _warmed_up_at(table: StepTable, spans: Sequence[np.ndarray], warmup_steps: int) -> float | None:
+    """When a job's step number `warmup_steps` ran, from its ranks' recent steps' rate (spans:
+    each rank's rows, newest first, in the order ranks are grouped), or None."""
+    newest = max((int(span[0]) for span in spans), key=lambda i: int(table.step[i]))
+    oldest = min((int(span[-1]) for span in spans), key=lambda i: int(table.step[i]))
+    newest_step, oldest_step = int(table.step[newest]), int(table.step[oldest])
+    newest_t, oldest_t = float(table.t[newest]), float(table.t[oldest])
+    if newest_step <= oldest_step or newest_t <= oldest_t:
         return None
-    seconds_per_step = (newest.t - oldest.t) / (newest.step - oldest.step)
-    return newest.t - (newest.step - warmup_steps) * seconds_per_step
+    seconds_per_step = (newest_t - oldest_t) / (newest_step - oldest_step)
+    return newest_t - (newest_step - warmup_steps) * seconds_per_step
 
 
 def _episode_start(

@@ -13,11 +13,14 @@ slowdown and names this same hardware cause: for them this detector reports noth
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fleetwatch.detectors.model import Window
+import numpy as np
+
+from fleetwatch.detectors.model import Window, gpu_table
+from fleetwatch.detectors.table import GpuTable
 from fleetwatch.nvml_bits import (
     GPU_IDLE,
     HW_POWER_BRAKE_SLOWDOWN,
@@ -104,7 +107,11 @@ def _median_of(samples: Iterable[GpuSample], name: str) -> float | None:
 
 def held_reasons(samples: Sequence[GpuSample], min_fraction: float) -> int:
     """The throttle bits set in at least `min_fraction` of the samples that report reasons."""
-    masks = [int(v) for s in samples if (v := s.metrics.get("clock_event_reasons")) is not None]
+    return _held_reasons([s.metrics.get("clock_event_reasons") for s in samples], min_fraction)
+
+
+def _held_reasons(reasons: Sequence[float | None], min_fraction: float) -> int:
+    masks = [int(v) for v in reasons if v is not None]
     if not masks:
         return 0
     held = 0
@@ -112,6 +119,10 @@ def held_reasons(samples: Sequence[GpuSample], min_fraction: float) -> int:
         if sum(1 for m in masks if m & bit) >= min_fraction * len(masks):
             held |= bit
     return held
+
+
+# The fields gpu_cause reads, in the order gpu_cause_of takes them.
+CAUSE_FIELDS = ("clock_event_reasons", "sm_clock_mhz", "power_watts", "power_limit_watts")
 
 
 def gpu_cause(
@@ -129,19 +140,52 @@ def gpu_cause(
     `clock_below_peers` of the peers' (with the SW power cap named when that is all NVML says);
     the power at most `power_below_peers` of the peers' at a normal clock.
     """
-    reasons = held_reasons(samples, min_fraction)
+    reasons, clocks, powers, limits = ([s.metrics.get(name) for s in samples] for name in CAUSE_FIELDS)
+    return gpu_cause_of(
+        reasons,
+        clocks,
+        powers,
+        limits,
+        peer_sm_clock_mhz,
+        peer_power_watts,
+        min_fraction=min_fraction,
+        clock_below_peers=clock_below_peers,
+        power_below_peers=power_below_peers,
+    )
+
+
+def _median_present(values: Iterable[float | int | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return median(present) if present else None
+
+
+def gpu_cause_of(
+    reasons: Sequence[float | int | None],
+    clocks: Sequence[float | int | None],
+    powers: Sequence[float | int | None],
+    limits: Sequence[float | int | None],
+    peer_sm_clock_mhz: float | None,
+    peer_power_watts: float | None,
+    *,
+    min_fraction: float,
+    clock_below_peers: float,
+    power_below_peers: float,
+) -> GpuCause:
+    """gpu_cause of the samples whose CAUSE_FIELDS read `reasons`, `clocks`, `powers` and
+    `limits` (one value per sample, None where absent), for readers that hold columns."""
+    held = _held_reasons(reasons, min_fraction)
     # Clock and power only mean something while the GPU works: idle samples (a job that just
     # started, or a pause) would drag the median down and read as a throttled GPU.
-    busy = [s for s in samples if not int(s.metrics.get("clock_event_reasons", 0)) & GPU_IDLE]
-    clock = _median_of(busy, "sm_clock_mhz")
-    power = _median_of(busy, "power_watts")
-    name = next((text for bit, text in THROTTLE_REASONS if reasons & bit), None)
+    busy = [i for i, r in enumerate(reasons) if not int(r or 0) & GPU_IDLE]
+    clock = _median_present(clocks[i] for i in busy)
+    power = _median_present(powers[i] for i in busy)
+    name = next((text for bit, text in THROTTLE_REASONS if held & bit), None)
     kind = "throttle" if name is not None else None
     clock_low = clock is not None and peer_sm_clock_mhz is not None and clock <= clock_below_peers * peer_sm_clock_mhz
     if name is None and clock_low:
-        capped = sum(1 for s in busy if int(s.metrics.get("clock_event_reasons", 0)) & SW_POWER_CAP)
+        capped = sum(1 for i in busy if int(reasons[i] or 0) & SW_POWER_CAP)
         if capped >= min_fraction * len(busy):
-            limit = _median_of(samples, "power_limit_watts")
+            limit = _median_present(limits)
             name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
             kind = "power_cap"
         else:
@@ -155,7 +199,7 @@ def gpu_cause(
     ):
         name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
         kind = "power"
-    return GpuCause(name, kind, reasons, clock, peer_sm_clock_mhz, power, peer_power_watts)
+    return GpuCause(name, kind, held, clock, peer_sm_clock_mhz, power, peer_power_watts)
 
 
 def tail(series: Sequence[GpuSample], oldest_t: float, now: float) -> list[GpuSample]:
@@ -222,10 +266,35 @@ class StragglerTelemetryThresholds:
 class _Gpu:
     node: str
     gpu: int
+    position: int  # in the window's table
     latest: GpuSample
     current: list[GpuSample]  # its last few samples, oldest first
     clock_mhz: float  # their median: what the peers' statistics use
     power_watts: float | None
+
+
+def _medians(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `values` (NaN: none), the median of its numbers as `median` computes it, and
+    how many there are (the median is NaN where there are none)."""
+    ordered = np.sort(values, axis=1)  # NaN last
+    counts = np.count_nonzero(~np.isnan(values), axis=1)
+    rows = np.arange(len(values))
+    middle = counts // 2
+    high = ordered[rows, np.minimum(middle, values.shape[1] - 1)]
+    low = ordered[rows, np.maximum(middle - 1, 0)]
+    medians = np.where(counts % 2 == 1, high, (low + high) / 2)
+    return np.where(counts > 0, medians, np.nan), counts
+
+
+def _group_medians(values: np.ndarray, groups: np.ndarray, count: int) -> np.ndarray:
+    """The median of `values` within each of `count` groups (groups[i]: the group of values[i])."""
+    ordered = values[np.lexsort((values, groups))]
+    sizes = np.bincount(groups, minlength=count)
+    starts = np.cumsum(sizes) - sizes
+    middle = starts + sizes // 2
+    high = ordered[np.minimum(middle, len(ordered) - 1)]
+    low = ordered[np.maximum(middle - 1, 0)]
+    return np.where(sizes % 2 == 1, high, (low + high) / 2)
 
 
 def _limit_mhz(th: StragglerTelemetryThresholds, clocks: list[float]) -> tuple[float, float]:
@@ -237,9 +306,17 @@ def _limit_mhz(th: StragglerTelemetryThresholds, clocks: list[float]) -> tuple[f
     return median_mhz, min(th.clock_ratio * median_mhz, robust_mhz)
 
 
-# The last few samples give each GPU's current clock for the group statistics (cheap: a 1,000-GPU
-# job reads 5,000 samples); only candidates have their whole span read.
+# The last few samples give each GPU's current clock for the group statistics (read for the whole
+# fleet at once); only candidates have their whole span read.
 _CURRENT_SAMPLES = 5
+_FIELDS = (
+    "sm_clock_mhz",
+    "sm_clock_max_mhz",
+    "gpu_util_percent",
+    "clock_event_reasons",
+    "power_watts",
+    "power_limit_watts",
+)
 
 
 @dataclass(slots=True)
@@ -257,55 +334,108 @@ class StragglerTelemetryDetector:
     def window_seconds(self) -> float:
         return max(self.thresholds.window_seconds, self.thresholds.step_report_seconds)
 
+    @property
+    def gpu_window_seconds(self) -> float:
+        return self.thresholds.window_seconds
+
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.thresholds.window_seconds)
+
     def detect(self, window: Window) -> list[Finding]:
         th = self.thresholds
         now = window.now
-        groups: dict[str, list[_Gpu]] = {}  # "job j7" or "sm_clock_max_mhz 1,980" -> its GPUs
-        for (node, gpu), series in window.gpu.items():
-            current = tail(series[-_CURRENT_SAMPLES:], now - th.persist_seconds, now)
-            if not current:
-                continue
-            latest = current[-1]
-            clocks = _values(current, "sm_clock_mhz")
-            utils = _values(current, "gpu_util_percent")
-            reasons = latest.metrics.get("clock_event_reasons")
-            if not clocks or (utils and median(utils) < th.idle_util_percent):
-                continue  # nothing to compare, or idle: its clock says nothing about speed
-            if reasons is not None and int(reasons) & GPU_IDLE:
-                continue
-            if latest.job is not None:
-                key = f"job {latest.job}"
-            else:
-                max_mhz = latest.metrics.get("sm_clock_max_mhz")
-                if max_mhz is None:
-                    continue  # no job and no model: nothing to compare it with
-                key = f"sm_clock_max_mhz {mhz(float(max_mhz))}"
-            powers = _values(current, "power_watts")
-            power_watts = median(powers) if powers else None
-            groups.setdefault(key, []).append(_Gpu(node, gpu, latest, current, median(clocks), power_watts))
+        table = gpu_table(window)
+        if not len(table):
+            return []
+        # Every GPU's last few samples at once: (GPUs, _CURRENT_SAMPLES), newest first, NaN where a
+        # sample is missing, older than persist_seconds or lacks the field.
+        idx, current = table.tail(_CURRENT_SAMPLES, th.persist_seconds)
 
-        candidates: list[tuple[str, _Gpu, list[_Gpu]]] = []
-        for key, members in groups.items():
-            if len(members) < th.min_peers + 1:
-                continue
-            _, limit_mhz = _limit_mhz(th, [m.clock_mhz for m in members])
-            for member in members:
-                # A slow sample among its last few makes it a candidate; the full check follows.
-                if any(self._slow(sample, limit_mhz) for sample in member.current):
-                    candidates.append((key, member, members))
-        if not candidates:
+        def read(name: str) -> np.ndarray:
+            return table.tail_values(name, _CURRENT_SAMPLES, th.persist_seconds)
+
+        clocks, utils, all_reasons = read("sm_clock_mhz"), read("gpu_util_percent"), read("clock_event_reasons")
+        # A sample can only be slow if busy (_slow) at a clock of at most clock_ratio of its
+        # group's median, which no clock of the fleet exceeds: none such, no candidate.
+        busy = ~(utils < th.idle_util_percent)
+        busy &= (all_reasons != all_reasons) | ((np.fmax(all_reasons, 0.0).astype(np.int64) & GPU_IDLE) == 0)
+        top_mhz = np.fmax.reduce(clocks, axis=None)
+        if not np.count_nonzero(busy & (clocks <= th.clock_ratio * top_mhz)):
+            return []
+        powers = read("power_watts")
+        clock_mhz, clock_count = _medians(clocks)
+        util_median, util_count = _medians(utils)
+        power_median, power_count = _medians(powers)
+        newest = idx[:, 0]
+        reasons = table.values("clock_event_reasons", newest)
+        idle_reason = (np.fmax(reasons, 0.0).astype(np.int64) & GPU_IDLE) != 0  # NaN: no reason
+        eligible = current[:, 0] & (clock_count > 0) & ~idle_reason
+        eligible &= ~((util_count > 0) & (util_median < th.idle_util_percent))
+        # Peers: the GPUs of one job, or job-less GPUs of one model (by their clock's maximum).
+        jobs = table.store.job_codes(table.idents(newest))
+        max_mhz = table.values("sm_clock_max_mhz", newest)
+        eligible &= (jobs >= 0) | ~np.isnan(max_mhz)
+        members = np.flatnonzero(eligible)
+        if len(members) < th.min_peers + 1:
+            return []
+        # Job codes as they are; a model as -2 - its rounded maximum clock (never a job code).
+        keys = np.where(
+            jobs[members] >= 0, jobs[members], -2 - np.round(np.fmax(max_mhz[members], 0.0)).astype(np.int64)
+        )
+        unique, group = np.unique(keys, return_inverse=True)
+        sizes = np.bincount(group, minlength=len(unique))
+        big = sizes[group] >= th.min_peers + 1
+        if not big.any():
+            return []
+        members, group = members[big], group[big]
+        group_clocks = clock_mhz[members]
+        median_mhz = _group_medians(group_clocks, group, len(unique))
+        deviation = np.abs(group_clocks - median_mhz[group])
+        mad_mhz = np.maximum(_group_medians(deviation, group, len(unique)), th.min_mad_mhz)
+        robust_mhz = median_mhz - th.min_robust_z * 1.4826 * mad_mhz
+        limit_mhz = np.minimum(th.clock_ratio * median_mhz, robust_mhz)[group]
+        # A slow sample among its last few makes a GPU a candidate; the full check follows.
+        slow = busy[members] & (clocks[members] <= limit_mhz[:, None])
+        picked = np.flatnonzero(slow.any(axis=1))
+        if not len(picked):
             return []
 
-        deferred_jobs, deferred_gpus = self._step_reporters(window, candidates)
+        candidates: list[tuple[str, _Gpu, list[float], list[float]]] = []
+        for i in picked.tolist():
+            p = int(members[i])
+            peers = np.flatnonzero(group == group[i])
+            peers = peers[peers != i]
+            peer_powers = power_median[members[peers]]
+            member = self._member(table, p, now, float(clock_mhz[p]), power_median[p], int(power_count[p]))
+            if member.latest.job is not None:
+                key = f"job {member.latest.job}"
+            else:
+                key = f"sm_clock_max_mhz {mhz(float(max_mhz[p]))}"
+            candidates.append(
+                (
+                    key,
+                    member,
+                    clock_mhz[members[peers]].tolist(),
+                    peer_powers[power_count[members[peers]] > 0].tolist(),
+                )
+            )
+
+        deferred_jobs, deferred_gpus = self._step_reporters(window, [(k, m) for k, m, _, _ in candidates])
         findings = []
-        for key, member, members in candidates:
+        for key, member, peer_clocks, peer_powers in candidates:
             if member.latest.job in deferred_jobs or (member.node, member.gpu) in deferred_gpus:
                 continue
-            finding = self._judge(window, key, member, members)
+            finding = self._judge(window, key, member, peer_clocks, peer_powers)
             if finding is not None:
                 findings.append(finding)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings
+
+    def _member(self, table: GpuTable, p: int, now: float, clock_mhz: float, power: float, power_count: int) -> _Gpu:
+        node, gpu = table.keys[p]
+        current = tail(table.series(p)[-_CURRENT_SAMPLES:], now - self.thresholds.persist_seconds, now)
+        return _Gpu(node, gpu, p, current[-1], current, clock_mhz, float(power) if power_count else None)
 
     def _slow(self, sample: GpuSample, limit_mhz: float) -> bool:
         """Busy (not idle by utilization or NVML's idle reason) at a clock of at most limit_mhz."""
@@ -320,12 +450,12 @@ class StragglerTelemetryDetector:
         return reasons is None or not int(reasons) & GPU_IDLE
 
     def _step_reporters(
-        self, window: Window, candidates: list[tuple[str, _Gpu, list[_Gpu]]]
+        self, window: Window, candidates: list[tuple[str, _Gpu]]
     ) -> tuple[set[str], set[tuple[str, int | None]]]:
         """Which of the candidates' jobs and GPUs sent step reports lately (newest first, stopping
         once every candidate is accounted for)."""
-        wanted_jobs = {m.latest.job for _, m, _ in candidates if m.latest.job is not None}
-        wanted_gpus = {(m.node, m.gpu) for _, m, _ in candidates}
+        wanted_jobs = {m.latest.job for _, m in candidates if m.latest.job is not None}
+        wanted_gpus = {(m.node, m.gpu) for _, m in candidates}
         jobs: set[str] = set()
         gpus: set[tuple[str, int | None]] = set()
         oldest_t = window.now - self.thresholds.step_report_seconds
@@ -346,15 +476,17 @@ class StragglerTelemetryDetector:
                 break
         return jobs, gpus
 
-    def _judge(self, window: Window, group: str, member: _Gpu, members: list[_Gpu]) -> Finding | None:
+    def _judge(
+        self, window: Window, group: str, member: _Gpu, peer_clocks: list[float], peer_powers: list[float]
+    ) -> Finding | None:
+        """`peer_clocks` and `peer_powers`: the median clock and power (where known) of each other
+        GPU of the group."""
         th = self.thresholds
         now = window.now
-        peers = [m for m in members if m is not member]
-        peer_mhz, limit_mhz = _limit_mhz(th, [m.clock_mhz for m in peers])
-        peer_powers = [m.power_watts for m in peers if m.power_watts is not None]
+        peer_mhz, limit_mhz = _limit_mhz(th, peer_clocks)
         peer_watts = median(peer_powers) if peer_powers else None
 
-        series = window.gpu[(member.node, member.gpu)]
+        series = gpu_table(window).series(member.position)
         span = tail(series, now - th.window_seconds, now)
         judged = [s for s in span if s.t >= now - th.persist_seconds]
         with_clock = [s for s in judged if s.metrics.get("sm_clock_mhz") is not None]
@@ -394,7 +526,7 @@ class StragglerTelemetryDetector:
             "cause": cause.name,
             "slow_samples": len(slow),
             "samples": len(with_clock),
-            "peers": len(peers),
+            "peers": len(peer_clocks),
             "group": group,
         }
         evidence.update(cause.evidence())

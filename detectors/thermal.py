@@ -11,16 +11,23 @@ blip, a short spike or a GPU warming up to just under its threshold never fires.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 from fleetwatch.detectors.counters import float_reading
 from fleetwatch.detectors.model import Sustained, SustainedThresholds, Window, fmt_number
+from fleetwatch.detectors.table import Condition, Rows, reasons_mask
 from fleetwatch.nvml_bits import HW_THERMAL_SLOWDOWN, SW_THERMAL_SLOWDOWN
-from fleetwatch.records import Finding, GpuSample
+from fleetwatch.records import Finding
 
 # Either bit makes a sample hot; the nvidia-smi help text in tests/fixtures/nvidia-smi has both.
 THERMAL_REASONS = SW_THERMAL_SLOWDOWN | HW_THERMAL_SLOWDOWN
+_CONDITION_FIELDS = ("clock_event_reasons", "temp_gpu_celsius", "temp_slowdown_celsius", "temp_mem_celsius")
+# What a finding reads from its newest hot sample.
+_FIELDS = (*_CONDITION_FIELDS, "sm_clock_mhz", "sm_clock_max_mhz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,22 +55,36 @@ class ThermalDetector:
     def window_seconds(self) -> float:
         return self.thresholds.window_seconds
 
-    def _hot(self, sample: GpuSample) -> bool:
-        metrics = sample.metrics
-        reasons = metrics.get("clock_event_reasons")
-        if reasons is not None and int(reasons) & THERMAL_REASONS:
-            return True
-        temp = metrics.get("temp_gpu_celsius")
-        if temp is not None:
-            slowdown = metrics.get("temp_slowdown_celsius")
-            if slowdown is not None and temp >= slowdown:
-                return True
-        temp_mem = metrics.get("temp_mem_celsius")
-        return temp_mem is not None and temp_mem >= self.thresholds.temp_mem_max_celsius
+    @property
+    def gpu_window_seconds(self) -> float:
+        """Full samples for the fast window; the long one reads the `hot` condition's times."""
+        return self.thresholds.short_seconds
+
+    @property
+    def gpu_fields(self) -> Mapping[str, float]:
+        return dict.fromkeys(_FIELDS, self.thresholds.short_seconds)
+
+    @property
+    def gpu_conditions(self) -> tuple[Condition, ...]:
+        return (self.hot,)
+
+    @property
+    def hot(self) -> Condition:
+        """A sample is hot: thermal slowdown bits, the core at its slowdown threshold, or the HBM at
+        its max operating temperature."""
+        temp_mem_max = self.thresholds.temp_mem_max_celsius
+
+        def test(rows: Rows) -> np.ndarray:
+            hot = (reasons_mask(rows) & THERMAL_REASONS) != 0
+            hot |= rows["temp_gpu_celsius"] >= rows["temp_slowdown_celsius"]
+            hot |= rows["temp_mem_celsius"] >= temp_mem_max
+            return hot
+
+        return Condition(f"thermal.hot:{temp_mem_max!r}", _CONDITION_FIELDS, test, self.thresholds.long_seconds)
 
     def detect(self, window: Window) -> list[Finding]:
         findings = [
-            self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, self._hot)
+            self._finding(node, gpu, held) for node, gpu, _, held in self.thresholds.held_gpus(window, self.hot)
         ]
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu))
         return findings

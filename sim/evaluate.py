@@ -2,8 +2,9 @@
 
 Each scenario file describes a simulated fleet, its workload, injected faults and the findings a
 correct detector set must open (`expect`). The simulator (fleetwatch.sim.fleet.SimFleet) turns the
-scenario into replay records, `detectors.replay.replay_episodes` runs the detectors over them as
-the collector would live, and the episodes are matched against the expectations:
+scenario into replay records (SimFleet.batches(): GPU samples as rows, computed in bulk),
+`detectors.replay.replay_episodes` runs the detectors over them as the collector would live, and
+the episodes are matched against the expectations:
 
 - a finding matches an expectation with the same detector and node, the same gpu / job / rank
   where the expectation gives them, that opened (the data time the engine first reported it) in
@@ -443,7 +444,7 @@ def evaluate_scenario(
     start = float(fleet.start)
     step_seconds = float(scenario.get("sample_interval_seconds", 1.0))
     try:
-        episodes = replay_episodes(fleet.records(), detectors, step_seconds=step_seconds)
+        episodes = replay_episodes(fleet.batches(), detectors, step_seconds=step_seconds)
     except Exception as exc:
         raise ScenarioError(where, None, f"simulating it failed: {type(exc).__name__}: {exc}") from exc
     matches, misses, false_alarms = score(expectations, episodes, start)

@@ -7,7 +7,10 @@ same records, and records() can be called again for a fresh, identical pass.
 
 GPU samples come from the agent's own NvmlSource over the fake NVML of one SimNode per node, so
 the sampling code is the one the agent runs; GPU-lost events come from NvmlSource.sample() and
-XID events from the nodes' XID schedule at their exact times. Jobs are synchronous data-parallel
+XID events from the nodes' XID schedule at their exact times. `batches()` gives the same records
+with each node's GPU samples of a tick as one GpuRows, computed in bulk by the simulator's fast
+path (fleetwatch.sim.rows) instead of through NVML: the corpus evaluation and the soak replay
+those (tests/sim/test_rows.py holds the two paths to the same records). Jobs are synchronous data-parallel
 jobs: each step lasts as long as the slowest rank's compute plus the exposed collectives, so a
 throttled or slow rank stretches everyone's step while only its own `seconds` (compute time)
 grows, and its peers wait in collectives (same utilisation, less power). The per-rank step noise
@@ -50,8 +53,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
+import numpy as np
+
 from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.detectors.engine import GpuRows
 from fleetwatch.records import Event, GpuSample, HostSample, IbSample, Step
+from fleetwatch.sim import rows
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import (
     HUNG,
@@ -877,10 +884,12 @@ class SimFleet:
         events.sort(key=lambda e: (e.t, e.node, e.gpu))
         return events
 
-    def _host(self, name: str, t: float) -> HostSample:
+    def _host(self, name: str, t: float, busy: float | None = None) -> HostSample:
+        """`busy`: the fraction of the node's GPUs not idle at t, where the caller knows it."""
         sim = self.sims[name]
         cpu_busy, cpu_idle, rx_base, tx_base, mem_fraction = self._host_params[name]
-        busy = sum(1 for g in range(sim.gpu_count) if sim.mode(g, t) != IDLE) / sim.gpu_count
+        if busy is None:
+            busy = sum(1 for g in range(sim.gpu_count) if sim.mode(g, t) != IDLE) / sim.gpu_count
         elapsed = t - self.start
         wobble = math.sin(elapsed / 37.0 + cpu_busy) * 2.0
         net_rate = 2.0e8 * busy + 1.0e5  # bytes/s of the front-end network: data, logs, metrics
@@ -978,6 +987,61 @@ class SimFleet:
         finally:
             for source in sources.values():
                 source.close()
+
+    def batches(self) -> Iterator[Record | GpuRows]:
+        """records() with each node's GPU samples of a tick as one GpuRows (rows in GPU_FIELDS
+        order): the same samples and events, in the same order, computed in bulk by the
+        simulator's fast path (fleetwatch.sim.rows) instead of through the NVML source. Falls back
+        to records() where this pynvml sends the NVML source down routes the fast path does not
+        model (rows.supported)."""
+        if not all(rows.supported(sim) for sim in self.sims.values()):
+            yield from self.records()
+            return
+        ticks = max(1, math.ceil(self.duration_seconds / self.sample_interval_seconds - 1e-9))
+        times = self.start + np.arange(ticks) * self.sample_interval_seconds
+        samplers: dict[str, rows.NodeRows] = {}
+        restarts: dict[str, list[float]] = {}
+        for name, sim in self.sims.items():
+            attribution = [self._attribution.get((name, gpu), (None, None)) for gpu in range(sim.gpu_count)]
+            samplers[name] = rows.NodeRows(name, sim, times, attribution)
+            restarts[name] = sorted(
+                {
+                    t
+                    for g in range(sim.gpu_count)
+                    for b, e in sim.missing_windows(g)
+                    for t in (b, e)
+                    if self.start < t < self.end
+                }
+            )
+        for name in self.node_names:
+            self._ib_ports(name)
+        pending: list[Event | Step] = sorted([*self._events(), *self._steps], key=lambda r: r.t)
+        next_pending = 0
+        for tick in range(ticks):
+            # The same times as records(): start + tick * interval, added up the same way.
+            now = self.start + tick * self.sample_interval_seconds
+            while next_pending < len(pending) and pending[next_pending].t <= now:
+                yield pending[next_pending]
+                next_pending += 1
+            for name in self.node_names:
+                if self._silent[name] and self.silent(name, now):
+                    continue
+                sampler = samplers[name]
+                node_restarts = restarts[name]
+                if node_restarts and node_restarts[0] <= now:
+                    while node_restarts and node_restarts[0] <= now:
+                        node_restarts.pop(0)
+                    sampler.restart(tick)
+                yield self._host(name, now, sampler.busy_fraction(tick))
+                events, gpu_rows = sampler.sample(tick)
+                yield from events
+                if gpu_rows is not None:
+                    yield gpu_rows
+                for port in self._ib[name]:
+                    yield IbSample(t=now, node=name, device=port.device, port=port.port, metrics=port.metrics(now))
+        while next_pending < len(pending) and pending[next_pending].t < self.end:
+            yield pending[next_pending]
+            next_pending += 1
 
 
 def generate(scenario: Mapping[str, Any]) -> list[Record]:

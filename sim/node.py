@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
+import numpy as np
+
 from fleetwatch.nvml_bits import GPU_IDLE, HW_POWER_BRAKE_SLOWDOWN, HW_SLOWDOWN, HW_THERMAL_SLOWDOWN, SW_POWER_CAP
 from fleetwatch.sim.profiles import GpuProfile, profile_for
 from fleetwatch.sim.scenario import (
@@ -412,6 +414,7 @@ class SimNode:
         self._joules_at_start = tuple(self._joules(g, self.start) for g in range(gpu_count))
         self._rx_kilobytes_at_start = tuple(self._rx_kilobytes(g, self.start) for g in range(gpu_count))
         self._cache: list[tuple[int, GpuReading] | None] = [None] * gpu_count
+        self._segment_cache: list[dict[str, np.ndarray] | None] = [None] * gpu_count
         self._processes: list[tuple[int, ...]] = [() for _ in range(gpu_count)]
         if processes is None:
             base = random.Random(f"fleetwatch-sim:{name}:{seed}:pids").randrange(_PID_MIN, _PID_MIN + _PID_SPAN)
@@ -873,3 +876,271 @@ class SimNode:
             # A link that drops is retrained: one recovery per drop.
             count += sum(1 for begin, _, f in windows.get("nvlink_down", ()) if f.link == link and begin <= t)
         return count
+
+    # ---- many instants at once: the simulator's fast path (sim/rows.py) ------------------------
+    # The same arithmetic as reading(), pcie_bytes() and the counters above, in the same order of
+    # operations, over arrays of times; sin, cos and exp go through `math` element by element, so
+    # every value is bit for bit what the one-at-a-time methods give (tests/sim/test_rows.py).
+
+    def _segment_block(self, gpu: int, times: np.ndarray) -> np.ndarray:
+        """Index of each time's segment (as _segment picks it)."""
+        index = np.searchsorted(np.asarray(self._segment_begins[gpu]), times, side="right") - 1
+        return np.where(index > 0, index, 0)
+
+    def _segment_arrays(self, gpu: int) -> dict[str, np.ndarray]:
+        cached = self._segment_cache[gpu]
+        if cached is None:
+            segments = self._segments[gpu]
+            cached = {
+                name: np.array([getattr(s, name) for s in segments], dtype=np.float64)
+                for name in (
+                    "begin",
+                    "scale",
+                    "watts",
+                    "busy",
+                    "pace",
+                    "clock_ratio",
+                    "joules_before",
+                    "rx_kilobytes_before",
+                    "filtered_watts",
+                )
+            }
+            cached["reasons"] = np.array([s.reasons for s in segments], dtype=np.int64)
+            cached["mode"] = np.array([MODES.index(s.mode) for s in segments], dtype=np.int64)
+            self._segment_cache[gpu] = cached
+        return cached
+
+    def idle_block(self, gpu: int, times: np.ndarray) -> np.ndarray:
+        """mode(gpu, t) == IDLE at each time."""
+        modes = self._segment_arrays(gpu)["mode"][self._segment_block(gpu, times)]
+        return modes == MODES.index(IDLE)
+
+    def readings_block(self, gpu: int, times: np.ndarray) -> dict[str, np.ndarray]:
+        """reading(gpu, t) at each of `times`: GpuReading's fields as arrays (integers as int64)."""
+        p = self.profile
+        q = self._params[gpu]
+        t = np.floor(times * 1000.0) / 1000.0  # reading()'s 1 ms grid
+        segs = self._segment_arrays(gpu)
+        index = self._segment_block(gpu, t)
+        scale, watts = segs["scale"][index], segs["watts"][index]
+        clock_ratio, reasons, mode = segs["clock_ratio"][index], segs["reasons"][index], segs["mode"][index]
+        since_start = t - self.start
+        since_job = since_start + _WARM_SECONDS
+        step = np.floor(since_start / q.step_seconds).astype(np.int64)
+        u_step = _unit_block(q.key, step)
+        jitter_watts = (_unit_block(q.key ^ 0x5EED, np.floor(since_start * 10.0).astype(np.int64)) - 0.5) * 8.0
+        busy_mode, hang_mode = mode == MODES.index(BUSY), mode == MODES.index(HANG)
+        pause_mode = mode == MODES.index(PAUSE)
+        working = busy_mode | hang_mode
+
+        swing = np.zeros(len(t))
+        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+            swing = swing + amplitude * _math_map(math.sin, omega * since_job + phase)
+        power_smooth = scale * (q.power_base_watts + swing)
+        gap_percent = np.where(busy_mode & (u_step >= 0.6), 1 + np.trunc((u_step - 0.6) * 12.5), 0.0)
+        gpu_util_busy = 100 - gap_percent
+        power_busy = power_smooth - gap_percent * 2.0 + jitter_watts
+        u_clock = _unit_block(q.key ^ 0xC10C, step)
+        slowed_clock = np.round(p.sm_clock_max_mhz * clock_ratio / _CLOCK_BIN_MHZ) * _CLOCK_BIN_MHZ + _CLOCK_BIN_MHZ * (
+            np.trunc(u_clock * 3.0) - 1
+        )
+        excess_watts = power_smooth - _POWER_CAP_FRACTION * p.power_limit_watts
+        capped = (clock_ratio >= 1.0) & (excess_watts > 0)
+        full_clock = np.where(
+            capped,
+            p.sm_clock_max_mhz - _CLOCK_BIN_MHZ * (1 + np.trunc(np.where(capped, excess_watts, 0.0) / 8.0)),
+            np.where(u_clock < 0.08, p.sm_clock_max_mhz - _CLOCK_BIN_MHZ, p.sm_clock_max_mhz),
+        )
+        sm_clock_busy = np.where(clock_ratio < 1.0, slowed_clock, full_clock)
+        busy = np.where(busy_mode & (clock_ratio >= 1.0), segs["busy"][index], np.where(busy_mode, 1.0, 0.05))
+        mem_util_busy = np.maximum(
+            0,
+            np.round(
+                (q.mem_util_base_percent + (_unit_block(q.key ^ 0x3E3, step) - 0.5) * 2.0)
+                * clock_ratio
+                * busy
+                * gpu_util_busy
+                / 100.0
+            ),
+        )
+        mem_step = np.floor(since_start / 30.0).astype(np.int64)
+        mem_job = q.mem_job_bytes + (np.trunc(_unit_block(q.key ^ 0x3E30, mem_step) * 5.0).astype(np.int64) - 2) * (
+            64 << 20
+        )
+        power_rest = watts + jitter_watts * 0.2
+
+        power = np.where(working, power_busy, power_rest)
+        power = np.minimum(np.maximum(power, p.power_idle_watts * 0.9), p.power_limit_watts)
+        gpu_util = np.where(working, gpu_util_busy, np.where(pause_mode, np.trunc(u_step * 4.0), 0.0))
+        mem_util = np.where(working, mem_util_busy, 0.0)
+        sm_clock = np.where(working, sm_clock_busy, float(p.sm_clock_idle_mhz))
+        video_clock = np.where(working, p.video_clock_max_mhz, p.video_clock_idle_mhz)
+        reasons = np.where(working, np.where(capped, reasons | SW_POWER_CAP, reasons), reasons | GPU_IDLE)
+        mem_used = np.where(working | pause_mode, mem_job, 0)
+
+        temp_gpu = self._temperature_block(gpu, t, since_job, index)
+        temp_mem = temp_gpu - p.mem_temp_below_gpu_celsius + q.mem_temp_offset_celsius
+        pcie_swing = 1.0 + _PCIE_SWING_FRACTION * _math_map(
+            math.sin, q.pcie_swing_omega * since_job + q.pcie_swing_phase
+        )
+        rx = segs["pace"][index] * q.pcie_rx_kilobytes_per_second * pcie_swing
+        joules = self._joules_block(gpu, t, index)
+        return {
+            "gpu_util_percent": gpu_util.astype(np.int64),
+            "mem_util_percent": mem_util.astype(np.int64),
+            "power_milliwatts": np.trunc(power * 1000.0).astype(np.int64),
+            "energy_millijoules": q.energy_offset_millijoules
+            + np.trunc((joules - self._joules_at_start[gpu]) * 1000.0).astype(np.int64),
+            "temp_gpu_celsius": np.trunc(temp_gpu).astype(np.int64),
+            "temp_mem_celsius": np.trunc(temp_mem).astype(np.int64),
+            "sm_clock_mhz": sm_clock.astype(np.int64),
+            "mem_clock_mhz": np.full(len(t), p.mem_clock_max_mhz, dtype=np.int64),
+            "video_clock_mhz": video_clock.astype(np.int64),
+            "clock_event_reasons": reasons,
+            "pcie_tx_kilobytes_per_second": np.trunc(rx * q.pcie_tx_fraction).astype(np.int64),
+            "pcie_rx_kilobytes_per_second": np.trunc(rx).astype(np.int64),
+            "mem_used_bytes": mem_used.astype(np.int64),
+        }
+
+    def _temperature_block(self, gpu: int, t: np.ndarray, since_job: np.ndarray, index: np.ndarray) -> np.ndarray:
+        q = self._params[gpu]
+        segs = self._segment_arrays(gpu)
+        scale, watts = segs["scale"][index], segs["watts"][index]
+        settled = scale * q.power_base_watts + watts
+        decay = _math_map(math.exp, -np.maximum(0.0, t - segs["begin"][index]) / q.thermal_tau_seconds)
+        filtered = settled + (segs["filtered_watts"][index] - settled) * decay
+        swing = np.zeros(len(t))
+        for (passed, lag), omega, phase in zip(self._filtered_swings[gpu], q.swing_omegas, q.swing_phases):
+            swing = swing + passed * _math_map(math.sin, omega * since_job + phase - lag)
+        filtered = np.where(scale != 0.0, filtered + scale * swing, filtered)
+        celsius = q.ambient_celsius + q.celsius_per_watt * filtered
+        windows = self._windows[gpu].get("thermal_slowdown")
+        if not windows:
+            return celsius
+        slowdown = self.profile.temp_slowdown_celsius
+        for begin, end, _ in windows:
+            hot = slowdown + 1.5 + _unit_block(q.key ^ 0x7E39, np.floor(t).astype(np.int64))
+            ramp = (begin - _THERMAL_RAMP_SECONDS <= t) & (t < begin)
+            frac = (t - (begin - _THERMAL_RAMP_SECONDS)) / _THERMAL_RAMP_SECONDS
+            target = slowdown - 1.0
+            ramped = np.maximum(celsius, celsius + (target - celsius) * frac * frac)
+            tripped = np.maximum(celsius, hot)
+            after = t >= end
+            cooling = celsius + np.maximum(0.0, hot - celsius) * _math_map(
+                math.exp, np.where(after, -(t - end) / _THERMAL_COOL_SECONDS, 0.0)
+            )
+            tripping = (begin <= t) & (t < end)
+            celsius = np.where(ramp, ramped, np.where(tripping, tripped, np.where(after, cooling, celsius)))
+        return celsius
+
+    def _joules_block(self, gpu: int, t: np.ndarray, index: np.ndarray) -> np.ndarray:
+        segs = self._segment_arrays(gpu)
+        begin, scale = segs["begin"][index], segs["scale"][index]
+        t = np.maximum(t, begin)
+        joules = segs["joules_before"][index] + segs["watts"][index] * (t - begin)
+        integral = self._power_integral_block(self._params[gpu], begin, t)
+        return np.where(scale != 0.0, joules + scale * integral, joules)
+
+    def _power_integral_block(self, q: _GpuParams, t0: np.ndarray, t1: np.ndarray) -> np.ndarray:
+        x0 = t0 - self.start + _WARM_SECONDS
+        x1 = t1 - self.start + _WARM_SECONDS
+        joules = q.power_base_watts * (x1 - x0)
+        for amplitude, omega, phase in zip(q.swing_amplitudes_watts, q.swing_omegas, q.swing_phases):
+            joules = joules + amplitude / omega * (
+                _math_map(math.cos, omega * x0 + phase) - _math_map(math.cos, omega * x1 + phase)
+            )
+        return joules
+
+    def pcie_bytes_block(self, gpu: int, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """pcie_bytes(gpu, t) at each of `times`: (TX, RX) as int64 arrays."""
+        q = self._params[gpu]
+        segs = self._segment_arrays(gpu)
+        index = self._segment_block(gpu, times)
+        begin = segs["begin"][index]
+        t = np.maximum(times, begin)
+        x0 = begin - self.start + _WARM_SECONDS
+        x1 = t - self.start + _WARM_SECONDS
+        omega, phase = q.pcie_swing_omega, q.pcie_swing_phase
+        swing = (
+            _PCIE_SWING_FRACTION
+            / omega
+            * (_math_map(math.cos, omega * x0 + phase) - _math_map(math.cos, omega * x1 + phase))
+        )
+        integral = q.pcie_rx_kilobytes_per_second * ((x1 - x0) + swing)
+        kilobytes = segs["rx_kilobytes_before"][index] + segs["pace"][index] * integral
+        rx = (kilobytes - self._rx_kilobytes_at_start[gpu]) * _BYTES_PER_KB
+        tx_bytes = q.pcie_tx_base_bytes + np.trunc(rx * q.pcie_tx_fraction).astype(np.int64)
+        return tx_bytes, q.pcie_rx_base_bytes + np.trunc(rx).astype(np.int64)
+
+    def counters_block(self, gpu: int, times: np.ndarray) -> dict[str, np.ndarray]:
+        """The counters and link state at each of `times` (int64 arrays): pcie_replay,
+        ecc_sbe / ecc_dbe (volatile and aggregate alike), remapped_* (as remapped_rows()),
+        nvlink_up (links up) and nvlink_<counter> (summed over the links), pcie_gen, pcie_width."""
+        windows = self._windows[gpu]
+        n = len(times)
+        zeros = np.zeros(n, dtype=np.int64)
+
+        def started(kind: str) -> np.ndarray:
+            return sum((times >= begin).astype(np.int64) for begin, _, _ in windows.get(kind, ())) + zeros
+
+        def active(kind: str) -> list[tuple[np.ndarray, Fault]]:
+            return [((begin <= times) & (times < end), f) for begin, end, f in windows.get(kind, ())]
+
+        def climbed(begin: float, end: float, rate: float) -> np.ndarray:
+            return np.where(times >= begin, 1 + np.trunc(rate * (np.minimum(times, end) - begin)), 0).astype(np.int64)
+
+        replay = self._params[gpu].pcie_replay_base + zeros
+        for begin, end, fault in windows.get("pcie_replays", ()):
+            replay = replay + climbed(begin, end, fault.rate_per_second or DEFAULT_PCIE_REPLAYS_PER_SECOND)
+        sbe = started("single_sbe")
+        for begin, end, fault in windows.get("ecc_sbe_burst", ()):
+            sbe = sbe + climbed(begin, end, fault.rate_per_second or DEFAULT_SBE_PER_SECOND)
+        pending_started, failures = started("row_remap_pending"), started("row_remap_failure")
+        pending = zeros.copy()
+        for on, _ in active("row_remap_pending"):
+            pending = pending | on
+        links = self.profile.nvlink_links
+        down = np.zeros((n, links), dtype=bool)
+        for on, fault in active("nvlink_down"):
+            down[:, fault.link] |= on
+        out = {
+            "pcie_replay": replay,
+            "ecc_sbe": sbe,
+            "ecc_dbe": started("ecc_dbe"),
+            "remapped_correctable": zeros,
+            "remapped_uncorrectable": pending_started + failures,
+            "remap_pending": pending.astype(np.int64),
+            "remap_failure": (failures > 0).astype(np.int64),
+            "nvlink_up": links - down.sum(axis=1),
+        }
+        for counter in NVLINK_COUNTERS:
+            count = zeros
+            for begin, end, fault in windows.get("nvlink_errors", ()):
+                rate = (fault.rate_per_second or DEFAULT_NVLINK_CRC_FLITS_PER_SECOND) * _NVLINK_COUNTER_SHARE[counter]
+                count = count + climbed(begin, end, rate)
+            if counter == "recovery":
+                for begin, _, _ in windows.get("nvlink_down", ()):
+                    count = count + (times >= begin)
+            out["nvlink_" + counter] = count
+        gen = np.where(self.idle_block(gpu, times), _IDLE_PCIE_GEN, self.profile.pcie_link_gen_max)
+        width = np.full(n, self.profile.pcie_link_width_max, dtype=np.int64)
+        for on, fault in active("pcie_downtrain"):
+            gen = np.where(on, np.minimum(gen, fault.pcie_gen), gen)
+            width = np.where(on, np.minimum(width, fault.pcie_width), width)
+        out["pcie_gen"], out["pcie_width"] = gen.astype(np.int64), width
+        return out
+
+
+def _unit_block(key: int, i: np.ndarray) -> np.ndarray:
+    """_unit(key, i) for each non-negative i: the same uint64 arithmetic, wrapping as & _MASK64 does."""
+    x = np.uint64(key) ^ (i.astype(np.uint64) * np.uint64(0xD1B54A32D192ED03))
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return x.astype(np.float64) / 18446744073709551616.0
+
+
+def _math_map(function: Callable[[float], float], values: np.ndarray) -> np.ndarray:
+    """`function` (math.sin, ...) on each value: numpy's own may differ in the last bit."""
+    return np.fromiter(map(function, values.tolist()), dtype=np.float64, count=len(values))

@@ -109,11 +109,13 @@ def _add_ranges(conn: Connection, keys: dict[tuple[str, str], tuple[list[int], f
                 )
                 existing[last] = (row_id, max(seen, received_at))
             else:
-                row_id = conn.execute(
+                inserted = conn.execute(
                     insert(r).values(
                         node=node, boot_id=boot_id, first_seq=first, last_seq=last, last_received_at=received_at
                     )
-                ).inserted_primary_key[0]
+                ).inserted_primary_key
+                assert inserted is not None
+                row_id = inserted[0]
                 existing[last] = (row_id, received_at)
 
 

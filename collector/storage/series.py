@@ -83,7 +83,7 @@ def read_series(store: Store, query: SeriesQuery, now: float, raw_retention_seco
         if step is not None and len(block):
             block = rollup(block, step)
         source = "raw"
-    series = []
+    series: list[dict[str, Any]] = []
     for cid, name in wanted.items():
         if step is None:
             points = block.column(cid + RAW) if len(block) else None

@@ -573,9 +573,9 @@ class Store:
         for node, body in bodies:
             by_node.setdefault(node, []).append(body)
         for node, node_bodies in by_node.items():
-            block = blocks_from_bodies(node, node_bodies).get("gpu")
-            if block is not None:
-                for sample in block_gpu_samples(node, block, float(block.t[-1]) - _LATEST_SPREAD_SECONDS):
+            raw_block = blocks_from_bodies(node, node_bodies).get("gpu")
+            if raw_block is not None:
+                for sample in block_gpu_samples(node, raw_block, float(raw_block.t[-1]) - _LATEST_SPREAD_SECONDS):
                     keep(sample)
         return latest
 

@@ -4,11 +4,13 @@ import logging
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from fleetwatch.detectors import default_detectors
-from fleetwatch.detectors.engine import RecentData, SeriesView, Tracker
+from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.table import TableSeries
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 
 T0 = 1_700_000_000.0
@@ -22,14 +24,16 @@ def gpu(t, node="n01", index=0, **metrics):
 
 
 def test_window_hands_out_views_of_the_same_samples_oldest_first():
+    # GPU samples live in arrays: the window's series are views over them that hand out equal
+    # GpuSamples (not the objects added), oldest first.
     data = RecentData(retention_seconds=60)
     samples = [gpu(T0 + i, temp_gpu_celsius=40 + i) for i in range(5)]
     for s in samples:
         data.add_gpu(s)
     series = data.window(T0 + 4, watching_since=T0).gpu[("n01", 0)]
-    assert isinstance(series, SeriesView)
-    assert list(series) == samples and all(a is b for a, b in zip(series, samples))
-    assert series[-1] is samples[-1] and series[0] is samples[0]
+    assert isinstance(series, TableSeries)
+    assert list(series) == samples
+    assert series[-1] == samples[-1] and series[0] == samples[0]
     assert series[-3:] == samples[-3:] and series[1:3] == samples[1:3] and series[::2] == samples[::2]
     assert list(reversed(series)) == samples[::-1]
     with pytest.raises(IndexError):
@@ -290,3 +294,65 @@ def test_a_thousand_gpus_evaluated_every_second_stay_cheap():
     assert tracker.open == {}
     # Generous for slow CI machines; measured around 10 ms.
     assert sorted(durations)[len(durations) // 2] < 0.1
+
+
+# --- GPU samples as arrays -------------------------------------------------------------------------
+
+
+def test_add_gpu_rows_is_add_gpu_of_the_same_samples():
+    from fleetwatch.wire import GPU_FIELDS
+
+    column = {name: i for i, name in enumerate(GPU_FIELDS)}
+    by_rows, by_samples = RecentData(retention_seconds=60), RecentData(retention_seconds=60)
+    for i in range(3):
+        values = np.full((2, len(GPU_FIELDS)), np.nan)  # NaN: the field is absent
+        values[:, column["temp_gpu_celsius"]] = [40 + i, 50 + i]
+        values[1, column["ecc_dbe_volatile_total"]] = i
+        by_rows.add_gpu_rows("n01", T0 + i, [0, 3], values, ["GPU-a", None], ["j1", None], [0, None])
+        by_samples.add_gpu(GpuSample(T0 + i, "n01", 0, {"temp_gpu_celsius": 40 + i}, uuid="GPU-a", job="j1", rank=0))
+        by_samples.add_gpu(GpuSample(T0 + i, "n01", 3, {"temp_gpu_celsius": 50 + i, "ecc_dbe_volatile_total": i}))
+    a, b = by_rows.window(T0 + 2, watching_since=T0), by_samples.window(T0 + 2, watching_since=T0)
+    assert list(a.gpu) == list(b.gpu) == [("n01", 0), ("n01", 3)]
+    assert [list(a.gpu[key]) for key in a.gpu] == [list(b.gpu[key]) for key in b.gpu]
+    last = a.gpu[("n01", 3)][-1]
+    assert last.metrics == {"temp_gpu_celsius": 52.0, "ecc_dbe_volatile_total": 2}
+    assert isinstance(last.metrics["ecc_dbe_volatile_total"], int)  # integer fields stay integers
+    assert a.nodes == b.nodes
+    with pytest.raises(ValueError, match="shape"):
+        by_rows.add_gpu_rows("n01", T0 + 3, [0], np.zeros((1, 3)), [None], [None], [None])
+
+
+def test_fields_are_kept_as_long_as_the_detectors_read_them():
+    data = RecentData.for_detectors(default_detectors())
+    metrics = {"ecc_sbe_volatile_total": 0, "remap_pending": 0, "mem_clock_mhz": 2619, "temp_gpu_celsius": 60}
+    for i in range(200):
+        data.add_gpu(GpuSample(T0 + i, "n01", 0, metrics))
+    series = data.window(T0 + 199, watching_since=T0).gpu[("n01", 0)]
+    assert len(series) == 200  # the samples themselves (time, identity) for the whole window
+    oldest, newest = series[0].metrics, series[-1].metrics
+    assert newest == {
+        "ecc_sbe_volatile_total": 0,
+        "remap_pending": 0,
+        "mem_clock_mhz": 2619.0,
+        "temp_gpu_celsius": 60.0,
+    }
+    # The error counters for ecc's 180 s window; row remapping, temperatures, fields nobody reads:
+    # no longer at the oldest sample.
+    assert oldest == {}
+    assert series[-170].metrics == {"ecc_sbe_volatile_total": 0}
+
+
+def test_the_long_sustained_rule_reads_condition_times_not_old_samples():
+    # Thermal slowdown 5 s a minute in 6 of the last 10 minutes: found although the temperature
+    # fields of the early minutes are long gone from the buffer (only the hot samples' times stay).
+    hot = {"clock_event_reasons": 0x48, "temp_gpu_celsius": 90, "temp_slowdown_celsius": 89}
+    cool = {"clock_event_reasons": 0, "temp_gpu_celsius": 60, "temp_slowdown_celsius": 89}
+    detectors = default_detectors()
+    data = RecentData.for_detectors(detectors)
+    for i in range(600):
+        minute_hot = (i // 60) in (1, 2, 4, 6, 7, 9) and i % 60 >= 55
+        data.add_gpu(GpuSample(T0 + i, "n01", 0, hot if minute_hot else cool))
+    opened, _ = Tracker(detectors).evaluate(data.window(T0 + 599, watching_since=T0))
+    (finding,) = [f for f in opened if f.detector == "thermal"]
+    assert finding.evidence["sustained_by"] == "long" and finding.evidence["hot_minutes"] == 6
+    assert finding.start == T0 + 60 + 55

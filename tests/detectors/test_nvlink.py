@@ -5,6 +5,7 @@ import pytest
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.model import NodeState, Window
 from fleetwatch.detectors.nvlink import NvlinkDetector, NvlinkThresholds
+from fleetwatch.detectors.table import GpuTable
 from fleetwatch.records import GpuSample
 
 T0 = 1_700_000_000.0
@@ -216,32 +217,21 @@ def test_stale_samples_say_nothing_about_now():
     assert NvlinkDetector().detect(alone([links(up=17)] * 10, now=late)) == []
 
 
-def test_healthy_gpus_are_judged_from_the_ends_of_their_series():
-    class Counting(list):
-        touched = 0
+def test_healthy_gpus_are_judged_together_not_one_by_one(monkeypatch):
+    # A healthy fleet is judged with numpy over the newest readings and the window's ends: no GPU's
+    # series is walked or even opened (the table's per-GPU reads raise here).
+    data = RecentData.for_detectors([NvlinkDetector()])
+    for i in range(180):
+        for gpu in range(8):
+            data.add_gpu(GpuSample(T0 + i, "n01", gpu, links()))
+    w = data.window(T0 + 179, watching_since=T0)
 
-        def __getitem__(self, index):
-            Counting.touched += 1
-            return super().__getitem__(index)
+    def refuse(*args, **kwargs):
+        raise AssertionError("a healthy GPU must not be looked at one by one")
 
-        def __iter__(self):
-            raise AssertionError("a healthy series must not be walked")
-
-        def __reversed__(self):
-            raise AssertionError("a healthy series must not be walked")
-
-    gpus = {("n01", gpu): Counting(GpuSample(T0 + i, "n01", gpu, links()) for i in range(180)) for gpu in range(8)}
-    w = Window(
-        now=T0 + 179,
-        gpu=gpus,
-        host={},
-        events=[],
-        steps=[],
-        nodes={"n01": NodeState("n01", T0 + 179, 1.0)},
-        watching_since=T0,
-    )
+    monkeypatch.setattr(GpuTable, "series", refuse)
+    monkeypatch.setattr(GpuTable, "sample", refuse)
     assert NvlinkDetector().detect(w) == []
-    assert Counting.touched <= 8 * 10  # a handful per GPU, not the 180 samples
 
 
 def test_thresholds_validate():

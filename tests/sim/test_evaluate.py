@@ -375,6 +375,10 @@ class FakeFleet:
                 for gpu in range(s["fleet"].get("gpus_per_node", 8)):
                     yield GpuSample(t, node, gpu, {"gpu_util_percent": 98})
 
+    def batches(self):
+        """What evaluate_scenario replays (SimFleet's records with GPU samples in bulk)."""
+        return self.records()
+
 
 @pytest.fixture
 def fake_sim(monkeypatch):
