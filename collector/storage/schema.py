@@ -143,17 +143,25 @@ batch_ranges = Table(
 
 BLOCK_KINDS = ("gpu", "host", "ib")
 
+
 # A node's samples of one kind over [t_start, t_end] as one compressed matrix (storage/chunks.py).
+def _block_columns() -> list[Column]:
+    """A block's row: whose (node, kind), which span (t_start..t_end), how many rows, the blob."""
+    return [
+        _row_id(),
+        Column("node", String(255), nullable=False),
+        Column("kind", String(8), nullable=False),
+        Column("t_start", Double, nullable=False),
+        Column("t_end", Double, nullable=False),
+        Column("rows", Integer, nullable=False),
+        Column("data", LargeBinary, nullable=False),
+    ]
+
+
 sample_blocks = Table(
     "sample_blocks",
     metadata,
-    _row_id(),
-    Column("node", String(255), nullable=False),
-    Column("kind", String(8), nullable=False),
-    Column("t_start", Double, nullable=False),
-    Column("t_end", Double, nullable=False),
-    Column("rows", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
+    *_block_columns(),
     # Whether rollup_blocks hold this block's minutes: only then may retention drop it.
     Column("rolled_up", Boolean, nullable=False, default=False),
     Index(None, "node", "kind", "t_start"),
@@ -167,13 +175,7 @@ sample_blocks = Table(
 rollup_blocks = Table(
     "rollup_blocks",
     metadata,
-    _row_id(),
-    Column("node", String(255), nullable=False),
-    Column("kind", String(8), nullable=False),
-    Column("t_start", Double, nullable=False),
-    Column("t_end", Double, nullable=False),
-    Column("rows", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
+    *_block_columns(),
     Index(None, "node", "kind", "t_start"),
     Index(None, "t_end"),
     postgresql_partition_by="RANGE (t_start)",  # a partition per 30 days of t_start
