@@ -32,7 +32,7 @@ from fleetwatch.backoff import backoff_seconds
 from fleetwatch.limits import printable
 from fleetwatch.systemd import notify, watchdog_interval_seconds
 from fleetwatch.v1 import telemetry_pb2 as pb
-from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics
+from fleetwatch.wire import IB_FIELDS, event_from_dict, fill_metrics, gpu_columns_message
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,56 @@ def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
     return msg
 
 
+def gpu_sample_labels(sample: dict[str, Any]) -> dict[str, Any]:
+    """The sample with its job name as the collector takes it: from the environment and cgroup
+    paths of the GPU's processes, so printable and cut to the limit here."""
+    if not sample.get("job"):
+        return sample
+    return sample | {"job": printable(str(sample["job"]), limits.JOB_MAX_CHARS)}
+
+
 def gpu_sample_message(sample: dict[str, Any]) -> pb.GpuSample:
+    sample = gpu_sample_labels(sample)
     msg = pb.GpuSample(gpu=int(sample["gpu"]), t=float(sample["t"]), uuid=sample.get("uuid") or "")
     if sample.get("job"):
-        # Job names come from the environment and cgroup paths of the GPU's processes.
-        msg.job = printable(str(sample["job"]), limits.JOB_MAX_CHARS)
+        msg.job = sample["job"]
     if sample.get("rank") is not None:
         msg.rank = int(sample["rank"])
     fill_metrics(msg.metrics, sample["metrics"])
     return msg
+
+
+def fill_host_sample(msg: pb.HostSample, cycle: Cycle) -> None:
+    msg.t = cycle.t
+    fill_metrics(msg.metrics, cycle.host or {})
+    for port in cycle.ib_ports:
+        msg.ib_ports.append(ib_port_message(port))
+
+
+def batch_message(cycles: list[Cycle], boot_id: str, dense: bool) -> pb.Batch:
+    """One batch of `cycles`: the dense form (gpu_columns, hosts) or, for one cycle, the 0.1.0 form."""
+    batch = pb.Batch(t=cycles[-1].t, boot_id=boot_id)
+    if dense:
+        gpus = [gpu_sample_labels(sample) for cycle in cycles for sample in cycle.gpus]
+        if gpus:
+            batch.gpu_columns.CopyFrom(gpu_columns_message(gpus))
+        for cycle in cycles:
+            if cycle.host is not None:
+                fill_host_sample(batch.hosts.add(), cycle)
+    else:
+        (cycle,) = cycles
+        batch.gpus.extend(gpu_sample_message(s) for s in cycle.gpus)
+        if cycle.host is not None:
+            fill_host_sample(batch.host, cycle)
+    for cycle in cycles:
+        batch.events.extend(event_from_dict(e) for e in map(storable_event, cycle.events) if e is not None)
+        for step in cycle.steps:
+            report = batch.steps.add(
+                t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"]
+            )
+            if step.get("gpu") is not None:
+                report.gpu = step["gpu"]
+    return batch
 
 
 class Agent:
@@ -181,24 +222,15 @@ class Agent:
         self._reschedule: asyncio.Event | None = None  # set when the sampling interval changes
         self._threads: list[threading.Thread] = []
         self._kernel_sent_until = 0.0
+        # Set from each Welcome: whether the collector takes several cycles a batch (Batch.gpu_columns).
+        self.collector_accepts_columns = False
+        self._pending: list[Cycle] = []  # cycles sampled, not spooled yet (cycles_per_batch)
+        self._pending_lock = threading.Lock()
 
     # -- producing batches -------------------------------------------------------------------
 
-    def _spool_batch(self, cycle: Cycle) -> int:
-        batch = pb.Batch(t=cycle.t, boot_id=self.boot_id)
-        batch.gpus.extend(gpu_sample_message(s) for s in cycle.gpus)
-        if cycle.host is not None:
-            batch.host.t = cycle.t
-            fill_metrics(batch.host.metrics, cycle.host)
-            for port in cycle.ib_ports:
-                batch.host.ib_ports.append(ib_port_message(port))
-        batch.events.extend(event_from_dict(e) for e in map(storable_event, cycle.events) if e is not None)
-        for step in cycle.steps:
-            report = batch.steps.add(
-                t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"]
-            )
-            if step.get("gpu") is not None:
-                report.gpu = step["gpu"]
+    def _spool_batch(self, cycles: list[Cycle], dense: bool = False) -> int:
+        batch = batch_message(cycles, self.boot_id, dense)
         with self._spool_lock:
             seq = self.spool.next_seq()
             batch.seq = seq
@@ -211,6 +243,41 @@ class Agent:
             self._loop.call_soon_threadsafe(self._wake_sender.set)
         return seq
 
+    @property
+    def cycles_per_batch(self) -> int:
+        """Sampling cycles sent together: batch_interval_seconds of them, once the collector takes them."""
+        if not self.collector_accepts_columns or not self.config.batch_interval_seconds:
+            return 1
+        cycles = round(self.config.batch_interval_seconds / self.sampling_interval_seconds)
+        return max(1, min(cycles, limits.MAX_CYCLES_PER_BATCH))
+
+    def _add_cycle(self, cycle: Cycle) -> int | None:
+        """Spool the cycle, alone or with the ones gathered before it; the batch's seq, or None while gathering."""
+        with self._pending_lock:
+            per_batch = self.cycles_per_batch
+            if per_batch == 1 and not self._pending:
+                return self._spool_batch([cycle])
+            self._pending.append(cycle)
+            # Events (and a GPU that vanished) go out at once, not at the end of the interval.
+            if len(self._pending) < per_batch and not cycle.events:
+                return None
+            return self._flush_pending()
+
+    def _flush_pending(self) -> int | None:
+        """Spool the gathered cycles (pending lock held): one dense batch, or one batch each for a
+        collector that no longer takes the dense form."""
+        cycles, self._pending = self._pending, []
+        if not cycles:
+            return None
+        if self.collector_accepts_columns:
+            return self._spool_batch(cycles, dense=True)
+        return [self._spool_batch([cycle]) for cycle in cycles][-1]
+
+    def flush(self) -> int | None:
+        """Spool what was gathered now (on stop); the batch's seq, or None when nothing was."""
+        with self._pending_lock:
+            return self._flush_pending()
+
     def _publish_spool_state(self) -> None:
         """Copy the spool's gauges and counters into the state /metrics reads (spool lock held)."""
         with self.state.lock:
@@ -219,16 +286,17 @@ class Agent:
             self.state.spool_dropped_batches_total = self.spool.dropped_batches
             self.state.spool_quarantined_batches_total = self.spool.quarantined_batches
 
-    def sample_once(self) -> int:
-        """One sampling cycle (blocking: NVML, psutil and sysfs reads); returns the batch's seq."""
-        return self._spool_batch(self.sampler.sample())
+    def sample_once(self) -> int | None:
+        """One sampling cycle (blocking: NVML, psutil and sysfs reads); the seq of the batch it
+        completed, or None while the cycle waits for the rest of its batch (cycles_per_batch)."""
+        return self._add_cycle(self.sampler.sample())
 
     def send_events(self, events: list[dict]) -> int | None:
         """Events go out at once, in a batch of their own, not at the next sampling tick."""
         events = self.sampler.admit_events(events)
         if not events:
             return None
-        return self._spool_batch(Cycle(t=self.clock(), events=events))
+        return self._spool_batch([Cycle(t=self.clock(), events=events)])
 
     def _nvml_event_thread(self) -> None:
         assert self.nvml is not None
@@ -347,6 +415,7 @@ class Agent:
             sampling_interval_seconds=self.sampling_interval_seconds,
             t=self.clock(),
             nvml_available=self.nvml is not None,
+            batch_interval_seconds=self.config.batch_interval_seconds,
         )
         for info in self.nvml.inventory if self.nvml is not None else []:
             gpu = hello.gpus.add(
@@ -466,6 +535,16 @@ class Agent:
         first = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
             raise ConnectionError("collector did not answer the hello with a welcome")
+        accepts = first.welcome.accepts_columns
+        if accepts != self.collector_accepts_columns:
+            log.info(
+                "collector %s %s",
+                self.config.collector_address,
+                f"takes several sampling cycles a batch: sending every {self.config.batch_interval_seconds:g} s"
+                if accepts
+                else "takes one sampling cycle a batch (fleetwatch 0.1.0): sending every cycle",
+            )
+            self.collector_accepts_columns = accepts
         return int(first.welcome.last_seq)
 
     async def _write(self, call: Any, reader: asyncio.Task[None], payload: bytes) -> None:
@@ -636,6 +715,7 @@ class Agent:
             notify("STOPPING=1")
             self._stopping.set()
             await asyncio.gather(sampler, *([watchdog] if watchdog is not None else []), return_exceptions=True)
+            await asyncio.to_thread(self.flush)
             stop_sending.set()
             self._wake_sender.set()
             try:

@@ -91,8 +91,14 @@ STEP_JOB_MAX_CHARS = stepreport.MAX_JOB_CHARS
 
 # -- per batch --------------------------------------------------------------------------------
 
-# One batch is one sampling cycle: one sample per GPU.
+# A batch of the 0.1.0 form (Batch.gpus, Batch.host) is one sampling cycle: one sample per GPU.
 MAX_GPU_SAMPLES_PER_BATCH = MAX_GPUS_PER_NODE
+# The dense form (Batch.gpu_columns, Batch.hosts) holds several cycles: at most this many, each
+# one sample per GPU (120: a minute of samples every half second).
+MAX_CYCLES_PER_BATCH = 120
+MAX_GPU_ROWS_PER_BATCH = MAX_CYCLES_PER_BATCH * MAX_GPUS_PER_NODE
+# Seconds an agent may gather cycles before it sends them (agent batch_interval_seconds).
+BATCH_INTERVAL_MAX_SECONDS = 60.0
 # XIDs come one per driver event; a storm of 1,024 in one cycle is already a dead GPU.
 MAX_EVENTS_PER_BATCH = 1024
 # The step receiver hands over at most 10,000 reports a cycle (StepReceiver max_queued).

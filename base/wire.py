@@ -6,7 +6,10 @@ telemetry.proto; this module derives its lists from the descriptors so there is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import sys
+from array import array
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -30,6 +33,48 @@ INTEGER_FIELDS: frozenset[str] = frozenset(
     for f in d.fields
     if f.type in _INTEGER_TYPES
 )
+
+
+GPU_FIELD_NUMBERS: dict[str, int] = {f.name: f.number for f in pb.GpuMetrics.DESCRIPTOR.fields}
+
+
+def gpu_columns_message(samples: Sequence[Mapping[str, Any]]) -> pb.GpuColumns:
+    """GPU sample dicts (t, gpu, uuid, job, rank, metrics) as one GpuColumns, rows in their order.
+
+    Absent and None values are NaN; a metric name GpuMetrics lacks raises KeyError, as fill_metrics.
+    """
+    names = sorted(
+        {name for s in samples for name, value in s["metrics"].items() if value is not None},
+        key=GPU_FIELD_NUMBERS.__getitem__,
+    )
+    column = {name: i for i, name in enumerate(names)}
+    width = len(names)
+    values = array("d", [math.nan]) * (len(samples) * width)
+    msg = pb.GpuColumns(fields=[GPU_FIELD_NUMBERS[name] for name in names])
+    label_of: dict[tuple[str, str, int | None], int] = {}
+    times, gpus, labels = [], [], []
+    for row, sample in enumerate(samples):
+        base = row * width
+        for name, value in sample["metrics"].items():
+            if value is not None:
+                values[base + column[name]] = float(value)
+        key = (sample.get("uuid") or "", sample.get("job") or "", sample.get("rank"))
+        index = label_of.get(key)
+        if index is None:
+            index = label_of[key] = len(label_of)
+            entry = msg.labels.add(uuid=key[0], job=key[1])
+            if key[2] is not None:
+                entry.rank = int(key[2])
+        times.append(float(sample["t"]))
+        gpus.append(int(sample["gpu"]))
+        labels.append(index)
+    if sys.byteorder != "little":
+        values.byteswap()
+    msg.t.extend(times)
+    msg.gpu.extend(gpus)
+    msg.label.extend(labels)
+    msg.values = values.tobytes()
+    return msg
 
 
 def metrics_to_dict(msg: Any) -> dict[str, float | int]:

@@ -23,9 +23,9 @@ from fleetwatch.collector.health import Readiness, sqlite_file
 from fleetwatch.collector.ingest import IngestWriter
 from fleetwatch.collector.notify import Notifiers
 from fleetwatch.collector.outbox import Outbox
-from fleetwatch.collector.server import IngestStats, TelemetryService
+from fleetwatch.collector.server import IngestStats, TelemetryService, reporting_interval_seconds
 from fleetwatch.collector.storage.compaction import compact, expire, roll_up
-from fleetwatch.collector.storage.store import IngestBatch, Store
+from fleetwatch.collector.storage.store import GpuRows, IngestBatch, Store
 from fleetwatch.collector.tls import check_listen_security, load_server_tls
 from fleetwatch.collector.validate import ClockWindow
 from fleetwatch.collector.web import WebServer
@@ -67,6 +67,8 @@ def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequen
         if not new:
             continue
         _add_gpu_samples(recent, item.node, item.gpu_samples)
+        if item.gpu_rows is not None:
+            _add_gpu_rows(recent, item.node, item.gpu_rows)
         for h in item.host_samples:
             recent.add_host(h)
         for e in item.events:
@@ -75,6 +77,24 @@ def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequen
             recent.add_step(st)
         for port in item.ib_ports:
             recent.add_ib(ib_sample(item.node, port))
+
+
+def _add_gpu_rows(recent: RecentData, node: str, rows: GpuRows) -> None:
+    """A dense batch's rows, one add_gpu_rows per sampling time, the values as they are."""
+    times, at_time = np.unique(rows.t, return_inverse=True)
+    labels = [rows.labels[i] for i in rows.label.tolist()]
+    for k, t in enumerate(times.tolist()):
+        picked = np.flatnonzero(at_time == k)
+        chosen = [labels[i] for i in picked.tolist()]
+        recent.add_gpu_rows(
+            node,
+            t,
+            rows.gpu[picked].tolist(),
+            rows.values[picked],
+            [label[0] for label in chosen],
+            [label[1] for label in chosen],
+            [label[2] for label in chosen],
+        )
 
 
 def _add_gpu_samples(recent: RecentData, node: str, samples: Sequence[GpuSample]) -> None:
@@ -120,7 +140,9 @@ class CollectorApp:
         self.recent = RecentData.for_detectors(detectors)
         self.tracker = Tracker(detectors)
         self.stats = IngestStats()
-        self.writer = IngestWriter(self.store, self._on_stored, config.ingest_max_batches_per_commit)
+        self.writer = IngestWriter(
+            self.store, self._on_stored, config.ingest_max_batches_per_commit, config.ingest_commit_wait_seconds
+        )
         self.readiness = Readiness(self.store, self.writer, sqlite_path=sqlite_file(config.database_url.reveal()))
         # Outbox rows name a webhook by reference (origin and a key), never by its URL with tokens.
         self.notifiers = Notifiers(
@@ -162,7 +184,7 @@ class CollectorApp:
     # -- ingest callbacks (event loop thread) -------------------------------------------------
 
     def _on_hello(self, hello: pb.Hello, now: float) -> None:
-        interval = self.config.agent_sampling_interval_seconds or hello.sampling_interval_seconds or 1.0
+        interval = reporting_interval_seconds(hello, self.config.agent_sampling_interval_seconds)
         self.detection.feed(
             functools.partial(
                 RecentData.note_node,
@@ -181,7 +203,7 @@ class CollectorApp:
             if not new:
                 continue
             self.stats.batches += 1
-            self.stats.gpu_samples += len(item.gpu_samples)
+            self.stats.gpu_samples += item.gpu_sample_count
             self.stats.host_samples += len(item.host_samples)
             self.stats.events += len(item.events)
             has_events = has_events or bool(item.events)
@@ -190,6 +212,11 @@ class CollectorApp:
                 newest = self.latest_gpu.get(key)
                 if newest is None or sample.t >= newest[0]:
                     self.latest_gpu[key] = (sample.t, sample.metrics)
+            if item.gpu_rows is not None:
+                for gpu, (t, metrics) in item.gpu_rows.newest_by_gpu().items():
+                    newest = self.latest_gpu.get((item.node, gpu))
+                    if newest is None or t >= newest[0]:
+                        self.latest_gpu[(item.node, gpu)] = (t, metrics)
         self.detection.feed(functools.partial(feed_recent, items=list(items), stored=list(stored)))
         if has_events:
             self.detection.trigger()

@@ -155,6 +155,12 @@ class CollectorConfig:
     )
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from an agent", check=positive)
     ingest_max_batches_per_commit: int = setting(256, "batches written in one database transaction", check=positive)
+    ingest_commit_wait_seconds: float = setting(
+        0.05,
+        "after a batch arrives, how long the writer waits for more to commit with it: fewer, larger "
+        "transactions for a few ms more ack latency (0: commit what is queued at once)",
+        check=non_negative,
+    )
     max_clock_skew_seconds: float = setting(
         DEFAULT_MAX_CLOCK_SKEW_SECONDS,
         "a batch with a time further ahead of the collector's clock is refused (a node's clock is wrong)",

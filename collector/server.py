@@ -46,6 +46,14 @@ STORAGE_UNAVAILABLE = "collector storage unavailable; keep the batches spooled a
 REJECTED_SEQ_METADATA_KEY = "fleetwatch-rejected-seq"
 
 
+def reporting_interval_seconds(hello: pb.Hello, sampling_override_seconds: float = 0.0) -> float:
+    """Seconds between a node's reports as its stored interval and the detectors read it (how long
+    silence is normal): its sampling interval, or its batch interval where it sends several
+    sampling cycles a batch (Hello.batch_interval_seconds)."""
+    sampling = sampling_override_seconds or hello.sampling_interval_seconds or 1.0
+    return max(sampling, hello.batch_interval_seconds)
+
+
 class RateLimitedLog:
     """Warnings keyed by a bounded label (a node): the first, then at most one per interval."""
 
@@ -206,7 +214,7 @@ class TelemetryService(pb_grpc.TelemetryServicer):
                     f"this connection's certificate is for {identity}, not for node {node!r}; "
                     f"an agent may send only as the node its certificate names",
                 )
-        interval = self.sampling_interval_seconds or hello.sampling_interval_seconds or 1.0
+        interval = reporting_interval_seconds(hello, self.sampling_interval_seconds)
         try:
             last_seq, known = await asyncio.to_thread(self._hello_state, node, boot_id)
         except Exception as exc:
@@ -215,7 +223,7 @@ class TelemetryService(pb_grpc.TelemetryServicer):
         label = self._node_label(node, known)
         log.debug("agent %s hello from %s (boot %s, holds up to seq %d)", node, peer, boot_id[:8], last_seq)
 
-        yield pb.CollectorMessage(welcome=pb.Welcome(last_seq=last_seq))
+        yield pb.CollectorMessage(welcome=pb.Welcome(last_seq=last_seq, accepts_columns=True))
         if self.sampling_interval_seconds:
             yield pb.CollectorMessage(settings=pb.Settings(sampling_interval_seconds=self.sampling_interval_seconds))
 

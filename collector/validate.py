@@ -8,10 +8,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fleetwatch import limits
-from fleetwatch.collector.storage.store import IngestBatch
+from fleetwatch.collector.storage.blocks import storable
+from fleetwatch.collector.storage.store import GpuRows, IngestBatch
 from fleetwatch.records import Event, GpuSample, HostSample, Step
 from fleetwatch.v1 import telemetry_pb2 as pb
+from fleetwatch.wire import GPU_FIELD_NUMBERS, GPU_FIELDS
 
 # The event kinds agents send and detectors act on (telemetry.proto's Event.kind). A kind this
 # collector does not know is refused rather than stored unread: upgrade collectors before agents.
@@ -143,6 +147,86 @@ class _BatchChecker(_Checker):
         return kept
 
 
+# GpuMetrics field number -> its column in GPU_FIELDS order (GpuRows.values).
+_GPU_COLUMN = {GPU_FIELD_NUMBERS[name]: i for i, name in enumerate(GPU_FIELDS)}
+
+
+def _gpu_rows(c: _BatchChecker, columns: pb.GpuColumns) -> GpuRows:
+    """Batch.gpu_columns checked as whole arrays: shapes, times, GPU indexes, labels; values that
+    cannot be measurements dropped (NaN) and counted, as _BatchChecker.metrics does one by one."""
+    rows, numbers = len(columns.t), list(columns.fields)
+    c.count("gpu_columns.t", rows, limits.MAX_GPU_ROWS_PER_BATCH)
+    for name, entries in (("gpu", len(columns.gpu)), ("label", len(columns.label))):
+        if entries != rows:
+            raise c.fail(f"gpu_columns.{name}", f"has {entries} entries for {rows} rows (one per entry of t)")
+    for i, number in enumerate(numbers):
+        if number not in _GPU_COLUMN:
+            raise c.fail(f"gpu_columns.fields[{i}]", f"{number} is not a GpuMetrics field number")
+    if len(set(numbers)) != len(numbers):
+        raise c.fail("gpu_columns.fields", "names a field more than once")
+    if len(columns.values) != 8 * rows * len(numbers):
+        raise c.fail(
+            "gpu_columns.values",
+            f"holds {len(columns.values)} bytes, not {8 * rows * len(numbers)} "
+            f"({rows} rows x {len(numbers)} fields x 8-byte floats)",
+        )
+    t = np.array(columns.t, dtype=np.float64)
+    outside = ~((t >= c.earliest) & (t <= c.latest))  # NaN is outside
+    if outside.any():
+        i = int(np.argmax(outside))
+        c.time(f"gpu_columns.t[{i}]", float(t[i]))  # raises, saying how far off
+    gpu = np.array(columns.gpu, dtype=np.int64)
+    if rows and gpu.max() >= limits.MAX_GPUS_PER_NODE:
+        i = int(np.argmax(gpu >= limits.MAX_GPUS_PER_NODE))
+        c.gpu_index(f"gpu_columns.gpu[{i}]", int(gpu[i]))  # raises
+    c.count("gpu_columns.labels", len(columns.labels), limits.MAX_GPU_ROWS_PER_BATCH)
+    label = np.array(columns.label, dtype=np.int64)
+    if rows and label.max() >= len(columns.labels):
+        i = int(np.argmax(label >= len(columns.labels)))
+        raise c.fail(f"gpu_columns.label[{i}]", f"{label[i]} names no entry of labels ({len(columns.labels)})")
+    labels = []
+    for i, entry in enumerate(columns.labels):
+        at = f"gpu_columns.labels[{i}]"
+        labels.append(
+            (
+                c.text(f"{at}.uuid", entry.uuid, limits.GPU_UUID_MAX_CHARS),
+                c.text(f"{at}.job", entry.job, limits.JOB_MAX_CHARS),
+                c.at_most(f"{at}.rank", entry.rank, limits.MAX_RANK, "a rank") if entry.HasField("rank") else None,
+            )
+        )
+    sent = np.frombuffer(columns.values, dtype="<f8").reshape(rows, len(numbers))
+    kept = storable("gpu", np.array(numbers, dtype=np.int64), sent)
+    refused = ~kept & ~np.isnan(sent)  # NaN is the dense form's absent, not a refused value
+    values = np.full((rows, len(GPU_FIELDS)), np.nan)
+    values[:, [_GPU_COLUMN[number] for number in numbers]] = np.where(kept, sent, np.nan)
+    if refused.any() and c.dropped is not None:
+        for j, count in zip(np.flatnonzero(refused.any(axis=0)).tolist(), refused.sum(axis=0)[refused.any(axis=0)]):
+            c.dropped[GPU_FIELDS[_GPU_COLUMN[numbers[j]]]] += int(count)
+    return GpuRows(t=t, gpu=gpu, values=values, label=label, labels=labels)
+
+
+def _host(
+    c: _BatchChecker, at: str, host: pb.HostSample, node: str, samples: list[HostSample], ib_ports: list[dict[str, Any]]
+) -> None:
+    """One HostSample checked, into `samples` and `ib_ports`."""
+    host_t = c.time(f"{at}.t", host.t)
+    samples.append(HostSample(t=host_t, node=node, metrics=c.metrics(host.metrics)))
+    c.count(f"{at}.ib_ports", len(host.ib_ports), limits.MAX_IB_PORTS_PER_BATCH)
+    for i, port in enumerate(host.ib_ports):
+        port_at = f"{at}.ib_ports[{i}]"
+        problem = limits.ib_device_problem(port.device)
+        if problem is not None:
+            raise c.fail(f"{port_at}.device", problem)
+        row: dict[str, Any] = {
+            "t": host_t,
+            "device": port.device,
+            "port": c.at_most(f"{port_at}.port", port.port, limits.IB_PORT_MAX, "an InfiniBand port"),
+            "ib_state": c.text(f"{port_at}.ib_state", port.ib_state, limits.IB_STATE_MAX_CHARS),
+        }
+        row.update(c.metrics(port))
+        ib_ports.append(row)
+
+
 def check_hello(hello: pb.Hello) -> list[dict[str, Any]]:
     """The Hello's GPU inventory as Store.upsert_node takes it; InvalidMessage for a field out of bounds.
 
@@ -165,6 +249,11 @@ def check_hello(hello: pb.Hello) -> list[dict[str, Any]]:
             "sampling_interval_seconds",
             f"{interval} s is outside {limits.SAMPLING_INTERVAL_MIN_SECONDS:g}-"
             f"{limits.SAMPLING_INTERVAL_MAX_SECONDS:g} s (0: unset)",
+        )
+    if not 0.0 <= hello.batch_interval_seconds <= limits.BATCH_INTERVAL_MAX_SECONDS:  # NaN fails too
+        raise c.fail(
+            "batch_interval_seconds",
+            f"{hello.batch_interval_seconds} s is outside 0-{limits.BATCH_INTERVAL_MAX_SECONDS:g} s (0: unset)",
         )
     if not math.isfinite(hello.t):
         raise c.fail("t", f"{hello.t} is not a time")
@@ -241,26 +330,20 @@ def check_batch(
                 rank=c.at_most(f"{at}.rank", g.rank, limits.MAX_RANK, "a rank") if g.HasField("rank") else None,
             )
         )
-    host_samples = []
+    gpu_rows = None
+    if batch.HasField("gpu_columns"):
+        if batch.gpus:
+            raise c.fail("gpu_columns", "a batch carries gpus or gpu_columns, not both")
+        gpu_rows = _gpu_rows(c, batch.gpu_columns)
+    host_samples: list[HostSample] = []
     ib_ports: list[dict[str, Any]] = []
     if batch.HasField("host"):
-        host = batch.host
-        host_t = c.time("host.t", host.t)
-        host_samples.append(HostSample(t=host_t, node=node, metrics=c.metrics(host.metrics)))
-        c.count("host.ib_ports", len(host.ib_ports), limits.MAX_IB_PORTS_PER_BATCH)
-        for i, port in enumerate(host.ib_ports):
-            at = f"host.ib_ports[{i}]"
-            problem = limits.ib_device_problem(port.device)
-            if problem is not None:
-                raise c.fail(f"{at}.device", problem)
-            row: dict[str, Any] = {
-                "t": host_t,
-                "device": port.device,
-                "port": c.at_most(f"{at}.port", port.port, limits.IB_PORT_MAX, "an InfiniBand port"),
-                "ib_state": c.text(f"{at}.ib_state", port.ib_state, limits.IB_STATE_MAX_CHARS),
-            }
-            row.update(c.metrics(port))
-            ib_ports.append(row)
+        if batch.hosts:
+            raise c.fail("hosts", "a batch carries host or hosts, not both")
+        _host(c, "host", batch.host, node, host_samples, ib_ports)
+    c.count("hosts", len(batch.hosts), limits.MAX_CYCLES_PER_BATCH)
+    for i, host in enumerate(batch.hosts):
+        _host(c, f"hosts[{i}]", host, node, host_samples, ib_ports)
     events = []
     for i, e in enumerate(batch.events):
         at = f"events[{i}]"
@@ -312,6 +395,7 @@ def check_batch(
         seq=seq,
         received_at=received_at,
         gpu_samples=gpu_samples,
+        gpu_rows=gpu_rows,
         host_samples=host_samples,
         ib_ports=ib_ports,
         events=events,

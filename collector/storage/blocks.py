@@ -50,7 +50,21 @@ def _limits(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return integer, most
 
 
-_LIMITS = {kind: _limits(kind) for kind in _DESCRIPTORS}
+# Per kind, indexed by field number: whether the field is an integer, its largest storable value.
+FIELD_LIMITS = {kind: _limits(kind) for kind in _DESCRIPTORS}
+
+
+def storable(kind: str, numbers: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Which values of `matrix` (a column per field number in `numbers`) can be measurements.
+
+    Finite, and for an integer field a whole number from 0 to its limit: what
+    limits.storable_metric keeps, for a whole matrix at once.
+    """
+    integer, most = FIELD_LIMITS[kind]
+    is_integer = integer[numbers]
+    with np.errstate(invalid="ignore"):
+        in_range = (matrix >= 0) & (matrix <= most[numbers]) & (np.floor(matrix) == matrix)
+    return np.isfinite(matrix) & (~is_integer | in_range)
 
 
 @dataclass
@@ -97,7 +111,7 @@ class _Cells:
         present = np.zeros((len(rows), len(columns)), dtype=bool)
         matrix[row_of, column_of] = values
         present[row_of, column_of] = True
-        present &= _storable(kind, columns, matrix)
+        present &= storable(kind, (columns % SERIES_STRIDE) // STATS, matrix)
         keep = present.any(axis=0)
         runs: dict[str, list[list[Any]]] = {}
         last: dict[int, tuple[Any, ...]] = {}
@@ -111,15 +125,6 @@ class _Cells:
         if runs:
             text = {**text, "runs": runs}
         return Block(rows, columns[keep], matrix[:, keep], present[:, keep], text)
-
-
-def _storable(kind: str, columns: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    integer, most = _LIMITS[kind]
-    numbers = (columns % SERIES_STRIDE) // STATS
-    finite = np.isfinite(matrix)
-    is_integer = integer[numbers]
-    in_range = (matrix >= 0) & (matrix <= most[numbers]) & (np.floor(matrix) == matrix)
-    return finite & (~is_integer | in_range)
 
 
 @dataclass
@@ -137,25 +142,51 @@ class NodeBlocks:
         self.add_batch(pb.Batch.FromString(body))
 
     def add_batch(self, batch: pb.Batch) -> None:
+        if batch.HasField("gpu_columns"):
+            self._add_gpu_columns(batch.gpu_columns)
+        for host in batch.hosts:
+            self._add_host(host)
         for sample in batch.gpus:
             index = self.gpu.add(sample.t, sample.gpu * SERIES_STRIDE, sample.metrics.ListFields())
             rank = sample.rank if sample.HasField("rank") else None
             self.gpu.labels.append((index, sample.gpu, sample.uuid or None, sample.job or None, rank))
         if batch.HasField("host"):
-            host = batch.host
-            if host.HasField("metrics"):
-                self.host.add(host.t, 0, host.metrics.ListFields())
-            for port in host.ib_ports:
-                key = (port.device, port.port)
-                slot = self.ports.setdefault(key, len(self.ports))
-                # The state is a column too (its place in the block's list of states), so a row
-                # says whether the port reported then, state or counters.
-                fields = [
-                    (d, self.states.setdefault(v, len(self.states)) if d is _IB_STATE else v)
-                    for d, v in port.ListFields()
-                    if d.number in _IB_COLUMNS and (d is not _IB_STATE or v)
-                ]
-                self.ib.add(host.t, slot * SERIES_STRIDE, fields)
+            self._add_host(batch.host)
+
+    def _add_gpu_columns(self, columns: pb.GpuColumns) -> None:
+        """The dense form: whole rows at a time, the values never touched one by one."""
+        rows, width = len(columns.t), len(columns.fields)
+        values = np.frombuffer(columns.values, dtype="<f8")
+        if not rows or not width or len(values) != rows * width:
+            return  # nothing to keep (the collector refuses a malformed one before it is stored)
+        cells = self.gpu
+        first = len(cells.times)
+        cells.times.extend(columns.t)
+        cells.lengths.extend([width] * rows)
+        cells.ids.extend([number * STATS + RAW for number in columns.fields] * rows)
+        cells.values.extend(values.tolist())
+        cells.bases.extend(gpu * SERIES_STRIDE for gpu in columns.gpu)
+        labels = [
+            (label.uuid or None, label.job or None, label.rank if label.HasField("rank") else None)
+            for label in columns.labels
+        ]
+        for row, (gpu, label) in enumerate(zip(columns.gpu, columns.label)):
+            cells.labels.append((first + row, gpu, *(labels[label] if label < len(labels) else (None, None, None))))
+
+    def _add_host(self, host: pb.HostSample) -> None:
+        if host.HasField("metrics"):
+            self.host.add(host.t, 0, host.metrics.ListFields())
+        for port in host.ib_ports:
+            key = (port.device, port.port)
+            slot = self.ports.setdefault(key, len(self.ports))
+            # The state is a column too (its place in the block's list of states), so a row
+            # says whether the port reported then, state or counters.
+            fields = [
+                (d, self.states.setdefault(v, len(self.states)) if d is _IB_STATE else v)
+                for d, v in port.ListFields()
+                if d.number in _IB_COLUMNS and (d is not _IB_STATE or v)
+            ]
+            self.ib.add(host.t, slot * SERIES_STRIDE, fields)
 
     def blocks(self) -> dict[str, Block]:
         out: dict[str, Block] = {}

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from alembic import command
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
@@ -138,6 +139,43 @@ class SchemaMigration:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuRows:
+    """A dense batch's GPU samples as arrays (Batch.gpu_columns, checked): row i is GPU `gpu[i]` at `t[i]`.
+
+    `values` has a column per fleetwatch.wire.GPU_FIELDS, NaN where absent; `label[i]` indexes
+    `labels`, the (uuid, job, rank) of the row's GPU then, None where unknown.
+    """
+
+    t: np.ndarray
+    gpu: np.ndarray
+    values: np.ndarray
+    label: np.ndarray
+    labels: Sequence[tuple[str | None, str | None, int | None]]
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def newest_by_gpu(self) -> dict[int, tuple[float, dict[str, float | int]]]:
+        """Per GPU: the time and present fields of its newest row (the later row on a tie)."""
+        newest: dict[int, int] = {}
+        for row, (gpu, t) in enumerate(zip(self.gpu.tolist(), self.t.tolist())):
+            held = newest.get(gpu)
+            if held is None or t >= self.t[held]:
+                newest[gpu] = row
+        out = {}
+        for gpu, row in newest.items():
+            values = self.values[row]
+            out[gpu] = (
+                float(self.t[row]),
+                {
+                    GPU_FIELDS[j]: int(values[j]) if GPU_FIELDS[j] in INTEGER_FIELDS else float(values[j])
+                    for j in np.flatnonzero(~np.isnan(values)).tolist()
+                },
+            )
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class IngestBatch:
     """One agent batch as stored: its idempotency key (node, boot_id, seq) and its records."""
 
@@ -146,6 +184,8 @@ class IngestBatch:
     seq: int
     received_at: float
     gpu_samples: Sequence[GpuSample] = ()
+    # The dense form's GPU samples (agents since 0.2), beside or instead of gpu_samples.
+    gpu_rows: GpuRows | None = None
     host_samples: Sequence[HostSample] = ()
     # Dicts with keys t, device, port, ib_state and the numeric IB_FIELDS (absent = unsupported).
     ib_ports: Sequence[Mapping[str, Any]] = ()
@@ -161,6 +201,10 @@ class IngestBatch:
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.node, self.boot_id, int(self.seq))
+
+    @property
+    def gpu_sample_count(self) -> int:
+        return len(self.gpu_samples) + (len(self.gpu_rows) if self.gpu_rows is not None else 0)
 
 
 def redact_url(url: str | URL) -> str:

@@ -19,6 +19,7 @@ from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import SimNode
 from fleetwatch.sim.scenario import Fault
+from fleetwatch.v1 import telemetry_pb2 as pb
 
 
 def free_port() -> int:
@@ -38,6 +39,7 @@ def make_agent(
     drain: float = 5,
     kmsg=None,
     steps=None,
+    batch_interval: float = 0.0,  # one batch per cycle, as the spool and resume tests count them
 ) -> Agent:
     config = AgentConfig(
         node="n01",
@@ -48,6 +50,7 @@ def make_agent(
         reconnect_min_seconds=0.05,
         reconnect_max_seconds=0.2,
         stop_drain_seconds=drain,
+        batch_interval_seconds=batch_interval,
     )
     source = None
     if nvml:
@@ -196,6 +199,83 @@ async def test_odd_kernel_log_values_never_get_a_batch_refused(tmp_path: Path) -
         assert (event.gpu, event.xid) == (1, 79)
         assert event.message.isprintable() and "bus" in event.message
         assert app.stats.rejected == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await app.stop(0.2)
+
+
+def spooled_batches(agent: Agent) -> list[pb.Batch]:
+    return [pb.AgentMessage.FromString(payload).batch for _, payload in agent.spool.pending()]
+
+
+def test_cycles_are_gathered_only_for_a_collector_that_takes_them(tmp_path: Path) -> None:
+    agent = make_agent(tmp_path, free_port(), interval=0.1, batch_interval=0.5)
+    # Before any Welcome (or from a 0.1.0 collector): one batch per cycle, in the 0.1.0 form.
+    assert agent.sample_once() is not None
+    agent.collector_accepts_columns = True
+    assert agent.cycles_per_batch == 5
+    assert [agent.sample_once() for _ in range(5)][:4] == [None] * 4
+    agent.sample_once()
+    agent.sample_once()
+    # The collector went back to 0.1.0: what was gathered goes one cycle a batch, nothing lost.
+    agent.collector_accepts_columns = False
+    agent.sample_once()
+    batches = spooled_batches(agent)
+    assert [len(b.gpus) for b in batches] == [2, 0, 2, 2, 2]
+    dense = batches[1]
+    assert len(dense.gpu_columns.t) == 10 and len(dense.hosts) == 5 and not dense.HasField("host")
+    assert list(dense.gpu_columns.gpu) == [0, 1] * 5
+    assert all(b.HasField("host") for b in batches if b.gpus)
+
+
+async def test_agent_sends_its_batch_interval_of_cycles_in_one_batch_and_loses_none_on_stop(
+    tmp_path: Path,
+) -> None:
+    app = await start_collector(tmp_path)
+    agent = make_agent(tmp_path, app.grpc_port, interval=0.05, batch_interval=0.5)
+    cycles = 0
+    sample = agent.sampler.sample
+
+    def counted():
+        nonlocal cycles
+        cycles += 1
+        return sample()
+
+    agent.sampler.sample = counted  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await until(lambda: app.store.count_rows("batches") >= 3, 5, "three batches")
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        assert agent.spool.count == 0
+        stored = app.store.gpu_samples_since(0)
+        assert len(stored) == 2 * cycles  # the cycles gathered at stop were sent too
+        assert len(app.store.host_samples_since(0)) == cycles
+        # The first cycle went alone (no Welcome yet), then ten cycles a batch.
+        assert app.store.count_rows("batches") <= 2 + cycles // 10 + 1
+        assert app.latest_gpu[("n01", 1)][0] == max(s.t for s in stored)
+    finally:
+        await app.stop(0.2)
+
+
+async def test_an_xid_is_not_held_back_by_the_batch_interval(tmp_path: Path) -> None:
+    app = await start_collector(tmp_path)
+    # 0.1 s sampling, 10 s batches: only the event path delivers the XID within the test's 4 s.
+    agent = make_agent(
+        tmp_path,
+        app.grpc_port,
+        interval=0.1,
+        batch_interval=10,
+        faults=[Fault(kind="xid", gpu=1, at_seconds=1.0, xid=79)],
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        await until(lambda: app.store.count_rows("events") == 1, 4, "the XID to be stored")
+        (event,) = app.store.events_since(0)
+        assert (event.gpu, event.xid) == (1, 79)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -1,9 +1,11 @@
 """Benchmark: the collector under a real-time GPU fleet, side by side with Prometheus scraping the same fleet.
 
 A load generator (tests/bench/fleet_load.py, in --workers separate processes) simulates --nodes
-nodes x --gpus GPUs sampled at 1 Hz: each node is its own gRPC stream that sends one Batch a second
-(35 H100 fields per GPU from the real agent code over the fake NVML, plus the 8 host fields),
-the nodes' phases spread over the second, values moving the way real telemetry moves. Phases run
+nodes x --gpus GPUs sampled at 1 Hz: each node is its own gRPC stream that sends, as the agent
+does, one Batch every --batch-seconds holding that many sampling cycles in the dense form
+(GpuColumns; --batch-seconds 0: one Batch of GpuSamples a second, as 0.1.0 agents send), 35 H100
+fields per GPU from the real agent code over the fake NVML plus the 8 host fields a cycle, the
+nodes' phases spread over the batch interval, values moving the way real telemetry moves. Phases run
 one after another, never together (the load shares the machine with what it measures):
 
 - fleetwatch SQLite, fleetwatch PostgreSQL (--databases): `fleetwatch-collector` as a subprocess
@@ -638,6 +640,7 @@ def run_collector(db: str, args: argparse.Namespace, templates: list[dict[str, A
                 "seed": args.seed * 1000 + w,
                 "grpc_port": grpc_port,
                 "total_nodes": args.nodes,
+                "batch_seconds": args.batch_seconds,
             }
             for w, part in enumerate(split_nodes(args.nodes, args.workers))
         ]
@@ -759,7 +762,7 @@ def summarize_collector(
         "batches_lost": int(sent.size - is_acked.sum()),
         "drain_seconds": round(drained - b.t, 1),
         "send_rate_per_second": round(float(sent_window.sum()) / window, 1) if window > 0 else None,
-        "send_rate_target": args.nodes,
+        "send_rate_target": round(args.nodes / max(1, args.batch_seconds), 1),
         "send_delay_p99_s": pct(delay, 99),
         "loadgen_core_share": round(sum(load_cpu) / window, 3) if window > 0 else None,
         "loadgen_core_share_max_worker": round(max(load_cpu) / window, 3) if window > 0 and load_cpu else None,
@@ -1067,6 +1070,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("schema", "database"),
         default="schema",
         help="a schema made for the run (search_path in the URL) or a database [schema]",
+    )
+    parser.add_argument(
+        "--batch-seconds",
+        type=int,
+        default=5,
+        help="sampling cycles per batch, the agent's batch_interval_seconds at 1 Hz: the dense form "
+        "(GpuColumns) the agent sends since 0.2; 0: fleetwatch 0.1.0's one Batch of GpuSamples a second [5]",
     )
     parser.add_argument("--collector-log-level", default="warning")
     parser.add_argument("--seed", type=int, default=1)

@@ -10,7 +10,8 @@ from one of them with its own offsets and then walks on its own.
 
 `worker_main` runs in a child process (multiprocessing, spawn) and owns a slice of the fleet:
 - mode "grpc": one gRPC stream per node, Hello then one Batch a second at the node's phase of the
-  second, cumulative Acks read back; a broken stream reconnects and resends what is unacked, as
+  second (batch_seconds 0, the 0.1.0 form) or, as the agent sends, one dense Batch (GpuColumns)
+  of batch_seconds cycles every batch_seconds; cumulative Acks read back; a broken stream reconnects and resends what is unacked, as
   the agent's spool would. Returns per batch its scheduled, sent and acked times.
 - mode "prom": an aiohttp server with one loopback port per node, answering `/metrics` with the
   node's series in the text exposition format, under the agent's own metric names
@@ -140,6 +141,9 @@ class FleetValues:
     nodes: Sequence[int]
     templates: list[dict[str, Any]]
     seed: int
+    # Sampling cycles (seconds) per batch: 0 sends the 0.1.0 form, one Batch of GpuSamples a second;
+    # N sends the agent's dense form (GpuColumns), N cycles every N seconds.
+    batch_seconds: int = 0
     gpu_fields: list[str] = field(init=False)
     host_fields: list[str] = field(init=False)
     second: int = field(init=False, default=0)
@@ -207,7 +211,7 @@ class FleetValues:
 
     @property
     def values_per_batch(self) -> int:
-        return self.gpus * len(self.gpu_fields) + len(self.host_fields)
+        return (self.gpus * len(self.gpu_fields) + len(self.host_fields)) * max(1, self.batch_seconds)
 
     def step(self) -> None:
         """One second of the fleet: every array moves once; lists for the builders are refreshed."""
@@ -270,6 +274,7 @@ class FleetValues:
         self._gpu_lists: list[Any] | None = None
         self._host_lists: list[Any] | None = None
         self._prom_lists: list[Any] | None = None
+        self._gpu_stack: np.ndarray | None = None
 
     def advance_to(self, second: int) -> None:
         # At most a minute of catching up: a stalled worker must not spend its time here.
@@ -309,6 +314,32 @@ class FleetValues:
         host = {"t": t, "metrics": dict(zip(self.host_fields, host_lists[local]))}
         return pb.AgentMessage(batch=pb.Batch(seq=seq, t=t, boot_id=boot_id, gpus=gpus, host=host)).SerializeToString()
 
+    def cycle(self, local: int, t: float) -> tuple[float, np.ndarray, tuple[Any, ...]]:
+        """Node `local`'s sampling cycle of this second, kept until its dense batch is sent."""
+        if self._gpu_stack is None:
+            self._gpu_stack = np.stack([self.v[k] for k in self.gpu_fields], axis=-1)
+        return t, self._gpu_stack[local].copy(), self._lists()[1][local]
+
+    def dense_batch(
+        self, local: int, seq: int, cycles: list[tuple[float, np.ndarray, tuple[Any, ...]]], boot_id: str
+    ) -> bytes:
+        """The serialized AgentMessage(batch) of node `local` in the agent's dense form: `cycles` in one."""
+        from fleetwatch.v1 import telemetry_pb2 as pb
+
+        g = self.gpus
+        numbers = [pb.GpuMetrics.DESCRIPTOR.fields_by_name[k].number for k in self.gpu_fields]
+        columns = pb.GpuColumns(
+            t=[t for t, _, _ in cycles for _ in range(g)],
+            gpu=list(range(g)) * len(cycles),
+            label=list(range(g)) * len(cycles),
+            labels=[pb.GpuLabels(uuid=u) for u in self.uuids[local]],
+            fields=numbers,
+            values=np.concatenate([m for _, m, _ in cycles]).astype("<f8").tobytes(),
+        )
+        hosts = [{"t": t, "metrics": dict(zip(self.host_fields, host))} for t, _, host in cycles]
+        batch = pb.Batch(seq=seq, t=cycles[-1][0], boot_id=boot_id, gpu_columns=columns, hosts=hosts)
+        return pb.AgentMessage(batch=batch).SerializeToString()
+
     def hello(self, local: int, boot_id: str) -> bytes:
         from fleetwatch.v1 import telemetry_pb2 as pb
 
@@ -319,6 +350,7 @@ class FleetValues:
             sampling_interval_seconds=1.0,
             t=time.time(),
             nvml_available=True,
+            batch_interval_seconds=float(self.batch_seconds),
         )
         for info in self.inventory[local]:
             gpu = hello.gpus.add(
@@ -408,6 +440,7 @@ class NodeStream:
     acked_at: list[float] = field(default_factory=list)
     pending: dict[int, bytes] = field(default_factory=dict)
     acked: int = 0
+    cycles: list[Any] = field(default_factory=list)  # sampled, waiting for their dense batch
     call: Any = None
     channel: Any = None
     reader: asyncio.Task[None] | None = None
@@ -429,8 +462,9 @@ class GrpcWorker:
         self.streams = [
             NodeStream(
                 local=k,
-                # Nodes spread evenly over the second across all workers, with a little jitter.
-                phase=(node / total + rng.uniform(0, 0.2 / total)) % 1.0,
+                # Nodes' batches spread evenly over the batch interval across all workers, with a
+                # little jitter.
+                phase=((node / total + rng.uniform(0, 0.2 / total)) % 1.0) * max(1, values.batch_seconds),
                 boot_id=uuid.uuid4().hex[:BOOT_ID_HEX],
             )
             for k, node in enumerate(values.nodes)
@@ -535,17 +569,27 @@ class GrpcWorker:
         values = self.values
         next_connect = 0.0
         seq = 0
+        second = 0
+        per_batch = max(1, values.batch_seconds)
         while True:
-            sched = t0 + s.phase + seq
+            sched = t0 + s.phase + second
             if sched >= end:
                 break
             delay = sched - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            seq += 1
-            values.advance_to(seq)
+            second += 1
+            values.advance_to(second)
             now = time.time()
-            body = values.batch(s.local, seq, now, s.boot_id)
+            if values.batch_seconds:
+                s.cycles.append(values.cycle(s.local, now))
+                if len(s.cycles) < per_batch:
+                    continue
+                body = values.dense_batch(s.local, seq + 1, s.cycles, s.boot_id)
+                s.cycles = []
+            seq += 1
+            if not values.batch_seconds:
+                body = values.batch(s.local, seq, now, s.boot_id)
             s.sched.append(sched)
             s.sent.append(now)
             s.acked_at.append(math.nan)
@@ -601,7 +645,7 @@ class GrpcWorker:
 
 
 async def _grpc_main(cfg: dict[str, Any], conn: Any) -> None:
-    values = FleetValues(cfg["nodes"], cfg["templates"], cfg["seed"])
+    values = FleetValues(cfg["nodes"], cfg["templates"], cfg["seed"], batch_seconds=cfg.get("batch_seconds", 0))
     worker = GrpcWorker(cfg, values)
     loop = asyncio.get_running_loop()
     opened = await worker.open_all()

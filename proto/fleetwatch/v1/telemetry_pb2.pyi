@@ -33,7 +33,7 @@ class GpuInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., serial: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., power_limit_watts: _Optional[float] = ..., sm_clock_max_mhz: _Optional[float] = ..., mem_clock_max_mhz: _Optional[float] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("node", "boot_id", "agent_version", "gpus", "sampling_interval_seconds", "t", "nvml_available")
+    __slots__ = ("node", "boot_id", "agent_version", "gpus", "sampling_interval_seconds", "t", "nvml_available", "batch_interval_seconds")
     NODE_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Hello(_message.Message):
     SAMPLING_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
     NVML_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     node: str
     boot_id: str
     agent_version: str
@@ -48,7 +49,8 @@ class Hello(_message.Message):
     sampling_interval_seconds: float
     t: float
     nvml_available: bool
-    def __init__(self, node: _Optional[str] = ..., boot_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., sampling_interval_seconds: _Optional[float] = ..., t: _Optional[float] = ..., nvml_available: _Optional[bool] = ...) -> None: ...
+    batch_interval_seconds: float
+    def __init__(self, node: _Optional[str] = ..., boot_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., sampling_interval_seconds: _Optional[float] = ..., t: _Optional[float] = ..., nvml_available: _Optional[bool] = ..., batch_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuMetrics(_message.Message):
     __slots__ = ("gpu_util_percent", "mem_util_percent", "mem_used_bytes", "mem_total_bytes", "temp_gpu_celsius", "temp_mem_celsius", "temp_slowdown_celsius", "power_watts", "power_limit_watts", "energy_joules", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "clock_event_reasons", "fan_percent", "pcie_replay_total", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "pcie_link_gen", "pcie_link_gen_max", "pcie_link_width", "pcie_link_width_max", "ecc_sbe_volatile_total", "ecc_dbe_volatile_total", "ecc_sbe_aggregate_total", "ecc_dbe_aggregate_total", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "nvlink_links_up", "nvlink_links_total", "nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total", "temp_shutdown_celsius")
@@ -236,8 +238,34 @@ class StepReport(_message.Message):
     gpu: int
     def __init__(self, t: _Optional[float] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., gpu: _Optional[int] = ...) -> None: ...
 
+class GpuColumns(_message.Message):
+    __slots__ = ("t", "gpu", "label", "labels", "fields", "values")
+    T_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    t: _containers.RepeatedScalarFieldContainer[float]
+    gpu: _containers.RepeatedScalarFieldContainer[int]
+    label: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedCompositeFieldContainer[GpuLabels]
+    fields: _containers.RepeatedScalarFieldContainer[int]
+    values: bytes
+    def __init__(self, t: _Optional[_Iterable[float]] = ..., gpu: _Optional[_Iterable[int]] = ..., label: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[_Union[GpuLabels, _Mapping]]] = ..., fields: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ...) -> None: ...
+
+class GpuLabels(_message.Message):
+    __slots__ = ("uuid", "job", "rank")
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    uuid: str
+    job: str
+    rank: int
+    def __init__(self, uuid: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
 class Batch(_message.Message):
-    __slots__ = ("seq", "t", "gpus", "host", "events", "steps", "spool_bytes", "spool_batches", "boot_id")
+    __slots__ = ("seq", "t", "gpus", "host", "events", "steps", "spool_bytes", "spool_batches", "boot_id", "gpu_columns", "hosts")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +275,8 @@ class Batch(_message.Message):
     SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SPOOL_BATCHES_FIELD_NUMBER: _ClassVar[int]
     BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     t: float
     gpus: _containers.RepeatedCompositeFieldContainer[GpuSample]
@@ -256,7 +286,9 @@ class Batch(_message.Message):
     spool_bytes: int
     spool_batches: int
     boot_id: str
-    def __init__(self, seq: _Optional[int] = ..., t: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., host: _Optional[_Union[HostSample, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., spool_bytes: _Optional[int] = ..., spool_batches: _Optional[int] = ..., boot_id: _Optional[str] = ...) -> None: ...
+    gpu_columns: GpuColumns
+    hosts: _containers.RepeatedCompositeFieldContainer[HostSample]
+    def __init__(self, seq: _Optional[int] = ..., t: _Optional[float] = ..., gpus: _Optional[_Iterable[_Union[GpuSample, _Mapping]]] = ..., host: _Optional[_Union[HostSample, _Mapping]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[StepReport, _Mapping]]] = ..., spool_bytes: _Optional[int] = ..., spool_batches: _Optional[int] = ..., boot_id: _Optional[str] = ..., gpu_columns: _Optional[_Union[GpuColumns, _Mapping]] = ..., hosts: _Optional[_Iterable[_Union[HostSample, _Mapping]]] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "batch")
@@ -267,10 +299,12 @@ class AgentMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("last_seq",)
+    __slots__ = ("last_seq", "accepts_columns")
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     last_seq: int
-    def __init__(self, last_seq: _Optional[int] = ...) -> None: ...
+    accepts_columns: bool
+    def __init__(self, last_seq: _Optional[int] = ..., accepts_columns: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq",)
