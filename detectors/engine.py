@@ -403,6 +403,53 @@ class RecentData:
         self.dropped["gpu"] += store.add_rows(keys, float(t), array, idents)
         self._node(node).gpus_seen([gpu for _, gpu in keys], t)
 
+    def add_gpu_rows_timed(
+        self,
+        nodes: Sequence[str],
+        times: np.ndarray,
+        gpus: Sequence[int],
+        values: np.ndarray,
+        uuids: Sequence[str | None],
+        jobs: Sequence[str | None],
+        ranks: Sequence[int | None],
+    ) -> None:
+        """Rows of any nodes at any times, one sample each (row i: GPU `gpus[i]` of `nodes[i]` at
+        `times[i]`), otherwise as add_gpu_rows: several agents' batches of several sampling
+        cycles each in a few writes (one per sample of the series with the most), not one per
+        node and time."""
+        count = len(times)
+        array = np.asarray(values, dtype=np.float64)
+        if array.shape != (count, len(FIELDS)):
+            raise ValueError(f"values must have shape ({count}, {len(FIELDS)}), got {array.shape}")
+        if not len(nodes) == len(gpus) == len(uuids) == len(jobs) == len(ranks) == count:
+            raise ValueError("nodes, gpus, uuids, jobs and ranks must have one entry per row")
+        if not count:
+            return
+        order = np.argsort(np.asarray(times, dtype=np.float64), kind="stable")
+        t = np.asarray(times, dtype=np.float64)[order]
+        array = array[order]
+        picked = order.tolist()
+        keys = [(nodes[i], int(gpus[i])) for i in picked]
+        store = self._gpus
+        intern = store.intern
+        idents = [intern(uuids[i], jobs[i], ranks[i]) for i in picked]
+        # Layer k holds each series' k-th sample: within a layer every series once, in time order.
+        seen: dict[Key, int] = {}
+        layer = np.empty(count, dtype=np.int64)
+        for i, key in enumerate(keys):
+            layer[i] = seen.get(key, 0)
+            seen[key] = layer[i] + 1
+        for k in range(int(layer.max()) + 1):
+            rows = np.flatnonzero(layer == k).tolist()
+            self.dropped["gpu"] += store.add_rows(
+                [keys[i] for i in rows], t[rows], array[rows], [idents[i] for i in rows]
+            )
+        at: dict[tuple[str, float], list[int]] = {}
+        for (node, gpu), ti in zip(keys, t.tolist()):
+            at.setdefault((node, ti), []).append(gpu)
+        for (node, ti), node_gpus in at.items():  # in time order: keys were sorted by time
+            self._node(node).gpus_seen(node_gpus, ti)
+
     def add_rows(self, rows: GpuRows) -> None:
         """add_gpu_rows() of a GpuRows record."""
         self.add_gpu_rows(rows.node, rows.t, rows.gpus, rows.values, rows.uuids, rows.jobs, rows.ranks)

@@ -476,8 +476,8 @@ class GpuStore:
             if moved is not None and moved.isdisjoint(COLUMN[name] for name in condition.fields):
                 # Every sample reads these fields as the one before: no change to see, and the
                 # samples pass where the ones before passed.
-                if condition.uses_prior:
-                    continue
+                if condition.uses_prior or hits.latest_t == -math.inf:
+                    continue  # (no sample ever passed: nor do these)
                 passed = self._last_hit[rep_slots, hits.index] == idx - 1
             else:
                 passed = np.asarray(condition.test(rows), dtype=bool)
@@ -552,30 +552,35 @@ class GpuStore:
         self._n[slot] = n + 1
         return dropped
 
-    def add_rows(self, keys: Sequence[Key], t: float, rows: np.ndarray, idents: Sequence[int]) -> int:
-        """Adds one sample per key, all at time `t` (rows: shape (len(keys), len(FIELDS))); returns
-        how many samples were dropped."""
+    def add_rows(self, keys: Sequence[Key], t: float | np.ndarray, rows: np.ndarray, idents: Sequence[int]) -> int:
+        """Adds one sample per key, all at time `t` or each at its own (t: one per key), rows of
+        shape (len(keys), len(FIELDS)); returns how many samples were dropped."""
         count = len(keys)
         if count == 0:
             return 0
+
+        def t_of(i: int) -> float:
+            return float(t[i]) if isinstance(t, np.ndarray) else t
+
         if count < 2:
-            return self.add(keys[0], t, rows[0], idents[0])
+            return self.add(keys[0], t_of(0), rows[0], idents[0])
         slot_of = self._slot
         slot_list = [slot_of.get(key) for key in keys]
         if None in slot_list:
             slot_list = [self._slot_for(key) for key in keys]
         slots = np.array(slot_list, dtype=np.int64)
         if len(set(slot_list)) != count:  # the same GPU twice in one batch: one at a time
-            return sum(self.add(key, t, rows[i], idents[i]) for i, key in enumerate(keys))
+            return sum(self.add(key, t_of(i), rows[i], idents[i]) for i, key in enumerate(keys))
         n = self._n[slots]
         tc = self._time_capacity
         late = (n > self._first[slots]) & (t < self._t[slots, (n - 1) % tc])
         if late.any():
             dropped = 0
             for i in np.flatnonzero(late).tolist():
-                dropped += self.add(keys[i], t, rows[i], idents[i])
+                dropped += self.add(keys[i], t_of(i), rows[i], idents[i])
             keep = np.flatnonzero(~late).tolist()
-            return dropped + self.add_rows([keys[i] for i in keep], t, rows[keep], [idents[i] for i in keep])
+            kept_t = t[keep] if isinstance(t, np.ndarray) else t
+            return dropped + self.add_rows([keys[i] for i in keep], kept_t, rows[keep], [idents[i] for i in keep])
         dropped = self._make_room_rows(slots, n, t)
         tc = self._time_capacity
         self._t[slots, n % tc] = t
@@ -613,7 +618,7 @@ class GpuStore:
                     dropped = 1
         return dropped
 
-    def _make_room_rows(self, slots: np.ndarray, n: np.ndarray, t: float) -> int:
+    def _make_room_rows(self, slots: np.ndarray, n: np.ndarray, t: float | np.ndarray) -> int:
         if self._conditions:
             behind = n - self._cond_done[slots] >= self._condition_capacity
             if np.count_nonzero(behind):
@@ -636,7 +641,7 @@ class GpuStore:
             return 0
         full_slots = slots[full]
         old_t = self._t[full_slots, self._first[full_slots] % tc]
-        needed = t - old_t < self.retention_seconds
+        needed = (t[full] if isinstance(t, np.ndarray) else t) - old_t < self.retention_seconds
         if needed.any() and tc < self.max_samples:
             self._grow_time(min(tc * 2, self.max_samples))
             return self._make_room_rows(slots, n, t)

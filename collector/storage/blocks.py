@@ -76,17 +76,14 @@ class _Cells:
     ids: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     bases: list[int] = field(default_factory=list)  # per sample: its slot's first column id
-    # (sample index, slot, strings...): per-sample text, kept as runs per slot.
-    labels: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def add(self, t: float, slot_base: int, fields: Sequence[tuple[Any, Any]]) -> int:
+    def add(self, t: float, slot_base: int, fields: Sequence[tuple[Any, Any]]) -> None:
         self.times.append(t)
         self.lengths.append(len(fields))
         # The hot loop of compaction: one dict lookup per value, numbers added up in numpy later.
         self.ids.extend([_COLUMN_OF[d] for d, _ in fields])
         self.bases.append(slot_base)
         self.values.extend([v for _, v in fields])
-        return len(self.times) - 1
 
     def block(self, kind: str, text: dict[str, Any]) -> Block | None:
         if not self.times:
@@ -113,18 +110,90 @@ class _Cells:
         present[row_of, column_of] = True
         present &= storable(kind, (columns % SERIES_STRIDE) // STATS, matrix)
         keep = present.any(axis=0)
+        return Block(rows, columns[keep], matrix[:, keep], present[:, keep], text)
+
+
+_GPU_WIDTH = max(FIELD_NUMBERS["gpu"].values()) + 1  # a row holds every GpuMetrics field at its number
+
+
+@dataclass
+class _GpuRows:
+    """One node's GPU samples as decoded, whole rows: a time, a GPU and every field by its number.
+
+    The dense form arrives as such rows and is placed with a few array operations; a 0.1.0
+    batch's GpuSamples become rows one by one.
+    """
+
+    times: list[np.ndarray] = field(default_factory=list)
+    gpus: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)  # each (rows, _GPU_WIDTH), NaN: absent
+    labels: list[tuple[str | None, str | None, int | None]] = field(default_factory=list)  # one per row
+
+    def add_samples(self, samples: Sequence[pb.GpuSample]) -> None:
+        if not samples:
+            return
+        values = np.full((len(samples), _GPU_WIDTH), np.nan)
+        for row, sample in zip(values, samples):
+            for descriptor, value in sample.metrics.ListFields():
+                row[descriptor.number] = value
+        self.times.append(np.array([sample.t for sample in samples], dtype=np.float64))
+        self.gpus.append(np.array([sample.gpu for sample in samples], dtype=np.int64))
+        self.values.append(values)
+        self.labels.extend(
+            (sample.uuid or None, sample.job or None, sample.rank if sample.HasField("rank") else None)
+            for sample in samples
+        )
+
+    def add_columns(self, columns: pb.GpuColumns) -> None:
+        rows, numbers = len(columns.t), list(columns.fields)
+        sent = np.frombuffer(columns.values, dtype="<f8")
+        if not rows or len(sent) != rows * len(numbers) or any(n >= _GPU_WIDTH for n in numbers):
+            return  # nothing to keep (the collector refuses a malformed one before it is stored)
+        values = np.full((rows, _GPU_WIDTH), np.nan)
+        values[:, numbers] = sent.reshape(rows, len(numbers))
+        self.times.append(np.array(columns.t, dtype=np.float64))
+        self.gpus.append(np.array(columns.gpu, dtype=np.int64))
+        self.values.append(values)
+        labels = [
+            (label.uuid or None, label.job or None, label.rank if label.HasField("rank") else None)
+            for label in columns.labels
+        ]
+        unknown = (None, None, None)
+        self.labels.extend(labels[i] if i < len(labels) else unknown for i in columns.label)
+
+    def block(self) -> Block | None:
+        if not self.times:
+            return None
+        times, gpus, values = np.concatenate(self.times), np.concatenate(self.gpus), np.concatenate(self.values)
+        rows, row_of = np.unique(times, return_inverse=True)
+        slots, slot_of = np.unique(gpus, return_inverse=True)
+        # Two samples of one GPU at one time (a resend, a clock that stood still): the later one
+        # stands, whole, as a row of a table would be replaced.
+        key = row_of * len(slots) + slot_of
+        _, last_reversed = np.unique(key[::-1], return_index=True)
+        kept = np.sort(len(key) - 1 - last_reversed)
+        cube = np.full((len(rows), len(slots), _GPU_WIDTH), np.nan)
+        cube[row_of[kept], slot_of[kept]] = values[kept]
+        matrix = cube.reshape(len(rows), len(slots) * _GPU_WIDTH)
+        numbers = np.tile(np.arange(_GPU_WIDTH), len(slots))
+        present = storable("gpu", numbers, matrix)
+        keep = present.any(axis=0)
+        ids = (slots[:, None] * SERIES_STRIDE + np.arange(_GPU_WIDTH)[None, :] * STATS + RAW).ravel()
         runs: dict[str, list[list[Any]]] = {}
         last: dict[int, tuple[Any, ...]] = {}
         # In time order (a spooled batch may arrive after newer ones), the kept sample of each row.
-        for sample, slot, *strings in sorted(self.labels, key=lambda label: (sample_rows[label[0]], label[0])):
-            if not kept_sample[sample]:
-                continue
-            if last.get(slot) != tuple(strings):
-                last[slot] = tuple(strings)
-                runs.setdefault(str(slot), []).append([int(sample_rows[sample]), *strings])
-        if runs:
-            text = {**text, "runs": runs}
-        return Block(rows, columns[keep], matrix[:, keep], present[:, keep], text)
+        for sample in sorted(kept.tolist(), key=lambda i: (row_of[i], i)):
+            gpu, label = int(gpus[sample]), self.labels[sample]
+            if last.get(gpu) != label:
+                last[gpu] = label
+                runs.setdefault(str(gpu), []).append([int(row_of[sample]), *label])
+        return Block(
+            rows,
+            ids[keep],
+            np.where(present, matrix, 0.0)[:, keep],
+            present[:, keep],
+            {"runs": runs} if runs else {},
+        )
 
 
 @dataclass
@@ -132,7 +201,7 @@ class NodeBlocks:
     """The samples of one node's batches, gathered; `blocks()` gives one Block per kind present."""
 
     node: str
-    gpu: _Cells = field(default_factory=_Cells)
+    gpu: _GpuRows = field(default_factory=_GpuRows)
     host: _Cells = field(default_factory=_Cells)
     ib: _Cells = field(default_factory=_Cells)
     ports: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -143,35 +212,12 @@ class NodeBlocks:
 
     def add_batch(self, batch: pb.Batch) -> None:
         if batch.HasField("gpu_columns"):
-            self._add_gpu_columns(batch.gpu_columns)
+            self.gpu.add_columns(batch.gpu_columns)
+        self.gpu.add_samples(batch.gpus)
         for host in batch.hosts:
             self._add_host(host)
-        for sample in batch.gpus:
-            index = self.gpu.add(sample.t, sample.gpu * SERIES_STRIDE, sample.metrics.ListFields())
-            rank = sample.rank if sample.HasField("rank") else None
-            self.gpu.labels.append((index, sample.gpu, sample.uuid or None, sample.job or None, rank))
         if batch.HasField("host"):
             self._add_host(batch.host)
-
-    def _add_gpu_columns(self, columns: pb.GpuColumns) -> None:
-        """The dense form: whole rows at a time, the values never touched one by one."""
-        rows, width = len(columns.t), len(columns.fields)
-        values = np.frombuffer(columns.values, dtype="<f8")
-        if not rows or not width or len(values) != rows * width:
-            return  # nothing to keep (the collector refuses a malformed one before it is stored)
-        cells = self.gpu
-        first = len(cells.times)
-        cells.times.extend(columns.t)
-        cells.lengths.extend([width] * rows)
-        cells.ids.extend([number * STATS + RAW for number in columns.fields] * rows)
-        cells.values.extend(values.tolist())
-        cells.bases.extend(gpu * SERIES_STRIDE for gpu in columns.gpu)
-        labels = [
-            (label.uuid or None, label.job or None, label.rank if label.HasField("rank") else None)
-            for label in columns.labels
-        ]
-        for row, (gpu, label) in enumerate(zip(columns.gpu, columns.label)):
-            cells.labels.append((first + row, gpu, *(labels[label] if label < len(labels) else (None, None, None))))
 
     def _add_host(self, host: pb.HostSample) -> None:
         if host.HasField("metrics"):
@@ -190,8 +236,10 @@ class NodeBlocks:
 
     def blocks(self) -> dict[str, Block]:
         out: dict[str, Block] = {}
+        gpu = self.gpu.block()
+        if gpu is not None and len(gpu.ids):
+            out["gpu"] = gpu
         for kind, cells, text in (
-            ("gpu", self.gpu, {}),
             ("host", self.host, {}),
             ("ib", self.ib, {"ports": [list(key) for key in self.ports], "states": list(self.states)}),
         ):

@@ -155,24 +155,15 @@ class GpuRows:
     def __len__(self) -> int:
         return len(self.t)
 
-    def newest_by_gpu(self) -> dict[int, tuple[float, dict[str, float | int]]]:
-        """Per GPU: the time and present fields of its newest row (the later row on a tie)."""
+    def newest_rows(self) -> dict[int, int]:
+        """Per GPU: the row of its newest sample (the later row on a tie)."""
         newest: dict[int, int] = {}
-        for row, (gpu, t) in enumerate(zip(self.gpu.tolist(), self.t.tolist())):
+        times = self.t.tolist()
+        for row, gpu in enumerate(self.gpu.tolist()):
             held = newest.get(gpu)
-            if held is None or t >= self.t[held]:
+            if held is None or times[row] >= times[held]:
                 newest[gpu] = row
-        out = {}
-        for gpu, row in newest.items():
-            values = self.values[row]
-            out[gpu] = (
-                float(self.t[row]),
-                {
-                    GPU_FIELDS[j]: int(values[j]) if GPU_FIELDS[j] in INTEGER_FIELDS else float(values[j])
-                    for j in np.flatnonzero(~np.isnan(values)).tolist()
-                },
-            )
-        return out
+        return newest
 
 
 @dataclass(frozen=True, slots=True)

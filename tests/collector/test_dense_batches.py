@@ -105,9 +105,7 @@ def test_checked_rows_feed_detection_with_every_value_in_place() -> None:
     assert math.isnan(values[1, GPU_FIELDS.index("fan_percent")])  # GPU 1 has no fan reading
     labels = [item.gpu_rows.labels[i] for i in item.gpu_rows.label.tolist()]
     assert labels[0] == ("GPU-0", "train-a", 0) and labels[-1] == ("GPU-1", "train-b", None)
-    newest = item.gpu_rows.newest_by_gpu()
-    assert newest[1][0] == T0 + 4 and newest[1][1]["sm_clock_mhz"] == 1920.0
-    assert newest[0][1]["ecc_sbe_volatile_total"] == 2 and isinstance(newest[0][1]["ecc_sbe_volatile_total"], int)
+    assert item.gpu_rows.newest_rows() == {0: 8, 1: 9}
 
 
 def test_values_that_cannot_be_measurements_are_dropped_and_counted() -> None:
