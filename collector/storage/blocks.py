@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from fleetwatch import limits
-from fleetwatch.collector.storage.chunks import RAW, SERIES_STRIDE, STATS, Block, column_id, split_column_id
+from fleetwatch.collector.storage.chunks import (
+    RAW,
+    SERIES_STRIDE,
+    STATS,
+    Block,
+    body_message,
+    column_id,
+    split_column_id,
+)
 from fleetwatch.records import GpuSample, HostSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import INTEGER_FIELDS
@@ -208,7 +216,7 @@ class NodeBlocks:
     states: dict[str, int] = field(default_factory=dict)  # InfiniBand port states seen, by their code
 
     def add_body(self, body: bytes) -> None:
-        self.add_batch(pb.Batch.FromString(body))
+        self.add_batch(pb.Batch.FromString(body_message(body)))
 
     def add_batch(self, batch: pb.Batch) -> None:
         if batch.HasField("gpu_columns"):

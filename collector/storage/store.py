@@ -43,7 +43,7 @@ from fleetwatch.collector.storage.blocks import blocks_from_bodies
 from fleetwatch.collector.storage.blocks import gpu_samples as block_gpu_samples
 from fleetwatch.collector.storage.blocks import host_samples as block_host_samples
 from fleetwatch.collector.storage.blocks import ib_ports as block_ib_ports
-from fleetwatch.collector.storage.chunks import Block, decode_block
+from fleetwatch.collector.storage.chunks import Block, compress_body, decode_block
 from fleetwatch.collector.storage.migrations import alembic_config, script_directory
 from fleetwatch.configfile import MASK
 from fleetwatch.limits import storable_metric
@@ -1004,7 +1004,7 @@ def _insert_batches(conn: Connection, items: Sequence[IngestBatch]) -> set[tuple
             "boot_id": item.boot_id,
             "seq": int(item.seq),
             "received_at": item.received_at,
-            "body": item.body or batch_body(item),
+            "body": compress_body(item.body or batch_body(item)),
         }
         for item in items
     ]

@@ -9,10 +9,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from sqlalchemy import insert, select
 
 from fleetwatch import limits
+from fleetwatch.collector.server import reporting_interval_seconds
+from fleetwatch.collector.storage import schema
 from fleetwatch.collector.storage.blocks import blocks_from_bodies, gpu_samples, host_samples
-from fleetwatch.collector.validate import ClockWindow, InvalidMessage, check_batch
+from fleetwatch.collector.storage.compaction import compact
+from fleetwatch.collector.storage.store import Store
+from fleetwatch.collector.validate import ClockWindow, InvalidMessage, check_batch, check_hello
+from fleetwatch.detectors.model import NodeState
+from fleetwatch.detectors.node_silent import NodeSilentDetector
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.wire import GPU_FIELD_NUMBERS, GPU_FIELDS, fill_metrics, gpu_columns_message
 
@@ -173,3 +180,39 @@ def test_the_wire_arrays_are_little_endian_float64_rows_by_fields() -> None:
     sent = np.frombuffer(msg.values, dtype="<f8")
     assert sent.tolist() == [float(rows[0]["metrics"][name]) for name in names]
     assert list(msg.t) == [T0] and list(msg.gpu) == [0] and list(msg.label) == [0]
+
+
+def test_bodies_wait_for_compaction_compressed_and_older_raw_ones_still_compact(store: Store) -> None:
+    """A dense body is kept as a zstd frame until compaction; one an earlier build kept as the bare
+    message is read the same way."""
+    rows = samples()
+    batch = dense_batch(1, rows)
+    item = check(batch)
+    assert store.ingest([item]) == [True]
+    legacy = dense_batch(2, [dict(r, t=r["t"] + 5) for r in rows])
+    with store.writing("a body as an earlier build stored it") as conn:
+        conn.execute(
+            insert(schema.batches),
+            [{"node": NODE, "boot_id": BOOT, "seq": 2, "received_at": T0 + 11, "body": legacy.SerializeToString()}],
+        )
+    with store.reading("bodies") as conn:
+        bodies = dict(conn.execute(select(schema.batches.c.seq, schema.batches.c.body)).all())
+    assert bodies[1][:4] == b"\x28\xb5\x2f\xfd" and len(bodies[1]) < len(batch.SerializeToString()) / 2
+    result = compact(store, now=T0 + 3600, after_seconds=60)
+    assert result.batches == 2 and result.undecodable == 0
+    stored = store.gpu_samples_since(0)
+    assert len(stored) == 20 and stored[-1].t == T0 + 9
+
+
+def test_a_node_batching_five_seconds_may_be_quiet_for_three_batches_not_three_samples() -> None:
+    hello = pb.Hello(node=NODE, boot_id=BOOT, sampling_interval_seconds=1.0, batch_interval_seconds=5.0)
+    assert check_hello(hello) == []
+    assert reporting_interval_seconds(hello) == 5.0
+    assert reporting_interval_seconds(pb.Hello(sampling_interval_seconds=1.0)) == 1.0  # a 0.1.0 agent
+    assert reporting_interval_seconds(hello, sampling_override_seconds=10.0) == 10.0
+    state = NodeState(node=NODE, last_seen=T0, sampling_interval_seconds=reporting_interval_seconds(hello))
+    assert NodeSilentDetector().silent_after_seconds(state) == 15.0
+    for bad in (limits.BATCH_INTERVAL_MAX_SECONDS + 1, -1.0, math.nan):
+        hello.batch_interval_seconds = bad
+        with pytest.raises(InvalidMessage, match="batch_interval_seconds"):
+            check_hello(hello)
