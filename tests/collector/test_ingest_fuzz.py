@@ -469,7 +469,12 @@ def harness() -> Iterator[LoopThread]:
 
 
 def run_fuzz(harness: LoopThread, database_url: str, target: int) -> tuple[CollectorApp, Tally, GoodAgent, float]:
-    app = CollectorApp(collector_config(database_url, max_message_bytes=MAX_MESSAGE_BYTES))
+    # Each hostile stream waits for its answer before the next message: a commit that waits for
+    # company (ingest_commit_wait_seconds, for agents that keep many batches in flight) would only
+    # stretch the run.
+    app = CollectorApp(
+        collector_config(database_url, max_message_bytes=MAX_MESSAGE_BYTES, ingest_commit_wait_seconds=0.0)
+    )
     harness.run(app.start())
     started = time.monotonic()
     try:

@@ -517,3 +517,28 @@ async def test_a_sample_from_a_gpu_samples_list_is_stored_once_per_seq(app: Coll
     assert first.acks == [1, 2] and second.welcome == 2 and second.acks == [2, 3]
     assert app.store.count_rows("batches") == 3
     assert isinstance(app.store.latest_gpu_samples()[("n01", 0)], GpuSample)
+
+
+async def test_commits_wait_for_company_only_while_batches_arrive_fast(store: Store) -> None:
+    """A quiet fleet's batch is committed at once; a busy one's share commits (ingest_commit_wait_seconds)."""
+    writer = IngestWriter(store, on_stored=lambda items, flags: None, commit_wait_seconds=0.2)
+    writer.start()
+    try:
+        started = time.monotonic()
+        assert await (await writer.submit(_store_batch("quiet", 1), IngestStream())) is True
+        assert time.monotonic() - started < 0.15  # no wait for batches that are not coming
+        # One batch every 10 ms, each of its own node: alone in its commit, unless the writer waits.
+        futures = []
+        started = time.monotonic()
+        measured_from: tuple[int, int] | None = None
+        while time.monotonic() - started < 1.4:
+            if measured_from is None and time.monotonic() - started > 1.05:  # the writer has seen a second of it
+                measured_from = (writer.commits, len(futures))
+            futures.append(await writer.submit(_store_batch(f"busy{len(futures)}", 1), IngestStream()))
+            await asyncio.sleep(0.01)
+        assert all(await asyncio.gather(*futures))
+        assert measured_from is not None
+        commits, batches = writer.commits - measured_from[0], len(futures) - measured_from[1]
+        assert commits <= batches / 4, f"{commits} commits for {batches} batches"
+    finally:
+        writer.stop()

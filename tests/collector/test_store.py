@@ -4,6 +4,7 @@ with their outbox, retention in bounded batches, and failures surfaced as StoreE
 from __future__ import annotations
 
 import math
+import random
 import threading
 
 import pytest
@@ -604,10 +605,18 @@ def test_failed_write_raises_store_error_and_store_keeps_reading(store: Store, d
     store.open_alert(finding(), now=T0, targets=["hook"])
     _break_next_sample_insert(store, database)
 
+    # Values that do not compress: bodies are stored under zstd, and this one must not fit.
+    noise = random.Random(7)
     big = batch(
         2,
         gpu_samples=[
-            GpuSample(t=T0 + i * 1e-3, node="n01", gpu=i % 8, metrics=every_gpu_metric()) for i in range(3000)
+            GpuSample(
+                t=T0 + i * 1e-3,
+                node="n01",
+                gpu=i % 8,
+                metrics={"power_watts": noise.random(), "energy_joules": noise.random(), "fan_percent": noise.random()},
+            )
+            for i in range(3000)
         ],
     )
     with pytest.raises(StoreError) as info:
