@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from fleetwatch.collector.web import HEALTH_MARK
 from fleetwatch.ctl.certs import add_certs_parser
 from fleetwatch.ctl.history import (
     DEFAULT_WIDTH,
@@ -136,6 +135,10 @@ def api_get(args: argparse.Namespace, path: str) -> Any:
 
 
 def format_status(status: dict, out: TextIO) -> None:
+    # Imported here: the collector's web module pulls in SQLAlchemy and aiohttp, which the offline
+    # commands (detect, eval, demo) do not need to start.
+    from fleetwatch.collector.web import HEALTH_MARK
+
     nodes = status["nodes"]
     if not nodes:
         print("no nodes have reported yet", file=out)

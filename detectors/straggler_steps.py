@@ -42,7 +42,6 @@ until its onset leaves the window, then its episode closes. Hysteresis is rebuil
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -51,7 +50,7 @@ from typing import ClassVar
 import numpy as np
 
 from fleetwatch.detectors.model import Window, gpu_table, step_table
-from fleetwatch.detectors.straggler_telemetry import CAUSE_FIELDS, GpuCause, gpu_cause_of, median
+from fleetwatch.detectors.straggler_telemetry import CAUSE_FIELDS, GpuCause, gpu_cause_of_columns, median
 from fleetwatch.detectors.table import COLUMN, StepTable
 from fleetwatch.records import Finding, Step
 
@@ -83,14 +82,19 @@ class StragglerStepsThresholds:
     min_gap_growth: float = 1.15
     # Hysteresis without memory. A rank that passed the "peers" test at some step of the last
     # hold_seconds (recomputed from its own steps, one point a second, against today's reference
-    # and baseline, which drift by a percent or two: hence within hold_tolerance) stays a
-    # straggler while it scores below hold_score with its gap grown by hold_gap_growth (above the
-    # healthy Alibaba workers' 1.07). Without it a rank slowed ~1.15x, hovering at the thresholds,
-    # opens a new episode every few seconds. With it the test is in effect 3% looser to open
+    # and baseline, which drift by a percent or two: hence its score within hold_tolerance, its
+    # gap's growth within hold_growth_tolerance) stays a straggler while it scores below
+    # hold_score with its gap grown by hold_gap_growth (above the healthy Alibaba workers' 1.07).
+    # Without it a rank slowed ~1.16x, hovering at the thresholds, opens a new episode every few
+    # seconds (1% on the growth is enough to hold it). With it the test is in effect looser to
+    # open. 3% on the growth too (1.1165) opened episodes on healthy ranks in long runs, 3 in 38
+    # simulated node-days: a rank's own slow wander (+-2 sd of the traces') while the reference's
+    # goes the other way grows its gap by 1.12 for a minute
     hold_score: float = 0.9
     hold_gap_growth: float = 1.1
     hold_seconds: float = 60.0
     hold_tolerance: float = 0.03
+    hold_growth_tolerance: float = 0.01
     # ratio; slowed 1.2x against its own baseline and against its peers (the brief's 1.2x)
     self_slowdown: float = 1.2
     # score; a rank at or above this is within 3% of the healthy pace and slows nobody, whatever
@@ -131,8 +135,8 @@ class StragglerStepsThresholds:
             raise ValueError("need hold_score <= judged_below_score <= 1")
         if not 1 <= self.hold_gap_growth <= self.min_gap_growth:
             raise ValueError("need 1 <= hold_gap_growth <= min_gap_growth")
-        if self.hold_seconds < 0 or self.hold_tolerance < 0:
-            raise ValueError("hold_seconds and hold_tolerance must not be negative")
+        if self.hold_seconds < 0 or self.hold_tolerance < 0 or self.hold_growth_tolerance < 0:
+            raise ValueError("hold_seconds, hold_tolerance and hold_growth_tolerance must not be negative")
         if self.self_slowdown <= 1 or self.max_pace_change < 1:
             raise ValueError("self_slowdown must exceed 1, max_pace_change be at least 1")
         if not 0 < self.recent_seconds <= self.max_recent_seconds:
@@ -201,9 +205,11 @@ class _Groups:
 
 
 def _grouped(table: StepTable, rows: np.ndarray, newest_first: bool) -> _Groups:
-    """`rows` grouped by (job, rank), each group's rows newest first or oldest first."""
-    order = np.lexsort((-rows if newest_first else rows, table.rank[rows], table.job[rows]))
-    rows = rows[order]
+    """`rows` (ascending) grouped by (job, rank), each group's rows newest first or oldest first."""
+    if newest_first:
+        rows = rows[::-1]
+    # One stable sort by (job, rank) as one integer keeps each group's rows in the order given.
+    rows = rows[np.argsort(table.job[rows] * _RANK_SPAN + table.rank[rows], kind="stable")]
     job, rank = table.job[rows], table.rank[rows]
     start = _run_starts((job, rank))
     return _Groups(job[start], rank[start], start, _run_lengths(start, len(rows)), rows)
@@ -230,6 +236,33 @@ def _run_lengths(starts: np.ndarray, total: int) -> np.ndarray:
         lengths[:-1] = starts[1:] - starts[:-1]
         lengths[-1] = total - starts[-1]
     return lengths
+
+
+@dataclass(slots=True)
+class _Spans:
+    """Rows of some groups of a _Groups (`recent`): group groups[i] (ascending) has rows
+    rows[start[i]:start[i] + count[i]]."""
+
+    groups: np.ndarray
+    start: np.ndarray
+    count: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    @classmethod
+    def none(cls) -> _Spans:
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(empty, empty, empty, empty)
+
+    def merged(self, other: _Spans) -> _Spans:
+        """These spans and `other`'s (other groups), groups ascending."""
+        groups = np.concatenate([self.groups, other.groups])
+        order = np.argsort(groups, kind="stable")
+        start = np.concatenate([self.start, other.start + len(self.rows)])
+        count = np.concatenate([self.count, other.count])
+        return _Spans(groups[order], start[order], count[order], np.concatenate([self.rows, other.rows]))
 
 
 @dataclass(slots=True)
@@ -275,6 +308,47 @@ def _median_ratios(table: StepTable, groups: _Groups, refs: _Refs) -> tuple[np.n
     return medians, counts
 
 
+def _dense_scores(
+    table: StepTable, groups: _Groups, th: StragglerStepsThresholds
+) -> tuple[_Refs, np.ndarray, np.ndarray] | None:
+    """_references() and _median_ratios() of `groups` where they form the grid of a synchronous
+    job: one job, at most reference_ranks ranks (enough for min_reports), every rank the same
+    steps in the same order, each step once, every time positive. As a (ranks, steps) matrix the
+    same picks take two sorts along its axes instead of sorting rows by key; None elsewhere."""
+    count = len(groups)
+    if count < max(2, th.min_ranks) or count > th.reference_ranks:
+        return None
+    steps = int(groups.count[0])
+    if not steps or np.count_nonzero(groups.count != steps) or np.count_nonzero(groups.job != groups.job[0]):
+        return None
+    rows = groups.rows[groups.start[:, None] + np.arange(steps)]  # (ranks, steps)
+    numbers = table.step[rows]
+    first = numbers[0]
+    if np.count_nonzero(numbers != first):
+        return None  # not every rank reported the same steps
+    gaps = np.diff(first)
+    ascending = bool(np.all(gaps > 0))
+    if not ascending and not np.all(gaps < 0):
+        return None  # a step reported twice (a restart from a checkpoint)
+    seconds = table.seconds[rows]
+    if not np.all(seconds > 0):
+        return None  # a 0 s step: _median_ratios skips its ratio
+    # Each step's reference: the median of the fastest half of its times (every rank reported it).
+    fastest = np.sort(seconds, axis=0)
+    half = (count + 1) // 2
+    middle = half // 2
+    reference = fastest[middle] if half % 2 else (fastest[middle - 1] + fastest[middle]) / 2
+    # Each rank's median ratio of its times to the steps' references.
+    ratios = np.sort(seconds / reference, axis=1)
+    middle = steps // 2
+    medians = ratios[:, middle] if steps % 2 else (ratios[:, middle - 1] + ratios[:, middle]) / 2
+    span = table.step_span
+    keys = int(groups.job[0]) * span + first
+    if not ascending:
+        keys, reference = keys[::-1], reference[::-1]
+    return _Refs(keys, reference, span), medians, np.full(count, steps, dtype=np.int64)
+
+
 @dataclass(slots=True)
 class _Rank:
     rank: int
@@ -282,8 +356,9 @@ class _Rank:
     group: int
     score: float
     steps: Sequence[Step]  # the window's steps, which the rows index
-    # Set by the detector where the rank has baseline steps (oldest first) and their score.
-    baseline_rows: np.ndarray | None = None
+    # Set by the detector where the rank has baseline steps (oldest first) and their score: the
+    # baseline groups, the rank's group in them, and how far their rows are from this table's.
+    baseline_of: tuple[_Groups, int, int] | None = None
     baseline_ratio: tuple[float, int] | None = None
     _recent: list[Step] | None = None
 
@@ -308,9 +383,10 @@ class _Rank:
     @property
     def baseline(self) -> list[Step] | None:
         """Its baseline steps, oldest first, where they count (see _Job.baseline_score)."""
-        if self.baseline_rows is None or self.baseline_score is None:
+        if self.baseline_of is None or self.baseline_score is None:
             return None
-        return [self.steps[i] for i in self.baseline_rows.tolist()]
+        groups, group, shift = self.baseline_of
+        return [self.steps[i + shift] for i in groups.of(group).tolist()]
 
     @property
     def baseline_score(self) -> float | None:
@@ -379,18 +455,19 @@ class _Job:
         table = gpu_table(self.window)
         p = table.position((newest.node, newest.gpu)) if newest.gpu is not None else None
         if p is not None:
-            oldest = r.recent[-1]
-            began_t = oldest.t - oldest.seconds  # when its oldest recent step began
+            steps = step_table(self.window)
+            oldest = int(r.rows[-1])
+            began_t = float(steps.t[oldest]) - float(steps.seconds[oldest])  # its oldest recent step began
             # Its GPU's samples in [began_t, now], read as columns (tail() of the series).
             series = table.series(p)
-            times = series.times()
-            lo = bisect_left(times, began_t)
+            times = series.t
+            lo = int(np.searchsorted(times, began_t, side="left"))
             if lo < len(times):
                 gpus = self._peer_gpus(th.recent_seconds)
                 clocks = [c for rank, (c, _) in gpus.items() if rank != r.rank and c is not None]
                 powers = [p for rank, (_, p) in gpus.items() if rank != r.rank and p is not None]
-                reasons, sm_clocks, power_draws, limits = (series.values(name)[lo:] for name in CAUSE_FIELDS)
-                cause = gpu_cause_of(
+                reasons, sm_clocks, power_draws, limits = (series.column(name)[lo:] for name in CAUSE_FIELDS)
+                cause = gpu_cause_of_columns(
                     reasons,
                     sm_clocks,
                     power_draws,
@@ -412,17 +489,26 @@ class _Job:
             now = self.window.now
             table = gpu_table(self.window)
             newest_t, newest = table.newest_t, table.newest_rows
+            steps = step_table(self.window)
+            groups = self.groups
+            # Each rank's newest step (its group's first row): its node and GPU, as columns.
+            rows = groups.rows[groups.start[self.members]]
+            nodes = steps.nodes
             seen: set[tuple[str, int]] = set()
-            for r in self.ranks:
-                step = r.newest
-                if step.gpu is None or (step.node, step.gpu) in seen:
+            for rank, node, gpu in zip(
+                groups.rank[self.members].tolist(), steps.node[rows].tolist(), steps.gpu[rows].tolist()
+            ):
+                if gpu < 0:
+                    continue  # no GPU named
+                key = (nodes[node], gpu)
+                if key in seen:
                     continue
-                seen.add((step.node, step.gpu))  # two ranks on one GPU count once
-                p = table.position((step.node, step.gpu))
+                seen.add(key)  # two ranks on one GPU count once
+                p = table.position(key)
                 if p is None or not now - max_age_seconds <= newest_t[p] <= now:
                     continue
                 clock, power = newest[p, _CLOCK_COLUMN], newest[p, _POWER_COLUMN]
-                self._gpus[r.rank] = (
+                self._gpus[rank] = (
                     None if clock != clock else float(clock),
                     None if power != power else float(power),
                 )
@@ -468,14 +554,15 @@ class _BaselineMemo:
         cls,
         table: StepTable,
         oldest: int,
-        found: Mapping[int, np.ndarray],
+        found: _Spans,
         baselines: _Baselines,
         recent: _Groups,
         th: StragglerStepsThresholds,
     ) -> _BaselineMemo | None:
-        if len(found) != len(recent) or any(len(rows) < th.min_baseline_steps for rows in found.values()):
+        if len(found) != len(recent) or np.count_nonzero(found.count < th.min_baseline_steps):
             return None  # a rank without its full baseline: its next evaluation may find more
-        newest_t = max(float(table.t[rows[-1]]) for rows in found.values()) if found else -math.inf
+        last = found.rows[found.start + found.count - 1]  # each rank's newest baseline step
+        newest_t = float(table.t[last].max()) if len(found) else -math.inf
         return cls(table.origin[0], oldest + table.origin[1], recent.job, recent.rank, newest_t, baselines)
 
     def holds(self, table: StepTable, oldest: int, recent: _Groups, now: float, th: StragglerStepsThresholds) -> bool:
@@ -530,8 +617,7 @@ class StragglerStepsDetector:
         if not np.count_nonzero(eligible):
             return []
         scored = recent if eligible.all() else recent.take(eligible.nonzero()[0])
-        refs = self._references(table, scored)
-        ratios, counts = _median_ratios(table, scored, refs)
+        refs, ratios, counts = self._scored(table, scored)
         counted = counts > 0
         with np.errstate(divide="ignore"):
             scores = np.where(ratios > 0, 1.0 / ratios, np.inf)
@@ -605,8 +691,17 @@ class StragglerStepsDetector:
                 taken = np.empty(len(order), dtype=bool)
                 taken[order] = position < lacking[sorted_which]
                 if np.count_nonzero(taken):
-                    recent = _grouped(table, np.concatenate([recent.rows, older[taken]]), newest_first=True)
+                    recent = _grouped(table, np.sort(np.concatenate([recent.rows, older[taken]])), newest_first=True)
         return recent
+
+    def _scored(self, table: StepTable, groups: _Groups) -> tuple[_Refs, np.ndarray, np.ndarray]:
+        """The groups' step references and, against them, each group's _median_ratios()."""
+        dense = _dense_scores(table, groups, self.thresholds)
+        if dense is not None:
+            return dense
+        refs = self._references(table, groups)
+        ratios, counts = _median_ratios(table, groups, refs)
+        return refs, ratios, counts
 
     def _references(self, table: StepTable, groups: _Groups) -> _Refs:
         """Per job of `groups`: step number -> the median of the fastest half of that step's times,
@@ -663,7 +758,7 @@ class StragglerStepsDetector:
             table.jobs[code], groups, members, scores, refs, code, reference, window, self.thresholds.min_baseline_steps
         )
 
-    def _baselines(self, table: StepTable, now: float, recent: _Groups) -> dict[int, np.ndarray]:
+    def _baselines(self, table: StepTable, now: float, recent: _Groups) -> _Spans:
         """Each running rank's (group of `recent`) oldest min_baseline_steps steps in the window
         before its recent span (rows, oldest first): a job's first steps after warm-up when it
         started in the window."""
@@ -675,7 +770,7 @@ class StragglerStepsDetector:
         found = self._baseline_from(table, oldest, now, recent, np.arange(len(recent)))
         # A job that started later: its steps are numbered from 0, so its step rate says when its
         # first steps after warm-up ran; look there (a job younger than a baseline has none yet).
-        with_baseline = {int(recent.job[g]) for g in found}
+        with_baseline = set(recent.job[found.groups].tolist())
         for code in np.unique(recent.job).tolist():
             if code in with_baseline:
                 continue
@@ -687,12 +782,10 @@ class StragglerStepsDetector:
                 continue
             index = int(np.searchsorted(t, max(began_t, now - th.window_seconds), side="left"))
             if index > oldest:
-                found.update(self._baseline_from(table, index, now, recent, groups))
+                found = found.merged(self._baseline_from(table, index, now, recent, groups))
         return found
 
-    def _baseline_from(
-        self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray
-    ) -> dict[int, np.ndarray]:
+    def _baseline_from(self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray) -> _Spans:
         """From row `index` on: per group `groups` of `recent`, its first min_baseline_steps steps
         after warm-up before the recent window and its own recent span, where the first comes
         within baseline_seconds of row `index` (a rank that first appears later has no baseline
@@ -700,7 +793,7 @@ class StragglerStepsDetector:
         th = self.thresholds
         t = table.t
         if index >= len(t) or not len(groups):
-            return {}
+            return _Spans.none()
         need = th.min_baseline_steps
         look_until_t = float(t[index]) + th.baseline_seconds  # where ranks are looked for
         stop = int(np.searchsorted(t, now - th.recent_seconds, side="left"))
@@ -708,7 +801,6 @@ class StragglerStepsDetector:
         wanted = recent.job[groups] * _RANK_SPAN + recent.rank[groups]  # ascending, as the groups
         # each rank's oldest recent step
         own_oldest_t = t[recent.rows[recent.start[groups] + recent.count[groups] - 1]]
-        found: dict[int, np.ndarray] = {}
         end = min(stop, index + max(need * len(groups) * 2, 256))
         while True:
             rows = np.arange(index, end)
@@ -721,16 +813,13 @@ class StragglerStepsDetector:
             order = np.argsort(which, kind="stable")
             rows, which, times = rows[order], which[order], times[order]
             starts = _run_starts([which])
-            counts = np.diff(np.append(starts, len(rows)))
+            taken = np.minimum(np.diff(np.append(starts, len(rows))), need)
             # A rank counts only if its first step comes by look_until_t; then its first `need`.
-            found = {
-                int(groups[which[start]]): rows[start : start + min(count, need)]
-                for start, count in zip(starts.tolist(), counts.tolist())
-                if times[start] <= look_until_t
-            }
-            short = any(len(span) < need for span in found.values())
+            counted = times[starts] <= look_until_t
+            starts, taken = starts[counted], taken[counted]
+            short = bool(np.count_nonzero(taken < need))
             if end >= stop or (not short and float(t[end - 1]) > look_until_t):
-                return found
+                return _Spans(groups[which[starts]], starts, taken, rows)
             end = min(stop, index + 2 * (end - index))
 
     # --- judging ---------------------------------------------------------------------------------
@@ -757,36 +846,34 @@ class StragglerStepsDetector:
         for code, job in jobs.items():
             base_median = baselines.medians.get(code)
             job.pace = math.inf if base_median is None else job.reference / base_median
+        if not judged:
+            return
+        counts, ratios = baselines.counts.tolist(), baselines.ratios.tolist()
+        shift = baselines.origin - table.origin[1]  # the baselines' rows in this table
         for job, r in judged:
             if not 1 / th.max_pace_change <= job.pace <= th.max_pace_change:
                 continue  # another phase then (warm-up, evaluation): its baseline does not count
             i = baselines.index.get((job.code, r.rank))
-            if i is not None and baselines.counts[i] * 2 >= th.min_baseline_steps:
-                r.baseline_rows = baselines.groups.of(i) + (baselines.origin - table.origin[1])
-                r.baseline_ratio = (float(baselines.ratios[i]), int(baselines.counts[i]))
+            if i is not None and counts[i] * 2 >= th.min_baseline_steps:
+                r.baseline_of = (baselines.groups, i, shift)
+                r.baseline_ratio = (ratios[i], counts[i])
 
-    def _baseline_scores(
-        self, table: StepTable, recent: _Groups, baseline_rows: Mapping[int, np.ndarray]
-    ) -> _Baselines:
+    def _baseline_scores(self, table: StepTable, recent: _Groups, found: _Spans) -> _Baselines:
         """The ranks' baselines that count (min_baseline_steps steps, in a job with min_ranks such
         ranks): per job the median of its baseline step references, per rank its _median_ratio."""
         th = self.thresholds
-        based = np.array(sorted(g for g, rows in baseline_rows.items() if len(rows) >= th.min_baseline_steps))
+        full = found.count >= th.min_baseline_steps
+        based, start, counts = found.groups[full], found.start[full], found.count[full]
         if len(based):
             per_job = np.bincount(recent.job[based])
-            based = based[per_job[recent.job[based]] >= th.min_ranks]
+            enough = per_job[recent.job[based]] >= th.min_ranks
+            based, start, counts = based[enough], start[enough], counts[enough]
         if not len(based):
             return _Baselines.none(table)
-        counts = np.array([len(baseline_rows[g]) for g in based.tolist()], dtype=np.int64)
-        groups = _Groups(
-            recent.job[based],
-            recent.rank[based],
-            np.cumsum(counts) - counts,
-            counts,
-            np.concatenate([baseline_rows[g] for g in based.tolist()]),
-        )
-        base_refs = self._references(table, groups)
-        ratios, counts = _median_ratios(table, groups, base_refs)
+        offsets = np.cumsum(counts) - counts
+        at = np.repeat(start - offsets, counts) + np.arange(int(offsets[-1] + counts[-1]))
+        groups = _Groups(recent.job[based], recent.rank[based], offsets, counts, found.rows[at])
+        base_refs, ratios, counts = self._scored(table, groups)
         medians = {}
         for code in np.unique(groups.job).tolist():
             lo, hi = base_refs.keys.searchsorted([code * base_refs.span, (code + 1) * base_refs.span])
@@ -817,6 +904,8 @@ class StragglerStepsDetector:
     def _verdict(self, job: _Job, r: _Rank) -> str | None:
         """ "peers", "self", "hold" (a peers straggler if the test held lately) or None."""
         th = self.thresholds
+        if r.score >= th.hold_score:  # (peer_score <= hold_score): neither peers test can pass
+            return "self" if self._self_slow(job, r) else None
         if self._peers_slow(job, r, r.score, th.peer_score, th.min_gap_growth):
             return "peers"
         if self._peers_slow(job, r, r.score, th.hold_score, th.hold_gap_growth):
@@ -871,7 +960,8 @@ class StragglerStepsDetector:
         return {(job, rank): own for job, ranks in wanted.items() for rank, own in ranks.items()}
 
     def _held(self, job: _Job, r: _Rank, own: list[Step], now: float) -> bool:
-        """Whether the full "peers" test held, within hold_tolerance, at some step of the last
+        """Whether the full "peers" test held, within hold_tolerance (hold_growth_tolerance for the
+        gap's growth), at some step of the last
         hold_seconds (one a second of data time, the grid the engine evaluates on), judged as an
         evaluation then would have: on the rank's steps of recent_seconds (at least
         min_recent_steps) up to it, against the steps' references where known."""
@@ -879,7 +969,7 @@ class StragglerStepsDetector:
         if th.hold_seconds == 0:
             return False
         score_limit = th.peer_score * (1 + th.hold_tolerance)
-        min_growth = th.min_gap_growth / (1 + th.hold_tolerance)
+        min_growth = th.min_gap_growth / (1 + th.hold_growth_tolerance)
         hold_t = now - th.hold_seconds
         refs, reference = job.refs, job.reference
         last_second = None

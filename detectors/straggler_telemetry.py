@@ -159,6 +159,64 @@ def _median_present(values: Iterable[float | int | None]) -> float | None:
     return median(present) if present else None
 
 
+def _median_of_column(values: np.ndarray) -> float | None:
+    """median() of the values present (not NaN) in a float column; None when there are none."""
+    present = np.sort(values[values == values])
+    count = len(present)
+    if not count:
+        return None
+    middle = count // 2
+    return float(present[middle]) if count % 2 else (float(present[middle - 1]) + float(present[middle])) / 2
+
+
+def gpu_cause_of_columns(
+    reasons: np.ndarray,
+    clocks: np.ndarray,
+    powers: np.ndarray,
+    limits: np.ndarray,
+    peer_sm_clock_mhz: float | None,
+    peer_power_watts: float | None,
+    *,
+    min_fraction: float,
+    clock_below_peers: float,
+    power_below_peers: float,
+) -> GpuCause:
+    """gpu_cause_of() of float columns (NaN where absent), vectorised: the same GpuCause."""
+    present = reasons == reasons
+    masks = np.where(present, reasons, 0.0).astype(np.int64)
+    reported = int(np.count_nonzero(present))
+    held = 0
+    if reported:
+        for bit, _ in THROTTLE_REASONS:
+            if np.count_nonzero((masks & bit)[present]) >= min_fraction * reported:
+                held |= bit
+    # Clock and power only mean something while the GPU works (see gpu_cause_of).
+    busy = (masks & GPU_IDLE) == 0
+    clock = _median_of_column(clocks[busy])
+    power = _median_of_column(powers[busy])
+    name = next((text for bit, text in THROTTLE_REASONS if held & bit), None)
+    kind = "throttle" if name is not None else None
+    clock_low = clock is not None and peer_sm_clock_mhz is not None and clock <= clock_below_peers * peer_sm_clock_mhz
+    if name is None and clock_low:
+        capped = int(np.count_nonzero((masks[busy] & SW_POWER_CAP) != 0))
+        if capped >= min_fraction * int(np.count_nonzero(busy)):
+            limit = _median_of_column(limits)
+            name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
+            kind = "power_cap"
+        else:
+            name = "SM clock below its peers'"
+            kind = "clock"
+    if (
+        name is None
+        and power is not None
+        and peer_power_watts is not None
+        and power <= power_below_peers * peer_power_watts
+    ):
+        name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
+        kind = "power"
+    return GpuCause(name, kind, held, clock, peer_sm_clock_mhz, power, peer_power_watts)
+
+
 def gpu_cause_of(
     reasons: Sequence[float | int | None],
     clocks: Sequence[float | int | None],

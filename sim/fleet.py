@@ -98,8 +98,13 @@ NOISE_KINDS: tuple[str, ...] = ("checkpoint_pause", "dataloader_hiccup", "single
 # Whole dedicated H100/H200 GPUs differ less than shared ones: the steady per-rank offset has sd
 # 3 % (clipped at 2.5 sd). What comes out (16 ranks, 1,800 s): per-rank CV 2.4 %, lag-10
 # autocorrelation 0.40, 0.26 % of steps > 8 % over the rank's median, the largest +15 %.
+# The drift is clipped at 2.5 sd too: the traces' slow wander is bounded (no healthy worker's gap
+# to its peers grows by more than 7 %, detectors/straggler_steps.py), while an unbounded Gaussian
+# walk, run for 1,000 node-days, sends some healthy rank 5 sd (+9 %) off its own pace for a
+# minute: a slowdown as large as a mild real straggler's, which no healthy trace shows.
 STEP_DRIFT_SD = 0.019
 STEP_DRIFT_KEEP = 0.98
+STEP_DRIFT_LIMIT = 2.5 * STEP_DRIFT_SD
 STEP_WHITE_SD = 0.016
 STEP_SPIKE_PROBABILITY = 0.004
 STEP_SPIKE_RANGE = (0.06, 0.12)
@@ -303,6 +308,10 @@ class _Clock:
         return self.t
 
 
+def _clip(value: float, limit: float) -> float:
+    return min(max(value, -limit), limit)
+
+
 def _pci_bus_id(raw: str) -> str:
     """NVML's "00000000:18:00.0" as the NVML source reports it ("0000:18:00.0")."""
     domain, _, rest = raw.partition(":")
@@ -485,9 +494,11 @@ class SimFleet:
                     g: timelines.get((name, g), ((-math.inf, IDLE_ACTIVITY),)) for g in range(self.gpus_per_node)
                 },
             )
-        for job in self.jobs.values():
-            self._steps.extend(self._simulate_steps(job))
-        self._steps.sort(key=lambda s: (s.t, s.job, s.rank))
+        reporting = [steps for steps in (self._simulate_steps(job) for job in self.jobs.values()) if steps]
+        for steps in reporting:
+            self._steps.extend(steps)
+        if len(reporting) > 1:  # one job's steps come in (t, rank) order already
+            self._steps.sort(key=lambda s: (s.t, s.job, s.rank))
         for name in self.node_names:
             rng = self._rng("host", name)
             self._host_params[name] = (
@@ -772,7 +783,7 @@ class SimFleet:
             1.0 + min(max(rng.gauss(0.0, RANK_OFFSET_SD), -2.5 * RANK_OFFSET_SD), 2.5 * RANK_OFFSET_SD)
             for _ in range(count)
         ]
-        drifts = [rng.gauss(0.0, STEP_DRIFT_SD) for _ in range(count)]
+        drifts = [_clip(rng.gauss(0.0, STEP_DRIFT_SD), STEP_DRIFT_LIMIT) for _ in range(count)]
         drift_step_sd = STEP_DRIFT_SD * math.sqrt(1.0 - STEP_DRIFT_KEEP**2)
         if job.begin == -math.inf:  # running since before the fleet's start: warm, mid-training
             t = self.start - rng.uniform(0.0, job.step_seconds)
@@ -791,25 +802,29 @@ class SimFleet:
         hiccups = [(rank, begin, until, factor) for rank, begin, until, _, factor in job.hiccups]
         steps_left = [left for _, _, _, left, _ in job.hiccups]  # None: slow by time, not by count
         nodes_gpus = job.ranks
-        silent = {node: self._silent[node] for node, _ in nodes_gpus}
+        silent = {node: self._silent[node] for node, _ in nodes_gpus if self._silent[node]}
+        gauss, uniform, random_ = rng.gauss, rng.uniform, rng.random
+        keep, drift_limit = STEP_DRIFT_KEEP, STEP_DRIFT_LIMIT
+        spike_low, spike_high = STEP_SPIKE_RANGE
+        # Each rank's nominal compute time (the product's first factor, as below it always was).
+        nominal = [job.step_seconds * offset for offset in offsets]
+        slowed = [r for r in range(count) if job.factors[r]]  # ranks with slowdown windows
         out: list[Step] = []
         while t < limit:
-            for noise_index in range(count):
-                drifts[noise_index] = STEP_DRIFT_KEEP * drifts[noise_index] + rng.gauss(0.0, drift_step_sd)
-            whites = [rng.gauss(0.0, STEP_WHITE_SD) for _ in range(count)]
+            drifts = [min(max(keep * drift + gauss(0.0, drift_step_sd), -drift_limit), drift_limit) for drift in drifts]
+            whites = [gauss(0.0, STEP_WHITE_SD) for _ in range(count)]
             spikes = [
-                rng.uniform(*STEP_SPIKE_RANGE) if rng.random() < STEP_SPIKE_PROBABILITY else 0.0 for _ in range(count)
+                uniform(spike_low, spike_high) if random_() < STEP_SPIKE_PROBABILITY else 0.0 for _ in range(count)
             ]
             warmup = 1.0 if warm is None else 1.0 + WARMUP_EXTRA * math.exp(-warm / WARMUP_STEPS_SCALE)
-            own = []
-            for r in range(count):
+            # A factor of 1.0 leaves a product as it is: only the slowed ranks multiply by theirs.
+            own = [n * max(0.85, 1.0 + d + w + sp) * warmup for n, d, w, sp in zip(nominal, drifts, whites, spikes)]
+            for r in slowed:
                 factor = 1.0
                 for begin, end, f in job.factors[r]:
                     if begin <= t < end:
                         factor *= f
-                own.append(
-                    job.step_seconds * offsets[r] * max(0.85, 1.0 + drifts[r] + whites[r] + spikes[r]) * factor * warmup
-                )
+                own[r] = nominal[r] * max(0.85, 1.0 + drifts[r] + whites[r] + spikes[r]) * factor * warmup
             for hiccup_index, (slow_rank, slow_from, slow_until, slow_factor) in enumerate(hiccups):
                 left = steps_left[hiccup_index]
                 if left is None:
@@ -840,12 +855,13 @@ class SimFleet:
             if done > limit:
                 break
             if done >= self.start:
-                for r, (node, gpu) in enumerate(nodes_gpus):
-                    if any(b <= done < e for b, e in silent[node]):
-                        continue  # the node's agent sends nothing, its step reports included
-                    out.append(
-                        Step(t=done, job=job.id, rank=r, node=node, step=step, seconds=round(own[r], 4), gpu=gpu)
-                    )
+                # A silent node's agent sends nothing, its step reports included.
+                quiet = {node for node, windows in silent.items() if any(b <= done < e for b, e in windows)}
+                out.extend(
+                    Step(t=done, job=job.id, rank=r, node=node, step=step, seconds=round(own[r], 4), gpu=gpu)
+                    for r, (node, gpu) in enumerate(nodes_gpus)
+                    if node not in quiet
+                )
             if checkpointed:
                 checkpoint_step = step + 1
             t = done

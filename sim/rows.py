@@ -34,9 +34,10 @@ from fleetwatch.wire import GPU_FIELDS
 _COLUMN = {name: i for i, name in enumerate(GPU_FIELDS)}
 _MILLI = 1000.0  # mW -> W, mJ -> J, as NvmlSource converts them
 _BYTES_PER_KB = 1024
-# Ticks computed at once per node: large enough to amortise numpy's per-call cost, small enough
-# that a day-long soak run keeps a few MB per node.
-BLOCK_TICKS = 512
+# Ticks computed at once per node, at most: large enough to amortise numpy's per-call cost, small
+# enough that a day-long soak run keeps a few MB per node. A run is cut into equal blocks of up
+# to this many (a 600-tick run: one block, not 512 ticks and a short one that costs as much).
+BLOCK_TICKS = 1024
 # pynvml names the NVML source needs for the routes modelled here (field ids, the memory v2
 # version): an older nvidia-ml-py sends the source down other routes.
 _NEEDED = (
@@ -118,6 +119,7 @@ class NodeRows:
         self.attribution = list(attribution)
         count = sim.gpu_count
         self._gpus = [_Gpu() for _ in range(count)]
+        self._block_ticks = max(1, math.ceil(len(times) / max(1, math.ceil(len(times) / BLOCK_TICKS))))
         self._block_start = -1
         self._values = np.empty((0, count, len(GPU_FIELDS)))
         self._tx = self._rx = np.empty((0, count), dtype=np.int64)
@@ -161,8 +163,8 @@ class NodeRows:
 
     def _load(self, tick: int) -> None:
         """Computes the block of ticks holding `tick` (and the tick before it, for rates)."""
-        start = (tick // BLOCK_TICKS) * BLOCK_TICKS
-        stop = min(start + BLOCK_TICKS, len(self.times))
+        start = (tick // self._block_ticks) * self._block_ticks
+        stop = min(start + self._block_ticks, len(self.times))
         first = max(start - 1, 0)
         times = self.times[first:stop]
         sim = self.sim

@@ -165,6 +165,21 @@ def test_healthy_step_times_are_noisy_like_the_alibaba_traces():
     assert 0.005 < statistics.pstdev(medians) / statistics.mean(medians) < 0.06
 
 
+def test_a_healthy_rank_wanders_within_bounds_over_hours():
+    # The traces' workers wander around their own pace but never far for long: over two hours of
+    # 8 ranks no 20-step median strays more than 6% from the rank's own (the drift is clipped at
+    # 2.5 sd, 4.75%; an unbounded walk reaches 7-8% here, and 9-10% over 1,000 node-days: a
+    # healthy rank as slow against its own past as a mild straggler).
+    spec = scenario(nodes=1, duration=7200, seed=1, jobs=[{"id": "j1", "nodes": ["n01"], "step_seconds": 1.0}])
+    by_rank = defaultdict(list)
+    for s in SimFleet.from_scenario(spec)._steps:
+        by_rank[s.rank].append(s.seconds)
+    for xs in by_rank.values():
+        own = statistics.median(xs)
+        worst = max(abs(statistics.median(xs[i : i + 20]) / own - 1) for i in range(0, len(xs) - 20, 5))
+        assert worst < 0.06
+
+
 # ---- healthy noise -------------------------------------------------------------------------------
 
 
