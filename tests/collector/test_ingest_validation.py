@@ -519,8 +519,10 @@ async def test_a_sample_from_a_gpu_samples_list_is_stored_once_per_seq(app: Coll
     assert isinstance(app.store.latest_gpu_samples()[("n01", 0)], GpuSample)
 
 
-async def test_commits_wait_for_company_only_while_batches_arrive_fast(store: Store) -> None:
+async def test_commits_wait_for_company_only_while_batches_arrive_fast(tmp_path: Path) -> None:
     """A quiet fleet's batch is committed at once; a busy one's share commits (ingest_commit_wait_seconds)."""
+    store = Store(f"sqlite:///{tmp_path / 'c.db'}")  # the writer's timing, not a database's: one is enough
+    store.migrate()
     writer = IngestWriter(store, on_stored=lambda items, flags: None, commit_wait_seconds=0.2)
     writer.start()
     try:
@@ -542,3 +544,4 @@ async def test_commits_wait_for_company_only_while_batches_arrive_fast(store: St
         assert commits <= batches / 4, f"{commits} commits for {batches} batches"
     finally:
         writer.stop()
+        store.close()

@@ -58,6 +58,8 @@ def test_agent_sources_reach_the_collector_and_metrics(tmp_path: Path) -> None:
             f"127.0.0.1:{grpc_port}",
             "--sampling-interval-seconds",
             "0.2",
+            "--batch-interval-seconds",
+            "0.6",
             "--spool-dir",
             str(tmp_path / "spool"),
             "--no-spool-fsync",

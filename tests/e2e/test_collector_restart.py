@@ -32,9 +32,9 @@ def start_agent(node: str, grpc_port: int, spool: Path, log: Path) -> subprocess
             f"127.0.0.1:{grpc_port}",
             "--sampling-interval-seconds",
             "0.1",
-            # Five cycles a batch: the dense form, through every kill.
+            # Three cycles a batch: the dense form, through every kill.
             "--batch-interval-seconds",
-            "0.5",
+            "0.3",
             "--spool-dir",
             str(spool),
             "--no-spool-fsync",
@@ -102,7 +102,7 @@ def test_every_batch_stored_exactly_once_across_collector_kills(tmp_path: Path) 
             assert seqs == list(range(1, produced + 1)), f"{node}: stored seqs are not exactly 1..{produced}"
             samples = samples_of.get(node, [])
             assert len(samples) == len(set(samples)), f"{node}: a GPU sample stored twice"
-            # Each batch one cycle or more (the first, before the Welcome, alone; then up to five).
+            # Each batch one cycle or more (the first, before the Welcome, alone; then up to three).
             assert len(samples) >= GPUS * produced, f"{node}: {len(samples)} GPU samples in {produced} batches"
     finally:
         store.close()
