@@ -715,7 +715,8 @@ class Agent:
             notify("STOPPING=1")
             self._stopping.set()
             await asyncio.gather(sampler, *([watchdog] if watchdog is not None else []), return_exceptions=True)
-            await asyncio.to_thread(self.flush)
+            if self._pending:  # the cycles gathered for the next batch go out with the rest
+                await asyncio.to_thread(self.flush)
             stop_sending.set()
             self._wake_sender.set()
             try:
