@@ -194,27 +194,19 @@ def gpu_cause_of_columns(
     busy = (masks & GPU_IDLE) == 0
     clock = _median_of_column(clocks[busy])
     power = _median_of_column(powers[busy])
-    name = next((text for bit, text in THROTTLE_REASONS if held & bit), None)
-    kind = "throttle" if name is not None else None
-    clock_low = clock is not None and peer_sm_clock_mhz is not None and clock <= clock_below_peers * peer_sm_clock_mhz
-    if name is None and clock_low:
-        capped = int(np.count_nonzero((masks[busy] & SW_POWER_CAP) != 0))
-        if capped >= min_fraction * int(np.count_nonzero(busy)):
-            limit = _median_of_column(limits)
-            name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
-            kind = "power_cap"
-        else:
-            name = "SM clock below its peers'"
-            kind = "clock"
-    if (
-        name is None
-        and power is not None
-        and peer_power_watts is not None
-        and power <= power_below_peers * peer_power_watts
-    ):
-        name = f"power far below its peers' ({round(power):,} W against {round(peer_power_watts):,} W)"
-        kind = "power"
-    return GpuCause(name, kind, held, clock, peer_sm_clock_mhz, power, peer_power_watts)
+    capped = int(np.count_nonzero((masks[busy] & SW_POWER_CAP) != 0))
+    power_capped = capped >= min_fraction * int(np.count_nonzero(busy))
+    return _cause(
+        held,
+        clock,
+        power,
+        power_capped,
+        lambda: _median_of_column(limits),
+        peer_sm_clock_mhz,
+        peer_power_watts,
+        clock_below_peers=clock_below_peers,
+        power_below_peers=power_below_peers,
+    )
 
 
 def gpu_cause_of(
@@ -237,14 +229,42 @@ def gpu_cause_of(
     busy = [i for i, r in enumerate(reasons) if not int(r or 0) & GPU_IDLE]
     clock = _median_present(clocks[i] for i in busy)
     power = _median_present(powers[i] for i in busy)
+    capped = sum(1 for i in busy if int(reasons[i] or 0) & SW_POWER_CAP)
+    return _cause(
+        held,
+        clock,
+        power,
+        capped >= min_fraction * len(busy),
+        lambda: _median_present(limits),
+        peer_sm_clock_mhz,
+        peer_power_watts,
+        clock_below_peers=clock_below_peers,
+        power_below_peers=power_below_peers,
+    )
+
+
+def _cause(
+    held: int,
+    clock: float | None,
+    power: float | None,
+    power_capped: bool,
+    limit: Callable[[], float | None],
+    peer_sm_clock_mhz: float | None,
+    peer_power_watts: float | None,
+    *,
+    clock_below_peers: float,
+    power_below_peers: float,
+) -> GpuCause:
+    """The verdict of gpu_cause_of and gpu_cause_of_columns from what they read off the samples:
+    the throttle reasons held, the busy median clock and power, whether the software power cap
+    held for most busy samples, and the median power limit (asked only when it is named)."""
     name = next((text for bit, text in THROTTLE_REASONS if held & bit), None)
     kind = "throttle" if name is not None else None
     clock_low = clock is not None and peer_sm_clock_mhz is not None and clock <= clock_below_peers * peer_sm_clock_mhz
     if name is None and clock_low:
-        capped = sum(1 for i in busy if int(reasons[i] or 0) & SW_POWER_CAP)
-        if capped >= min_fraction * len(busy):
-            limit = _median_present(limits)
-            name = "software power cap" + (f" at a {round(limit):,} W limit" if limit else "")
+        if power_capped:
+            watts = limit()
+            name = "software power cap" + (f" at a {round(watts):,} W limit" if watts else "")
             kind = "power_cap"
         else:
             name = "SM clock below its peers'"
