@@ -199,9 +199,10 @@ def _gpu_rows(c: _BatchChecker, columns: pb.GpuColumns) -> GpuRows:
     refused = ~kept & ~np.isnan(sent)  # NaN is the dense form's absent, not a refused value
     values = np.full((rows, len(GPU_FIELDS)), np.nan)
     values[:, [_GPU_COLUMN[number] for number in numbers]] = np.where(kept, sent, np.nan)
-    if refused.any() and c.dropped is not None:
-        for j, count in zip(np.flatnonzero(refused.any(axis=0)).tolist(), refused.sum(axis=0)[refused.any(axis=0)]):
-            c.dropped[GPU_FIELDS[_GPU_COLUMN[numbers[j]]]] += int(count)
+    if c.dropped is not None:
+        counts = refused.sum(axis=0)
+        for j in np.flatnonzero(counts).tolist():
+            c.dropped[GPU_FIELDS[_GPU_COLUMN[numbers[j]]]] += int(counts[j])
     return GpuRows(t=t, gpu=gpu, values=values, label=label, labels=labels)
 
 

@@ -98,10 +98,6 @@ class EccDetector:
         return dict.fromkeys(_FIELDS, self.window_seconds)
 
     @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
-    @property
     def gpu_conditions(self) -> tuple[Condition, ...]:
         return (_DBE_SEEN, _SBE_MOVED)
 

@@ -66,10 +66,6 @@ class GpuLostDetector:
         # has no gpu_last_seen. A minute covers the missing limit at the default interval.
         return 60.0
 
-    @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
     # The samples' times and uuids only, no fields (RecentData.for_detectors).
     gpu_fields: ClassVar[Mapping[str, float]] = MappingProxyType({})
 

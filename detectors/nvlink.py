@@ -153,10 +153,6 @@ class NvlinkDetector:
         return dict.fromkeys(_FIELDS, self.window_seconds)
 
     @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
-    @property
     def gpu_conditions(self) -> tuple[Condition, ...]:
         return (_DOWN, _MOVED)
 

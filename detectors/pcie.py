@@ -143,10 +143,6 @@ class PcieDetector:
         return dict.fromkeys(_FIELDS, self.window_seconds)
 
     @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
-    @property
     def gpu_conditions(self) -> tuple[Condition, ...]:
         return (self.link_low, _REPLAYS_MOVED)
 

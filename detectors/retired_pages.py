@@ -81,10 +81,6 @@ class RetiredPagesDetector:
         return dict.fromkeys(_FIELDS, self.window_seconds)
 
     @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
-    @property
     def gpu_conditions(self) -> tuple[Condition, ...]:
         return (self.flagged,)
 

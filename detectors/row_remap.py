@@ -99,10 +99,6 @@ class RowRemapDetector:
         return dict.fromkeys(_FIELDS, self.window_seconds)
 
     @property
-    def gpu_window_seconds(self) -> float:
-        return self.window_seconds
-
-    @property
     def gpu_conditions(self) -> tuple[Condition, ...]:
         return (_RAISED,)
 

@@ -325,15 +325,15 @@ class FleetValues:
     ) -> bytes:
         """The serialized AgentMessage(batch) of node `local` in the agent's dense form: `cycles` in one."""
         from fleetwatch.v1 import telemetry_pb2 as pb
+        from fleetwatch.wire import GPU_FIELD_NUMBERS
 
         g = self.gpus
-        numbers = [pb.GpuMetrics.DESCRIPTOR.fields_by_name[k].number for k in self.gpu_fields]
         columns = pb.GpuColumns(
             t=[t for t, _, _ in cycles for _ in range(g)],
             gpu=list(range(g)) * len(cycles),
             label=list(range(g)) * len(cycles),
             labels=[pb.GpuLabels(uuid=u) for u in self.uuids[local]],
-            fields=numbers,
+            fields=[GPU_FIELD_NUMBERS[k] for k in self.gpu_fields],
             values=np.concatenate([m for _, m, _ in cycles]).astype("<f8").tobytes(),
         )
         hosts = [{"t": t, "metrics": dict(zip(self.host_fields, host))} for t, _, host in cycles]
