@@ -235,14 +235,17 @@ class IngestWriter:
                 entries = [self._queue.get(timeout=0.2)]
             except queue.Empty:
                 continue
-            gather_until = time.monotonic() + self._commit_wait()
+            # Sleep through the gathering wait, then take what came: a get() with a timeout would
+            # be woken by every batch put meanwhile, a thread switch each (most of the event
+            # loop's cost of handing over a batch was waking this thread).
+            wait_seconds = self._commit_wait()
+            if wait_seconds > 0 and self._queue.qsize() < self.max_batches_per_commit - 1:
+                self._stop.wait(wait_seconds)
             while len(entries) < self.max_batches_per_commit:
-                wait_seconds = gather_until - time.monotonic()
                 try:
-                    entry = self._queue.get(timeout=wait_seconds) if wait_seconds > 0 else self._queue.get_nowait()
+                    entries.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                entries.append(entry)
             self._arrived += len(entries)
             self._pause = False
             outcomes = self._store(entries)

@@ -173,76 +173,78 @@ def counter_moved(series: TableSeries, newest: int, name: str, lookback: int) ->
     return first != last
 
 
-def counter_points(series: TableSeries, name: str, oldest_t: float, now: float) -> list[tuple[float, float]]:
-    """(t, value) of the samples in [oldest_t, now] that carry `name`, oldest first."""
-    times, values = series.times(), series.values(name)
-    points = []
-    for i in range(len(times) - 1, -1, -1):
-        t = times[i]
-        if t > now:
-            continue
-        if t < oldest_t:
-            break
-        value = values[i]
-        if value is not None:
-            points.append((t, value))
-    points.reverse()
-    return points
-
-
-def window_counts(
-    points: Sequence[tuple[float, float]], window_seconds: float
-) -> tuple[list[float], list[float], list[int]]:
-    """Per point: the counter's increase since the first point, its increase over the
-    `window_seconds` before it, and the index of the point that is measured from. A decrease is a
-    reset and adds nothing: the value after it is the new baseline."""
-    cumulative = []
-    total = 0.0
-    previous = None
-    for _, value in points:
-        if previous is not None and value > previous:
-            total += value - previous
-        previous = value
-        cumulative.append(total)
-    counts, bases = [], []
-    base = 0
-    for i, (t, _) in enumerate(points):
-        window_start = t - window_seconds
-        while base < i and points[base + 1][0] <= window_start:
-            base += 1
-        counts.append(cumulative[i] - cumulative[base])
-        bases.append(base)
-    return cumulative, counts, bases
-
-
 @dataclass(slots=True)
 class CounterWindows:
     """A counter's readings over a stretch of time and, at each, its increase over a sliding
-    window (what `window_counts` makes of them)."""
+    window, as arrays (one entry per reading, oldest first). A decrease is a reset and adds
+    nothing: the value after it is the new baseline."""
 
-    points: list[tuple[float, float]]  # (t, value) of the samples that carry it, oldest first
-    cumulative: list[float]  # per point: the increase since the first point
-    counts: list[float]  # per point: the increase over the window that ends at it
-    bases: list[int]  # per point: the index of the point its window is measured from
+    t: np.ndarray  # the times of the samples that carry the counter
+    values: np.ndarray  # its readings there
+    cumulative: np.ndarray  # the increase since the first reading
+    counts: np.ndarray  # the increase over the window that ends at each reading
+    bases: np.ndarray  # the index of the reading each window is measured from
+
+    def over(self, limit: float, *, strictly: bool = False) -> list[int]:
+        """Indexes of the readings whose window count reaches `limit` (exceeds it: `strictly`)."""
+        return np.flatnonzero(self.counts > limit if strictly else self.counts >= limit).tolist()
+
+    def increase_since(self, index: int) -> float:
+        """The increase from reading `index` to the newest."""
+        return float(self.cumulative[-1] - self.cumulative[index])
 
 
-def counter_windows(
-    series: TableSeries,
-    name: str,
-    oldest_t: float,
-    now: float,
-    window_seconds: float,
-    boot_seen_at: float | None,
-) -> CounterWindows | None:
-    """Counter `name` in [oldest_t, now], after the node's last reboot, with its increase over
-    `window_seconds` at each reading; None with fewer than two readings (nothing to measure)."""
-    if boot_seen_at is not None:
-        oldest_t = max(oldest_t, boot_seen_at)  # counts from before a reboot are history
-    points = counter_points(series, name, oldest_t, now)
-    if len(points) < 2:
-        return None
-    cumulative, counts, bases = window_counts(points, window_seconds)
-    return CounterWindows(points, cumulative, counts, bases)
+class FleetCounterWindows:
+    """counter_windows of many GPUs at once: counter `name` in [oldest_t, now] of each GPU's series
+    of `fields` (after its node's last reboot), with its increase over `window_seconds` at each
+    reading; `get(p)` gives GPU p's (None with fewer than two readings: nothing to measure).
+
+    The GPUs that get here are those whose counters move, and on a fleet with a few noisy links that
+    is hundreds every pass: their readings are gathered, filtered and summed in one go. Counters are
+    whole numbers, so a running total taken across GPUs and differenced is exact."""
+
+    def __init__(
+        self,
+        table: GpuTable,
+        positions: Sequence[int],
+        name: str,
+        fields: tuple[str, ...],
+        oldest_t: float,
+        now: float,
+        window_seconds: float,
+        boot_seen_at: Sequence[float | None],
+    ) -> None:
+        self._windows: dict[int, CounterWindows] = {}
+        if not len(positions):
+            return
+        where = np.asarray(positions, dtype=np.int64)
+        lo, end = table.field_first(fields, where), table.end[where]
+        lengths = np.maximum(end - lo, 0)
+        seg = np.repeat(np.arange(len(where)), lengths)
+        idx = lo[seg] + np.arange(len(seg)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        t, values = table.times(idx, where[seg]), table.values(name, idx, where[seg])
+        # Counts from before a reboot are history.
+        since = np.array([oldest_t if b is None else max(oldest_t, b) for b in boot_seen_at])
+        keep = (t >= since[seg]) & (t <= now) & (values == values)
+        t, values, seg = t[keep], values[keep], seg[keep]
+        counts = np.bincount(seg, minlength=len(where))
+        starts = np.cumsum(counts) - counts
+        rises = np.diff(values, prepend=values[:1])
+        rises[starts[counts > 0]] = 0.0  # each GPU's first reading starts its own total
+        total = np.cumsum(np.maximum(rises, 0.0, out=rises))  # a decrease is a reset: adds nothing
+        for i in np.flatnonzero(counts >= 2).tolist():
+            a, b = int(starts[i]), int(starts[i] + counts[i])
+            times = t[a:b]
+            cumulative = total[a:b] - total[a]
+            # Each window is measured from the last reading at or before its start (the first
+            # reading when none is): an earlier reading than its own, the window being positive.
+            bases = np.searchsorted(times, times - window_seconds, side="right") - 1
+            np.maximum(bases, 0, out=bases)
+            windows = CounterWindows(times, values[a:b], cumulative, cumulative - cumulative[bases], bases)
+            self._windows[int(where[i])] = windows
+
+    def get(self, p: int) -> CounterWindows | None:
+        return self._windows.get(p)
 
 
 @dataclass(slots=True)
@@ -261,20 +263,20 @@ def held_over_limit(
     hold_seconds: float,
     boot_seen_at: float | None,
 ) -> CounterEpisode | None:
-    """The episode of readings over the limit (`over`: their indexes in `windows.points`,
+    """The episode of readings over the limit (`over`: their indexes in `windows`,
     ascending) still held at `now` (detectors.model.held_episode), or None."""
     if not over:
         return None
-    points = windows.points
-    episode = held_episode([points[i][0] for i in over], now, hold_seconds, boot_seen_at)
+    times = windows.t.tolist()
+    episode = held_episode([times[i] for i in over], now, hold_seconds, boot_seen_at)
     if not episode:
         return None
     first = over[len(over) - len(episode)]
-    base = windows.bases[first]
+    base = int(windows.bases[first])
     return CounterEpisode(
-        start=points[first][0],
-        increase=windows.cumulative[-1] - windows.cumulative[base],
-        seconds=points[-1][0] - points[base][0],
+        start=times[first],
+        increase=windows.increase_since(base),
+        seconds=times[-1] - times[base],
     )
 
 

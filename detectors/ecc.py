@@ -32,8 +32,9 @@ from typing import ClassVar
 import numpy as np
 
 from fleetwatch.detectors.counters import (
+    CounterWindows,
+    FleetCounterWindows,
     counter_moved,
-    counter_windows,
     ends_moved,
     held_over_limit,
     newest_carrying,
@@ -118,21 +119,29 @@ class EccDetector:
         # same SBE count at both ends of the window; only the others are looked at one by one.
         dbe = table.newest_rows[:, _DBE_COLUMN]
         look = (dbe > 0) | unsettled(table, (DBE,), _FIELDS)
-        look |= ends_moved(table, SBE, _FIELDS, lookback)
+        sbe_moved = ends_moved(table, SBE, _FIELDS, lookback)
+        look |= sbe_moved
         look &= table.fresh(self.thresholds.max_sample_age_seconds)
         if not np.count_nonzero(look):
             return []
         findings = []
         keys = table.keys
-        for p in look.nonzero()[0].tolist():
+        positions = look.nonzero()[0].tolist()
+        moved = [p for p in positions if sbe_moved[p]]
+        boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
+        sbe = FleetCounterWindows(
+            table, moved, SBE, _FIELDS, now - self.window_seconds, now, self.thresholds.sbe_window_seconds, boots
+        )
+        for p in positions:
             node, gpu = keys[p]
             series = table.series(p, _FIELDS)
             index = len(series) - 1
             index_dbe = newest_carrying(series, index, DBE, fresh_t, lookback)
             if index_dbe >= 0 and (series.values(DBE)[index_dbe] or 0) > 0:
                 findings.append(self._dbe(node, gpu, series, index_dbe, now))
-            if counter_moved(series, index, SBE, lookback):
-                finding = self._sbe_rate(node, gpu, series, now, node_boot_seen_at(window, node))
+            windows = sbe.get(p)
+            if windows is not None and counter_moved(series, index, SBE, lookback):
+                finding = self._sbe_rate(node, gpu, windows, now, node_boot_seen_at(window, node))
                 if finding is not None:
                     findings.append(finding)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
@@ -183,15 +192,12 @@ class EccDetector:
         self,
         node: str,
         gpu: int,
-        series: TableSeries,
+        windows: CounterWindows,
         now: float,
         boot_seen_at: float | None,
     ) -> Finding | None:
         t = self.thresholds
-        windows = counter_windows(series, SBE, now - self.window_seconds, now, t.sbe_window_seconds, boot_seen_at)
-        if windows is None:
-            return None
-        over = [i for i, count in enumerate(windows.counts) if count >= t.sbe_per_window]
+        over = windows.over(t.sbe_per_window)
         episode = held_over_limit(windows, over, now, t.sbe_hold_seconds, boot_seen_at)
         if episode is None:
             return None
@@ -211,10 +217,10 @@ class EccDetector:
             evidence={
                 "sbe_new": new,
                 "seconds": seconds,
-                "sbe_in_window": windows.counts[-1],
+                "sbe_in_window": float(windows.counts[-1]),
                 "window_seconds": t.sbe_window_seconds,
                 "limit": t.sbe_per_window,
-                "ecc_sbe_volatile_total": windows.points[-1][1],
+                "ecc_sbe_volatile_total": float(windows.values[-1]),
             },
             key="sbe_rate",
         )

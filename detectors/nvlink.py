@@ -41,8 +41,8 @@ import numpy as np
 
 from fleetwatch.detectors.counters import (
     CounterWindows,
+    FleetCounterWindows,
     counter_moved,
-    counter_windows,
     newest_carrying_all,
     node_boot_seen_at,
     unsettled,
@@ -170,19 +170,32 @@ class NvlinkDetector:
         newest = table.newest_rows
         up, total = newest[:, _UP], newest[:, _TOTAL]
         look = (up < total) | unsettled(table, (UP, TOTAL), _FIELDS)
+        ends_differ = {}
         for name in _COUNTER_NAMES:
             old, new = table.first_column(name, _FIELDS), newest[:, COLUMN[name]]
-            look |= (old != new) & ((old == old) | (new == new))  # not both absent
+            ends_differ[name] = (old != new) & ((old == old) | (new == new))  # not both absent
+            look |= ends_differ[name]
         fresh = table.fresh(self.thresholds.max_sample_age_seconds)
         look &= fresh
         if not np.count_nonzero(look):
             return []
         keys = table.keys
-        # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to.
+        # The error counts of every GPU whose counter may have moved, gathered in one go per counter.
+        counted: dict[str, FleetCounterWindows] = {}
+        for name in _COUNTER_NAMES:
+            moved = np.flatnonzero(look & ends_differ[name]).tolist()
+            boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
+            oldest_errors_t = now - self.window_seconds
+            seconds = self.thresholds.error_window_seconds
+            counted[name] = FleetCounterWindows(table, moved, name, _FIELDS, oldest_errors_t, now, seconds, boots)
+        # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to. Only
+        # the nodes of GPUs that may have a link down need them (a fleet-wide loop each pass else).
         all_up: dict[str, set[float]] = {}
+        suspect = {keys[p][0] for p in np.flatnonzero(look & ~(up >= total)).tolist()}
         healthy = fresh & (total > 0) & (up >= total)
-        for p in np.flatnonzero(healthy).tolist():
-            all_up.setdefault(keys[p][0], set()).add(float(total[p]))
+        for p in np.flatnonzero(healthy).tolist() if suspect else ():
+            if keys[p][0] in suspect:
+                all_up.setdefault(keys[p][0], set()).add(float(total[p]))
         for p in np.flatnonzero(fresh & np.isnan(up + total) & look).tolist():  # counts missing here
             series = table.series(p, _FIELDS)
             links = newest_carrying_all(series, len(series) - 1, (UP, TOTAL), oldest_t, lookback)
@@ -200,9 +213,9 @@ class NvlinkDetector:
             down = errors = None
             if links >= 0 and (series.values(UP)[links] or 0) < (series.values(TOTAL)[links] or 0):
                 down = self._link_down(series, links, now, all_up.get(node, set()))
-            for name in _COUNTER_NAMES:
-                if self._moved(series, index, name):
-                    errors = self._errors(series, index, now, node_boot_seen_at(window, node))
+            for name in _COUNTER_NAMES:  # the GPUs with windows are those whose ends differ
+                if counted[name].get(p) is not None and self._moved(series, index, name):
+                    errors = self._errors(p, series, index, now, node_boot_seen_at(window, node), counted)
                     break
             if down is not None or errors is not None:
                 findings.append(self._finding(node, gpu, down, errors))
@@ -273,46 +286,45 @@ class NvlinkDetector:
 
     def _errors(
         self,
+        p: int,
         series: TableSeries,
         index: int,
         now: float,
         boot_seen_at: float | None,
+        counted: Mapping[str, FleetCounterWindows],
     ) -> _Errors | None:
+        """GPU p's errors held at `now`; `counted`: per counter, the windows of the GPUs whose
+        counter may have moved."""
         t = self.thresholds
-        oldest_t = now - self.window_seconds
         moved: list[_Counter] = []
         for name, noun, is_crc in COUNTERS:
-            if not self._moved(series, index, name):
-                continue
-            windows = counter_windows(series, name, oldest_t, now, t.error_window_seconds, boot_seen_at)
-            if windows is None:
+            windows = counted[name].get(p)
+            if windows is None or not self._moved(series, index, name):
                 continue
             if is_crc:
                 limit = t.crc_errors_per_second * t.error_window_seconds
             else:
                 limit = t.replay_recovery_errors
-            over = [i for i, count in enumerate(windows.counts) if count >= limit]
+            over = windows.over(limit)
             moved.append(_Counter(name, noun, windows, over))
-        violations = sorted({c.windows.points[i][0] for c in moved for i in c.over})
+        times = {c.name: c.windows.t.tolist() for c in moved}
+        violations = sorted({times[c.name][i] for c in moved for i in c.over})
         episode = held_episode(violations, now, t.error_hold_seconds, boot_seen_at)
         if not episode:
             return None
         start = episode[0]
         # Errors are counted from the sample the episode's first over-limit window started at.
-        since = min(
-            c.windows.points[c.windows.bases[i]][0] for c in moved for i in c.over if c.windows.points[i][0] == start
-        )
+        since = min(times[c.name][c.windows.bases[i]] for c in moved for i in c.over if times[c.name][i] == start)
         totals: dict[str, float] = {}
         in_window: dict[str, float] = {}
         last_t = since
         for c in moved:
-            points, cumulative = c.windows.points, c.windows.cumulative
-            base = max(bisect_right([p[0] for p in points], since) - 1, 0)
-            total = cumulative[-1] - cumulative[base]
+            base = max(bisect_right(times[c.name], since) - 1, 0)
+            total = c.windows.increase_since(base)
             if total > 0:
                 totals[c.noun] = total
-            in_window[c.name] = c.windows.counts[-1]
-            last_t = max(last_t, points[-1][0])
+            in_window[c.name] = float(c.windows.counts[-1])
+            last_t = max(last_t, times[c.name][-1])
         return _Errors(start=start, seconds=last_t - since, totals=totals, in_window=in_window)
 
     # --- the finding ---------------------------------------------------------------------------

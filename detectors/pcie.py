@@ -34,8 +34,9 @@ from typing import ClassVar
 import numpy as np
 
 from fleetwatch.detectors.counters import (
+    CounterWindows,
+    FleetCounterWindows,
     counter_moved,
-    counter_windows,
     ends_moved,
     float_reading,
     held_over_limit,
@@ -171,12 +172,25 @@ class PcieDetector:
             return []  # no GPU read its link low, nor a replay count move, in the window
         fresh_t = now - self.thresholds.max_sample_age_seconds
         lookback = self.thresholds.field_lookback_samples
-        look = self._may_find(table, now) & table.fresh(self.thresholds.max_sample_age_seconds)
+        replays_moved = ends_moved(table, REPLAYS, _FIELDS, lookback)
+        look = self._may_find(table, now, replays_moved) & table.fresh(self.thresholds.max_sample_age_seconds)
         if not np.count_nonzero(look):
             return []
         findings = []
         keys = table.keys
-        for p in look.nonzero()[0].tolist():
+        positions = look.nonzero()[0].tolist()
+        moved = [p for p in positions if replays_moved[p]]
+        replay_windows = FleetCounterWindows(
+            table,
+            moved,
+            REPLAYS,
+            _FIELDS,
+            now - self.window_seconds,
+            now,
+            self.thresholds.replay_window_seconds,
+            [node_boot_seen_at(window, keys[p][0]) for p in moved],
+        )
+        for p in positions:
             node, gpu = keys[p]
             series = table.series(p, _FIELDS)
             index = len(series) - 1
@@ -185,16 +199,17 @@ class PcieDetector:
             link = self._link(node, gpu, series, widths, gens, now)
             if link is not None:
                 findings.append(link)
-            if counter_moved(series, index, REPLAYS, lookback):
+            windows = replay_windows.get(p)
+            if windows is not None and counter_moved(series, index, REPLAYS, lookback):
                 gen = series.values(GEN)[gens] if gens >= 0 else None
                 width = series.values(WIDTH)[widths] if widths >= 0 else None
-                replays = self._replay_rate(node, gpu, series, gen, width, now, node_boot_seen_at(window, node))
+                replays = self._replay_rate(node, gpu, windows, gen, width, now, node_boot_seen_at(window, node))
                 if replays is not None:
                     findings.append(replays)
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
 
-    def _may_find(self, table: GpuTable, now: float) -> np.ndarray:
+    def _may_find(self, table: GpuTable, now: float, replays_moved: np.ndarray) -> np.ndarray:
         """Per GPU, whether it needs the per-GPU rules: its replay count moved, its newest link
         reading is below its maximum (for the generation: with enough busy samples among the
         newest for a run), or a reading is missing (a failed read: the rules look further back)."""
@@ -204,7 +219,7 @@ class PcieDetector:
         gen, gen_max = newest[:, COLUMN[GEN]], newest[:, COLUMN[GEN_MAX]]
         look = width < width_max
         look |= unsettled(table, (WIDTH, WIDTH_MAX), _FIELDS) | unsettled(table, (GEN, GEN_MAX), _FIELDS)
-        look |= ends_moved(table, REPLAYS, _FIELDS, t.field_lookback_samples)
+        look |= replays_moved
         gen_low = np.flatnonzero((gen < gen_max) & ~look)
         if len(gen_low):
             # _run_start judges busy samples only: fewer than link_samples busy ones among the
@@ -227,20 +242,15 @@ class PcieDetector:
         self,
         node: str,
         gpu: int,
-        series: TableSeries,
+        windows: CounterWindows,
         gen: float | None,
         width: float | None,
         now: float,
         boot_seen_at: float | None,
     ) -> Finding | None:
         t = self.thresholds
-        windows = counter_windows(
-            series, REPLAYS, now - self.window_seconds, now, t.replay_window_seconds, boot_seen_at
-        )
-        if windows is None:
-            return None
         limit = t.replay_limit(gen, width)
-        over = [i for i, count in enumerate(windows.counts) if count > limit]
+        over = windows.over(limit, strictly=True)
         episode = held_over_limit(windows, over, now, t.replay_hold_seconds, boot_seen_at)
         if episode is None:
             return None
@@ -249,10 +259,10 @@ class PcieDetector:
         evidence: dict[str, object] = {
             "replays": replays,
             "seconds": seconds,
-            "replays_in_window": windows.counts[-1],
+            "replays_in_window": float(windows.counts[-1]),
             "window_seconds": t.replay_window_seconds,
             "limit": limit,
-            "pcie_replay_total": windows.points[-1][1],
+            "pcie_replay_total": float(windows.values[-1]),
         }
         if gen is not None and width is not None:
             evidence["pcie_link_gen"] = gen

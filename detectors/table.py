@@ -513,6 +513,32 @@ class GpuStore:
 
     # --- reading one slot's arrays ---------------------------------------------------------------
 
+    @staticmethod
+    def _ring_range(ring: np.ndarray, lo: int, end: int) -> np.ndarray:
+        """Logical indexes [lo, end) of one slot's ring (at most its capacity of them), oldest
+        first: one or two slices, no index arrays (a series is read whole, for hundreds of GPUs
+        a pass)."""
+        capacity = len(ring)
+        start, count = lo % capacity, end - lo
+        if start + count <= capacity:
+            return ring[start : start + count].copy()
+        return np.concatenate((ring[start:], ring[: start + count - capacity]))
+
+    def _slot_times(self, slot: int, lo: int, end: int) -> np.ndarray:
+        """The times of logical indexes [lo, end) of `slot`."""
+        return self._ring_range(self._t[slot], lo, end)
+
+    def _slot_values(self, name: str, slot: int, lo: int, end: int) -> np.ndarray:
+        """Field `name` at logical indexes [lo, end) of `slot` (NaN where no longer kept)."""
+        group, j = self._field_group[name]
+        kept_from = int(self._n[slot]) - group.capacity
+        if lo >= kept_from:
+            return self._ring_range(group.values[slot, :, j], lo, end)
+        values = np.full(max(end - lo, 0), np.nan)
+        if end > kept_from:
+            values[kept_from - lo :] = self._ring_range(group.values[slot, :, j], kept_from, end)
+        return values
+
     def _gather(self, name: str, slots: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Field `name` at logical indexes `idx` of `slots` (NaN where the group no longer has it)."""
         group, j = self._field_group[name]
@@ -1076,7 +1102,15 @@ class TableSeries(Sequence[GpuSample]):
         """Field `name` of each sample as a float, oldest first; None where absent."""
         cached = self._cache.get(name)
         if cached is None:
-            cached = self._cache[name] = [None if v != v else v for v in self.column(name).tolist()]
+            column = self.column(name)
+            absent = np.count_nonzero(np.isnan(column))
+            if not absent:  # the common cases first: a field read at every sample, or never
+                cached = column.tolist()
+            elif absent == len(column):
+                cached = [None] * absent
+            else:
+                cached = [None if v != v else v for v in column.tolist()]
+            self._cache[name] = cached
         return cached
 
     def __len__(self) -> int:
@@ -1122,11 +1156,15 @@ class TableSeries(Sequence[GpuSample]):
     @property
     def t(self) -> np.ndarray:
         """The samples' times, oldest first."""
-        return self._table.times(self.idx, np.full(len(self), self.p, dtype=np.int64))
+        if self.end <= self.lo:
+            return np.empty(0)
+        return self._table.store._slot_times(int(self._table.slots[self.p]), self.lo, self.end)
 
     def column(self, name: str) -> np.ndarray:
         """Field `name` of each sample, oldest first (NaN: absent)."""
-        return self._table.values(name, self.idx, np.full(len(self), self.p, dtype=np.int64))
+        if self.end <= self.lo:
+            return np.empty(0)
+        return self._table.store._slot_values(name, int(self._table.slots[self.p]), self.lo, self.end)
 
     def value(self, i: int, name: str) -> float | None:
         """Field `name` of sample i (negative from the end) as a float; None when absent."""
