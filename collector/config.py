@@ -155,10 +155,13 @@ class CollectorConfig:
     )
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message accepted from an agent", check=positive)
     ingest_max_batches_per_commit: int = setting(256, "batches written in one database transaction", check=positive)
+    # A SQLite commit costs about 0.6 ms whatever it holds, a dense batch about 0.05 ms more: at
+    # 60 batches a second (300 nodes) 0.2 s gathers 12 a commit, a third of the writer's CPU of 3.
     ingest_commit_wait_seconds: float = setting(
-        0.05,
-        "after a batch arrives, how long the writer waits for more to commit with it: fewer, larger "
-        "transactions for a few ms more ack latency (0: commit what is queued at once)",
+        0.2,
+        "while batches arrive fast (two or more in the wait), how long the writer waits for more to "
+        "commit with one: fewer, larger transactions for that much more ack latency (0: commit what "
+        "is queued at once)",
         check=non_negative,
     )
     max_clock_skew_seconds: float = setting(
