@@ -175,10 +175,16 @@ def _score(ratio: float) -> float:
     return 1.0 / ratio if ratio > 0 else math.inf
 
 
+def _growth(baseline_score: float, score: float) -> float:
+    """How many times a rank's gap to the peers grew since its baseline (>1: it fell behind)."""
+    return baseline_score / score if score > 0 else math.inf
+
+
 @dataclass(slots=True)
 class _Groups:
     """Rows of a window's step table grouped by (job, rank), groups sorted by job then rank:
-    group g's rows are rows[start[g]:start[g] + count[g]], in the order they were grouped in."""
+    group g's rows are rows[start[g]:start[g] + count[g]], in the order they were grouped in, and
+    the groups follow one another in rows (start is the running total of count)."""
 
     job: np.ndarray
     rank: np.ndarray
@@ -209,10 +215,12 @@ def _grouped(table: StepTable, rows: np.ndarray, newest_first: bool) -> _Groups:
     if newest_first:
         rows = rows[::-1]
     # One stable sort by (job, rank) as one integer keeps each group's rows in the order given.
-    rows = rows[np.argsort(table.job[rows] * _RANK_SPAN + table.rank[rows], kind="stable")]
-    job, rank = table.job[rows], table.rank[rows]
-    start = _run_starts((job, rank))
-    return _Groups(job[start], rank[start], start, _run_lengths(start, len(rows)), rows)
+    keys = table.job[rows] * _RANK_SPAN + table.rank[rows]
+    order = np.argsort(keys, kind="stable")
+    rows = rows[order]
+    start = _run_starts((keys[order],))
+    first = rows[start]
+    return _Groups(table.job[first], table.rank[first], start, _run_lengths(start, len(rows)), rows)
 
 
 def _run_starts(keys: Sequence[np.ndarray]) -> np.ndarray:
@@ -273,6 +281,18 @@ class _Refs:
     values: np.ndarray
     span: int  # larger than any step number
 
+    @classmethod
+    def joined(cls, keys: Sequence[np.ndarray], values: Sequence[np.ndarray], span: int) -> _Refs:
+        """The references of parts of other jobs (each part's keys ascending) as one."""
+        parts = [i for i, part in enumerate(keys) if len(part)]
+        if len(parts) == 1:
+            return cls(keys[parts[0]], values[parts[0]], span)
+        if not parts:
+            return cls(np.zeros(0, dtype=np.int64), np.zeros(0), span)
+        joined = np.concatenate(keys)
+        order = np.argsort(joined, kind="stable")
+        return cls(joined[order], np.concatenate(values)[order], span)
+
     def of(self, job: int) -> dict[int, float]:
         """One job's references: step number -> reference seconds."""
         lo, hi = np.searchsorted(self.keys, [job * self.span, (job + 1) * self.span])
@@ -308,45 +328,89 @@ def _median_ratios(table: StepTable, groups: _Groups, refs: _Refs) -> tuple[np.n
     return medians, counts
 
 
+def _grid_candidates(groups: _Groups, th: StragglerStepsThresholds) -> list[tuple[np.ndarray, int, int]]:
+    """The jobs of `groups` that may form grids for _dense_scores, stacked by shape: (each one's
+    first group, ranks, steps), for jobs of at most reference_ranks ranks (enough for
+    min_reports) that reported as many steps each."""
+    count = len(groups)
+    least = max(2, th.min_ranks)
+    if groups.job[0] == groups.job[-1]:  # one job (groups are sorted by job): the common case
+        steps = int(groups.count[0])
+        if least <= count <= th.reference_ranks and steps and not np.count_nonzero(groups.count != steps):
+            return [(np.zeros(1, dtype=np.int64), count, steps)]
+        return []
+    firsts = _run_starts((groups.job,))
+    ranks = _run_lengths(firsts, count)
+    steps = groups.count[firsts]
+    of_job = np.repeat(np.arange(len(firsts)), ranks)
+    uneven = np.bincount(of_job, weights=groups.count != steps[of_job], minlength=len(firsts))
+    fits = (ranks >= least) & (ranks <= th.reference_ranks) & (steps > 0) & (uneven == 0)
+    span = int(steps.max()) + 1
+    shapes = ranks * span + steps
+    return [(firsts[fits & (shapes == s)], s // span, s % span) for s in np.unique(shapes[fits]).tolist()]
+
+
 def _dense_scores(
     table: StepTable, groups: _Groups, th: StragglerStepsThresholds
-) -> tuple[_Refs, np.ndarray, np.ndarray] | None:
-    """_references() and _median_ratios() of `groups` where they form the grid of a synchronous
-    job: one job, at most reference_ranks ranks (enough for min_reports), every rank the same
-    steps in the same order, each step once, every time positive. As a (ranks, steps) matrix the
-    same picks take two sorts along its axes instead of sorting rows by key; None elsewhere."""
+) -> tuple[_Refs, np.ndarray, np.ndarray, np.ndarray]:
+    """_references() and _median_ratios() of the jobs of `groups` that form the grid of a
+    synchronous job: at most reference_ranks ranks (enough for min_reports), every rank the same
+    steps in the same order, each step once, every time positive. As a (ranks, steps) matrix, and
+    the jobs of one shape stacked, the same picks take two sorts along its axes instead of sorting
+    rows by key. Returns those jobs' references, each group's ratio and count (NaN and 0 for the
+    groups of other jobs) and which groups were scored."""
     count = len(groups)
-    if count < max(2, th.min_ranks) or count > th.reference_ranks:
-        return None
-    steps = int(groups.count[0])
-    if not steps or np.count_nonzero(groups.count != steps) or np.count_nonzero(groups.job != groups.job[0]):
-        return None
-    rows = groups.rows[groups.start[:, None] + np.arange(steps)]  # (ranks, steps)
-    numbers = table.step[rows]
-    first = numbers[0]
-    if np.count_nonzero(numbers != first):
-        return None  # not every rank reported the same steps
-    gaps = np.diff(first)
-    ascending = bool(np.all(gaps > 0))
-    if not ascending and not np.all(gaps < 0):
-        return None  # a step reported twice (a restart from a checkpoint)
-    seconds = table.seconds[rows]
-    if not np.all(seconds > 0):
-        return None  # a 0 s step: _median_ratios skips its ratio
-    # Each step's reference: the median of the fastest half of its times (every rank reported it).
-    fastest = np.sort(seconds, axis=0)
-    half = (count + 1) // 2
-    middle = half // 2
-    reference = fastest[middle] if half % 2 else (fastest[middle - 1] + fastest[middle]) / 2
-    # Each rank's median ratio of its times to the steps' references.
-    ratios = np.sort(seconds / reference, axis=1)
-    middle = steps // 2
-    medians = ratios[:, middle] if steps % 2 else (ratios[:, middle - 1] + ratios[:, middle]) / 2
-    span = table.step_span
-    keys = int(groups.job[0]) * span + first
-    if not ascending:
-        keys, reference = keys[::-1], reference[::-1]
-    return _Refs(keys, reference, span), medians, np.full(count, steps, dtype=np.int64)
+    keys, values, parts = [], [], []
+    for firsts, rank_count, step_count in _grid_candidates(groups, th):
+        # (jobs, ranks, steps): a job's groups are consecutive in rows, as each group's rows are.
+        at = groups.start[firsts][:, None] + np.arange(rank_count * step_count)
+        rows = groups.rows[at].reshape(len(firsts), rank_count, step_count)
+        numbers = table.step[rows]
+        first = numbers[:, 0]
+        gaps = first[:, 1:] - first[:, :-1]
+        ascending = (gaps > 0).all(axis=1)
+        seconds = table.seconds[rows]
+        # Every rank reported the same steps, none twice (a restart from a checkpoint), none in 0 s
+        # (_median_ratios skips its ratio).
+        grid = (
+            (numbers == first[:, None]).all(axis=(1, 2))
+            & (ascending | (gaps < 0).all(axis=1))
+            & (seconds > 0).all(axis=(1, 2))
+        )
+        if not grid.all():
+            firsts, first, ascending, seconds = firsts[grid], first[grid], ascending[grid], seconds[grid]
+            if not len(firsts):
+                continue
+        # Each step's reference: the median of the fastest half of its times (every rank reported it).
+        fastest = np.sort(seconds, axis=1)
+        half = (rank_count + 1) // 2
+        middle = half // 2
+        reference = fastest[:, middle] if half % 2 else (fastest[:, middle - 1] + fastest[:, middle]) / 2
+        # Each rank's median ratio of its times to the steps' references.
+        sorted_ratios = np.sort(seconds / reference[:, None], axis=2)
+        middle = step_count // 2
+        if step_count % 2:
+            medians = sorted_ratios[:, :, middle]
+        else:
+            medians = (sorted_ratios[:, :, middle - 1] + sorted_ratios[:, :, middle]) / 2
+        parts.append(((firsts[:, None] + np.arange(rank_count)).ravel(), medians.ravel(), step_count))
+        job_keys = groups.job[firsts][:, None] * table.step_span + first
+        if not ascending.all():  # references by ascending step
+            job_keys = np.where(ascending[:, None], job_keys, job_keys[:, ::-1])
+            reference = np.where(ascending[:, None], reference, reference[:, ::-1])
+        keys.append(job_keys.ravel())
+        values.append(reference.ravel())
+    refs = _Refs.joined(keys, values, table.step_span)
+    if len(parts) == 1 and len(parts[0][0]) == count:  # one job, or jobs of one shape: every group
+        return refs, parts[0][1], np.full(count, parts[0][2], dtype=np.int64), np.ones(count, dtype=bool)
+    ratios = np.full(count, np.nan)
+    counts = np.zeros(count, dtype=np.int64)
+    scored = np.zeros(count, dtype=bool)
+    for members, medians, step_count in parts:
+        ratios[members] = medians
+        counts[members] = step_count
+        scored[members] = True
+    return refs, ratios, counts, scored
 
 
 @dataclass(slots=True)
@@ -443,7 +507,7 @@ class _Job:
         baseline_score = self.baseline_score(r)
         if baseline_score is None:
             return None
-        return baseline_score / r.score if r.score > 0 else math.inf
+        return _growth(baseline_score, r.score)
 
     def cause(self, th: StragglerStepsThresholds, r: _Rank) -> GpuCause | None:
         """What r's GPU telemetry over its recent span says against the GPUs of the other ranks
@@ -495,6 +559,7 @@ class _Job:
             rows = groups.rows[groups.start[self.members]]
             nodes = steps.nodes
             seen: set[tuple[str, int]] = set()
+            ranks, positions = [], []
             for rank, node, gpu in zip(
                 groups.rank[self.members].tolist(), steps.node[rows].tolist(), steps.gpu[rows].tolist()
             ):
@@ -505,13 +570,19 @@ class _Job:
                     continue
                 seen.add(key)  # two ranks on one GPU count once
                 p = table.position(key)
-                if p is None or not now - max_age_seconds <= newest_t[p] <= now:
-                    continue
-                clock, power = newest[p, _CLOCK_COLUMN], newest[p, _POWER_COLUMN]
-                self._gpus[rank] = (
-                    None if clock != clock else float(clock),
-                    None if power != power else float(power),
-                )
+                if p is not None:
+                    ranks.append(rank)
+                    positions.append(p)
+            # Their newest samples read as columns, not one GPU at a time.
+            at = np.array(positions, dtype=np.int64)
+            for rank, t, clock, power in zip(
+                ranks,
+                newest_t[at].tolist(),
+                newest[at, _CLOCK_COLUMN].tolist(),
+                newest[at, _POWER_COLUMN].tolist(),
+            ):
+                if now - max_age_seconds <= t <= now:
+                    self._gpus[rank] = (None if clock != clock else clock, None if power != power else power)
         return self._gpus
 
 
@@ -540,13 +611,19 @@ class _BaselineMemo:
     """The baselines of the last evaluation, reused while they cannot have changed: the window
     has not moved past its oldest step (a window that has not filled yet), the same ranks are
     judged, and every one had its full baseline of steps, all older than the newest evaluation's
-    recent spans could reach (which only move forward). Pure: the same result, computed once."""
+    recent spans could reach (which only move forward), or, where all were found from the
+    window's oldest step, each rank's older than its own recent span and than the recent window
+    (_baseline_from's picks, which only widen with time, then keep its first steps). Pure: the same
+    result, computed once."""
 
     generation: int  # StepTable.origin[0]: which step columns (job codes hold within them)
     oldest: int  # absolute row the baselines were looked for from
     job: np.ndarray  # the groups' jobs and ranks the baselines are for
     rank: np.ndarray
     newest_t: float  # the newest baseline step
+    # Per group, its newest baseline step; None where a job's baselines were found from its start
+    # (which _baselines places by its step rate, which moves).
+    last_t: np.ndarray | None
     baselines: _Baselines
 
     @classmethod
@@ -558,21 +635,39 @@ class _BaselineMemo:
         baselines: _Baselines,
         recent: _Groups,
         th: StragglerStepsThresholds,
+        from_oldest: bool,
     ) -> _BaselineMemo | None:
         if len(found) != len(recent) or np.count_nonzero(found.count < th.min_baseline_steps):
             return None  # a rank without its full baseline: its next evaluation may find more
-        last = found.rows[found.start + found.count - 1]  # each rank's newest baseline step
-        newest_t = float(table.t[last].max()) if len(found) else -math.inf
-        return cls(table.origin[0], oldest + table.origin[1], recent.job, recent.rank, newest_t, baselines)
+        last_t = table.t[found.rows[found.start + found.count - 1]]  # each rank's newest baseline step
+        newest_t = float(last_t.max()) if len(found) else -math.inf
+        return cls(
+            table.origin[0],
+            oldest + table.origin[1],
+            recent.job,
+            recent.rank,
+            newest_t,
+            last_t if from_oldest else None,
+            baselines,
+        )
 
     def holds(self, table: StepTable, oldest: int, recent: _Groups, now: float, th: StragglerStepsThresholds) -> bool:
-        return (
+        if not (
             table.origin[0] == self.generation
             and oldest + table.origin[1] == self.oldest
-            and self.newest_t < now - max(th.recent_seconds, th.max_recent_seconds)
             and np.array_equal(recent.job, self.job)
             and np.array_equal(recent.rank, self.rank)
-        )
+        ):
+            return False
+        if self.newest_t < now - max(th.recent_seconds, th.max_recent_seconds):
+            return True
+        if self.last_t is None:
+            return False
+        # _baseline_from takes steps before the recent window, and before a rank's own recent span
+        # where that reaches back past now - max_recent_seconds: its groups align with these.
+        own_oldest_t = table.t[recent.rows[recent.start + recent.count - 1]]
+        until_t = np.minimum(now - th.recent_seconds, np.maximum(now - th.max_recent_seconds, own_oldest_t))
+        return not np.count_nonzero(self.last_t >= until_t)
 
 
 @dataclass(slots=True)
@@ -619,8 +714,8 @@ class StragglerStepsDetector:
         scored = recent if eligible.all() else recent.take(eligible.nonzero()[0])
         refs, ratios, counts = self._scored(table, scored)
         counted = counts > 0
-        with np.errstate(divide="ignore"):
-            scores = np.where(ratios > 0, 1.0 / ratios, np.inf)
+        scores = np.full(len(ratios), np.inf)
+        np.divide(1.0, ratios, out=scores, where=ratios > 0)
         judged_any = np.bincount(scored.job, weights=counted & (scores < th.judged_below_score))
         counted_per_job = np.bincount(scored.job, weights=counted)
         codes = ((judged_any > 0) & (counted_per_job >= th.min_ranks)).nonzero()[0]
@@ -630,21 +725,15 @@ class StragglerStepsDetector:
             code: self._job(window, table, scored, ((scored.job == code) & counted).nonzero()[0], scores, refs, code)
             for code in codes.tolist()
         }
-        # Ranks within a few percent of the healthy pace slow nobody: never judged.
-        judged = [
-            (job, job.rank(g))
-            for job in jobs.values()
-            for g in job.members[scores[job.members] < th.judged_below_score].tolist()
-        ]
         # Baselines only for the jobs with a rank to judge, all at once.
         in_jobs = np.zeros(len(ranks_per_job), dtype=bool)
         in_jobs[codes] = True
         in_jobs = in_jobs[scored.job]
         spans = scored if in_jobs.all() else scored.take(in_jobs.nonzero()[0])
-        self._attach_baselines(table, jobs, spans, now, judged)
+        baselines = self._paced(table, jobs, spans, now)
         findings: list[Finding] = []
         pending: list[_Pending] = []
-        for job, r in judged:
+        for job, r in self._judged(table, jobs, scores, baselines):
             verdict = self._verdict(job, r)
             if verdict == "hold":
                 pending.append((job, r))
@@ -696,12 +785,15 @@ class StragglerStepsDetector:
 
     def _scored(self, table: StepTable, groups: _Groups) -> tuple[_Refs, np.ndarray, np.ndarray]:
         """The groups' step references and, against them, each group's _median_ratios()."""
-        dense = _dense_scores(table, groups, self.thresholds)
-        if dense is not None:
-            return dense
-        refs = self._references(table, groups)
-        ratios, counts = _median_ratios(table, groups, refs)
-        return refs, ratios, counts
+        refs, ratios, counts, dense = _dense_scores(table, groups, self.thresholds)
+        if dense.all():
+            return refs, ratios, counts
+        # The other jobs the general way: a job's scores depend on its own ranks' steps alone.
+        rest = (~dense).nonzero()[0]
+        others = groups.take(rest) if len(rest) < len(groups) else groups
+        other_refs = self._references(table, others)
+        ratios[rest], counts[rest] = _median_ratios(table, others, other_refs)
+        return _Refs.joined([refs.keys, other_refs.keys], [refs.values, other_refs.values], refs.span), ratios, counts
 
     def _references(self, table: StepTable, groups: _Groups) -> _Refs:
         """Per job of `groups`: step number -> the median of the fastest half of that step's times,
@@ -758,16 +850,17 @@ class StragglerStepsDetector:
             table.jobs[code], groups, members, scores, refs, code, reference, window, self.thresholds.min_baseline_steps
         )
 
-    def _baselines(self, table: StepTable, now: float, recent: _Groups) -> _Spans:
+    def _baselines(self, table: StepTable, now: float, recent: _Groups) -> tuple[_Spans, bool]:
         """Each running rank's (group of `recent`) oldest min_baseline_steps steps in the window
         before its recent span (rows, oldest first): a job's first steps after warm-up when it
-        started in the window."""
+        started in the window; and whether all were found from the window's oldest step."""
         th = self.thresholds
         t = table.t
         # The engine keeps steps as long as the most demanding detector needs: start at this
         # detector's own window, so that its baseline does not depend on the others.
         oldest = int(np.searchsorted(t, now - th.window_seconds, side="left"))
         found = self._baseline_from(table, oldest, now, recent, np.arange(len(recent)))
+        from_oldest = True
         # A job that started later: its steps are numbered from 0, so its step rate says when its
         # first steps after warm-up ran; look there (a job younger than a baseline has none yet).
         with_baseline = set(recent.job[found.groups].tolist())
@@ -783,7 +876,8 @@ class StragglerStepsDetector:
             index = int(np.searchsorted(t, max(began_t, now - th.window_seconds), side="left"))
             if index > oldest:
                 found = found.merged(self._baseline_from(table, index, now, recent, groups))
-        return found
+                from_oldest = False
+        return found, from_oldest
 
     def _baseline_from(self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray) -> _Spans:
         """From row `index` on: per group `groups` of `recent`, its first min_baseline_steps steps
@@ -824,39 +918,54 @@ class StragglerStepsDetector:
 
     # --- judging ---------------------------------------------------------------------------------
 
-    def _attach_baselines(
-        self,
-        table: StepTable,
-        jobs: Mapping[int, _Job],
-        recent: _Groups,
-        now: float,
-        judged: Sequence[tuple[_Job, _Rank]],
-    ) -> None:
-        """Each job's pace against its baseline, where it has one, and the judged ranks' scores
-        over their baseline steps where the job's pace then was comparable to now."""
+    def _paced(self, table: StepTable, jobs: Mapping[int, _Job], recent: _Groups, now: float) -> _Baselines:
+        """The baselines of the ranks of `recent`, and each job's pace against its own, where it
+        has one."""
         th = self.thresholds
         oldest = int(np.searchsorted(table.t, now - th.window_seconds, side="left"))
         memo = self._baseline_memo
         if memo is not None and memo.holds(table, oldest, recent, now, th):
             baselines = memo.baselines
         else:
-            found = self._baselines(table, now, recent)
+            found, from_oldest = self._baselines(table, now, recent)
             baselines = self._baseline_scores(table, recent, found)
-            self._baseline_memo = _BaselineMemo.of(table, oldest, found, baselines, recent, th)
+            self._baseline_memo = _BaselineMemo.of(table, oldest, found, baselines, recent, th, from_oldest)
         for code, job in jobs.items():
             base_median = baselines.medians.get(code)
             job.pace = math.inf if base_median is None else job.reference / base_median
-        if not judged:
-            return
-        counts, ratios = baselines.counts.tolist(), baselines.ratios.tolist()
+        return baselines
+
+    def _judged(
+        self, table: StepTable, jobs: Mapping[int, _Job], scores: np.ndarray, baselines: _Baselines
+    ) -> list[_Pending]:
+        """The ranks to judge, with their baseline scores where the job's pace then was comparable
+        to now: those below judged_below_score (within a few percent of the healthy pace a rank
+        slows nobody), less those that can pass no test of _verdict (at or above hold_score and
+        not _slowed): most ranks of a healthy job, which never become _Rank objects."""
+        th = self.thresholds
+        score_of = scores.tolist()
+        ratios, counts = baselines.ratios.tolist(), baselines.counts.tolist()
         shift = baselines.origin - table.origin[1]  # the baselines' rows in this table
-        for job, r in judged:
-            if not 1 / th.max_pace_change <= job.pace <= th.max_pace_change:
-                continue  # another phase then (warm-up, evaluation): its baseline does not count
-            i = baselines.index.get((job.code, r.rank))
-            if i is not None and counts[i] * 2 >= th.min_baseline_steps:
-                r.baseline_of = (baselines.groups, i, shift)
-                r.baseline_ratio = (ratios[i], counts[i])
+        judged: list[_Pending] = []
+        for job in jobs.values():
+            # Another phase then (warm-up, evaluation): its baselines do not count.
+            index = baselines.index if 1 / th.max_pace_change <= job.pace <= th.max_pace_change else {}
+            rank_of = job.groups.rank
+            for g in job.members[scores[job.members] < th.judged_below_score].tolist():
+                i = index.get((job.code, int(rank_of[g])))
+                if i is not None and counts[i] * 2 < th.min_baseline_steps:
+                    i = None
+                score = score_of[g]
+                if score >= th.hold_score and (
+                    i is None or not self._slowed(_growth(_score(ratios[i]), score), job.pace)
+                ):
+                    continue
+                r = job.rank(g)
+                if i is not None:
+                    r.baseline_of = (baselines.groups, i, shift)
+                    r.baseline_ratio = (ratios[i], counts[i])
+                judged.append((job, r))
+        return judged
 
     def _baseline_scores(self, table: StepTable, recent: _Groups, found: _Spans) -> _Baselines:
         """The ranks' baselines that count (min_baseline_steps steps, in a job with min_ranks such
@@ -898,8 +1007,13 @@ class StragglerStepsDetector:
     def _self_slow(self, job: _Job, r: _Rank) -> bool:
         """Slowed self_slowdown times against its peers and (with the job's pace) its own past."""
         growth = job.growth(r)
+        return growth is not None and self._slowed(growth, job.pace)
+
+    def _slowed(self, growth: float, pace: float) -> bool:
+        """A rank's gap to its peers grown `growth` times, in a job whose pace changed `pace`
+        times, is self_slowdown times slower than its own past and against its peers."""
         slowdown = self.thresholds.self_slowdown
-        return growth is not None and growth >= slowdown and growth * job.pace >= slowdown
+        return growth >= slowdown and growth * pace >= slowdown
 
     def _verdict(self, job: _Job, r: _Rank) -> str | None:
         """ "peers", "self", "hold" (a peers straggler if the test held lately) or None."""

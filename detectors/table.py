@@ -1101,17 +1101,19 @@ class TableSeries(Sequence[GpuSample]):
     def values(self, name: str) -> list[float | None]:
         """Field `name` of each sample as a float, oldest first; None where absent."""
         cached = self._cache.get(name)
-        if cached is None:
-            column = self.column(name)
-            absent = np.count_nonzero(np.isnan(column))
-            if not absent:  # the common cases first: a field read at every sample, or never
-                cached = column.tolist()
-            elif absent == len(column):
-                cached = [None] * absent
-            else:
-                cached = [None if v != v else v for v in column.tolist()]
-            self._cache[name] = cached
-        return cached
+        if cached is not None:
+            return cached
+        column = self.column(name)
+        absent = np.count_nonzero(np.isnan(column))
+        values: list[float | None]
+        if not absent:  # the common cases first: a field read at every sample, or never
+            values = column.tolist()
+        elif absent == len(column):
+            values = [None for _ in range(absent)]
+        else:
+            values = [None if v != v else v for v in column.tolist()]
+        self._cache[name] = values
+        return values
 
     def __len__(self) -> int:
         return max(self.end - self.lo, 0)

@@ -802,6 +802,7 @@ class SimFleet:
         hiccups = [(rank, begin, until, factor) for rank, begin, until, _, factor in job.hiccups]
         steps_left = [left for _, _, _, left, _ in job.hiccups]  # None: slow by time, not by count
         nodes_gpus = job.ranks
+        job_id = job.id
         silent = {node: self._silent[node] for node, _ in nodes_gpus if self._silent[node]}
         gauss, uniform, random_ = rng.gauss, rng.uniform, rng.random
         keep, drift_limit = STEP_DRIFT_KEEP, STEP_DRIFT_LIMIT
@@ -857,11 +858,13 @@ class SimFleet:
             if done >= self.start:
                 # A silent node's agent sends nothing, its step reports included.
                 quiet = {node for node, windows in silent.items() if any(b <= done < e for b, e in windows)}
-                out.extend(
-                    Step(t=done, job=job.id, rank=r, node=node, step=step, seconds=round(own[r], 4), gpu=gpu)
+                # Steps by position (t, job, rank, node, step, seconds, gpu): a frozen dataclass
+                # takes keywords a third slower, for every rank's every step.
+                out += [
+                    Step(done, job_id, r, node, step, round(own[r], 4), gpu)
                     for r, (node, gpu) in enumerate(nodes_gpus)
                     if node not in quiet
-                )
+                ]
             if checkpointed:
                 checkpoint_step = step + 1
             t = done

@@ -546,11 +546,90 @@ def test_the_grid_fast_path_scores_as_the_general_one(layout):
     groups = detector._recent(table, now)
     refs = detector._references(table, groups)
     ratios, counts = _median_ratios(table, groups, refs)
-    dense = _dense_scores(table, groups, detector.thresholds)
+    dense_refs, dense_ratios, dense_counts, dense = _dense_scores(table, groups, detector.thresholds)
     if layout != "grid":
-        assert dense is None
+        assert not dense.any()
         return
-    assert dense is not None
-    dense_refs, dense_ratios, dense_counts = dense
+    assert dense.all()
     assert np.array_equal(dense_refs.keys, refs.keys) and np.array_equal(dense_refs.values, refs.values)
     assert np.array_equal(dense_ratios, ratios) and np.array_equal(dense_counts, counts)
+
+
+def test_jobs_of_several_shapes_score_as_the_general_path():
+    # Grids of two shapes (two jobs of one), a job restarted from a checkpoint, one whose rank
+    # missed a step and one too large for a grid: each scored as the general path scores it.
+    steps = job_steps(ranks=12, cv=0.04, duration=120, seed=1, slow=((3, 60.0, 120.0, 1.3),))
+    steps += job_steps(job="j2", ranks=12, cv=0.03, duration=120, seed=2)
+    steps += job_steps(job="j3", ranks=8, cv=0.03, duration=120, start=0.4, seed=3)
+    restarted = job_steps(job="j4", ranks=6, cv=0.03, duration=120, seed=4)
+    newest = restarted[-1].step
+    steps += restarted + [dataclasses.replace(s, t=s.t + 8 * STEP_SECONDS) for s in restarted if s.step > newest - 8]
+    steps += [
+        s for s in job_steps(job="j5", ranks=6, cv=0.03, duration=120, seed=5) if (s.rank, s.step) != (2, newest - 5)
+    ]
+    steps += job_steps(job="j6", ranks=70, cv=0.03, duration=120, seed=6)
+    steps.sort(key=lambda s: s.t)
+    detector = StragglerStepsDetector()
+    now = max(s.t for s in steps)
+    table = step_table(window_at(now, steps, detector=detector))
+    groups = detector._recent(table, now)
+    refs, ratios, counts = detector._scored(table, groups)
+    general_refs = detector._references(table, groups)
+    general_ratios, general_counts = _median_ratios(table, groups, general_refs)
+    dense = _dense_scores(table, groups, detector.thresholds)[3]
+    assert sorted({table.jobs[j] for j in groups.job[dense].tolist()}) == ["j1", "j2", "j3"]
+    assert np.array_equal(refs.keys, general_refs.keys) and np.array_equal(refs.values, general_refs.values)
+    assert np.array_equal(ratios, general_ratios, equal_nan=True) and np.array_equal(counts, general_counts)
+
+
+def test_baselines_kept_between_evaluations_are_the_ones_found_afresh(monkeypatch):
+    # Evaluated every second as the engine does, a detector that keeps its baselines between
+    # evaluations uses the ones a fresh detector finds: a job whose step rate drops (its ranks'
+    # recent spans then reach back over their baselines) and one that started later at an uneven
+    # step rate (where its baselines start moves with the rate), before its baselines are older
+    # than any recent span could reach.
+    rng = random.Random(9)
+    steps = []
+    for job, start, periods in (
+        ("slowing", 0.0, [1.5] * 60 + [12.0] * 9),
+        ("young", 60.0, [rng.uniform(0.7, 1.1) for _ in range(150)]),
+    ):
+        t = T0 + start
+        for step, period in enumerate(periods):
+            t += period
+            for rank in range(4):
+                seconds = period * rng.uniform(0.85, 1.0)
+                steps.append(Step(t=t, job=job, rank=rank, node="n01", step=step, seconds=seconds, gpu=rank))
+    steps.sort(key=lambda s: s.t)
+    seen = []
+    paced = StragglerStepsDetector._paced
+
+    def recorded(self, table, jobs, recent, now):
+        baselines = paced(self, table, jobs, recent, now)
+        rows = baselines.groups.rows + baselines.origin  # absolute rows
+        seen.append((baselines.medians, baselines.groups.job, baselines.groups.rank, rows, baselines.ratios))
+        return baselines
+
+    monkeypatch.setattr(StragglerStepsDetector, "_paced", recorded)
+    kept = StragglerStepsDetector()
+    data = RecentData.for_detectors([kept])
+    pending = iter(steps)
+    upcoming = next(pending, None)
+    reused = 0
+    for second in range(1, int(steps[-1].t - T0) + 2):
+        now = T0 + second
+        while upcoming is not None and upcoming.t <= now:
+            data.add_step(upcoming)
+            upcoming = next(pending, None)
+        window = data.window(now, watching_since=T0)
+        memo = kept._baseline_memo
+        seen.clear()
+        found = kept.detect(window)
+        reused += memo is not None and kept._baseline_memo is memo
+        assert found == StragglerStepsDetector().detect(window), second
+        assert len(seen) in (0, 2), second
+        if seen:
+            (medians, *arrays), (fresh_medians, *fresh_arrays) = seen
+            assert medians == fresh_medians, second
+            assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(arrays, fresh_arrays)), second
+    assert reused > 0
