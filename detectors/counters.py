@@ -22,6 +22,7 @@ that may have something to report.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -245,6 +246,19 @@ class FleetCounterWindows:
 
     def get(self, p: int) -> CounterWindows | None:
         return self._windows.get(p)
+
+    def may_hold(self, limit: float | Mapping[int, float], since_t: float, *, strictly: bool = False) -> set[int]:
+        """The GPUs with a reading at or after `since_t` whose window count reaches `limit` (one
+        for all, or per GPU; exceeds it: `strictly`). An episode still held at now needs its last
+        occurrence within the hold (held_episode), so with since_t = now - hold_seconds the other
+        GPUs have none: counters that move a little, under their limit, end here."""
+        found = set()
+        for p, windows in self._windows.items():
+            bound = limit if isinstance(limit, float | int) else limit.get(p, -math.inf)
+            counts = windows.counts[windows.t >= since_t]
+            if np.count_nonzero(counts > bound if strictly else counts >= bound):
+                found.add(p)
+        return found
 
 
 @dataclass(slots=True)

@@ -118,29 +118,31 @@ class EccDetector:
         # The whole fleet at once: most GPUs read no volatile DBE at their newest sample and the
         # same SBE count at both ends of the window; only the others are looked at one by one.
         dbe = table.newest_rows[:, _DBE_COLUMN]
-        look = (dbe > 0) | unsettled(table, (DBE,), _FIELDS)
-        sbe_moved = ends_moved(table, SBE, _FIELDS, lookback)
-        look |= sbe_moved
-        look &= table.fresh(self.thresholds.max_sample_age_seconds)
-        if not np.count_nonzero(look):
+        fresh = table.fresh(self.thresholds.max_sample_age_seconds)
+        dbe_look = ((dbe > 0) | unsettled(table, (DBE,), _FIELDS)) & fresh
+        sbe_moved = ends_moved(table, SBE, _FIELDS, lookback) & fresh
+        if not np.count_nonzero(dbe_look | sbe_moved):
             return []
-        findings = []
         keys = table.keys
-        positions = look.nonzero()[0].tolist()
-        moved = [p for p in positions if sbe_moved[p]]
+        moved = np.flatnonzero(sbe_moved).tolist()
         boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
+        th = self.thresholds
         sbe = FleetCounterWindows(
-            table, moved, SBE, _FIELDS, now - self.window_seconds, now, self.thresholds.sbe_window_seconds, boots
+            table, moved, SBE, _FIELDS, now - self.window_seconds, now, th.sbe_window_seconds, boots
         )
-        for p in positions:
+        # Only GPUs over the limit within the hold can hold a rate finding: a stray SBE stops here.
+        rated = sbe.may_hold(float(th.sbe_per_window), now - th.sbe_hold_seconds)
+        findings = []
+        for p in sorted(set(np.flatnonzero(dbe_look).tolist()) | rated):
             node, gpu = keys[p]
             series = table.series(p, _FIELDS)
             index = len(series) - 1
-            index_dbe = newest_carrying(series, index, DBE, fresh_t, lookback)
-            if index_dbe >= 0 and (series.values(DBE)[index_dbe] or 0) > 0:
-                findings.append(self._dbe(node, gpu, series, index_dbe, now))
+            if dbe_look[p]:
+                index_dbe = newest_carrying(series, index, DBE, fresh_t, lookback)
+                if index_dbe >= 0 and (series.values(DBE)[index_dbe] or 0) > 0:
+                    findings.append(self._dbe(node, gpu, series, index_dbe, now))
             windows = sbe.get(p)
-            if windows is not None and counter_moved(series, index, SBE, lookback):
+            if p in rated and windows is not None and counter_moved(series, index, SBE, lookback):
                 finding = self._sbe_rate(node, gpu, windows, now, node_boot_seen_at(window, node))
                 if finding is not None:
                     findings.append(finding)

@@ -169,34 +169,35 @@ class NvlinkDetector:
         # counter equal at both ends of the window; only the other GPUs are looked at one by one.
         newest = table.newest_rows
         up, total = newest[:, _UP], newest[:, _TOTAL]
-        look = (up < total) | unsettled(table, (UP, TOTAL), _FIELDS)
-        ends_differ = {}
-        for name in _COUNTER_NAMES:
-            old, new = table.first_column(name, _FIELDS), newest[:, COLUMN[name]]
-            ends_differ[name] = (old != new) & ((old == old) | (new == new))  # not both absent
-            look |= ends_differ[name]
         fresh = table.fresh(self.thresholds.max_sample_age_seconds)
-        look &= fresh
+        link_look = ((up < total) | unsettled(table, (UP, TOTAL), _FIELDS)) & fresh
+        keys = table.keys
+        # The error counts of every GPU whose counter may have moved, gathered in one go per
+        # counter; only GPUs over a limit within the hold can hold an error finding.
+        th = self.thresholds
+        counted: dict[str, FleetCounterWindows] = {}
+        rated: set[int] = set()
+        for name, _, is_crc in COUNTERS:
+            old, new = table.first_column(name, _FIELDS), newest[:, COLUMN[name]]
+            moved = np.flatnonzero((old != new) & ((old == old) | (new == new)) & fresh).tolist()  # not both absent
+            boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
+            since, seconds = now - self.window_seconds, th.error_window_seconds
+            counted[name] = FleetCounterWindows(table, moved, name, _FIELDS, since, now, seconds, boots)
+            limit = th.crc_errors_per_second * th.error_window_seconds if is_crc else th.replay_recovery_errors
+            rated |= counted[name].may_hold(float(limit), now - th.error_hold_seconds)
+        look = link_look.copy()
+        look[list(rated)] = True
         if not np.count_nonzero(look):
             return []
-        keys = table.keys
-        # The error counts of every GPU whose counter may have moved, gathered in one go per counter.
-        counted: dict[str, FleetCounterWindows] = {}
-        for name in _COUNTER_NAMES:
-            moved = np.flatnonzero(look & ends_differ[name]).tolist()
-            boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
-            oldest_errors_t = now - self.window_seconds
-            seconds = self.thresholds.error_window_seconds
-            counted[name] = FleetCounterWindows(table, moved, name, _FIELDS, oldest_errors_t, now, seconds, boots)
         # Per node, the link totals of GPUs whose links are all up: the peers a GPU is held to. Only
         # the nodes of GPUs that may have a link down need them (a fleet-wide loop each pass else).
         all_up: dict[str, set[float]] = {}
-        suspect = {keys[p][0] for p in np.flatnonzero(look & ~(up >= total)).tolist()}
+        suspect = {keys[p][0] for p in np.flatnonzero(link_look & ~(up >= total)).tolist()}
         healthy = fresh & (total > 0) & (up >= total)
         for p in np.flatnonzero(healthy).tolist() if suspect else ():
             if keys[p][0] in suspect:
                 all_up.setdefault(keys[p][0], set()).add(float(total[p]))
-        for p in np.flatnonzero(fresh & np.isnan(up + total) & look).tolist():  # counts missing here
+        for p in np.flatnonzero(np.isnan(up + total) & link_look).tolist():  # counts missing here
             series = table.series(p, _FIELDS)
             links = newest_carrying_all(series, len(series) - 1, (UP, TOTAL), oldest_t, lookback)
             if links >= 0:
@@ -209,11 +210,12 @@ class NvlinkDetector:
             node, gpu = keys[p]
             series = table.series(p, _FIELDS)
             index = len(series) - 1
-            links = newest_carrying_all(series, index, (UP, TOTAL), oldest_t, lookback)
             down = errors = None
-            if links >= 0 and (series.values(UP)[links] or 0) < (series.values(TOTAL)[links] or 0):
-                down = self._link_down(series, links, now, all_up.get(node, set()))
-            for name in _COUNTER_NAMES:  # the GPUs with windows are those whose ends differ
+            if link_look[p]:
+                links = newest_carrying_all(series, index, (UP, TOTAL), oldest_t, lookback)
+                if links >= 0 and (series.values(UP)[links] or 0) < (series.values(TOTAL)[links] or 0):
+                    down = self._link_down(series, links, now, all_up.get(node, set()))
+            for name in _COUNTER_NAMES if p in rated else ():
                 if counted[name].get(p) is not None and self._moved(series, index, name):
                     errors = self._errors(p, series, index, now, node_boot_seen_at(window, node), counted)
                     break

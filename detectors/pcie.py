@@ -172,35 +172,45 @@ class PcieDetector:
             return []  # no GPU read its link low, nor a replay count move, in the window
         fresh_t = now - self.thresholds.max_sample_age_seconds
         lookback = self.thresholds.field_lookback_samples
-        replays_moved = ends_moved(table, REPLAYS, _FIELDS, lookback)
-        look = self._may_find(table, now, replays_moved) & table.fresh(self.thresholds.max_sample_age_seconds)
-        if not np.count_nonzero(look):
+        th = self.thresholds
+        fresh = table.fresh(th.max_sample_age_seconds)
+        link_look = self._may_find(table, now) & fresh
+        replays_moved = ends_moved(table, REPLAYS, _FIELDS, lookback) & fresh
+        if not np.count_nonzero(link_look | replays_moved):
             return []
-        findings = []
         keys = table.keys
-        positions = look.nonzero()[0].tolist()
-        moved = [p for p in positions if replays_moved[p]]
+        moved = np.flatnonzero(replays_moved).tolist()
+        boots = [node_boot_seen_at(window, keys[p][0]) for p in moved]
+        since = now - self.window_seconds
         replay_windows = FleetCounterWindows(
-            table,
-            moved,
-            REPLAYS,
-            _FIELDS,
-            now - self.window_seconds,
-            now,
-            self.thresholds.replay_window_seconds,
-            [node_boot_seen_at(window, keys[p][0]) for p in moved],
+            table, moved, REPLAYS, _FIELDS, since, now, th.replay_window_seconds, boots
         )
-        for p in positions:
+        # Only GPUs over their link's limit within the hold can hold a replay finding: the limit
+        # from the newest sample's link, as the rule takes it where that carries the link's
+        # readings (newest_carrying_all); none (every GPU kept) where it lacks one.
+        newest = table.newest_rows[moved]
+        settled = ~np.isnan(newest[:, [COLUMN[GEN], COLUMN[GEN_MAX], COLUMN[WIDTH], COLUMN[WIDTH_MAX]]]).any(axis=1)
+        limits = {
+            p: th.replay_limit(gen, width)
+            for p, gen, width, known in zip(
+                moved, newest[:, COLUMN[GEN]].tolist(), newest[:, COLUMN[WIDTH]].tolist(), settled.tolist(), strict=True
+            )
+            if known
+        }
+        rated = replay_windows.may_hold(limits, now - th.replay_hold_seconds, strictly=True)
+        findings = []
+        for p in sorted(set(np.flatnonzero(link_look).tolist()) | rated):
             node, gpu = keys[p]
             series = table.series(p, _FIELDS)
             index = len(series) - 1
             widths = newest_carrying_all(series, index, (WIDTH, WIDTH_MAX), fresh_t, lookback)
             gens = newest_carrying_all(series, index, (GEN, GEN_MAX), fresh_t, lookback)
-            link = self._link(node, gpu, series, widths, gens, now)
-            if link is not None:
-                findings.append(link)
+            if link_look[p]:
+                link = self._link(node, gpu, series, widths, gens, now)
+                if link is not None:
+                    findings.append(link)
             windows = replay_windows.get(p)
-            if windows is not None and counter_moved(series, index, REPLAYS, lookback):
+            if p in rated and windows is not None and counter_moved(series, index, REPLAYS, lookback):
                 gen = series.values(GEN)[gens] if gens >= 0 else None
                 width = series.values(WIDTH)[widths] if widths >= 0 else None
                 replays = self._replay_rate(node, gpu, windows, gen, width, now, node_boot_seen_at(window, node))
@@ -209,8 +219,8 @@ class PcieDetector:
         findings.sort(key=lambda f: (f.start, f.node or "", f.gpu, f.key))
         return findings
 
-    def _may_find(self, table: GpuTable, now: float, replays_moved: np.ndarray) -> np.ndarray:
-        """Per GPU, whether it needs the per-GPU rules: its replay count moved, its newest link
+    def _may_find(self, table: GpuTable, now: float) -> np.ndarray:
+        """Per GPU, whether it needs the per-GPU link rules: its newest link
         reading is below its maximum (for the generation: with enough busy samples among the
         newest for a run), or a reading is missing (a failed read: the rules look further back)."""
         t = self.thresholds
@@ -219,7 +229,6 @@ class PcieDetector:
         gen, gen_max = newest[:, COLUMN[GEN]], newest[:, COLUMN[GEN_MAX]]
         look = width < width_max
         look |= unsettled(table, (WIDTH, WIDTH_MAX), _FIELDS) | unsettled(table, (GEN, GEN_MAX), _FIELDS)
-        look |= replays_moved
         gen_low = np.flatnonzero((gen < gen_max) & ~look)
         if len(gen_low):
             # _run_start judges busy samples only: fewer than link_samples busy ones among the
