@@ -1074,9 +1074,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-seconds",
         type=int,
-        default=5,
+        default=10,
         help="sampling cycles per batch, the agent's batch_interval_seconds at 1 Hz: the dense form "
-        "(GpuColumns) the agent sends since 0.2; 0: fleetwatch 0.1.0's one Batch of GpuSamples a second [5]",
+        "(GpuColumns) the agent sends since 0.2; 0: fleetwatch 0.1.0's one Batch of GpuSamples a second [10]",
     )
     parser.add_argument("--collector-log-level", default="warning")
     parser.add_argument("--seed", type=int, default=1)
