@@ -196,7 +196,7 @@ class CounterWindows:
 
 
 class FleetCounterWindows:
-    """counter_windows of many GPUs at once: counter `name` in [oldest_t, now] of each GPU's series
+    """CounterWindows of many GPUs at once: counter `name` in [oldest_t, now] of each GPU's series
     of `fields` (after its node's last reboot), with its increase over `window_seconds` at each
     reading; `get(p)` gives GPU p's (None with fewer than two readings: nothing to measure).
 
