@@ -895,9 +895,16 @@ class StragglerStepsDetector:
         wanted = recent.job[groups] * _RANK_SPAN + recent.rank[groups]  # ascending, as the groups
         # each rank's oldest recent step
         own_oldest_t = t[recent.rows[recent.start[groups] + recent.count[groups] - 1]]
-        end = min(stop, index + max(need * len(groups) * 2, 256))
+        # Rows are read in growing spans from `index` until every rank has its steps or the span
+        # has passed look_until_t with no rank short. One job's groups (a job that started in the
+        # window) read that job's rows alone, found by one comparison.
+        jobs = recent.job[groups]
+        one_job = int(jobs.min()) == int(jobs.max())
+        candidates = index + np.flatnonzero(table.job[index:stop] == int(jobs[0])) if one_job else None
+        available = len(candidates) if candidates is not None else max(0, stop - index)
+        size = min(available, max(need * len(groups) * 2, 256))
         while True:
-            rows = np.arange(index, end)
+            rows = candidates[:size] if candidates is not None else np.arange(index, index + size)
             keys = table.job[rows] * _RANK_SPAN + table.rank[rows]
             which = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
             usable = (wanted[which] == keys) & (table.step[rows] >= th.warmup_steps)
@@ -912,9 +919,9 @@ class StragglerStepsDetector:
             counted = times[starts] <= look_until_t
             starts, taken = starts[counted], taken[counted]
             short = bool(np.count_nonzero(taken < need))
-            if end >= stop or (not short and float(t[end - 1]) > look_until_t):
+            if size >= available or (not short and float(t[_row_at(candidates, index, size - 1)]) > look_until_t):
                 return _Spans(groups[which[starts]], starts, taken, rows)
-            end = min(stop, index + 2 * (end - index))
+            size = min(available, 2 * size)
 
     # --- judging ---------------------------------------------------------------------------------
 
@@ -1177,6 +1184,11 @@ class StragglerStepsDetector:
                 key=basis,
             )
         ]
+
+
+def _row_at(candidates: np.ndarray | None, index: int, k: int) -> int:
+    """The k-th row _baseline_from reads: of `candidates` where it reads those, else index + k."""
+    return int(candidates[k]) if candidates is not None else index + k
 
 
 def _warmed_up_at(table: StepTable, spans: Sequence[np.ndarray], warmup_steps: int) -> float | None:
