@@ -8,12 +8,20 @@ cluster of 16 jobs, far cheaper per node-day to evaluate than 16 runs), and runs
 seeds, `--jobs` runs at a time in worker processes (default: one per CPU; 1: in this process, no
 workers). Prints one JSON line at the end, and a progress line per run to stderr. Rerun:
 `.venv/bin/python tests/bench/false_alarms.py [--hours 1 --seeds 2 --copies 1 --jobs 1]`.
+
+A soak of a thousand node-days takes hours. With `--ledger FILE` each finished run is appended to
+FILE as a JSON line, stamped with a digest of the code and scenarios that decide its result; a
+later invocation with the same ledger skips the runs already there for the same code and adds
+them to its report, so a soak cut short (or spread over days) goes on where it stopped. Runs of
+other code are left out of the report, never mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -23,6 +31,11 @@ from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
+
+import fleetwatch.detectors
+import fleetwatch.records
+import fleetwatch.sim
 from fleetwatch.sim.evaluate import evaluate_scenario, load_scenario, scenario_files
 from fleetwatch.sim.scenario import node_names
 
@@ -95,6 +108,43 @@ def replicated(scenario: dict, copies: int) -> dict:
     return out
 
 
+def code_digest() -> str:
+    """What decides a run's result: the detectors, the simulator, the records and helpers below
+    them, the scenarios, how this script stretches and replicates them, Python and numpy."""
+    digest = hashlib.sha256(f"{sys.version_info[:3]} numpy {np.__version__}".encode())
+    folders = [Path(module.__file__).parent for module in (fleetwatch.detectors, fleetwatch.sim, fleetwatch.records)]
+    files = sorted(p for folder in folders for p in folder.iterdir() if p.suffix in (".py", ".csv"))
+    files += sorted(CORPUS.glob("*.toml"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for function in (stretched, replicated):
+        digest.update(inspect.getsource(function).encode())
+    return digest.hexdigest()[:16]
+
+
+def ledger_runs(path: Path, code: str, hours: float, copies: int) -> tuple[dict[str, tuple], int]:
+    """The runs in the ledger at `path` of this code, length and copies (name -> result), and how
+    many lines are of other code or settings."""
+    done: dict[str, tuple] = {}
+    other = 0
+    if not path.exists():
+        return done, other
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            key = (entry["code"], entry["hours"], entry["copies"])
+            result = (entry["run"], entry["node_days"], entry["alarms"], entry["wall_seconds"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{path}:{number}: not a ledger line ({exc})") from None
+        if key == (code, hours, copies):
+            done[result[0]] = result
+        else:
+            other += 1
+    return done, other
+
+
 def run_one(args: tuple[str, dict]):
     name, scenario = args
     result = evaluate_scenario(scenario, name=name)
@@ -134,6 +184,11 @@ def main() -> None:
         "--copies", type=int, default=1, help="copies of each healthy fleet side by side in one run [default: 1]"
     )
     parser.add_argument("--scenario", action="append", default=[], help="only this healthy scenario (repeatable)")
+    parser.add_argument(
+        "--ledger",
+        type=Path,
+        help="append each finished run to this JSON Lines file and skip the runs it already holds for this code",
+    )
     args = parser.parse_args()
     healthy = [p for p in scenario_files(CORPUS, args.scenario or None) if load_scenario(p).get("healthy")]
     # Seed by seed, every scenario each time: a run cut short has sampled them all alike.
@@ -143,14 +198,32 @@ def main() -> None:
             name, scenario = stretched(path, args.hours, seed)
             copies = max(1, args.copies)
             work.append((f"{name}x{copies}" if copies > 1 else name, replicated(scenario, copies)))
-    started = time.time()
+    code = code_digest()
     results = []
+    if args.ledger is not None:
+        done, other = ledger_runs(args.ledger, code, args.hours, args.copies)
+        results = [done[name] for name, _ in work if name in done]
+        work = [(name, scenario) for name, scenario in work if name not in done]
+        print(
+            f"ledger {args.ledger}: {len(results)} runs of this code ({code}) already done, "
+            f"{sum(r[1] for r in results):.1f} node-days; {other} lines of other code or settings left out",
+            file=sys.stderr,
+            flush=True,
+        )
+        args.ledger.parent.mkdir(parents=True, exist_ok=True)
+    runs_total = len(results) + len(work)
+    started = time.time()
     with Pool(args.jobs) if args.jobs > 1 else _InProcess() as pool:
         for result in pool.imap_unordered(run_one, work, chunksize=1):
             results.append(result)
             name, node_days, alarms, wall_seconds = result
+            if args.ledger is not None:
+                entry = {"run": name, "code": code, "hours": args.hours, "copies": args.copies}
+                entry |= {"node_days": node_days, "alarms": alarms, "wall_seconds": wall_seconds}
+                with args.ledger.open("a") as ledger:
+                    ledger.write(json.dumps(entry) + "\n")
             print(
-                f"{len(results)}/{len(work)} {name}: {node_days:.2f} node-days in {wall_seconds:.0f} s, "
+                f"{len(results)}/{runs_total} {name}: {node_days:.2f} node-days in {wall_seconds:.0f} s, "
                 f"{len(alarms)} false alarms; so far {sum(r[1] for r in results):.1f} node-days, "
                 f"{sum(len(r[2]) for r in results)} false alarms, {time.time() - started:.0f} s",
                 file=sys.stderr,
@@ -163,6 +236,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "false_alarms",
+                "code": code,
                 "healthy_runs": len(results),
                 "hours_each": args.hours,
                 "copies": args.copies,
@@ -172,7 +246,8 @@ def main() -> None:
                 "upper_95_per_1000_node_days": round(poisson_upper_95(total) / node_days * 1000, 1),
                 "by_detector": dict(alarms),
                 "alarms": [a for r in results for a in r[2]],
-                "wall_seconds": round(time.time() - started, 1),
+                "wall_seconds": round(time.time() - started, 1),  # this invocation's
+                "runs_seconds": round(sum(r[3] for r in results), 1),  # every run's, resumed ones included
             }
         )
     )

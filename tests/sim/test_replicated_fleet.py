@@ -4,6 +4,7 @@ fleet side by side with itself, each copy with its own jobs and noise."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,36 @@ def test_a_replicated_healthy_fleet_raises_no_alarm(false_alarms) -> None:
 def test_scenarios_with_faults_are_not_replicated(false_alarms) -> None:
     with pytest.raises(ValueError, match="only healthy"):
         false_alarms.replicated(load_scenario(CORPUS / "ecc_dbe_h100.toml"), 2)
+
+
+def _soak(false_alarms, monkeypatch, capsys, *args: str) -> tuple[dict, str]:
+    argv = ["false_alarms.py", "--hours", "0.01", "--seeds", "2", "--jobs", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--scenario", "healthy_steady_h200", *args])
+    false_alarms.main()
+    out, err = capsys.readouterr()
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def test_a_soak_with_a_ledger_goes_on_where_it_stopped(false_alarms, monkeypatch, capsys, tmp_path) -> None:
+    ledger = tmp_path / "soak.jsonl"
+    first, _ = _soak(false_alarms, monkeypatch, capsys, "--ledger", str(ledger))
+    assert first["healthy_runs"] == 2 and len(ledger.read_text().splitlines()) == 2
+    # Cut short: one run lost. The next invocation runs it alone and reports all of them.
+    lines = ledger.read_text().splitlines()
+    ledger.write_text(lines[0] + "\n")
+    second, err = _soak(false_alarms, monkeypatch, capsys, "--ledger", str(ledger))
+    assert "1 runs of this code" in err and err.count("node-days in") == 1
+    assert second["healthy_runs"] == 2 and second["node_days"] == first["node_days"]
+    assert second["code"] == first["code"] and len(ledger.read_text().splitlines()) == 2
+    # Runs of other code never count: a changed detector starts the soak over.
+    ledger.write_text("\n".join(line.replace(first["code"], "0" * 16) for line in ledger.read_text().splitlines()))
+    third, err = _soak(false_alarms, monkeypatch, capsys, "--ledger", str(ledger))
+    assert "0 runs of this code" in err and "2 lines of other code" in err and err.count("node-days in") == 2
+    assert third["healthy_runs"] == 2
+
+
+def test_a_broken_ledger_line_is_named(false_alarms, monkeypatch, capsys, tmp_path) -> None:
+    ledger = tmp_path / "soak.jsonl"
+    ledger.write_text('{"run": "x"}\n')
+    with pytest.raises(SystemExit, match=r"soak.jsonl:1: not a ledger line"):
+        _soak(false_alarms, monkeypatch, capsys, "--ledger", str(ledger))
