@@ -149,21 +149,57 @@ class _BatchChecker(_Checker):
 
 # GpuMetrics field number -> its column in GPU_FIELDS order (GpuRows.values).
 _GPU_COLUMN = {GPU_FIELD_NUMBERS[name]: i for i, name in enumerate(GPU_FIELDS)}
+# Field-number lists already checked (an agent sends the same one in every batch) -> their
+# numbers and columns as arrays. Bounded: a client inventing orders fills it once, then is checked.
+_CHECKED_FIELDS: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+_CHECKED_FIELDS_MAX = 64
+# Label entries (uuid, job, rank) already checked: the same few GPUs' labels come in every batch.
+_CHECKED_LABELS: set[tuple[str, str, int | None]] = set()
+_CHECKED_LABELS_MAX = 100_000
 
 
-def _gpu_rows(c: _BatchChecker, columns: pb.GpuColumns) -> GpuRows:
-    """Batch.gpu_columns checked as whole arrays: shapes, times, GPU indexes, labels; values that
-    cannot be measurements dropped (NaN) and counted, as _BatchChecker.metrics does one by one."""
-    rows, numbers = len(columns.t), list(columns.fields)
-    c.count("gpu_columns.t", rows, limits.MAX_GPU_ROWS_PER_BATCH)
-    for name, entries in (("gpu", len(columns.gpu)), ("label", len(columns.label))):
-        if entries != rows:
-            raise c.fail(f"gpu_columns.{name}", f"has {entries} entries for {rows} rows (one per entry of t)")
+def _gpu_fields(c: _BatchChecker, numbers: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """gpu_columns.fields checked: the numbers, and each one's column in GPU_FIELDS order."""
+    known = _CHECKED_FIELDS.get(numbers)
+    if known is not None:
+        return known
     for i, number in enumerate(numbers):
         if number not in _GPU_COLUMN:
             raise c.fail(f"gpu_columns.fields[{i}]", f"{number} is not a GpuMetrics field number")
     if len(set(numbers)) != len(numbers):
         raise c.fail("gpu_columns.fields", "names a field more than once")
+    checked = np.array(numbers, dtype=np.int64), np.array([_GPU_COLUMN[n] for n in numbers], dtype=np.int64)
+    if len(_CHECKED_FIELDS) < _CHECKED_FIELDS_MAX:
+        _CHECKED_FIELDS[numbers] = checked
+    return checked
+
+
+def _gpu_labels(c: _BatchChecker, entries: Any) -> list[tuple[str | None, str | None, int | None]]:
+    labels = []
+    for i, entry in enumerate(entries):
+        key = (entry.uuid, entry.job, entry.rank if entry.HasField("rank") else None)
+        if key not in _CHECKED_LABELS:
+            at = f"gpu_columns.labels[{i}]"
+            c.text(f"{at}.uuid", key[0], limits.GPU_UUID_MAX_CHARS)
+            c.text(f"{at}.job", key[1], limits.JOB_MAX_CHARS)
+            if key[2] is not None:
+                c.at_most(f"{at}.rank", key[2], limits.MAX_RANK, "a rank")
+            if len(_CHECKED_LABELS) >= _CHECKED_LABELS_MAX:
+                _CHECKED_LABELS.clear()
+            _CHECKED_LABELS.add(key)
+        labels.append((key[0] or None, key[1] or None, key[2]))
+    return labels
+
+
+def _gpu_rows(c: _BatchChecker, columns: pb.GpuColumns) -> GpuRows:
+    """Batch.gpu_columns checked as whole arrays: shapes, times, GPU indexes, labels; values that
+    cannot be measurements dropped (NaN) and counted, as _BatchChecker.metrics does one by one."""
+    rows = len(columns.t)
+    c.count("gpu_columns.t", rows, limits.MAX_GPU_ROWS_PER_BATCH)
+    for name, entries in (("gpu", len(columns.gpu)), ("label", len(columns.label))):
+        if entries != rows:
+            raise c.fail(f"gpu_columns.{name}", f"has {entries} entries for {rows} rows (one per entry of t)")
+    numbers, where = _gpu_fields(c, tuple(columns.fields))
     if len(columns.values) != 8 * rows * len(numbers):
         raise c.fail(
             "gpu_columns.values",
@@ -184,25 +220,17 @@ def _gpu_rows(c: _BatchChecker, columns: pb.GpuColumns) -> GpuRows:
     if rows and label.max() >= len(columns.labels):
         i = int(np.argmax(label >= len(columns.labels)))
         raise c.fail(f"gpu_columns.label[{i}]", f"{label[i]} names no entry of labels ({len(columns.labels)})")
-    labels = []
-    for i, entry in enumerate(columns.labels):
-        at = f"gpu_columns.labels[{i}]"
-        labels.append(
-            (
-                c.text(f"{at}.uuid", entry.uuid, limits.GPU_UUID_MAX_CHARS),
-                c.text(f"{at}.job", entry.job, limits.JOB_MAX_CHARS),
-                c.at_most(f"{at}.rank", entry.rank, limits.MAX_RANK, "a rank") if entry.HasField("rank") else None,
-            )
-        )
+    labels = _gpu_labels(c, columns.labels)
     sent = np.frombuffer(columns.values, dtype="<f8").reshape(rows, len(numbers))
-    kept = storable("gpu", np.array(numbers, dtype=np.int64), sent)
-    refused = ~kept & ~np.isnan(sent)  # NaN is the dense form's absent, not a refused value
+    refused = ~(storable("gpu", numbers, sent) | np.isnan(sent))  # NaN is the dense form's absent
+    if refused.any():
+        if c.dropped is not None:
+            counts = refused.sum(axis=0)
+            for j in np.flatnonzero(counts).tolist():
+                c.dropped[GPU_FIELDS[int(where[j])]] += int(counts[j])
+        sent = np.where(refused, np.nan, sent)
     values = np.full((rows, len(GPU_FIELDS)), np.nan)
-    values[:, [_GPU_COLUMN[number] for number in numbers]] = np.where(kept, sent, np.nan)
-    if c.dropped is not None:
-        counts = refused.sum(axis=0)
-        for j in np.flatnonzero(counts).tolist():
-            c.dropped[GPU_FIELDS[_GPU_COLUMN[numbers[j]]]] += int(counts[j])
+    values[:, where] = sent
     return GpuRows(t=t, gpu=gpu, values=values, label=label, labels=labels)
 
 
@@ -210,10 +238,15 @@ def _host(
     c: _BatchChecker, at: str, host: pb.HostSample, node: str, samples: list[HostSample], ib_ports: list[dict[str, Any]]
 ) -> None:
     """One HostSample checked, into `samples` and `ib_ports`."""
-    host_t = c.time(f"{at}.t", host.t)
+    host_t = host.t
+    if not c.earliest <= host_t <= c.latest:  # NaN too; the field's name is only spelled out then
+        c.time(f"{at}.t", host_t)
     samples.append(HostSample(t=host_t, node=node, metrics=c.metrics(host.metrics)))
-    c.count(f"{at}.ib_ports", len(host.ib_ports), limits.MAX_IB_PORTS_PER_BATCH)
-    for i, port in enumerate(host.ib_ports):
+    ports = host.ib_ports
+    if not ports:
+        return
+    c.count(f"{at}.ib_ports", len(ports), limits.MAX_IB_PORTS_PER_BATCH)
+    for i, port in enumerate(ports):
         port_at = f"{at}.ib_ports[{i}]"
         problem = limits.ib_device_problem(port.device)
         if problem is not None:

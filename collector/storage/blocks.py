@@ -69,10 +69,12 @@ def storable(kind: str, numbers: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     limits.storable_metric keeps, for a whole matrix at once.
     """
     integer, most = FIELD_LIMITS[kind]
+    kept = np.isfinite(matrix)
     is_integer = integer[numbers]
-    with np.errstate(invalid="ignore"):
-        in_range = (matrix >= 0) & (matrix <= most[numbers]) & (np.floor(matrix) == matrix)
-    return np.isfinite(matrix) & (~is_integer | in_range)
+    if is_integer.any():  # comparisons with NaN are False, without a warning
+        whole = matrix[:, is_integer]
+        kept[:, is_integer] &= (whole >= 0) & (whole <= most[numbers][is_integer]) & (np.floor(whole) == whole)
+    return kept
 
 
 @dataclass

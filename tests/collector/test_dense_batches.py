@@ -164,6 +164,19 @@ def test_a_malformed_dense_batch_is_refused_naming_the_field(change, field: str,
     assert problem in caught.value.problem
 
 
+def test_checks_remembered_from_earlier_batches_still_refuse_a_bad_one() -> None:
+    # Field lists and labels are checked once per distinct value and remembered: an agent sends
+    # the same ones in every batch. A batch that differs is checked in full.
+    for _ in range(3):
+        check(_broken(lambda b: None))
+    with pytest.raises(InvalidMessage) as caught:
+        check(_broken(lambda b: setattr(b.gpu_columns.labels[1], "uuid", "G" * (limits.GPU_UUID_MAX_CHARS + 1))))
+    assert caught.value.field == "gpu_columns.labels[1].uuid"
+    with pytest.raises(InvalidMessage) as caught:
+        check(_broken(lambda b: b.gpu_columns.fields.__setitem__(2, b.gpu_columns.fields[0])))
+    assert caught.value.field == "gpu_columns.fields"
+
+
 def test_dense_batches_are_bounded_in_rows_and_host_samples() -> None:
     too_many = [{"t": T0, "gpu": 0, "metrics": {"power_watts": 1.0}} for _ in range(limits.MAX_GPU_ROWS_PER_BATCH + 1)]
     with pytest.raises(InvalidMessage, match=r"gpu_columns\.t"):
