@@ -139,7 +139,11 @@ class CollectorConfig:
         file_for="webhook_urls",
     )
     log_alerts: bool = setting(True, "also write every alert transition to the log")
-    detect_interval_seconds: float = setting(1.0, "how often detectors run over recent data", check=positive)
+    # Agents send 10 s of samples at once (batch_interval_seconds), so a pass every second mostly
+    # re-reads what the last one read; events (XIDs, a GPU lost) still start a pass at once.
+    detect_interval_seconds: float = setting(
+        2.0, "how often detectors run over recent data (events start a pass at once)", check=positive
+    )
     agent_sampling_interval_seconds: float = setting(
         0.0, "sampling interval pushed to every agent on connect (0: agents keep their own)", check=non_negative
     )

@@ -574,6 +574,7 @@ def collector_cmd(grpc_port: int, http_port: int, url: str, args: argparse.Names
         str(max(64, 2 * args.nodes)),
         "--log-level",
         args.collector_log_level,
+        *args.collector_arg,
     ]
 
 
@@ -1079,6 +1080,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(GpuColumns) the agent sends since 0.2; 0: fleetwatch 0.1.0's one Batch of GpuSamples a second [10]",
     )
     parser.add_argument("--collector-log-level", default="warning")
+    parser.add_argument(
+        "--collector-arg",
+        action="append",
+        default=[],
+        help="one more argument for fleetwatch-collector (repeatable), e.g. --collector-arg=--detect-interval-seconds=2",
+    )
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     if args.warmup_seconds >= args.seconds:
