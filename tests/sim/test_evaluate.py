@@ -451,11 +451,16 @@ def test_evaluate_corpus_and_ctl_eval(tmp_path, fake_sim, capsys):
     assert report["per_detector"]["xid"]["true_positives"] == 1
 
     assert main(["eval", "--corpus", str(corpus), "--json", "--jobs", "1"]) == 0
-    assert json.loads(capsys.readouterr().out) == report
+    printed = json.loads(capsys.readouterr().out)
+    # The command adds its speed: the node-days it simulated over the seconds it took.
+    wall_seconds, rate = printed.pop("wall_seconds"), printed.pop("node_days_per_hour")
+    assert printed == report
+    assert rate > 0 and report["node_days"] / rate * 3600 == pytest.approx(wall_seconds, abs=0.006)
 
     assert main(["eval", "--corpus", str(corpus), "--jobs", "1", "--scenario", "quiet"]) == 0
     table = capsys.readouterr().out
     assert "1 scenarios" in table and "PRECISION" in table
+    assert "simulated node-days an hour" in table.splitlines()[-1]
 
     assert main(["eval", "--corpus", str(corpus), "--scenario", "nope"]) == 1
     assert "no scenario 'nope'" in capsys.readouterr().err
