@@ -173,8 +173,9 @@ def batch_message(cycles: list[Cycle], boot_id: str, dense: bool) -> pb.Batch:
             report = batch.steps.add(
                 t=step["t"], job=step["job"], rank=step["rank"], step=step["step"], seconds=step["seconds"]
             )
-            if step.get("gpu") is not None:
-                report.gpu = step["gpu"]
+            for key in ("gpu", "dp_rank", "pp_stage", "tp_rank", "wall_seconds"):
+                if step.get(key) is not None:
+                    setattr(report, key, step[key])
     return batch
 
 

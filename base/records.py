@@ -85,8 +85,14 @@ class Step:
     rank: int
     node: str
     step: int
-    seconds: float
+    seconds: float  # the rank's own compute time
     gpu: int | None = None
+    # Where the job says it: the rank's data-parallel replica, pipeline stage and tensor-parallel
+    # rank, and the step's wall time (compute and collective waits) as the rank saw it.
+    dp_rank: int | None = None
+    pp_stage: int | None = None
+    tp_rank: int | None = None
+    wall_seconds: float | None = None
 
 
 @functools.lru_cache(maxsize=65536)

@@ -34,6 +34,14 @@ JOB_ENV_VARS = ("FLEETWATCH_JOB", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
 # RANK (torchrun's global rank) before SLURM_PROCID: under `srun torchrun` the Slurm task id
 # numbers launchers, one per node, not training ranks.
 RANK_ENV_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+# The rank's place in a hybrid-parallel job, where the caller does not pass it. Launchers have no
+# common variables for these (Megatron, NeMo and torchtitan compute them in the process), so they
+# are fleetwatch's own: set them per rank, or pass them to StepReporter.
+COORDINATE_ENV_VARS = {
+    "dp_rank": "FLEETWATCH_DP_RANK",
+    "pp_stage": "FLEETWATCH_PP_STAGE",
+    "tp_rank": "FLEETWATCH_TP_RANK",
+}
 # After "nobody is listening" errors the reporter stops trying for this long, so a job on a node
 # without an agent pays a clock read per step instead of a system call, and an agent that starts
 # (or restarts) later is picked up within this delay.
@@ -46,8 +54,10 @@ _NO_RECEIVER_ERRNOS = frozenset(
 # Normal operation, logged at debug level: no agent on this node, or an agent a moment behind.
 # Anything else (a socket this user may not write, say) is a set-up problem worth one warning.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR, errno.EAGAIN, errno.ENOBUFS})
-# The worst-case tail after the job and rank: 19 digits of step, a float's repr, punctuation.
-_MAX_TAIL_BYTES = len(',"step":') + 19 + len(',"seconds":') + 24 + 1
+# The worst-case tail after the job and rank: 19 digits of step, two floats' reprs, punctuation.
+_MAX_TAIL_BYTES = len(',"step":') + 19 + len(',"seconds":') + 24 + len(',"wall_seconds":') + 24 + 1
+# The worst-case coordinates after the rank, every one at MAX_RANK.
+_MAX_COORDINATE_BYTES = sum(len(f',"{name}":1000000') for name in COORDINATE_ENV_VARS)
 
 # A fixed name rather than __name__, so a vendored copy logs under the same logger.
 log = logging.getLogger("fleetwatch.stepreport")
@@ -72,6 +82,19 @@ def _default_rank() -> int:
     return 0
 
 
+def _default_coordinate(name: str) -> int | None:
+    value = os.environ.get(COORDINATE_ENV_VARS[name], "").strip()
+    if value.isascii() and value.isdigit() and int(value) <= MAX_RANK:
+        return int(value)
+    return None
+
+
+def _rank_problem(name: str, value: object) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RANK:
+        return f"{name} must be an integer from 0 to {MAX_RANK}: {value!r}"
+    return None
+
+
 def _job_problem(job: object) -> str | None:
     """Why ``job`` cannot be sent (None when it can): the agent's rules, plus the size bound."""
     if not isinstance(job, str) or not job:
@@ -84,7 +107,7 @@ def _job_problem(job: object) -> str | None:
         encoded = json.dumps(job, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return "job must be encodable as UTF-8"
-    if len(encoded) + len('{"job":,"rank":1000000') + _MAX_TAIL_BYTES > MAX_DATAGRAM_BYTES:
+    if len(encoded) + len('{"job":,"rank":1000000') + _MAX_COORDINATE_BYTES + _MAX_TAIL_BYTES > MAX_DATAGRAM_BYTES:
         return f"job too long to fit a {MAX_DATAGRAM_BYTES}-byte report"
     return None
 
@@ -92,13 +115,29 @@ def _job_problem(job: object) -> str | None:
 class StepReporter:
     """Sends ``(job, rank, step, seconds)`` to the local agent; never raises, never blocks.
 
+    In a hybrid-parallel job pass the rank's ``dp_rank`` (data-parallel replica), ``pp_stage``
+    (pipeline stage) and ``tp_rank`` (tensor-parallel rank), or set ``FLEETWATCH_DP_RANK``,
+    ``FLEETWATCH_PP_STAGE`` and ``FLEETWATCH_TP_RANK``: the collector then compares each rank with
+    the same stage on the other replicas, not with ranks that do other work. ``report`` also
+    takes the step's wall time (compute and waits), from which a straggler's cost to the job is
+    measured.
+
     ``dropped`` counts reports the agent did not get (no agent, agent busy, reporter closed);
     ``invalid`` counts reports refused here because step or seconds were out of range. At most
     one log record is written per reporter: at debug level when no agent is listening (normal on
     a node without one) or the agent is momentarily behind, at warning level for anything else.
     """
 
-    def __init__(self, job: str | None = None, rank: int | None = None, socket_path: str | None = None) -> None:
+    def __init__(
+        self,
+        job: str | None = None,
+        rank: int | None = None,
+        socket_path: str | None = None,
+        *,
+        dp_rank: int | None = None,
+        pp_stage: int | None = None,
+        tp_rank: int | None = None,
+    ) -> None:
         # Explicit arguments are checked here, once, before training starts: a wrong job or rank
         # is a bug in the caller. Values from the environment fall back instead of raising.
         if job is None:
@@ -108,10 +147,20 @@ class StepReporter:
             raise ValueError(f"{problem}: {job!r}")
         if rank is None:
             rank = _default_rank()
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= MAX_RANK:
-            raise ValueError(f"rank must be an integer from 0 to {MAX_RANK}: {rank!r}")
+        problem = _rank_problem("rank", rank)
+        if problem is not None:
+            raise ValueError(problem)
+        coordinates: dict[str, int] = {}
+        for name, value in (("dp_rank", dp_rank), ("pp_stage", pp_stage), ("tp_rank", tp_rank)):
+            if value is None:
+                value = _default_coordinate(name)
+            elif (problem := _rank_problem(name, value)) is not None:
+                raise ValueError(problem)
+            if value is not None:
+                coordinates[name] = value
         self.job = job
         self.rank = rank
+        self.coordinates = coordinates
         self.socket_path = socket_path or os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
         self.dropped = 0
         self.invalid = 0
@@ -120,7 +169,8 @@ class StepReporter:
         self._retry_after_monotonic = 0.0
         # The job and rank never change: encode them once, so a report only formats two numbers.
         self._prefix = (
-            json.dumps({"job": job, "rank": rank}, ensure_ascii=False, separators=(",", ":"))[:-1] + ',"step":'
+            json.dumps({"job": job, "rank": rank, **coordinates}, ensure_ascii=False, separators=(",", ":"))[:-1]
+            + ',"step":'
         ).encode("utf-8")
         self._socket: socket.socket | None = None
         try:
@@ -130,22 +180,29 @@ class StepReporter:
             self._socket = None
             self._log_once(logging.WARNING, "step reports off: cannot create a socket: %s", exc)
 
-    def report(self, step: int, seconds: float) -> None:
-        """Send one step time (in seconds) to the agent, or drop and count it; never raises."""
+    def report(self, step: int, seconds: float, wall_seconds: float | None = None) -> None:
+        """Send one step time (in seconds) to the agent, or drop and count it; never raises.
+
+        ``seconds`` is the rank's own compute time; ``wall_seconds``, where known, the step's
+        whole time including collective waits."""
         try:
             step = operator.index(step)  # ints, numpy integers; not floats
             seconds = float(seconds)  # floats, numpy floats, 0-d tensors
+            wall = None if wall_seconds is None else float(wall_seconds)
         except Exception:
-            self._refuse(step, seconds)
+            self._refuse(step, seconds, wall_seconds)
             return
-        if not (0 <= step <= MAX_STEP and 0.0 < seconds < MAX_STEP_SECONDS):  # NaN fails too
-            self._refuse(step, seconds)
+        if not (0 <= step <= MAX_STEP and 0.0 < seconds < MAX_STEP_SECONDS) or not (
+            wall is None or 0.0 < wall < MAX_STEP_SECONDS
+        ):  # NaN fails too
+            self._refuse(step, seconds, wall_seconds)
             return
         sock = self._socket
         if sock is None or time.monotonic() < self._retry_after_monotonic:
             self.dropped += 1
             return
-        payload = b'%s%d,"seconds":%s}' % (self._prefix, step, repr(seconds).encode("ascii"))
+        payload = b'%s%d,"seconds":%s' % (self._prefix, step, repr(seconds).encode("ascii"))
+        payload += b"}" if wall is None else b',"wall_seconds":%s}' % repr(wall).encode("ascii")
         try:
             # sendto with the path on every report, not connect() once: a connected socket keeps
             # pointing at a restarted agent's old, dead socket; the path finds the new one.
@@ -183,16 +240,17 @@ class StepReporter:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _refuse(self, step: object, seconds: object) -> None:
+    def _refuse(self, step: object, seconds: object, wall_seconds: object = None) -> None:
         self.invalid += 1
         self._log_once(
             logging.WARNING,
-            "step report refused: step must be an integer from 0 to %d and seconds a number in (0, %g): "
-            "step=%r seconds=%r",
+            "step report refused: step must be an integer from 0 to %d, seconds and wall_seconds (if given) "
+            "numbers in (0, %g): step=%r seconds=%r wall_seconds=%r",
             MAX_STEP,
             MAX_STEP_SECONDS,
             step,
             seconds,
+            wall_seconds,
         )
 
     def _log_once(self, level: int, message: str, *args: object) -> None:
@@ -206,7 +264,7 @@ _default_reporter: StepReporter | None = None
 _default_lock = threading.Lock()
 
 
-def report_step(step: int, seconds: float) -> None:
+def report_step(step: int, seconds: float, wall_seconds: float | None = None) -> None:
     """Report one step through a reporter created on first use from the environment."""
     global _default_reporter
     reporter = _default_reporter
@@ -215,4 +273,4 @@ def report_step(step: int, seconds: float) -> None:
             if _default_reporter is None:
                 _default_reporter = StepReporter()
             reporter = _default_reporter
-    reporter.report(step, seconds)
+    reporter.report(step, seconds, wall_seconds)

@@ -412,6 +412,9 @@ def check_batch(
         at = f"steps[{i}]"
         if not (0.0 < s.seconds < limits.MAX_STEP_SECONDS):  # NaN fails too
             raise c.fail(f"{at}.seconds", f"{s.seconds} is outside (0, {limits.MAX_STEP_SECONDS:g})")
+        wall_seconds = s.wall_seconds if s.HasField("wall_seconds") else None
+        if wall_seconds is not None and not (0.0 < wall_seconds < limits.MAX_STEP_SECONDS):
+            raise c.fail(f"{at}.wall_seconds", f"{wall_seconds} is outside (0, {limits.MAX_STEP_SECONDS:g})")
         steps.append(
             Step(
                 t=c.time(f"{at}.t", s.t),
@@ -421,6 +424,16 @@ def check_batch(
                 step=c.at_most(f"{at}.step", s.step, limits.MAX_STEP, "a step number"),
                 seconds=s.seconds,
                 gpu=c.gpu_index(f"{at}.gpu", s.gpu) if s.HasField("gpu") else None,
+                dp_rank=c.at_most(f"{at}.dp_rank", s.dp_rank, limits.MAX_RANK, "a rank")
+                if s.HasField("dp_rank")
+                else None,
+                pp_stage=c.at_most(f"{at}.pp_stage", s.pp_stage, limits.MAX_RANK, "a pipeline stage")
+                if s.HasField("pp_stage")
+                else None,
+                tp_rank=c.at_most(f"{at}.tp_rank", s.tp_rank, limits.MAX_RANK, "a rank")
+                if s.HasField("tp_rank")
+                else None,
+                wall_seconds=wall_seconds,
             )
         )
     return IngestBatch(

@@ -53,6 +53,9 @@ class _Fields:
             raise self.fail(f"{name!r} must be a finite number, got {value!r}")
         return float(value)
 
+    def optional_number(self, name: str) -> float | None:
+        return None if self.obj.get(name) is None else self.number(name)
+
     def string(self, name: str) -> str:
         value = self.obj.get(name)
         if value is None:
@@ -165,6 +168,9 @@ def _record(obj: dict[str, Any], line_number: int) -> Record:
         job = fields.job()
         if job is None:
             raise fields.fail("missing 'job'")
+        wall_seconds = fields.optional_number("wall_seconds")
+        if wall_seconds is not None and wall_seconds <= 0:
+            raise fields.fail(f"'wall_seconds' must be positive, got {wall_seconds!r}")
         return Step(
             t=t,
             job=job,
@@ -173,6 +179,10 @@ def _record(obj: dict[str, Any], line_number: int) -> Record:
             step=fields.integer("step"),
             seconds=seconds,
             gpu=fields.optional_integer("gpu"),
+            dp_rank=fields.optional_integer("dp_rank"),
+            pp_stage=fields.optional_integer("pp_stage"),
+            tp_rank=fields.optional_integer("tp_rank"),
+            wall_seconds=wall_seconds,
         )
     if kind == "event":
         # A generic event names its own type: {"kind": "event", "type": "gpu_lost", ...}.

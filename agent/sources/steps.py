@@ -40,8 +40,15 @@ def _reject_constant(name: str) -> Any:
     raise MalformedStep(f"{name} is not a number")
 
 
-def parse_step(datagram: bytes) -> tuple[str, int, int, float]:
-    """``(job, rank, step, seconds)`` from one datagram, or MalformedStep saying what is wrong."""
+# Optional keys of a report (reporters since 0.3): the rank's parallel coordinates and the step's
+# wall time. Absent, null or (from an older reporter) never sent: not forwarded.
+COORDINATE_KEYS = ("dp_rank", "pp_stage", "tp_rank")
+
+
+def parse_step(datagram: bytes) -> dict[str, Any]:
+    """``{"job", "rank", "step", "seconds"}``, plus ``dp_rank``, ``pp_stage``, ``tp_rank`` and
+    ``wall_seconds`` where the report has them, from one datagram; or MalformedStep saying what is
+    wrong."""
     if len(datagram) > MAX_DATAGRAM_BYTES:
         raise MalformedStep(f"longer than {MAX_DATAGRAM_BYTES} bytes")
     try:
@@ -51,7 +58,8 @@ def parse_step(datagram: bytes) -> tuple[str, int, int, float]:
         raise MalformedStep(f"not JSON: {exc}") from None
     if not isinstance(report, dict):
         raise MalformedStep("not a JSON object")
-    # Keys beyond these four are ignored (a newer reporter may add some) and never forwarded.
+    # Keys beyond these and the optional ones are ignored (a newer reporter may add some) and never
+    # forwarded.
     job, rank, step, seconds = (report.get(k) for k in ("job", "rank", "step", "seconds"))
     if not isinstance(job, str):
         raise MalformedStep(f"job must be a string of 1 to {STEP_JOB_MAX_CHARS} printable characters")
@@ -70,7 +78,22 @@ def parse_step(datagram: bytes) -> tuple[str, int, int, float]:
         0 < seconds < MAX_STEP_SECONDS and math.isfinite(seconds)
     ):
         raise MalformedStep(f"seconds must be a finite number in (0, {MAX_STEP_SECONDS:g})")
-    return job, rank, step, float(seconds)
+    record: dict[str, Any] = {"job": job, "rank": rank, "step": step, "seconds": float(seconds)}
+    for key in COORDINATE_KEYS:
+        value = report.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or not 0 <= value <= MAX_RANK:
+            raise MalformedStep(f"{key} must be an integer from 0 to {MAX_RANK}")
+        record[key] = value
+    wall = report.get("wall_seconds")
+    if wall is not None:
+        if (type(wall) is not int and type(wall) is not float) or not (
+            0 < wall < MAX_STEP_SECONDS and math.isfinite(wall)
+        ):
+            raise MalformedStep(f"wall_seconds must be a finite number in (0, {MAX_STEP_SECONDS:g})")
+        record["wall_seconds"] = float(wall)
+    return record
 
 
 def _identity(status: os.stat_result) -> tuple[int, int, int]:
@@ -170,7 +193,7 @@ class StepReceiver:
     def receive(self, timeout_seconds: float) -> list[dict[str, Any]]:
         """Wait up to ``timeout_seconds`` for step reports and return those that arrived.
 
-        Returns ``{"t", "job", "rank", "step", "seconds"}`` dicts, at most ``max_queued``. One
+        Returns parse_step()'s dicts with "t" added, at most ``max_queued``. One
         call reads at most twice that many datagrams, so a flood cannot hold it; valid reports
         past ``max_queued`` are dropped and counted, and whatever is still queued waits for the
         next call. Malformed datagrams are counted and skipped. OSError only if the socket fails.
@@ -189,14 +212,15 @@ class StepReceiver:
             except (BlockingIOError, InterruptedError):
                 break
             try:
-                job, rank, step, seconds = parse_step(datagram)
+                record = parse_step(datagram)
             except MalformedStep as exc:
                 self._count_malformed(str(exc))
                 continue
             if len(records) >= self.max_queued:
                 self.dropped += 1
                 continue
-            records.append({"t": self.clock(), "job": job, "rank": rank, "step": step, "seconds": seconds})
+            record["t"] = self.clock()
+            records.append(record)
         return records
 
     def _open_socket(self) -> socket.socket:

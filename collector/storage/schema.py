@@ -249,6 +249,12 @@ steps = Table(
     Column("step", BigInteger, nullable=False),
     Column("seconds", Double, nullable=False),
     Column("gpu", Integer, nullable=True),
+    # Added by revision 0005: where the job reports them, the rank's parallel coordinates and the
+    # step's wall time.
+    Column("dp_rank", Integer, nullable=True),
+    Column("pp_stage", Integer, nullable=True),
+    Column("tp_rank", Integer, nullable=True),
+    Column("wall_seconds", Double, nullable=True),
     Index(None, "job", "rank", "ts"),
     Index(None, "ts"),
 )

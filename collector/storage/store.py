@@ -680,6 +680,10 @@ class Store:
                     step=row["step"],
                     seconds=row["seconds"],
                     gpu=row["gpu"],
+                    dp_rank=row["dp_rank"],
+                    pp_stage=row["pp_stage"],
+                    tp_rank=row["tp_rank"],
+                    wall_seconds=row["wall_seconds"],
                 )
                 for row in rows
             ]
@@ -1103,6 +1107,10 @@ def _step_row(st: Step) -> dict[str, Any]:
         "step": int(st.step),
         "seconds": float(st.seconds),
         "gpu": st.gpu,
+        "dp_rank": st.dp_rank,
+        "pp_stage": st.pp_stage,
+        "tp_rank": st.tp_rank,
+        "wall_seconds": st.wall_seconds,
     }
 
 

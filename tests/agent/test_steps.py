@@ -33,6 +33,7 @@ LAUNCHER_ENV = (
     "SLURM_PROCID",
     "OMPI_COMM_WORLD_RANK",
     "FLEETWATCH_STEP_SOCKET",
+    *stepreport.COORDINATE_ENV_VARS.values(),
 )
 
 
@@ -117,6 +118,100 @@ def test_round_trip_of_largest_job_and_numbers(receiver: StepReceiver) -> None:
         (job, 1_000_000, 2**63 - 1, 86_399.999_999_999),
         (job, 1_000_000, 0, 5e-324),
     ]
+
+
+def test_parallel_coordinates_and_wall_time_round_trip(receiver: StepReceiver) -> None:
+    with StepReporter(
+        job="j7", rank=13, socket_path=receiver.socket_path, dp_rank=1, pp_stage=3, tp_rank=0
+    ) as reporter:
+        reporter.report(1811, 0.9, wall_seconds=1.25)
+        reporter.report(1812, 0.9)  # the wall time is per report: this one has none
+    assert receiver.receive(1.0) == [
+        {
+            "t": FIXED_T,
+            "job": "j7",
+            "rank": 13,
+            "step": 1811,
+            "seconds": 0.9,
+            "dp_rank": 1,
+            "pp_stage": 3,
+            "tp_rank": 0,
+            "wall_seconds": 1.25,
+        },
+        {
+            "t": FIXED_T,
+            "job": "j7",
+            "rank": 13,
+            "step": 1812,
+            "seconds": 0.9,
+            "dp_rank": 1,
+            "pp_stage": 3,
+            "tp_rank": 0,
+        },
+    ]
+
+
+def test_largest_report_with_every_optional_key_fits_the_datagram(receiver: StepReceiver) -> None:
+    job = "é" * 128
+    top = 1_000_000
+    with StepReporter(job=job, rank=top, socket_path=receiver.socket_path, dp_rank=top, pp_stage=top, tp_rank=top) as r:
+        r.report(2**63 - 1, 86_399.999_999_999, wall_seconds=86_399.999_999_999)
+    assert r.dropped == 0 and r.invalid == 0
+    (record,) = receiver.receive(1.0)
+    assert (record["job"], record["tp_rank"], record["wall_seconds"]) == (job, top, 86_399.999_999_999)
+
+
+def test_coordinates_from_the_environment(monkeypatch: pytest.MonkeyPatch, receiver: StepReceiver) -> None:
+    monkeypatch.setenv("FLEETWATCH_DP_RANK", "3")
+    monkeypatch.setenv("FLEETWATCH_PP_STAGE", " 1 ")
+    monkeypatch.setenv("FLEETWATCH_TP_RANK", "two")  # not a number: ignored, like a bad RANK
+    with StepReporter(job="j", rank=0, socket_path=receiver.socket_path) as reporter:
+        assert reporter.coordinates == {"dp_rank": 3, "pp_stage": 1}
+        reporter.report(1, 0.5)
+    (record,) = receiver.receive(1.0)
+    assert (record["dp_rank"], record["pp_stage"], "tp_rank" in record) == (3, 1, False)
+    # An explicit argument wins over the environment.
+    assert StepReporter(job="j", rank=0, socket_path="/nonexistent/s", pp_stage=0).coordinates["pp_stage"] == 0
+
+
+@pytest.mark.parametrize("name", ["dp_rank", "pp_stage", "tp_rank"])
+@pytest.mark.parametrize("value", [-1, 1_000_001, True, 1.0, "1"])
+def test_reporter_refuses_a_bad_coordinate_at_construction(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=name):
+        StepReporter(job="j", rank=0, socket_path="/nonexistent/steps.sock", **{name: value})  # type: ignore[arg-type]
+
+
+def test_reporter_refuses_a_bad_wall_time_without_raising(receiver: StepReceiver) -> None:
+    with StepReporter(job="j", rank=0, socket_path=receiver.socket_path) as reporter:
+        for wall in (0.0, -1.0, float("nan"), float("inf"), 86_400.0, "slow"):
+            reporter.report(1, 0.5, wall_seconds=wall)  # type: ignore[arg-type]
+        reporter.report(2, 0.5, wall_seconds=0.75)
+    assert reporter.invalid == 6
+    assert [(r["step"], r["wall_seconds"]) for r in receiver.receive(1.0)] == [(2, 0.75)]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"dp_rank": -1},
+        {"pp_stage": 1_000_001},
+        {"tp_rank": True},
+        {"dp_rank": 1.5},
+        {"pp_stage": "2"},
+        {"wall_seconds": 0},
+        {"wall_seconds": -0.5},
+        {"wall_seconds": 86_400},
+        {"wall_seconds": "1.0"},
+        {"wall_seconds": True},
+    ],
+)
+def test_parse_step_refuses_bad_optional_keys(extra: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(extra))):
+        parse_step(good(**extra))
+
+
+def test_parse_step_takes_null_optional_keys_as_absent() -> None:
+    assert parse_step(good(dp_rank=None, wall_seconds=None)) == {"job": "j7", "rank": 3, "step": 1, "seconds": 0.5}
 
 
 def test_socket_and_directory_permissions(receiver: StepReceiver) -> None:

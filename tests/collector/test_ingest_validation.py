@@ -261,6 +261,11 @@ async def test_every_limit_has_a_message_naming_its_field() -> None:
     case("steps[0].job").steps.add(t=now, job="j" * 129, rank=0, step=1, seconds=1.0)
     case("steps[0].rank").steps.add(t=now, job="j", rank=1_000_001, step=1, seconds=1.0)
     case("steps[0].step").steps.add(t=now, job="j", rank=0, step=2**63, seconds=1.0)
+    case("steps[0].dp_rank").steps.add(t=now, job="j", rank=0, step=1, seconds=1.0, dp_rank=1_000_001)
+    case("steps[0].pp_stage").steps.add(t=now, job="j", rank=0, step=1, seconds=1.0, pp_stage=2**32 - 1)
+    case("steps[0].tp_rank").steps.add(t=now, job="j", rank=0, step=1, seconds=1.0, tp_rank=1_000_001)
+    case("steps[0].wall_seconds").steps.add(t=now, job="j", rank=0, step=1, seconds=1.0, wall_seconds=math.nan)
+    case("steps[0].wall_seconds").steps.add(t=now, job="j", rank=0, step=1, seconds=1.0, wall_seconds=0.0)
     case("boot_id").boot_id = "boot\tid"
     for where, b in cases:
         with pytest.raises(InvalidMessage) as refused:

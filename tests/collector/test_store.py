@@ -251,6 +251,20 @@ def test_events_and_steps_round_trip_oldest_first(store: Store) -> None:
     steps = [
         Step(t=T0 + 1.5, job="j7", rank=6, node="n01", step=1811, seconds=0.93, gpu=6),
         Step(t=T0 + 0.5, job="j7", rank=0, node="n01", step=1811, seconds=0.91),
+        # A hybrid-parallel rank: its place in the job and the step's wall time come back too.
+        Step(
+            t=T0 + 1.0,
+            job="j7",
+            rank=13,
+            node="n01",
+            step=1811,
+            seconds=0.9,
+            gpu=5,
+            dp_rank=1,
+            pp_stage=3,
+            tp_rank=0,
+            wall_seconds=1.25,
+        ),
     ]
     store.ingest([batch(1, events=events, steps=steps)])
     assert store.events_since(T0) == sorted(events, key=lambda e: e.t)

@@ -79,6 +79,16 @@ def test_reads_every_design_record_kind():
     ]
 
 
+def test_step_records_carry_parallel_coordinates_and_wall_time():
+    (record,) = read_records(
+        [
+            '{"t": 1700000001.0, "kind": "step", "job": "j7", "rank": 13, "node": "n02", "step": 40, '
+            '"seconds": 44.1, "gpu": 5, "dp_rank": 1, "pp_stage": 3, "tp_rank": 0, "wall_seconds": 47.2}'
+        ]
+    )
+    assert record == Step(T0 + 1, "j7", 13, "n02", 40, 44.1, gpu=5, dp_rank=1, pp_stage=3, tp_rank=0, wall_seconds=47.2)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -123,6 +133,15 @@ def test_null_metrics_are_absent_and_blank_lines_skipped():
             "missing 'job'",
         ),
         ('{"t": 1, "kind": "event", "node": "n01"}', "needs a 'type'"),
+        (
+            '{"t": 1, "kind": "step", "job": "j", "rank": 0, "node": "n01", "step": 1, "seconds": 1, "pp_stage": -1}',
+            "'pp_stage' must not be negative",
+        ),
+        (
+            '{"t": 1, "kind": "step", "job": "j", "rank": 0, "node": "n01", "step": 1, "seconds": 1, '
+            '"wall_seconds": 0}',
+            "'wall_seconds' must be positive",
+        ),
         (
             '{"t": 1, "kind": "host", "node": "", "metrics": {}}',
             "'node' must be a non-empty string",

@@ -84,7 +84,15 @@ def test_agent_sources_reach_the_collector_and_metrics(tmp_path: Path) -> None:
         reporter = StepReporter(job="j7", rank=0, socket_path=str(step_socket))
         for step in range(5):
             reporter.report(step, 0.9 + step / 100)
-        wait_for(lambda: rows(db, "SELECT count(*) FROM steps")[0][0] == 5, 10, "the step reports")
+        # A hybrid-parallel rank: its place in the job and the step's wall time reach the store.
+        staged = StepReporter(job="j8", rank=5, socket_path=str(step_socket), dp_rank=1, pp_stage=2, tp_rank=1)
+        staged.report(40, 0.8, wall_seconds=1.1)
+        wait_for(lambda: rows(db, "SELECT count(*) FROM steps")[0][0] == 6, 10, "the step reports")
+        assert rows(
+            db, "SELECT rank, dp_rank, pp_stage, tp_rank, seconds, wall_seconds FROM steps WHERE job = 'j8'"
+        ) == [(5, 1, 2, 1, 0.8, 1.1)]
+        unplaced = "SELECT count(*) FROM steps WHERE job = 'j7' AND dp_rank IS NULL AND wall_seconds IS NULL"
+        assert rows(db, unplaced) == [(5,)]
         wait_for(
             lambda: rows(db, "SELECT count(*) FROM events WHERE source = 'kmsg'")[0][0] == 1, 10, "the kernel-log XID"
         )

@@ -223,20 +223,28 @@ class Event(_message.Message):
     def __init__(self, t: _Optional[float] = ..., kind: _Optional[str] = ..., gpu: _Optional[int] = ..., uuid: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., xid: _Optional[int] = ..., message: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("t", "job", "rank", "step", "seconds", "gpu")
+    __slots__ = ("t", "job", "rank", "step", "seconds", "gpu", "dp_rank", "pp_stage", "tp_rank", "wall_seconds")
     T_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
+    DP_RANK_FIELD_NUMBER: _ClassVar[int]
+    PP_STAGE_FIELD_NUMBER: _ClassVar[int]
+    TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    WALL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     t: float
     job: str
     rank: int
     step: int
     seconds: float
     gpu: int
-    def __init__(self, t: _Optional[float] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., gpu: _Optional[int] = ...) -> None: ...
+    dp_rank: int
+    pp_stage: int
+    tp_rank: int
+    wall_seconds: float
+    def __init__(self, t: _Optional[float] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., seconds: _Optional[float] = ..., gpu: _Optional[int] = ..., dp_rank: _Optional[int] = ..., pp_stage: _Optional[int] = ..., tp_rank: _Optional[int] = ..., wall_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuColumns(_message.Message):
     __slots__ = ("t", "gpu", "label", "labels", "fields", "values")
