@@ -72,7 +72,22 @@ _TOP_KEYS = frozenset(
     }
 )
 _FLEET_KEYS = frozenset({"nodes", "gpus_per_node", "model", "ib_ports_per_node"})
-_JOB_KEYS = frozenset({"id", "nodes", "step_seconds", "report_steps", "start_seconds", "end_seconds"})
+_JOB_KEYS = frozenset(
+    {
+        "id",
+        "nodes",
+        "step_seconds",
+        "report_steps",
+        "start_seconds",
+        "end_seconds",
+        # Hybrid parallelism (fleetwatch.sim.fleet checks how they fit the job's ranks).
+        "pipeline_stages",
+        "tensor_parallel",
+        "stage_factors",
+        "report_coordinates",
+        "report_wall_seconds",
+    }
+)
 # Fault parameters the simulator's kinds take (fleetwatch.sim.scenario.Fault plus the fleet-level
 # ones); the simulator itself judges which apply to which kind.
 _FAULT_KEYS = frozenset(
@@ -236,8 +251,11 @@ def validate_scenario(scenario: Mapping[str, Any], path: str | os.PathLike[str] 
             if name not in nodes:
                 raise c.fail(f"{p}nodes[{n}]", f"unknown node {name!r}; the fleet has {nodes[0]}..{nodes[-1]}")
         c.number(job, "step_seconds", p + "step_seconds", required=False, positive=True)
-        if "report_steps" in job and not isinstance(job["report_steps"], bool):
-            raise c.fail(p + "report_steps", f"must be true or false, got {job['report_steps']!r}")
+        for flag in ("report_steps", "report_coordinates", "report_wall_seconds"):
+            if flag in job and not isinstance(job[flag], bool):
+                raise c.fail(p + flag, f"must be true or false, got {job[flag]!r}")
+        c.integer(job, "pipeline_stages", p + "pipeline_stages", required=False, minimum=1)
+        c.integer(job, "tensor_parallel", p + "tensor_parallel", required=False, minimum=1)
         c.number(job, "start_seconds", p + "start_seconds", required=False, minimum=0, maximum=duration)
         c.number(job, "end_seconds", p + "end_seconds", required=False, minimum=0, maximum=duration)
         if "end_seconds" in job and job["end_seconds"] <= job.get("start_seconds", 0):

@@ -235,6 +235,44 @@ def _tables(scenario: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
     return value
 
 
+def _flag(table: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(where, f"must be true or false, got {value!r}")
+    return value
+
+
+def _parallelism(item: Mapping[str, Any], where: str, world: int) -> dict[str, Any]:
+    """A job's pipeline_stages, tensor_parallel, stage_factors and what its steps report."""
+    sizes = {}
+    for key in ("pipeline_stages", "tensor_parallel"):
+        value = item.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(where + key, f"must be a positive integer, got {value!r}")
+        sizes[key] = value
+    stages, tp = sizes["pipeline_stages"], sizes["tensor_parallel"]
+    if world % (stages * tp):
+        raise _fail(
+            where + "pipeline_stages",
+            f"{stages} stages x {tp} tensor-parallel ranks do not divide the job's {world} ranks",
+        )
+    factors = item.get("stage_factors", [1.0] * stages)
+    if not isinstance(factors, list) or len(factors) != stages or not all(_is_positive_number(f) for f in factors):
+        raise _fail(where + "stage_factors", f"must be {stages} positive numbers (one per stage), got {factors!r}")
+    hybrid = stages > 1 or tp > 1
+    return {
+        "pipeline_stages": stages,
+        "tensor_parallel": tp,
+        "stage_factors": tuple(float(f) for f in factors),
+        "report_coordinates": _flag(item, "report_coordinates", where + "report_coordinates", hybrid),
+        "report_wall_seconds": _flag(item, "report_wall_seconds", where + "report_wall_seconds", False),
+    }
+
+
+def _is_positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 # ---- the model's parts ---------------------------------------------------------------------------
 
 
@@ -255,6 +293,20 @@ class _Job:
     hiccups: list[tuple[int, float, float, int | None, float]] = field(default_factory=list)
     factors: list[list[tuple[float, float, float]]] = field(default_factory=list)  # per rank
     abort: tuple[float, float] | None = None  # (time steps stop, seconds hung before the GPUs idle)
+    # Hybrid parallelism, Megatron's rank order: pipeline stages in contiguous blocks of ranks,
+    # tensor-parallel ranks consecutive within a replica. Each stage's compute is its nominal step
+    # times its factor (an uneven split of the model).
+    pipeline_stages: int = 1
+    tensor_parallel: int = 1
+    stage_factors: tuple[float, ...] = (1.0,)
+    report_coordinates: bool = False  # steps carry dp_rank, pp_stage, tp_rank
+    report_wall_seconds: bool = False  # steps carry the step's wall time
+
+    def coordinates(self, rank: int) -> tuple[int, int, int]:
+        """(dp_rank, pp_stage, tp_rank) of `rank`."""
+        per_stage = len(self.ranks) // self.pipeline_stages
+        within = rank % per_stage
+        return within // self.tensor_parallel, rank // per_stage, within % self.tensor_parallel
 
     def abort_at(self, t: float, hung_seconds: float) -> None:
         if self.abort is None or t < self.abort[0]:
@@ -548,6 +600,7 @@ class SimFleet:
                 begin=-math.inf if not begin_s else self._abs(begin_s),
                 end=math.inf if end_s is None else self._abs(end_s),
                 nodes=list(dict.fromkeys(nodes)),
+                **_parallelism(item, where, len(ranks)),
             )
             for rank_index, rank in enumerate(ranks):
                 self._attribution[rank] = (job_id, rank_index)
@@ -809,6 +862,13 @@ class SimFleet:
         spike_low, spike_high = STEP_SPIKE_RANGE
         # Each rank's nominal compute time (the product's first factor, as below it always was).
         nominal = [job.step_seconds * offset for offset in offsets]
+        places: list[tuple[int | None, int | None, int | None]] = [(None, None, None)] * count
+        if job.pipeline_stages > 1 or job.tensor_parallel > 1 or job.report_coordinates:
+            places = [job.coordinates(r) for r in range(count)]
+            nominal = [n * job.stage_factors[place[1]] for n, place in zip(nominal, places)]
+            if not job.report_coordinates:
+                places = [(None, None, None)] * count
+        report_wall = job.report_wall_seconds
         slowed = [r for r in range(count) if job.factors[r]]  # ranks with slowdown windows
         out: list[Step] = []
         while t < limit:
@@ -860,11 +920,19 @@ class SimFleet:
                 quiet = {node for node, windows in silent.items() if any(b <= done < e for b, e in windows)}
                 # Steps by position (t, job, rank, node, step, seconds, gpu): a frozen dataclass
                 # takes keywords a third slower, for every rank's every step.
-                out += [
-                    Step(done, job_id, r, node, step, round(own[r], 4), gpu)
-                    for r, (node, gpu) in enumerate(nodes_gpus)
-                    if node not in quiet
-                ]
+                if report_wall or places[0][0] is not None:
+                    wall_seconds = round(wall, 4) if report_wall else None
+                    out += [
+                        Step(done, job_id, r, node, step, round(own[r], 4), gpu, *places[r], wall_seconds)
+                        for r, (node, gpu) in enumerate(nodes_gpus)
+                        if node not in quiet
+                    ]
+                else:
+                    out += [
+                        Step(done, job_id, r, node, step, round(own[r], 4), gpu)
+                        for r, (node, gpu) in enumerate(nodes_gpus)
+                        if node not in quiet
+                    ]
             if checkpointed:
                 checkpoint_step = step + 1
             t = done

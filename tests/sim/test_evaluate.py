@@ -324,6 +324,13 @@ def test_load_scenario_reads_a_good_file(tmp_path):
         (lambda s: s.replace("at_seconds = 20", 'at_seconds = "20"'), "faults[0].at_seconds", "number"),
         (lambda s: s.replace('kind = "xid"', ""), "faults[0].kind", "missing"),
         (lambda s: s.replace('nodes = ["n01", "n02"]', 'nodes = ["n01", "n09"]'), "jobs[0].nodes[1]", "unknown node"),
+        (lambda s: s.replace("report_steps = true", "pipeline_stages = 0"), "jobs[0].pipeline_stages", ">= 1"),
+        (lambda s: s.replace("report_steps = true", 'tensor_parallel = "2"'), "jobs[0].tensor_parallel", "integer"),
+        (
+            lambda s: s.replace("report_steps = true", 'report_coordinates = "yes"'),
+            "jobs[0].report_coordinates",
+            "true or false",
+        ),
         (lambda s: s.replace("healthy = false", "healthy = true"), "expect", "healthy scenario"),
         (lambda s: s.replace("healthy = false", 'healthy = "no"'), "healthy", "true or false"),
         (lambda s: s.split("[[expect]]")[0], "expect", "at least one"),

@@ -138,6 +138,59 @@ def test_a_slow_rank_slows_every_step_with_no_hardware_sign():
     assert peer_power < 0.95 * slow_power
 
 
+def hybrid_job(**extra):
+    """A 2-node, 16-rank job: 4 pipeline stages x 2 data-parallel replicas x 2 tensor-parallel ranks."""
+    return [
+        {"id": "j1", "nodes": ["n01", "n02"], "step_seconds": 0.9, "pipeline_stages": 4, "tensor_parallel": 2} | extra
+    ]
+
+
+def test_hybrid_parallel_ranks_report_their_place_in_megatrons_order():
+    steps = of(records(scenario(duration=60, jobs=hybrid_job(report_wall_seconds=True))), Step)
+    places = {s.rank: (s.dp_rank, s.pp_stage, s.tp_rank) for s in steps}
+    # Stages in contiguous blocks of 4 ranks; within a stage, tensor-parallel ranks consecutive.
+    assert [places[r] for r in range(8)] == [
+        (0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1), (0, 1, 0), (0, 1, 1), (1, 1, 0), (1, 1, 1)
+    ]  # fmt: skip
+    assert places[15] == (1, 3, 1)
+    # Every rank of a step sees the same wall time, at least the slowest rank's compute.
+    by_step = defaultdict(list)
+    for s in steps:
+        by_step[s.step].append(s)
+    for reports in by_step.values():
+        assert len({s.wall_seconds for s in reports}) == 1
+        assert reports[0].wall_seconds >= max(s.seconds for s in reports)
+
+
+def test_an_uneven_pipeline_stage_runs_slower_on_every_replica():
+    spec = scenario(duration=200, jobs=hybrid_job(stage_factors=[1.0, 1.0, 1.0, 1.6], report_coordinates=False))
+    steps = of(records(spec), Step)
+    assert all(s.pp_stage is None and s.wall_seconds is None for s in steps)  # not reported: inferred later
+    last = statistics.median(seconds(steps, 20, 200, set(range(12, 16))))
+    first = statistics.median(seconds(steps, 20, 200, set(range(0, 12))))
+    assert 1.5 < last / first < 1.7
+
+
+def test_jobs_without_parallelism_report_no_place():
+    steps = of(records(scenario(duration=30)), Step)
+    assert steps and all((s.dp_rank, s.pp_stage, s.tp_rank, s.wall_seconds) == (None,) * 4 for s in steps)
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ({"pipeline_stages": 3}, "pipeline_stages"),  # 16 ranks do not split in 3 stages of 2
+        ({"tensor_parallel": 0}, "tensor_parallel"),
+        ({"stage_factors": [1.0, 1.5]}, "stage_factors"),
+        ({"stage_factors": [1.0, 1.0, 0.0, 1.0]}, "stage_factors"),
+        ({"report_coordinates": "yes"}, "report_coordinates"),
+    ],
+)
+def test_bad_parallelism_is_refused_naming_the_key(extra, key):
+    with pytest.raises(ValueError, match=rf"jobs\[0\]\.{key}"):
+        SimFleet.from_scenario(scenario(duration=30, jobs=hybrid_job(**extra)))
+
+
 def test_healthy_step_times_are_noisy_like_the_alibaba_traces():
     steps = of(records(scenario(duration=600, seed=3)), Step)
     by_rank = defaultdict(list)
