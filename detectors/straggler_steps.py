@@ -165,6 +165,8 @@ _RANK_SPAN = 1 << 32
 _CLOCK_COLUMN, _POWER_COLUMN = COLUMN["sm_clock_mhz"], COLUMN["power_watts"]
 
 _SECONDS = attrgetter("seconds")
+# fraction of the job's speed; a smaller loss is in the evidence, not worth a clause in the summary
+_LOSS_WORTH_SAYING = 0.02
 
 
 def _median_seconds(steps: Iterable[Step]) -> float:
@@ -1167,6 +1169,11 @@ class StragglerStepsDetector:
             summary += f": {cause_text}"
         if cause is not None:
             evidence.update(cause.evidence())
+        loss = _job_loss(step_table(window), job.code, r.rank, r.recent)
+        if loss is not None:
+            evidence["job_loss"] = round(loss, 4)
+            if loss >= _LOSS_WORTH_SAYING:
+                summary += f"; job {job.name} loses about {loss:.0%} of its speed to it"
         return [
             Finding(
                 detector=self.id,
@@ -1184,6 +1191,28 @@ class StragglerStepsDetector:
                 key=basis,
             )
         ]
+
+
+def _job_loss(table: StepTable, code: int, rank: int, recent: Sequence[Step]) -> float | None:
+    """The share of its job's speed a rank costs over its recent steps (0 to 1; None when no other
+    rank reported those steps): a synchronous step waits for its slowest rank, so had this one run
+    no slower than the slowest other rank, each step would have been (own - slowest other) shorter.
+    Out of the step's wall time where the rank reports it, else out of its own time (the step's
+    compute is then the slowest rank's, this one's, and the waits are left out)."""
+    numbers = np.fromiter((s.step for s in recent), dtype=np.int64, count=len(recent))
+    rows = np.flatnonzero((table.job == code) & (table.rank != rank) & np.isin(table.step, numbers))
+    if not len(rows):
+        return None
+    slowest_other: dict[int, float] = {}
+    for number, seconds in zip(table.step[rows].tolist(), table.seconds[rows].tolist()):
+        if seconds > slowest_other.get(number, 0.0):
+            slowest_other[number] = seconds
+    losses = [
+        max(0.0, s.seconds - slowest_other[s.step]) / (s.wall_seconds or s.seconds)
+        for s in recent
+        if s.step in slowest_other
+    ]
+    return min(1.0, median(losses)) if losses else None
 
 
 def _row_at(candidates: np.ndarray | None, index: int, k: int) -> int:

@@ -610,6 +610,12 @@ class StragglerTelemetryDetector:
         evidence.update(cause.evidence())
         evidence["sm_clock_mhz"] = clock
         evidence["peer_sm_clock_mhz"] = peer_mhz
+        if job is not None and peer_mhz > 0:
+            # A synchronous job steps at its slowest GPU's pace, compute time going as 1 / clock:
+            # the share of the job's speed this GPU costs (waits left out: an upper bound).
+            loss = min(1.0, max(0.0, 1.0 - clock / peer_mhz))
+            evidence["job_loss"] = round(loss, 4)
+            summary += f"; job {job} loses up to {loss:.0%} of its speed to it"
         util = _median_of(slow, "gpu_util_percent")
         if util is not None:
             evidence["gpu_util_percent"] = util

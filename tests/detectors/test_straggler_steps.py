@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -119,7 +120,8 @@ def test_slow_rank_found_within_30_s_naming_rank_gpu_node_and_its_speed():
     steps = job_steps(slow=((11, 300.0, 500.0, 1.3),))
     (finding,) = straggler_findings(steps)
     assert finding.summary == (
-        "rank 11 of job j1 (GPU 3 on n02) runs at 0.77 of its peers' speed: 1.17 s per step against 0.90 s"
+        "rank 11 of job j1 (GPU 3 on n02) runs at 0.77 of its peers' speed: 1.17 s per step against 0.90 s; "
+        "job j1 loses about 23% of its speed to it"
     )
     assert (finding.detector, finding.severity, finding.action) == ("straggler.steps", "warning", "check_app")
     assert (finding.job, finding.rank, finding.node, finding.gpu) == ("j1", 11, "n02", 3)
@@ -134,6 +136,27 @@ def test_slow_rank_found_within_30_s_naming_rank_gpu_node_and_its_speed():
     assert finding.evidence["basis"] == "peers"
     assert finding.evidence["baseline_score"] == pytest.approx(1.0)
     assert finding.key == "peers"
+    # Each step waits 0.27 s for it: 23% of the 1.17 s it takes.
+    assert finding.evidence["job_loss"] == pytest.approx(0.27 / 1.17, abs=0.001)
+
+
+def test_job_loss_is_out_of_the_wall_time_where_ranks_report_it():
+    # Collectives add 0.5 s to every step: the straggler's 0.27 s is a smaller share of the step.
+    steps = [
+        replace(s, wall_seconds=max(x.seconds for x in steps_of_step) + 0.5)
+        for steps_of_step in _by_step(job_steps(slow=((11, 300.0, 500.0, 1.3),)))
+        for s in steps_of_step
+    ]
+    (finding,) = straggler_findings(steps)
+    assert finding.evidence["job_loss"] == pytest.approx(0.27 / 1.67, abs=0.001)
+    assert finding.summary.endswith("; job j1 loses about 16% of its speed to it")
+
+
+def _by_step(steps: list[Step]) -> list[list[Step]]:
+    groups: dict[int, list[Step]] = {}
+    for s in steps:
+        groups.setdefault(s.step, []).append(s)
+    return list(groups.values())
 
 
 def test_open_time_is_between_10_and_30_seconds_after_the_slowdown():
@@ -339,9 +362,11 @@ def test_rank_slower_than_its_own_past_is_keyed_self():
     assert finding.key == "self" and finding.evidence["basis"] == "self"
     assert finding.summary == (
         "rank 3 of job j1 (GPU 3 on n01) runs 1.30x slower than it did while its peers kept "
-        "their pace: 0.94 s per step against 0.72 s"
+        "their pace: 0.94 s per step against 0.72 s; job j1 loses about 4% of its speed to it"
     )
     assert finding.evidence["baseline_score"] == pytest.approx(1.25)
+    # Now only a little slower than its peers (0.94 s against 0.90): that is all the job loses.
+    assert finding.evidence["job_loss"] == pytest.approx(0.036 / 0.936, abs=0.001)
     assert T0 + 300 <= finding.start <= T0 + 301
 
 
@@ -410,7 +435,7 @@ def test_hardware_cause_is_named_with_the_clock_against_the_peers(reasons, clock
         metrics={"sm_clock_mhz": clock, "clock_event_reasons": reasons, "power_watts": 330.0},
     )
     (finding,) = replay_with_gpus(steps, samples)
-    assert finding.summary.endswith(f": {cause} (SM clock {clock:,} MHz against peers' 1,980 MHz)")
+    assert f": {cause} (SM clock {clock:,} MHz against peers' 1,980 MHz); job j1 loses about" in finding.summary
     assert finding.action == "inspect_hardware"
     assert finding.evidence["cause"] == cause
     assert finding.evidence["clock_event_reasons"] == reasons
@@ -428,7 +453,8 @@ def test_thermal_straggler_summary_in_full():
     (finding,) = replay_with_gpus(steps, samples)
     assert finding.summary == (
         "rank 11 of job j1 (GPU 3 on n02) runs at 0.51 of its peers' speed: 1.77 s per step "
-        "against 0.90 s: hardware thermal slowdown (SM clock 1,005 MHz against peers' 1,980 MHz)"
+        "against 0.90 s: hardware thermal slowdown (SM clock 1,005 MHz against peers' 1,980 MHz); "
+        "job j1 loses about 49% of its speed to it"
     )
 
 
@@ -436,12 +462,14 @@ def test_low_clock_without_a_reason_and_low_power_are_named_too():
     steps = job_steps(slow=((11, 300.0, 600.0, 1.4),))
     low_clock = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1410, "power_watts": 600.0})
     (finding,) = replay_with_gpus(steps, low_clock)
-    assert finding.summary.endswith(": SM clock 1,410 MHz against peers' 1,980 MHz with no clock event reason reported")
+    assert (
+        ": SM clock 1,410 MHz against peers' 1,980 MHz with no clock event reason reported; job j1" in finding.summary
+    )
     assert finding.action == "inspect_hardware"
 
     low_power = gpu_samples(steps, start=300, metrics={"sm_clock_mhz": 1980, "power_watts": 300.0})
     (finding,) = replay_with_gpus(steps, low_power)
-    assert finding.summary.endswith(": power far below its peers' (300 W against 650 W)")
+    assert ": power far below its peers' (300 W against 650 W); job j1 loses about 29%" in finding.summary
     assert finding.action == "check_app"  # a GPU given less work: the rank's input, not the GPU
 
 

@@ -86,7 +86,8 @@ def telemetry_findings(records, detector=None):
 def test_thermal_straggler_in_a_job_is_named_with_its_clock_and_cause():
     (finding,) = telemetry_findings(fleet(180, slow_from=60))
     assert finding.summary == (
-        "GPU 3 on n02 (job j1, rank 11) runs at 990 MHz against its peers' 1,980 MHz: hardware thermal slowdown"
+        "GPU 3 on n02 (job j1, rank 11) runs at 990 MHz against its peers' 1,980 MHz: hardware thermal slowdown; "
+        "job j1 loses up to 50% of its speed to it"
     )
     assert (finding.detector, finding.severity, finding.action) == (
         "straggler.telemetry",
@@ -100,6 +101,7 @@ def test_thermal_straggler_in_a_job_is_named_with_its_clock_and_cause():
     assert evidence["cause"] == "hardware thermal slowdown"
     assert evidence["clock_event_reasons"] == HW_SLOWDOWN | HW_THERMAL_SLOWDOWN
     assert (evidence["sm_clock_mhz"], evidence["peer_sm_clock_mhz"]) == (990, 1980)
+    assert evidence["job_loss"] == 0.5  # the job steps at this GPU's half clock
     # The peers wait in collectives: they draw less than usual, the straggler even less here;
     # power is evidence, not the signal.
     assert (evidence["power_watts"], evidence["peer_power_watts"]) == (330.0, 520.0)
@@ -122,12 +124,12 @@ def test_found_once_80_percent_of_the_last_20_s_are_slow_and_closed_when_it_reco
 def test_power_brake_and_a_clock_low_for_no_reason():
     brake = {**THERMAL, "sm_clock_mhz": 885, "clock_event_reasons": 0x88, "power_watts": 260.0}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=brake))
-    assert finding.summary.endswith("runs at 885 MHz against its peers' 1,980 MHz: hardware power brake")
+    assert "runs at 885 MHz against its peers' 1,980 MHz: hardware power brake; job j1 loses" in finding.summary
     assert finding.evidence["clock_event_reasons"] == HW_POWER_BRAKE_SLOWDOWN | HW_SLOWDOWN
 
     unexplained = {**PEER, "sm_clock_mhz": 1410}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=unexplained))
-    assert finding.summary.endswith("runs at 1,410 MHz against its peers' 1,980 MHz: no clock event reason reported")
+    assert "runs at 1,410 MHz against its peers' 1,980 MHz: no clock event reason reported; job j1" in finding.summary
     capped = {**PEER, "sm_clock_mhz": 1500, "clock_event_reasons": SW_POWER_CAP, "power_limit_watts": 450.0}
     (finding,) = telemetry_findings(fleet(120, slow_metrics=capped))
     assert finding.evidence["cause"] == "software power cap at a 450 W limit"
