@@ -14,6 +14,7 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from fleetwatch.detectors.fold import StragglerFolding
 from fleetwatch.detectors.model import Detector, NodeState, Window
 from fleetwatch.detectors.table import (
     FIELDS,
@@ -661,6 +662,8 @@ class Tracker:
             raise ValueError(f"detector ids must be unique, repeated: {duplicated}")
         self.open: dict[str, Finding] = {}
         self._owner: dict[str, str] = {}  # fingerprint -> id of the detector that raised it
+        # One page per fault: stragglers ride on their GPU's firing hardware finding (fold.py).
+        self._folding = StragglerFolding()
         self.stats: dict[str, DetectorStats] = {d.id: DetectorStats() for d in self.detectors}
 
     def restore(self, findings: Iterable[Finding]) -> None:
@@ -713,6 +716,7 @@ class Tracker:
                 if fingerprint not in seen:
                     seen[fingerprint] = finding
                     self._owner.setdefault(fingerprint, detector.id)
+        seen = self._folding.apply(seen, window.now, self.open)
 
         opened: list[Finding] = []
         for fingerprint, finding in seen.items():

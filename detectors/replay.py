@@ -11,6 +11,7 @@ from typing import Any
 
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import GpuRows, RecentData, Tracker
+from fleetwatch.detectors.fold import folded_stragglers
 from fleetwatch.detectors.model import Detector
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
@@ -398,6 +399,15 @@ def replay_episodes(
         episodes[index] = Episode(tracker.open[fingerprint], episodes[index].opened_at)
     episodes.sort(key=lambda episode: _episode_order(episode.finding))
     return episodes
+
+
+def unfolded(episodes: Sequence[Episode]) -> list[Episode]:
+    """The episodes, plus one for each straggler a hardware finding carries (detectors.fold), as
+    its own detector's episode opened when it was folded in: what scoring by detector needs."""
+    out = list(episodes)
+    for episode in episodes:
+        out.extend(Episode(straggler, since) for straggler, since in folded_stragglers(episode.finding))
+    return out
 
 
 def _episode_order(f: Finding) -> tuple[float, str, str, int, str]:

@@ -1,10 +1,10 @@
 """`fleetwatchctl demo`: the whole path on one machine, from simulated GPUs to a webhook.
 
 A collector on a temporary SQLite file, simulated 8-GPU nodes running real agents that stream
-over gRPC on loopback, and a local webhook receiver. One GPU gets XID 79, another a hardware
-thermal slowdown; the summary says which alerts were raised and how long each took from the
-fault to the webhook. With `tls`, agents and collector speak mTLS with certificates made for the
-run, each agent holding its own node's.
+over gRPC on loopback, and a local webhook receiver. The fleet runs one training job; one GPU gets
+XID 79, another a hardware thermal slowdown, which slows the job; the summary says which alerts
+were raised and how long each took from the fault to the webhook. With `tls`, agents and
+collector speak mTLS with certificates made for the run, each agent holding its own node's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
 from fleetwatch.agent.sources.host import HostSource
+from fleetwatch.agent.sources.jobs import JobResolver
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.agent.spool import Spool
 from fleetwatch.agent.state import AgentState
@@ -40,6 +41,26 @@ STATUS_EVERY_SECONDS = 2.0
 WEBHOOK_PATH = "/alerts"
 # The collector's certificate name with --tls (its SANs 127.0.0.1 and localhost are what agents verify).
 DEMO_COLLECTOR_NAME = "collector"
+
+
+# The demo fleet runs one training job across every GPU, as a Slurm job: the agents find it in each
+# worker's environment (agent/sources/jobs.py), under a procfs tree the demo writes.
+DEMO_JOB = "4242"
+# /proc/<pid>/stat after the command name: fields 3 to 22, the last the start time in clock ticks.
+_STAT_FIELDS_BEFORE_START_TIME = ("S",) + ("0",) * 18
+
+
+def write_job_procfs(root: Path, sim: SimNode, job: str, first_rank: int) -> None:
+    """A procfs tree where each of `sim`'s GPU workers is rank first_rank + GPU of Slurm job `job`."""
+    for gpu in range(sim.gpu_count):
+        for pid in sim.processes_at(gpu, sim.start):
+            proc = root / str(pid)
+            proc.mkdir(parents=True, exist_ok=True)
+            start_ticks = 1_000 + pid  # any value fixed for the process's life
+            (proc / "stat").write_text(
+                f"{pid} (pt_main_thread) {' '.join(_STAT_FIELDS_BEFORE_START_TIME)} {start_ticks}\n"
+            )
+            (proc / "environ").write_bytes(f"SLURM_JOB_ID={job}\0SLURM_PROCID={first_rank + gpu}\0".encode())
 
 
 @dataclass(frozen=True)
@@ -167,7 +188,9 @@ async def _run(
             )
             spool = Spool(config.spool_dir, config.spool_max_bytes, fsync=False)
             host = HostSource()
-            sampler = Sampler(AgentState(node=node), host=host, nvml=nvml)
+            procfs = workdir / f"proc-{node}"
+            await asyncio.to_thread(write_job_procfs, procfs, sims[node], DEMO_JOB, (i - 1) * gpu_count)
+            sampler = Sampler(AgentState(node=node), host=host, nvml=nvml, jobs=JobResolver(str(procfs)))
             agents.append(Agent(config, node=node, sampler=sampler, spool=spool, boot_id=host.boot_id()))
         if live:
             print(
@@ -204,6 +227,12 @@ async def _run(
                         "severity": alert["severity"],
                         "status": alert["status"],
                         "seconds_to_alert": seconds,
+                        # The jobs the GPU slows, where its alert carries its stragglers (one page
+                        # per fault: detectors/fold.py).
+                        "slows": [
+                            {"job": s["job"], "rank": s["rank"], "job_loss": s["job_loss"]}
+                            for s in (alert.get("evidence") or {}).get("stragglers", [])
+                        ],
                         "summary": alert["summary"],
                     }
                 )

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetwatch.detectors.model import Detector
-from fleetwatch.detectors.replay import Episode, replay_episodes
+from fleetwatch.detectors.replay import Episode, replay_episodes, unfolded
 from fleetwatch.records import Finding
 from fleetwatch.sim.scenario import node_names
 
@@ -462,7 +462,9 @@ def evaluate_scenario(
     start = float(fleet.start)
     step_seconds = float(scenario.get("sample_interval_seconds", 1.0))
     try:
-        episodes = replay_episodes(fleet.batches(), detectors, step_seconds=step_seconds)
+        # Stragglers folded into their GPU's hardware finding (one page per fault) score as their
+        # own detector's findings.
+        episodes = unfolded(replay_episodes(fleet.batches(), detectors, step_seconds=step_seconds))
     except Exception as exc:
         raise ScenarioError(where, None, f"simulating it failed: {type(exc).__name__}: {exc}") from exc
     matches, misses, false_alarms = score(expectations, episodes, start)

@@ -19,7 +19,7 @@ def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     alerts = summary["alerts"]
     for a in alerts:
-        assert set(a) == {"detector", "node", "gpu", "severity", "status", "seconds_to_alert"}
+        assert set(a) == {"detector", "node", "gpu", "severity", "status", "seconds_to_alert", "slows"}
 
     xid = [a for a in alerts if a["detector"] == "xid"]
     assert len(xid) == 1, alerts
@@ -30,6 +30,10 @@ def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
     assert len(thermal) == 1, alerts
     assert (thermal[0]["node"], thermal[0]["gpu"]) == ("n03", 2)
     assert thermal[0]["seconds_to_alert"] is not None
+    # One page for the fault: the GPU's slowing of the fleet's training job rides on its thermal
+    # alert (GPU 2 of the third node is rank 18 of the demo's Slurm job), not a straggler alert.
+    assert thermal[0]["slows"] == [{"job": "4242", "rank": 18, "job_loss": 0.5}]
+    assert not [a for a in alerts if a["detector"].startswith("straggler")], alerts
 
     # XID 79 also means the GPU is gone: a gpu_lost alert on that same GPU is right; any other GPU is a false alarm.
     assert {(a["node"], a["gpu"]) for a in alerts} == {("n02", 5), ("n03", 2)}, alerts
