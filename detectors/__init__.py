@@ -13,6 +13,7 @@ from fleetwatch.detectors.pcie import PcieDetector
 from fleetwatch.detectors.power import PowerDetector
 from fleetwatch.detectors.retired_pages import RetiredPagesDetector
 from fleetwatch.detectors.row_remap import RowRemapDetector
+from fleetwatch.detectors.straggler_stage import StragglerStageDetector
 from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
 from fleetwatch.detectors.straggler_telemetry import StragglerTelemetryDetector
 from fleetwatch.detectors.thermal import ThermalDetector
@@ -34,6 +35,7 @@ DETECTORS: tuple[type[Detector], ...] = (
     NodeSilentDetector,
     InfinibandDetector,
     StragglerStepsDetector,
+    StragglerStageDetector,
     StragglerTelemetryDetector,
 )
 

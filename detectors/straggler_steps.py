@@ -1137,6 +1137,10 @@ class StragglerStepsDetector:
             where = f"GPU {newest.gpu} on {newest.node}"
         else:
             where = f"node {newest.node}"
+        table = step_table(window)
+        stage = table.stages[job.code]
+        if stage is not None:  # its peers are the ranks of its pipeline stage
+            where = f"pipeline stage {stage}, {where}"
         rank_seconds = _median_seconds(r.recent)
         reference_seconds = rank_seconds * r.score  # the peers' time on the rank's own steps
         evidence: dict[str, object] = {
@@ -1146,6 +1150,7 @@ class StragglerStepsDetector:
             "cause": cause.name if cause is not None else None,
             "basis": basis,
             "ranks": len(job.members),
+            "pp_stage": stage,
             "steps": len(r.recent),
         }
         if basis == "peers":
@@ -1169,7 +1174,7 @@ class StragglerStepsDetector:
             summary += f": {cause_text}"
         if cause is not None:
             evidence.update(cause.evidence())
-        loss = _job_loss(step_table(window), job.code, r.rank, r.recent)
+        loss = _job_loss(table, [c for c, name in enumerate(table.jobs) if name == job.name], r.rank, r.recent)
         if loss is not None:
             evidence["job_loss"] = round(loss, 4)
             if loss >= _LOSS_WORTH_SAYING:
@@ -1193,14 +1198,15 @@ class StragglerStepsDetector:
         ]
 
 
-def _job_loss(table: StepTable, code: int, rank: int, recent: Sequence[Step]) -> float | None:
+def _job_loss(table: StepTable, codes: Sequence[int], rank: int, recent: Sequence[Step]) -> float | None:
     """The share of its job's speed a rank costs over its recent steps (0 to 1; None when no other
-    rank reported those steps): a synchronous step waits for its slowest rank, so had this one run
+    rank reported those steps; `codes`: the job's, every pipeline stage's): a synchronous step
+    waits for its slowest rank, so had this one run
     no slower than the slowest other rank, each step would have been (own - slowest other) shorter.
     Out of the step's wall time where the rank reports it, else out of its own time (the step's
     compute is then the slowest rank's, this one's, and the waits are left out)."""
     numbers = np.fromiter((s.step for s in recent), dtype=np.int64, count=len(recent))
-    rows = np.flatnonzero((table.job == code) & (table.rank != rank) & np.isin(table.step, numbers))
+    rows = np.flatnonzero(np.isin(table.job, codes) & (table.rank != rank) & np.isin(table.step, numbers))
     if not len(rows):
         return None
     slowest_other: dict[int, float] = {}

@@ -1189,10 +1189,29 @@ def table_of(samples: Mapping[Key, Sequence[GpuSample]], now: float) -> GpuTable
 
 class StepTable:
     """A Window's steps as columns, row i being window.steps[i] (time order): t, seconds, and job,
-    rank, step, node and gpu as integers (job and node as indexes into `jobs` and `nodes`, gpu -1
-    where unknown). Detectors that read every rank's steps each second read these."""
+    rank, step, node, gpu and dp (data-parallel replica) as integers (job and node as indexes into
+    `jobs` and `nodes`, gpu and dp -1 where unknown). Detectors that read every rank's steps each second read these.
 
-    __slots__ = ("_step_span", "gpu", "job", "jobs", "node", "nodes", "origin", "rank", "seconds", "step", "steps", "t")
+    A job code names a group of peers: a job, or one pipeline stage of a job whose steps carry
+    `pp_stage` (ranks of different stages do different work). `jobs[code]` is the job's name,
+    `stages[code]` the stage (None for a whole job)."""
+
+    __slots__ = (
+        "_step_span",
+        "dp",
+        "gpu",
+        "job",
+        "jobs",
+        "node",
+        "nodes",
+        "origin",
+        "rank",
+        "seconds",
+        "stages",
+        "step",
+        "steps",
+        "t",
+    )
 
     def __init__(
         self,
@@ -1201,6 +1220,7 @@ class StepTable:
         nodes: Sequence[str],
         steps: Sequence[Any],
         origin: tuple[int, int] = (0, 0),
+        stages: Sequence[int | None] = (),
     ) -> None:
         self.t: np.ndarray = columns["t"]
         self.seconds: np.ndarray = columns["seconds"]
@@ -1209,7 +1229,9 @@ class StepTable:
         self.step: np.ndarray = columns["step"]
         self.node: np.ndarray = columns["node"]
         self.gpu: np.ndarray = columns["gpu"]
+        self.dp: np.ndarray = columns["dp"]  # the rank's data-parallel replica, -1 where unknown
         self.jobs = jobs
+        self.stages = stages or [None] * len(jobs)
         self.nodes = nodes
         self.steps = steps
         # (which columns, absolute number of row 0): row r of tables of the same columns is the
@@ -1238,6 +1260,7 @@ STEP_COLUMNS: dict[str, type] = {
     "step": np.int64,
     "node": np.int64,
     "gpu": np.int64,
+    "dp": np.int64,
 }
 
 
@@ -1254,9 +1277,10 @@ class StepColumns:
         self._dropped = 0  # rows pruned since the last rebuild: the absolute number of row _start
         self._generation = next(_STEP_GENERATIONS)  # unique in the process, new at each rebuild
         self._pending: list[Any] = []  # Steps appended since the last sync
-        self._job_code: dict[str, int] = {}
+        self._job_code: dict[tuple[str, int | None], int] = {}  # (job, pp_stage) -> code
         self._node_code: dict[str, int] = {}
         self.jobs: list[str] = []
+        self.stages: list[int | None] = []
         self.nodes: list[str] = []
         self.dirty = False  # the sequence changed in a way not mirrored: rebuild from it
 
@@ -1273,10 +1297,12 @@ class StepColumns:
         job_codes = []
         node_codes = []
         for s in steps:
-            code = jobs.get(s.job)
+            group = (s.job, s.pp_stage)
+            code = jobs.get(group)
             if code is None:
-                code = jobs[s.job] = len(self.jobs)
+                code = jobs[group] = len(self.jobs)
                 self.jobs.append(s.job)
+                self.stages.append(s.pp_stage)
             job_codes.append(code)
             code = nodes.get(s.node)
             if code is None:
@@ -1291,6 +1317,7 @@ class StepColumns:
             "step": [s.step for s in steps],
             "node": node_codes,
             "gpu": [-1 if s.gpu is None else s.gpu for s in steps],
+            "dp": [-1 if s.dp_rank is None else s.dp_rank for s in steps],
         }
 
     def _flush(self) -> None:
@@ -1318,7 +1345,7 @@ class StepColumns:
         self._pending = list(steps)
         self._start = self._end = self._dropped = 0
         self._generation = next(_STEP_GENERATIONS)
-        self._job_code, self._node_code, self.jobs, self.nodes = {}, {}, [], []
+        self._job_code, self._node_code, self.jobs, self.stages, self.nodes = {}, {}, [], [], []
         self.dirty = False
         self._flush()
 
@@ -1332,6 +1359,7 @@ class StepColumns:
             self.nodes,
             steps,
             (self._generation, self._dropped),
+            self.stages,
         )
 
 

@@ -285,7 +285,8 @@ def validate_scenario(scenario: Mapping[str, Any], path: str | os.PathLike[str] 
         p = f"expect[{i}]."
         c.keys(item, _EXPECT_KEYS, p)
         c.string(item, "detector", p + "detector")
-        c.node(item, "node", p + "node", nodes, required=True)
+        # A job-level finding (straggler.stage) names the job, not a node.
+        c.node(item, "node", p + "node", nodes, required="job" not in item)
         c.integer(item, "gpu", p + "gpu", required=False, below=gpus)
         c.integer(item, "rank", p + "rank", required=False)
         if "job" in item:
@@ -315,7 +316,7 @@ def load_scenario(path: str | os.PathLike[str]) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class Expectation:
     detector: str
-    node: str
+    node: str | None  # None: a job-level finding, named by its job
     after_seconds: float
     within_seconds: float
     gpu: int | None = None
@@ -326,7 +327,7 @@ class Expectation:
     def from_dict(cls, d: Mapping[str, Any]) -> Expectation:
         return cls(
             detector=d["detector"],
-            node=d["node"],
+            node=d.get("node"),
             after_seconds=float(d["after_seconds"]),
             within_seconds=float(d["within_seconds"]),
             gpu=d.get("gpu"),
@@ -337,7 +338,7 @@ class Expectation:
     def same_entity(self, finding: Finding) -> bool:
         return (
             finding.detector == self.detector
-            and finding.node == self.node
+            and (self.node is None or finding.node == self.node)
             and (self.gpu is None or finding.gpu == self.gpu)
             and (self.job is None or finding.job == self.job)
             and (self.rank is None or finding.rank == self.rank)
@@ -351,7 +352,7 @@ class Expectation:
         return self.same_entity(episode.finding) and self.in_window(episode.opened_at, start)
 
     def describe(self) -> str:
-        where = [self.node]
+        where = [] if self.node is None else [self.node]
         if self.gpu is not None:
             where.append(f"gpu {self.gpu}")
         if self.job is not None:

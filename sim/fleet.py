@@ -862,12 +862,11 @@ class SimFleet:
         spike_low, spike_high = STEP_SPIKE_RANGE
         # Each rank's nominal compute time (the product's first factor, as below it always was).
         nominal = [job.step_seconds * offset for offset in offsets]
+        if job.pipeline_stages > 1:
+            nominal = [n * job.stage_factors[job.coordinates(r)[1]] for r, n in enumerate(nominal)]
         places: list[tuple[int | None, int | None, int | None]] = [(None, None, None)] * count
-        if job.pipeline_stages > 1 or job.tensor_parallel > 1 or job.report_coordinates:
+        if job.report_coordinates:
             places = [job.coordinates(r) for r in range(count)]
-            nominal = [n * job.stage_factors[place[1]] for n, place in zip(nominal, places)]
-            if not job.report_coordinates:
-                places = [(None, None, None)] * count
         report_wall = job.report_wall_seconds
         slowed = [r for r in range(count) if job.factors[r]]  # ranks with slowdown windows
         out: list[Step] = []

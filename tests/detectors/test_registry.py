@@ -37,6 +37,7 @@ def test_registry_lists_every_detector_module_of_the_package():
         "node_silent",
         "infiniband",
         "straggler.steps",
+        "straggler.stage",
         "straggler.telemetry",
     } == set(detector_ids())
     assert [d.id for d in default_detectors()] == detector_ids()

@@ -27,7 +27,7 @@ MIN_RECALL = 0.99
 EVENT_LATENCY_SECONDS = 2.0
 STRAGGLER_LATENCY_SECONDS = 30.0
 MAX_WINDOW_SECONDS = 60.0
-STRAGGLER_DETECTORS = ("straggler.steps", "straggler.telemetry")
+STRAGGLER_DETECTORS = ("straggler.steps", "straggler.stage", "straggler.telemetry")
 # Every detector the corpus must exercise, each in at least two faulty scenarios.
 COVERED_DETECTORS = (
     "xid",
@@ -42,6 +42,7 @@ COVERED_DETECTORS = (
     "node_silent",
     "infiniband",
     "straggler.steps",
+    "straggler.stage",
     "straggler.telemetry",
 )
 
@@ -125,7 +126,7 @@ def test_expectation_windows_encode_the_latency_targets():
     for name, scenario in _scenarios().items():
         events = _event_expectations(scenario)
         for e in scenario.get("expect", []):
-            what = f"{name}: {e['detector']} on {e['node']} gpu {e.get('gpu')}"
+            what = f"{name}: {e['detector']} on {e.get('node') or 'job ' + e['job']} gpu {e.get('gpu')}"
             if e in events:
                 assert e["within_seconds"] <= EVENT_LATENCY_SECONDS, what
             elif e["detector"] in STRAGGLER_DETECTORS:

@@ -1,0 +1,180 @@
+"""Pipeline-stage imbalance: one stage of a pipeline-parallel job slower than the others everywhere.
+
+In a pipeline-parallel job each stage runs its share of the model's layers, and every step waits for
+the slowest stage. When one stage takes clearly longer than the others on every data-parallel
+replica, no GPU is at fault: the model is split unevenly (the last stage often holds the loss and
+the output layer as well). That is worth one finding for the whole job, naming the stage, its time
+against the other stages' and what the job loses, not a straggler finding on each of its ranks
+(straggler.steps compares a rank with its own stage's ranks on the other replicas, so it reports
+none of them).
+
+Per job whose step reports carry `pp_stage` (and `dp_rank`), at each evaluation: its newest
+`recent_steps` steps that every stage has reported (at least `min_steps`; before warm-up: never;
+older than `max_recent_seconds`: not counted); per replica and stage the median of the ranks' times; a stage
+is imbalanced when, on every replica, it takes at least `min_stage_ratio` times the median of the
+other stages' times. Once reported it stays so while the ratio holds above `hold_stage_ratio` on
+every replica, so a stage near the threshold does not flap.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from fleetwatch.detectors.model import Window, step_table
+from fleetwatch.detectors.straggler_telemetry import median
+from fleetwatch.detectors.table import StepTable
+from fleetwatch.records import Finding
+
+
+@dataclass(frozen=True, slots=True)
+class StragglerStageThresholds:
+    # steps; a median over 10 steps: ~1.6% of noise at the noisiest healthy Alibaba worker's 4% CV
+    # (as straggler.steps' min_recent_steps)
+    recent_steps: int = 10
+    # s; the time cap: steps older than this are not counted. The registry keeps 600 s of steps
+    # (straggler.steps' window); 10 steps of a 45 s-step job fit in it
+    max_recent_seconds: float = 600.0
+    # steps; fewer than recent_steps inside the cap (a job stepping every minute) still count
+    # from this many: a median of 5 moves ~2.5% at 4% CV, far inside min_stage_ratio's margin
+    min_steps: int = 5
+    # step number; a fresh job's first steps compile kernels and autotune (as straggler.steps)
+    warmup_steps: int = 10
+    # ratio; partitioning by layer count leaves stages 5-10% apart in healthy jobs (the corpus's
+    # pipelines); at 1.2x a stage costs the job a sixth of its speed, and straggler.steps would
+    # call a rank that much slower than its peers a straggler (peer_score 0.85 ~ 1 / 1.18)
+    min_stage_ratio: float = 1.2
+    # ratio; a reported stage stays reported while it is this much slower (hysteresis, our choice:
+    # half the threshold's margin over a balanced pipeline)
+    hold_stage_ratio: float = 1.1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_steps <= self.recent_steps:
+            raise ValueError("need 1 <= min_steps <= recent_steps")
+        if not 1 < self.hold_stage_ratio <= self.min_stage_ratio:
+            raise ValueError("need 1 < hold_stage_ratio <= min_stage_ratio")
+        if self.max_recent_seconds <= 0:
+            raise ValueError("max_recent_seconds must be positive")
+
+
+@dataclass(slots=True)
+class StragglerStageDetector:
+    """Step reports with pipeline coordinates -> a finding per job with one stage slower than the
+    rest on every data-parallel replica."""
+
+    thresholds: StragglerStageThresholds = field(default_factory=StragglerStageThresholds)
+    id: ClassVar[str] = "straggler.stage"
+    # Warning: the job runs, at the slow stage's pace; nothing is broken.
+    severity: ClassVar[str] = "warning"
+    # Repartition the model (move layers off the slow stage); no hardware to inspect.
+    action: ClassVar[str] = "check_app"
+    # (job, stage) reported at the last evaluation: the hold applies to them.
+    _reported: set[tuple[str, int]] = field(default_factory=set, init=False, repr=False, compare=False)
+
+    @property
+    def window_seconds(self) -> float:
+        return self.thresholds.max_recent_seconds
+
+    # Reads step reports only: no GPU sample fields.
+    gpu_window_seconds: ClassVar[float] = 0.0
+
+    def detect(self, window: Window) -> list[Finding]:
+        if not window.steps:
+            self._reported = set()
+            return []
+        table = step_table(window)
+        codes_by_job: dict[str, list[int]] = defaultdict(list)
+        for code, (job, stage) in enumerate(zip(table.jobs, table.stages)):
+            if stage is not None:
+                codes_by_job[job].append(code)
+        findings = []
+        reported: set[tuple[str, int]] = set()
+        for job, codes in codes_by_job.items():
+            finding = self._job(window, table, job, codes)
+            if finding is not None:
+                findings.append(finding)
+                reported.add((job, finding.evidence["pp_stage"]))
+        self._reported = reported
+        return findings
+
+    def _job(self, window: Window, table: StepTable, job: str, codes: list[int]) -> Finding | None:
+        th = self.thresholds
+        now = window.now
+        stage_of_code = np.full(len(table.jobs), -1, dtype=np.int64)
+        for code in codes:
+            stage = table.stages[code]
+            assert stage is not None  # codes are the job's stages (detect())
+            stage_of_code[code] = stage
+        rows = np.flatnonzero(
+            (stage_of_code[table.job] >= 0)
+            & (table.t <= now)
+            & (table.t >= now - th.max_recent_seconds)
+            & (table.step >= th.warmup_steps)
+        )
+        if not len(rows):
+            return None
+        stages = stage_of_code[table.job[rows]]
+        if len(np.unique(stages)) < 2:
+            return None
+        # The newest steps every stage reported (a step still arriving is left for the next pass).
+        numbers = table.step[rows]
+        complete = set(numbers[stages == stages[0]].tolist())
+        for stage in np.unique(stages).tolist():
+            complete &= set(numbers[stages == stage].tolist())
+        picked = sorted(complete)[-th.recent_steps :]
+        if len(picked) < th.min_steps:
+            return None
+        rows = rows[np.isin(numbers, picked)]
+        times: dict[tuple[int, int], list[float]] = defaultdict(list)  # (replica, stage) -> seconds
+        for row in rows.tolist():
+            replica = table.dp[row]
+            times[(int(replica), int(stage_of_code[table.job[row]]))].append(float(table.seconds[row]))
+        by_replica: dict[int, dict[int, float]] = defaultdict(dict)
+        for (replica, stage), seconds in times.items():
+            by_replica[replica][stage] = median(seconds)
+        all_stages = set(np.unique(stages).tolist())
+        replicas = [stage_times for stage_times in by_replica.values() if set(stage_times) == all_stages]
+        if not replicas:
+            return None
+        slowest = max(all_stages, key=lambda s: median([r[s] for r in replicas]))
+        ratios, losses, others = [], [], []
+        for stage_times in replicas:
+            other = [t for s, t in stage_times.items() if s != slowest]
+            ratios.append(stage_times[slowest] / median(other))
+            losses.append(1.0 - max(other) / stage_times[slowest])
+            others.append(median(other))
+        limit = th.hold_stage_ratio if (job, slowest) in self._reported else th.min_stage_ratio
+        ratio = min(ratios)
+        if ratio < limit:
+            return None
+        stage_seconds = median([r[slowest] for r in replicas])
+        other_seconds = median(others)
+        loss = max(0.0, median(losses))
+        first_t = float(table.t[rows].min())
+        return Finding(
+            detector=self.id,
+            severity=self.severity,
+            action=self.action,
+            summary=(
+                f"pipeline stage {slowest} of job {job} takes {ratio:.2f}x or more the other stages' time on "
+                f"each of its {len(replicas)} data-parallel replica{'s' if len(replicas) != 1 else ''} "
+                f"({stage_seconds:.2f} s a step against {other_seconds:.2f} s): the model is split unevenly, "
+                f"not a GPU at fault; job {job} loses about {loss:.0%} of its speed to it"
+            ),
+            start=first_t,
+            job=job,
+            evidence={
+                "pp_stage": slowest,
+                "ratio": round(ratio, 4),
+                "stage_seconds": round(stage_seconds, 6),
+                "other_stages_seconds": round(other_seconds, 6),
+                "stages": len(all_stages),
+                "replicas": len(replicas),
+                "steps": len(picked),
+                "job_loss": round(loss, 4),
+            },
+            key=f"stage {slowest}",
+        )
