@@ -26,13 +26,18 @@ A rank that slowed `self_slowdown` times against its own baseline, and as much a
 but still scores above `peer_score` (it used to be faster than most), is keyed "self". A job's
 first `warmup_steps` steps (numbered from 0) are never compared; a job that started within the
 window takes its baseline from its first steps after them, and until it has one only the floor
-and a hardware cause count. A job's end (no step of a rank in `recent_seconds`) ends its episodes.
+and a hardware cause count. A job's end (no step of a rank for longer than a pause) ends its episodes.
 
 Cost: the newest steps are read back to `recent_seconds` and the oldest forward to a baseline,
 both stopping early; ranks within 3% of the reference (most of a healthy job) are not judged
 and need no baseline. A 1,000-rank job stepping every second takes ~5 ms of a current CPU core.
 
-Pure: nothing is remembered between evaluations, so nothing before the window can be seen. A gap
+Pauses: a straggler whose rank sends no step for a while (a checkpoint, a restart, or the next
+step of a job stepping every minute) is still reported until `pause_grace_seconds` (or
+`pause_grace_steps` of its own step times) after its newest step, and for `min_slow_seconds` after
+it steps again, the time the rules need to see it again: one slow rank is one episode, not one per
+pause. That is all that is remembered between evaluations; the judging itself is pure, so
+nothing before the window can be seen. A gap
 that opened longer ago than the window (`window_seconds`, less the baseline) looks like a steady
 offset: a straggler between `floor_score` and `peer_score` with no hardware cause is reported
 until its onset leaves the window, then its episode closes. Hysteresis is rebuilt from the data
@@ -114,6 +119,14 @@ class StragglerStepsThresholds:
     # s; how old the baseline is: an onset stays visible ~9 minutes (Alibaba job 3's slow-down
     # lasts ~5). The registry's thermal, power and clocks detectors already keep 600 s of data
     window_seconds: float = 600.0
+    # s; a straggler whose rank sends no step for a while (a checkpoint being written, a restart,
+    # or just its next step of a slow-stepping job) stays reported this long after its newest
+    # step, so one slow rank is one episode, not one per pause (issue 10: a 47 s-step job's
+    # straggler opened and closed 35 times). Two minutes covers checkpoint pauses of tens of
+    # seconds and a restart from a checkpoint (our choice); a job's end closes its episodes then
+    pause_grace_seconds: float = 120.0
+    # steps; slow steppers wait this many of the rank's own step times instead, when longer
+    pause_grace_steps: float = 3.0
     # ranks; fewer and there are no peers to compare with
     min_ranks: int = 2
     # ranks; a step's reference is taken over at most this many ranks (every n-th): the median of
@@ -148,6 +161,8 @@ class StragglerStepsThresholds:
             raise ValueError("the window must hold the baselines, the longest span and the hold")
         if min(self.min_ranks, self.reference_ranks) < 2:
             raise ValueError("need min_ranks and reference_ranks of at least 2")
+        if self.pause_grace_seconds < 0 or self.pause_grace_steps < 0:
+            raise ValueError("pause_grace_seconds and pause_grace_steps must not be negative")
         if self.min_recent_steps < 1 or self.min_baseline_steps < 1:
             raise ValueError("need min_recent_steps and min_baseline_steps of at least 1")
         if not 0 < self.cause_min_fraction <= 1:
@@ -681,6 +696,9 @@ class StragglerStepsDetector:
     id: ClassVar[str] = "straggler.steps"
     # The last evaluation's baselines, reused while they cannot have changed (_BaselineMemo).
     _baseline_memo: _BaselineMemo | None = field(default=None, init=False, repr=False, compare=False)
+    # Findings of the last evaluation and their rank's newest step then: one whose rank has sent
+    # nothing since is carried through the pause (pause_grace_*).
+    _carried: dict[str, tuple[Finding, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
     # Warning: the job still runs, at the straggler's pace.
     severity: ClassVar[str] = "warning"
 
@@ -699,10 +717,45 @@ class StragglerStepsDetector:
         return dict.fromkeys(_CAUSE_FIELDS, self.gpu_window_seconds)
 
     def detect(self, window: Window) -> list[Finding]:
+        findings = self._judge(window) if window.steps else []
+        return self._through_pauses(window, findings)
+
+    def _through_pauses(self, window: Window, findings: list[Finding]) -> list[Finding]:
+        """`findings`, plus the last evaluation's that are missing now because their rank has sent
+        no step since (a pause, or a slow step still running), within the grace after its newest."""
+        th = self.thresholds
+        previous, self._carried = self._carried, {}
+        if not findings and not previous:
+            return findings
+        keys = {(f.job, f.rank) for f in findings} | {(f.job, f.rank) for f, _ in previous.values()}
+        times = _step_times(window, keys)
+        found = {f.fingerprint for f in findings}
+        out = list(findings)
+        for finding in findings:
+            own = times.get((finding.job, finding.rank))
+            if own is not None:
+                self._carried[finding.fingerprint] = (finding, float(own[-1]))
+        for fingerprint, (finding, last_t) in previous.items():
+            if fingerprint in found:
+                continue
+            own = times.get((finding.job, finding.rank), np.zeros(0))
+            since = own[own > last_t]
+            if len(since):
+                # Stepping again: the detector needs min_slow_seconds of those steps to see a
+                # straggler again; one that still is no slower is not, and its episode ends then.
+                carry = window.now - float(since[0]) < th.min_slow_seconds
+            else:
+                seconds = finding.evidence.get("rank_seconds")
+                steps_grace = th.pause_grace_steps * seconds if isinstance(seconds, float) else 0.0
+                carry = window.now - last_t <= max(th.pause_grace_seconds, steps_grace)
+            if carry:
+                out.append(finding)
+                self._carried[fingerprint] = (finding, last_t)
+        return out
+
+    def _judge(self, window: Window) -> list[Finding]:
         th = self.thresholds
         steps = window.steps
-        if not steps:
-            return []
         now = window.now
         table = step_table(window)
         recent = self._recent(table, now)
@@ -1219,6 +1272,23 @@ def _job_loss(table: StepTable, codes: Sequence[int], rank: int, recent: Sequenc
         if s.step in slowest_other
     ]
     return min(1.0, median(losses)) if losses else None
+
+
+def _step_times(
+    window: Window, ranks: set[tuple[str | None, int | None]]
+) -> dict[tuple[str | None, int | None], np.ndarray]:
+    """The times of each of `ranks`' (job, rank) steps in the window up to now, oldest first."""
+    times: dict[tuple[str | None, int | None], np.ndarray] = {}
+    if not ranks or not window.steps:
+        return times
+    table = step_table(window)
+    visible = table.t <= window.now
+    for job, rank in ranks:
+        codes = [code for code, name in enumerate(table.jobs) if name == job]
+        rows = np.flatnonzero(visible & np.isin(table.job, codes) & (table.rank == rank))
+        if len(rows):
+            times[(job, rank)] = table.t[rows]
+    return times
 
 
 def _row_at(candidates: np.ndarray | None, index: int, k: int) -> int:

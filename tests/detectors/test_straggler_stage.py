@@ -113,6 +113,16 @@ def test_a_slow_rank_is_a_straggler_against_its_own_stage_not_a_stage_imbalance(
     assert "pipeline stage 3, GPU 5 on n02" in finding.summary
 
 
+@pytest.mark.parametrize(("step_seconds", "steps"), [(0.9, 300), (10.0, 150), (47.0, 40)])
+def test_one_slow_rank_is_one_episode_open_until_the_end_whatever_the_step_time(step_seconds, steps):
+    # Rank 13 runs 2.4x slower than the rest of its stage for the whole run. Between two of a
+    # 47 s job's reports the rank sends nothing: its episode is carried, not closed and reopened.
+    (finding,) = replay(
+        pipeline_steps(slow={13: 2.4}, step_seconds=step_seconds, steps=steps), [StragglerStepsDetector()]
+    )
+    assert (finding.rank, finding.key, finding.end) == (13, "peers", None)
+
+
 def test_a_slow_replica_of_one_stage_is_not_a_stage_imbalance():
     # Both tensor-parallel ranks of stage 1 on replica 0 slow down: only one replica, not every one.
     result = findings(pipeline_steps(slow={4: 1.6, 5: 1.6}))

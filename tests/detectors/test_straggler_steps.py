@@ -334,8 +334,27 @@ def test_job_end_closes_the_episode_and_raises_nothing_new():
     steps = job_steps(slow=((2, 200.0, 1000.0, 1.5),), duration=400)
     (finding,) = straggler_findings(steps + job_steps(job="other", start=400, duration=200))
     assert finding.job == "j1" and finding.end is not None
-    assert finding.end <= T0 + 400 + 20 + 1  # no step in recent_seconds: not judged any more
-    assert StragglerStepsDetector().detect(window_at(T0 + 425, steps)) == []
+    # No step for longer than a pause may last (pause_grace_seconds after its last step): over.
+    last_t = max(s.t for s in steps)
+    assert last_t + 100 < finding.end <= last_t + 120 + 1
+    assert StragglerStepsDetector().detect(window_at(T0 + 425, steps)) == []  # not judged any more
+
+
+@pytest.mark.parametrize("pause_seconds", [30.0, 90.0])
+def test_a_pause_in_step_reports_does_not_close_and_reopen_the_episode(pause_seconds):
+    # A checkpoint (or a restart) stops every rank's reports for a while; the straggler is the same.
+    steps = [
+        s
+        for s in job_steps(slow=((2, 200.0, 1000.0, 1.5),), duration=600)
+        if not T0 + 300 <= s.t < T0 + 300 + pause_seconds
+    ]
+    (finding,) = straggler_findings(steps)
+    assert finding.rank == 2 and finding.end is None
+
+
+def test_a_straggler_that_recovers_closes_without_waiting_out_the_grace():
+    (finding,) = straggler_findings(job_steps(slow=((11, 300.0, 500.0, 1.3),)))
+    assert finding.end is not None and finding.end <= T0 + 515  # it kept stepping, at full speed
 
 
 def test_a_job_needs_two_ranks():
@@ -353,6 +372,14 @@ def test_several_ranks_slowing_together_are_each_found():
     for f in findings:
         assert T0 + 300 <= f.start <= T0 + 302
         assert f.evidence["score"] == pytest.approx(1 / 1.3, abs=0.03)
+
+
+def test_half_a_job_slowing_down_together_is_four_stragglers():
+    # 4 of 8 ranks slow at 300 s: two groups of 4, as a 2-stage pipeline's would be, but they were
+    # one group before: stragglers, whatever later infers pipeline stages from step times.
+    slow = tuple((rank, 300.0, 600.0, 1.4) for rank in (4, 5, 6, 7))
+    findings = straggler_findings(job_steps(ranks=8, slow=slow, cv=0.02))
+    assert sorted(f.rank for f in findings) == [4, 5, 6, 7]
 
 
 def test_rank_slower_than_its_own_past_is_keyed_self():
