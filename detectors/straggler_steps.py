@@ -36,7 +36,9 @@ Pauses: a straggler whose rank sends no step for a while (a checkpoint, a restar
 step of a job stepping every minute) is still reported until `pause_grace_seconds` (or
 `pause_grace_steps` of its own step times) after its newest step, and for `min_slow_seconds` after
 it steps again, the time the rules need to see it again: one slow rank is one episode, not one per
-pause. That is all that is remembered between evaluations; the judging itself is pure, so
+pause. Hysteresis: a "peers" straggler, once reported, stays so while its score is below
+`close_score` (looser than the thresholds that open it), so a rank hovering at them is one
+episode. That is all that is remembered between evaluations; the judging itself is pure, so
 nothing before the window can be seen. A gap
 that opened longer ago than the window (`window_seconds`, less the baseline) looks like a steady
 offset: a straggler between `floor_score` and `peer_score` with no hardware cause is reported
@@ -119,6 +121,10 @@ class StragglerStepsThresholds:
     # s; how old the baseline is: an onset stays visible ~9 minutes (Alibaba job 3's slow-down
     # lasts ~5). The registry's thermal, power and clocks detectors already keep 600 s of data
     window_seconds: float = 600.0
+    # score; a "peers" straggler's episode closes only once its score is back above this, looser
+    # than peer_score and hold_score: a rank slowed 1.10-1.12x, hovering at the thresholds, is one
+    # episode, not one every few minutes (issue 10), while a recovered rank (~1.0) closes at once
+    close_score: float = 0.93
     # s; a straggler whose rank sends no step for a while (a checkpoint being written, a restart,
     # or just its next step of a slow-stepping job) stays reported this long after its newest
     # step, so one slow rank is one episode, not one per pause (issue 10: a 47 s-step job's
@@ -144,6 +150,8 @@ class StragglerStepsThresholds:
     def __post_init__(self) -> None:
         if not 0 < self.floor_score <= self.peer_score <= self.hold_score < 1:
             raise ValueError("need 0 < floor_score <= peer_score <= hold_score < 1")
+        if not self.peer_score <= self.close_score < 1:
+            raise ValueError("need peer_score <= close_score < 1")
         if not self.hold_score <= self.judged_below_score <= 1:
             raise ValueError("need hold_score <= judged_below_score <= 1")
         if not 1 <= self.hold_gap_growth <= self.min_gap_growth:
@@ -699,6 +707,10 @@ class StragglerStepsDetector:
     # Findings of the last evaluation and their rank's newest step then: one whose rank has sent
     # nothing since is carried through the pause (pause_grace_*).
     _carried: dict[str, tuple[Finding, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # This evaluation's scores: (job names by code, each scored rank's job code, rank, score).
+    _scores: tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
     # Warning: the job still runs, at the straggler's pace.
     severity: ClassVar[str] = "warning"
 
@@ -742,8 +754,12 @@ class StragglerStepsDetector:
             since = own[own > last_t]
             if len(since):
                 # Stepping again: the detector needs min_slow_seconds of those steps to see a
-                # straggler again; one that still is no slower is not, and its episode ends then.
+                # straggler again, and a "peers" straggler closes only once its score is back above
+                # close_score (hysteresis); one no slower than that by then is not, and ends.
                 carry = window.now - float(since[0]) < th.min_slow_seconds
+                if not carry and finding.key == "peers":
+                    score = self._score_now(finding.job, finding.rank)
+                    carry = score is not None and score < th.close_score
             else:
                 seconds = finding.evidence.get("rank_seconds")
                 steps_grace = th.pause_grace_steps * seconds if isinstance(seconds, float) else 0.0
@@ -753,11 +769,20 @@ class StragglerStepsDetector:
                 self._carried[fingerprint] = (finding, last_t)
         return out
 
+    def _score_now(self, job: str | None, rank: int | None) -> float | None:
+        """The rank's score at this evaluation, None where it was not scored."""
+        if self._scores is None:
+            return None
+        jobs, codes, ranks, scores = self._scores
+        mine = np.flatnonzero((ranks == rank) & np.isin(codes, [c for c, name in enumerate(jobs) if name == job]))
+        return float(scores[mine].min()) if len(mine) else None
+
     def _judge(self, window: Window) -> list[Finding]:
         th = self.thresholds
         steps = window.steps
         now = window.now
         table = step_table(window)
+        self._scores = None
         recent = self._recent(table, now)
         if recent is None:
             return []
@@ -771,6 +796,7 @@ class StragglerStepsDetector:
         counted = counts > 0
         scores = np.full(len(ratios), np.inf)
         np.divide(1.0, ratios, out=scores, where=ratios > 0)
+        self._scores = (table.jobs, scored.job, scored.rank, np.where(counted, scores, np.inf))
         judged_any = np.bincount(scored.job, weights=counted & (scores < th.judged_below_score))
         counted_per_job = np.bincount(scored.job, weights=counted)
         codes = ((judged_any > 0) & (counted_per_job >= th.min_ranks)).nonzero()[0]

@@ -352,6 +352,19 @@ def test_a_pause_in_step_reports_does_not_close_and_reopen_the_episode(pause_sec
     assert finding.rank == 2 and finding.end is None
 
 
+@pytest.mark.parametrize("factor", [1.10, 1.12])
+def test_a_rank_hovering_at_the_thresholds_is_at_most_one_episode(factor):
+    # 1.10-1.12x slower, with 3% step noise, for half an hour: its score wanders around peer_score
+    # and hold_score, and its gap's growth around min_gap_growth; it closes only above close_score.
+    steps = job_steps(slow=((5, 300.0, 1800.0, factor),), duration=1800, cv=0.03, seed=1)
+    assert len(straggler_findings(steps)) <= 1
+
+
+def test_close_score_must_be_between_peer_score_and_one():
+    with pytest.raises(ValueError, match="close_score"):
+        StragglerStepsThresholds(close_score=0.8)
+
+
 def test_a_straggler_that_recovers_closes_without_waiting_out_the_grace():
     (finding,) = straggler_findings(job_steps(slow=((11, 300.0, 500.0, 1.3),)))
     assert finding.end is not None and finding.end <= T0 + 515  # it kept stepping, at full speed
