@@ -528,12 +528,19 @@ async def test_commits_wait_for_company_only_while_batches_arrive_fast(tmp_path:
     """A quiet fleet's batch is committed at once; a busy one's share commits (ingest_commit_wait_seconds)."""
     store = Store(f"sqlite:///{tmp_path / 'c.db'}")  # the writer's timing, not a database's: one is enough
     store.migrate()
+    # A long wait, so that waiting for batches that are not coming would show through however long
+    # one SQLite commit takes on a busy machine (up to a few tenths of a second).
+    patient = IngestWriter(store, on_stored=lambda items, flags: None, commit_wait_seconds=3.0)
+    patient.start()
+    try:
+        started = time.monotonic()
+        assert await (await patient.submit(_store_batch("quiet", 1), IngestStream())) is True
+        assert time.monotonic() - started < 1.5  # no wait for batches that are not coming
+    finally:
+        patient.stop()
     writer = IngestWriter(store, on_stored=lambda items, flags: None, commit_wait_seconds=0.2)
     writer.start()
     try:
-        started = time.monotonic()
-        assert await (await writer.submit(_store_batch("quiet", 1), IngestStream())) is True
-        assert time.monotonic() - started < 0.15  # no wait for batches that are not coming
         # One batch every 10 ms, each of its own node: alone in its commit, unless the writer waits.
         futures = []
         started = time.monotonic()
