@@ -120,7 +120,10 @@ def _carrying(hardware: Finding, entries: Iterable[dict[str, Any]], current: Ite
             clause += f", which loses about {loss:.0%} of its speed"
         clauses.append(clause)
     summary = hardware.summary + "".join(f"; {clause}" for clause in clauses)
-    stragglers = sorted((dict(entry) for entry in entries), key=lambda e: (e["since"], e["job"] or "", e["rank"] or -1))
+    stragglers = sorted(
+        (dict(entry) for entry in entries),
+        key=lambda e: (e["since"], e["job"] or "", -1 if e["rank"] is None else e["rank"]),
+    )
     return replace(hardware, summary=summary, evidence={**hardware.evidence, "stragglers": stragglers})
 
 

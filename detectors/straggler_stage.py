@@ -10,10 +10,10 @@ none of them).
 
 Per job whose step reports carry `pp_stage` (and `dp_rank`), at each evaluation: its newest
 `recent_steps` steps that every stage has reported (at least `min_steps`; before warm-up: never;
-older than `max_recent_seconds`: not counted); per replica and stage the median of the ranks' times; a stage
-is imbalanced when, on every replica, it takes at least `min_stage_ratio` times the median of the
-other stages' times. Once reported it stays so while the ratio holds above `hold_stage_ratio` on
-every replica, so a stage near the threshold does not flap.
+older than `max_recent_seconds`: not counted); per replica and stage the median of the ranks'
+times; a stage is imbalanced when, on every replica, it takes at least `min_stage_ratio` times
+the median of the other stages' times. Once reported it stays so while the ratio holds above
+`hold_stage_ratio` on every replica, so a stage near the threshold does not flap.
 """
 
 from __future__ import annotations
@@ -117,25 +117,23 @@ class StragglerStageDetector:
         if not len(rows):
             return None
         stages = stage_of_code[table.job[rows]]
-        if len(np.unique(stages)) < 2:
+        all_stages = set(np.unique(stages).tolist())
+        if len(all_stages) < 2:
             return None
         # The newest steps every stage reported (a step still arriving is left for the next pass).
         numbers = table.step[rows]
-        complete = set(numbers[stages == stages[0]].tolist())
-        for stage in np.unique(stages).tolist():
-            complete &= set(numbers[stages == stage].tolist())
+        complete = set.intersection(*(set(numbers[stages == stage].tolist()) for stage in all_stages))
         picked = sorted(complete)[-th.recent_steps :]
         if len(picked) < th.min_steps:
             return None
-        rows = rows[np.isin(numbers, picked)]
+        kept = np.isin(numbers, picked)
+        rows, stages = rows[kept], stages[kept]
         times: dict[tuple[int, int], list[float]] = defaultdict(list)  # (replica, stage) -> seconds
-        for row in rows.tolist():
-            replica = table.dp[row]
-            times[(int(replica), int(stage_of_code[table.job[row]]))].append(float(table.seconds[row]))
+        for replica, stage, seconds in zip(table.dp[rows].tolist(), stages.tolist(), table.seconds[rows].tolist()):
+            times[(replica, stage)].append(seconds)
         by_replica: dict[int, dict[int, float]] = defaultdict(dict)
-        for (replica, stage), seconds in times.items():
-            by_replica[replica][stage] = median(seconds)
-        all_stages = set(np.unique(stages).tolist())
+        for (replica, stage), values in times.items():
+            by_replica[replica][stage] = median(values)
         replicas = [stage_times for stage_times in by_replica.values() if set(stage_times) == all_stages]
         if not replicas:
             return None

@@ -707,8 +707,8 @@ class StragglerStepsDetector:
     # Findings of the last evaluation and their rank's newest step then: one whose rank has sent
     # nothing since is carried through the pause (pause_grace_*).
     _carried: dict[str, tuple[Finding, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # This evaluation's scores: (job names by code, each scored rank's job code, rank, score).
-    _scores: tuple[Sequence[str], np.ndarray, np.ndarray, np.ndarray] | None = field(
+    # This evaluation's scores: (its step table, each scored rank's job code, rank, score).
+    _scores: tuple[StepTable, np.ndarray, np.ndarray, np.ndarray] | None = field(
         default=None, init=False, repr=False, compare=False
     )
     # Warning: the job still runs, at the straggler's pace.
@@ -773,8 +773,8 @@ class StragglerStepsDetector:
         """The rank's score at this evaluation, None where it was not scored."""
         if self._scores is None:
             return None
-        jobs, codes, ranks, scores = self._scores
-        mine = np.flatnonzero((ranks == rank) & np.isin(codes, [c for c, name in enumerate(jobs) if name == job]))
+        table, codes, ranks, scores = self._scores
+        mine = np.flatnonzero((ranks == rank) & np.isin(codes, table.codes_of(job)))
         return float(scores[mine].min()) if len(mine) else None
 
     def _judge(self, window: Window) -> list[Finding]:
@@ -796,7 +796,7 @@ class StragglerStepsDetector:
         counted = counts > 0
         scores = np.full(len(ratios), np.inf)
         np.divide(1.0, ratios, out=scores, where=ratios > 0)
-        self._scores = (table.jobs, scored.job, scored.rank, np.where(counted, scores, np.inf))
+        self._scores = (table, scored.job, scored.rank, np.where(counted, scores, np.inf))
         judged_any = np.bincount(scored.job, weights=counted & (scores < th.judged_below_score))
         counted_per_job = np.bincount(scored.job, weights=counted)
         codes = ((judged_any > 0) & (counted_per_job >= th.min_ranks)).nonzero()[0]
@@ -1253,7 +1253,7 @@ class StragglerStepsDetector:
             summary += f": {cause_text}"
         if cause is not None:
             evidence.update(cause.evidence())
-        loss = _job_loss(table, [c for c, name in enumerate(table.jobs) if name == job.name], r.rank, r.recent)
+        loss = _job_loss(table, table.codes_of(job.name), r.rank, r.recent)
         if loss is not None:
             evidence["job_loss"] = round(loss, 4)
             if loss >= _LOSS_WORTH_SAYING:
@@ -1280,8 +1280,8 @@ class StragglerStepsDetector:
 def _job_loss(table: StepTable, codes: Sequence[int], rank: int, recent: Sequence[Step]) -> float | None:
     """The share of its job's speed a rank costs over its recent steps (0 to 1; None when no other
     rank reported those steps; `codes`: the job's, every pipeline stage's): a synchronous step
-    waits for its slowest rank, so had this one run
-    no slower than the slowest other rank, each step would have been (own - slowest other) shorter.
+    waits for its slowest rank, so had this one run no slower than the slowest other rank, each
+    step would have been (own - slowest other) shorter.
     Out of the step's wall time where the rank reports it, else out of its own time (the step's
     compute is then the slowest rank's, this one's, and the waits are left out)."""
     numbers = np.fromiter((s.step for s in recent), dtype=np.int64, count=len(recent))
@@ -1310,8 +1310,7 @@ def _step_times(
     table = step_table(window)
     visible = table.t <= window.now
     for job, rank in ranks:
-        codes = [code for code, name in enumerate(table.jobs) if name == job]
-        rows = np.flatnonzero(visible & np.isin(table.job, codes) & (table.rank == rank))
+        rows = np.flatnonzero(visible & np.isin(table.job, table.codes_of(job)) & (table.rank == rank))
         if len(rows):
             times[(job, rank)] = table.t[rows]
     return times

@@ -1190,7 +1190,8 @@ def table_of(samples: Mapping[Key, Sequence[GpuSample]], now: float) -> GpuTable
 class StepTable:
     """A Window's steps as columns, row i being window.steps[i] (time order): t, seconds, and job,
     rank, step, node, gpu and dp (data-parallel replica) as integers (job and node as indexes into
-    `jobs` and `nodes`, gpu and dp -1 where unknown). Detectors that read every rank's steps each second read these.
+    `jobs` and `nodes`, gpu and dp -1 where unknown). Detectors that read every rank's steps each
+    second read these.
 
     A job code names a group of peers: a job, or one pipeline stage of a job whose steps carry
     `pp_stage` (ranks of different stages do different work). `jobs[code]` is the job's name,
@@ -1241,6 +1242,10 @@ class StepTable:
 
     def __len__(self) -> int:
         return len(self.t)
+
+    def codes_of(self, job: str | None) -> list[int]:
+        """The codes of `job`: one, or one per pipeline stage where its steps carry pp_stage."""
+        return [code for code, name in enumerate(self.jobs) if name == job]
 
     @property
     def step_span(self) -> int:

@@ -580,9 +580,7 @@ class SimFleet:
                         f"unknown node {name!r}; the fleet has {self.node_names[0]}..{self.node_names[-1]}",
                     )
             step = _number(item, "step_seconds", where + "step_seconds", 1.0, positive=True)
-            report = item.get("report_steps", True)
-            if not isinstance(report, bool):
-                raise _fail(where + "report_steps", f"must be true or false, got {report!r}")
+            report = _flag(item, "report_steps", where + "report_steps", True)
             begin_s = _number(item, "start_seconds", where + "start_seconds", 0.0, minimum=0)
             end_s = _number(item, "end_seconds", where + "end_seconds", None, minimum=0)
             if end_s is not None and end_s <= begin_s:
