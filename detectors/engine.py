@@ -267,8 +267,9 @@ class RecentData:
     `gpu_retention` says (RecentData.for_detectors: as long as the detectors that read it need;
     default: every field for `retention_seconds`), the samples themselves for the longest of those
     or `gpu_times_seconds`, and per-sample conditions (`gpu_conditions`) as the times of the
-    samples that pass them. Host and InfiniBand samples and steps are kept for
-    `retention_seconds`, events for `event_retention_seconds`; each series holds at most
+    samples that pass them. Host and InfiniBand samples are kept for `retention_seconds`, steps
+    for `step_retention_seconds` (default the same), events for `event_retention_seconds`, each
+    at most `max_steps` / `max_events`; each series holds at most
     `max_samples_per_series`. Not thread-safe: feed it and take windows from one thread or event
     loop.
     """
@@ -285,13 +286,19 @@ class RecentData:
         gpu_retention: Mapping[str, float] | None = None,
         gpu_times_seconds: float = 0.0,
         gpu_conditions: Iterable[Condition] = (),
+        step_retention_seconds: float | None = None,
     ) -> None:
         if retention_seconds < 0 or event_retention_seconds < 0:
             raise ValueError("retention must not be negative")
+        if step_retention_seconds is not None and step_retention_seconds < retention_seconds:
+            raise ValueError("step_retention_seconds must not be shorter than retention_seconds")
         if max_samples_per_series < 1 or max_events < 1 or max_steps < 1:
             raise ValueError("buffer limits must be at least 1")
         self.retention_seconds = float(retention_seconds)
         self.event_retention_seconds = float(event_retention_seconds)
+        self.step_retention_seconds = (
+            self.retention_seconds if step_retention_seconds is None else float(step_retention_seconds)
+        )
         self.max_samples_per_series = max_samples_per_series
         self.default_sampling_interval_seconds = default_sampling_interval_seconds
         plain = gpu_retention is None
@@ -323,10 +330,14 @@ class RecentData:
         """A buffer that keeps as much as `detectors` need: each GPU field for as long as the
         detectors that read it say (`gpu_fields`; a detector that does not say needs every field
         for its window), their per-sample conditions (`gpu_conditions`), max window_seconds of
-        everything else, and events for at least the longest `event_window_seconds` a detector
-        declares."""
+        everything else, events for at least the longest `event_window_seconds` and steps for the
+        longest `step_window_seconds` a detector declares."""
         detectors = list(detectors)
         retention_seconds = max((float(d.window_seconds) for d in detectors), default=0.0)
+        kwargs.setdefault(
+            "step_retention_seconds",
+            max([retention_seconds] + [float(getattr(d, "step_window_seconds", 0.0)) for d in detectors]),
+        )
         event_retention_seconds = max(
             [kwargs.pop("event_retention_seconds", DEFAULT_EVENT_RETENTION_SECONDS)]
             + [float(getattr(d, "event_window_seconds", 0.0)) for d in detectors]
@@ -611,7 +622,7 @@ class RecentData:
                 ib[ib_key] = SeriesView(ib_series, length)
         _prune(self._events, now - self.event_retention_seconds)
         steps_before = len(self._steps)
-        _prune(self._steps, oldest_sample_t)
+        _prune(self._steps, now - self.step_retention_seconds)
         if self._step_columns.dirty:
             self._step_columns.rebuild(self._steps)
         else:

@@ -101,7 +101,8 @@ class Detector(Protocol):
     Optional attributes RecentData.for_detectors reads to keep no more than detectors need:
     `gpu_fields` (GPU field name -> seconds of full-resolution history; without it, every field
     for `gpu_window_seconds`, default window_seconds), `gpu_conditions` (detectors.table
-    Conditions tested on every sample as it arrives), `event_window_seconds`. Detectors read GPU
+    Conditions tested on every sample as it arrives), `event_window_seconds`, `step_window_seconds`
+    (step reports, default window_seconds). Detectors read GPU
     samples through `gpu_table(window)`, the arrays behind `window.gpu`.
     """
 

@@ -33,10 +33,10 @@ from fleetwatch.records import Finding
 @dataclass(frozen=True, slots=True)
 class StragglerStageThresholds:
     # steps; a median over 10 steps: ~1.6% of noise at the noisiest healthy Alibaba worker's 4% CV
-    # (as straggler.steps' min_recent_steps)
+    # (as straggler.steps' recent_steps)
     recent_steps: int = 10
-    # s; the time cap: steps older than this are not counted. The registry keeps 600 s of steps
-    # (straggler.steps' window); 10 steps of a 45 s-step job fit in it
+    # s; the time cap: steps older than this are not counted (as straggler.steps'
+    # max_recent_seconds); 10 steps of a 45 s-step job fit in it
     max_recent_seconds: float = 600.0
     # steps; fewer than recent_steps inside the cap (a job stepping every minute) still count
     # from this many: a median of 5 moves ~2.5% at 4% CV, far inside min_stage_ratio's margin

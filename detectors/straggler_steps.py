@@ -7,17 +7,20 @@ steps. Per job, at each evaluation:
 - each step's reference is the median of the fastest half of the ranks' times for that step, so
   up to half the ranks can slow down together and the reference stays with the healthy ones; a
   pause of the whole job (a checkpoint) moves every rank's time and the reference together;
-- each rank's score is 1 / the median, over its steps of the last `recent_seconds` (at least
-  `min_recent_steps`: slower-stepping jobs look further back), of its time / the step's
-  reference: 1.0 as fast as the healthy ranks, 0.5 twice as slow. A median, so one slow step (a
-  data-loader hiccup) moves nothing, and a slow-down is found once it has lasted ~10 s.
+- each rank's score is 1 / the median, over its newest `recent_steps` steps (within
+  `max_recent_seconds`, the time cap), of its time / the step's reference: 1.0 as fast as the
+  healthy ranks, 0.5 twice as slow. A median, so one slow step (a data-loader hiccup) moves
+  nothing, and a slow-down is found once it has lasted `min_slow_steps` steps (issue 10: every
+  rule counts steps, so a job stepping every 0.2 s and one stepping every 45 s are judged alike
+  per step, each straggler opened within 10 of its steps).
 
 Real jobs have ranks that differ steadily. Alibaba PAI job 2 (tests/fixtures/alibaba) runs its
 slowest worker at 0.80-0.82 from the first iteration to the last, healthy: a low score alone is
 not an episode. A rank scoring below `peer_score` is a straggler, keyed "peers", when
 
-- its gap to the peers grew: its score in its baseline (its oldest steps in the window, the
-  job's pace then comparable to now) is at least `min_gap_growth` times its score now; or
+- its gap to the peers grew: its score in its baseline (its oldest `min_baseline_steps` steps in
+  the window, the job's pace then comparable to now) is at least `min_gap_growth` times its
+  score now; or
 - it scores below `floor_score`, slower than any steady offset in the traces; or
 - its GPU shows a hardware cause in the same span (a throttle reason, an SM clock well below the
   peers' GPUs'): a steady offset with a hardware cause is still a fault.
@@ -26,24 +29,26 @@ A rank that slowed `self_slowdown` times against its own baseline, and as much a
 but still scores above `peer_score` (it used to be faster than most), is keyed "self". A job's
 first `warmup_steps` steps (numbered from 0) are never compared; a job that started within the
 window takes its baseline from its first steps after them, and until it has one only the floor
-and a hardware cause count. A job's end (no step of a rank for longer than a pause) ends its episodes.
+and a hardware cause count. A job stepping too slowly for `window_seconds` to hold its baseline
+and recent steps (slower than ~15 s a step) takes its baseline from up to `step_window_seconds`
+back (the engine keeps steps that long). A job's end (no step of a rank for longer than a pause)
+ends its episodes.
 
-Cost: the newest steps are read back to `recent_seconds` and the oldest forward to a baseline,
+Cost: the newest steps are read back to `recent_seconds` (further for ranks short of
+`recent_steps`) and the oldest forward to a baseline,
 both stopping early; ranks within 3% of the reference (most of a healthy job) are not judged
 and need no baseline. A 1,000-rank job stepping every second takes ~5 ms of a current CPU core.
 
 Pauses: a straggler whose rank sends no step for a while (a checkpoint, a restart, or the next
 step of a job stepping every minute) is still reported until `pause_grace_seconds` (or
-`pause_grace_steps` of its own step times) after its newest step, and for `min_slow_seconds` after
-it steps again, the time the rules need to see it again: one slow rank is one episode, not one per
-pause. Hysteresis: a "peers" straggler, once reported, stays so while its score is below
-`close_score` (looser than the thresholds that open it), so a rank hovering at them is one
-episode. That is all that is remembered between evaluations; the judging itself is pure, so
-nothing before the window can be seen. A gap
-that opened longer ago than the window (`window_seconds`, less the baseline) looks like a steady
-offset: a straggler between `floor_score` and `peer_score` with no hardware cause is reported
-until its onset leaves the window, then its episode closes. Hysteresis is rebuilt from the data
-(`hold_*`), which damps but cannot remove flapping for a rank sitting on a threshold.
+`pause_grace_steps` of its own step times) after its newest step, and for `min_slow_steps` steps
+after it steps again, what the rules need to see it again: one slow rank is one episode, not one
+per pause. Hysteresis: a "peers" straggler, once reported, stays so until its score has stayed at
+or above `close_score` (looser than the thresholds that open it) for `close_steps` of its steps,
+so a rank hovering at them is one episode, and so is a straggler whose onset has left the window
+(its gap then looks like a steady offset, which alone opens nothing). That is all that is
+remembered between evaluations; the judging itself is pure. Opening is damped as well, rebuilt
+from the data (`hold_*`).
 """
 
 from __future__ import annotations
@@ -64,18 +69,18 @@ from fleetwatch.records import Finding, Step
 
 @dataclass(frozen=True, slots=True)
 class StragglerStepsThresholds:
-    # s; a rank is judged on its steps of the last 20 s: the median flips once ~10 s of them are
-    # slow (the brief's ">= 10 s"), inside the scenarios' 30 s to find a straggler. A rank with
-    # no step in it has stopped (job ended, rank gone): it is not judged and its episode closes
+    # s; ranks with a step in the last 20 s are judged now; one with none is between two steps of
+    # a slow stepper, paused or gone: its episode is carried through the pause grace
     recent_seconds: float = 20.0
-    # steps; a median of at least 10: its noise, ~1.25 x CV / sqrt(10), is 1.6% at the noisiest
-    # healthy Alibaba worker's step-to-step CV of 4.0%; slower-stepping jobs look further back
-    min_recent_steps: int = 10
-    # s; how far back those 10 steps may come from (Alibaba job 3 records every 10th iteration,
-    # one record per 7-10 s, so 10 records span ~90 s)
-    max_recent_seconds: float = 120.0
-    # s; an episode has lasted this long before it is reported (the brief's 10 s)
-    min_slow_seconds: float = 10.0
+    # steps; a rank is judged on its newest 10: a median whose noise, ~1.25 x CV / sqrt(10), is
+    # 1.6% at the noisiest healthy Alibaba worker's step-to-step CV of 4.0%
+    recent_steps: int = 10
+    # s; the time cap: how far back those 10 steps may come from (10 steps of a job stepping
+    # every minute; Alibaba job 3 records every 10th iteration, one record per 7-10 s)
+    max_recent_seconds: float = 600.0
+    # steps; an episode has lasted this many of the rank's steps before it is reported: half the
+    # recent window, which its median needs to turn anyway
+    min_slow_steps: int = 5
     # score; below this a rank slows its job. Healthy Alibaba workers' steps vary with a CV of
     # 1.0-2.3% (job 2) and 2.3-4.0% (job 3), p99 at most 1.10x their median; a rank 1.2x slower
     # than its peers scores ~0.82
@@ -121,10 +126,17 @@ class StragglerStepsThresholds:
     # s; how old the baseline is: an onset stays visible ~9 minutes (Alibaba job 3's slow-down
     # lasts ~5). The registry's thermal, power and clocks detectors already keep 600 s of data
     window_seconds: float = 600.0
+    # s; the time cap on a slow stepper's history: a job stepping every 45 s needs 20 baseline and
+    # 10 recent steps, 1,350 s, which the window cannot hold. Steps are kept this long (a job
+    # stepping every second keeps 1,800 steps a rank, within the engine's bound on steps)
+    step_window_seconds: float = 1800.0
     # score; a "peers" straggler's episode closes only once its score is back above this, looser
     # than peer_score and hold_score: a rank slowed 1.10-1.12x, hovering at the thresholds, is one
     # episode, not one every few minutes (issue 10), while a recovered rank (~1.0) closes at once
     close_score: float = 0.93
+    # steps; and only once it has stayed there for this many of its steps: a 10-step median of a
+    # rank slowed 1.15x wanders between 0.87 and 0.93, and touches the bound for a step or two
+    close_steps: int = 20
     # s; a straggler whose rank sends no step for a while (a checkpoint being written, a restart,
     # or just its next step of a slow-stepping job) stays reported this long after its newest
     # step, so one slow rank is one episode, not one per pause (issue 10: a 47 s-step job's
@@ -152,6 +164,8 @@ class StragglerStepsThresholds:
             raise ValueError("need 0 < floor_score <= peer_score <= hold_score < 1")
         if not self.peer_score <= self.close_score < 1:
             raise ValueError("need peer_score <= close_score < 1")
+        if self.close_steps < 0:
+            raise ValueError("close_steps must not be negative")
         if not self.hold_score <= self.judged_below_score <= 1:
             raise ValueError("need hold_score <= judged_below_score <= 1")
         if not 1 <= self.hold_gap_growth <= self.min_gap_growth:
@@ -162,24 +176,29 @@ class StragglerStepsThresholds:
             raise ValueError("self_slowdown must exceed 1, max_pace_change be at least 1")
         if not 0 < self.recent_seconds <= self.max_recent_seconds:
             raise ValueError("need 0 < recent_seconds <= max_recent_seconds")
-        if self.baseline_seconds <= 0 or self.min_slow_seconds < 0:
-            raise ValueError("baseline_seconds must be positive, min_slow_seconds not negative")
-        history_seconds = 2 * self.baseline_seconds + self.max_recent_seconds + self.hold_seconds
+        if self.baseline_seconds <= 0 or self.min_slow_steps < 0:
+            raise ValueError("baseline_seconds must be positive, min_slow_steps not negative")
+        history_seconds = 2 * self.baseline_seconds + self.hold_seconds
         if history_seconds > self.window_seconds:
-            raise ValueError("the window must hold the baselines, the longest span and the hold")
+            raise ValueError("the window must hold the baselines and the hold")
+        if not self.window_seconds <= self.step_window_seconds:
+            raise ValueError("need window_seconds <= step_window_seconds")
+        if self.max_recent_seconds > self.step_window_seconds:
+            raise ValueError("need max_recent_seconds <= step_window_seconds")
         if min(self.min_ranks, self.reference_ranks) < 2:
             raise ValueError("need min_ranks and reference_ranks of at least 2")
         if self.pause_grace_seconds < 0 or self.pause_grace_steps < 0:
             raise ValueError("pause_grace_seconds and pause_grace_steps must not be negative")
-        if self.min_recent_steps < 1 or self.min_baseline_steps < 1:
-            raise ValueError("need min_recent_steps and min_baseline_steps of at least 1")
+        if self.recent_steps < 1 or self.min_baseline_steps < 1:
+            raise ValueError("need recent_steps and min_baseline_steps of at least 1")
         if not 0 < self.cause_min_fraction <= 1:
             raise ValueError("cause_min_fraction must be in (0, 1]")
 
 
-# s; a recent span's oldest step began this long before it was reported at most, for the GPU
-# samples kept (longer steps see their GPU's samples of their last minute only; our choice)
-_SPAN_MARGIN_SECONDS = 60.0
+# s; a rank's GPU samples kept for its cause: those over its recent steps, to three minutes back
+# (a slow stepper's cause is read from its last three minutes: a throttle that slows its steps
+# holds that long; our choice)
+_CAUSE_SPAN_SECONDS = 180.0
 # What gpu_cause reads of a rank's GPU.
 _CAUSE_FIELDS = ("clock_event_reasons", "sm_clock_mhz", "power_watts", "power_limit_watts", "gpu_util_percent")
 
@@ -635,20 +654,14 @@ class _Baselines:
 class _BaselineMemo:
     """The baselines of the last evaluation, reused while they cannot have changed: the window
     has not moved past its oldest step (a window that has not filled yet), the same ranks are
-    judged, and every one had its full baseline of steps, all older than the newest evaluation's
-    recent spans could reach (which only move forward), or, where all were found from the
-    window's oldest step, each rank's older than its own recent span and than the recent window
-    (_baseline_from's picks, which only widen with time, then keep its first steps). Pure: the same
-    result, computed once."""
+    judged, every one had its full baseline of steps and all were found from the window's oldest
+    step. _baseline_from's picks are each rank's first steps from there that precede its recent
+    span, which only moves forward: they stay its first. Pure: the same result, computed once."""
 
     generation: int  # StepTable.origin[0]: which step columns (job codes hold within them)
     oldest: int  # absolute row the baselines were looked for from
     job: np.ndarray  # the groups' jobs and ranks the baselines are for
     rank: np.ndarray
-    newest_t: float  # the newest baseline step
-    # Per group, its newest baseline step; None where a job's baselines were found from its start
-    # (which _baselines places by its step rate, which moves).
-    last_t: np.ndarray | None
     baselines: _Baselines
 
     @classmethod
@@ -662,37 +675,17 @@ class _BaselineMemo:
         th: StragglerStepsThresholds,
         from_oldest: bool,
     ) -> _BaselineMemo | None:
-        if len(found) != len(recent) or np.count_nonzero(found.count < th.min_baseline_steps):
+        if not from_oldest or len(found) != len(recent) or np.count_nonzero(found.count < th.min_baseline_steps):
             return None  # a rank without its full baseline: its next evaluation may find more
-        last_t = table.t[found.rows[found.start + found.count - 1]]  # each rank's newest baseline step
-        newest_t = float(last_t.max()) if len(found) else -math.inf
-        return cls(
-            table.origin[0],
-            oldest + table.origin[1],
-            recent.job,
-            recent.rank,
-            newest_t,
-            last_t if from_oldest else None,
-            baselines,
-        )
+        return cls(table.origin[0], oldest + table.origin[1], recent.job, recent.rank, baselines)
 
-    def holds(self, table: StepTable, oldest: int, recent: _Groups, now: float, th: StragglerStepsThresholds) -> bool:
-        if not (
+    def holds(self, table: StepTable, oldest: int, recent: _Groups) -> bool:
+        return (
             table.origin[0] == self.generation
             and oldest + table.origin[1] == self.oldest
             and np.array_equal(recent.job, self.job)
             and np.array_equal(recent.rank, self.rank)
-        ):
-            return False
-        if self.newest_t < now - max(th.recent_seconds, th.max_recent_seconds):
-            return True
-        if self.last_t is None:
-            return False
-        # _baseline_from takes steps before the recent window, and before a rank's own recent span
-        # where that reaches back past now - max_recent_seconds: its groups align with these.
-        own_oldest_t = table.t[recent.rows[recent.start + recent.count - 1]]
-        until_t = np.minimum(now - th.recent_seconds, np.maximum(now - th.max_recent_seconds, own_oldest_t))
-        return not np.count_nonzero(self.last_t >= until_t)
+        )
 
 
 @dataclass(slots=True)
@@ -706,7 +699,9 @@ class StragglerStepsDetector:
     _baseline_memo: _BaselineMemo | None = field(default=None, init=False, repr=False, compare=False)
     # Findings of the last evaluation and their rank's newest step then: one whose rank has sent
     # nothing since is carried through the pause (pause_grace_*).
-    _carried: dict[str, tuple[Finding, float]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _carried: dict[str, tuple[Finding, float, float | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     # This evaluation's scores: (its step table, each scored rank's job code, rank, score).
     _scores: tuple[StepTable, np.ndarray, np.ndarray, np.ndarray] | None = field(
         default=None, init=False, repr=False, compare=False
@@ -719,10 +714,12 @@ class StragglerStepsDetector:
         return self.thresholds.window_seconds
 
     @property
+    def step_window_seconds(self) -> float:
+        return self.thresholds.step_window_seconds
+
+    @property
     def gpu_window_seconds(self) -> float:
-        """GPU samples over a rank's recent span: its steps of max_recent_seconds, the oldest of
-        which began up to _SPAN_MARGIN_SECONDS earlier."""
-        return self.thresholds.max_recent_seconds + _SPAN_MARGIN_SECONDS
+        return _CAUSE_SPAN_SECONDS
 
     @property
     def gpu_fields(self) -> Mapping[str, float]:
@@ -734,39 +731,47 @@ class StragglerStepsDetector:
 
     def _through_pauses(self, window: Window, findings: list[Finding]) -> list[Finding]:
         """`findings`, plus the last evaluation's that are missing now because their rank has sent
-        no step since (a pause, or a slow step still running), within the grace after its newest."""
+        no step since (a pause, or a slow step still running), within the grace after its newest,
+        or because a "peers" straggler has not yet stayed above close_score for close_steps."""
         th = self.thresholds
         previous, self._carried = self._carried, {}
         if not findings and not previous:
             return findings
-        keys = {(f.job, f.rank) for f in findings} | {(f.job, f.rank) for f, _ in previous.values()}
+        keys = {(f.job, f.rank) for f in findings} | {(f.job, f.rank) for f, _, _ in previous.values()}
         times = _step_times(window, keys)
         found = {f.fingerprint for f in findings}
         out = list(findings)
         for finding in findings:
             own = times.get((finding.job, finding.rank))
             if own is not None:
-                self._carried[finding.fingerprint] = (finding, float(own[-1]))
-        for fingerprint, (finding, last_t) in previous.items():
+                self._carried[finding.fingerprint] = (finding, float(own[-1]), None)
+        for fingerprint, (finding, last_t, recovered_t) in previous.items():
             if fingerprint in found:
                 continue
             own = times.get((finding.job, finding.rank), np.zeros(0))
             since = own[own > last_t]
-            if len(since):
-                # Stepping again: the detector needs min_slow_seconds of those steps to see a
-                # straggler again, and a "peers" straggler closes only once its score is back above
-                # close_score (hysteresis); one no slower than that by then is not, and ends.
-                carry = window.now - float(since[0]) < th.min_slow_seconds
-                if not carry and finding.key == "peers":
-                    score = self._score_now(finding.job, finding.rank)
-                    carry = score is not None and score < th.close_score
+            score = self._score_now(finding.job, finding.rank) if finding.key == "peers" else None
+            if len(since) and score is not None and len(since) >= th.min_slow_steps:
+                # Stepping again, and scored: a "peers" straggler closes only once its score has
+                # stayed at or above close_score for close_steps of its steps (hysteresis).
+                if score < th.close_score:
+                    carry, recovered_t = True, None
+                else:
+                    recovered_t = window.now if recovered_t is None else recovered_t
+                    carry = int(np.count_nonzero(own > recovered_t)) < th.close_steps
+            elif len(since) >= th.min_slow_steps and finding.key != "peers":
+                carry = False  # stepping again for as long as the rules need to see it: they do not
             else:
+                # Paused (a checkpoint, a restart, a slow stepper between two steps), or stepping
+                # again for fewer steps than the rules need to see it: held for a grace after its
+                # newest step.
+                newest_t = float(own[-1]) if len(own) else last_t
                 seconds = finding.evidence.get("rank_seconds")
                 steps_grace = th.pause_grace_steps * seconds if isinstance(seconds, float) else 0.0
-                carry = window.now - last_t <= max(th.pause_grace_seconds, steps_grace)
+                carry = window.now - newest_t <= max(th.pause_grace_seconds, steps_grace)
             if carry:
                 out.append(finding)
-                self._carried[fingerprint] = (finding, last_t)
+                self._carried[fingerprint] = (finding, last_t, recovered_t)
         return out
 
     def _score_now(self, job: str | None, rank: int | None) -> float | None:
@@ -829,7 +834,7 @@ class StragglerStepsDetector:
 
     def _recent(self, table: StepTable, now: float) -> _Groups | None:
         """Each running rank's steps (one at least in the last recent_seconds), newest first,
-        extended back to min_recent_steps within max_recent_seconds; steps before warm-up are
+        extended back to recent_steps within max_recent_seconds; steps before warm-up are
         never read. None when no rank is running."""
         th = self.thresholds
         t = table.t
@@ -840,7 +845,7 @@ class StragglerStepsDetector:
         if not len(rows):
             return None
         recent = _grouped(table, rows, newest_first=True)
-        short = recent.count < th.min_recent_steps
+        short = recent.count < th.recent_steps
         if np.count_nonzero(short):
             far = int(np.searchsorted(t, now - th.max_recent_seconds, side="left"))
             older = np.arange(cut - 1, far - 1, -1)  # newest first
@@ -848,7 +853,7 @@ class StragglerStepsDetector:
             if len(older):
                 # Each short rank takes its newest older steps, as many as it lacks.
                 wanted = recent.job[short] * _RANK_SPAN + recent.rank[short]
-                lacking = th.min_recent_steps - recent.count[short]
+                lacking = th.recent_steps - recent.count[short]
                 keys = table.job[older] * _RANK_SPAN + table.rank[older]
                 which = np.searchsorted(wanted, keys)
                 which = np.minimum(which, len(wanted) - 1)
@@ -862,6 +867,12 @@ class StragglerStepsDetector:
                 taken[order] = position < lacking[sorted_which]
                 if np.count_nonzero(taken):
                     recent = _grouped(table, np.sort(np.concatenate([recent.rows, older[taken]])), newest_first=True)
+        if np.count_nonzero(recent.count > th.recent_steps):
+            # Judged on its newest recent_steps alone, however fast it steps: alike per step.
+            counts = np.minimum(recent.count, th.recent_steps)
+            offsets = np.cumsum(counts) - counts
+            at = np.repeat(recent.start - offsets, counts) + np.arange(int(offsets[-1] + counts[-1]))
+            recent = _Groups(recent.job, recent.rank, offsets, counts, recent.rows[at])
         return recent
 
     def _scored(self, table: StepTable, groups: _Groups) -> tuple[_Refs, np.ndarray, np.ndarray]:
@@ -934,45 +945,66 @@ class StragglerStepsDetector:
     def _baselines(self, table: StepTable, now: float, recent: _Groups) -> tuple[_Spans, bool]:
         """Each running rank's (group of `recent`) oldest min_baseline_steps steps in the window
         before its recent span (rows, oldest first): a job's first steps after warm-up when it
-        started in the window; and whether all were found from the window's oldest step."""
+        started in the window, its steps of up to step_window_seconds ago when it steps too slowly
+        for the window to hold a baseline; and whether all were found from the window's oldest
+        step."""
         th = self.thresholds
         t = table.t
         # The engine keeps steps as long as the most demanding detector needs: start at this
         # detector's own window, so that its baseline does not depend on the others.
         oldest = int(np.searchsorted(t, now - th.window_seconds, side="left"))
-        found = self._baseline_from(table, oldest, now, recent, np.arange(len(recent)))
+        found = self._baseline_from(table, oldest, now, recent, np.arange(len(recent)), th.baseline_seconds)
         from_oldest = True
-        # A job that started later: its steps are numbered from 0, so its step rate says when its
-        # first steps after warm-up ran; look there (a job younger than a baseline has none yet).
-        with_baseline = set(recent.job[found.groups].tolist())
+        # Jobs with a full baseline there; the others started later or step slowly.
+        full = found.count >= th.min_baseline_steps
+        with_baseline = set(recent.job[found.groups[full]].tolist())
         for code in np.unique(recent.job).tolist():
             if code in with_baseline:
                 continue
             groups = (recent.job == code).nonzero()[0]
             spans = [recent.of(g) for g in groups.tolist()]
-            began_t = _warmed_up_at(table, spans, th.warmup_steps)
-            recent_t = min(float(t[span[-1]]) for span in spans)
-            if began_t is None or began_t + th.baseline_seconds > recent_t:
+            rate = _seconds_per_step(table, spans)
+            if rate is None:
                 continue
-            index = int(np.searchsorted(t, max(began_t, now - th.window_seconds), side="left"))
-            if index > oldest:
-                found = found.merged(self._baseline_from(table, index, now, recent, groups))
-                from_oldest = False
+            seconds_per_step = rate
+            # The window holds a baseline and the recent steps of a job stepping every few
+            # seconds; a slower one reaches back further, up to step_window_seconds.
+            needed_seconds = (th.min_baseline_steps + th.recent_steps) * seconds_per_step + th.baseline_seconds
+            reach_seconds = th.window_seconds if needed_seconds <= th.window_seconds else th.step_window_seconds
+            # From the job's first step after warm-up in that reach (a job started later, or one
+            # whose ranks the window's oldest seconds do not show); its ranks all report a step
+            # within a step or two of one another.
+            far = int(np.searchsorted(t, now - reach_seconds, side="left"))
+            stop = int(np.searchsorted(t, now - th.recent_seconds, side="left"))
+            began = np.flatnonzero((table.job[far:stop] == code) & (table.step[far:stop] >= th.warmup_steps))
+            if not len(began):
+                continue  # younger than a baseline
+            index = far + int(began[0])
+            look_seconds = 2 * seconds_per_step + 1.0
+            if index <= oldest and reach_seconds == th.window_seconds:
+                continue  # looked there already
+            mine = np.isin(found.groups, groups)
+            if np.count_nonzero(mine):
+                keep = ~mine
+                found = _Spans(found.groups[keep], found.start[keep], found.count[keep], found.rows)
+            found = found.merged(self._baseline_from(table, index, now, recent, groups, look_seconds))
+            from_oldest = False
         return found, from_oldest
 
-    def _baseline_from(self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray) -> _Spans:
+    def _baseline_from(
+        self, table: StepTable, index: int, now: float, recent: _Groups, groups: np.ndarray, look_seconds: float
+    ) -> _Spans:
         """From row `index` on: per group `groups` of `recent`, its first min_baseline_steps steps
-        after warm-up before the recent window and its own recent span, where the first comes
-        within baseline_seconds of row `index` (a rank that first appears later has no baseline
+        after warm-up before its own recent span, where the first comes
+        within look_seconds of row `index` (a rank that first appears later has no baseline
         here)."""
         th = self.thresholds
         t = table.t
         if index >= len(t) or not len(groups):
             return _Spans.none()
         need = th.min_baseline_steps
-        look_until_t = float(t[index]) + th.baseline_seconds  # where ranks are looked for
-        stop = int(np.searchsorted(t, now - th.recent_seconds, side="left"))
-        overlap_t = now - th.max_recent_seconds  # a slow stepper's recent span may reach here
+        look_until_t = float(t[index]) + look_seconds  # where ranks are looked for
+        stop = int(np.searchsorted(t, now, side="right"))
         wanted = recent.job[groups] * _RANK_SPAN + recent.rank[groups]  # ascending, as the groups
         # each rank's oldest recent step
         own_oldest_t = t[recent.rows[recent.start[groups] + recent.count[groups] - 1]]
@@ -990,7 +1022,7 @@ class StragglerStepsDetector:
             which = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
             usable = (wanted[which] == keys) & (table.step[rows] >= th.warmup_steps)
             times = t[rows]
-            usable &= ~((times >= overlap_t) & (times >= own_oldest_t[which]))  # never its recent span
+            usable &= times < own_oldest_t[which]  # never its recent span
             rows, which, times = rows[usable], which[usable], times[usable]
             order = np.argsort(which, kind="stable")
             rows, which, times = rows[order], which[order], times[order]
@@ -1012,7 +1044,7 @@ class StragglerStepsDetector:
         th = self.thresholds
         oldest = int(np.searchsorted(table.t, now - th.window_seconds, side="left"))
         memo = self._baseline_memo
-        if memo is not None and memo.holds(table, oldest, recent, now, th):
+        if memo is not None and memo.holds(table, oldest, recent):
             baselines = memo.baselines
         else:
             found, from_oldest = self._baselines(table, now, recent)
@@ -1131,7 +1163,7 @@ class StragglerStepsDetector:
 
     def _history(self, steps: Sequence[Step], now: float, pending: list[_Pending]) -> dict[tuple[str, int], list[Step]]:
         """The pending ranks' steps of the last hold_seconds, newest first, and the
-        min_recent_steps (at least recent_seconds' worth) before them."""
+        recent_steps (at least recent_seconds' worth) before them."""
         th = self.thresholds
         wanted: dict[str, dict[int, list[Step]]] = {}
         for job, r in pending:
@@ -1139,7 +1171,7 @@ class StragglerStepsDetector:
         hold_t = now - th.hold_seconds
         enough_t = hold_t - th.recent_seconds
         far_t = hold_t - th.max_recent_seconds
-        short = len(pending)  # ranks short of min_recent_steps before hold_t
+        short = len(pending)  # ranks short of recent_steps before hold_t
         before: dict[tuple[str, int], int] = {}
         for s in reversed(steps):
             t = s.t
@@ -1152,12 +1184,12 @@ class StragglerStepsDetector:
             if own is None:
                 continue
             key = (s.job, s.rank)
-            if t < enough_t and before.get(key, 0) >= th.min_recent_steps:
+            if t < enough_t and before.get(key, 0) >= th.recent_steps:
                 continue
             own.append(s)
             if t < hold_t:
                 before[key] = before.get(key, 0) + 1
-                if before[key] == th.min_recent_steps:
+                if before[key] == th.recent_steps:
                     short -= 1
         return {(job, rank): own for job, ranks in wanted.items() for rank, own in ranks.items()}
 
@@ -1166,7 +1198,7 @@ class StragglerStepsDetector:
         gap's growth), at some step of the last
         hold_seconds (one a second of data time, the grid the engine evaluates on), judged as an
         evaluation then would have: on the rank's steps of recent_seconds (at least
-        min_recent_steps) up to it, against the steps' references where known."""
+        recent_steps) up to it, against the steps' references where known."""
         th = self.thresholds
         if th.hold_seconds == 0:
             return False
@@ -1175,7 +1207,6 @@ class StragglerStepsDetector:
         hold_t = now - th.hold_seconds
         refs, reference = job.refs, job.reference
         last_second = None
-        end = 0  # own[i:end]: the steps within recent_seconds before own[i] (newest first)
         for i, step in enumerate(own):
             if step.t < hold_t:
                 break
@@ -1183,10 +1214,7 @@ class StragglerStepsDetector:
             if second == last_second:
                 continue
             last_second = second
-            end = max(end, i + 1)
-            while end < len(own) and own[end].t >= step.t - th.recent_seconds:
-                end += 1
-            stop = max(end, i + th.min_recent_steps)
+            stop = i + th.recent_steps
             if stop > len(own):
                 break  # not enough history that far back
             ratios = [s.seconds / refs.get(s.step, reference) for s in own[i:stop]]
@@ -1207,8 +1235,8 @@ class StragglerStepsDetector:
         else:
             assert baseline_score is not None
             slow_ratio = (1.0 + th.self_slowdown) / 2 / baseline_score
-        start = _episode_start(own_newest_first, slow_ratio, job.refs, job.reference)
-        if start is None or window.now - start < th.min_slow_seconds:
+        start, slow_steps = _episode_start(own_newest_first, slow_ratio, job.refs, job.reference)
+        if start is None or slow_steps < th.min_slow_steps:
             return []
         cause = job.cause(th, r)
         newest = r.recent[0]
@@ -1321,33 +1349,33 @@ def _row_at(candidates: np.ndarray | None, index: int, k: int) -> int:
     return int(candidates[k]) if candidates is not None else index + k
 
 
-def _warmed_up_at(table: StepTable, spans: Sequence[np.ndarray], warmup_steps: int) -> float | None:
-    """When a job's step number `warmup_steps` ran, from its ranks' recent steps' rate (spans:
-    each rank's rows, newest first, in the order ranks are grouped), or None."""
+def _seconds_per_step(table: StepTable, spans: Sequence[np.ndarray]) -> float | None:
+    """A job's seconds per step from its ranks' recent steps (spans: each rank's rows, newest
+    first), or None."""
     newest = max((int(span[0]) for span in spans), key=lambda i: int(table.step[i]))
     oldest = min((int(span[-1]) for span in spans), key=lambda i: int(table.step[i]))
     newest_step, oldest_step = int(table.step[newest]), int(table.step[oldest])
     newest_t, oldest_t = float(table.t[newest]), float(table.t[oldest])
     if newest_step <= oldest_step or newest_t <= oldest_t:
         return None
-    seconds_per_step = (newest_t - oldest_t) / (newest_step - oldest_step)
-    return newest_t - (newest_step - warmup_steps) * seconds_per_step
+    return (newest_t - oldest_t) / (newest_step - oldest_step)
 
 
 def _episode_start(
     newest_first: Sequence[Step], slow_ratio: float, refs: Mapping[int, float], reference: float
-) -> float | None:
+) -> tuple[float | None, int]:
     """The t of the first slow step (at least slow_ratio times its step's reference, or today's
     where unknown) of the trailing run of mostly slow steps (two fast ones in a row end it, going
-    back); None when the newest two steps are fast."""
+    back), and how many slow steps the run has; None and 0 when the newest two steps are fast."""
     start = None
-    fast_in_a_row = 0
+    slow = fast_in_a_row = 0
     for s in newest_first:
         if s.seconds >= slow_ratio * refs.get(s.step, reference):
             start = s.t
+            slow += 1
             fast_in_a_row = 0
         else:
             fast_in_a_row += 1
             if fast_in_a_row >= 2:
                 break
-    return start
+    return start, slow

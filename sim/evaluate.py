@@ -112,7 +112,7 @@ _FAULT_KEYS = frozenset(
     }
 )
 _NOISE_KEYS = frozenset({"kind", "node", "gpu", "job", "rank", "at_seconds", "duration_seconds", "factor", "count"})
-_EXPECT_KEYS = frozenset({"detector", "node", "gpu", "job", "rank", "after_seconds", "within_seconds"})
+_EXPECT_KEYS = frozenset({"detector", "node", "gpu", "job", "rank", "after_seconds", "within_seconds", "optional"})
 
 
 def _is_number(value: Any) -> bool:
@@ -295,6 +295,8 @@ def validate_scenario(scenario: Mapping[str, Any], path: str | os.PathLike[str] 
                 raise c.fail(p + "job", f"unknown job {item['job']!r}")
         c.number(item, "after_seconds", p + "after_seconds", minimum=0, maximum=duration)
         c.number(item, "within_seconds", p + "within_seconds", positive=True)
+        if not isinstance(item.get("optional", False), bool):
+            raise c.fail(p + "optional", f"must be true or false, got {item['optional']!r}")
 
 
 def load_scenario(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -322,6 +324,9 @@ class Expectation:
     gpu: int | None = None
     job: str | None = None
     rank: int | None = None
+    # A finding the detectors may open or not (a borderline rank): matched, it is no false alarm
+    # and no true positive; unmatched, no miss. A second one is a false alarm.
+    optional: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Expectation:
@@ -333,6 +338,7 @@ class Expectation:
             gpu=d.get("gpu"),
             job=d.get("job"),
             rank=d.get("rank"),
+            optional=bool(d.get("optional", False)),
         )
 
     def same_entity(self, finding: Finding) -> bool:
@@ -422,7 +428,8 @@ def score(
     for i, expectation in enumerate(expectations):
         j = matched_by_expectation.get(i)
         if j is None:
-            misses.append(expectation)
+            if not expectation.optional:
+                misses.append(expectation)
             continue
         episode = episodes[j]
         latency = max(0.0, episode.opened_at - (start + expectation.after_seconds))
@@ -580,6 +587,7 @@ def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
         return per.setdefault(detector, {"tp": 0, "fp": 0, "fn": 0, "latencies": []})
 
     failures: list[dict[str, Any]] = []
+    matched: list[dict[str, Any]] = []
     latencies: list[float] = []
     node_days = healthy_node_days = 0.0
     false_alarms = healthy_false_alarms = 0
@@ -590,6 +598,19 @@ def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
             healthy_false_alarms += len(result.false_alarms)
         false_alarms += len(result.false_alarms)
         for match in result.matches:
+            if match.expectation.optional:
+                continue  # allowed, not required: neither a hit nor a false alarm
+            matched.append(
+                {
+                    "scenario": result.scenario,
+                    "detector": match.expectation.detector,
+                    "node": match.expectation.node,
+                    "gpu": match.expectation.gpu,
+                    "job": match.expectation.job,
+                    "rank": match.expectation.rank,
+                    "latency_s": match.latency_seconds,
+                }
+            )
             b = bucket(match.expectation.detector)
             b["tp"] += 1
             b["latencies"].append(match.latency_seconds)
@@ -650,6 +671,7 @@ def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
             1000.0 * healthy_false_alarms / healthy_node_days if healthy_node_days else 0.0
         ),
         "failures": failures,
+        "matches": matched,
     }
 
 

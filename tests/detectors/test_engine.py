@@ -10,6 +10,7 @@ import pytest
 from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.model import Window
+from fleetwatch.detectors.straggler_steps import StragglerStepsDetector
 from fleetwatch.detectors.table import TableSeries
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, Step
 
@@ -56,6 +57,18 @@ def test_events_have_their_own_retention():
     data.add_event(Event(t=T0, node="n01", kind="xid", gpu=0, xid=79))
     assert len(data.window(T0 + 100, watching_since=T0).events) == 1
     assert len(data.window(T0 + 100.5, watching_since=T0).events) == 0
+
+
+def test_steps_have_their_own_retention():
+    # A job stepping every 45 s needs half an hour of its steps; samples need no more than 10 s.
+    data = RecentData(retention_seconds=10, step_retention_seconds=1800)
+    data.add_step(Step(t=T0, job="j", rank=0, node="n01", step=1, seconds=45.0))
+    data.add_host(HostSample(t=T0, node="n01", metrics={}))
+    window = data.window(T0 + 1800, watching_since=T0)
+    assert len(window.steps) == 1 and window.host == {}
+    assert len(data.window(T0 + 1800.5, watching_since=T0).steps) == 0
+    with pytest.raises(ValueError, match="step_retention_seconds"):
+        RecentData(retention_seconds=10, step_retention_seconds=5)
 
 
 def test_series_are_bounded_and_overflow_is_counted():
@@ -134,6 +147,8 @@ def test_for_detectors_keeps_what_the_detectors_need():
     data = RecentData.for_detectors(default_detectors())
     assert data.retention_seconds == max(d.window_seconds for d in default_detectors())
     assert data.event_retention_seconds >= 86400.0
+    # straggler.steps reads slow steppers' steps from further back than anyone's window
+    assert data.step_retention_seconds == StragglerStepsDetector().step_window_seconds > data.retention_seconds
 
 
 # --- Tracker -------------------------------------------------------------------------------------

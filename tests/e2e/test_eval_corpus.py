@@ -1,8 +1,8 @@
 """The labelled fault corpus, end to end: `fleetwatchctl eval` over tests/scenarios meets the targets.
 
 Targets (the issue): precision and recall of at least 0.99 overall and for every detector; event
-findings (XID, ECC double-bit, GPU lost) open within 2 s of the fault, stragglers within 30 s;
-at least 40 scenarios, at least a third of them healthy. On failure the assertion message lists
+findings (XID, ECC double-bit, GPU lost) open within 2 s of the fault, stragglers within 10 of the
+straggler's steps (30 s for jobs stepping faster than every 3 s or so); at least 40 scenarios, at least a third of them healthy. On failure the assertion message lists
 the report's `failures` (scenario, miss or false alarm, detector, where, what happened) so a
 developer can rerun one with `fleetwatchctl eval --corpus tests/scenarios --scenario NAME`.
 """
@@ -49,6 +49,28 @@ COVERED_DETECTORS = (
 
 def _scenarios() -> dict[str, dict]:
     return {p.stem: tomllib.loads(p.read_text()) for p in sorted(CORPUS.glob("*.toml"))}
+
+
+def _straggler_latency_bound(scenario: dict, e: dict) -> float:
+    """Seconds a straggler expectation may take: 10 of the straggler's steps, plus the step in
+    progress at its onset (issue 10: "opened within 10 steps"), and never under 30 s (a job
+    stepping every 0.2 s is judged per step too; the bound is for slow steppers' sake)."""
+    jobs = scenario.get("jobs", [])
+    job = next((j for j in jobs if j["id"] == e.get("job")), None)
+    if job is None:
+        job = next((j for j in jobs if e.get("node") in j["nodes"]), None)
+    if job is None:
+        return STRAGGLER_LATENCY_SECONDS
+    step = float(job["step_seconds"])
+    factor = max(job.get("stage_factors", [1.0]))
+    for fault in scenario.get("faults", []):
+        if (
+            fault["kind"] == "slow_rank"
+            and fault["at_seconds"] == e["after_seconds"]
+            and fault["node"] == e.get("node")
+        ):
+            factor *= float(fault.get("factor", 1.0))
+    return max(STRAGGLER_LATENCY_SECONDS, 10 * step * factor + step)
 
 
 MAX_FAILURES_SHOWN = 60
@@ -129,8 +151,10 @@ def test_expectation_windows_encode_the_latency_targets():
             what = f"{name}: {e['detector']} on {e.get('node') or 'job ' + e['job']} gpu {e.get('gpu')}"
             if e in events:
                 assert e["within_seconds"] <= EVENT_LATENCY_SECONDS, what
+            elif e.get("optional"):
+                continue  # a borderline rank: may open at any time, or never
             elif e["detector"] in STRAGGLER_DETECTORS:
-                assert e["within_seconds"] <= STRAGGLER_LATENCY_SECONDS, what
+                assert e["within_seconds"] <= _straggler_latency_bound(scenario, e), what
             else:
                 assert e["within_seconds"] <= MAX_WINDOW_SECONDS, what
         for fault in scenario.get("faults", []):
@@ -185,15 +209,28 @@ def test_healthy_scenarios_raise_no_alarms(report):
 
 def test_event_and_straggler_latencies(report):
     """XID findings are events only: their p95 must be under 2 s. Double-bit ECC and GPU-lost
-    events are held to 2 s by their expectation windows (see above); stragglers to 30 s here."""
+    events are held to 2 s by their expectation windows (see above); each straggler to 10 of its
+    steps (30 s at least) here."""
     per = report["per_detector"]
     slow = {}
     for detector in ("xid",):
         p95 = per.get(detector, {}).get("latency_p95_s")
         if p95 is None or p95 >= EVENT_LATENCY_SECONDS:
             slow[detector] = p95
+    scenarios = _scenarios()
+    for m in report["matches"]:
+        if m["detector"] not in STRAGGLER_DETECTORS:
+            continue
+        scenario = scenarios[m["scenario"]]
+        (e,) = [
+            e
+            for e in scenario["expect"]
+            if e["detector"] == m["detector"] and e.get("node") == m["node"] and e.get("rank") == m["rank"]
+        ][:1]
+        bound = _straggler_latency_bound(scenario, e)
+        if m["latency_s"] > bound:
+            slow[f"{m['scenario']} {m['detector']} rank {m['rank']}"] = (m["latency_s"], bound)
     for detector in STRAGGLER_DETECTORS:
-        p95 = per.get(detector, {}).get("latency_p95_s")
-        if p95 is None or p95 >= STRAGGLER_LATENCY_SECONDS:
-            slow[detector] = p95
-    assert not slow, f"latency p95 (s) over target or never measured: {slow}\n" + _failures_text(report)
+        if per.get(detector, {}).get("latency_p95_s") is None:
+            slow[detector] = None
+    assert not slow, f"latency (s) over target or never measured: {slow}\n" + _failures_text(report)

@@ -1,5 +1,6 @@
 """The corpus evaluator: scoring rules (tests/scenarios/README.md), scenario validation, the report."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -35,6 +36,7 @@ REPORT_KEYS = {
     "node_days",
     "healthy_false_alarm_rate_per_1000_node_days",
     "failures",
+    "matches",
 }
 PER_DETECTOR_KEYS = {
     "precision",
@@ -134,6 +136,21 @@ def test_each_finding_and_each_expectation_match_once():
     assert len(matches) == 1 and len(misses) == 1 and false_alarms == []
 
 
+def test_an_optional_expectation_allows_one_finding_and_requires_none():
+    borderline = dataclasses.replace(expect(after=100, within=30), optional=True)
+    # None: no miss.
+    assert score([borderline], [], START) == ([], [], [])
+    # One: no false alarm, and no hit either in the report.
+    first, second = episode(opened=110), episode(opened=120)
+    matches, misses, false_alarms = score([borderline], [first], START)
+    assert [m.episode for m in matches] == [first] and misses == [] and false_alarms == []
+    report = summarize([_result("borderline", False, matches)])
+    assert report["per_detector"] == {} and report["matches"] == [] and report["recall"] == 1.0
+    # Two: the second is a false alarm.
+    matches, misses, false_alarms = score([borderline], [first, second], START)
+    assert false_alarms == [second]
+
+
 def test_matching_is_maximal_not_greedy():
     # The first expectation could take either finding; taking the early one would starve the
     # second expectation, whose window only holds the early one.
@@ -208,6 +225,10 @@ def test_report_shape_and_numbers():
     assert report["false_alarms_per_1000_node_days"] == pytest.approx(1000 / 0.75)
     assert report["healthy_false_alarm_rate_per_1000_node_days"] == pytest.approx(1000 / 0.25)
     assert report["latency_p50_s"] == pytest.approx(5.5)
+    assert [(m["scenario"], m["detector"], m["node"], m["latency_s"]) for m in report["matches"]] == [
+        ("faulty", "xid", "n01", 1.0),
+        ("faulty", "thermal", "n01", 10.0),
+    ]
     assert set(report["per_detector"]) == {"xid", "thermal", "ecc", "power"}
     for stats in report["per_detector"].values():
         assert set(stats) == PER_DETECTOR_KEYS
