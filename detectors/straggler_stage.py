@@ -25,9 +25,13 @@ from typing import ClassVar
 import numpy as np
 
 from fleetwatch.detectors.model import Window, step_table
+from fleetwatch.detectors.stages import StageGuess, ranks_text, stage_guesses
 from fleetwatch.detectors.straggler_telemetry import median
 from fleetwatch.detectors.table import StepTable
 from fleetwatch.records import Finding
+
+# The stage key of a job's finding from stages told by step times (see detectors.stages).
+_TOLD = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +101,55 @@ class StragglerStageDetector:
             if finding is not None:
                 findings.append(finding)
                 reported.add((job, finding.evidence["pp_stage"]))
+        for code, guess in stage_guesses(table, window.now).items():
+            finding = self._told(table, code, guess)
+            if finding is not None:
+                findings.append(finding)
+                reported.add((table.jobs[code], _TOLD))
         self._reported = reported
         return findings
+
+    def _told(self, table: StepTable, code: int, guess: StageGuess) -> Finding | None:
+        """The finding for a job without coordinates whose step times show stages: its slowest
+        stage against the others (each stage as one group: the replicas are not known)."""
+        th = self.thresholds
+        job = table.jobs[code]
+        slowest = max(range(len(guess.stages)), key=lambda i: guess.relative[i])
+        others = [i for i in range(len(guess.stages)) if i != slowest]
+        ratio = guess.relative[slowest] / median([guess.relative[i] for i in others])
+        limit = th.hold_stage_ratio if (job, _TOLD) in self._reported else th.min_stage_ratio
+        if ratio < limit:
+            return None
+        stage_seconds = guess.seconds[slowest]
+        other_seconds = median([guess.seconds[i] for i in others])
+        loss = max(0.0, 1.0 - max(guess.seconds[i] for i in others) / stage_seconds)
+        ranks = list(guess.stages[slowest])  # with a straggler among them: straggler.steps reports it
+        rows = np.flatnonzero((table.job == code) & (table.step >= th.warmup_steps))
+        return Finding(
+            detector=self.id,
+            severity=self.severity,
+            action=self.action,
+            summary=(
+                f"ranks {ranks_text(ranks)} of job {job} take {ratio:.2f}x the other ranks' time, together since "
+                f"its first steps ({stage_seconds:.2f} s a step against {other_seconds:.2f} s): a pipeline stage, "
+                f"told from the step times (the reports carry no pp_stage), the model split unevenly, not a "
+                f"GPU at fault; job {job} loses about {loss:.0%} of its speed to it"
+            ),
+            start=float(table.t[rows].min()) if len(rows) else float(table.t[-1]),
+            job=job,
+            evidence={
+                "pp_stage": None,
+                "stage_ranks": ranks,
+                "ratio": round(ratio, 4),
+                "stage_seconds": round(stage_seconds, 6),
+                "other_stages_seconds": round(other_seconds, 6),
+                "stages": len(guess.stages),
+                "replicas": None,
+                "steps": guess.steps,
+                "job_loss": round(loss, 4),
+            },
+            key="stage told from step times",
+        )
 
     def _job(self, window: Window, table: StepTable, job: str, codes: list[int]) -> Finding | None:
         th = self.thresholds

@@ -62,6 +62,7 @@ from typing import ClassVar
 import numpy as np
 
 from fleetwatch.detectors.model import Window, gpu_table, step_table
+from fleetwatch.detectors.stages import StageGuess, ranks_text, stage_guesses
 from fleetwatch.detectors.straggler_telemetry import CAUSE_FIELDS, GpuCause, gpu_cause_of_columns, median
 from fleetwatch.detectors.table import COLUMN, StepTable
 from fleetwatch.records import Finding, Step
@@ -516,6 +517,7 @@ class _Job:
     reference: float  # median of its references: the healthy step time now
     window: Window
     min_baseline_steps: int
+    table: StepTable  # the step table its code indexes (with stages told from step times)
     pace: float = math.inf  # reference now / reference in the baseline (inf without one)
     _ranks: dict[int, _Rank] = field(default_factory=dict)  # group -> rank, as they are needed
     _refs: dict[int, float] | None = None
@@ -706,6 +708,8 @@ class StragglerStepsDetector:
     _scores: tuple[StepTable, np.ndarray, np.ndarray, np.ndarray] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # This evaluation's job codes for stages told from step times (stage_guesses): their ranks.
+    _told: dict[int, tuple[int, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
     # Warning: the job still runs, at the straggler's pace.
     severity: ClassVar[str] = "warning"
 
@@ -788,6 +792,10 @@ class StragglerStepsDetector:
         now = window.now
         table = step_table(window)
         self._scores = None
+        self._told = {}
+        guesses = stage_guesses(table, now)
+        if guesses:  # jobs without coordinates whose step times show pipeline stages
+            table = self._with_stages(table, guesses)
         recent = self._recent(table, now)
         if recent is None:
             return []
@@ -829,6 +837,33 @@ class StragglerStepsDetector:
             findings.extend(self._settle(window, steps, pending))
         findings.sort(key=lambda f: (f.start, f.job or "", -1 if f.rank is None else f.rank))
         return findings
+
+    def _with_stages(self, table: StepTable, guesses: Mapping[int, StageGuess]) -> StepTable:
+        """`table` with each guessed stage of a job as its own code (its first stage keeps the
+        job's), as if its steps carried pp_stage: its ranks are compared with their stage's."""
+        job = table.job.copy()
+        jobs, stages = list(table.jobs), list(table.stages)
+        for code, guess in sorted(guesses.items()):
+            mine = table.job == code
+            self._told[code] = guess.stages[0]
+            for ranks in guess.stages[1:]:
+                self._told[len(jobs)] = ranks
+                job[mine & np.isin(table.rank, ranks)] = len(jobs)
+                jobs.append(table.jobs[code])
+                stages.append(None)
+        columns = {
+            "t": table.t,
+            "seconds": table.seconds,
+            "job": job,
+            "rank": table.rank,
+            "step": table.step,
+            "node": table.node,
+            "gpu": table.gpu,
+            "dp": table.dp,
+        }
+        # Another numbering of the same columns: the baselines of one are not the other's.
+        generation = hash((table.origin[0], tuple(sorted((code, g.stages) for code, g in guesses.items()))))
+        return StepTable(columns, jobs, table.nodes, table.steps, (generation, table.origin[1]), stages, table.shared)
 
     # --- reading the window's step table: newest steps back, oldest steps forward ----------------
 
@@ -939,7 +974,16 @@ class StragglerStepsDetector:
         middle = len(values) // 2
         reference = float(values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2)
         return _Job(
-            table.jobs[code], groups, members, scores, refs, code, reference, window, self.thresholds.min_baseline_steps
+            table.jobs[code],
+            groups,
+            members,
+            scores,
+            refs,
+            code,
+            reference,
+            window,
+            self.thresholds.min_baseline_steps,
+            table,
         )
 
     def _baselines(self, table: StepTable, now: float, recent: _Groups) -> tuple[_Spans, bool]:
@@ -1244,10 +1288,12 @@ class StragglerStepsDetector:
             where = f"GPU {newest.gpu} on {newest.node}"
         else:
             where = f"node {newest.node}"
-        table = step_table(window)
-        stage = table.stages[job.code]
+        stage = job.table.stages[job.code]
+        told = self._told.get(job.code)
         if stage is not None:  # its peers are the ranks of its pipeline stage
             where = f"pipeline stage {stage}, {where}"
+        elif told is not None:  # or of the stage its step times show
+            where = f"the pipeline stage of ranks {ranks_text(told)} by their step times, {where}"
         rank_seconds = _median_seconds(r.recent)
         reference_seconds = rank_seconds * r.score  # the peers' time on the rank's own steps
         evidence: dict[str, object] = {
@@ -1260,6 +1306,8 @@ class StragglerStepsDetector:
             "pp_stage": stage,
             "steps": len(r.recent),
         }
+        if told is not None:
+            evidence["stage_ranks"] = list(told)
         if basis == "peers":
             summary = (
                 f"rank {r.rank} of job {job.name} ({where}) runs at {r.score:.2f} of its peers' "
@@ -1281,6 +1329,7 @@ class StragglerStepsDetector:
             summary += f": {cause_text}"
         if cause is not None:
             evidence.update(cause.evidence())
+        table = step_table(window)
         loss = _job_loss(table, table.codes_of(job.name), r.rank, r.recent)
         if loss is not None:
             evidence["job_loss"] = round(loss, 4)

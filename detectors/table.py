@@ -1208,6 +1208,7 @@ class StepTable:
         "origin",
         "rank",
         "seconds",
+        "shared",
         "stages",
         "step",
         "steps",
@@ -1222,6 +1223,7 @@ class StepTable:
         steps: Sequence[Any],
         origin: tuple[int, int] = (0, 0),
         stages: Sequence[int | None] = (),
+        shared: dict[Any, Any] | None = None,
     ) -> None:
         self.t: np.ndarray = columns["t"]
         self.seconds: np.ndarray = columns["seconds"]
@@ -1238,6 +1240,7 @@ class StepTable:
         # (which columns, absolute number of row 0): row r of tables of the same columns is the
         # same step as row r + origin[1] - other.origin[1] of the other (steps never move).
         self.origin = origin
+        self.shared: dict[Any, Any] = {} if shared is None else shared
         self._step_span: int | None = None
 
     def __len__(self) -> int:
@@ -1281,6 +1284,7 @@ class StepColumns:
         self._end = 0
         self._dropped = 0  # rows pruned since the last rebuild: the absolute number of row _start
         self._generation = next(_STEP_GENERATIONS)  # unique in the process, new at each rebuild
+        self._shared: dict[Any, Any] = {}  # StepTable.shared of its tables, emptied at each rebuild
         self._pending: list[Any] = []  # Steps appended since the last sync
         self._job_code: dict[tuple[str, int | None], int] = {}  # (job, pp_stage) -> code
         self._node_code: dict[str, int] = {}
@@ -1350,6 +1354,7 @@ class StepColumns:
         self._pending = list(steps)
         self._start = self._end = self._dropped = 0
         self._generation = next(_STEP_GENERATIONS)
+        self._shared = {}
         self._job_code, self._node_code, self.jobs, self.stages, self.nodes = {}, {}, [], [], []
         self.dirty = False
         self._flush()
@@ -1365,6 +1370,7 @@ class StepColumns:
             steps,
             (self._generation, self._dropped),
             self.stages,
+            self._shared,
         )
 
 

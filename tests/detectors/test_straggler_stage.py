@@ -141,9 +141,41 @@ def test_the_stage_finding_holds_near_the_threshold_and_closes_when_balanced():
     assert finding.end is not None and balanced_t < finding.end < balanced_t + 30
 
 
-def test_without_coordinates_no_stage_is_known():
-    steps = pipeline_steps(coordinates=False)
-    assert replay(steps, [StragglerStageDetector()]) == []
+def test_without_coordinates_a_balanced_job_has_no_stage():
+    assert findings(pipeline_steps(coordinates=False)) == []
+
+
+@pytest.mark.parametrize(("step_seconds", "steps"), [(0.9, 200), (47.0, 60)])
+def test_without_coordinates_the_stage_is_told_from_the_step_times(step_seconds, steps):
+    # The same uneven pipeline, its reports without pp_stage: ranks 12-15 step 1.6x slower than
+    # the rest from the first steps on, as one group of a stage's size (detectors.stages).
+    (finding,) = findings(
+        pipeline_steps(stage_factors=(1.0, 1.0, 1.0, 1.6), step_seconds=step_seconds, steps=steps, coordinates=False)
+    )
+    evidence = finding.evidence
+    assert (finding.detector, finding.job, finding.node, finding.rank) == ("straggler.stage", "j1", None, None)
+    assert evidence["pp_stage"] is None and evidence["stage_ranks"] == [12, 13, 14, 15]
+    assert evidence["ratio"] == pytest.approx(1.6, abs=0.06) and evidence["stages"] == 2
+    assert evidence["job_loss"] == pytest.approx(1 - 1 / 1.6, abs=0.03)
+    assert finding.summary.startswith("ranks 12-15 of job j1 take 1.")
+    assert "told from the step times (the reports carry no pp_stage)" in finding.summary
+    assert finding.end is None
+
+
+def test_without_coordinates_a_slow_rank_is_judged_against_its_told_stage():
+    result = findings(pipeline_steps(stage_factors=(1.0, 1.0, 1.0, 1.6), slow={13: 2.4}, coordinates=False))
+    assert sorted((f.detector, f.rank) for f in result) == [("straggler.stage", None), ("straggler.steps", 13)]
+    (straggler,) = [f for f in result if f.rank is not None]
+    assert straggler.evidence["score"] == pytest.approx(1 / 2.4, abs=0.03)
+    assert straggler.evidence["stage_ranks"] == [12, 13, 14, 15]
+    assert "(the pipeline stage of ranks 12-15 by their step times, GPU 5 on n02)" in straggler.summary
+
+
+def test_without_coordinates_ranks_that_slow_down_together_later_are_stragglers():
+    # Stage 3's ranks slow 1.6x from step 100: an onset, so no stage is told, and they are judged
+    # against the whole job (as half a job behind a bad switch would be).
+    result = findings(pipeline_steps(factor_at={100: (1.0, 1.0, 1.0, 1.6)}, coordinates=False, steps=250))
+    assert sorted((f.detector, f.rank) for f in result) == [("straggler.steps", rank) for rank in (12, 13, 14, 15)]
 
 
 def test_slow_steppers_are_judged_on_fewer_steps_inside_the_time_cap():
