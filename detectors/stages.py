@@ -14,16 +14,18 @@ times say it:
 - those groups are stages when there are at least two, the smallest holds at least
   `min_stage_ranks` ranks, and each holds a multiple of it (one stage's ranks are its
   data-parallel x tensor-parallel degree; stages of equal speed form one group);
-- and only when the job's earliest steps after warm-up that the window holds show the same
-  groups as its newest: stages are there from the start, while ranks that slowed down together
-  later (half a job behind a bad switch) have an onset, and stay stragglers.
+- and only when the job's earliest steps after warm-up that the window held when it was first
+  read (kept from then on) show the same groups as its newest: stages are there from the start,
+  while ranks that slowed down together later (half a job behind a bad switch) have an onset,
+  and stay stragglers.
 
 Stages a few percent apart (the usual uneven split) stay one group: their ranks differ by no
 more than healthy ranks do, and straggler.steps' rules already take steady offsets that small.
 
-Cost: each job's guess is read from its rows of the step table and kept for `recheck_steps` of
-its steps, in the table's cache shared by the detectors and the windows of the same columns, so
-straggler.steps and straggler.stage see the same stages and a job is read once every 10 steps.
+Cost: each job's guess is read from its newest rows of the step table (its earliest once) and
+kept for `recheck_steps` of its steps, in the table's cache shared by the detectors and the
+windows of the same columns, so straggler.steps and straggler.stage see the same stages and a
+job is read once every 10 steps.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fleetwatch.detectors.table import StepTable
+
+# Groups of ranks (stages, lone outliers within theirs), as sets: the same groups in any order.
+_Groups = frozenset[frozenset[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,7 @@ def stage_guesses(
     if asked is not None and asked[0] == (now, len(table), table.origin):
         return dict(asked[1])
     memo: dict[int, tuple[int, float, StageGuess | None]] = table.shared.setdefault(("stages", th), {})
+    first: dict[int, _Groups | None] = table.shared.setdefault(("stages first", th), {})
     t = table.t
     lo, hi = np.searchsorted(t, [now - th.lookback_seconds, now], side="right")
     codes, numbers = table.job[lo:hi], table.step[lo:hi]
@@ -122,7 +128,7 @@ def stage_guesses(
             guess = known[2]
             memo[code] = (known[0], now, guess)  # seen running now
         else:
-            guess, settled = _guess(table, code, now, th)
+            guess, settled = _guess(table, code, now, th, first)
             # A job too young to tell is read again at its next step (held for this one).
             memo[code] = (step if settled else step - th.recheck_steps + 1, now, guess)
         if guess is not None:
@@ -130,17 +136,24 @@ def stage_guesses(
     for code, (_, seen_t, guess) in list(memo.items()):
         if code < len(newest) and newest[code] >= 0:
             continue
-        if guess is None or now - seen_t > th.hold_seconds:
+        if now - seen_t > th.hold_seconds:
             del memo[code]
-        else:
+            first.pop(code, None)  # gone: a job of that code seen again is read afresh
+        elif guess is not None:
             guesses[code] = guess
     table.shared[("stages asked", th)] = ((now, len(table), table.origin), dict(guesses))
     return guesses
 
 
-def _guess(table: StepTable, code: int, now: float, th: StageGuessThresholds) -> tuple[StageGuess | None, bool]:
-    """The guess from the job's rows, and whether the job had enough steps to make one."""
-    rows = np.flatnonzero((table.job == code) & (table.t <= now) & (table.step >= th.warmup_steps))
+def _guess(
+    table: StepTable, code: int, now: float, th: StageGuessThresholds, first: dict[int, _Groups | None]
+) -> tuple[StageGuess | None, bool]:
+    """The guess from the job's rows, and whether the job had enough steps to make one. `first`
+    holds each job's groups at its earliest steps, read once (None: none then)."""
+    if code in first:
+        rows = _newest_rows(table, code, now, th)
+    else:
+        rows = np.flatnonzero((table.job == code) & (table.t <= now) & (table.step >= th.warmup_steps))
     numbers = table.step[rows]
     ranks = table.rank[rows]
     rank_ids, rank_of_row = np.unique(ranks, return_inverse=True)
@@ -148,19 +161,25 @@ def _guess(table: StepTable, code: int, now: float, th: StageGuessThresholds) ->
         return None, True
     # Steps every rank reported, oldest first.
     _, step_of_row, per_step = np.unique(numbers, return_inverse=True, return_counts=True)
-    if len(per_step) < th.min_steps:
+    if len(per_step) < th.min_steps and code not in first:
         return None, False
     complete = np.flatnonzero(per_step == len(rank_ids))
     if len(complete) < th.min_steps:
         return None, True  # ranks came and went: no steady groups to tell
+    if code not in first:
+        then, _ = _relative(table, rows, rank_of_row, step_of_row, complete[: th.steps], len(rank_ids))
+        groups_then = _groups(then, th)
+        first[code] = (
+            None
+            if groups_then is None
+            else frozenset(frozenset(int(rank_ids[i]) for i in group) for group in groups_then[0])
+        )
     recent, seconds = _relative(table, rows, rank_of_row, step_of_row, complete[-th.steps :], len(rank_ids))
     groups_now = _groups(recent, th)
     if groups_now is None:
         return None, True
     stages, outliers = groups_now
-    then, _ = _relative(table, rows, rank_of_row, step_of_row, complete[: th.steps], len(rank_ids))
-    groups_then = _groups(then, th)
-    if groups_then is None or {frozenset(g) for g in groups_then[0]} != {frozenset(g) for g in stages}:
+    if first[code] != frozenset(frozenset(int(rank_ids[i]) for i in stage) for stage in stages):
         return None, True  # not from the start: an onset, not a partition
     members = [[i for i in stage if i not in outliers] for stage in stages]
     return (
@@ -173,6 +192,21 @@ def _guess(table: StepTable, code: int, now: float, th: StageGuessThresholds) ->
         ),
         True,
     )
+
+
+def _newest_rows(table: StepTable, code: int, now: float, th: StageGuessThresholds) -> np.ndarray:
+    """The job's rows after warm-up back to at least `steps` + 2 of its step numbers (a step
+    still arriving is not complete), read from the newest back in growing spans."""
+    t = table.t
+    hi = int(np.searchsorted(t, now, side="right"))
+    span = th.lookback_seconds
+    while True:
+        lo = int(np.searchsorted(t, now - span, side="left"))
+        mine = (table.job[lo:hi] == code) & (table.step[lo:hi] >= th.warmup_steps)
+        rows = lo + np.flatnonzero(mine)
+        if lo == 0 or len(np.unique(table.step[rows])) >= th.steps + 2:
+            return rows
+        span *= 4
 
 
 def _relative(
@@ -219,7 +253,8 @@ def _groups(relative: np.ndarray, th: StageGuessThresholds) -> tuple[list[list[i
                 continue
         stages.append(list(part))
     if len(stages) > 1 and len(stages[0]) == 1:  # the fastest rank alone: it joins the next group
-        stages[1][:0] = stages.pop(0)
+        lone = stages.pop(0)
+        stages[0][:0] = lone
     sizes = [len(stage) for stage in stages]
     smallest = min(sizes)
     if len(stages) < 2 or smallest < th.min_stage_ranks or any(size % smallest for size in sizes):

@@ -1269,7 +1269,7 @@ class StragglerStepsDetector:
     # --- the finding -----------------------------------------------------------------------------
 
     def _finding(self, window: Window, job: _Job, r: _Rank, basis: str, own_newest_first: list[Step]) -> list[Finding]:
-        """The finding for `r`, none when its slow run is shorter than min_slow_seconds. A step
+        """The finding for `r`, none when its slow run is shorter than min_slow_steps steps. A step
         counts as slow from halfway to the threshold, so a rank just past the threshold does not
         lose its episode's start to every other step."""
         th = self.thresholds

@@ -7,10 +7,13 @@ coordinates.
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 
 from fleetwatch.detectors.model import step_table_of
-from fleetwatch.detectors.stages import StageGuessThresholds, ranks_text, stage_guesses
+from fleetwatch.detectors.stages import StageGuessThresholds, _groups, ranks_text, stage_guesses
 from fleetwatch.records import Step
 from tests.detectors.test_straggler_stage import pipeline_steps
 
@@ -53,6 +56,13 @@ def test_ranks_that_slowed_down_together_later_are_not_a_stage():
     assert guesses(steps) == {}
 
 
+def test_a_lone_fast_rank_is_an_outlier_too():
+    # Rank 3 steps 1.25x faster than the rest from the start (Alibaba job 2's spread is as wide).
+    assert guesses(pipeline_steps(slow={3: 0.8}, coordinates=False)) == {}
+    (guess,) = guesses(pipeline_steps(stage_factors=(1.0, 1.0, 1.0, 1.6), slow={0: 0.75}, coordinates=False)).values()
+    assert guess.stages == (tuple(range(12)), (12, 13, 14, 15)) and guess.outliers == {0}
+
+
 def test_groups_whose_sizes_do_not_fit_one_stage_size_are_not_stages():
     # 11 fast ranks and 5 slow ones (stage 3 plus rank 2): no stage size divides both.
     steps = pipeline_steps(stage_factors=(1.0, 1.0, 1.0, 1.6), slow={2: 1.6}, coordinates=False)
@@ -86,6 +96,26 @@ def test_a_guess_is_kept_for_ten_steps_and_while_the_job_pauses():
     last_t = steps[-1].t
     assert stage_guesses(table, last_t + th.lookback_seconds + 60, th)
     assert stage_guesses(table, last_t + th.hold_seconds + 60, th) == {}
+
+
+def test_any_spread_of_step_times_gives_a_guess_or_none():
+    # Random spreads (2 to 40 ranks, clustered or not, outliers at either end): never an error,
+    # and every guess covers each rank once, its stages of a common size.
+    rng = random.Random(5)
+    for _ in range(2000):
+        count = rng.randrange(2, 41)
+        levels = [rng.choice((1.0, 1.3, 1.6, 2.5)) for _ in range(rng.randrange(1, 4))]
+        relative = np.array([rng.choice(levels) * rng.uniform(0.97, 1.03) for _ in range(count)])
+        if rng.random() < 0.5:
+            relative[rng.randrange(count)] *= rng.choice((0.5, 3.0))
+        groups = _groups(relative, StageGuessThresholds())
+        if groups is None:
+            continue
+        stages, outliers = groups
+        assert sorted(i for stage in stages for i in stage) == list(range(count))
+        assert outliers <= {i for stage in stages for i in stage}
+        sizes = [len(stage) for stage in stages]
+        assert len(stages) >= 2 and all(size % min(sizes) == 0 for size in sizes) and min(sizes) >= 2
 
 
 def test_thresholds_are_checked():
