@@ -532,8 +532,14 @@ class RecentData:
 
     def add_step(self, s: Step) -> None:
         steps = self._steps
-        if (not steps or steps[-1].t <= s.t) and len(steps) < self._max_steps:
-            steps.append(s)  # the common case: in time order, with room
+        if not steps or steps[-1].t <= s.t:  # the common case: in time order
+            if len(steps) == self._max_steps:
+                # Full (a busy fleet): the oldest goes, from the columns too, not a rebuild of
+                # a million rows at every step.
+                steps.popleft()
+                self._step_columns.popleft(1)
+                self.dropped["step"] += 1
+            steps.append(s)
             self._step_columns.append(s)
         else:
             self._add("step", steps, s)

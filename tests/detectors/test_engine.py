@@ -71,6 +71,16 @@ def test_steps_have_their_own_retention():
         RecentData(retention_seconds=10, step_retention_seconds=5)
 
 
+def test_a_full_step_buffer_drops_its_oldest_and_keeps_its_columns_in_step():
+    data = RecentData(retention_seconds=600, max_steps=3)
+    for i in range(5):
+        data.add_step(Step(t=T0 + i, job="j", rank=0, node="n01", step=i, seconds=0.9))
+    window = data.window(T0 + 5, watching_since=T0)
+    assert [s.step for s in window.steps] == [2, 3, 4]
+    assert window.step_table.step.tolist() == [2, 3, 4]
+    assert data.dropped["step"] == 2
+
+
 def test_series_are_bounded_and_overflow_is_counted():
     data = RecentData(retention_seconds=1e9, max_samples_per_series=3, max_events=2)
     for i in range(5):
