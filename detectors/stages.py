@@ -54,6 +54,9 @@ class StageGuessThresholds:
     # steps; a young job is read from as few as 5 (then and now the same steps: its start), in
     # time for straggler.steps, which needs 5 slow steps to report a rank (min_slow_steps)
     min_steps: int = 5
+    # s; the time cap: a job whose first min_steps do not fit in this is read from 2 steps, as
+    # straggler.steps judges a rank on those of its steps that fit in its max_recent_seconds
+    max_young_seconds: float = 600.0
     # steps; a fresh job's first steps compile kernels and autotune (as straggler.steps)
     warmup_steps: int = 10
     # steps; a job's guess holds this many of its steps before it is read again
@@ -161,10 +164,15 @@ def _guess(
         return None, True
     # Steps every rank reported, oldest first.
     _, step_of_row, per_step = np.unique(numbers, return_inverse=True, return_counts=True)
-    if len(per_step) < th.min_steps and code not in first:
+    enough = th.min_steps
+    first_t, last_t = float(table.t[rows[0]]), float(table.t[rows[-1]])
+    interval = (last_t - first_t) / (len(per_step) - 1) if len(per_step) > 1 else now - first_t
+    if now - first_t + interval > th.max_young_seconds:
+        enough = min(enough, 2)  # a job too slow for min_steps in the time cap (as straggler.steps)
+    if len(per_step) < enough and code not in first:
         return None, False
     complete = np.flatnonzero(per_step == len(rank_ids))
-    if len(complete) < th.min_steps:
+    if len(complete) < enough:
         return None, True  # ranks came and went: no steady groups to tell
     if code not in first:
         then, _ = _relative(table, rows, rank_of_row, step_of_row, complete[: th.steps], len(rank_ids))

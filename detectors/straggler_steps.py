@@ -80,7 +80,7 @@ class StragglerStepsThresholds:
     # every minute; Alibaba job 3 records every 10th iteration, one record per 7-10 s)
     max_recent_seconds: float = 600.0
     # steps; an episode has lasted this many of the rank's steps before it is reported: half the
-    # recent window, which its median needs to turn anyway
+    # recent window, which its median needs to turn anyway (all of them where fewer fit the cap)
     min_slow_steps: int = 5
     # score; below this a rank slows its job. Healthy Alibaba workers' steps vary with a CV of
     # 1.0-2.3% (job 2) and 2.3-4.0% (job 3), p99 at most 1.10x their median; a rank 1.2x slower
@@ -1280,7 +1280,16 @@ class StragglerStepsDetector:
             assert baseline_score is not None
             slow_ratio = (1.0 + th.self_slowdown) / 2 / baseline_score
         start, slow_steps = _episode_start(own_newest_first, slow_ratio, job.refs, job.reference)
-        if start is None or slow_steps < th.min_slow_steps:
+        # A rank stepping so slowly that fewer steps fit in max_recent_seconds (the time cap: its
+        # next older step lies beyond it) needs them all slow; a young job's waits for its steps.
+        needed = th.min_slow_steps
+        count = len(own_newest_first)
+        if count < needed:
+            oldest_t = own_newest_first[-1].t
+            interval = (own_newest_first[0].t - oldest_t) / (count - 1) if count > 1 else window.now - oldest_t
+            if window.now - oldest_t + interval > th.max_recent_seconds:
+                needed = count
+        if start is None or slow_steps < needed:
             return []
         cause = job.cause(th, r)
         newest = r.recent[0]

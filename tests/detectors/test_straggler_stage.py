@@ -162,9 +162,19 @@ def test_without_coordinates_the_stage_is_told_from_the_step_times(step_seconds,
     assert finding.end is None
 
 
-def test_without_coordinates_a_slow_rank_is_judged_against_its_told_stage():
-    result = findings(pipeline_steps(stage_factors=(1.0, 1.0, 1.0, 1.6), slow={13: 2.4}, coordinates=False))
+@pytest.mark.parametrize(("step_seconds", "steps"), [(0.9, 200), (47.0, 60)])
+def test_without_coordinates_a_slow_rank_is_judged_against_its_told_stage(step_seconds, steps):
+    result = findings(
+        pipeline_steps(
+            stage_factors=(1.0, 1.0, 1.0, 1.6),
+            slow={13: 2.4},
+            step_seconds=step_seconds,
+            steps=steps,
+            coordinates=False,
+        )
+    )
     assert sorted((f.detector, f.rank) for f in result) == [("straggler.stage", None), ("straggler.steps", 13)]
+    assert all(f.end is None for f in result)  # one episode each, open until the end
     (straggler,) = [f for f in result if f.rank is not None]
     assert straggler.evidence["score"] == pytest.approx(1 / 2.4, abs=0.03)
     assert straggler.evidence["stage_ranks"] == [12, 13, 14, 15]
