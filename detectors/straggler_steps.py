@@ -47,8 +47,10 @@ per pause. Hysteresis: a "peers" straggler, once reported, stays so until its sc
 or above `close_score` (looser than the thresholds that open it) for `close_steps` of its steps,
 so a rank hovering at them is one episode, and so is a straggler whose onset has left the window
 (its gap then looks like a steady offset, which alone opens nothing). That is all that is
-remembered between evaluations; the judging itself is pure. Opening is damped as well, rebuilt
-from the data (`hold_*`).
+remembered between evaluations; the judging itself is pure. (An earlier hold, which rebuilt the
+hysteresis from the data by replaying the last minute's tests with looser tolerances, is gone:
+in effect it opened at looser thresholds, and in a soak it reported healthy ranks of 6-rank
+pipeline stages, whose reference is noisier.)
 """
 
 from __future__ import annotations
@@ -93,21 +95,6 @@ class StragglerStepsThresholds:
     # the healthy workers reach at most 1.06 (job 2) and 1.07 (job 3); job 3's late slow-down
     # reaches 1.2-1.35
     min_gap_growth: float = 1.15
-    # Hysteresis without memory. A rank that passed the "peers" test at some step of the last
-    # hold_seconds (recomputed from its own steps, one point a second, against today's reference
-    # and baseline, which drift by a percent or two: hence its score within hold_tolerance, its
-    # gap's growth within hold_growth_tolerance) stays a straggler while it scores below
-    # hold_score with its gap grown by hold_gap_growth (above the healthy Alibaba workers' 1.07).
-    # Without it a rank slowed ~1.16x, hovering at the thresholds, opens a new episode every few
-    # seconds (1% on the growth is enough to hold it). With it the test is in effect looser to
-    # open. 3% on the growth too (1.1165) opened episodes on healthy ranks in long runs, 3 in 38
-    # simulated node-days: a rank's own slow wander (+-2 sd of the traces') while the reference's
-    # goes the other way grows its gap by 1.12 for a minute
-    hold_score: float = 0.9
-    hold_gap_growth: float = 1.1
-    hold_seconds: float = 60.0
-    hold_tolerance: float = 0.03
-    hold_growth_tolerance: float = 0.01
     # ratio; slowed 1.2x against its own baseline and against its peers (the brief's 1.2x)
     self_slowdown: float = 1.2
     # score; a rank at or above this is within 3% of the healthy pace and slows nobody, whatever
@@ -132,8 +119,8 @@ class StragglerStepsThresholds:
     # stepping every second keeps 1,800 steps a rank, within the engine's bound on steps)
     step_window_seconds: float = 1800.0
     # score; a "peers" straggler's episode closes only once its score is back above this, looser
-    # than peer_score and hold_score: a rank slowed 1.10-1.12x, hovering at the thresholds, is one
-    # episode, not one every few minutes (issue 10), while a recovered rank (~1.0) closes at once
+    # than peer_score: a rank slowed 1.10-1.12x, hovering at the thresholds, is one episode, not
+    # one every few minutes (issue 10), while a recovered rank (~1.0) closes soon
     close_score: float = 0.93
     # steps; and only once it has stayed there for this many of its steps: a 10-step median of a
     # rank slowed 1.15x wanders between 0.87 and 0.93, and touches the bound for a step or two
@@ -161,27 +148,24 @@ class StragglerStepsThresholds:
     power_below_peers: float = 0.6
 
     def __post_init__(self) -> None:
-        if not 0 < self.floor_score <= self.peer_score <= self.hold_score < 1:
-            raise ValueError("need 0 < floor_score <= peer_score <= hold_score < 1")
+        if not 0 < self.floor_score <= self.peer_score < 1:
+            raise ValueError("need 0 < floor_score <= peer_score < 1")
         if not self.peer_score <= self.close_score < 1:
             raise ValueError("need peer_score <= close_score < 1")
         if self.close_steps < 0:
             raise ValueError("close_steps must not be negative")
-        if not self.hold_score <= self.judged_below_score <= 1:
-            raise ValueError("need hold_score <= judged_below_score <= 1")
-        if not 1 <= self.hold_gap_growth <= self.min_gap_growth:
-            raise ValueError("need 1 <= hold_gap_growth <= min_gap_growth")
-        if self.hold_seconds < 0 or self.hold_tolerance < 0 or self.hold_growth_tolerance < 0:
-            raise ValueError("hold_seconds, hold_tolerance and hold_growth_tolerance must not be negative")
+        if not self.peer_score <= self.judged_below_score <= 1:
+            raise ValueError("need peer_score <= judged_below_score <= 1")
+        if self.min_gap_growth < 1:
+            raise ValueError("min_gap_growth must be at least 1")
         if self.self_slowdown <= 1 or self.max_pace_change < 1:
             raise ValueError("self_slowdown must exceed 1, max_pace_change be at least 1")
         if not 0 < self.recent_seconds <= self.max_recent_seconds:
             raise ValueError("need 0 < recent_seconds <= max_recent_seconds")
         if self.baseline_seconds <= 0 or self.min_slow_steps < 0:
             raise ValueError("baseline_seconds must be positive, min_slow_steps not negative")
-        history_seconds = 2 * self.baseline_seconds + self.hold_seconds
-        if history_seconds > self.window_seconds:
-            raise ValueError("the window must hold the baselines and the hold")
+        if 2 * self.baseline_seconds > self.window_seconds:
+            raise ValueError("the window must hold two baselines' reach")
         if not self.window_seconds <= self.step_window_seconds:
             raise ValueError("need window_seconds <= step_window_seconds")
         if self.max_recent_seconds > self.step_window_seconds:
@@ -632,7 +616,7 @@ class _Job:
         return self._gpus
 
 
-_Pending = tuple[_Job, _Rank]
+_Judged = tuple[_Job, _Rank]
 
 
 @dataclass(slots=True)
@@ -788,7 +772,6 @@ class StragglerStepsDetector:
 
     def _judge(self, window: Window) -> list[Finding]:
         th = self.thresholds
-        steps = window.steps
         now = window.now
         table = step_table(window)
         self._scores = None
@@ -826,15 +809,10 @@ class StragglerStepsDetector:
         spans = scored if in_jobs.all() else scored.take(in_jobs.nonzero()[0])
         baselines = self._paced(table, jobs, spans, now)
         findings: list[Finding] = []
-        pending: list[_Pending] = []
         for job, r in self._judged(table, jobs, scores, baselines):
             verdict = self._verdict(job, r)
-            if verdict == "hold":
-                pending.append((job, r))
-            elif verdict is not None:
+            if verdict is not None:
                 findings.extend(self._finding(window, job, r, verdict, r.recent))
-        if pending:
-            findings.extend(self._settle(window, steps, pending))
         findings.sort(key=lambda f: (f.start, f.job or "", -1 if f.rank is None else f.rank))
         return findings
 
@@ -1101,16 +1079,16 @@ class StragglerStepsDetector:
 
     def _judged(
         self, table: StepTable, jobs: Mapping[int, _Job], scores: np.ndarray, baselines: _Baselines
-    ) -> list[_Pending]:
+    ) -> list[_Judged]:
         """The ranks to judge, with their baseline scores where the job's pace then was comparable
         to now: those below judged_below_score (within a few percent of the healthy pace a rank
-        slows nobody), less those that can pass no test of _verdict (at or above hold_score and
+        slows nobody), less those that can pass no test of _verdict (at or above peer_score and
         not _slowed): most ranks of a healthy job, which never become _Rank objects."""
         th = self.thresholds
         score_of = scores.tolist()
         ratios, counts = baselines.ratios.tolist(), baselines.counts.tolist()
         shift = baselines.origin - table.origin[1]  # the baselines' rows in this table
-        judged: list[_Pending] = []
+        judged: list[_Judged] = []
         for job in jobs.values():
             # Another phase then (warm-up, evaluation): its baselines do not count.
             index = baselines.index if 1 / th.max_pace_change <= job.pace <= th.max_pace_change else {}
@@ -1120,7 +1098,7 @@ class StragglerStepsDetector:
                 if i is not None and counts[i] * 2 < th.min_baseline_steps:
                     i = None
                 score = score_of[g]
-                if score >= th.hold_score and (
+                if score >= th.peer_score and (
                     i is None or not self._slowed(_growth(_score(ratios[i]), score), job.pace)
                 ):
                     continue
@@ -1155,15 +1133,17 @@ class StragglerStepsDetector:
         index = {(job, rank): i for i, (job, rank) in enumerate(zip(groups.job.tolist(), groups.rank.tolist()))}
         return _Baselines(medians, groups, ratios, counts, index, table.origin[1])
 
-    def _peers_slow(self, job: _Job, r: _Rank, score: float, score_limit: float, min_growth: float) -> bool:
-        """The "peers" test of r at `score` (now, or at an earlier step): below score_limit, and
-        its gap grown by min_growth, below the floor, or with a hardware cause."""
-        if score >= score_limit:
+    def _peers_slow(self, job: _Job, r: _Rank) -> bool:
+        """The "peers" test: below peer_score, and its gap grown by min_gap_growth, below the
+        floor, or with a hardware cause."""
+        th = self.thresholds
+        score = r.score
+        if score >= th.peer_score:
             return False
-        if score < self.thresholds.floor_score:
+        if score < th.floor_score:
             return True
         baseline_score = job.baseline_score(r)
-        if baseline_score is not None and baseline_score >= min_growth * score:
+        if baseline_score is not None and baseline_score >= th.min_gap_growth * score:
             return True
         cause = job.cause(self.thresholds, r)
         return cause is not None and cause.hardware
@@ -1180,91 +1160,12 @@ class StragglerStepsDetector:
         return growth >= slowdown and growth * pace >= slowdown
 
     def _verdict(self, job: _Job, r: _Rank) -> str | None:
-        """ "peers", "self", "hold" (a peers straggler if the test held lately) or None."""
-        th = self.thresholds
-        if r.score >= th.hold_score:  # (peer_score <= hold_score): neither peers test can pass
-            return "self" if self._self_slow(job, r) else None
-        if self._peers_slow(job, r, r.score, th.peer_score, th.min_gap_growth):
+        """ "peers", "self" or None."""
+        if self._peers_slow(job, r):
             return "peers"
-        if self._peers_slow(job, r, r.score, th.hold_score, th.hold_gap_growth):
-            return "hold"
         if self._self_slow(job, r):
             return "self"
         return None
-
-    def _settle(self, window: Window, steps: Sequence[Step], pending: list[_Pending]) -> list[Finding]:
-        """Ranks that pass only the hold test: "peers" when the full test held at some step of
-        the last hold_seconds, else "self" when that holds, else nothing."""
-        history = self._history(steps, window.now, pending)
-        findings: list[Finding] = []
-        for job, r in pending:
-            own = history.get((job.name, r.rank), r.recent)
-            if self._held(job, r, own, window.now):
-                findings.extend(self._finding(window, job, r, "peers", own))
-            elif self._self_slow(job, r):
-                findings.extend(self._finding(window, job, r, "self", r.recent))
-        return findings
-
-    def _history(self, steps: Sequence[Step], now: float, pending: list[_Pending]) -> dict[tuple[str, int], list[Step]]:
-        """The pending ranks' steps of the last hold_seconds, newest first, and the
-        recent_steps (at least recent_seconds' worth) before them."""
-        th = self.thresholds
-        wanted: dict[str, dict[int, list[Step]]] = {}
-        for job, r in pending:
-            wanted.setdefault(job.name, {})[r.rank] = []
-        hold_t = now - th.hold_seconds
-        enough_t = hold_t - th.recent_seconds
-        far_t = hold_t - th.max_recent_seconds
-        short = len(pending)  # ranks short of recent_steps before hold_t
-        before: dict[tuple[str, int], int] = {}
-        for s in reversed(steps):
-            t = s.t
-            if t > now or s.step < th.warmup_steps:
-                continue
-            if t < far_t or (t < enough_t and short == 0):
-                break
-            ranks = wanted.get(s.job)
-            own = ranks.get(s.rank) if ranks is not None else None
-            if own is None:
-                continue
-            key = (s.job, s.rank)
-            if t < enough_t and before.get(key, 0) >= th.recent_steps:
-                continue
-            own.append(s)
-            if t < hold_t:
-                before[key] = before.get(key, 0) + 1
-                if before[key] == th.recent_steps:
-                    short -= 1
-        return {(job, rank): own for job, ranks in wanted.items() for rank, own in ranks.items()}
-
-    def _held(self, job: _Job, r: _Rank, own: list[Step], now: float) -> bool:
-        """Whether the full "peers" test held, within hold_tolerance (hold_growth_tolerance for the
-        gap's growth), at some step of the last
-        hold_seconds (one a second of data time, the grid the engine evaluates on), judged as an
-        evaluation then would have: on the rank's steps of recent_seconds (at least
-        recent_steps) up to it, against the steps' references where known."""
-        th = self.thresholds
-        if th.hold_seconds == 0:
-            return False
-        score_limit = th.peer_score * (1 + th.hold_tolerance)
-        min_growth = th.min_gap_growth / (1 + th.hold_growth_tolerance)
-        hold_t = now - th.hold_seconds
-        refs, reference = job.refs, job.reference
-        last_second = None
-        for i, step in enumerate(own):
-            if step.t < hold_t:
-                break
-            second = math.floor(step.t)
-            if second == last_second:
-                continue
-            last_second = second
-            stop = i + th.recent_steps
-            if stop > len(own):
-                break  # not enough history that far back
-            ratios = [s.seconds / refs.get(s.step, reference) for s in own[i:stop]]
-            if self._peers_slow(job, r, _score(median(ratios)), score_limit, min_growth):
-                return True
-        return False
 
     # --- the finding -----------------------------------------------------------------------------
 

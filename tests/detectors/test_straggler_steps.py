@@ -99,16 +99,8 @@ def straggler_findings(records, detector=None):
 
 
 def exact(**overrides) -> StragglerStepsDetector:
-    """A detector with round thresholds and no hold, for noise-free edge tests."""
-    base = dict(
-        peer_score=0.8,
-        floor_score=0.5,
-        hold_score=0.85,
-        min_gap_growth=1.25,
-        hold_gap_growth=1.1,
-        hold_seconds=0.0,
-        self_slowdown=2.0,
-    )
+    """A detector with round thresholds, for noise-free edge tests."""
+    base = dict(peer_score=0.8, floor_score=0.5, min_gap_growth=1.25, self_slowdown=2.0)
     base.update(overrides)
     return StragglerStepsDetector(StragglerStepsThresholds(**base))
 
@@ -281,7 +273,7 @@ def wandering_steps(*, ranks: int, duration: float, seed: int, limit_sd: float =
 def test_a_long_healthy_run_whose_ranks_wander_raises_nothing():
     # Half an hour of 8 ranks that wander within the bounds healthy traces show: the drift of a
     # rank's own pace reaches 2.5 sd (4.75%) either way, so its gap to the peers grows by ~10% at
-    # most over the window (below the 1.15 to open, 1.1 to hold), checkpoints included: nothing.
+    # most over the window (below the 1.15 to open), checkpoints included: nothing.
     steps = wandering_steps(ranks=8, duration=1800.0, seed=1)
     assert straggler_findings(steps) == []
 
@@ -356,8 +348,8 @@ def test_a_pause_in_step_reports_does_not_close_and_reopen_the_episode(pause_sec
 
 @pytest.mark.parametrize("factor", [1.10, 1.12])
 def test_a_rank_hovering_at_the_thresholds_is_at_most_one_episode(factor):
-    # 1.10-1.12x slower, with 3% step noise, for half an hour: its score wanders around peer_score
-    # and hold_score, and its gap's growth around min_gap_growth; it closes only above close_score.
+    # 1.10-1.12x slower, with 3% step noise, for half an hour: its score wanders around
+    # peer_score, and its gap's growth around min_gap_growth; it closes only above close_score.
     steps = job_steps(slow=((5, 300.0, 1800.0, factor),), duration=1800, cv=0.03, seed=1)
     assert len(straggler_findings(steps)) <= 1
 
@@ -456,10 +448,9 @@ def test_whole_job_slowing_down_is_not_self():
 
 
 @pytest.mark.parametrize(("growth", "found"), [(1.125, False), (1.16, True)])
-def test_the_hold_keeps_episodes_but_opens_none_below_the_gap_growth(growth, found):
+def test_a_gap_grown_less_than_min_gap_growth_opens_nothing(growth, found):
     # A rank 1.1x behind its peers from the start falls behind by 12.5% more: less than
-    # min_gap_growth (1.15), as healthy ranks' slow wander can over long runs. The hold's
-    # tolerance (3% on the score, 1% on the growth) must not make that an episode; 1.16 is one.
+    # min_gap_growth (1.15), as healthy ranks' slow wander can over long runs: no episode; 1.16 is.
     steps = job_steps(offsets={4: 1.1}, slow=((4, 300.0, 600.0, growth),), cv=0.01, seed=3)
     assert [f.rank for f in straggler_findings(steps)] == ([4] if found else [])
 
@@ -606,11 +597,13 @@ def test_thresholds_are_checked():
     with pytest.raises(ValueError):
         StragglerStepsThresholds(floor_score=0.9, peer_score=0.85)
     with pytest.raises(ValueError):
-        StragglerStepsThresholds(window_seconds=60.0)
+        StragglerStepsThresholds(window_seconds=40.0)
     with pytest.raises(ValueError):
-        StragglerStepsThresholds(hold_gap_growth=1.2, min_gap_growth=1.15)
+        StragglerStepsThresholds(window_seconds=2400.0)  # longer than step_window_seconds
     with pytest.raises(ValueError):
-        StragglerStepsThresholds(hold_growth_tolerance=-0.01)
+        StragglerStepsThresholds(min_gap_growth=0.9)
+    with pytest.raises(ValueError, match="close_steps"):
+        StragglerStepsThresholds(close_steps=-1)
     assert StragglerStepsDetector().window_seconds == StragglerStepsThresholds().window_seconds
 
 
