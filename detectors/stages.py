@@ -92,10 +92,6 @@ class StageGuess:
     seconds: tuple[float, ...]  # each stage's median step time now, in seconds
     steps: int  # how many steps `relative` and `seconds` are medians over
 
-    def stage_of(self) -> dict[int, int]:
-        """rank -> its stage's index in `stages`."""
-        return {rank: i for i, ranks in enumerate(self.stages) for rank in ranks}
-
 
 def stage_guesses(
     table: StepTable, now: float, th: StageGuessThresholds = StageGuessThresholds()
@@ -114,11 +110,10 @@ def stage_guesses(
     t = table.t
     lo, hi = np.searchsorted(t, [now - th.lookback_seconds, now], side="right")
     codes, numbers = table.job[lo:hi], table.step[lo:hi]
-    known_codes = table.shared.get("stageless codes")
-    if known_codes is None or len(known_codes) != len(table.stages):  # codes only grow
-        known_codes = np.fromiter((stage is None for stage in table.stages), dtype=bool, count=len(table.stages))
-        table.shared["stageless codes"] = known_codes
-    stageless = known_codes
+    stageless = table.shared.get("stageless codes")
+    if stageless is None or len(stageless) != len(table.stages):  # codes only grow
+        stageless = np.fromiter((stage is None for stage in table.stages), dtype=bool, count=len(table.stages))
+        table.shared["stageless codes"] = stageless
     keep = stageless[codes] & (numbers >= th.warmup_steps)
     codes, numbers = codes[keep], numbers[keep]
     newest = np.full(len(table.stages), -1, dtype=np.int64)
