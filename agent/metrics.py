@@ -805,11 +805,27 @@ class AgentMetrics(Collector):
             "XID errors seen since the agent started, by XID code.",
             labels=[*_GPU_LABELS, "xid"],
         )
+        # Every code's count in one series per GPU, there at 0 from the start (and one for XIDs the
+        # kernel log could not tie to a GPU): increase() over a series that first appears at 1
+        # misses that first XID, the one an alert rule is for.
+        totals = CounterMetricFamily(
+            "fleetwatch_gpu_xids_total",
+            "XID errors of any code seen since the agent started; 0 for every GPU from the start.",
+            labels=list(_GPU_LABELS),
+        )
+        per_gpu: dict[int | None, int] = dict.fromkeys([None, *sorted(i for i in uuids if isinstance(i, int))], 0)
         ordered = sorted(snap.xid_counts.items(), key=lambda kv: (kv[0][0] is not None, kv[0][0] or 0, kv[0][1]))
         for (gpu, xid), count in ordered:
             gpu_label = "" if gpu is None else str(gpu)
             uuid = "" if gpu is None else uuids.get(gpu, "")
             family.add_metric([snap.node, gpu_label, uuid, str(xid)], count)
+            per_gpu[gpu] = per_gpu.get(gpu, 0) + count
+        for gpu, count in sorted(per_gpu.items(), key=lambda kv: (kv[0] is not None, kv[0] or 0)):
+            totals.add_metric(
+                [snap.node, "" if gpu is None else str(gpu), "" if gpu is None else uuids.get(gpu, "")], count
+            )
+        if uuids or snap.xid_counts:  # a host-only agent (no GPU) has no GPU series
+            yield totals
         if family.samples:
             yield family
 

@@ -376,7 +376,11 @@ def test_a_gpu_removed_from_state_disappears_from_the_output(serve):
         del state.gpus[1]
     after = series(scraper.text())
     # Only identity and the XID count (XID 79 is what removes a GPU) stay for it.
-    assert names_with_label(after, "gpu", "1") == {"fleetwatch_gpu_info", "fleetwatch_gpu_xid_errors_total"}
+    assert names_with_label(after, "gpu", "1") == {
+        "fleetwatch_gpu_info",
+        "fleetwatch_gpu_xid_errors_total",
+        "fleetwatch_gpu_xids_total",
+    }
     assert "fleetwatch_gpu_power_watts" in names_with_label(after, "gpu", "0")
 
 
@@ -405,6 +409,24 @@ def test_xid_counter_per_gpu_and_code(serve):
     state.count_xid(0, 13)
     found = series(scraper.text())
     assert lookup(found, "fleetwatch_gpu_xid_errors_total", {**gpu_labels(state, 0), "xid": "13"}) == 3
+    # All codes together, per GPU.
+    assert lookup(found, "fleetwatch_gpu_xids_total", gpu_labels(state, 0)) == 3
+    assert lookup(found, "fleetwatch_gpu_xids_total", gpu_labels(state, 1)) == 1
+    assert lookup(found, "fleetwatch_gpu_xids_total", {"node": "n01", "gpu": "", "uuid": ""}) == 1
+
+
+def test_every_gpu_has_an_xid_total_at_zero_before_its_first_xid(serve):
+    # A series that first appears at 1 is invisible to increase(): the first XID would fire no rule.
+    state = build_state()
+    state.xid_counts = {}
+    scraper = serve(state)
+    found = series(scraper.text())
+    for index in (0, 1):
+        assert lookup(found, "fleetwatch_gpu_xids_total", gpu_labels(state, index)) == 0
+    assert lookup(found, "fleetwatch_gpu_xids_total", {"node": "n01", "gpu": "", "uuid": ""}) == 0
+    assert "fleetwatch_gpu_xid_errors_total" not in {name for name, _ in found}
+    state.count_xid(1, 79)
+    assert lookup(series(scraper.text()), "fleetwatch_gpu_xids_total", gpu_labels(state, 1)) == 1
 
 
 def test_gpu_info_from_the_inventory(serve):
