@@ -179,11 +179,25 @@ def _coerce(key: str, source: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         (item_type,) = typing.get_args(base)[:1] or (str,)
+        if dataclasses.is_dataclass(item_type):
+            # A list of tables ([[webhooks]]): errors name the item, webhooks[1].url.
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list of tables ([[{key}]] in TOML), got {value!r}")
+            return [_coerce(f"{key}[{i}]", source, v, item_type) for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {_shown(value, secret)}")
         return [_coerce(key, source, v, item_type) for v in value]
+    if origin is dict:
+        item_type = typing.get_args(base)[1]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of names to values, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", source, v, item_type) for k, v in value.items()}
+    if isinstance(base, type) and dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return _build(base, value, key, source)
     if secret is not None:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {_shown(value, secret)}")
@@ -213,6 +227,41 @@ def _coerce(key: str, source: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type[T], data: Mapping[str, Any], key: str, source: str) -> T:
+    """A nested settings table (a dataclass of `setting` fields) from TOML; errors name key.field."""
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{key} (from {source}): unknown key {unknown[0]!r} (known keys: {', '.join(sorted(fields))})"
+        )
+    values = {name: _coerce(f"{key}.{name}", source, v, fields[name].type) for name, v in data.items()}
+    try:
+        item = cls(**values)
+    except TypeError:  # a field without a default was left out
+        missing = [n for n, f in fields.items() if n not in values and _required(f)]
+        raise ConfigError(f"{key} (from {source}): {', '.join(missing)} must be set") from None
+    except ConfigError as exc:  # the table's own check of settings that go together
+        raise ConfigError(f"{key} (from {source}): {exc}") from None
+    _check_fields(item, fields, prefix=f"{key}.")
+    return item
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_fields(config: Any, fields: Mapping[str, dataclasses.Field], prefix: str = "") -> None:
+    """Run each field's `check`; the error names the key (with `prefix` for a nested table)."""
+    for name, f in fields.items():
+        check = f.metadata.get("check")
+        value = getattr(config, name)
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"{prefix}{name}: {problem} (got {value!r})")
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -344,13 +393,7 @@ def load_config(
             values[target] = _read_setting_file(name, given[name], values[name], target, fields[target].type)
 
     config = cls(**values)
-    for name, f in fields.items():
-        check = f.metadata.get("check")
-        value = getattr(config, name)
-        if check is not None and value is not None:
-            problem = check(value)
-            if problem:
-                raise ConfigError(f"{name}: {problem} (got {value!r})")
+    _check_fields(config, fields)
     return config
 
 

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
 from fleetwatch.collector.health import Readiness, sqlite_file
 from fleetwatch.collector.ingest import IngestWriter
-from fleetwatch.collector.notify import Notifiers
+from fleetwatch.collector.notify import AlertLinks, Notifiers
+from fleetwatch.collector.notify.alertmanager import AlertmanagerPusher
 from fleetwatch.collector.outbox import Outbox
 from fleetwatch.collector.server import IngestStats, TelemetryService, reporting_interval_seconds
 from fleetwatch.collector.storage.compaction import compact, expire, roll_up
@@ -120,6 +122,14 @@ def _add_gpu_samples(recent: RecentData, node: str, samples: Sequence[GpuSample]
         )
 
 
+def default_external_url(listen_host: str, port: int, *, https: bool) -> str:
+    """The collector's address for links in alerts: this host's name where it listens on every address."""
+    host = socket.getfqdn() if listen_host in ("", "0.0.0.0", "::") else listen_host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if https else 'http'}://{host}:{port}"
+
+
 def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:
     """An ingested (or stored) InfiniBand port row as the detectors' record."""
     metrics = {k: v for k, v in port.items() if k.startswith("ib_") and v is not None}
@@ -146,13 +156,31 @@ class CollectorApp:
             self.store, self._on_stored, config.ingest_max_batches_per_commit, config.ingest_commit_wait_seconds
         )
         self.readiness = Readiness(self.store, self.writer, sqlite_path=sqlite_file(config.database_url.reveal()))
+        # external_url is filled in at start when not configured: the HTTP port may be picked then.
+        self.links = AlertLinks(config.external_url, config.runbook_base_url)
         # Outbox rows name a webhook by reference (origin and a key), never by its URL with tokens.
         self.notifiers = Notifiers(
             log_alerts=config.log_alerts,
             webhook_urls=[url.reveal() for url in config.webhook_urls],
+            webhooks=config.webhooks,
             timeout_seconds=config.webhook_timeout_seconds,
+            links=self.links,
+            group_wait_seconds=config.webhook_group_wait_seconds,
         )
         self.targets = self.notifiers.targets
+        self.alertmanagers = (
+            AlertmanagerPusher(
+                self.store,
+                [url.reveal() for url in config.alertmanager_urls],
+                links=self.links,
+                resend_seconds=config.alertmanager_resend_seconds,
+                timeout_seconds=config.webhook_timeout_seconds,
+                ca_file=config.alertmanager_ca_file,
+                clock=clock,
+            )
+            if config.alertmanager_urls
+            else None
+        )
         self.outbox = Outbox(
             self.store,
             self.notifiers,
@@ -167,7 +195,7 @@ class CollectorApp:
             self.tracker,
             targets=self.targets,
             interval_seconds=config.detect_interval_seconds,
-            on_alerts_changed=self.outbox.wake,
+            on_alerts_changed=self._alerts_changed,
             clock=clock,
         )
         self.storage_stats = StorageStats()
@@ -182,6 +210,16 @@ class CollectorApp:
         self._web: WebServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+
+    def silences_changed(self) -> None:
+        """A silence was added or expired: Alertmanager's feed changes at once; the outbox reads them at each send."""
+        if self.alertmanagers is not None:
+            self.alertmanagers.wake()
+
+    def _alerts_changed(self) -> None:
+        self.outbox.wake()
+        if self.alertmanagers is not None:
+            self.alertmanagers.wake()
 
     # -- ingest callbacks (event loop thread) -------------------------------------------------
 
@@ -285,9 +323,16 @@ class CollectorApp:
         host, port = parse_host_port(self.config.http_listen)
         self._web = WebServer(self)
         self.http_port = await self._web.start(host, port)
+        if not self.config.external_url:
+            self.links.external_url = default_external_url(host, self.http_port, https=tls is not None)
         self._tasks = [
             asyncio.create_task(self.detection.watchdog(self._stop), name="watchdog"),
             asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
+            *(
+                [asyncio.create_task(self.alertmanagers.run(self._stop), name="alertmanager")]
+                if self.alertmanagers is not None
+                else []
+            ),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
             asyncio.create_task(self._storage_loop(), name="storage-maintenance"),
         ]
@@ -373,6 +418,8 @@ class CollectorApp:
         # Database work in progress finishes before the store closes; a send to a hanging webhook is
         # not waited for (it ends by its own timeout).
         await asyncio.to_thread(self.outbox.close)
+        if self.alertmanagers is not None:
+            self.alertmanagers.close()
         await asyncio.to_thread(self.detection.close)
         await asyncio.to_thread(self.readiness.close)
         # A compaction in progress commits or rolls back whole before the store closes.

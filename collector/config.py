@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass
 
@@ -59,6 +60,19 @@ class WebhookUrl(Secret):
         return url_origin(value)
 
 
+class AlertmanagerUrl(Secret):
+    """An Alertmanager's base URL; shown as scheme://host[:port]/... (basic auth may ride in the userinfo)."""
+
+    @staticmethod
+    def redact(value: str) -> str:
+        return url_origin(value)
+
+
+def _alertmanagers(urls: list[AlertmanagerUrl]) -> str | None:
+    bad = [str(u) for u in urls if not _is_http_url(u.reveal())]
+    return f"not http(s) URLs with a host: {', '.join(bad)}" if bad else None
+
+
 def _database_url(url: DatabaseUrl) -> str | None:
     # Checked here so that no parse error (which quotes the part it chokes on) is printed later.
     try:
@@ -85,6 +99,88 @@ def _is_http_url(url: str) -> bool:
 def _webhooks(urls: list[WebhookUrl]) -> str | None:
     bad = [str(u) for u in urls if not _is_http_url(u.reveal())]
     return f"not http(s) URLs with a host: {', '.join(bad)}" if bad else None
+
+
+def _webhook_url(url: WebhookUrl) -> str | None:
+    return None if _is_http_url(url.reveal()) else "must be an http(s) URL with a host"
+
+
+def _optional_http_url(url: str) -> str | None:
+    return None if not url or _is_http_url(url) else "must be an http(s) URL with a host (or empty)"
+
+
+def _readable_file(path: str) -> str | None:
+    """A file named in the configuration must be readable at start, not at the first alert."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+
+
+# A header name is an HTTP token (RFC 9110); a value has no line breaks (no header injection).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Headers fleetwatch writes itself: a configured one would be silently replaced or clash.
+_OWN_HEADERS = frozenset({"content-type", "content-length", "host", "x-fleetwatch-signature-256"})
+
+
+def _headers(headers: dict[str, str]) -> str | None:
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            return f"{name!r} is not an HTTP header name"
+        if name.lower() in _OWN_HEADERS:
+            return f"{name} is set by fleetwatch itself"
+        if "\r" in value or "\n" in value:
+            return f"the value of {name} holds a line break"
+    return None
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """One [[webhooks]] table: a receiver with its own credentials, CA and signature secret.
+
+    Secrets are named by file, read at each send (a rotated token takes effect without a restart).
+    """
+
+    url: WebhookUrl = setting("", "the receiver's http(s) URL", check=_webhook_url)
+    bearer_token_file: str = setting(
+        "", "file holding a token sent as Authorization: Bearer <token>", check=_readable_file
+    )
+    basic_auth_username: str = setting("", "user name for HTTP basic authentication")
+    basic_auth_password_file: str = setting("", "file holding the basic authentication password", check=_readable_file)
+    headers: dict[str, str] = setting({}, "extra HTTP headers sent with every POST", check=_headers)
+    ca_file: str = setting(
+        "",
+        "CA certificate(s) (PEM) the receiver's certificate must chain to [default: the system's]",
+        check=_readable_file,
+    )
+    hmac_secret_file: str = setting(
+        "",
+        "file holding a shared secret: each POST carries X-Fleetwatch-Signature-256: sha256=<hex HMAC-SHA256 "
+        "of the body>",
+        check=_readable_file,
+    )
+
+    def __post_init__(self) -> None:
+        wrap_secrets(self)
+        has_userinfo = "@" in urllib.parse.urlsplit(self.url.reveal()).netloc
+        schemes = [
+            name
+            for name, used in (
+                ("bearer_token_file", bool(self.bearer_token_file)),
+                ("basic_auth_username", bool(self.basic_auth_username)),
+                ("user:password@ in url", has_userinfo),
+            )
+            if used
+        ]
+        if len(schemes) > 1:
+            raise ConfigError(f"{' and '.join(schemes)} both authenticate; set one")
+        if self.basic_auth_password_file and not self.basic_auth_username:
+            raise ConfigError("basic_auth_password_file needs basic_auth_username")
+        if any(name.lower() == "authorization" for name in self.headers) and schemes:
+            raise ConfigError(f"headers.Authorization and {schemes[0]} both authenticate; set one")
 
 
 @dataclass(frozen=True)
@@ -137,6 +233,47 @@ class CollectorConfig:
         "",
         "file holding webhook_urls, one a line (# comments), read at start (instead of webhook_urls)",
         file_for="webhook_urls",
+    )
+    webhooks: list[WebhookTarget] = setting(
+        [],
+        "receivers with settings of their own, as [[webhooks]] tables in the TOML file: url, bearer_token_file, "
+        "basic_auth_username, basic_auth_password_file, headers, ca_file, hmac_secret_file",
+        flag=False,
+    )
+    # One second gathers what one agent batch or one detection pass raises on a node (a GPU's XIDs,
+    # its other alerts) and keeps an XID's page within about two seconds of the event.
+    webhook_group_wait_seconds: float = setting(
+        1.0,
+        "a webhook POST gathers a node's alert transitions for this long after the first one, as "
+        "Alertmanager's group_wait does (0: each pass's transitions at once)",
+        check=non_negative,
+    )
+    alertmanager_urls: list[AlertmanagerUrl] = setting(
+        [],
+        "Alertmanagers that receive every alert through their API (POST /api/v2/alerts), comma-separated; "
+        "list each member of an HA cluster",
+        check=_alertmanagers,
+    )
+    alertmanager_resend_seconds: float = setting(
+        60.0,
+        "firing alerts are sent to Alertmanager again this often, each time valid for 4 intervals (as "
+        "Prometheus's resend_delay)",
+        check=positive,
+    )
+    alertmanager_ca_file: str = setting(
+        "", "CA certificate(s) (PEM) for https:// Alertmanagers [default: the system's]", check=_readable_file
+    )
+    external_url: str = setting(
+        "",
+        "the collector's HTTP address as users reach it, for the links in alerts (generatorURL, runbooks) "
+        "[default: http(s)://<this host's name>:<http_listen port>]",
+        check=_optional_http_url,
+    )
+    runbook_base_url: str = setting(
+        "",
+        "where runbook_url annotations point, <base>/<detector> [default: the collector's own pages, "
+        "<external_url>/runbooks]",
+        check=_optional_http_url,
     )
     log_alerts: bool = setting(True, "also write every alert transition to the log")
     # Agents send 10 s of samples at once (batch_interval_seconds), so a pass every second mostly

@@ -7,12 +7,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
 from fleetwatch.asyncwait import wait_any
-from fleetwatch.collector.storage.store import Store
+from fleetwatch.collector.storage.store import Store, Targets
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.records import Finding
 from fleetwatch.systemd import notify, watchdog_interval_seconds
@@ -59,7 +59,7 @@ class DetectionLoop:
         recent: RecentData,
         tracker: Tracker,
         *,
-        targets: Sequence[str],
+        targets: Targets,
         interval_seconds: float,
         on_alerts_changed: Callable[[], None],
         clock: Callable[[], float] = time.time,
@@ -67,7 +67,7 @@ class DetectionLoop:
         self.store = store
         self.recent = recent
         self.tracker = tracker
-        self.targets = list(targets)
+        self.targets = targets
         self.interval_seconds = interval_seconds
         self.on_alerts_changed = on_alerts_changed
         self.clock = clock

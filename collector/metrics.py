@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from fleetwatch.collector.notify import target_for_log
+from fleetwatch.records import Finding
 
 if TYPE_CHECKING:
     from fleetwatch.collector.app import CollectorApp
@@ -112,15 +116,7 @@ class CollectorMetrics(Collector):
             spool_batches.add_metric([node], link.spool_batches)
         yield from (connected, lag, spool, spool_batches)
 
-        firing = GaugeMetricFamily(
-            "fleetwatch_alerts_firing", "Alerts firing, by detector and severity.", labels=["detector", "severity"]
-        )
-        counts: dict[tuple[str, str], int] = {}
-        for finding in list(app.tracker.open.values()):  # copied at once: detection runs in its own thread
-            counts[(finding.detector, finding.severity)] = counts.get((finding.detector, finding.severity), 0) + 1
-        for (detector, severity), n in sorted(counts.items()):
-            firing.add_metric([detector, severity], n)
-        yield firing
+        yield from _alert_series(list(app.tracker.open.values()))  # copied at once: detection has its own thread
 
         duration = GaugeMetricFamily(
             "fleetwatch_detector_duration_seconds", "Duration of the detector's last run.", labels=["detector"]
@@ -132,9 +128,46 @@ class CollectorMetrics(Collector):
         yield from (duration, errors)
 
         deliveries = CounterMetricFamily(
-            "fleetwatch_alert_deliveries", "Alert deliveries by result.", labels=["result"]
+            "fleetwatch_alert_deliveries",
+            "Alert transitions delivered, by target (as logs show it, no token) and result: sent, retried (a "
+            "failed try that will be tried again), failed (given up), silenced (held back by a silence).",
+            labels=["target", "result"],
         )
-        deliveries.add_metric(["sent"], app.outbox.sent)
-        deliveries.add_metric(["retried"], app.outbox.retried)
-        deliveries.add_metric(["failed"], app.outbox.failed)
+        counts = app.outbox.counts.copy()
+        for target in app.notifiers.targets:
+            for result in ("sent", "retried", "failed", "silenced"):
+                counts.setdefault((target_for_log(target), result), 0)
+        for (target, result), n in sorted(counts.items()):
+            deliveries.add_metric([target, result], n)
         yield deliveries
+        if app.alertmanagers is not None:
+            yield from app.alertmanagers.metrics()
+
+
+def _alert_series(findings: list[Finding]) -> Iterator[Metric]:
+    """fleetwatch_alerts_firing by detector and severity, and fleetwatch_alert_firing per GPU or node.
+
+    The second has a series per entity with a firing alert (bounded by the alerts firing), so a
+    Prometheus-only user can alert and graph on GPU faults; its value counts the entity's firing
+    alerts of that detector (two XIDs on one GPU: 2).
+    """
+    firing = GaugeMetricFamily(
+        "fleetwatch_alerts_firing", "Alerts firing, by detector and severity.", labels=["detector", "severity"]
+    )
+    by_detector: Counter[tuple[str, str]] = Counter()
+    by_entity: Counter[tuple[str, str, str, str, str]] = Counter()
+    for finding in findings:
+        by_detector[(finding.detector, finding.severity)] += 1
+        gpu = "" if finding.gpu is None else str(finding.gpu)
+        by_entity[(finding.detector, finding.severity, finding.action, finding.node or "", gpu)] += 1
+    for (detector, severity), n in sorted(by_detector.items()):
+        firing.add_metric([detector, severity], n)
+    yield firing
+    entity = GaugeMetricFamily(
+        "fleetwatch_alert_firing",
+        "Alerts firing on a node or GPU (gpu empty: the node's, or a job's), by detector, severity and action.",
+        labels=["detector", "severity", "action", "node", "gpu"],
+    )
+    for labels, n in sorted(by_entity.items()):
+        entity.add_metric(list(labels), n)
+    yield entity

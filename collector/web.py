@@ -17,8 +17,10 @@ from prometheus_client.exposition import choose_encoder
 
 from fleetwatch.collector.httpauth import Access, add_route, token_middleware
 from fleetwatch.collector.metrics import CollectorMetrics
+from fleetwatch.collector.runbooks import runbook_page
+from fleetwatch.collector.silences import parse_silence, silence_text
 from fleetwatch.collector.storage.series import SeriesQuery, SeriesQueryError, read_series
-from fleetwatch.collector.storage.store import Store
+from fleetwatch.collector.storage.store import Store, silence_matches
 from fleetwatch.https import server_ssl_context
 from fleetwatch.limits import MAX_GPUS_PER_NODE
 
@@ -32,7 +34,10 @@ SEVERITY_RANK = {"ok": 0, "info": 1, "warning": 2, "critical": 3}
 HEALTH_MARK = {"ok": ".", "info": "i", "warning": "W", "critical": "C"}
 ALERT_STATUSES = ("firing", "resolved", "all")
 DEFAULT_ALERTS_LIMIT = 200
-ROUTES_HINT = "try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, /api/v1/series"
+ROUTES_HINT = (
+    "try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, /api/v1/series, /api/v1/silences, "
+    "/runbooks/<detector>"
+)
 DEFAULT_SERIES_SECONDS = 3600.0  # /api/v1/series without start: the last hour
 # An alert's history span: the 10 minutes before it (the longest detector window) and 5 after.
 SPAN_BEFORE_SECONDS = 600.0
@@ -191,18 +196,75 @@ class _Handlers:
         if status not in ALERT_STATUSES:
             return _json({"error": "status must be firing, resolved or all"}, 400)
         limit = int(request.query.get("limit") or DEFAULT_ALERTS_LIMIT)
-        rows = await asyncio.to_thread(self.app.store.alerts, status=None if status == "all" else status, limit=limit)
-        return _json({"alerts": [with_history_span(row) for row in rows]})
+        store, now = self.app.store, self.app.clock()
+
+        def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            return store.alerts(status=None if status == "all" else status, limit=limit), store.silences(now)
+
+        rows, silences = await asyncio.to_thread(read)
+        return _json({"alerts": [with_silence(with_history_span(row), silences) for row in rows]})
 
     async def alert(self, request: web.Request) -> web.Response:
         try:
             alert_id = int(request.match_info["id"])
         except ValueError:
             return _json({"error": f"alert id must be a number, not {request.match_info['id']!a}"}, 400)
-        row = await asyncio.to_thread(self.app.store.alert, alert_id)
+        store, now = self.app.store, self.app.clock()
+        row, silences = await asyncio.to_thread(lambda: (store.alert(alert_id), store.silences(now)))
         if row is None:
             return _json({"error": f"no alert with id {alert_id}"}, 404)
-        return _json(with_history_span(row))
+        return _json(with_silence(with_history_span(row), silences))
+
+    async def silences(self, request: web.Request) -> web.Response:
+        """GET /api/v1/silences[?all=1]: active and pending silences (all=1: expired ones too), newest first."""
+        include_expired = (request.query.get("all") or "") in ("1", "true", "yes")
+        rows = await asyncio.to_thread(self.app.store.silences, self.app.clock(), include_expired=include_expired)
+        return _json({"silences": rows})
+
+    async def add_silence(self, request: web.Request) -> web.Response:
+        """POST /api/v1/silences {node, gpu?, detector?, seconds, comment, created_by?}: the new silence."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return _json({"error": "the body must be a JSON object"}, 400)
+        now = self.app.clock()
+        try:
+            silence = parse_silence(body, now, known_detectors=[d.id for d in self.app.tracker.detectors])
+        except ValueError as exc:
+            return _json({"error": str(exc)}, 400)
+        silence_id = await asyncio.to_thread(lambda: self.app.store.add_silence(**silence, now=now))
+        log.info(
+            "silence %d added by %s until %s: %s",
+            silence_id,
+            silence["created_by"] or "(unnamed)",
+            silence["ends_at"],
+            silence_text(silence),
+        )
+        self.app.silences_changed()
+        rows = await asyncio.to_thread(self.app.store.silences, now, include_expired=True)
+        return _json(next(row for row in rows if row["id"] == silence_id), 201)
+
+    async def expire_silence(self, request: web.Request) -> web.Response:
+        """DELETE /api/v1/silences/{id}: end the silence now; its alerts are delivered again from now on."""
+        try:
+            silence_id = int(request.match_info["id"])
+        except ValueError:
+            return _json({"error": f"silence id must be a number, not {request.match_info['id']!a}"}, 400)
+        row = await asyncio.to_thread(self.app.store.expire_silence, silence_id, self.app.clock())
+        if row is None:
+            return _json({"error": f"no silence with id {silence_id}"}, 404)
+        log.info("silence %d expired: %s", silence_id, silence_text(row))
+        self.app.silences_changed()
+        return _json(row)
+
+    async def runbook(self, request: web.Request) -> web.Response:
+        """GET /runbooks/<detector>: the detector's runbook page (markdown), where alerts' runbook_url points."""
+        detector = request.match_info["detector"]
+        page = runbook_page(detector)
+        if page is None:
+            known = ", ".join(sorted(d.id for d in self.app.tracker.detectors))
+            return _json({"error": f"no runbook for {detector[:64]!a} (detectors: {known})"}, 404)
+        return web.Response(text=page, content_type="text/markdown")
 
     async def series(self, request: web.Request) -> web.Response:
         """GET /api/v1/series?node=N[&gpu=G][&field=F...][&start=T][&end=T][&step=S] (Unix seconds)."""
@@ -245,7 +307,18 @@ def build_web_app(app: CollectorApp) -> web.Application:
     add_route(web_app, "GET", "/api/v1/alerts", handlers.alerts, Access.READ)
     add_route(web_app, "GET", "/api/v1/alerts/{id}", handlers.alert, Access.READ)
     add_route(web_app, "GET", "/api/v1/series", handlers.series, Access.READ)
+    add_route(web_app, "GET", "/api/v1/silences", handlers.silences, Access.READ)
+    add_route(web_app, "POST", "/api/v1/silences", handlers.add_silence, Access.ADMIN)
+    add_route(web_app, "DELETE", "/api/v1/silences/{id}", handlers.expire_silence, Access.ADMIN)
+    # Open: the pages hold no fleet data, and whoever follows an alert's link may carry no token.
+    add_route(web_app, "GET", "/runbooks/{detector}", handlers.runbook, Access.OPEN)
     return web_app
+
+
+def with_silence(alert: dict[str, Any], silences: list[dict[str, Any]]) -> dict[str, Any]:
+    """The alert with silenced_by: the id of an active silence that covers it (its deliveries are held), or None."""
+    active = (s for s in silences if s["state"] == "active" and silence_matches(s, alert))
+    return {**alert, "silenced_by": next((s["id"] for s in active), None)}
 
 
 def with_history_span(alert: dict[str, Any]) -> dict[str, Any]:

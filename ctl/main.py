@@ -6,6 +6,7 @@ import argparse
 import http.client
 import json
 import os
+import socket
 import ssl
 import sys
 import time
@@ -80,14 +81,22 @@ def fetch_json(
     *,
     token: str | None = None,
     ca_file: str | None = None,
+    method: str = "GET",
+    body: Any = None,
 ) -> Any:
-    """GET base_url + path as JSON, sending `token` as a bearer token; errors say what to pass to fix them."""
+    """`method` base_url + path (with `body` as JSON) and the JSON answer, sending `token` as a bearer token.
+
+    Errors say what to pass to fix them.
+    """
     url = base_url.rstrip("/") + path
     https = urllib.parse.urlsplit(base_url).scheme == "https"
     # A TLS server answers a plain HTTP request with a TLS alert (not a status line) or hangs up.
     plain_to_tls_hint = "" if https else "; if it serves HTTPS, use an https:// --collector URL"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(url, headers=headers)
+    data = None if body is None else json.dumps(body).encode()
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     context = client_ssl_context(ca_file) if https else None
     try:
         with urllib.request.urlopen(request, timeout=timeout_seconds, context=context) as response:
@@ -97,8 +106,10 @@ def fetch_json(
             raise CtlError(f"{url}: HTTP 401: the collector needs an API token: {TOKEN_HINT}") from None
         if exc.code == 403:
             if token:
+                needs = "; changes need its api_admin_token" if method != "GET" else ""
                 raise CtlError(
-                    f"{url}: HTTP 403: the collector refused the API token ({_error_text(exc)}); check {TOKEN_HINT}"
+                    f"{url}: HTTP 403: the collector refused the API token ({_error_text(exc)}); "
+                    f"check {TOKEN_HINT}{needs}"
                 ) from None
             raise CtlError(f"{url}: HTTP 403: the collector refused the request ({_error_text(exc)})") from None
         raise CtlError(f"{url}: HTTP {exc.code}: {_error_text(exc)}") from None
@@ -134,6 +145,12 @@ def api_get(args: argparse.Namespace, path: str) -> Any:
     return fetch_json(args.collector, path, token=token, ca_file=args.ca_file)
 
 
+def api_send(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """POST or DELETE one JSON API path (routes that change state want the admin token)."""
+    token = read_token_file(args.token_file) if args.token_file else None
+    return fetch_json(args.collector, path, token=token, ca_file=args.ca_file, method=method, body=body)
+
+
 def format_status(status: dict, out: TextIO) -> None:
     # Imported here: the collector's web module pulls in SQLAlchemy and aiohttp, which the offline
     # commands (detect, eval, demo) do not need to start.
@@ -161,9 +178,25 @@ def format_alerts(alerts: list[dict], out: TextIO) -> None:
     print(f"{'STATUS':<9} {'SEVERITY':<9} {'DETECTOR':<20} {'NODE':<12} {'GPU':<4} {'ACTION':<17} SUMMARY", file=out)
     for a in alerts:
         gpu = "-" if a["gpu"] is None else str(a["gpu"])
+        silenced = "" if a.get("silenced_by") is None else f" [silenced by {a['silenced_by']}]"
         print(
             f"{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} "
-            f"{a['action']:<17} {a['summary']}",
+            f"{a['action']:<17} {a['summary']}{silenced}",
+            file=out,
+        )
+
+
+def format_silences(silences: list[dict], out: TextIO) -> None:
+    if not silences:
+        print("no silences", file=out)
+        return
+    print(f"{'ID':<6} {'STATE':<8} {'NODE':<16} {'GPU':<4} {'DETECTOR':<20} {'ENDS':<20} BY: COMMENT", file=out)
+    for s in silences:
+        gpu = "-" if s["gpu"] is None else str(s["gpu"])
+        by = s["created_by"] or "-"
+        print(
+            f"{s['id']:<6} {s['state']:<8} {s['node']:<16} {gpu:<4} {s['detector'] or '-':<20} "
+            f"{format_time(s['ends_at']):<20} {by}: {s['comment']}",
             file=out,
         )
 
@@ -270,6 +303,90 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     else:
         format_alerts(alerts, sys.stdout)
     return 0
+
+
+def cmd_silence_add(args: argparse.Namespace) -> int:
+    with _flag_errors():
+        seconds = parse_duration(args.duration, "--for")
+    if args.gpu is not None and args.gpu < 0:
+        raise CtlError(f"--gpu must be 0 or more, got {args.gpu}")
+    body = {
+        "node": args.node,
+        "gpu": args.gpu,
+        "detector": args.detector,
+        "seconds": seconds,
+        "comment": args.comment,
+        "created_by": args.created_by,
+    }
+    silence = api_send(args, "POST", "/api/v1/silences", body)
+    if args.json:
+        print(json.dumps(silence))
+    else:
+        format_silences([silence], sys.stdout)
+    return 0
+
+
+def cmd_silence_list(args: argparse.Namespace) -> int:
+    silences = api_get(args, "/api/v1/silences" + ("?all=1" if args.all else ""))["silences"]
+    if args.json:
+        for s in silences:
+            print(json.dumps(s))
+    else:
+        format_silences(silences, sys.stdout)
+    return 0
+
+
+def cmd_silence_expire(args: argparse.Namespace) -> int:
+    silence = api_send(args, "DELETE", f"/api/v1/silences/{args.id}")
+    if args.json:
+        print(json.dumps(silence))
+    else:
+        format_silences([silence], sys.stdout)
+    return 0
+
+
+def _default_created_by() -> str:
+    try:
+        user = os.getlogin()
+    except OSError:  # no controlling terminal (cron, CI)
+        user = os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def add_silence_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "silence",
+        help="hold back a node's or GPU's alert deliveries (kept in the collector's database)",
+        description="Silences without Alertmanager. Alerts a silence covers are still recorded and shown "
+        "(`alerts` marks them), but no notifier sends them while it is active; Alertmanager's feed leaves "
+        "them out too. Adding and expiring need the collector's api_admin_token (--token-file).",
+    )
+    silence = p.add_subparsers(dest="silence_command", required=True)
+    add = silence.add_parser(
+        "add", help="silence a node, or one of its GPUs, or one detector there, for a while", description=""
+    )
+    add.add_argument("--node", required=True, help="the node, as `fleetwatchctl status` names it")
+    add.add_argument("--gpu", type=int, metavar="N", help="only this GPU's alerts [default: the whole node's]")
+    add.add_argument("--detector", metavar="ID", help="only this detector's alerts (e.g. xid) [default: all]")
+    add.add_argument(
+        "--for",
+        dest="duration",
+        required=True,
+        metavar="DURATION",
+        help="how long: seconds, or a number with s, m, h or d (90m, 2h, 7d)",
+    )
+    add.add_argument("--comment", required=True, help="why: an RMA ticket, a maintenance window")
+    add.add_argument("--created-by", default=_default_created_by(), help="who [default: your user name @ this host]")
+    add.add_argument("--json", action="store_true", help="print the silence as JSON")
+    add.set_defaults(func=cmd_silence_add)
+    ls = silence.add_parser("list", help="active and pending silences, newest first")
+    ls.add_argument("--all", action="store_true", help="expired ones too")
+    ls.add_argument("--json", action="store_true", help="one JSON object a line")
+    ls.set_defaults(func=cmd_silence_list)
+    expire = silence.add_parser("expire", help="end a silence now")
+    expire.add_argument("id", type=int, metavar="ID", help="the silence's id, as `silence list` shows it")
+    expire.add_argument("--json", action="store_true", help="print the silence as JSON")
+    expire.set_defaults(func=cmd_silence_expire)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -486,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+    add_silence_parser(sub)
     add_certs_parser(sub)
     return parser
 

@@ -32,6 +32,7 @@ from fleetwatch.agent.state import AgentState
 from fleetwatch.certs import CA_CERT_FILE, init_ca, issue_into
 from fleetwatch.collector.app import CollectorApp
 from fleetwatch.collector.config import CollectorConfig, DatabaseUrl, WebhookUrl
+from fleetwatch.collector.notify.base import alert_labels, labels_fingerprint
 from fleetwatch.collector.web import HEALTH_MARK, fleet_status
 from fleetwatch.sim.fake_nvml import make_fake_nvml
 from fleetwatch.sim.node import SimNode
@@ -216,7 +217,8 @@ async def _run(
             fault_times = {(f.node, f.fault.gpu): sims[f.node].fault_time(f.fault) for f in injected}
             alerts_out = []
             for alert in sorted(app.store.alerts(status=None, limit=1000), key=lambda a: a["starts_at"]):
-                arrived = receiver.first_arrival(alert["fingerprint"])
+                # The webhook names an alert by the fingerprint of its labels, as Alertmanager does.
+                arrived = receiver.first_arrival(labels_fingerprint(alert_labels(alert)))
                 fault_t = fault_times.get((alert["node"], alert["gpu"]))
                 seconds = round(arrived - fault_t, 3) if arrived is not None and fault_t is not None else None
                 alerts_out.append(

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
-from fleetwatch.collector.notify.base import Notifier, NotifyError, TargetNotConfigured
+from fleetwatch.collector.config import WebhookTarget
+from fleetwatch.collector.notify.base import AlertLinks, Notifier, NotifyError, TargetNotConfigured
 from fleetwatch.collector.notify.log import LogNotifier
 from fleetwatch.collector.notify.webhook import WebhookNotifier
 from fleetwatch.configfile import MASK, url_origin
@@ -47,7 +49,7 @@ def is_reference(target: str) -> bool:
     return scheme == WebhookNotifier.scheme and _WEBHOOK_REFERENCE.fullmatch(address) is not None
 
 
-def notifier_for(target: str, *, timeout_seconds: float = 5.0) -> Notifier:
+def notifier_for(target: str, *, timeout_seconds: float = 5.0, links: AlertLinks | None = None) -> Notifier:
     """The notifier of a target that carries its whole address ("log", "webhook:<url>" of old rows)."""
     scheme, _, address = target.partition(":")
     cls = _notifier_class(scheme)
@@ -55,7 +57,7 @@ def notifier_for(target: str, *, timeout_seconds: float = 5.0) -> Notifier:
         # Only the scheme: the rest of an unknown target may be a URL with a token.
         known = ", ".join(c.scheme for c in NOTIFIERS)
         raise TargetNotConfigured(f"no notifier for target scheme {scheme!r} (known: {known})")
-    return cls(address, timeout_seconds=timeout_seconds)
+    return cls(address, timeout_seconds=timeout_seconds, links=links)
 
 
 def target_for_log(target: str) -> str:
@@ -72,11 +74,26 @@ def target_for_log(target: str) -> str:
 class Notifiers:
     """The configured destinations: the targets each alert transition is queued for, and their notifiers."""
 
-    def __init__(self, *, log_alerts: bool, webhook_urls: Sequence[str], timeout_seconds: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        log_alerts: bool,
+        webhook_urls: Sequence[str] = (),
+        webhooks: Sequence[WebhookTarget] = (),
+        timeout_seconds: float = 5.0,
+        links: AlertLinks | None = None,
+        group_wait_seconds: float = 0.0,
+    ) -> None:
         self.timeout_seconds = timeout_seconds
-        self._webhooks = {webhook_target(url): url for url in webhook_urls}
-        # A URL listed twice is one target, notified once.
-        self.targets: list[str] = ([LogNotifier.scheme] if log_alerts else []) + list(self._webhooks)
+        self.links = links or AlertLinks(external_url="")
+        settings = [WebhookTarget(url=url) for url in webhook_urls] + list(webhooks)
+        # A URL listed twice is one target, notified once (with the settings listed first).
+        self._webhooks: dict[str, WebhookTarget] = {}
+        for item in settings:
+            self._webhooks.setdefault(webhook_target(item.url.reveal()), item)
+        # Each target with the seconds a new transition waits for others of its node (the log: none).
+        self.targets: dict[str, float] = {LogNotifier.scheme: 0.0} if log_alerts else {}
+        self.targets.update(dict.fromkeys(self._webhooks, group_wait_seconds))
 
     def lane(self, target: str) -> str:
         """The name deliveries to `target` queue under: its reference (an old row's URL shares its webhook's)."""
@@ -87,20 +104,22 @@ class Notifiers:
 
     def for_target(self, target: str) -> Notifier:
         """The notifier that sends to `target`; TargetNotConfigured when nothing configured is named by it."""
+        options: dict[str, Any] = {"timeout_seconds": self.timeout_seconds, "links": self.links}
         if target == LogNotifier.scheme:
-            return LogNotifier("", timeout_seconds=self.timeout_seconds)
+            return LogNotifier("", **options)
         if is_reference(target):  # a webhook's
-            url = self._webhooks.get(target)
-            if url is None:
-                # Removed from webhook_urls, or its token changed (another URL, another key).
-                raise TargetNotConfigured(f"{target} is not among the configured webhook_urls any more")
-            return WebhookNotifier(url, timeout_seconds=self.timeout_seconds)
+            settings = self._webhooks.get(target)
+            if settings is None:
+                # Removed from the configuration, or its token changed (another URL, another key).
+                raise TargetNotConfigured(f"{target} is not among the configured webhooks any more")
+            return WebhookNotifier(settings.url.reveal(), settings=settings, **options)
         # An old row that holds its whole address: it was configured when it was written.
-        return notifier_for(target, timeout_seconds=self.timeout_seconds)
+        return notifier_for(target, **options)
 
 
 __all__ = [
     "NOTIFIERS",
+    "AlertLinks",
     "Notifier",
     "Notifiers",
     "NotifyError",

@@ -37,7 +37,8 @@ from sqlalchemy.types import TypeEngine
 from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS, INTEGER_FIELDS
 
 ALERT_STATUSES = ("firing", "resolved")
-DELIVERY_STATES = ("pending", "sent", "failed")
+# "silenced": a silence matched the alert when it was due, so it was not sent (revision 0006).
+DELIVERY_STATES = ("pending", "sent", "failed", "silenced")
 
 # A column named in IB_FIELDS that is text, not a number.
 _IB_TEXT_FIELDS = frozenset({"ib_state"})
@@ -306,6 +307,23 @@ deliveries = Table(
     Column("sent_at", Double, nullable=True),
     Index(None, "state", "next_attempt_at"),
     Index(None, "alert_id"),
+)
+
+# Silences (revision 0006): alerts matching one while it is active are recorded and shown, not delivered.
+# A silence names a node and, optionally, one of its GPUs and one detector; expiring it sets ends_at.
+silences = Table(
+    "silences",
+    metadata,
+    _row_id(),
+    Column("node", String(255), nullable=False),
+    Column("gpu", Integer, nullable=True),
+    Column("detector", String(64), nullable=True),
+    Column("starts_at", Double, nullable=False),
+    Column("ends_at", Double, nullable=False),
+    Column("comment", Text, nullable=False),
+    Column("created_by", String(255), nullable=False, default="", server_default=""),
+    Column("created_at", Double, nullable=False),
+    Index(None, "ends_at"),
 )
 
 # Tables whose rows age out after retention_hours (Store.purge), each with the column of the row's time.

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     RowMapping,
+    Select,
     Table,
     and_,
     bindparam,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    or_,
     select,
     update,
 )
@@ -58,6 +60,9 @@ SQLITE_WAL_LIMIT_BYTES = 16 * 1024 * 1024
 PG_CONNECT_TIMEOUT_SECONDS = 10
 # Notifier errors can be whole HTTP bodies; keep what fits a log line.
 LAST_ERROR_MAX_CHARS = 2000
+# The delivery targets of an alert transition: names, or names with the seconds each waits before
+# its first try (a webhook's group wait).
+Targets = Sequence[str] | Mapping[str, float]
 # A masked password in a URL, and that text as a rendered URL quotes it.
 _HIDDEN = "***"
 _HIDDEN_QUOTED = "%2A%2A%2A"
@@ -696,7 +701,7 @@ class Store:
 
     # -- alerts and the delivery outbox -----------------------------------------------------
 
-    def open_alert(self, finding: Finding, now: float, targets: Sequence[str]) -> int:
+    def open_alert(self, finding: Finding, now: float, targets: Targets) -> int:
         """Insert a firing alert and one pending delivery per target, in one transaction.
 
         When an alert with the same fingerprint is already firing, return its id and add nothing.
@@ -740,7 +745,7 @@ class Store:
                 raise
             return alert_id
 
-    def resolve_alert(self, fingerprint: str, end: float, now: float, targets: Sequence[str]) -> int | None:
+    def resolve_alert(self, fingerprint: str, end: float, now: float, targets: Targets) -> int | None:
         """Resolve the firing alert and queue its 'resolved' deliveries; None when none fires."""
         a = schema.alerts
         with self._write("resolve alert") as conn:
@@ -761,14 +766,22 @@ class Store:
         """Every firing alert, oldest start first."""
         a = schema.alerts
         with self._read("read alerts") as conn:
-            rows = conn.execute(select(a).where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id)).mappings()
-            return [_alert_dict(row) for row in rows]
+            rows = conn.execute(_alert_select().where(a.c.status == "firing").order_by(a.c.starts_at, a.c.id))
+            return [_alert_dict(row) for row in rows.mappings()]
+
+    def alerts_to_announce(self, resolved_since: float) -> list[dict[str, Any]]:
+        """Firing alerts and those resolved at or after `resolved_since`, oldest start first (Alertmanager's feed)."""
+        a = schema.alerts
+        query = _alert_select().where(or_(a.c.status == "firing", a.c.ends_at >= resolved_since))
+        with self._read("read alerts") as conn:
+            rows = conn.execute(query.order_by(a.c.starts_at, a.c.id))
+            return [_alert_dict(row) for row in rows.mappings()]
 
     def alert(self, alert_id: int) -> dict[str, Any] | None:
         """One alert by id, or None."""
         a = schema.alerts
         with self._read("read alert") as conn:
-            row = conn.execute(select(a).where(a.c.id == alert_id)).mappings().first()
+            row = conn.execute(_alert_select().where(a.c.id == alert_id)).mappings().first()
         return None if row is None else _alert_dict(row)
 
     def alerts(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -776,7 +789,7 @@ class Store:
         if status is not None and status not in schema.ALERT_STATUSES:
             raise ValueError(f"status {status!r} not in {schema.ALERT_STATUSES}")
         a = schema.alerts
-        query = select(a).order_by(a.c.starts_at.desc(), a.c.id.desc()).limit(limit)
+        query = _alert_select().order_by(a.c.starts_at.desc(), a.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(a.c.status == status)
         with self._read("read alerts") as conn:
@@ -803,25 +816,40 @@ class Store:
         """
         d, a = schema.deliveries, schema.alerts
         query = (
-            select(
-                d.c.id,
-                d.c.alert_id,
-                d.c.target,
-                d.c.transition,
-                d.c.state,
-                d.c.attempts,
-                d.c.next_attempt_at,
-                d.c.last_error,
-                d.c.created_at,
-                *(a.c[name] for name in _ALERT_KEYS if name != "id"),
-            )
-            .join(a, a.c.id == d.c.alert_id)
+            _delivery_select()
             .where(d.c.state == "pending", d.c.next_attempt_at <= now, _not_blocked(d, a))
             .where(*_skipping(d, skip_ids, skip_targets))
             .order_by(d.c.created_at, d.c.id)
             .limit(limit)
         )
         with self._read("read due deliveries") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{**row, "evidence": _parse_evidence(row["evidence"])} for row in rows]
+
+    def group_mates(
+        self,
+        targets: Collection[str],
+        node: str | None,
+        now: float,
+        limit: int,
+        *,
+        skip_ids: Collection[int] = (),
+    ) -> list[dict[str, Any]]:
+        """Deliveries to join a group being sent now: not tried yet, for `node` (None: no node) and one of `targets`.
+
+        They are still in their group wait (next_attempt_at ahead); sending them with the group's
+        first is Alertmanager's group_wait. Same keys and order rule as `due_deliveries`.
+        """
+        d, a = schema.deliveries, schema.alerts
+        query = (
+            _delivery_select()
+            .where(d.c.state == "pending", d.c.attempts == 0, d.c.created_at <= now, _not_blocked(d, a))
+            .where(d.c.target.in_(sorted(targets)), a.c.node.is_(None) if node is None else a.c.node == node)
+            .where(*_skipping(d, skip_ids, ()))
+            .order_by(d.c.created_at, d.c.id)
+            .limit(limit)
+        )
+        with self._read("read group mates") as conn:
             rows = conn.execute(query).mappings().all()
         return [{**row, "evidence": _parse_evidence(row["evidence"])} for row in rows]
 
@@ -855,6 +883,65 @@ class Store:
     def mark_failed(self, delivery_id: int, error: str) -> None:
         """Give up on a delivery: it stays in the outbox as 'failed' with the last error."""
         self._finish_attempt(delivery_id, "mark failed", state="failed", last_error=error[:LAST_ERROR_MAX_CHARS])
+
+    def mark_silenced(self, delivery_ids: Collection[int], silence_id: int) -> None:
+        """Deliveries a silence caught: settled without a send, the silence named in last_error."""
+        d = schema.deliveries
+        with self._write("mark silenced") as conn:
+            conn.execute(
+                update(d)
+                .where(d.c.id.in_(sorted(delivery_ids)), d.c.state == "pending")
+                .values(state="silenced", last_error=f"silenced by silence {silence_id}")
+            )
+
+    # -- silences ---------------------------------------------------------------------------
+
+    def add_silence(
+        self,
+        *,
+        node: str,
+        gpu: int | None,
+        detector: str | None,
+        starts_at: float,
+        ends_at: float,
+        comment: str,
+        created_by: str,
+        now: float,
+    ) -> int:
+        s = schema.silences
+        with self._write("add silence") as conn:
+            primary_key = conn.execute(
+                insert(s).values(
+                    node=node,
+                    gpu=gpu,
+                    detector=detector,
+                    starts_at=starts_at,
+                    ends_at=ends_at,
+                    comment=comment,
+                    created_by=created_by,
+                    created_at=now,
+                )
+            ).inserted_primary_key
+        assert primary_key is not None
+        return int(primary_key[0])
+
+    def silences(self, now: float, *, include_expired: bool = False) -> list[dict[str, Any]]:
+        """Silences not ended by `now` (or all of them), newest first, each with its `state`."""
+        s = schema.silences
+        query = select(s).order_by(s.c.created_at.desc(), s.c.id.desc())
+        if not include_expired:
+            query = query.where(s.c.ends_at > now)
+        with self._read("read silences") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{**row, "state": _silence_state(row, now)} for row in rows]
+
+    def expire_silence(self, silence_id: int, now: float) -> dict[str, Any] | None:
+        """End a silence now (one already ended stays as it is); the silence, or None when there is none."""
+        s = schema.silences
+        with self._write("expire silence") as conn:
+            conn.execute(update(s).where(s.c.id == silence_id, s.c.ends_at > now).values(ends_at=now))
+            row = conn.execute(select(s).where(s.c.id == silence_id)).mappings().first()
+        return None if row is None else {**row, "state": _silence_state(row, now)}
 
     def _finish_attempt(self, delivery_id: int, what: str, **values: Any) -> None:
         """Count one attempt on a pending delivery; a delivery already settled stays as it is."""
@@ -934,6 +1021,8 @@ _ALERT_KEYS = (
     "status",
     "starts_at",
     "ends_at",
+    "uuid",
+    "pci_bus_id",
 )
 
 
@@ -1139,8 +1228,9 @@ def _firing_alert_id(conn: Connection, fingerprint: str, *, for_update: bool = F
     return None if value is None else int(value)
 
 
-def _add_deliveries(conn: Connection, alert_id: int, transition: str, targets: Sequence[str], now: float) -> None:
+def _add_deliveries(conn: Connection, alert_id: int, transition: str, targets: Targets, now: float) -> None:
     # A target listed twice would be notified twice; keep the first of each.
+    waits = targets if isinstance(targets, Mapping) else dict.fromkeys(targets, 0.0)
     rows = [
         {
             "alert_id": alert_id,
@@ -1148,12 +1238,12 @@ def _add_deliveries(conn: Connection, alert_id: int, transition: str, targets: S
             "transition": transition,
             "state": "pending",
             "attempts": 0,
-            "next_attempt_at": now,
+            "next_attempt_at": now + wait,
             "last_error": None,
             "created_at": now,
             "sent_at": None,
         }
-        for target in dict.fromkeys(targets)
+        for target, wait in waits.items()
     ]
     if rows:
         conn.execute(insert(schema.deliveries), rows)
@@ -1183,6 +1273,47 @@ def _skipping(d: Table, skip_ids: Collection[int], skip_targets: Collection[str]
     if skip_targets:
         conditions.append(d.c.target.not_in(sorted(skip_targets)))
     return conditions
+
+
+def _alert_select() -> Select:
+    """Alerts with their GPU's uuid and pci_bus_id (None for a node's or a job's alert, or a GPU never seen)."""
+    a, g = schema.alerts, schema.gpus
+    return select(a, g.c.uuid, g.c.pci_bus_id).select_from(
+        a.outerjoin(g, and_(g.c.node == a.c.node, g.c.gpu == a.c.gpu))
+    )
+
+
+def _delivery_select() -> Select:
+    d, a, g = schema.deliveries, schema.alerts, schema.gpus
+    return select(
+        d.c.id,
+        d.c.alert_id,
+        d.c.target,
+        d.c.transition,
+        d.c.state,
+        d.c.attempts,
+        d.c.next_attempt_at,
+        d.c.last_error,
+        d.c.created_at,
+        *(a.c[name] for name in _ALERT_KEYS if name not in ("id", "uuid", "pci_bus_id")),
+        g.c.uuid,
+        g.c.pci_bus_id,
+    ).select_from(d.join(a, a.c.id == d.c.alert_id).outerjoin(g, and_(g.c.node == a.c.node, g.c.gpu == a.c.gpu)))
+
+
+def _silence_state(row: RowMapping, now: float) -> str:
+    if row["ends_at"] <= now:
+        return "expired"
+    return "active" if row["starts_at"] <= now else "pending"
+
+
+def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any]) -> bool:
+    """Whether `silence` covers `alert`: the same node, and its GPU and detector where it names them."""
+    return (
+        silence["node"] == alert.get("node")
+        and (silence["gpu"] is None or silence["gpu"] == alert.get("gpu"))
+        and (silence["detector"] is None or silence["detector"] == alert.get("detector"))
+    )
 
 
 def _parse_evidence(text: str | None) -> dict[str, Any]:

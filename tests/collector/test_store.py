@@ -416,6 +416,8 @@ def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -
         "status": "firing",
         "starts_at": T0,
         "ends_at": None,
+        "uuid": None,  # no GPU row for n01/3 in this database
+        "pci_bus_id": None,
     }
     other = store.open_alert(finding(gpu=4), now=T0 + 3, targets=[])
     assert other != alert_id and store.count_rows("deliveries") == 2
