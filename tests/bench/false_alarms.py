@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib
 import inspect
 import json
 import math
@@ -34,8 +35,6 @@ from pathlib import Path
 import numpy as np
 
 import fleetwatch.detectors
-import fleetwatch.records
-import fleetwatch.sim
 from fleetwatch.sim.evaluate import evaluate_scenario, load_scenario, scenario_files
 from fleetwatch.sim.scenario import node_names
 
@@ -109,11 +108,19 @@ def replicated(scenario: dict, copies: int) -> dict:
 
 
 def code_digest() -> str:
-    """What decides a run's result: the detectors, the simulator, the records and helpers below
-    them, the scenarios, how this script stretches and replicates them, Python and numpy."""
+    """What decides a run's result: the source of every fleetwatch module a run loads (the
+    detectors, the simulator, the agent's NVML source it drives, the records and helpers below
+    them) and the detectors' data files, the scenarios, how this script stretches and replicates
+    them, Python and numpy. Modules a run never loads (the demo, configuration parsing) do not
+    count, so an edit there keeps the ledger's runs."""
+    importlib.import_module("fleetwatch.sim.fleet")  # what evaluate_scenario imports when it runs
+
     digest = hashlib.sha256(f"{sys.version_info[:3]} numpy {np.__version__}".encode())
-    folders = [Path(module.__file__).parent for module in (fleetwatch.detectors, fleetwatch.sim, fleetwatch.records)]
-    files = sorted(p for folder in folders for p in folder.iterdir() if p.suffix in (".py", ".csv"))
+    loaded = sorted(
+        name for name, module in list(sys.modules.items()) if name.startswith("fleetwatch") and module is not None
+    )
+    files = [Path(path) for name in loaded if (path := getattr(sys.modules[name], "__file__", None))]
+    files += sorted(Path(fleetwatch.detectors.__file__).parent.glob("*.csv"))
     files += sorted(CORPUS.glob("*.toml"))
     for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select
 
 from fleetwatch.collector.app import CollectorApp
@@ -152,8 +153,32 @@ async def test_one_post_per_node_with_alertmanagers_fields_credentials_and_signa
         await asyncio.sleep(0.3)  # nothing else arrives
         firing = json.loads(await get(f"http://127.0.0.1:{app.http_port}/api/v1/alerts"))["alerts"]
         runbook = await get(f"http://127.0.0.1:{app.http_port}/runbooks/xid")
+        metrics = await get(f"http://127.0.0.1:{app.http_port}/metrics")
     finally:
         await app.stop(grace_seconds=0.2)
+
+    # GPU faults in Prometheus: a series per firing entity and detector, deliveries by target.
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    per_entity = {labels: v for (name, labels), v in samples.items() if name == "fleetwatch_alert_firing"}
+    on_gpu1 = [
+        (dict(labels), v) for labels, v in per_entity.items() if ("node", "n01") in labels and ("gpu", "1") in labels
+    ]
+    # XID 48 (critical, reboot) and XID 63 (warning, reset_gpu): a series each.
+    assert sorted((labels["detector"], labels["action"], v) for labels, v in on_gpu1) == [
+        ("xid", "reboot", 1.0),
+        ("xid", "reset_gpu", 1.0),
+    ]
+    assert sum(v for labels, v in per_entity.items() if ("detector", "xid") in labels) == 4
+    sent = [
+        v
+        for (name, labels), v in samples.items()
+        if name == "fleetwatch_alert_deliveries_total" and ("result", "sent") in labels
+    ]
+    assert sent == [4.0]  # one target (the log is off), four transitions
 
     by_node = {p.body["groupLabels"]["node"]: p for p in receiver.posts}
     assert len(receiver.posts) == 2 and set(by_node) == {"n01", "n02"}  # a node's alerts share one POST
