@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from fleetwatch.collector.config import WebhookTarget
+from fleetwatch.collector.config import WebhookTarget, WebhookUrl
 from fleetwatch.collector.notify.base import AlertLinks, Notifier, NotifyError, TargetNotConfigured
 from fleetwatch.collector.notify.log import LogNotifier
 from fleetwatch.collector.notify.webhook import WebhookNotifier
@@ -86,7 +86,7 @@ class Notifiers:
     ) -> None:
         self.timeout_seconds = timeout_seconds
         self.links = links or AlertLinks(external_url="")
-        settings = [WebhookTarget(url=url) for url in webhook_urls] + list(webhooks)
+        settings = [WebhookTarget(url=WebhookUrl(url)) for url in webhook_urls] + list(webhooks)
         # A URL listed twice is one target, notified once (with the settings listed first).
         self._webhooks: dict[str, WebhookTarget] = {}
         for item in settings:

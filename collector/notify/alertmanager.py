@@ -14,6 +14,7 @@ one carries the same state. Alerts a fleetwatch silence covers are left out of t
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import json
 import logging
@@ -178,14 +179,14 @@ class AlertmanagerPusher:
                 if not member.busy and (member.wanted or member.next_at <= now):
                     member.busy, member.wanted = True, False
                     future = loop.run_in_executor(self._executor, self._push, member)
-                    future.add_done_callback(lambda _, m=member: self._done(m))
+                    future.add_done_callback(functools.partial(self._done, member))
                     pending.add(future)
                     future.add_done_callback(pending.discard)
             waiting = [m.next_at for m in self._members if not m.busy and not m.wanted]
             wait = min(waiting, default=now + self.resend_seconds) - now
             await wait_any(self._wake, stop, timeout_seconds=min(self.resend_seconds, max(0.05, wait)))
 
-    def _done(self, member: _Member) -> None:
+    def _done(self, member: _Member, _: asyncio.Future[None]) -> None:
         member.busy = False
         self._wake.set()
 
