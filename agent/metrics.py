@@ -28,6 +28,7 @@ from fleetwatch.agent.metrics_http import ThreadingWsgiServer, basic_auth, serve
 from fleetwatch.agent.state import AgentState
 from fleetwatch.https import server_ssl_context
 from fleetwatch.nvml_bits import CLOCK_EVENT_REASONS
+from fleetwatch.xid_catalog import lookup
 
 Kind = Literal["gauge", "counter", "bitmask", "state"]
 
@@ -277,6 +278,66 @@ GPU_METRICS: tuple[FieldMetric, ...] = (
         _ONE,
         "NVLink recoveries, all links.",
     ),
+    # NVML GPM (Hopper and newer), each over one sampling interval: agent/sources/gpm.py.
+    *(
+        FieldMetric(canonical, name, "gauge", _PERCENT_TO_RATIO, help_text)
+        for canonical, name, help_text in (
+            (
+                "graphics_active_percent",
+                "fleetwatch_gpu_graphics_engine_active_ratio",
+                "Fraction of the interval a graphics or compute engine was active (GPM; DCGM's GR_ENGINE_ACTIVE).",
+            ),
+            (
+                "sm_active_percent",
+                "fleetwatch_gpu_sm_active_ratio",
+                "Fraction of the interval the SMs were busy, averaged over SMs (GPM; DCGM's SM_ACTIVE).",
+            ),
+            (
+                "sm_occupancy_percent",
+                "fleetwatch_gpu_sm_occupancy_ratio",
+                "Resident warps against the SMs' maximum, averaged over the interval (GPM; DCGM's SM_OCCUPANCY).",
+            ),
+            (
+                "tensor_active_percent",
+                "fleetwatch_gpu_tensor_active_ratio",
+                "Fraction of the interval any tensor pipe was busy (GPM; DCGM's PIPE_TENSOR_ACTIVE).",
+            ),
+            (
+                "dram_active_percent",
+                "fleetwatch_gpu_dram_active_ratio",
+                "Device memory bandwidth used against its peak (GPM; DCGM's DRAM_ACTIVE).",
+            ),
+            (
+                "fp64_active_percent",
+                "fleetwatch_gpu_fp64_active_ratio",
+                "Fraction of the interval the FP64 pipe was busy, tensor work aside (GPM).",
+            ),
+            (
+                "fp32_active_percent",
+                "fleetwatch_gpu_fp32_active_ratio",
+                "Fraction of the interval the FP32 pipe was busy, tensor work aside (GPM).",
+            ),
+            (
+                "fp16_active_percent",
+                "fleetwatch_gpu_fp16_active_ratio",
+                "Fraction of the interval the FP16 pipe was busy, tensor work aside (GPM).",
+            ),
+        )
+    ),
+    FieldMetric(
+        "nvlink_tx_bytes_per_second",
+        "fleetwatch_gpu_nvlink_transmit_bytes_per_second",
+        "gauge",
+        _ONE,
+        "NVLink bytes sent per second over all links, over the interval (GPM).",
+    ),
+    FieldMetric(
+        "nvlink_rx_bytes_per_second",
+        "fleetwatch_gpu_nvlink_receive_bytes_per_second",
+        "gauge",
+        _ONE,
+        "NVLink bytes received per second over all links, over the interval (GPM).",
+    ),
 )
 
 # Canonical host fields (wire.HOST_FIELDS). Labels: node.
@@ -402,6 +463,10 @@ def _free_mib(total_bytes: float, used_bytes: float) -> int:
 def _millijoules(joules: float) -> int:
     # NVML counts whole mJ; the NVML source divided by 1000, so this restores the integer.
     return round(joules * 1000)
+
+
+def _ratio(percent: float) -> float:
+    return percent / 100.0
 
 
 def _kib_per_second(bytes_per_second: float) -> int:
@@ -603,14 +668,98 @@ DCGM_METRICS: tuple[DcgmMetric, ...] = (
         _as_is,
         "NVLink recoveries, all links.",
     ),
-    # field 230 in default-counters.csv: gauge, "Value of the last XID error encountered" (from
-    # AgentState.xid_last, put beside the GPU's metrics by the snapshot under the name xid_last).
-    DcgmMetric("DCGM_FI_DEV_XID_ERRORS", "gauge", ("xid_last",), _as_is, "Value of the last XID error encountered."),
+    # The profiling fields (DCGM_FI_PROF_*, 1001-1012 in DCGM's dcgm_fields.h) from NVML GPM: ratios
+    # 0-1 as DCGM gives them, bandwidths in bytes per second.
+    DcgmMetric(
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "gauge",
+        ("graphics_active_percent",),
+        _ratio,
+        "Share of the interval a graphics or compute engine was active (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_SM_ACTIVE",
+        "gauge",
+        ("sm_active_percent",),
+        _ratio,
+        "Share of the interval the SMs were busy (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_SM_OCCUPANCY",
+        "gauge",
+        ("sm_occupancy_percent",),
+        _ratio,
+        "Resident warps against the SMs' maximum (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "gauge",
+        ("tensor_active_percent",),
+        _ratio,
+        "Share of the interval any tensor pipe was busy (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "gauge",
+        ("dram_active_percent",),
+        _ratio,
+        "Device memory bandwidth used against its peak (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PIPE_FP64_ACTIVE",
+        "gauge",
+        ("fp64_active_percent",),
+        _ratio,
+        "Share of the interval the FP64 pipe was busy (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PIPE_FP32_ACTIVE",
+        "gauge",
+        ("fp32_active_percent",),
+        _ratio,
+        "Share of the interval the FP32 pipe was busy (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PIPE_FP16_ACTIVE",
+        "gauge",
+        ("fp16_active_percent",),
+        _ratio,
+        "Share of the interval the FP16 pipe was busy (GPM).",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "gauge",
+        ("pcie_tx_bytes_per_second",),
+        _as_is,
+        "PCIe bytes sent per second, headers included.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "gauge",
+        ("pcie_rx_bytes_per_second",),
+        _as_is,
+        "PCIe bytes received per second, headers included.",
+    ),
+    DcgmMetric(
+        "DCGM_FI_PROF_NVLINK_TX_BYTES",
+        "gauge",
+        ("nvlink_tx_bytes_per_second",),
+        _as_is,
+        "NVLink bytes sent per second, all links (GPM).",
+    ),
+    # DCGM_FI_DEV_XID_ERRORS (field 230) has labels of its own: AgentMetrics._dcgm_xid.
+    DcgmMetric(
+        "DCGM_FI_PROF_NVLINK_RX_BYTES",
+        "gauge",
+        ("nvlink_rx_bytes_per_second",),
+        _as_is,
+        "NVLink bytes received per second, all links (GPM).",
+    ),
     # Not exported: nvlink_links_up/total have no DCGM field (DCGM reports link state per link).
 )
 
 _GPU_LABELS = ("node", "gpu", "uuid")
-_DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname")
+_DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
 _INFO_LABELS = ("node", "gpu", "uuid", "name", "pci_bus_id", "serial", "driver_version", "cuda_version")
 _IB_LABELS = ("node", "device", "port")
 
@@ -646,6 +795,8 @@ class _Snapshot:
     spool_quarantined_batches_total: int
     collector_connected: bool
     nvml_available: bool
+    driver_version: str  # the NVIDIA driver's, from the inventory ("" without NVML)
+    xid_last: dict[int | None, int]  # GPU index -> its last XID (None: a kernel-log XID of no known GPU)
 
 
 def _text(value: Any) -> str:
@@ -726,6 +877,8 @@ class AgentMetrics(Collector):
                 spool_quarantined_batches_total=state.spool_quarantined_batches_total,
                 collector_connected=state.collector_connected,
                 nvml_available=state.nvml_available,
+                xid_last=dict(state.xid_last),
+                driver_version=next((_text(e.get("driver_version")) for e in inventory if e.get("driver_version")), ""),
             )
 
     # ---- families ------------------------------------------------------------------------------
@@ -843,17 +996,48 @@ class AgentMetrics(Collector):
                 values = [gpu.metrics.get(name) for name in spec.fields]
                 if any(v is None for v in values):
                     continue
-                labels = {
-                    "gpu": str(gpu.index),
-                    "UUID": gpu.uuid,
-                    "pci_bus_id": _nvml_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else "",
-                    "device": f"nvidia{gpu.index}",
-                    "modelName": gpu.name,
-                    "Hostname": snap.node,
-                }
-                family.add_sample(spec.name, labels, spec.convert(*values))
+                family.add_sample(spec.name, self._dcgm_labels(snap, gpu), spec.convert(*values))
             if family.samples:
                 yield family
+        yield from self._dcgm_xid(snap)
+
+    @staticmethod
+    def _dcgm_labels(snap: _Snapshot, gpu: _Gpu) -> dict[str, str]:
+        """dcgm-exporter's labels of a GPU series, DCGM_FI_DRIVER_VERSION included."""
+        return {
+            "gpu": str(gpu.index),
+            "UUID": gpu.uuid,
+            "pci_bus_id": _nvml_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else "",
+            "device": f"nvidia{gpu.index}",
+            "modelName": gpu.name,
+            "Hostname": snap.node,
+            "DCGM_FI_DRIVER_VERSION": snap.driver_version,
+        }
+
+    def _dcgm_xid(self, snap: _Snapshot) -> Iterator[Metric]:
+        # Field 230: the last XID's number, 0 for every GPU until its first (as dcgm-exporter shows a
+        # GPU without XIDs), with the err_code and err_msg labels dcgm-exporter 3.3.6 added.
+        # A GPU that fell off the bus (XID 79) keeps its series: its last XID is what matters most.
+        family = GaugeMetricFamily("DCGM_FI_DEV_XID_ERRORS", "Value of the last XID error encountered.")
+        sampled = {gpu.index for gpu in snap.gpus}
+        gone = [
+            _Gpu(
+                index=entry["index"],
+                uuid=_text(entry.get("uuid")),
+                name=_text(entry.get("name")),
+                pci_bus_id=_text(entry.get("pci_bus_id")),
+                metrics={"xid_last": snap.xid_last[entry["index"]]} if entry["index"] in snap.xid_last else {},
+            )
+            for entry in snap.inventory
+            if isinstance(entry.get("index"), int) and entry["index"] not in sampled
+        ]
+        for gpu in sorted([*snap.gpus, *gone], key=lambda g: g.index):
+            last = int(gpu.metrics.get("xid_last") or 0)
+            message = lookup(last).meaning if last else ""
+            labels = {**self._dcgm_labels(snap, gpu), "err_code": str(last), "err_msg": message}
+            family.add_sample("DCGM_FI_DEV_XID_ERRORS", labels, last)
+        if family.samples:
+            yield family
 
     def _ib_families(self, snap: _Snapshot) -> Iterator[Metric]:
         ports = sorted(snap.ib_ports, key=lambda p: (str(p.get("device")), int(p.get("port") or 0)))

@@ -15,7 +15,7 @@ Two findings per GPU, told apart by `key`:
   errors within `sbe_window_seconds`. DCGM's memory health watch warns at 10 volatile SBEs in its
   one-minute window (DCGM_LIMIT_MAX_SBE_RATE, DCGM_FR_VOLATILE_SBE_DETECTED); a climbing SBE rate
   is what the driver reports as XID 92 ("High single-bit ECC error rate", warning and
-  inspect_hardware in detectors/xid_catalog.csv). A one-off SBE is healthy noise and never fires.
+  inspect_hardware in base/xid_catalog.csv). A one-off SBE is healthy noise and never fires.
   The finding holds `sbe_hold_seconds` after the last sample over the limit.
 
 Counters: a value lower than the previous sample's is a reset (driver reload, reboot, GPU reset),

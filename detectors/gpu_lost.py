@@ -30,7 +30,7 @@ from typing import ClassVar
 from fleetwatch.detectors.model import Window, fmt_number, gpu_table, held_episode, sampling_interval_seconds
 from fleetwatch.records import Event, Finding
 
-# XID 79: GPU has fallen off the bus (detectors/xid_catalog.csv); the xid detector reports it.
+# XID 79: GPU has fallen off the bus (base/xid_catalog.csv); the xid detector reports it.
 XID_FALLEN_OFF_THE_BUS = 79
 
 

@@ -13,7 +13,7 @@ condition does:
   bridges) are not reported. DCGM fails a GPU with a link down (DCGM_FR_NVLINK_DOWN), Azure NHC
   fails the node on any inactive link (azure_gpu_nvlink.nhc, NHC2016) and gpud suggests
   REBOOT_SYSTEM for inactive NVLinks; the XID the driver logs, 74, is critical / reboot in
-  detectors/xid_catalog.csv.
+  base/xid_catalog.csv.
 - Errors (action inspect_hardware): within `error_window_seconds`, at least
   `replay_recovery_errors` replay or recovery errors, or CRC flit or data errors at
   `crc_errors_per_second` or more. These are DCGM's NVLink health rules: replay and recovery

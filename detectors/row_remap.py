@@ -10,7 +10,7 @@ Two findings per GPU, told apart by `key`, each holding while the newest sample 
   management, error recovery and response flags). gpud reports it unhealthy with "row remapping
   pending requires GPU reset or system reboot" and Azure NHC fails the node (azure_gpu_ecc.nhc):
   the GPU must be reset, but it need not be pulled mid-job, hence warning. The XID the driver
-  logs for it, 63, is likewise warning / reset_gpu in detectors/xid_catalog.csv.
+  logs for it, 63, is likewise warning / reset_gpu in base/xid_catalog.csv.
 - `failure` (critical, inspect_hardware): `remap_failure` is 1, a remapping failed (a bank ran out
   of spare rows). DCGM fails the GPU (DCGM_FR_ROW_REMAP_FAILURE, "run the field diagnostic"),
   gpud suggests HARDWARE_INSPECTION ("row remapping failure requires hardware inspection") and

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fleetwatch.detectors.model import Window, fmt_number, held_episode
-from fleetwatch.detectors.xid_catalog import lookup
 from fleetwatch.records import Finding
+from fleetwatch.xid_catalog import lookup
 
 # Actions that need someone to touch the node: the condition does not clear by itself, so the
 # finding holds until the node reboots (or the hold limit passes).
@@ -31,7 +31,7 @@ class XidThresholds:
 
 @dataclass(slots=True)
 class XidDetector:
-    """XID events -> findings; severity and action from detectors/xid_catalog.csv."""
+    """XID events -> findings; severity and action from base/xid_catalog.csv."""
 
     thresholds: XidThresholds = field(default_factory=XidThresholds)
     id: ClassVar[str] = "xid"

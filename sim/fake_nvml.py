@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pynvml
 
 from fleetwatch.sim.node import NVLINK_COUNTERS, SimNode, XidEvent
@@ -40,6 +41,51 @@ SUPPORTED_EVENT_TYPES = (
     | pynvml.nvmlEventTypeXidCriticalError
     | pynvml.nvmlEventTypeClock
 )
+
+# NVLink traffic of a training job's collectives at full utilisation, MiB/s over all links (an
+# H100's 18 links carry up to 450 GB/s each way; data-parallel all-reduce uses a fraction).
+_GPM_NVLINK_MIB_PER_SECOND = 60_000.0
+# The NVML GPM metric of each name gpm_model gives (NVLink in MiB/s, as NVML answers it).
+_GPM_METRIC_IDS = {
+    "graphics_active_percent": pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL,
+    "sm_active_percent": pynvml.NVML_GPM_METRIC_SM_UTIL,
+    "sm_occupancy_percent": pynvml.NVML_GPM_METRIC_SM_OCCUPANCY,
+    "tensor_active_percent": pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
+    "dram_active_percent": pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
+    "fp64_active_percent": pynvml.NVML_GPM_METRIC_FP64_UTIL,
+    "fp32_active_percent": pynvml.NVML_GPM_METRIC_FP32_UTIL,
+    "fp16_active_percent": pynvml.NVML_GPM_METRIC_FP16_UTIL,
+    "nvlink_tx_mib_per_second": pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC,
+    "nvlink_rx_mib_per_second": pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC,
+}
+
+
+def gpm_model(
+    gpu: int, util: tuple[Any, Any], mem_util: tuple[Any, Any], sm_clock: tuple[Any, Any], sm_clock_max: float
+) -> dict[str, Any]:
+    """GPM metrics over an interval from the workload's readings at its two ends (floats or arrays).
+
+    A training step keeps the SMs busy while the GPU is (utilisation), most of that on the tensor
+    pipes, with data moving over NVLink for the collectives, slower when the clocks are held down;
+    an idle GPU shows none. The simulator's fast path (fleetwatch.sim.rows) computes the same.
+    """
+    busy = (util[0] + util[1]) / 2
+    clock = (sm_clock[0] + sm_clock[1]) / 2 / sm_clock_max
+    sm_active = busy * (0.82 + 0.02 * (gpu % 4))
+    nvlink = busy / 100.0 * np.minimum(1.0, clock) * _GPM_NVLINK_MIB_PER_SECOND
+    return {
+        "graphics_active_percent": busy,
+        "sm_active_percent": sm_active,
+        "sm_occupancy_percent": sm_active * 0.45,
+        "tensor_active_percent": sm_active * 0.7,
+        "dram_active_percent": (mem_util[0] + mem_util[1]) / 2,
+        "fp64_active_percent": busy * 0.0,
+        "fp32_active_percent": sm_active * 0.12,
+        "fp16_active_percent": sm_active * 0.04,
+        "nvlink_tx_mib_per_second": nvlink,
+        "nvlink_rx_mib_per_second": nvlink,
+    }
+
 
 # A frozen test clock must not turn the event wait into a spin: re-check at most this often.
 _MIN_EVENT_RECHECK_SECONDS = 0.01
@@ -137,6 +183,8 @@ class FakeNvml:
         self._gpu_by_id = {id(h): i for i, h in enumerate(self._handles)}
         self._gpu_by_address = {ctypes.addressof(buf): i for i, buf in enumerate(self._handle_memory)}
         self._event_memory: list[ctypes.Array] = []
+        # GPM samples by address: their buffer, and (GPU, time) once taken.
+        self._gpm_samples: dict[int, tuple[ctypes.Array, tuple[int, float] | None]] = {}
         self._event_sets: dict[int, _EventSet] = {}
         p = self.profile
         self._thresholds = {
@@ -482,6 +530,67 @@ class FakeNvml:
         if name in self.profile.nvlink_counters_not_supported:
             raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
         return self.node.nvlink_error_count(gpu, link, name, now)
+
+    # ---- GPM (GPU Performance Monitoring, Hopper and newer) -------------------------------------
+
+    def nvmlGpmQueryDeviceSupport(self, handle: Any) -> Any:
+        self._device(handle, "nvmlGpmQueryDeviceSupport")
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = 1  # both simulated boards are Hopper
+        return support
+
+    def nvmlGpmSampleAlloc(self) -> Any:
+        self._check_init()
+        buffer = ctypes.create_string_buffer(16)
+        self._gpm_samples[ctypes.addressof(buffer)] = (buffer, None)
+        return ctypes.cast(ctypes.addressof(buffer), pynvml.c_nvmlGpmSample_t)
+
+    def nvmlGpmSampleFree(self, sample: Any) -> None:
+        if self._gpm_samples.pop(_address(sample), None) is None:  # type: ignore[arg-type]
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def nvmlGpmSampleGet(self, handle: Any, sample: Any) -> None:
+        gpu, now = self._device(handle, "nvmlGpmSampleGet")
+        address = _address(sample)
+        if address is None or address not in self._gpm_samples:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._gpm_samples[address] = (self._gpm_samples[address][0], (gpu, now))
+
+    def nvmlGpmMetricsGet(self, request: Any) -> Any:
+        """The metrics between request.sample1 and sample2 (same GPU, later second), from the workload."""
+        self._check_init()
+        taken = [self._gpm_samples.get(_address(s), (None, None))[1] for s in (request.sample1, request.sample2)]  # type: ignore[arg-type]
+        if request.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+            raise _error(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        first, second = taken
+        if first is None or second is None or first[0] != second[0] or second[1] <= first[1]:
+            raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        values = self._gpm_values(first[0], first[1], second[1])
+        for i in range(request.numMetrics):
+            metric = request.metrics[i]
+            value = values.get(metric.metricId)
+            metric.nvmlReturn = pynvml.NVML_SUCCESS if value is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
+            metric.value = value if value is not None else 0.0
+        return request
+
+    def _gpm_values(self, gpu: int, t0: float, t1: float) -> dict[int, float]:
+        """GPM metrics between the samples taken at t0 and t1, from the workload's readings then."""
+        before, after = self.node.reading(gpu, t0), self.node.reading(gpu, t1)
+        model = gpm_model(
+            gpu,
+            (before.gpu_util_percent, after.gpu_util_percent),
+            (before.mem_util_percent, after.mem_util_percent),
+            (before.sm_clock_mhz, after.sm_clock_mhz),
+            self.profile.sm_clock_max_mhz,
+        )
+        values = {_GPM_METRIC_IDS[name]: float(value) for name, value in model.items()}
+        try:
+            self.nvmlDeviceGetNvLinkState(self._handles[gpu], 0)
+        except pynvml.NVMLError_NotSupported:  # a board without NVLink has no NVLink traffic to count
+            del values[pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC]
+            del values[pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC]
+        return values
 
     # ---- field values --------------------------------------------------------------------------
 

@@ -22,12 +22,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pynvml
 
+from fleetwatch.agent.sources.gpm import GPM_FIELDS, MIB
 from fleetwatch.detectors.engine import GpuRows
 from fleetwatch.records import Event
+from fleetwatch.sim.fake_nvml import gpm_model
 from fleetwatch.sim.node import SimNode
 from fleetwatch.wire import GPU_FIELDS
 
@@ -79,6 +82,19 @@ def supported(node: SimNode) -> bool:
         and {pynvml.NVML_FI_DEV_RETIRED_SBE, pynvml.NVML_FI_DEV_RETIRED_DBE, pynvml.NVML_FI_DEV_RETIRED_PENDING}
         <= p.fields_not_supported
     )
+
+
+_GPM_COLUMNS = [_COLUMN[name] for name in GPM_FIELDS]
+
+
+def _put_gpm(values: np.ndarray, model: dict[str, Any]) -> None:
+    """gpm_model's output into canonical columns of `values` (last axis), as GpmReader converts it."""
+    for name in GPM_FIELDS:
+        if name.startswith("nvlink_"):
+            value = model[name.replace("_bytes_", "_mib_")] * float(MIB)
+        else:
+            value = model[name] * 1.0
+        values[..., _COLUMN[name]] = value
 
 
 def _pci_bus_id(raw: str) -> str:
@@ -212,6 +228,16 @@ class NodeRows:
                 v[:, c["nvlink_crc_data_errors_total"]] = k["nvlink_crc_data"]
             tx[:, gpu], rx[:, gpu] = sim.pcie_bytes_block(gpu, times)
             idle[:, gpu] = sim.idle_block(gpu, times)
+            # GPM over each interval between consecutive ticks (fixed up where the source restarted).
+            util, mem_util, clock = (r[name] for name in ("gpu_util_percent", "mem_util_percent", "sm_clock_mhz"))
+            model = gpm_model(
+                gpu,
+                (util[:-1], util[1:]),
+                (mem_util[:-1], mem_util[1:]),
+                (clock[:-1], clock[1:]),
+                sim.profile.sm_clock_max_mhz,
+            )
+            _put_gpm(v[1:], model)
         # The driver's timestamp of the field values, in microseconds, is what NvmlSource divides by.
         seconds = np.trunc(times * 1_000_000).astype(np.int64) / 1e6
         # Rates between consecutive ticks, where both were read by one source (fixed up otherwise).
@@ -299,14 +325,24 @@ class NodeRows:
         return events, rows
 
     def _rates(self, values: np.ndarray, i: int, tick: int, gpus: list[tuple[int, int]]) -> None:
-        """PCIe rates of `gpus` (GPU, tick of its previous reading by this source, -1: none), whose
-        previous reading is not the tick before: from that reading, or none for a first one."""
+        """PCIe rates and GPM of `gpus` (GPU, tick of its previous reading by this source, -1: none),
+        whose previous reading is not the tick before: from that reading, or none for a first one."""
         c = _COLUMN
         for index, previous in gpus:
             if previous < 0:
                 values[index, c["pcie_tx_bytes_per_second"]] = np.nan
                 values[index, c["pcie_rx_bytes_per_second"]] = np.nan
+                values[index, _GPM_COLUMNS] = np.nan
                 continue
+            then, now = (self.sim.reading(index, float(self.times[t])) for t in (previous, tick))
+            model = gpm_model(
+                index,
+                (then.gpu_util_percent, now.gpu_util_percent),
+                (then.mem_util_percent, now.mem_util_percent),
+                (then.sm_clock_mhz, now.sm_clock_mhz),
+                self.sim.profile.sm_clock_max_mhz,
+            )
+            _put_gpm(values[index], model)
             tx_now, rx_now = self._counters(tick, index)
             tx_then, rx_then = self._counters(previous, index)
             elapsed = self._stamp(tick) - self._stamp(previous)

@@ -38,7 +38,7 @@ MORE_KINDS: tuple[str, ...] = (
 )
 FAULT_KINDS: tuple[str, ...] = KINDS + MORE_KINDS
 
-# The XID the driver logs alongside each kind (from detectors/xid_catalog.csv); `xid` on a
+# The XID the driver logs alongside each kind (from base/xid_catalog.csv); `xid` on a
 # fault overrides it, e.g. `ecc_dbe:94` for a contained ECC error.
 DEFAULT_XID: dict[str, int] = {
     "ecc_dbe": 48,

@@ -52,7 +52,7 @@ def test_the_wheel_installs_only_the_fleetwatch_name(wheel):
         names = set(archive.namelist())
     assert tops == {"fleetwatch"}
     # The data files ride along: the XID catalog, the proto, the migrations.
-    assert "fleetwatch/detectors/xid_catalog.csv" in names
+    assert "fleetwatch/xid_catalog.csv" in names
     assert "fleetwatch/v1/telemetry.proto" in names
     assert any(n.startswith("fleetwatch/collector/storage/migrations/versions/") for n in names)
 

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetwatch.agent.sources.gpm import GPM_FIELDS, GpmReader, GpmUnsupported
 from fleetwatch.limits import XID_MAX, XID_MIN, storable_metric
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ class NvmlSource:
                 "NVMLError_Deprecated",
             )
             if hasattr(nvml, name)
-        ) + (_Missing, _Unusable)
+        ) + (_Missing, _Unusable, GpmUnsupported)
         # Older pynvml has no version argument or constant; older drivers no _v2 entry point.
         self._memory_v2_unavailable: tuple[type[BaseException], ...] = (
             AttributeError,
@@ -267,6 +268,7 @@ class NvmlSource:
         self._nvlink_counter_consts = [
             (name, getattr(nvml, const)) for name, const, _ in _NVLINK_COUNTERS if hasattr(nvml, const)
         ]
+        self._gpm = GpmReader(nvml)
         self._routes = {route.name: route for route in self._build_routes()}
 
     def _field_ids(self, *constants: str) -> tuple[int, ...] | None:
@@ -284,6 +286,8 @@ class NvmlSource:
             # NVLink first: when its per-link counters fail it adds the legacy totals to the batch.
             R("nvlink", _NVLINK_FIELDS, read=self._read_nvlink, early=True),
             R("utilization", ("gpu_util_percent", "mem_util_percent"), read=self._read_utilization),
+            # DCGM's profiling metrics through NVML GPM, Hopper and newer (learned unsupported before).
+            R("gpm", GPM_FIELDS, read=self._read_gpm),
             R("memory", ("mem_used_bytes", "mem_total_bytes"), read=self._read_memory),
             R("temp_gpu", ("temp_gpu_celsius",), read=self._read_temp_gpu, fallback="temp_gpu_deprecated"),
             R("temp_gpu_deprecated", ("temp_gpu_celsius",), read=self._read_temp_gpu_deprecated, primary=False),
@@ -473,7 +477,11 @@ class NvmlSource:
         A field shows up here after the first cycle that asked for it; it is then absent from
         every sample of that GPU. Fields missing for a transient reason are not listed.
         """
-        return {gpu.index: sorted(gpu.unsupported_fields) for gpu in self._gpus if gpu.usable}
+        return {
+            gpu.index: sorted(gpu.unsupported_fields | self._gpm.unsupported(gpu.index))
+            for gpu in self._gpus
+            if gpu.usable
+        }
 
     def _call(self, name: str, *args: Any) -> Any:
         """nvml.<name>(*args), or _Missing when this pynvml predates the function."""
@@ -609,6 +617,7 @@ class NvmlSource:
             else:
                 log.warning("NVML event wait still running after %.0f s; not freeing its set", _CLOSE_WAIT_SECONDS)
         if self._started:
+            self._gpm.close()
             try:
                 self.nvml.nvmlShutdown()
             except self._NVMLError as exc:
@@ -924,6 +933,9 @@ class NvmlSource:
             self._not_available(gpu, "fan_percent")
         else:
             out["fan_percent"] = float(percent)
+
+    def _read_gpm(self, gpu: _Gpu, handle: Any, out: dict) -> None:
+        self._gpm.read(gpu.index, handle, out)
 
     def _read_pcie_replay(self, gpu: _Gpu, handle: Any, out: dict) -> None:
         count = _u32(self.nvml.nvmlDeviceGetPcieReplayCounter(handle))

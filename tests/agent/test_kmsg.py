@@ -26,8 +26,8 @@ from fleetwatch.agent.sources.kmsg import (
     replay_events,
 )
 from fleetwatch.detectors.replay import replay
-from fleetwatch.detectors.xid_catalog import lookup
 from fleetwatch.records import Event
+from fleetwatch.xid_catalog import lookup
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "kmsg"
 BOOT_TIME = 1_700_000_000.0  # Unix seconds; places the lines stamped in seconds since boot

@@ -91,6 +91,17 @@ FULL_GPU_METRICS: dict[str, float | int] = {
     "nvlink_crc_data_errors_total": 3,
     "nvlink_replay_errors_total": 6,
     "nvlink_recovery_errors_total": 0,
+    # NVML GPM, over the last interval.
+    "graphics_active_percent": 98.0,
+    "sm_active_percent": 81.5,
+    "sm_occupancy_percent": 36.5,
+    "tensor_active_percent": 57.0,
+    "dram_active_percent": 42.0,
+    "fp64_active_percent": 0.0,
+    "fp32_active_percent": 9.5,
+    "fp16_active_percent": 3.25,
+    "nvlink_tx_bytes_per_second": 62_914_560_000.0,
+    "nvlink_rx_bytes_per_second": 61_865_984_000.0,
 }
 # What an H100 SXM does not support: absent, so no sample.
 H100_ABSENT = ("fan_percent", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending")
@@ -232,6 +243,7 @@ def dcgm_labels(state: AgentState, index: int) -> dict[str, str]:
         "device": f"nvidia{index}",
         "modelName": entry["name"],
         "Hostname": state.node,
+        "DCGM_FI_DRIVER_VERSION": entry["driver_version"],
     }
 
 
@@ -289,10 +301,9 @@ def test_dcgm_table_reads_canonical_fields_under_unique_dcgm_names():
     names = [spec.name for spec in DCGM_METRICS]
     assert len(names) == len(set(names))
     for spec in DCGM_METRICS:
-        assert re.fullmatch(r"DCGM_FI_DEV_[A-Z0-9_]+", spec.name), spec.name
+        assert re.fullmatch(r"DCGM_FI_(DEV|PROF)_[A-Z0-9_]+", spec.name), spec.name
         assert spec.type in ("gauge", "counter")
-        # xid_last is the one non-canonical input: the snapshot adds it from AgentState.xid_last
-        assert set(spec.fields) <= set(wire.GPU_FIELDS) | {"xid_last"}, spec.name
+        assert set(spec.fields) <= set(wire.GPU_FIELDS), spec.name
     # The series of dcgm-exporter's default counters file that we can feed.
     assert {
         "DCGM_FI_DEV_SM_CLOCK",
@@ -311,6 +322,16 @@ def test_dcgm_table_reads_canonical_fields_under_unique_dcgm_names():
         "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
         "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
         "DCGM_FI_DEV_ROW_REMAP_FAILURE",
+        # The profiling fields, from NVML GPM (dashboard 12239's Tensor Core panel, NVLink panels).
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "DCGM_FI_PROF_SM_ACTIVE",
+        "DCGM_FI_PROF_SM_OCCUPANCY",
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "DCGM_FI_PROF_NVLINK_TX_BYTES",
+        "DCGM_FI_PROF_NVLINK_RX_BYTES",
     } <= set(names)
 
 
@@ -375,11 +396,12 @@ def test_a_gpu_removed_from_state_disappears_from_the_output(serve):
     with state.lock:
         del state.gpus[1]
     after = series(scraper.text())
-    # Only identity and the XID count (XID 79 is what removes a GPU) stay for it.
+    # Only identity and the XIDs (XID 79 is what removes a GPU) stay for it.
     assert names_with_label(after, "gpu", "1") == {
         "fleetwatch_gpu_info",
         "fleetwatch_gpu_xid_errors_total",
         "fleetwatch_gpu_xids_total",
+        "DCGM_FI_DEV_XID_ERRORS",
     }
     assert "fleetwatch_gpu_power_watts" in names_with_label(after, "gpu", "0")
 
@@ -700,12 +722,16 @@ def test_dcgm_xid_errors_is_the_last_xid_of_each_gpu(serve) -> None:
     state.count_xid(0, 31)
     text = serve(state, dcgm_names=True).text()
     samples = {
-        s.labels["gpu"]: s.value
+        s.labels["gpu"]: (s.value, s.labels["err_code"], s.labels["err_msg"])
         for f in text_string_to_metric_families(text)
         if f.name == "DCGM_FI_DEV_XID_ERRORS"
         for s in f.samples
     }
-    assert samples == {"0": 31.0}
+    # Every GPU from the start (0 without an XID), with dcgm-exporter's err_code and err_msg.
+    assert samples == {
+        "0": (31.0, "31", "GPU memory page fault (usually the application; repeated on one GPU points at the GPU)"),
+        "1": (0.0, "0", ""),
+    }
 
 
 # ---- HTTPS and basic auth -----------------------------------------------------------------------
@@ -866,3 +892,13 @@ def test_metrics_trust_settings_come_in_pairs(env: dict[str, str], message: str)
     with pytest.raises(ConfigError, match=message) as error:
         load_config(AgentConfig, path=None, env=env)
     assert PASSWORD not in str(error.value)
+
+
+def test_dcgm_xid_errors_stays_for_a_gpu_that_fell_off_the_bus(serve) -> None:
+    state = build_state()
+    state.count_xid(1, 79)
+    del state.gpus[1]  # NVML lost it: no more samples, still in the inventory
+    found = series(serve(state, dcgm_names=True).text())
+    labels = {**dcgm_labels(state, 1), "err_code": "79", "err_msg": "GPU has fallen off the bus"}
+    assert lookup(found, "DCGM_FI_DEV_XID_ERRORS", labels) == 79
+    assert lookup(found, "DCGM_FI_DEV_GPU_UTIL", dcgm_labels(state, 1)) is None

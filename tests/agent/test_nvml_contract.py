@@ -19,6 +19,7 @@ import pynvml
 import pytest
 
 from fleetwatch import wire
+from fleetwatch.agent.sources.gpm import GPM_FIELDS
 from fleetwatch.agent.sources.nvml import NvmlSource
 from fleetwatch.sim.fake_nvml import FakeNvml
 from fleetwatch.sim.node import SimNode
@@ -73,8 +74,25 @@ PLAUSIBLE: dict[str, tuple[type, float, float]] = {
     "nvlink_crc_data_errors_total": (int, 0, 1 << 62),
     "nvlink_replay_errors_total": (int, 0, 1 << 62),
     "nvlink_recovery_errors_total": (int, 0, 1 << 62),
+    # NVML GPM: percentages over the interval, NVLink at most 18 links x 50 GB/s each way.
+    **dict.fromkeys(
+        (
+            "graphics_active_percent",
+            "sm_active_percent",
+            "sm_occupancy_percent",
+            "tensor_active_percent",
+            "dram_active_percent",
+            "fp64_active_percent",
+            "fp32_active_percent",
+            "fp16_active_percent",
+        ),
+        (float, 0, 100),
+    ),
+    "nvlink_tx_bytes_per_second": (float, 0, 1e12),
+    "nvlink_rx_bytes_per_second": (float, 0, 1e12),
 }
-FIRST_CYCLE_GAPS = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}
+# Rates over two reads: none on the first cycle (PCIe byte counters, GPM's samples).
+FIRST_CYCLE_GAPS = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", *GPM_FIELDS}
 
 
 class ManualClock:

@@ -17,6 +17,7 @@ import pynvml
 import pytest
 
 from fleetwatch import wire
+from fleetwatch.agent.sources.gpm import GPM_FIELDS
 from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 from fleetwatch.sim.fake_nvml import FakeNvml, make_fake_nvml
 from fleetwatch.sim.node import SimNode
@@ -35,6 +36,8 @@ H100_ABSENT = {
 }
 # Derived from two readings of the PCIe byte counters: absent from the first cycle only.
 PCIE_RATES = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}
+# Rates over two reads (the PCIe byte counters, GPM samples): none on the first cycle.
+FIRST_CYCLE_GAPS = PCIE_RATES | set(GPM_FIELDS)
 
 
 class ManualClock:
@@ -105,7 +108,7 @@ def test_contract_every_gpu_field_is_typed_or_absent(model):
                 else:
                     assert type(value) is float, name
             # Absent means NOT_SUPPORTED on this board; never a 0 or a sentinel in its place.
-            assert set(wire.GPU_FIELDS) - set(metrics) == H100_ABSENT | (PCIE_RATES if cycle == 0 else set())
+            assert set(wire.GPU_FIELDS) - set(metrics) == H100_ABSENT | (FIRST_CYCLE_GAPS if cycle == 0 else set())
             wire.fill_metrics(pb.GpuMetrics(), metrics)  # fits the wire contract
             assert set(sample) == {"gpu", "t", "uuid", "metrics", "pids"}
             assert sample["pids"] == list(node.processes(sample["gpu"]))

@@ -659,7 +659,7 @@ def with_unknown_column(block: Block, cid: int, values: np.ndarray, present: np.
 
 @pytest.mark.parametrize("slot", [0, 2, 5], ids=["gpu0", "gpu2", "gpu-without-samples-column-absent"])
 def test_unknown_field_number_is_ignored_by_gpu_samples(made: dict[str, Block], steps: list[Step], slot: int) -> None:
-    number = 45  # not a GpuMetrics field (a newer agent's)
+    number = 300  # not a GpuMetrics field (a newer agent's)
     assert number not in FIELD_NAMES["gpu"]
     rows = len(made["gpu"])
     # Present where the GPU has samples (a sample of slot 5 would have no known metric at all).
@@ -681,9 +681,9 @@ def test_unknown_field_number_is_ignored_by_host_samples_and_ib_ports(
 
 
 def test_unknown_field_on_the_wire_is_ignored() -> None:
-    # A newer agent's GpuMetrics with a field 45 (double 1.5) this version's proto does not have.
+    # A newer agent's GpuMetrics with a field 300 (double 1.5) this version's proto does not have.
     metrics = fill_metrics(pb.GpuMetrics(), {"temp_gpu_celsius": 50.0, "mem_used_bytes": 2**30})
-    unknown = bytes([(45 << 3 | 1) & 0x7F | 0x80, (45 << 3 | 1) >> 7]) + np.float64(1.5).tobytes()
+    unknown = bytes([(300 << 3 | 1) & 0x7F | 0x80, (300 << 3 | 1) >> 7]) + np.float64(1.5).tobytes()
     metrics = pb.GpuMetrics.FromString(metrics.SerializeToString() + unknown)
     batch = pb.Batch(seq=1, t=T0)
     batch.gpus.add(gpu=0, t=T0, uuid=uuid_of(0)).metrics.CopyFrom(metrics)

@@ -74,7 +74,8 @@ async def test_unknown_path_is_a_json_404_naming_the_routes(client: Client) -> N
     status, headers, body = await client.get("/api/v2/status")
     assert status == 404 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {
-        "error": "no such path /api/v2/status; try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, /api/v1/series"
+        "error": "no such path /api/v2/status; try /metrics, /healthz, /readyz, /api/v1/status, /api/v1/alerts, "
+        "/api/v1/series, /api/v1/silences, /runbooks/<detector>"
     }
 
 

@@ -57,7 +57,7 @@ def test_every_shipped_alert_has_a_promtool_test() -> None:
 
 
 def test_fatal_xid_rule_follows_the_xid_catalog() -> None:
-    with (ROOT / "detectors" / "xid_catalog.csv").open() as f:
+    with (ROOT / "base" / "xid_catalog.csv").open() as f:
         critical = {int(row["xid"]) for row in csv.DictReader(f) if row["severity"] == "critical"}
     rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "gpu-rules.yml").read_text())
     (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r["alert"] == "FleetwatchGpuFatalXid"]
@@ -141,3 +141,44 @@ def test_real_prometheus_fires_the_xid_rule_on_an_agents_first_xid(tmp_path: Pat
     finally:
         agent.terminate()
         agent.wait(timeout=10)
+
+
+# promtool's complaints about the names copied from dcgm-exporter, kept as they are on purpose:
+# dashboards and rules written for dcgm-exporter query exactly these.
+KNOWN_DCGM_COMPLAINTS = {
+    "label names should be written in 'snake_case' not 'camelCase'",  # UUID, modelName, Hostname
+    "metric name should not include type 'counter'",  # DCGM_FI_DEV_PCIE_REPLAY_COUNTER
+}
+
+
+def promtool_complaints(exposition: str) -> list[tuple[str, str]]:
+    result = subprocess.run(
+        [binary("promtool"), "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=60
+    )
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return [tuple(line.split(" ", 1)) for line in lines]  # type: ignore[misc]
+
+
+def test_promtool_check_metrics_finds_nothing_in_fleetwatchs_own_names() -> None:
+    # The agent's whole output with --dcgm-names (the golden file of tests/agent/test_metrics.py).
+    exposition = (ROOT / "tests" / "fixtures" / "metrics" / "agent-sim.prom").read_text()
+    complaints = promtool_complaints(exposition)
+    assert [c for c in complaints if not c[0].startswith("DCGM_")] == []
+    assert {why for _, why in complaints} <= KNOWN_DCGM_COMPLAINTS
+
+
+async def test_promtool_check_metrics_finds_nothing_in_the_collectors_metrics(tmp_path: Path) -> None:
+    from tests.collector.test_collector_app import exchange, get
+    from tests.collector.test_webhook_fidelity import start, xid_batch
+    from tests.e2e.test_alertmanager import hello
+
+    app = await start(
+        tmp_path, alertmanager_urls=[f"http://127.0.0.1:{free_port()}"], webhook_urls=["http://127.0.0.1:9/h"]
+    )
+    try:
+        await exchange(app.grpc_port, [hello("n01"), xid_batch("n01", 1, [(0, 48)])], expect=2)
+        text = await get(f"http://127.0.0.1:{app.http_port}/metrics")
+    finally:
+        await app.stop(grace_seconds=0.2)
+    assert "fleetwatch_alert_firing{" in text or "fleetwatch_alert_firing " in text
+    assert promtool_complaints(text) == []

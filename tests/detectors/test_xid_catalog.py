@@ -2,7 +2,8 @@
 
 import pytest
 
-from fleetwatch.detectors.xid_catalog import (
+from fleetwatch.records import ACTIONS, SEVERITIES
+from fleetwatch.xid_catalog import (
     UNKNOWN_ACTION,
     UNKNOWN_MEANING,
     UNKNOWN_SEVERITY,
@@ -12,7 +13,6 @@ from fleetwatch.detectors.xid_catalog import (
     lookup,
     parse_catalog,
 )
-from fleetwatch.records import ACTIONS, SEVERITIES
 
 HEADER = "xid,meaning,severity,action,seen_as_fatal_by\n"
 

@@ -112,16 +112,18 @@ async def test_xid_alerts_live_in_alertmanager_and_resolve_with_fleetwatch(
         external_url="http://collector.example:9471",
     )
     try:
-        # XID 48 (double-bit ECC) and XID 63 (row remap) on one GPU: two alerts, not one.
-        await exchange(app.grpc_port, [hello("n01"), xid_batch("n01", 1, [(1, 48), (1, 63)])], expect=2)
+        # XID 79 (fallen off the bus) and XID 48 (double-bit ECC) on GPU 1: two alerts, not one.
+        # XID 63 (a row remap) on GPU 0, silenced.
+        xids = [(1, 79), (1, 48), (0, 63)]
+        await exchange(app.grpc_port, [hello("n01"), xid_batch("n01", 1, xids)], expect=2)
 
-        def both() -> list[dict[str, Any]]:
+        def current() -> list[dict[str, Any]]:
             return am_alerts(am, alertname="fleetwatch_xid", node="n01")
 
-        await eventually(lambda: len(both()) == 2, 15, "two XID alerts in Alertmanager")
-        alerts = {a["labels"]["xid"]: a for a in both()}
-        xid48 = alerts["48"]
-        assert xid48["labels"] == {
+        await eventually(lambda: len(current()) == 3, 15, "three XID alerts in Alertmanager")
+        alerts = {a["labels"]["xid"]: a for a in current()}
+        xid79 = alerts["79"]
+        assert xid79["labels"] == {
             "alertname": "fleetwatch_xid",
             "detector": "xid",
             "severity": "critical",
@@ -130,41 +132,48 @@ async def test_xid_alerts_live_in_alertmanager_and_resolve_with_fleetwatch(
             "gpu": "1",
             "uuid": "GPU-n01-1",
             "pci_bus_id": "0000:19:00.0",
-            "xid": "48",
+            "xid": "79",
         }
-        assert set(xid48["annotations"]) == {"summary", "description", "runbook_url"}
-        assert xid48["annotations"]["runbook_url"] == "http://collector.example:9471/runbooks/xid"
-        assert xid48["generatorURL"].startswith("http://collector.example:9471/api/v1/alerts/")
+        assert alerts["48"]["labels"]["gpu"] == "1" and alerts["48"]["fingerprint"] != xid79["fingerprint"]
+        assert set(xid79["annotations"]) == {"summary", "description", "runbook_url"}
+        assert xid79["annotations"]["runbook_url"] == "http://collector.example:9471/runbooks/xid"
+        assert xid79["generatorURL"].startswith("http://collector.example:9471/api/v1/alerts/")
         # The webhooks' fingerprint is the one Alertmanager computes for the same labels.
-        assert xid48["fingerprint"] == labels_fingerprint(xid48["labels"])
-        assert xid48["status"]["state"] == "active"
+        assert xid79["fingerprint"] == labels_fingerprint(xid79["labels"])
+        assert xid79["status"]["state"] == "active" and alerts["48"]["status"]["state"] == "active"
         assert alerts["63"]["status"]["state"] == "suppressed" and alerts["63"]["status"]["silencedBy"] == [silence_id]
 
-        # Routed by severity and action: XID 48 pages; the silenced XID 63 notifies nobody.
-        await eventually(lambda: notified(receiver, "/pager"), 15, "the page for XID 48")
+        # Routed by severity and action: XIDs 79 and 48 page; the silenced XID 63 notifies nobody.
+        await eventually(lambda: len(notified(receiver, "/pager")) >= 2, 15, "the pages for XIDs 79 and 48")
         await asyncio.sleep(2)
-        assert {a["labels"]["xid"] for a in notified(receiver, "/pager")} == {"48"}
+        assert {a["labels"]["xid"] for a in notified(receiver, "/pager")} == {"79", "48"}
         assert not [a for p in receiver.posts for a in p.body["alerts"] if a["labels"].get("xid") == "63"]
 
         # Outlives resolve_timeout and the 4 intervals of one post: fleetwatch keeps re-sending.
         await asyncio.sleep(RESOLVE_TIMEOUT_SECONDS + 4 * RESEND_SECONDS + 1)
-        assert {a["labels"]["xid"] for a in both()} == {"48", "63"}
-        assert all(a["status"]["state"] in ("active", "suppressed") for a in both())
+        assert {a["labels"]["xid"] for a in current()} == {"79", "48", "63"}
+        assert all(a["status"]["state"] in ("active", "suppressed") for a in current())
         assert not [a for a in notified(receiver, "/pager") if a["status"] == "resolved"]
 
         # The node reboots (a new boot id): fleetwatch resolves the XIDs, and so does Alertmanager.
         await exchange(app.grpc_port, [hello("n01", boot_id="boot-2"), xid_batch("n01", 1, [])], expect=2)
         await eventually(lambda: not app.store.firing_alerts(), 15, "fleetwatch resolves the XID alerts")
         ended = {a["fingerprint"]: a["ends_at"] for a in app.store.alerts(status="resolved")}
-        assert len(ended) == 2
-        await eventually(lambda: not both(), 15, "Alertmanager resolves them")
+        assert len(ended) == 3
+        await eventually(lambda: not current(), 15, "Alertmanager resolves them")
         await eventually(
             lambda: [a for a in notified(receiver, "/pager") if a["status"] == "resolved"],
             15,
             "the resolve notification",
         )
-        (resolved,) = [a for a in notified(receiver, "/pager") if a["status"] == "resolved"]
-        assert resolved["labels"]["xid"] == "48" and not resolved["endsAt"].startswith("0001")
+        await eventually(
+            lambda: len([a for a in notified(receiver, "/pager") if a["status"] == "resolved"]) == 2,
+            15,
+            "both resolved",
+        )
+        resolved = [a for a in notified(receiver, "/pager") if a["status"] == "resolved"]
+        assert {a["labels"]["xid"] for a in resolved} == {"79", "48"}
+        assert not [a for a in resolved if a["endsAt"].startswith("0001")]
     finally:
         await app.stop(grace_seconds=0.2)
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETWATCH_")}
@@ -32,7 +34,11 @@ def test_demo_alerts_on_both_faults_and_nothing_else() -> None:
     assert thermal[0]["seconds_to_alert"] is not None
     # One page for the fault: the GPU's slowing of the fleet's training job rides on its thermal
     # alert (GPU 2 of the third node is rank 18 of the demo's Slurm job), not a straggler alert.
-    assert thermal[0]["slows"] == [{"job": "4242", "rank": 18, "job_loss": 0.5}]
+    # The slowdown halves the SM clock; the loss is 1 - median clock / the peers', so the +-1 clock
+    # bin (15 MHz) of jitter in whichever samples a run happens to take moves it by under 0.02.
+    (slowed,) = thermal[0]["slows"]
+    assert (slowed["job"], slowed["rank"]) == ("4242", 18)
+    assert slowed["job_loss"] == pytest.approx(0.5, abs=0.02)
     assert not [a for a in alerts if a["detector"].startswith("straggler")], alerts
 
     # XID 79 also means the GPU is gone: a gpu_lost alert on that same GPU is right; any other GPU is a false alarm.

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from fleetwatch import wire
+from fleetwatch.agent.sources.gpm import GPM_FIELDS
 from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
 
 pytestmark = pytest.mark.gpu
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024
 SENTINELS = {0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF, -1}
-# Rates derived from two readings of the PCIe byte counters: a single --once cycle has one reading.
-PCIE_RATES = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second"}
+# Rates derived from two readings (the PCIe byte counters, GPM samples): a single --once cycle has one.
+PCIE_RATES = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", *GPM_FIELDS}
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +179,29 @@ def test_source_over_real_pynvml_two_cycles_fast_path_and_pids(nvml):
             print("PCIe byte-counter fields unavailable here: the 20 ms throughput call is in use")
     finally:
         source.close()
+
+
+def test_gpm_on_hopper_gives_dcgm_profiling_fields(nvml):
+    """On Hopper and newer, GPM answers from the second cycle on: the fields DCGM_FI_PROF_* come from."""
+    source = NvmlSource(nvml)
+    source.start()
+    try:
+        source.sample()
+        time.sleep(1.0)
+        samples, _ = source.sample()
+        unsupported = source.unsupported_fields()
+    finally:
+        source.close()
+    for sample in samples:
+        handle = nvml.nvmlDeviceGetHandleByIndex(sample["gpu"])
+        major, _minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        gpm = {name: sample["metrics"].get(name) for name in GPM_FIELDS}
+        print(f"GPU {sample['gpu']} (compute {major}.x): GPM {gpm}")
+        if major >= 9:
+            assert set(GPM_FIELDS) <= set(sample["metrics"]) | set(unsupported[sample["gpu"]])
+            assert "sm_active_percent" in sample["metrics"], "a Hopper GPU without GPM SM activity"
+        else:
+            assert set(GPM_FIELDS) <= set(unsupported[sample["gpu"]])
 
 
 def _compute_apps() -> dict[str, set[int]]:

@@ -35,6 +35,7 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
 
 
 def test_canonical_names_match_design() -> None:
+    from fleetwatch.agent.sources.gpm import GPM_FIELDS
     from fleetwatch.wire import GPU_FIELDS, HOST_FIELDS, IB_FIELDS
 
     design_gpu = [
@@ -79,7 +80,8 @@ def test_canonical_names_match_design() -> None:
         "nvlink_recovery_errors_total",
     ]
     assert set(design_gpu) <= set(GPU_FIELDS)
-    assert set(GPU_FIELDS) - set(design_gpu) == {"temp_shutdown_celsius"}
+    # Beyond DESIGN.md's list: the shutdown threshold and the NVML GPM fields (agent/sources/gpm.py).
+    assert set(GPU_FIELDS) - set(design_gpu) == {"temp_shutdown_celsius", *GPM_FIELDS}
     assert HOST_FIELDS == (
         "cpu_percent",
         "load1",

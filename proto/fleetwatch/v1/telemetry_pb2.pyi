@@ -53,7 +53,7 @@ class Hello(_message.Message):
     def __init__(self, node: _Optional[str] = ..., boot_id: _Optional[str] = ..., agent_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInfo, _Mapping]]] = ..., sampling_interval_seconds: _Optional[float] = ..., t: _Optional[float] = ..., nvml_available: _Optional[bool] = ..., batch_interval_seconds: _Optional[float] = ...) -> None: ...
 
 class GpuMetrics(_message.Message):
-    __slots__ = ("gpu_util_percent", "mem_util_percent", "mem_used_bytes", "mem_total_bytes", "temp_gpu_celsius", "temp_mem_celsius", "temp_slowdown_celsius", "power_watts", "power_limit_watts", "energy_joules", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "clock_event_reasons", "fan_percent", "pcie_replay_total", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "pcie_link_gen", "pcie_link_gen_max", "pcie_link_width", "pcie_link_width_max", "ecc_sbe_volatile_total", "ecc_dbe_volatile_total", "ecc_sbe_aggregate_total", "ecc_dbe_aggregate_total", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "nvlink_links_up", "nvlink_links_total", "nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total", "temp_shutdown_celsius")
+    __slots__ = ("gpu_util_percent", "mem_util_percent", "mem_used_bytes", "mem_total_bytes", "temp_gpu_celsius", "temp_mem_celsius", "temp_slowdown_celsius", "power_watts", "power_limit_watts", "energy_joules", "sm_clock_mhz", "sm_clock_max_mhz", "mem_clock_mhz", "clock_event_reasons", "fan_percent", "pcie_replay_total", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", "pcie_link_gen", "pcie_link_gen_max", "pcie_link_width", "pcie_link_width_max", "ecc_sbe_volatile_total", "ecc_dbe_volatile_total", "ecc_sbe_aggregate_total", "ecc_dbe_aggregate_total", "retired_pages_sbe", "retired_pages_dbe", "retired_pages_pending", "remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure", "nvlink_links_up", "nvlink_links_total", "nvlink_crc_flit_errors_total", "nvlink_crc_data_errors_total", "nvlink_replay_errors_total", "nvlink_recovery_errors_total", "temp_shutdown_celsius", "graphics_active_percent", "sm_active_percent", "sm_occupancy_percent", "tensor_active_percent", "dram_active_percent", "fp64_active_percent", "fp32_active_percent", "fp16_active_percent", "nvlink_tx_bytes_per_second", "nvlink_rx_bytes_per_second")
     GPU_UTIL_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEM_UTIL_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,16 @@ class GpuMetrics(_message.Message):
     NVLINK_REPLAY_ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NVLINK_RECOVERY_ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     TEMP_SHUTDOWN_CELSIUS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHICS_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SM_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    SM_OCCUPANCY_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    DRAM_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    FP64_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    FP32_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    FP16_ACTIVE_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_TX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    NVLINK_RX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     gpu_util_percent: float
     mem_util_percent: float
     mem_used_bytes: int
@@ -134,7 +144,17 @@ class GpuMetrics(_message.Message):
     nvlink_replay_errors_total: int
     nvlink_recovery_errors_total: int
     temp_shutdown_celsius: float
-    def __init__(self, gpu_util_percent: _Optional[float] = ..., mem_util_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., temp_gpu_celsius: _Optional[float] = ..., temp_mem_celsius: _Optional[float] = ..., temp_slowdown_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_joules: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., sm_clock_max_mhz: _Optional[float] = ..., mem_clock_mhz: _Optional[float] = ..., clock_event_reasons: _Optional[int] = ..., fan_percent: _Optional[float] = ..., pcie_replay_total: _Optional[int] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., pcie_link_gen: _Optional[int] = ..., pcie_link_gen_max: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_link_width_max: _Optional[int] = ..., ecc_sbe_volatile_total: _Optional[int] = ..., ecc_dbe_volatile_total: _Optional[int] = ..., ecc_sbe_aggregate_total: _Optional[int] = ..., ecc_dbe_aggregate_total: _Optional[int] = ..., retired_pages_sbe: _Optional[int] = ..., retired_pages_dbe: _Optional[int] = ..., retired_pages_pending: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[int] = ..., remap_failure: _Optional[int] = ..., nvlink_links_up: _Optional[int] = ..., nvlink_links_total: _Optional[int] = ..., nvlink_crc_flit_errors_total: _Optional[int] = ..., nvlink_crc_data_errors_total: _Optional[int] = ..., nvlink_replay_errors_total: _Optional[int] = ..., nvlink_recovery_errors_total: _Optional[int] = ..., temp_shutdown_celsius: _Optional[float] = ...) -> None: ...
+    graphics_active_percent: float
+    sm_active_percent: float
+    sm_occupancy_percent: float
+    tensor_active_percent: float
+    dram_active_percent: float
+    fp64_active_percent: float
+    fp32_active_percent: float
+    fp16_active_percent: float
+    nvlink_tx_bytes_per_second: float
+    nvlink_rx_bytes_per_second: float
+    def __init__(self, gpu_util_percent: _Optional[float] = ..., mem_util_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., temp_gpu_celsius: _Optional[float] = ..., temp_mem_celsius: _Optional[float] = ..., temp_slowdown_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_joules: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., sm_clock_max_mhz: _Optional[float] = ..., mem_clock_mhz: _Optional[float] = ..., clock_event_reasons: _Optional[int] = ..., fan_percent: _Optional[float] = ..., pcie_replay_total: _Optional[int] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., pcie_link_gen: _Optional[int] = ..., pcie_link_gen_max: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_link_width_max: _Optional[int] = ..., ecc_sbe_volatile_total: _Optional[int] = ..., ecc_dbe_volatile_total: _Optional[int] = ..., ecc_sbe_aggregate_total: _Optional[int] = ..., ecc_dbe_aggregate_total: _Optional[int] = ..., retired_pages_sbe: _Optional[int] = ..., retired_pages_dbe: _Optional[int] = ..., retired_pages_pending: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[int] = ..., remap_failure: _Optional[int] = ..., nvlink_links_up: _Optional[int] = ..., nvlink_links_total: _Optional[int] = ..., nvlink_crc_flit_errors_total: _Optional[int] = ..., nvlink_crc_data_errors_total: _Optional[int] = ..., nvlink_replay_errors_total: _Optional[int] = ..., nvlink_recovery_errors_total: _Optional[int] = ..., temp_shutdown_celsius: _Optional[float] = ..., graphics_active_percent: _Optional[float] = ..., sm_active_percent: _Optional[float] = ..., sm_occupancy_percent: _Optional[float] = ..., tensor_active_percent: _Optional[float] = ..., dram_active_percent: _Optional[float] = ..., fp64_active_percent: _Optional[float] = ..., fp32_active_percent: _Optional[float] = ..., fp16_active_percent: _Optional[float] = ..., nvlink_tx_bytes_per_second: _Optional[float] = ..., nvlink_rx_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class GpuSample(_message.Message):
     __slots__ = ("gpu", "t", "metrics", "uuid", "job", "rank")

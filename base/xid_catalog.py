@@ -64,8 +64,8 @@ def parse_catalog(text: str) -> dict[int, XidInfo]:
 
 @functools.cache
 def load_catalog() -> Mapping[int, XidInfo]:
-    """The packaged catalog (detectors/xid_catalog.csv), read once."""
-    text = resources.files("fleetwatch.detectors").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
+    """The packaged catalog (base/xid_catalog.csv, installed in the fleetwatch package), read once."""
+    text = resources.files("fleetwatch").joinpath(CATALOG_RESOURCE).read_text(encoding="utf-8")
     return parse_catalog(text)
 
 
