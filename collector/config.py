@@ -68,11 +68,6 @@ class AlertmanagerUrl(Secret):
         return url_origin(value)
 
 
-def _alertmanagers(urls: list[AlertmanagerUrl]) -> str | None:
-    bad = [str(u) for u in urls if not _is_http_url(u.reveal())]
-    return f"not http(s) URLs with a host: {', '.join(bad)}" if bad else None
-
-
 def _database_url(url: DatabaseUrl) -> str | None:
     # Checked here so that no parse error (which quotes the part it chokes on) is printed later.
     try:
@@ -96,7 +91,7 @@ def _is_http_url(url: str) -> bool:
         return False
 
 
-def _webhooks(urls: list[WebhookUrl]) -> str | None:
+def _http_urls(urls: list[WebhookUrl] | list[AlertmanagerUrl]) -> str | None:
     bad = [str(u) for u in urls if not _is_http_url(u.reveal())]
     return f"not http(s) URLs with a host: {', '.join(bad)}" if bad else None
 
@@ -227,7 +222,7 @@ class CollectorConfig:
     webhook_urls: list[WebhookUrl] = setting(
         [],
         "webhooks that receive alerts (Alertmanager webhook v4 body); logged as scheme://host:port/... only",
-        check=_webhooks,
+        check=_http_urls,
     )
     webhook_urls_file: str = setting(
         "",
@@ -252,7 +247,7 @@ class CollectorConfig:
         [],
         "Alertmanagers that receive every alert through their API (POST /api/v2/alerts), comma-separated; "
         "list each member of an HA cluster",
-        check=_alertmanagers,
+        check=_http_urls,
     )
     alertmanager_resend_seconds: float = setting(
         60.0,

@@ -318,31 +318,26 @@ def cmd_silence_add(args: argparse.Namespace) -> int:
         "comment": args.comment,
         "created_by": args.created_by,
     }
-    silence = api_send(args, "POST", "/api/v1/silences", body)
-    if args.json:
-        print(json.dumps(silence))
-    else:
-        format_silences([silence], sys.stdout)
+    _print_silences([api_send(args, "POST", "/api/v1/silences", body)], args.json)
     return 0
 
 
 def cmd_silence_list(args: argparse.Namespace) -> int:
-    silences = api_get(args, "/api/v1/silences" + ("?all=1" if args.all else ""))["silences"]
-    if args.json:
-        for s in silences:
-            print(json.dumps(s))
-    else:
-        format_silences(silences, sys.stdout)
+    _print_silences(api_get(args, "/api/v1/silences" + ("?all=1" if args.all else ""))["silences"], args.json)
     return 0
 
 
 def cmd_silence_expire(args: argparse.Namespace) -> int:
-    silence = api_send(args, "DELETE", f"/api/v1/silences/{args.id}")
-    if args.json:
-        print(json.dumps(silence))
-    else:
-        format_silences([silence], sys.stdout)
+    _print_silences([api_send(args, "DELETE", f"/api/v1/silences/{args.id}")], args.json)
     return 0
+
+
+def _print_silences(silences: list[dict], as_json: bool) -> None:
+    if as_json:
+        for silence in silences:
+            print(json.dumps(silence))
+    else:
+        format_silences(silences, sys.stdout)
 
 
 def _default_created_by() -> str:

@@ -75,21 +75,7 @@ PLAUSIBLE: dict[str, tuple[type, float, float]] = {
     "nvlink_replay_errors_total": (int, 0, 1 << 62),
     "nvlink_recovery_errors_total": (int, 0, 1 << 62),
     # NVML GPM: percentages over the interval, NVLink at most 18 links x 50 GB/s each way.
-    **dict.fromkeys(
-        (
-            "graphics_active_percent",
-            "sm_active_percent",
-            "sm_occupancy_percent",
-            "tensor_active_percent",
-            "dram_active_percent",
-            "fp64_active_percent",
-            "fp32_active_percent",
-            "fp16_active_percent",
-        ),
-        (float, 0, 100),
-    ),
-    "nvlink_tx_bytes_per_second": (float, 0, 1e12),
-    "nvlink_rx_bytes_per_second": (float, 0, 1e12),
+    **{name: (float, 0, 100) if name.endswith("_percent") else (float, 0, 1e12) for name in GPM_FIELDS},
 }
 # Rates over two reads: none on the first cycle (PCIe byte counters, GPM's samples).
 FIRST_CYCLE_GAPS = {"pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second", *GPM_FIELDS}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.e2e_support import Collector, clean_env, wait_for
+from tests.e2e.e2e_support import Collector, start_simulated_agent, wait_for
 from tests.services import free_port, http_json, prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,42 +56,10 @@ def dcgm_queries() -> list[tuple[str, str]]:
 
 
 def start_agent(tmp_path: Path, node: str, grpc_port: int, metrics_port: int, faults: str) -> subprocess.Popen:
-    state = tmp_path / node
-    state.mkdir()
-    (state / "kmsg").write_text("")
-    argv = [
-        sys.executable,
-        "-m",
-        "fleetwatch.agent.main",
-        "--config",
-        "/dev/null",
-        "--simulate",
-        "--sim-gpus",
-        "4",
-        "--node",
-        node,
-        "--collector-address",
-        f"127.0.0.1:{grpc_port}",
-        "--sampling-interval-seconds",
-        "0.5",
-        "--batch-interval-seconds",
-        "1",
-        "--spool-dir",
-        str(state / "spool"),
-        "--no-spool-fsync",
-        "--sysfs-root",
-        str(SYSFS),
-        "--kmsg-path",
-        str(state / "kmsg"),
-        "--step-socket",
-        str(state / "steps.sock"),
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        "--dcgm-names",
-    ]
+    extra = ["--sim-gpus", "4", "--batch-interval-seconds", "1", "--sysfs-root", str(SYSFS), "--dcgm-names"]
     if faults:
-        argv += ["--sim-faults", faults]
-    return subprocess.Popen(argv, env=clean_env(), stdout=(state / "agent.log").open("wb"), stderr=subprocess.STDOUT)
+        extra += ["--sim-faults", faults]
+    return start_simulated_agent(tmp_path / node, node, grpc_port, metrics_port, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.e2e.e2e_support import clean_env
+from tests.e2e.e2e_support import start_simulated_agent
 from tests.services import binary, free_port, http_json, prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,39 +80,10 @@ def test_real_prometheus_fires_the_xid_rule_on_an_agents_first_xid(tmp_path: Pat
         )
     )
     # XID 79 on GPU 1, 12 s after the agent starts: Prometheus has scraped the total at 0 by then.
-    agent = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleetwatch.agent.main",
-            "--config",
-            "/dev/null",
-            "--simulate",
-            "--sim-gpus",
-            "2",
-            "--sim-faults",
-            "xid:79@1+12",
-            "--node",
-            "n01",
-            "--collector-address",
-            f"127.0.0.1:{free_port()}",  # nothing listens: the agent spools and keeps serving /metrics
-            "--sampling-interval-seconds",
-            "0.5",
-            "--spool-dir",
-            str(tmp_path / "spool"),
-            "--no-spool-fsync",
-            "--kmsg-path",
-            str(tmp_path / "kmsg"),
-            "--step-socket",
-            str(tmp_path / "steps.sock"),
-            "--metrics-listen",
-            f"127.0.0.1:{metrics_port}",
-        ],
-        env=clean_env(),
-        stdout=(tmp_path / "agent.log").open("wb"),
-        stderr=subprocess.STDOUT,
+    # nothing listens on the collector port: the agent spools and keeps serving /metrics
+    agent = start_simulated_agent(
+        tmp_path / "agent", "n01", free_port(), metrics_port, "--sim-gpus", "2", "--sim-faults", "xid:79@1+12"
     )
-    (tmp_path / "kmsg").write_text("")
     try:
         with prometheus(config, tmp_path) as url:
 
@@ -134,7 +104,7 @@ def test_real_prometheus_fires_the_xid_rule_on_an_agents_first_xid(tmp_path: Pat
                 time.sleep(0.5)
             firing = [a for a in xid_alerts() if a["state"] == "firing"]
             assert before_xid, "Prometheus never saw GPU 1's XID total at 0 before the XID"
-            assert len(firing) == 1, (xid_alerts(), (tmp_path / "agent.log").read_text()[-2000:])
+            assert len(firing) == 1, (xid_alerts(), (tmp_path / "agent" / "agent.log").read_text()[-2000:])
             assert firing[0]["labels"]["node"] == "n01" and firing[0]["labels"]["gpu"] == "1"
             fatal = [a for a in http_json(f"{url}/api/v1/alerts")["data"]["alerts"] if a["labels"].get("xid") == "79"]
             assert fatal and fatal[0]["labels"]["alertname"] == "FleetwatchGpuFatalXid"

@@ -76,3 +76,38 @@ class Collector:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(20)
+
+
+def start_simulated_agent(
+    state: Path, node: str, grpc_port: int, metrics_port: int, *extra: str, sampling_seconds: float = 0.5
+) -> subprocess.Popen:
+    """`fleetwatch-agent --simulate` with its spool, kernel log and step socket under `state`,
+    streaming to a collector on `grpc_port` (nothing need listen there) and serving /metrics."""
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "kmsg").touch()
+    argv = [
+        sys.executable,
+        "-m",
+        "fleetwatch.agent.main",
+        "--config",
+        "/dev/null",
+        "--simulate",
+        "--node",
+        node,
+        "--collector-address",
+        f"127.0.0.1:{grpc_port}",
+        "--sampling-interval-seconds",
+        str(sampling_seconds),
+        "--spool-dir",
+        str(state / "spool"),
+        "--no-spool-fsync",
+        "--kmsg-path",
+        str(state / "kmsg"),
+        "--step-socket",
+        str(state / "steps.sock"),
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        *extra,
+    ]
+    log = (state / "agent.log").open("wb")
+    return subprocess.Popen(argv, env=clean_env(), stdout=log, stderr=subprocess.STDOUT)
