@@ -125,30 +125,22 @@ class StragglerStageDetector:
         loss = max(0.0, 1.0 - max(guess.seconds[i] for i in others) / stage_seconds)
         ranks = list(guess.stages[slowest])  # with a straggler among them: straggler.steps reports it
         rows = np.flatnonzero((table.job == code) & (table.step >= th.warmup_steps))
-        return Finding(
-            detector=self.id,
-            severity=self.severity,
-            action=self.action,
-            summary=(
-                f"ranks {ranks_text(ranks)} of job {job} take {ratio:.2f}x the other ranks' time, together since "
-                f"its first steps ({stage_seconds:.2f} s a step against {other_seconds:.2f} s): a pipeline stage, "
-                f"told from the step times (the reports carry no pp_stage), the model split unevenly, not a "
-                f"GPU at fault; job {job} loses about {loss:.0%} of its speed to it"
-            ),
-            start=float(table.t[rows].min()) if len(rows) else float(table.t[-1]),
-            job=job,
-            evidence={
-                "pp_stage": None,
-                "stage_ranks": ranks,
-                "ratio": round(ratio, 4),
-                "stage_seconds": round(stage_seconds, 6),
-                "other_stages_seconds": round(other_seconds, 6),
-                "stages": len(guess.stages),
-                "replicas": None,
-                "steps": guess.steps,
-                "job_loss": round(loss, 4),
-            },
-            key="stage told from step times",
+        return self._finding(
+            job,
+            "stage told from step times",
+            f"ranks {ranks_text(ranks)} of job {job} take {ratio:.2f}x the other ranks' time, together since "
+            f"its first steps ({stage_seconds:.2f} s a step against {other_seconds:.2f} s): a pipeline stage, "
+            f"told from the step times (the reports carry no pp_stage), the model split unevenly, not a "
+            f"GPU at fault; job {job} loses about {loss:.0%} of its speed to it",
+            float(table.t[rows].min()) if len(rows) else float(table.t[-1]),
+            {"pp_stage": None, "stage_ranks": ranks},
+            ratio=ratio,
+            stage_seconds=stage_seconds,
+            other_seconds=other_seconds,
+            stages=len(guess.stages),
+            replicas=None,
+            steps=guess.steps,
+            loss=loss,
         )
 
     def _job(self, window: Window, table: StepTable, job: str, codes: list[int]) -> Finding | None:
@@ -203,27 +195,49 @@ class StragglerStageDetector:
         other_seconds = median(others)
         loss = max(0.0, median(losses))
         first_t = float(table.t[rows].min())
-        return Finding(
-            detector=self.id,
-            severity=self.severity,
-            action=self.action,
-            summary=(
-                f"pipeline stage {slowest} of job {job} takes {ratio:.2f}x or more the other stages' time on "
-                f"each of its {len(replicas)} data-parallel replica{'s' if len(replicas) != 1 else ''} "
-                f"({stage_seconds:.2f} s a step against {other_seconds:.2f} s): the model is split unevenly, "
-                f"not a GPU at fault; job {job} loses about {loss:.0%} of its speed to it"
-            ),
-            start=first_t,
-            job=job,
-            evidence={
-                "pp_stage": slowest,
-                "ratio": round(ratio, 4),
-                "stage_seconds": round(stage_seconds, 6),
-                "other_stages_seconds": round(other_seconds, 6),
-                "stages": len(all_stages),
-                "replicas": len(replicas),
-                "steps": len(picked),
-                "job_loss": round(loss, 4),
-            },
-            key=f"stage {slowest}",
+        return self._finding(
+            job,
+            f"stage {slowest}",
+            f"pipeline stage {slowest} of job {job} takes {ratio:.2f}x or more the other stages' time on "
+            f"each of its {len(replicas)} data-parallel replica{'s' if len(replicas) != 1 else ''} "
+            f"({stage_seconds:.2f} s a step against {other_seconds:.2f} s): the model is split unevenly, "
+            f"not a GPU at fault; job {job} loses about {loss:.0%} of its speed to it",
+            first_t,
+            {"pp_stage": slowest},
+            ratio=ratio,
+            stage_seconds=stage_seconds,
+            other_seconds=other_seconds,
+            stages=len(all_stages),
+            replicas=len(replicas),
+            steps=len(picked),
+            loss=loss,
         )
+
+    def _finding(
+        self,
+        job: str,
+        key: str,
+        summary: str,
+        start: float,
+        where: dict[str, object],
+        *,
+        ratio: float,
+        stage_seconds: float,
+        other_seconds: float,
+        stages: int,
+        replicas: int | None,
+        steps: int,
+        loss: float,
+    ) -> Finding:
+        """A slow stage's finding: `where` names the stage (pp_stage, or the ranks told from step times)."""
+        evidence = {
+            **where,
+            "ratio": round(ratio, 4),
+            "stage_seconds": round(stage_seconds, 6),
+            "other_stages_seconds": round(other_seconds, 6),
+            "stages": stages,
+            "replicas": replicas,
+            "steps": steps,
+            "job_loss": round(loss, 4),
+        }
+        return Finding(self.id, self.severity, self.action, summary, start, job=job, evidence=evidence, key=key)

@@ -549,7 +549,7 @@ class _Job:
         table = gpu_table(self.window)
         p = table.position((newest.node, newest.gpu)) if newest.gpu is not None else None
         if p is not None:
-            steps = step_table(self.window)
+            steps = self.table
             oldest = int(r.rows[-1])
             began_t = float(steps.t[oldest]) - float(steps.seconds[oldest])  # its oldest recent step began
             # Its GPU's samples in [began_t, now], read as columns (tail() of the series).
@@ -583,7 +583,7 @@ class _Job:
             now = self.window.now
             table = gpu_table(self.window)
             newest_t, newest = table.newest_t, table.newest_rows
-            steps = step_table(self.window)
+            steps = self.table
             groups = self.groups
             # Each rank's newest step (its group's first row): its node and GPU, as columns.
             rows = groups.rows[groups.start[self.members]]
