@@ -21,8 +21,12 @@ demo: $(STAMP)
 	$(VENV)/bin/fleetwatchctl demo $(DEMO_ARGS)
 
 # The suite, after the habits it keeps: lint and format, types, and (in the suite) the layer contract.
+# Two workers, a test file each at a time (module fixtures such as the dashboards' Prometheus run
+# once): many tests wait on real processes and services, so two run in the time of one.
+# PYTEST_WORKERS=0 runs them in this process (for -x, pdb, -s).
+PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

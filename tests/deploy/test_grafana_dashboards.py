@@ -31,7 +31,7 @@ DCGM_12239 = ROOT / "tests" / "fixtures" / "dashboards" / "dcgm-exporter-12239.p
 SYSFS = ROOT / "tests" / "fixtures" / "sys"
 VARIABLES = {"$__rate_interval": "1m", "$__range": "5m", "$node": ".*", "$gpu": ".*", "$Hostname": ".*"}
 # Enough scrapes for rate() over 1m windows and for the faults' alerts to open.
-WARM_SECONDS = 25
+WARM_SECONDS = 12
 
 
 def substitute(expr: str) -> str:

@@ -79,10 +79,10 @@ def test_real_prometheus_fires_the_xid_rule_on_an_agents_first_xid(tmp_path: Pat
             }
         )
     )
-    # XID 79 on GPU 1, 12 s after the agent starts: Prometheus has scraped the total at 0 by then.
+    # XID 79 on GPU 1, 8 s after the agent starts: Prometheus has scraped the total at 0 by then.
     # nothing listens on the collector port: the agent spools and keeps serving /metrics
     agent = start_simulated_agent(
-        tmp_path / "agent", "n01", free_port(), metrics_port, "--sim-gpus", "2", "--sim-faults", "xid:79@1+12"
+        tmp_path / "agent", "n01", free_port(), metrics_port, "--sim-gpus", "2", "--sim-faults", "xid:79@1+8"
     )
     try:
         with prometheus(config, tmp_path) as url:

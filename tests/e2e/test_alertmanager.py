@@ -2,7 +2,7 @@
 
 The collector posts its alert feed to Alertmanager's API v2; Alertmanager notifies a loopback
 receiver through the routes of deploy/alertmanager/alertmanager.yml (receivers pointed at it, the
-waits shortened, resolve_timeout cut to 5 s so that outliving it takes seconds).
+waits shortened, resolve_timeout cut to 3 s so that outliving it takes seconds).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from tests.services import alertmanager, binary, http_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
-RESOLVE_TIMEOUT_SECONDS = 5
-RESEND_SECONDS = 1.0
+RESOLVE_TIMEOUT_SECONDS = 3
+RESEND_SECONDS = 0.5
 
 
 def hello(node: str, boot_id: str = "boot-1") -> pb.AgentMessage:
