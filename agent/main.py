@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             from fleetwatch.sim.scenario import parse_fault
 
             for spec in config.sim_faults:
-                parse_fault(spec)
+                fault = parse_fault(spec)
+                if fault.gpu >= config.sim_gpus:
+                    raise ConfigError(
+                        f"sim_faults: {spec!r} targets GPU {fault.gpu}, but the simulated node has "
+                        f"{config.sim_gpus} (sim_gpus; GPUs 0-{config.sim_gpus - 1})"
+                    )
         metrics_address: tuple[str, int] | None = None
         if config.metrics_listen:
             try:

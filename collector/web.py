@@ -195,11 +195,26 @@ class _Handlers:
         status = request.query.get("status") or "firing"
         if status not in ALERT_STATUSES:
             return _json({"error": "status must be firing, resolved or all"}, 400)
-        limit = int(request.query.get("limit") or DEFAULT_ALERTS_LIMIT)
+        query = request.query
+        limit = int(query.get("limit") or DEFAULT_ALERTS_LIMIT)
         store, now = self.app.store, self.app.clock()
+        severity = query.get("severity") or None
+        if severity is not None and severity not in SEVERITY_RANK:
+            return _json({"error": f"severity must be one of {', '.join(s for s in SEVERITY_RANK if s != 'ok')}"}, 400)
+        gpu = _number(query, "gpu", None)
+        since = _number(query, "since", None)
 
         def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-            return store.alerts(status=None if status == "all" else status, limit=limit), store.silences(now)
+            rows = store.alerts(
+                status=None if status == "all" else status,
+                limit=limit,
+                node=query.get("node") or None,
+                gpu=None if gpu is None else int(gpu),
+                detector=query.get("detector") or None,
+                severity=severity,
+                active_since=None if since is None else now - since,
+            )
+            return rows, store.silences(now)
 
         rows, silences = await asyncio.to_thread(read)
         return _json({"alerts": [with_silence(with_history_span(row), silences) for row in rows]})

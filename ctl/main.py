@@ -89,7 +89,16 @@ def fetch_json(
     Errors say what to pass to fix them.
     """
     url = base_url.rstrip("/") + path
-    https = urllib.parse.urlsplit(base_url).scheme == "https"
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # a port that is not a number
+        valid = False
+    if not valid:
+        raise CtlError(
+            f"--collector {base_url!r} is not an http:// or https:// URL with a host (e.g. {DEFAULT_COLLECTOR_URL})"
+        )
+    https = parts.scheme == "https"
     # A TLS server answers a plain HTTP request with a TLS alert (not a status line) or hangs up.
     plain_to_tls_hint = "" if https else "; if it serves HTTPS, use an https:// --collector URL"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -171,19 +180,47 @@ def format_status(status: dict, out: TextIO) -> None:
     print(f"{status['alerts_firing']} alerts firing", file=out)
 
 
-def format_alerts(alerts: list[dict], out: TextIO) -> None:
+def format_alerts(alerts: list[dict], out: TextIO, *, times: bool = False, now: float | None = None) -> None:
+    """The alerts table; with `times`, each alert's id, start, end and how long it fired (or has)."""
     if not alerts:
         print("no alerts", file=out)
         return
-    print(f"{'STATUS':<9} {'SEVERITY':<9} {'DETECTOR':<20} {'NODE':<12} {'GPU':<4} {'ACTION':<17} SUMMARY", file=out)
+    now = time.time() if now is None else now
+    when = f"{'ID':<6} {'STARTED (UTC)':<19} {'ENDED':<19} {'FOR':<8} " if times else ""
+    print(
+        f"{when}{'STATUS':<9} {'SEVERITY':<9} {'DETECTOR':<20} {'NODE':<12} {'GPU':<4} {'ACTION':<17} SUMMARY", file=out
+    )
     for a in alerts:
         gpu = "-" if a["gpu"] is None else str(a["gpu"])
         silenced = "" if a.get("silenced_by") is None else f" [silenced by {a['silenced_by']}]"
+        if times:
+            ended = a.get("ends_at")
+            lasted = (ended if ended is not None else now) - a["starts_at"]
+            when = (
+                f"{a['id']:<6} {_utc(a['starts_at']):<19} {'-' if ended is None else _utc(ended):<19} "
+                f"{format_duration(lasted):<8} "
+            )
         print(
-            f"{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} "
+            f"{when}{a['status']:<9} {a['severity']:<9} {a['detector']:<20} {a['node'] or '-':<12} {gpu:<4} "
             f"{a['action']:<17} {a['summary']}{silenced}",
             file=out,
         )
+
+
+def _utc(t: float) -> str:
+    return format_time(t).removesuffix(" UTC")
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as 45s, 12m, 3h05m or 2d04h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
 def format_silences(silences: list[dict], out: TextIO) -> None:
@@ -261,12 +298,20 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = api_get(args, "/api/v1/status")
+    if args.node is not None:
+        nodes = [n for n in status["nodes"] if n["node"] == args.node]
+        if not nodes:
+            raise CtlError(
+                f"no node named {args.node!r} has reported to this collector (`fleetwatchctl status` lists them)"
+            )
+        status = {**status, "nodes": nodes}
     if args.json:
         json.dump(status, sys.stdout)
         print()
     else:
         format_status(status, sys.stdout)
-    return 0
+    healths = [n["health"] for n in status["nodes"]] + [g["health"] for n in status["nodes"] for g in n["gpus"]]
+    return _fail_on(args, [h for h in healths if h != "ok"])
 
 
 def cmd_alert(args: argparse.Namespace) -> int:
@@ -296,12 +341,36 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     given = [flag for flag, value in flags if value]
     if given:
         raise CtlError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --id N (one alert's history)")
-    alerts = api_get(args, f"/api/v1/alerts?status={args.status}&limit={args.limit}")["alerts"]
+    query: dict[str, Any] = {"status": args.status, "limit": args.limit}
+    for name in ("node", "gpu", "detector", "severity"):
+        if getattr(args, name) is not None:
+            query[name] = getattr(args, name)
+    if args.since is not None:
+        with _flag_errors():
+            query["since"] = parse_duration(args.since, "--since")
+    alerts = api_get(args, "/api/v1/alerts?" + urllib.parse.urlencode(query))["alerts"]
     if args.json:
         for a in alerts:
             print(json.dumps(a))
     else:
-        format_alerts(alerts, sys.stdout)
+        format_alerts(alerts, sys.stdout, times=True)
+    return _fail_on(args, [a["severity"] for a in alerts if a["status"] == "firing"])
+
+
+# The exit status when --fail-on finds alerts at or above its severity firing (1 is an error).
+FAIL_ON_EXIT = 3
+_SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
+
+
+def _fail_on(args: argparse.Namespace, firing_severities: list[str]) -> int:
+    """FAIL_ON_EXIT when --fail-on is given and an alert at or above it fires, else 0."""
+    level = getattr(args, "fail_on", None)
+    if level is None:
+        return 0
+    worst = [s for s in firing_severities if _SEVERITY_RANK.get(s, 0) >= _SEVERITY_RANK[level]]
+    if worst:
+        print(f"fleetwatchctl: {len(worst)} alert(s) at {level} or above firing (--fail-on {level})", file=sys.stderr)
+        return FAIL_ON_EXIT
     return 0
 
 
@@ -346,6 +415,14 @@ def _default_created_by() -> str:
     except OSError:  # no controlling terminal (cron, CI)
         user = os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
     return f"{user}@{socket.gethostname()}"
+
+
+def _add_fail_on(p: argparse.ArgumentParser, when: str) -> None:
+    p.add_argument(
+        "--fail-on",
+        choices=("info", "warning", "critical"),
+        help=f"exit {FAIL_ON_EXIT} when {when} at this severity or above (for scripts and health checks)",
+    )
 
 
 def add_silence_parser(sub: Any) -> None:
@@ -489,7 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("status", help="nodes and GPUs with their health")
+    p.add_argument("--node", metavar="NODE", help="only this node")
     p.add_argument("--json", action="store_true", help="print the status API's JSON")
+    _add_fail_on(p, "a node or GPU has a firing alert")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -506,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="one JSON object a line (with --id --history: the alert, then the series API's response)",
     )
     p.add_argument("--id", type=int, metavar="N", help="only alert N, with its evidence (--status, --limit unused)")
+    p.add_argument("--node", metavar="NODE", help="only alerts on this node")
+    p.add_argument("--gpu", type=int, metavar="N", help="only alerts on this GPU index")
+    p.add_argument("--detector", metavar="ID", help="only this detector's alerts (e.g. xid, thermal)")
+    p.add_argument("--severity", choices=("info", "warning", "critical"), help="only alerts of this severity")
+    p.add_argument(
+        "--since", metavar="DURATION", help="only alerts firing at some time in the last DURATION (90m, 2h, 7d)"
+    )
+    _add_fail_on(p, "a listed alert is firing")
     p.add_argument(
         "--history",
         action="store_true",
@@ -606,13 +693,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
     except CtlError as exc:
         print(f"fleetwatchctl: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:
         print(f"fleetwatchctl: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # Piped into `head`, which has read enough: stop quietly. stdout is pointed at /dev/null
+        # so that the interpreter's last flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
 
 
 if __name__ == "__main__":

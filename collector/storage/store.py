@@ -784,14 +784,30 @@ class Store:
             row = conn.execute(_alert_select().where(a.c.id == alert_id)).mappings().first()
         return None if row is None else _alert_dict(row)
 
-    def alerts(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Alerts newest start first, optionally only those with `status`."""
+    def alerts(
+        self,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        node: str | None = None,
+        gpu: int | None = None,
+        detector: str | None = None,
+        severity: str | None = None,
+        active_since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Alerts newest start first, optionally only those with `status`, on `node` / `gpu`, of
+        `detector` / `severity`, or firing at some time from `active_since` on."""
         if status is not None and status not in schema.ALERT_STATUSES:
             raise ValueError(f"status {status!r} not in {schema.ALERT_STATUSES}")
         a = schema.alerts
         query = _alert_select().order_by(a.c.starts_at.desc(), a.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(a.c.status == status)
+        for column, value in (("node", node), ("gpu", gpu), ("detector", detector), ("severity", severity)):
+            if value is not None:
+                query = query.where(a.c[column] == value)
+        if active_since is not None:
+            query = query.where(or_(a.c.ends_at.is_(None), a.c.ends_at >= active_since))
         with self._read("read alerts") as conn:
             return [_alert_dict(row) for row in conn.execute(query).mappings()]
 

@@ -441,12 +441,15 @@ def test_history_flags_without_id_are_refused(collector: FakeCollector, capsys: 
     assert collector.requests == []
 
 
-def test_alerts_list_is_unchanged(collector: FakeCollector, capsys: pytest.CaptureFixture[str]) -> None:
+def test_alerts_list_shows_each_alerts_times(collector: FakeCollector, capsys: pytest.CaptureFixture[str]) -> None:
     collector.routes["/api/v1/alerts"] = (200, {"alerts": [ALERT]})
     assert ctl(collector, "alerts") == 0
     out = capsys.readouterr().out.splitlines()
     assert collector.requests == ["/api/v1/alerts?status=firing&limit=200"]
-    assert len(out) == 2 and out[1].startswith("resolved  warning   clock_throttle")
+    assert len(out) == 2
+    assert out[1].startswith(
+        "7      2025-12-06 06:16:40 2025-12-06 06:21:40 5m       resolved  warning   clock_throttle"
+    )
 
 
 # -- the parsers and the sparkline -------------------------------------------------------------
