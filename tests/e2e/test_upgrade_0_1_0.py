@@ -65,7 +65,7 @@ def test_collector_upgrades_a_0_1_0_database_and_shows_its_alerts_and_nodes(tmp_
     collector = Collector(db, free_port(), free_port(), log)
     collector.start()
     try:
-        alerts = ctl(collector.http_port, "alerts", "--status", "all")
+        alerts = ctl(collector.http_port, "alerts", "--status", "all", "--json")
         status = ctl(collector.http_port, "status")
         status_json = json.loads(ctl(collector.http_port, "status", "--json"))
     finally:
@@ -74,8 +74,8 @@ def test_collector_upgrades_a_0_1_0_database_and_shows_its_alerts_and_nodes(tmp_
 
     assert f"database schema upgraded from 0001 to {HEAD}" in log.read_text()
     assert revision(db) == HEAD
-    rows = [line.split() for line in alerts.splitlines()[1:]]
-    assert {(row[2], row[3], row[4]) for row in rows} == {
+    rows = [json.loads(line) for line in alerts.splitlines()]
+    assert {(row["detector"], row["node"], str(row["gpu"])) for row in rows} == {
         ("xid", "rack1|n01", "1"),
         ("thermal", "n02", "0"),
         ("straggler.telemetry", "n02", "0"),
