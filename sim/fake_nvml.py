@@ -45,25 +45,13 @@ SUPPORTED_EVENT_TYPES = (
 # NVLink traffic of a training job's collectives at full utilisation, MiB/s over all links (an
 # H100's 18 links carry up to 450 GB/s each way; data-parallel all-reduce uses a fraction).
 _GPM_NVLINK_MIB_PER_SECOND = 60_000.0
-# The NVML GPM metric of each name gpm_model gives (NVLink in MiB/s, as NVML answers it).
-_GPM_METRIC_IDS = {
-    "graphics_active_percent": pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL,
-    "sm_active_percent": pynvml.NVML_GPM_METRIC_SM_UTIL,
-    "sm_occupancy_percent": pynvml.NVML_GPM_METRIC_SM_OCCUPANCY,
-    "tensor_active_percent": pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL,
-    "dram_active_percent": pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL,
-    "fp64_active_percent": pynvml.NVML_GPM_METRIC_FP64_UTIL,
-    "fp32_active_percent": pynvml.NVML_GPM_METRIC_FP32_UTIL,
-    "fp16_active_percent": pynvml.NVML_GPM_METRIC_FP16_UTIL,
-    "nvlink_tx_mib_per_second": pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC,
-    "nvlink_rx_mib_per_second": pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC,
-}
 
 
 def gpm_model(
     gpu: int, util: tuple[Any, Any], mem_util: tuple[Any, Any], sm_clock: tuple[Any, Any], sm_clock_max: float
 ) -> dict[str, Any]:
-    """GPM metrics over an interval from the workload's readings at its two ends (floats or arrays).
+    """GPM metrics over an interval from the workload's readings at its two ends (floats or arrays),
+    by pynvml constant name, in NVML's units (percent; NVLink in MiB/s).
 
     A training step keeps the SMs busy while the GPU is (utilisation), most of that on the tensor
     pipes, with data moving over NVLink for the collectives, slower when the clocks are held down;
@@ -74,16 +62,16 @@ def gpm_model(
     sm_active = busy * (0.82 + 0.02 * (gpu % 4))
     nvlink = busy / 100.0 * np.minimum(1.0, clock) * _GPM_NVLINK_MIB_PER_SECOND
     return {
-        "graphics_active_percent": busy,
-        "sm_active_percent": sm_active,
-        "sm_occupancy_percent": sm_active * 0.45,
-        "tensor_active_percent": sm_active * 0.7,
-        "dram_active_percent": (mem_util[0] + mem_util[1]) / 2,
-        "fp64_active_percent": busy * 0.0,
-        "fp32_active_percent": sm_active * 0.12,
-        "fp16_active_percent": sm_active * 0.04,
-        "nvlink_tx_mib_per_second": nvlink,
-        "nvlink_rx_mib_per_second": nvlink,
+        "NVML_GPM_METRIC_GRAPHICS_UTIL": busy,
+        "NVML_GPM_METRIC_SM_UTIL": sm_active,
+        "NVML_GPM_METRIC_SM_OCCUPANCY": sm_active * 0.45,
+        "NVML_GPM_METRIC_ANY_TENSOR_UTIL": sm_active * 0.7,
+        "NVML_GPM_METRIC_DRAM_BW_UTIL": (mem_util[0] + mem_util[1]) / 2,
+        "NVML_GPM_METRIC_FP64_UTIL": busy * 0.0,
+        "NVML_GPM_METRIC_FP32_UTIL": sm_active * 0.12,
+        "NVML_GPM_METRIC_FP16_UTIL": sm_active * 0.04,
+        "NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC": nvlink,
+        "NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC": nvlink,
     }
 
 
@@ -584,7 +572,7 @@ class FakeNvml:
             (before.sm_clock_mhz, after.sm_clock_mhz),
             self.profile.sm_clock_max_mhz,
         )
-        values = {_GPM_METRIC_IDS[name]: float(value) for name, value in model.items()}
+        values = {getattr(pynvml, const): float(value) for const, value in model.items()}
         try:
             self.nvmlDeviceGetNvLinkState(self._handles[gpu], 0)
         except pynvml.NVMLError_NotSupported:  # a board without NVLink has no NVLink traffic to count

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pynvml
 
-from fleetwatch.agent.sources.gpm import GPM_FIELDS, MIB
+from fleetwatch.agent.sources.gpm import GPM_METRICS
 from fleetwatch.detectors.engine import GpuRows
 from fleetwatch.records import Event
 from fleetwatch.sim.fake_nvml import gpm_model
@@ -84,17 +84,13 @@ def supported(node: SimNode) -> bool:
     )
 
 
-_GPM_COLUMNS = [_COLUMN[name] for name in GPM_FIELDS]
+_GPM_COLUMNS = [_COLUMN[name] for _, name, _ in GPM_METRICS]
 
 
 def _put_gpm(values: np.ndarray, model: dict[str, Any]) -> None:
     """gpm_model's output into canonical columns of `values` (last axis), as GpmReader converts it."""
-    for name in GPM_FIELDS:
-        if name.startswith("nvlink_"):
-            value = model[name.replace("_bytes_", "_mib_")] * float(MIB)
-        else:
-            value = model[name] * 1.0
-        values[..., _COLUMN[name]] = value
+    for const, name, factor in GPM_METRICS:
+        values[..., _COLUMN[name]] = model[const] * factor
 
 
 def _pci_bus_id(raw: str) -> str:

@@ -108,15 +108,11 @@ class GpmReader:
             elif metric.nvmlReturn in self._never:
                 pair.lacks.add(name)
 
-    def forget(self, index: int) -> None:
-        """Free GPU `index`'s samples (it was lost, or GPM failed on it)."""
-        pair = self._pairs.pop(index, None)
-        if pair is not None:
+    def close(self) -> None:
+        """Free every GPU's samples."""
+        for pair in self._pairs.values():
             for sample in (pair.older, pair.newer):
                 # A lost GPU may refuse; nothing else can be done with the sample then.
                 with contextlib.suppress(self.nvml.NVMLError):
                     self.nvml.nvmlGpmSampleFree(sample)
-
-    def close(self) -> None:
-        for index in list(self._pairs):
-            self.forget(index)
+        self._pairs.clear()
