@@ -490,7 +490,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fleetwatch.sim.demo import run_demo
 
     summary = run_demo(
-        duration_seconds=args.duration, nodes=args.nodes, gpus=args.gpus, json_output=args.json, tls=args.tls
+        duration_seconds=args.duration,
+        nodes=args.nodes,
+        gpus=args.gpus,
+        json_output=args.json,
+        tls=args.tls,
+        http_listen=args.http_listen,
     )
     return 0 if summary["alerts"] else 1
 
@@ -660,6 +665,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls",
         action="store_true",
         help="agents and collector speak mTLS, with a CA and certificates made in the demo's temporary directory",
+    )
+    p.add_argument(
+        "--http-listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the demo collector serves its fleet page and API, e.g. 127.0.0.1:8080 to open it "
+        "in a browser while the demo runs [default: 127.0.0.1:0, a free port; the first line prints it]",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -140,7 +140,13 @@ def make_demo_certs(directory: Path, nodes: list[str]) -> None:
 
 
 async def _run(
-    duration_seconds: float, node_count: int, gpu_count: int, live: TextIO | None, workdir: Path, tls: bool = False
+    duration_seconds: float,
+    node_count: int,
+    gpu_count: int,
+    live: TextIO | None,
+    workdir: Path,
+    tls: bool = False,
+    http_listen: str = "127.0.0.1:0",
 ) -> dict:
     names = [f"n{i:02d}" for i in range(1, node_count + 1)]
     certs = workdir / "tls"
@@ -154,7 +160,7 @@ async def _run(
         app = CollectorApp(
             CollectorConfig(
                 grpc_listen="127.0.0.1:0",
-                http_listen="127.0.0.1:0",
+                http_listen=http_listen,
                 database_url=DatabaseUrl(f"sqlite:///{workdir / 'collector.db'}"),
                 webhook_urls=[WebhookUrl(receiver.url)],
                 log_alerts=False,
@@ -265,14 +271,21 @@ def print_summary(summary: dict, duration_seconds: float, out: TextIO) -> None:
 
 
 def run_demo(
-    *, duration_seconds: float = 30.0, nodes: int = 4, gpus: int = 8, json_output: bool = False, tls: bool = False
+    *,
+    duration_seconds: float = 30.0,
+    nodes: int = 4,
+    gpus: int = 8,
+    json_output: bool = False,
+    tls: bool = False,
+    http_listen: str = "127.0.0.1:0",
 ) -> dict:
-    """Runs the demo and prints its summary; `tls`: mTLS between the agents and the collector."""
+    """Runs the demo and prints its summary; `tls`: mTLS between the agents and the collector;
+    `http_listen`: where the collector's HTTP side (the fleet page, the API) listens."""
     # The agents and collector log to stderr; in the demo only problems are worth showing.
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     live = None if json_output else sys.stdout
     with tempfile.TemporaryDirectory(prefix="fleetwatch-demo-") as tmp:
-        summary = asyncio.run(_run(duration_seconds, nodes, gpus, live, Path(tmp), tls))
+        summary = asyncio.run(_run(duration_seconds, nodes, gpus, live, Path(tmp), tls, http_listen))
     if json_output:
         for a in summary["alerts"]:
             a.pop("summary")
