@@ -22,6 +22,7 @@ from fleetwatch.collector.config import CollectorConfig
 from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
 from fleetwatch.collector.health import Readiness, sqlite_file
 from fleetwatch.collector.ingest import IngestWriter
+from fleetwatch.collector.jobs import LiveJobs
 from fleetwatch.collector.notify import AlertLinks, Notifiers
 from fleetwatch.collector.notify.alertmanager import AlertmanagerPusher
 from fleetwatch.collector.outbox import Outbox
@@ -201,6 +202,8 @@ class CollectorApp:
         self.storage_stats = StorageStats()
         # (node, gpu) -> (t, metrics) of its newest sample, for /api/v1/status (event loop only).
         self.latest_gpu: dict[tuple[str, int], tuple[float, Mapping[str, float | int]]] = {}
+        # Running jobs' energy for /metrics, counted as batches are stored (collector/jobs.py).
+        self.live_jobs = LiveJobs()
         # Compaction and rollups have a thread of their own: their minutes of CPU never queue behind
         # (or ahead of) Hellos and API queries on the loop's default executor.
         self._maintenance = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-maintenance")
@@ -252,8 +255,10 @@ class CollectorApp:
                 newest = self.latest_gpu.get(key)
                 if newest is None or sample.t >= newest[0]:
                     self.latest_gpu[key] = (sample.t, sample.metrics)
+            self.live_jobs.add_samples(item.node, item.gpu_samples)
             rows = item.gpu_rows
             if rows is not None:
+                self.live_jobs.add_rows(item.node, rows)
                 for gpu, row in rows.newest_rows().items():
                     t = float(rows.t[row])
                     newest = self.latest_gpu.get((item.node, gpu))

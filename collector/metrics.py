@@ -142,6 +142,15 @@ class CollectorMetrics(Collector):
         yield deliveries
         if app.alertmanagers is not None:
             yield from app.alertmanagers.metrics()
+        job_energy = CounterMetricFamily(
+            "fleetwatch_job_energy_joules",
+            "Energy used by each running job's GPUs since this collector saw the job start (counter "
+            "increases between samples naming the job); a job is dropped once ended.",
+            labels=["job"],
+        )
+        for job, joules in sorted(app.live_jobs.running(app.clock()).items()):
+            job_energy.add_metric([job], joules)
+        yield job_energy
 
 
 def _alert_series(findings: list[Finding]) -> Iterator[Metric]:

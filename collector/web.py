@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from fleetwatch.collector.httpauth import Access, add_route, token_middleware
+from fleetwatch.collector.jobs import DEFAULT_JOBS_SECONDS, job_reports
 from fleetwatch.collector.metrics import CollectorMetrics
 from fleetwatch.collector.runbooks import runbook_page
 from fleetwatch.collector.silences import parse_silence, silence_text
@@ -219,6 +220,18 @@ class _Handlers:
         rows, silences = await asyncio.to_thread(read)
         return _json({"alerts": [with_silence(with_history_span(row), silences) for row in rows]})
 
+    async def jobs(self, request: web.Request) -> web.Response:
+        """GET /api/v1/jobs[?since=SECONDS][&job=ID]: jobs with GPU samples in the last SECONDS
+        (default a day, at most the raw retention), with their energy, usage, steps and alerts."""
+        query = request.query
+        now = self.app.clock()
+        since = _number(query, "since", DEFAULT_JOBS_SECONDS)
+        if not math.isfinite(since) or since <= 0:
+            return _json({"error": "since: must be a positive number of seconds"}, 400)
+        since = min(since, self.app.config.raw_retention_hours * 3600)
+        reports = await asyncio.to_thread(job_reports, self.app.store, now - since, now, job=query.get("job") or None)
+        return _json({"jobs": reports, "since": now - since})
+
     async def alert(self, request: web.Request) -> web.Response:
         try:
             alert_id = int(request.match_info["id"])
@@ -322,6 +335,7 @@ def build_web_app(app: CollectorApp) -> web.Application:
     add_route(web_app, "GET", "/api/v1/alerts", handlers.alerts, Access.READ)
     add_route(web_app, "GET", "/api/v1/alerts/{id}", handlers.alert, Access.READ)
     add_route(web_app, "GET", "/api/v1/series", handlers.series, Access.READ)
+    add_route(web_app, "GET", "/api/v1/jobs", handlers.jobs, Access.READ)
     add_route(web_app, "GET", "/api/v1/silences", handlers.silences, Access.READ)
     add_route(web_app, "POST", "/api/v1/silences", handlers.add_silence, Access.ADMIN)
     add_route(web_app, "DELETE", "/api/v1/silences/{id}", handlers.expire_silence, Access.ADMIN)

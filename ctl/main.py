@@ -357,6 +357,48 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return _fail_on(args, [a["severity"] for a in alerts if a["status"] == "firing"])
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    query: dict[str, Any] = {}
+    if args.since is not None:
+        with _flag_errors():
+            query["since"] = parse_duration(args.since, "--since")
+    if args.job is not None:
+        query["job"] = args.job
+    path = "/api/v1/jobs" + ("?" + urllib.parse.urlencode(query) if query else "")
+    jobs = api_get(args, path)["jobs"]
+    if args.job is not None and not jobs:
+        raise CtlError(f"no job {args.job!r} has GPU samples in the range (`fleetwatchctl jobs` lists them)")
+    if args.json:
+        for job in jobs:
+            print(json.dumps(job))
+    else:
+        format_jobs(jobs, sys.stdout)
+    return 0
+
+
+def format_jobs(jobs: list[dict], out: TextIO) -> None:
+    """The jobs table: what each job held, for how long, and what it cost in energy."""
+    if not jobs:
+        print("no jobs with GPU samples in the range", file=out)
+        return
+    print(
+        f"{'JOB':<24} {'STATE':<8} {'STARTED (UTC)':<19} {'FOR':<8} {'NODES':>5} {'GPUS':>5} {'ENERGY kWh':>11} "
+        f"{'J/STEP':>9} {'UTIL %':>6} {'POWER W':>8} {'ALERTS':>6} STRAGGLERS",
+        file=out,
+    )
+    for j in jobs:
+        per_step = "-" if j["joules_per_step"] is None else f"{j['joules_per_step']:.0f}"
+        util = "-" if j["mean_utilization_percent"] is None else f"{j['mean_utilization_percent']:.0f}"
+        power = "-" if j["mean_power_watts"] is None else f"{j['mean_power_watts']:.0f}"
+        stragglers = ", ".join(sorted({f"{s['node']}/{s['gpu']}" for s in j["stragglers"]})) or "-"
+        print(
+            f"{j['job']:<24} {j['state']:<8} {_utc(j['first_seen']):<19} {format_duration(j['duration_seconds']):<8} "
+            f"{len(j['nodes']):>5} {j['gpu_count']:>5} {j['energy_kwh']:>11.4f} {per_step:>9} {util:>6} {power:>8} "
+            f"{len(j['alerts']):>6} {stragglers}",
+            file=out,
+        )
+
+
 # The exit status when --fail-on finds alerts at or above its severity firing (1 is an error).
 FAIL_ON_EXIT = 3
 _SEVERITY_RANK = {"info": 1, "warning": 2, "critical": 3}
@@ -606,6 +648,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_series_arguments(p, all_fields="every field with data", scope="with --history: ")
     p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser(
+        "jobs",
+        help="training jobs: the GPUs and nodes each held, how long, energy (kWh, J a step), usage, alerts",
+        description="Jobs seen in the GPU samples (Slurm job ids, torchrun run ids, Kubernetes pods), from the "
+        "collector's jobs API. Energy is the sum of the increases of each GPU's energy counter while it "
+        "named the job.",
+    )
+    p.add_argument(
+        "--since",
+        metavar="DURATION",
+        help="jobs with samples in the last DURATION (90m, 2h, 7d) [default: 1d; at most the raw retention]",
+    )
+    p.add_argument("--job", metavar="ID", help="only this job")
+    p.add_argument("--json", action="store_true", help="one JSON object a job, a line")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser(
         "history",
