@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetwatch.agent.sources.kmsg import normalize_pci_bus_id
+from fleetwatch.inventory import normalize_pci_bus_id
 
 # Unmatched XIDs kept at most; a storm of a few thousand XIDs in one window is already far past
 # what either path reports in practice (a burst of XID 13 is tens of lines), so this only bounds

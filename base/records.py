@@ -117,6 +117,12 @@ class Finding:
     evidence: Mapping[str, Any] = field(default_factory=dict)
     # Distinguishes findings of one detector on one entity (e.g. the XID number).
     key: str = ""
+    # The board, where known (fleetwatch.inventory): not part of the finding's identity, which
+    # the node and index (or, before the index is known, the key) already give.
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+    serial: str | None = None
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:
@@ -148,6 +154,10 @@ class Finding:
             "action": self.action,
             "node": self.node,
             "gpu": self.gpu,
+            "uuid": self.uuid,
+            "pci_bus_id": self.pci_bus_id,
+            "serial": self.serial,
+            "model": self.model,
             "job": self.job,
             "rank": self.rank,
             "start": self.start,

@@ -505,7 +505,17 @@ def add_silence_parser(sub: Any) -> None:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from fleetwatch.detectors.replay import ReplayError, read_records, replay
+    from fleetwatch.inventory import Inventory, InventoryError, boards_from_kernel_log, parse_inventory
 
+    inventory = Inventory()
+    if args.inventory:
+        try:
+            with open(args.inventory, encoding="utf-8", errors="replace") as f:
+                boards = parse_inventory(f.read())
+        except InventoryError as exc:
+            raise CtlError(f"{args.inventory}: {exc}") from None
+        for board in boards:
+            inventory.add(args.node, board)
     path = args.replay or args.kmsg
     source = sys.stdin if path == "-" else open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 - the with below closes it
     try:
@@ -515,17 +525,37 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 from fleetwatch.detectors.gpu_lost import GpuLostDetector
                 from fleetwatch.detectors.xid import XidDetector
 
+                lines = source.read().splitlines()
+                # The log names each board's UUID when the driver takes it ("NVRM: GPU at PCI:...").
+                for board in boards_from_kernel_log(lines):
+                    inventory.add(args.node, board)
+                events = replay_events(
+                    lines, args.node, boot_time=args.boot_time, bus_id_to_gpu=inventory.bus_to_index(args.node)
+                )
                 # A kernel log has events only: sample-driven detectors (node_silent) would read
                 # the gaps between lines as a silent node.
-                events = replay_events(source, args.node, boot_time=args.boot_time)
                 findings = replay(events, [XidDetector(), GpuLostDetector()], skip_idle=True)
             else:
-                findings = replay(read_records(source))
+                records = list(read_records(source))
+                _learn_boards(inventory, records)
+                findings = replay(records)
     except ReplayError as exc:
         raise CtlError(f"{path}: {exc}") from None
     for finding in findings:
-        print(finding.to_json())
+        print(inventory.name_board(finding).to_json())
     return 0
+
+
+def _learn_boards(inventory: Any, records: list[Any]) -> None:
+    """The boards a replay file names: GPU samples give index and UUID, XID events the bus id."""
+    from fleetwatch.inventory import make_board
+    from fleetwatch.records import Event, GpuSample
+
+    for record in records:
+        if isinstance(record, GpuSample) and record.uuid:
+            inventory.add(record.node, make_board(index=record.gpu, uuid=record.uuid))
+        elif isinstance(record, Event) and (record.pci_bus_id or record.uuid):
+            inventory.add(record.node, make_board(index=record.gpu, uuid=record.uuid, pci_bus_id=record.pci_bus_id))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -701,6 +731,13 @@ def build_parser() -> argparse.ArgumentParser:
         "print it; - for stdin",
     )
     p.add_argument("--node", default="localhost", help="node name for findings from --kmsg [default: localhost]")
+    p.add_argument(
+        "--inventory",
+        metavar="FILE",
+        help="the node's GPUs, to name each finding's board (index, UUID, PCI bus id, serial, model): the "
+        "output of `nvidia-smi -q`, of `nvidia-smi --query-gpu=index,uuid,pci.bus_id,serial,name "
+        "--format=csv`, or a JSON list of {index, uuid, pci_bus_id, serial, name}",
+    )
     p.add_argument(
         "--boot-time",
         type=float,

@@ -120,6 +120,8 @@ class GpuLostDetector:
                     node=node,
                     gpu=gpu,
                     evidence=evidence,
+                    uuid=latest.uuid,
+                    pci_bus_id=latest.pci_bus_id,
                 )
             )
         return findings

@@ -13,6 +13,7 @@ from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import GpuRows, RecentData, Tracker
 from fleetwatch.detectors.fold import folded_stragglers
 from fleetwatch.detectors.model import Detector
+from fleetwatch.inventory import normalize_pci_bus_id
 from fleetwatch.records import Event, Finding, GpuSample, HostSample, IbSample, Step
 
 Record = GpuSample | HostSample | IbSample | Event | Step
@@ -121,6 +122,16 @@ class _Fields:
         return str(value)  # Slurm job ids are often written as numbers
 
 
+def _bus_id(text: str | None) -> str | None:
+    """A PCI bus id in the one spelling the agents send ("0000:9b:00.0"); kept as written when it is none."""
+    if text is None:
+        return None
+    try:
+        return normalize_pci_bus_id(text)
+    except ValueError:
+        return text
+
+
 def _event(fields: _Fields, t: float, kind: str) -> Event:
     xid = fields.integer("xid") if kind == "xid" else fields.optional_integer("xid")
     message = fields.optional_string("message") or ""
@@ -130,7 +141,7 @@ def _event(fields: _Fields, t: float, kind: str) -> Event:
         kind=kind,
         gpu=fields.optional_integer("gpu"),
         xid=xid,
-        pci_bus_id=fields.optional_string("pci_bus_id"),
+        pci_bus_id=_bus_id(fields.optional_string("pci_bus_id")),
         uuid=fields.optional_string("uuid"),
         message=message,
         source=fields.optional_string("source") or "replay",

@@ -44,14 +44,22 @@ class XidDetector:
         return max(self.thresholds.hold_seconds, self.thresholds.reboot_hold_limit_seconds)
 
     def detect(self, window: Window) -> list[Finding]:
-        times: dict[tuple[str, int | None, int], list[float]] = {}
+        # An XID whose GPU index is unknown (a kernel log read without an inventory) is told apart
+        # by its board's PCI bus id, so two boards' XIDs never merge into one finding.
+        times: dict[tuple[str, int | None, str | None, int], list[float]] = {}
+        boards: dict[tuple[str, int | None, str | None, int], tuple[str | None, str | None]] = {}
         for event in window.events:
             if event.kind != "xid" or event.xid is None or event.t > window.now:
                 continue
-            times.setdefault((event.node, event.gpu, event.xid), []).append(event.t)
+            bus = event.pci_bus_id if event.gpu is None else None
+            key = (event.node, event.gpu, bus, event.xid)
+            times.setdefault(key, []).append(event.t)
+            known = boards.get(key, (None, None))
+            boards[key] = (event.pci_bus_id or known[0], event.uuid or known[1])
 
         findings = []
-        for (node, gpu, xid), occurrences in times.items():
+        for (node, gpu, bus, xid), occurrences in times.items():
+            pci_bus_id, uuid = boards[(node, gpu, bus, xid)]
             info = lookup(xid)
             if info.action in REBOOT_CLASS_ACTIONS:
                 hold_seconds = self.thresholds.reboot_hold_limit_seconds
@@ -88,7 +96,9 @@ class XidDetector:
                     node=node,
                     gpu=gpu,
                     evidence=evidence,
-                    key=str(xid),
+                    key=str(xid) if bus is None else f"{xid}@{bus}",
+                    uuid=uuid,
+                    pci_bus_id=pci_bus_id,
                 )
             )
         findings.sort(key=lambda f: (f.start, f.node or "", -1 if f.gpu is None else f.gpu, f.key))

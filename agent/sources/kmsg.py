@@ -41,6 +41,7 @@ from typing import Any
 
 import psutil
 
+from fleetwatch.inventory import normalize_pci_bus_id
 from fleetwatch.records import Event
 
 log = logging.getLogger(__name__)
@@ -83,19 +84,41 @@ _DMESG_CTIME_RE = re.compile(
 )
 # Plain dmesg; `dmesg -r` adds the "<4>" priority.
 _DMESG_RE = re.compile(rf"^{_DECODE}(?:<\d+>)?\[ *(?P<uptime>\d+\.\d+)\] ?(?P<text>.*)$")
-# journalctl -k (short, short-precise) and syslog files; only the kernel's own lines count.
+# journalctl -k (short, short-precise) and syslog files; only the kernel's own lines count. The
+# host is absent under `journalctl --no-hostname` (and in some syslog templates).
+_HOST = r"(?:\S+ )?"
 _SYSLOG_RE = re.compile(
-    rf"^{_MONTH} +(?P<day>\d{{1,2}}) (?P<hms>\d\d:\d\d:\d\d)(?P<frac>\.\d+)? \S+ kernel: ?(?P<text>.*)$"
+    rf"^{_MONTH} +(?P<day>\d{{1,2}}) (?P<hms>\d\d:\d\d:\d\d)(?P<frac>\.\d+)? {_HOST}kernel: ?(?P<text>.*)$"
 )
+# journalctl -o short-iso / short-iso-precise, and rsyslog's RFC 3339 file format (Debian 12's default).
 _JOURNAL_ISO_RE = re.compile(
-    r"^(?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)) \S+ kernel: ?(?P<text>.*)$"
+    rf"^(?P<iso>\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:?\d\d)) {_HOST}kernel: ?(?P<text>.*)$"
 )
-_JOURNAL_UNIX_RE = re.compile(r"^(?P<unix>\d{9,}\.\d+) \S+ kernel: ?(?P<text>.*)$")
+_JOURNAL_UNIX_RE = re.compile(rf"^(?P<unix>\d{{9,}}\.\d+) {_HOST}kernel: ?(?P<text>.*)$")
+# journalctl -o short-full: "Sat 2025-11-29 11:28:11 UTC host kernel: text" (a zone name or offset).
+_JOURNAL_FULL_RE = re.compile(
+    r"^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (?P<date>\d{4}-\d\d-\d\d) (?P<hms>\d\d:\d\d:\d\d)(?P<frac>\.\d+)? "
+    rf"(?P<zone>\S+) {_HOST}kernel: ?(?P<text>.*)$"
+)
+# RFC 5424 syslog (rsyslog's RSYSLOG_SyslogProtocol23Format, syslog-ng): "<4>1 TIMESTAMP HOST
+# kernel - - [SD] text", APP-NAME kernel, "-" for absent fields.
+_RFC5424_RE = re.compile(
+    r"^<(?P<prio>\d{1,3})>1 (?P<iso>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)) "
+    r"\S+ kernel \S+ \S+ (?:-|(?:\[[^\]]*\])+) ?(?P<text>.*)$"
+)
+# journalctl -o short-monotonic: "[   20.455718] host kernel: text": the host and "kernel:" after
+# dmesg's stamp.
+_AFTER_STAMP_KERNEL_RE = re.compile(r"^(?:\S+ )?kernel: (?P<text>.*)$", re.DOTALL)
 # The same printers' lines from user space ("gpud[12]: ... NVRM: Xid ..." quotes a kernel line).
 _NOT_KERNEL_RE = re.compile(
-    rf"^(?:{_MONTH} +\d{{1,2}} \d\d:\d\d:\d\d|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\S*|\d{{9,}}\.\d+)"
-    rf"(?:\.\d+)? \S+ [^\s:]+: "
+    rf"^(?:(?:{_MONTH} +\d{{1,2}} \d\d:\d\d:\d\d|\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\S*|\d{{9,}}\.\d+"
+    r"|(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) \d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)? \S+)"
+    rf"(?:\.\d+)? {_HOST}[^\s:]+: "
+    # RFC 5424 from any APP-NAME but kernel (those matched _RFC5424_RE first).
+    r"|<\d{1,3}>1 \S+ \S+ \S+ )"
 )
+# journalctl -o short-monotonic of a user-space line: "[   20.455718] host gpud[12]: ...".
+_AFTER_STAMP_PROGRAM_RE = re.compile(r"^\S+ [^\s:\[]+\[\d+\]: ")
 # Syslog files written from the kernel ring keep printk's own "[seconds]" in the text.
 _UPTIME_IN_TEXT_RE = re.compile(r"^\[ *(?P<uptime>\d+\.\d+)\] ?(?P<text>.*)$", re.DOTALL)
 _KMSG_ESCAPE_RE = re.compile(r"\\x([0-9a-fA-F]{2})")
@@ -110,25 +133,6 @@ _PID_NAME_RE = re.compile(r"^pid=(?P<pid>[^,\s]*)(?:, *name=(?P<name>.*?))?(?:, 
 _BDF = r"(?P<bus>(?:[0-9a-fA-F]{1,8}:)?[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7])"
 _FALLEN_RE = re.compile(rf"NVRM: GPU (?:at )?(?:PCI:)?{_BDF}:? (?:GPU )?has fallen off the bus")
 _FALLEN_MULTILINE_RE = re.compile(rf"NVRM: The NVIDIA GPU (?:PCI:)?{_BDF}\b.*?fallen off the bus", re.DOTALL)
-
-
-def normalize_pci_bus_id(bus_id: str) -> str:
-    """A PCI bus id as the driver, NVML or a person writes it ("PCI:0000:9B:00", NVML's
-    "00000000:9b:00.0", "9b:00.0") in one spelling: "0000:9b:00.0". ValueError if it is none."""
-    text = bus_id.strip().lower()
-    if text.startswith("pci:"):
-        text = text[4:]
-    parts = text.split(":")
-    if len(parts) == 2:
-        parts.insert(0, "0")
-    if len(parts) != 3:
-        raise ValueError(f"not a PCI bus id: {bus_id!r}")
-    domain, bus, device_function = parts
-    device, _, function = device_function.partition(".")
-    try:
-        return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{int(function or '0', 16):x}"
-    except ValueError:
-        raise ValueError(f"not a PCI bus id: {bus_id!r}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,16 @@ def _iso_timestamp(text: str) -> float:
 _Split = tuple[str, float | None, float | None, bool]
 
 
+def _full_timestamp(date: str, hms: str, fraction: str | None, zone: str) -> float:
+    """journalctl short-full's time: UTC/GMT and numeric offsets exactly; another zone name
+    (CET, EST: ambiguous abbreviations) as this machine's local time, as journalctl printed it."""
+    year, month, day = (int(part) for part in date.split("-"))
+    if zone in ("UTC", "GMT", "Z") or re.fullmatch(r"[+-]\d\d:?\d\d", zone):
+        offset = "+00:00" if zone in ("UTC", "GMT", "Z") else zone
+        return _iso_timestamp(f"{date}T{hms}{fraction or ''}{offset}")
+    return _local_timestamp(year, month, day, hms, fraction)
+
+
 def _split_prefix(header: str, boot_time: float | None, year: int | None) -> _Split | None:
     """The text and times of one line, or None when the line is not the kernel's."""
     since_boot: float | None  # seconds since boot, where the line gives them
@@ -203,7 +217,16 @@ def _split_prefix(header: str, boot_time: float | None, year: int | None) -> _Sp
                 t = _local_timestamp(int(match["year"]), _MONTHS[match["mon"]], int(match["day"]), match["hms"], None)
                 return match["text"], t, None, False
             since_boot = float(match["uptime"])
-            return match["text"], boot_time + since_boot if boot_time is not None else None, since_boot, False
+            text = match["text"]
+            if kernel := _AFTER_STAMP_KERNEL_RE.match(text):
+                text = kernel["text"]
+            elif _AFTER_STAMP_PROGRAM_RE.match(text):
+                return None
+            return text, boot_time + since_boot if boot_time is not None else None, since_boot, False
+    if match := _RFC5424_RE.match(header):
+        if int(match["prio"]) >> 3 != _KERNEL_FACILITY:
+            return None
+        return match["text"], _iso_timestamp(match["iso"]), None, False
     text, t = header, None
     if match := _SYSLOG_RE.match(header):
         month = _MONTHS[match["mon"]]
@@ -214,6 +237,8 @@ def _split_prefix(header: str, boot_time: float | None, year: int | None) -> _Sp
         text, t = match["text"], _iso_timestamp(match["iso"])
     elif match := _JOURNAL_UNIX_RE.match(header):
         text, t = match["text"], float(match["unix"])
+    elif match := _JOURNAL_FULL_RE.match(header):
+        text, t = match["text"], _full_timestamp(match["date"], match["hms"], match["frac"], match["zone"])
     elif _NOT_KERNEL_RE.match(header):
         return None
     elif header.startswith("kernel: "):  # a grep of journalctl output cut before the host

@@ -71,12 +71,16 @@ def alert_labels(alert: Mapping[str, Any]) -> dict[str, str]:
         "severity": alert["severity"],
         "action": alert["action"],
     }
-    for name in ("node", "gpu", "uuid", "pci_bus_id", "job", "rank"):
+    for name in ("node", "gpu", "uuid", "pci_bus_id", "serial", "job", "rank"):
         if alert.get(name) is not None:
             labels[name] = str(alert[name])
     key = alert.get("key") or ""
     if key:
-        labels["xid" if alert["detector"] == "xid" else "key"] = key
+        if alert["detector"] == "xid":
+            # "79", or "79@0000:9b:00.0" for a board whose index was unknown (its pci_bus_id label says which)
+            labels["xid"] = key.partition("@")[0]
+        else:
+            labels["key"] = key
     return labels
 
 

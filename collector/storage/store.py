@@ -725,7 +725,7 @@ class Store:
                         rank=finding.rank,
                         key=finding.key,
                         summary=finding.summary,
-                        evidence=json.dumps(dict(finding.evidence), sort_keys=True, default=str),
+                        evidence=json.dumps(_evidence_with_board(finding), sort_keys=True, default=str),
                         status="firing",
                         starts_at=finding.start,
                         ends_at=None,
@@ -1039,7 +1039,11 @@ _ALERT_KEYS = (
     "ends_at",
     "uuid",
     "pci_bus_id",
+    "serial",
+    "model",
 )
+# The board's identity comes from the gpus table (where the alert names an index it has).
+_BOARD_KEYS = ("uuid", "pci_bus_id", "serial", "model")
 
 
 def _install_sqlite_hooks(engine: Engine) -> None:
@@ -1292,9 +1296,10 @@ def _skipping(d: Table, skip_ids: Collection[int], skip_targets: Collection[str]
 
 
 def _alert_select() -> Select:
-    """Alerts with their GPU's uuid and pci_bus_id (None for a node's or a job's alert, or a GPU never seen)."""
+    """Alerts with their GPU's uuid, pci_bus_id, serial and model (None for a node's or a job's
+    alert, or a GPU never seen)."""
     a, g = schema.alerts, schema.gpus
-    return select(a, g.c.uuid, g.c.pci_bus_id).select_from(
+    return select(a, g.c.uuid, g.c.pci_bus_id, g.c.serial, g.c.name.label("model")).select_from(
         a.outerjoin(g, and_(g.c.node == a.c.node, g.c.gpu == a.c.gpu))
     )
 
@@ -1311,9 +1316,11 @@ def _delivery_select() -> Select:
         d.c.next_attempt_at,
         d.c.last_error,
         d.c.created_at,
-        *(a.c[name] for name in _ALERT_KEYS if name not in ("id", "uuid", "pci_bus_id")),
+        *(a.c[name] for name in _ALERT_KEYS if name != "id" and name not in _BOARD_KEYS),
         g.c.uuid,
         g.c.pci_bus_id,
+        g.c.serial,
+        g.c.name.label("model"),
     ).select_from(d.join(a, a.c.id == d.c.alert_id).outerjoin(g, and_(g.c.node == a.c.node, g.c.gpu == a.c.gpu)))
 
 
@@ -1332,6 +1339,16 @@ def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any]) -> boo
     )
 
 
+def _evidence_with_board(finding: Finding) -> dict[str, Any]:
+    """The finding's evidence, with the board's uuid and PCI bus id where the finding knows them."""
+    evidence = dict(finding.evidence)
+    for key in ("uuid", "pci_bus_id"):
+        value = getattr(finding, key)
+        if value is not None:
+            evidence.setdefault(key, value)
+    return evidence
+
+
 def _parse_evidence(text: str | None) -> dict[str, Any]:
     if not text:
         return {}
@@ -1341,5 +1358,10 @@ def _parse_evidence(text: str | None) -> dict[str, Any]:
 
 def _alert_dict(row: RowMapping) -> dict[str, Any]:
     alert = {key: row[key] for key in _ALERT_KEYS}
-    alert["evidence"] = _parse_evidence(alert["evidence"])
+    alert["evidence"] = evidence = _parse_evidence(alert["evidence"])
+    # A board the gpus table cannot name (a kernel-log XID whose index was unknown) keeps the
+    # identity its finding had, saved in the evidence.
+    for key in ("uuid", "pci_bus_id"):
+        if alert[key] is None and isinstance(evidence.get(key), str):
+            alert[key] = evidence[key]
     return alert

@@ -418,6 +418,8 @@ def test_open_alert_dedupes_on_fingerprint_and_queues_deliveries(store: Store) -
         "ends_at": None,
         "uuid": None,  # no GPU row for n01/3 in this database
         "pci_bus_id": None,
+        "serial": None,
+        "model": None,
     }
     other = store.open_alert(finding(gpu=4), now=T0 + 3, targets=[])
     assert other != alert_id and store.count_rows("deliveries") == 2
@@ -667,3 +669,23 @@ def test_unusable_database_raises_store_error_naming_it(url: str, shown: str, hi
     assert shown in str(info.value)
     if hidden:
         assert hidden not in str(info.value)
+
+
+# -- the board an alert is about (issue 12) -------------------------------------------------------
+
+
+def test_alerts_name_their_board_from_the_inventory_or_their_finding(store: Store) -> None:
+    board = {"index": 3, "uuid": "GPU-3", "name": "NVIDIA H100 80GB HBM3", "pci_bus_id": "0000:9b:00.0"}
+    store.upsert_node("n01", "boot-a", "0.4.0", True, 1.0, [{**board, "serial": "1654922012345"}], seen_at=T0)
+    store.open_alert(finding(), now=T0 + 1, targets=[])
+    # A kernel-log XID whose index the agent could not tell: the finding's own bus id and UUID stay.
+    unknown = finding(gpu=None, key="94@0000:cb:00.0", uuid="GPU-cb", pci_bus_id="0000:cb:00.0")
+    store.open_alert(unknown, now=T0 + 2, targets=[])
+    named = {a["gpu"]: a for a in store.firing_alerts()}
+    assert {k: named[3][k] for k in ("uuid", "pci_bus_id", "serial", "model")} == {
+        "uuid": "GPU-3",
+        "pci_bus_id": "0000:9b:00.0",
+        "serial": "1654922012345",
+        "model": "NVIDIA H100 80GB HBM3",
+    }
+    assert (named[None]["uuid"], named[None]["pci_bus_id"], named[None]["serial"]) == ("GPU-cb", "0000:cb:00.0", None)

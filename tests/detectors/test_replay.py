@@ -21,6 +21,11 @@ DESIGN_FINDING = {
     "action": "reboot",
     "node": "n01",
     "gpu": 3,
+    # The board, where known (issue 12): the replay record names its PCI bus id, in any spelling.
+    "uuid": None,
+    "pci_bus_id": "0000:9b:00.0",
+    "serial": None,
+    "model": None,
     "job": None,
     "rank": None,
     "start": 1700000000.4,
@@ -71,7 +76,7 @@ def test_reads_every_design_record_kind():
             "xid",
             gpu=3,
             xid=79,
-            pci_bus_id="0000:9b:00",
+            pci_bus_id="0000:9b:00.0",  # read in the agents' one spelling
             message="GPU has fallen off the bus.",
             source="replay",
         ),
