@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTO_SRC := proto/fleetwatch/v1/telemetry.proto
+# The wire contract, and the kubelet's pod-resources API the agent reads (vendored: its SOURCE.md).
+PROTO_SRC := proto/fleetwatch/v1/telemetry.proto proto/fleetwatch/kubelet/podresources/v1/api.proto
 # mypy reads an installed copy: the package-dir mapping (fleetwatch.agent in agent/) is invisible to it.
 TYPECHECK := build/typecheck
 

@@ -96,6 +96,13 @@ class AgentConfig:
     kmsg_path: str = setting("/dev/kmsg", "kernel log to read XIDs from (empty: off)")
     step_socket: str = setting(DEFAULT_SOCKET, "Unix datagram socket training jobs send step times to (empty: off)")
     job_attribution: bool = setting(True, "name the Slurm job / Kubernetes pod and rank of each GPU's processes")
+    # The kubelet's own path for it (Kubernetes documentation, Device Plugins, "Monitoring device
+    # plugin resources"); dcgm-exporter's default too.
+    pod_resources_socket: str = setting(
+        "/var/lib/kubelet/pod-resources/kubelet.sock",
+        "the kubelet's pod-resources gRPC socket, to name the Kubernetes namespace, pod and container each GPU "
+        "is allocated to (empty: off; where it does not exist, e.g. on a Slurm node, the agent waits for it quietly)",
+    )
     metrics_listen: str = setting("0.0.0.0:9472", "address of the agent's own Prometheus /metrics (empty: off)")
     dcgm_names: bool = setting(False, "also export DCGM exporter metric names so existing dashboards keep working")
     metrics_tls_cert_file: str = setting("", "certificate (PEM) to serve /metrics over HTTPS with (empty: plain HTTP)")

@@ -22,6 +22,7 @@ from fleetwatch.agent.sources.infiniband import InfinibandSource
 from fleetwatch.agent.sources.jobs import JobResolver
 from fleetwatch.agent.sources.kmsg import KmsgSource
 from fleetwatch.agent.sources.nvml import NvmlSource, load_nvml
+from fleetwatch.agent.sources.podresources import PodResourcesSource
 from fleetwatch.agent.sources.steps import StepReceiver
 from fleetwatch.agent.spool import Spool, SpoolBusyError, SpoolLock
 from fleetwatch.agent.state import AgentState
@@ -83,8 +84,21 @@ def build_sampler(config: AgentConfig, node: str) -> tuple[Sampler, HostSource]:
         nvml=nvml,
         infiniband=InfinibandSource(sysfs_root=config.sysfs_root),
         jobs=JobResolver(procfs_root=config.procfs_root) if config.job_attribution else None,
+        # Simulated GPUs are no kubelet's: their made-up UUIDs and indexes would match real pods'.
+        pods=(
+            PodResourcesSource(config.pod_resources_socket, nvml=nvml.nvml if nvml is not None else None)
+            if config.pod_resources_socket and not config.simulate
+            else None
+        ),
     )
     return sampler, host
+
+
+def close_sampler(sampler: Sampler) -> None:
+    if sampler.pods is not None:
+        sampler.pods.close()
+    if sampler.nvml is not None:
+        sampler.nvml.close()
 
 
 def bus_id_map(sampler: Sampler) -> dict[str, int]:
@@ -119,8 +133,7 @@ def sample_once_json(config: AgentConfig, node: str) -> dict[str, Any]:
             },
         }
     finally:
-        if sampler.nvml is not None:
-            sampler.nvml.close()
+        close_sampler(sampler)
 
 
 def print_once(result: dict[str, Any]) -> None:
@@ -262,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.stop()
         if steps is not None:
             steps.close()
-        if sampler.nvml is not None:
-            sampler.nvml.close()
+        close_sampler(sampler)
     log.info("stopped; %d batches left in the spool", spool.count)
     spool_lock.release()
     return 0

@@ -6,6 +6,13 @@ counters, bounded labels (`node`, `gpu`, `uuid`; never pids or job ids). With `d
 DCGM exporter's names are added beside ours, in DCGM's own units and labels, so dashboards and
 rules written for dcgm-exporter keep working.
 
+On Kubernetes the pod a GPU is allocated to (fleetwatch.agent.sources.podresources) is on one
+info series per GPU, `fleetwatch_gpu_pod_info{node, gpu, uuid, namespace, pod, container} 1`,
+joined in queries (`* on(node, gpu) group_left(namespace, pod) fleetwatch_gpu_pod_info`): the
+fifty-odd GPU series keep their label sets, so a new pod starts no new series but that one.
+The DCGM names carry `namespace`, `pod` and `container` on every series where a pod is known,
+as dcgm-exporter does with its Kubernetes mapping, since dashboards written for it filter on them.
+
 Series are read from the cache at scrape time (prometheus/client_python's custom-collector
 pattern), so a GPU that left `state.gpus` leaves the output with it instead of going stale, and a
 field the GPU does not support has no sample at all (never 0).
@@ -761,6 +768,9 @@ DCGM_METRICS: tuple[DcgmMetric, ...] = (
 _GPU_LABELS = ("node", "gpu", "uuid")
 _DCGM_LABELS = ("gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION")
 _INFO_LABELS = ("node", "gpu", "uuid", "name", "pci_bus_id", "serial", "driver_version", "cuda_version")
+# dcgm-exporter's names for a GPU's pod (internal/pkg/transformation/const.go: podAttribute,
+# namespaceAttribute, containerAttribute), on fleetwatch_gpu_pod_info and the DCGM series alike.
+_POD_LABELS = ("namespace", "pod", "container")
 _IB_LABELS = ("node", "device", "port")
 
 
@@ -773,6 +783,7 @@ class _Gpu:
     name: str
     pci_bus_id: str
     metrics: dict[str, Any]
+    pod: tuple[str, str, str] | None = None  # (namespace, pod, container) the kubelet allocated it to
 
 
 @dataclass(frozen=True)
@@ -803,6 +814,13 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _pod(sample: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(namespace, pod, container) of a GPU sample the kubelet named a pod for, else None."""
+    if not sample.get("k8s_pod"):
+        return None
+    return _text(sample.get("k8s_namespace")), _text(sample["k8s_pod"]), _text(sample.get("k8s_container"))
+
+
 def _nvml_bus_id(bus_id: str) -> str:
     """Our "0000:18:00.0" as NVML and DCGM print it: "00000000:18:00.0" (8-digit domain, upper case)."""
     domain, sep, rest = bus_id.partition(":")
@@ -825,6 +843,7 @@ class AgentMetrics(Collector):
         snap = self._snapshot()
         yield from self._gpu_families(snap)
         yield from self._gpu_info(snap)
+        yield from self._gpu_pod_info(snap)
         yield from self._xid_family(snap)
         if self.dcgm_names:
             yield from self._dcgm_families(snap)
@@ -833,6 +852,7 @@ class AgentMetrics(Collector):
         yield from self._agent_families(snap)
         # Job attribution (state.gpus[i]["job"] / ["rank"]) is deliberately not exported: job ids
         # are unbounded label values (DESIGN: labels never carry job ids); the collector has them.
+        # The pod is, on one info series per GPU (the module docstring says why).
 
     # ---- snapshot ------------------------------------------------------------------------------
 
@@ -855,6 +875,7 @@ class AgentMetrics(Collector):
                         name=_text(entry.get("name")),
                         pci_bus_id=_text(entry.get("pci_bus_id")),
                         metrics=metrics,
+                        pod=_pod(sample),
                     )
                 )
             return _Snapshot(
@@ -949,6 +970,19 @@ class AgentMetrics(Collector):
         if family.samples:
             yield family
 
+    def _gpu_pod_info(self, snap: _Snapshot) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "fleetwatch_gpu_pod_info",
+            "The Kubernetes namespace, pod and container the GPU is allocated to (the kubelet's pod-resources "
+            "API); always 1, absent for a GPU no single pod holds.",
+            labels=[*_GPU_LABELS, *_POD_LABELS],
+        )
+        for gpu in snap.gpus:
+            if gpu.pod is not None:
+                family.add_metric([snap.node, str(gpu.index), gpu.uuid, *gpu.pod], 1)
+        if family.samples:
+            yield family
+
     def _xid_family(self, snap: _Snapshot) -> Iterator[Metric]:
         # Kept for GPUs that left state.gpus: XID 79 (fallen off the bus) is exactly what removes one.
         uuids = {entry.get("index"): _text(entry.get("uuid")) for entry in snap.inventory}
@@ -1003,8 +1037,8 @@ class AgentMetrics(Collector):
 
     @staticmethod
     def _dcgm_labels(snap: _Snapshot, gpu: _Gpu) -> dict[str, str]:
-        """dcgm-exporter's labels of a GPU series, DCGM_FI_DRIVER_VERSION included."""
-        return {
+        """dcgm-exporter's labels of a GPU series, DCGM_FI_DRIVER_VERSION included, and its pod's where known."""
+        labels = {
             "gpu": str(gpu.index),
             "UUID": gpu.uuid,
             "pci_bus_id": _nvml_bus_id(gpu.pci_bus_id) if gpu.pci_bus_id else "",
@@ -1013,6 +1047,9 @@ class AgentMetrics(Collector):
             "Hostname": snap.node,
             "DCGM_FI_DRIVER_VERSION": snap.driver_version,
         }
+        if gpu.pod is not None:
+            labels.update(zip(_POD_LABELS, gpu.pod))
+        return labels
 
     def _dcgm_xid(self, snap: _Snapshot) -> Iterator[Metric]:
         # Field 230: the last XID's number, 0 for every GPU until its first (as dcgm-exporter shows a

@@ -126,19 +126,28 @@ def ib_port_message(port: dict[str, Any]) -> pb.IbPortMetrics:
     return msg
 
 
+# Text a GPU sample names its owner with, and the collector's bound for each.
+_LABEL_LIMITS = {
+    "job": limits.JOB_MAX_CHARS,
+    "k8s_namespace": limits.K8S_NAMESPACE_MAX_CHARS,
+    "k8s_pod": limits.K8S_POD_MAX_CHARS,
+    "k8s_container": limits.K8S_CONTAINER_MAX_CHARS,
+}
+
+
 def gpu_sample_labels(sample: dict[str, Any]) -> dict[str, Any]:
-    """The sample with its job name as the collector takes it: from the environment and cgroup
-    paths of the GPU's processes, so printable and cut to the limit here."""
-    if not sample.get("job"):
-        return sample
-    return sample | {"job": printable(str(sample["job"]), limits.JOB_MAX_CHARS)}
+    """The sample with its job and pod names as the collector takes them: from the environment and
+    cgroup paths of the GPU's processes and from the kubelet, so printable and cut to the limits here."""
+    cut = {key: printable(str(sample[key]), most) for key, most in _LABEL_LIMITS.items() if sample.get(key)}
+    return sample | cut if cut else sample
 
 
 def gpu_sample_message(sample: dict[str, Any]) -> pb.GpuSample:
     sample = gpu_sample_labels(sample)
     msg = pb.GpuSample(gpu=int(sample["gpu"]), t=float(sample["t"]), uuid=sample.get("uuid") or "")
-    if sample.get("job"):
-        msg.job = sample["job"]
+    for key in _LABEL_LIMITS:
+        if sample.get(key):
+            setattr(msg, key, sample[key])
     if sample.get("rank") is not None:
         msg.rank = int(sample["rank"])
     fill_metrics(msg.metrics, sample["metrics"])

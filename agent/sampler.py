@@ -15,8 +15,9 @@ from typing import Any
 
 from fleetwatch.agent.sources.host import HostSource
 from fleetwatch.agent.sources.infiniband import InfinibandSource
-from fleetwatch.agent.sources.jobs import JobResolver
+from fleetwatch.agent.sources.jobs import JobResolver, job_with_pod
 from fleetwatch.agent.sources.nvml import NvmlSource
+from fleetwatch.agent.sources.podresources import PodRef, PodResourcesSource
 from fleetwatch.agent.state import AgentState, SourceStats
 from fleetwatch.agent.xid_merge import XidMerger
 
@@ -42,6 +43,7 @@ class Sampler:
         nvml: NvmlSource | None = None,
         infiniband: InfinibandSource | None = None,
         jobs: JobResolver | None = None,
+        pods: PodResourcesSource | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
@@ -49,6 +51,7 @@ class Sampler:
         self.nvml = nvml
         self.infiniband = infiniband
         self.jobs = jobs
+        self.pods = pods
         self.clock = clock
         # NVML events and the kernel log both report XIDs; each one is sent once.
         self.xids = XidMerger()
@@ -73,16 +76,34 @@ class Sampler:
         stats.last_duration_seconds = time.perf_counter() - started
         return result
 
+    def _pod_owners(self, gpus: list[dict[str, Any]]) -> dict[int, PodRef]:
+        """The pod of each GPU the kubelet allocated to one; the source logs and counts its own failures."""
+        if self.pods is None or not gpus:
+            return {}
+        started = time.perf_counter()
+        owners = self.pods.owners(gpus)
+        stats = self.state.sources.setdefault(self.pods.name, SourceStats())
+        stats.last_duration_seconds = time.perf_counter() - started
+        stats.last_success = not self.pods.failing
+        stats.errors_total = self.pods.failures_total
+        return owners
+
     def _attribute_jobs(self, gpus: list[dict[str, Any]]) -> None:
-        """Job and rank of each GPU from its processes (the pids never leave the agent)."""
+        """Job and rank of each GPU from its processes (the pids never leave the agent) and its pod."""
+        owners = self._pod_owners(gpus)
         live: list[int] = []
         for sample in gpus:
             pids = sample.pop("pids", None) or []
             live.extend(pids)
-            if self.jobs is not None and pids:
-                info = self.jobs.for_gpu(pids)
-                if info is not None:
-                    sample["job"], sample["rank"] = info.job, info.rank
+            info = self.jobs.for_gpu(pids) if self.jobs is not None and pids else None
+            owner = owners.get(sample["gpu"])
+            if owner is not None:
+                sample["k8s_namespace"], sample["k8s_pod"] = owner.namespace, owner.pod
+                sample["k8s_container"] = owner.container
+                if self.jobs is not None:  # job_attribution off names no job, the pod's neither
+                    info = job_with_pod(info, owner.job)
+            if info is not None:
+                sample["job"], sample["rank"] = info.job, info.rank
         if self.jobs is not None:
             self.jobs.forget_missing(live)
 

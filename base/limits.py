@@ -46,6 +46,13 @@ _EVENT_SOURCE_RE = re.compile(r"[a-z0-9_]+")
 # Slurm job ids, "pod:<uid>", torchrun run ids; gpu_samples.job and steps.job are String(255).
 # A step report's job is shorter still (STEP_JOB_MAX_CHARS, 128): it must fit one datagram.
 JOB_MAX_CHARS = 255
+# The Kubernetes pod a GPU is allocated to (GpuSample.k8s_*, from the kubelet's pod-resources API):
+# a namespace and a container name are RFC 1123 labels of at most 63 characters, a pod name an
+# RFC 1123 subdomain of at most 253 (kubernetes.io, "Object Names and IDs"). The collector does not
+# store them (yet): these bound what it accepts.
+K8S_NAMESPACE_MAX_CHARS = 63
+K8S_POD_MAX_CHARS = 253
+K8S_CONTAINER_MAX_CHARS = 63
 # nvml.h's UUID buffer is 80 bytes, but every UUID NVML prints ("GPU-" + 36, "MIG-" + 36) is 40;
 # gpus.uuid, gpu_samples.uuid and events.uuid are String(64).
 GPU_UUID_MAX_CHARS = 64

@@ -36,10 +36,12 @@ INTEGER_FIELDS: frozenset[str] = frozenset(
 
 
 GPU_FIELD_NUMBERS: dict[str, int] = {f.name: f.number for f in pb.GpuMetrics.DESCRIPTOR.fields}
+# The Kubernetes pod of a GPU (GpuSample and GpuLabels, since 0.3): the same keys in a sample dict.
+GPU_K8S_FIELDS: tuple[str, ...] = ("k8s_namespace", "k8s_pod", "k8s_container")
 
 
 def gpu_columns_message(samples: Sequence[Mapping[str, Any]]) -> pb.GpuColumns:
-    """GPU sample dicts (t, gpu, uuid, job, rank, metrics) as one GpuColumns, rows in their order.
+    """GPU sample dicts (t, gpu, uuid, job, rank, k8s_*, metrics) as one GpuColumns, rows in their order.
 
     Absent and None values are NaN; a metric name GpuMetrics lacks raises KeyError, as fill_metrics.
     """
@@ -51,18 +53,25 @@ def gpu_columns_message(samples: Sequence[Mapping[str, Any]]) -> pb.GpuColumns:
     width = len(names)
     values = array("d", [math.nan]) * (len(samples) * width)
     msg = pb.GpuColumns(fields=[GPU_FIELD_NUMBERS[name] for name in names])
-    label_of: dict[tuple[str, str, int | None], int] = {}
+    label_of: dict[tuple[str, str, int | None, str, str, str], int] = {}
     times, gpus, labels = [], [], []
     for row, sample in enumerate(samples):
         base = row * width
         for name, value in sample["metrics"].items():
             if value is not None:
                 values[base + column[name]] = float(value)
-        key = (sample.get("uuid") or "", sample.get("job") or "", sample.get("rank"))
+        key = (
+            sample.get("uuid") or "",
+            sample.get("job") or "",
+            sample.get("rank"),
+            sample.get("k8s_namespace") or "",
+            sample.get("k8s_pod") or "",
+            sample.get("k8s_container") or "",
+        )
         index = label_of.get(key)
         if index is None:
             index = label_of[key] = len(label_of)
-            entry = msg.labels.add(uuid=key[0], job=key[1])
+            entry = msg.labels.add(uuid=key[0], job=key[1], k8s_namespace=key[3], k8s_pod=key[4], k8s_container=key[5])
             if key[2] is not None:
                 entry.rank = int(key[2])
         times.append(float(sample["t"]))

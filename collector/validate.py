@@ -153,9 +153,21 @@ _GPU_COLUMN = {GPU_FIELD_NUMBERS[name]: i for i, name in enumerate(GPU_FIELDS)}
 # numbers and columns as arrays. Bounded: a client inventing orders fills it once, then is checked.
 _CHECKED_FIELDS: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
 _CHECKED_FIELDS_MAX = 64
-# Label entries (uuid, job, rank) already checked: the same few GPUs' labels come in every batch.
-_CHECKED_LABELS: set[tuple[str, str, int | None]] = set()
+# Label entries (uuid, job, rank, k8s namespace, pod, container) already checked: the same few
+# GPUs' labels come in every batch.
+_CHECKED_LABELS: set[tuple[str, str, int | None, str, str, str]] = set()
 _CHECKED_LABELS_MAX = 100_000
+# The Kubernetes pod fields of GpuSample and GpuLabels and their bounds; checked, not stored (yet).
+_K8S_FIELDS = (
+    ("k8s_namespace", limits.K8S_NAMESPACE_MAX_CHARS),
+    ("k8s_pod", limits.K8S_POD_MAX_CHARS),
+    ("k8s_container", limits.K8S_CONTAINER_MAX_CHARS),
+)
+
+
+def _k8s(c: _Checker, at: str, message: Any) -> None:
+    for name, most in _K8S_FIELDS:
+        c.text(f"{at}.{name}", getattr(message, name), most)
 
 
 def _gpu_fields(c: _BatchChecker, numbers: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -177,13 +189,21 @@ def _gpu_fields(c: _BatchChecker, numbers: tuple[int, ...]) -> tuple[np.ndarray,
 def _gpu_labels(c: _BatchChecker, entries: Any) -> list[tuple[str | None, str | None, int | None]]:
     labels = []
     for i, entry in enumerate(entries):
-        key = (entry.uuid, entry.job, entry.rank if entry.HasField("rank") else None)
+        key = (
+            entry.uuid,
+            entry.job,
+            entry.rank if entry.HasField("rank") else None,
+            entry.k8s_namespace,
+            entry.k8s_pod,
+            entry.k8s_container,
+        )
         if key not in _CHECKED_LABELS:
             at = f"gpu_columns.labels[{i}]"
             c.text(f"{at}.uuid", key[0], limits.GPU_UUID_MAX_CHARS)
             c.text(f"{at}.job", key[1], limits.JOB_MAX_CHARS)
             if key[2] is not None:
                 c.at_most(f"{at}.rank", key[2], limits.MAX_RANK, "a rank")
+            _k8s(c, at, entry)
             if len(_CHECKED_LABELS) >= _CHECKED_LABELS_MAX:
                 _CHECKED_LABELS.clear()
             _CHECKED_LABELS.add(key)
@@ -353,6 +373,7 @@ def check_batch(
     gpu_samples = []
     for i, g in enumerate(batch.gpus):
         at = f"gpus[{i}]"
+        _k8s(c, at, g)
         gpu_samples.append(
             GpuSample(
                 t=c.time(f"{at}.t", g.t),

@@ -12,11 +12,16 @@ canonical `job` and `rank` identity fields by reading, under a movable procfs ro
    or the Kubernetes pod (``.../pod<uid>/...`` or ``...-pod<uid_with_underscores>.slice/...``)
    the process was placed in. It gives the job but never the rank.
 
-dcgm-exporter maps GPUs to pods through the kubelet's pod-resources gRPC socket
-(/var/lib/kubelet/pod-resources; NVIDIA gpu-monitoring-tools pod-gpu-metrics-exporter README and
-the kubernetes/website KubeletPodResourcesDynamicResources page). The cgroup path needs no socket,
-works for Slurm as well, and follows the processes that actually use the GPU rather than the
-device allocation.
+A GPU's job is, in this order (job_with_pod):
+
+1. the job the processes' environment names (a Slurm job id, a torchrun run id), or the Slurm job
+   of their cgroup: the narrowest identity, whatever runs it;
+2. on Kubernetes, the pod the kubelet allocated the GPU to, as "<namespace>/<pod>"
+   (fleetwatch.agent.sources.podresources: the kubelet's pod-resources socket, which dcgm-exporter
+   reads too), even before a process opens the GPU;
+3. the pod of the processes' cgroup, "pod:<uid>", where the socket is absent, failing, or no
+   single pod holds the GPU (the cgroup needs no socket and follows the processes that actually
+   use the GPU rather than the device allocation).
 
 Results are cached per (pid, start time): a process's job and environment do not change while it
 lives, and the start time (``/proc/<pid>/stat`` field 22) tells a reused pid from the old one.
@@ -199,6 +204,19 @@ def job_from_cgroup(cgroup_text: str) -> tuple[str, str] | None:
         if match:
             return "pod:" + match.group(1).replace("_", "-").lower(), SCHEDULER_KUBERNETES
     return None
+
+
+def job_with_pod(info: JobInfo | None, pod_job: str | None) -> JobInfo | None:
+    """A GPU's job from its processes' (`info`, JobResolver.for_gpu) and the job of the pod the
+    kubelet allocated it to (`pod_job`, "<namespace>/<pod>"; None when unknown), in the module's order.
+
+    A job the environment or a Slurm cgroup names is kept (where slurmd runs in a pod, the Slurm
+    job is the narrower identity); the pod's readable name replaces a cgroup's "pod:<uid>". The
+    rank is always the processes' own.
+    """
+    if pod_job is None or (info is not None and info.job is not None and info.scheduler != SCHEDULER_KUBERNETES):
+        return info
+    return JobInfo(job=pod_job, rank=info.rank if info is not None else None, scheduler=SCHEDULER_KUBERNETES)
 
 
 class JobResolver:

@@ -157,20 +157,26 @@ class GpuMetrics(_message.Message):
     def __init__(self, gpu_util_percent: _Optional[float] = ..., mem_util_percent: _Optional[float] = ..., mem_used_bytes: _Optional[int] = ..., mem_total_bytes: _Optional[int] = ..., temp_gpu_celsius: _Optional[float] = ..., temp_mem_celsius: _Optional[float] = ..., temp_slowdown_celsius: _Optional[float] = ..., power_watts: _Optional[float] = ..., power_limit_watts: _Optional[float] = ..., energy_joules: _Optional[float] = ..., sm_clock_mhz: _Optional[float] = ..., sm_clock_max_mhz: _Optional[float] = ..., mem_clock_mhz: _Optional[float] = ..., clock_event_reasons: _Optional[int] = ..., fan_percent: _Optional[float] = ..., pcie_replay_total: _Optional[int] = ..., pcie_tx_bytes_per_second: _Optional[float] = ..., pcie_rx_bytes_per_second: _Optional[float] = ..., pcie_link_gen: _Optional[int] = ..., pcie_link_gen_max: _Optional[int] = ..., pcie_link_width: _Optional[int] = ..., pcie_link_width_max: _Optional[int] = ..., ecc_sbe_volatile_total: _Optional[int] = ..., ecc_dbe_volatile_total: _Optional[int] = ..., ecc_sbe_aggregate_total: _Optional[int] = ..., ecc_dbe_aggregate_total: _Optional[int] = ..., retired_pages_sbe: _Optional[int] = ..., retired_pages_dbe: _Optional[int] = ..., retired_pages_pending: _Optional[int] = ..., remapped_rows_correctable: _Optional[int] = ..., remapped_rows_uncorrectable: _Optional[int] = ..., remap_pending: _Optional[int] = ..., remap_failure: _Optional[int] = ..., nvlink_links_up: _Optional[int] = ..., nvlink_links_total: _Optional[int] = ..., nvlink_crc_flit_errors_total: _Optional[int] = ..., nvlink_crc_data_errors_total: _Optional[int] = ..., nvlink_replay_errors_total: _Optional[int] = ..., nvlink_recovery_errors_total: _Optional[int] = ..., temp_shutdown_celsius: _Optional[float] = ..., graphics_active_percent: _Optional[float] = ..., sm_active_percent: _Optional[float] = ..., sm_occupancy_percent: _Optional[float] = ..., tensor_active_percent: _Optional[float] = ..., dram_active_percent: _Optional[float] = ..., fp64_active_percent: _Optional[float] = ..., fp32_active_percent: _Optional[float] = ..., fp16_active_percent: _Optional[float] = ..., nvlink_tx_bytes_per_second: _Optional[float] = ..., nvlink_rx_bytes_per_second: _Optional[float] = ...) -> None: ...
 
 class GpuSample(_message.Message):
-    __slots__ = ("gpu", "t", "metrics", "uuid", "job", "rank")
+    __slots__ = ("gpu", "t", "metrics", "uuid", "job", "rank", "k8s_namespace", "k8s_pod", "k8s_container")
     GPU_FIELD_NUMBER: _ClassVar[int]
     T_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    K8S_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    K8S_POD_FIELD_NUMBER: _ClassVar[int]
+    K8S_CONTAINER_FIELD_NUMBER: _ClassVar[int]
     gpu: int
     t: float
     metrics: GpuMetrics
     uuid: str
     job: str
     rank: int
-    def __init__(self, gpu: _Optional[int] = ..., t: _Optional[float] = ..., metrics: _Optional[_Union[GpuMetrics, _Mapping]] = ..., uuid: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    k8s_namespace: str
+    k8s_pod: str
+    k8s_container: str
+    def __init__(self, gpu: _Optional[int] = ..., t: _Optional[float] = ..., metrics: _Optional[_Union[GpuMetrics, _Mapping]] = ..., uuid: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., k8s_namespace: _Optional[str] = ..., k8s_pod: _Optional[str] = ..., k8s_container: _Optional[str] = ...) -> None: ...
 
 class HostMetrics(_message.Message):
     __slots__ = ("cpu_percent", "load1", "mem_used_bytes", "mem_total_bytes", "disk_used_bytes", "disk_total_bytes", "net_rx_bytes_total", "net_tx_bytes_total")
@@ -283,14 +289,20 @@ class GpuColumns(_message.Message):
     def __init__(self, t: _Optional[_Iterable[float]] = ..., gpu: _Optional[_Iterable[int]] = ..., label: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[_Union[GpuLabels, _Mapping]]] = ..., fields: _Optional[_Iterable[int]] = ..., values: _Optional[bytes] = ...) -> None: ...
 
 class GpuLabels(_message.Message):
-    __slots__ = ("uuid", "job", "rank")
+    __slots__ = ("uuid", "job", "rank", "k8s_namespace", "k8s_pod", "k8s_container")
     UUID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    K8S_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    K8S_POD_FIELD_NUMBER: _ClassVar[int]
+    K8S_CONTAINER_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     job: str
     rank: int
-    def __init__(self, uuid: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    k8s_namespace: str
+    k8s_pod: str
+    k8s_container: str
+    def __init__(self, uuid: _Optional[str] = ..., job: _Optional[str] = ..., rank: _Optional[int] = ..., k8s_namespace: _Optional[str] = ..., k8s_pod: _Optional[str] = ..., k8s_container: _Optional[str] = ...) -> None: ...
 
 class Batch(_message.Message):
     __slots__ = ("seq", "t", "gpus", "host", "events", "steps", "spool_bytes", "spool_batches", "boot_id", "gpu_columns", "hosts")

@@ -1,0 +1,1 @@
+"""fleetwatch.kubelet.podresources: the kubelet's pod-resources API, by version."""
