@@ -18,6 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from fleetwatch.collector.httpauth import Access, add_route, token_middleware
 from fleetwatch.collector.jobs import DEFAULT_JOBS_SECONDS, job_reports
 from fleetwatch.collector.metrics import CollectorMetrics
+from fleetwatch.collector.page import add_page_routes
 from fleetwatch.collector.runbooks import runbook_page
 from fleetwatch.collector.silences import parse_silence, silence_text
 from fleetwatch.collector.storage.series import SeriesQuery, SeriesQueryError, read_series
@@ -341,6 +342,8 @@ def build_web_app(app: CollectorApp) -> web.Application:
     add_route(web_app, "DELETE", "/api/v1/silences/{id}", handlers.expire_silence, Access.ADMIN)
     # Open: the pages hold no fleet data, and whoever follows an alert's link may carry no token.
     add_route(web_app, "GET", "/runbooks/{detector}", handlers.runbook, Access.OPEN)
+    # The fleet page and its files: open, they hold no data; its script calls the API with the token.
+    add_page_routes(web_app, app)
     return web_app
 
 

@@ -55,6 +55,10 @@ def test_the_wheel_installs_only_the_fleetwatch_name(wheel):
     assert "fleetwatch/xid_catalog.csv" in names
     assert "fleetwatch/v1/telemetry.proto" in names
     assert any(n.startswith("fleetwatch/collector/storage/migrations/versions/") for n in names)
+    # The fleet page (collector/page.py) and the vendored uPlot it loads, with its licence.
+    static = "fleetwatch/collector/static/"
+    assert {f"{static}index.html", f"{static}fleet.js", f"{static}vendor/uplot/uPlot.esm.js"} <= names
+    assert {f"{static}vendor/uplot/LICENSE", f"{static}vendor/uplot/VENDORED.md"} <= names
 
 
 def _requirements(wheel: Path) -> dict[str, set[str]]:
