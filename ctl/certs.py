@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         cert, key = init_ca(Path(args.dir), force=args.force)
     except CertError as exc:
         return _fail(str(exc))
+    if args.json:
+        print(json.dumps({"ca_cert": str(cert), "ca_key": str(key), "valid_days": CA_VALIDITY_DAYS}))
+        return 0
     print(f"CA written: {cert} (valid {CA_VALIDITY_DAYS} days) and {key} (mode 0600)")
     print(
         f"{cert.name} goes to the collector (tls_client_ca_file) and every node (tls_ca_file); {key.name} "
@@ -38,7 +42,6 @@ def cmd_issue(args: argparse.Namespace) -> int:
         cert, key = issue_into(directory, args.name, server=args.server, sans=args.san, force=args.force)
     except CertError as exc:
         return _fail(str(exc))
-    print(f"written: {cert} (valid {LEAF_VALIDITY_DAYS} days) and {key} (mode 0600)")
     # Installed under fixed names, so that one agent.toml (and one collector.toml) fits every host.
     stem = "collector" if args.server else "node"
     installed = Path(INSTALL_DIR)
@@ -47,6 +50,16 @@ def cmd_issue(args: argparse.Namespace) -> int:
         (installed / f"{stem}.crt", cert, "0644"),
         (installed / f"{stem}.key", key, "0600"),
     ]
+    if args.json:
+        install = [{"source": str(source), "target": str(target), "mode": mode} for target, source, mode in places]
+        print(
+            json.dumps(
+                {"name": args.name, "server": args.server, "cert": str(cert), "key": str(key)}
+                | {"valid_days": LEAF_VALIDITY_DAYS, "install": install}
+            )
+        )
+        return 0
+    print(f"written: {cert} (valid {LEAF_VALIDITY_DAYS} days) and {key} (mode 0600)")
     if args.server:
         names = ", ".join(dict.fromkeys([args.name, *(args.san or [])]))
         print(f"collector certificate for {names}; copy to the collector host and install there:")
@@ -80,6 +93,7 @@ def add_certs_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace an existing CA (every certificate it issued stops being accepted)",
     )
+    p.add_argument("--json", action="store_true", help="print the files written as JSON")
     p.set_defaults(func=cmd_init)
 
     p = actions.add_parser(
@@ -101,4 +115,5 @@ def add_certs_parser(sub: argparse._SubParsersAction) -> None:
         help="with --server: a DNS name or IP address agents dial the collector by; repeatable (NAME is one too)",
     )
     p.add_argument("--force", action="store_true", help="replace NAME.crt and NAME.key when they exist")
+    p.add_argument("--json", action="store_true", help="print the files written and where to install them, as JSON")
     p.set_defaults(func=cmd_issue)

@@ -717,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="table: min, max, last value and a sparkline a field; csv: columns time (ISO 8601 UTC), "
         "t (Unix seconds) and one a field, a row a time; json: the API's response [default: table]",
     )
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="the same as --format json")
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser(

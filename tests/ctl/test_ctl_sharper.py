@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetwatch.ctl.main import FAIL_ON_EXIT, format_duration
+from fleetwatch.ctl.main import FAIL_ON_EXIT, build_parser, format_duration
 from fleetwatch.ctl.main import main as ctl
 from tests.collector.test_collector_app import exchange
 from tests.collector.test_webhook_fidelity import eventually, start, xid_batch
@@ -104,3 +105,35 @@ def test_durations_read_as_people_write_them() -> None:
         "3h05m",
         "2d04h",
     ]
+
+
+@pytest.mark.parametrize("daemon", ["fleetwatch.agent.main", "fleetwatch.collector.main"])
+def test_a_config_path_that_does_not_exist_is_one_line(daemon: str, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.toml"
+    proc = subprocess.run(
+        [sys.executable, "-m", daemon, "--config", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """(command path, parser) of every fleetwatchctl command that runs (subcommands of subcommands too)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [(*path, parser)]  # type: ignore[list-item]
+    return [leaf for name, sub in subs[0].choices.items() for leaf in _leaf_parsers(sub, (*path, name))]
+
+
+def test_every_command_speaks_json() -> None:
+    # detect prints findings as JSON Lines already; every other command has --json.
+    missing = [
+        " ".join(leaf[:-1])
+        for leaf in _leaf_parsers(build_parser())
+        if leaf[0] != "detect" and "--json" not in leaf[-1]._option_string_actions
+    ]
+    assert missing == []
