@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = "fleetwatch/v1/telemetry.proto"
-GENERATED = ("telemetry_pb2.py", "telemetry_pb2.pyi", "telemetry_pb2_grpc.py")
 
 
-def test_generated_modules_are_current(tmp_path: Path) -> None:
+# The wire contract, and the kubelet's pod-resources API the agent reads (vendored).
+@pytest.mark.parametrize("proto", ["fleetwatch/v1/telemetry.proto", "fleetwatch/kubelet/podresources/v1/api.proto"])
+def test_generated_modules_are_current(tmp_path: Path, proto: str) -> None:
     pytest.importorskip("grpc_tools")
     subprocess.run(
         [
@@ -22,16 +22,19 @@ def test_generated_modules_are_current(tmp_path: Path) -> None:
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
-            str(ROOT / "proto" / PROTO),
+            str(ROOT / "proto" / proto),
         ],
         check=True,
+        timeout=120,
     )
+    folder, stem = proto.rsplit("/", 1)[0], proto.rsplit("/", 1)[1].removesuffix(".proto")
+    generated = (f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py")
     stale = [
         name
-        for name in GENERATED
-        if (tmp_path / "fleetwatch/v1" / name).read_text() != (ROOT / "proto/fleetwatch/v1" / name).read_text()
+        for name in generated
+        if (tmp_path / folder / name).read_text() != (ROOT / "proto" / folder / name).read_text()
     ]
-    assert not stale, f"generated modules out of date with {PROTO}: {stale}; run `make proto` and commit"
+    assert not stale, f"generated modules out of date with {proto}: {stale}; run `make proto` and commit"
 
 
 def test_canonical_names_match_design() -> None:
