@@ -600,13 +600,15 @@ class RecentData:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def window(self, now: float, watching_since: float) -> Window:
+    def window(self, now: float, watching_since: float, *, prune: bool = True) -> Window:
         """Prunes what is older than retention and returns views of the rest as of `now`.
 
-        The views share storage with this buffer: use the Window before feeding more data.
+        The views share storage with this buffer: use the Window before feeding more data. With
+        `prune` False nothing is dropped, so a later `now` may be looked at before an earlier one
+        (replay's probes); what lies beyond retention then stays visible.
         """
-        oldest_sample_t = now - self.retention_seconds
-        table = self._gpus.table(now)
+        oldest_sample_t = now - self.retention_seconds if prune else -math.inf
+        table = self._gpus.table(now, prune=prune)
         table.last_seen_in_states = True  # add_gpu*() note every sample's time in gpu_last_seen
         host: dict[str, SeriesView[HostSample]] = {}
         for node, host_series in list(self._host.items()):
@@ -626,9 +628,9 @@ class RecentData:
             length = _visible_length(ib_series, now)
             if length:
                 ib[ib_key] = SeriesView(ib_series, length)
-        _prune(self._events, now - self.event_retention_seconds)
+        _prune(self._events, now - self.event_retention_seconds if prune else -math.inf)
         steps_before = len(self._steps)
-        _prune(self._steps, now - self.step_retention_seconds)
+        _prune(self._steps, now - self.step_retention_seconds if prune else -math.inf)
         if self._step_columns.dirty:
             self._step_columns.rebuild(self._steps)
         else:

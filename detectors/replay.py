@@ -315,8 +315,9 @@ def replay(
     after each event. Returns every finding episode once, ordered by start: `end` is when it
     closed, or None when it still held at the last record.
 
-    `skip_idle` jumps over stretches where no finding is open, for sparse event-only input (a
-    kernel log spanning months) read by detectors that only open findings on new data.
+    `skip_idle` is for sparse event-only input (a kernel log spanning months) read by detectors
+    that only open findings on new data: it jumps over stretches where no finding is open, and
+    bisects those where some are for the ticks at which they close.
     """
     episodes = replay_episodes(records, detectors, step_seconds, skip_idle=skip_idle)
     return [episode.finding for episode in episodes]
@@ -358,11 +359,38 @@ def replay_episodes(
     sampled_nodes = {r.node for r in ordered if isinstance(r, (GpuSample, GpuRows, HostSample, IbSample))}
     tick = 0  # grid times are first_t + tick * step_seconds (no drift from repeated addition)
     last_evaluated: float | None = None
+
+    def reported(k: int) -> set[str] | None:
+        """The fingerprints the detectors report at grid tick k, the tracker untouched (None: one failed)."""
+        window = data.window(first_t + k * step_seconds, watching_since=first_t, prune=False)
+        try:
+            return {f.fingerprint for d in tracker.detectors for f in d.detect(window)}
+        except Exception:
+            return None
+
+    def first_change(lo: int, hi: int) -> int:
+        """With no record before tick hi: the first tick in [lo, hi) at which the open findings would
+        change, else hi. Event-only detectors close a finding once its hold runs out and open none
+        without new data, so the open set changes at most monotonically and can be bisected: a
+        held XID then costs about 17 evaluations instead of one a second for a day."""
+        held = set(tracker.open)
+        if lo >= hi or reported(hi - 1) == held:
+            return hi
+        while lo < hi - 1:
+            mid = (lo + hi - 1) // 2
+            if reported(mid) == held:
+                lo = mid + 1
+            else:
+                hi = mid + 1
+        return lo
+
     for t, group in groupby(ordered, key=lambda r: r.t):
         while first_t + tick * step_seconds < t:
-            if skip_idle and not tracker.open:
-                tick = max(tick, math.ceil((t - first_t) / step_seconds))
-                break
+            if skip_idle:
+                next_tick = math.ceil((t - first_t) / step_seconds)  # the first grid tick at or after t
+                tick = max(tick, next_tick) if not tracker.open else first_change(tick, next_tick)
+                if tick >= next_tick:
+                    break
             evaluate(first_t + tick * step_seconds)
             tick += 1
         has_event = False

@@ -225,3 +225,26 @@ def test_empty_input_and_bad_step():
     assert replay([]) == []
     with pytest.raises(ValueError):
         replay([], step_seconds=0)
+
+
+def test_skip_idle_bisects_open_stretches_to_the_same_findings_as_every_second() -> None:
+    """An event-only replay (a kernel log) gives the same episodes, starts and ends, whether it steps
+    every second or bisects for the ticks where findings close."""
+    from fleetwatch.detectors.gpu_lost import GpuLostDetector
+
+    def xid(t: float, gpu: int, number: int) -> Event:
+        return Event(t=T0 + t, node="n01", kind="xid", gpu=gpu, xid=number, message="")
+
+    events = [
+        xid(0.4, 1, 13),
+        xid(30.0, 1, 13),
+        xid(200.2, 2, 31),
+        xid(1500.0, 1, 13),  # after the first episode's hold: a second episode
+        xid(1501.7, 3, 43),
+        xid(9000.0, 2, 31),
+    ]
+    detectors = [XidDetector(), GpuLostDetector()]
+    stepped = replay(events, detectors)
+    bisected = replay(events, [XidDetector(), GpuLostDetector()], skip_idle=True)
+    assert [(f.gpu, f.key, f.start, f.end) for f in bisected] == [(f.gpu, f.key, f.start, f.end) for f in stepped]
+    assert len(stepped) == 5 and all(f.end is not None for f in stepped[:-1])
