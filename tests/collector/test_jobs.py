@@ -131,3 +131,40 @@ def test_job_reports_read_stored_batches(tmp_path, compacted: bool) -> None:
     assert report["mean_power_watts"] == pytest.approx(250.0)
     assert report["mean_utilization_percent"] == pytest.approx(80.0)
     assert report["steps"] is None and report["joules_per_step"] is None
+
+
+def test_a_jobs_steps_stragglers_and_alerts(tmp_path) -> None:
+    from fleetwatch.records import Finding, Step
+
+    store = Store(f"sqlite:///{tmp_path / 'c.db'}")
+    store.migrate()
+    try:
+        samples = [
+            GpuSample(t=1000.0 + t, node="n1", gpu=gpu, metrics={"energy_joules": 700.0 * t}, job="J8", rank=gpu)
+            for t in range(11)
+            for gpu in range(2)
+        ]
+        # Both ranks report steps 1-5 (one step is one step, however many ranks report it).
+        steps = [
+            Step(t=1000.0 + 2 * s, job="J8", rank=r, node="n1", step=s, seconds=1.9)
+            for s in range(1, 6)
+            for r in (0, 1)
+        ]
+        store.ingest([IngestBatch(node="n1", boot_id="b", seq=1, received_at=1011.0, gpu_samples=samples, steps=steps)])
+        slow = Finding(
+            "straggler_steps", "warning", "check_app", "rank 1 slow", 1004.0, node="n1", gpu=1, job="J8", rank=1
+        )
+        on_its_gpu = Finding("xid", "critical", "reboot", "XID 79", 1005.0, node="n1", gpu=0, key="79")
+        elsewhere = Finding("xid", "critical", "reboot", "XID 79", 1005.0, node="n2", gpu=0, key="79")
+        later = Finding("thermal", "warning", "inspect_hardware", "hot", 5000.0, node="n1", gpu=1)
+        for finding in (slow, on_its_gpu, elsewhere, later):
+            store.open_alert(finding, now=finding.start, targets=[])
+        (report,) = job_reports(store, since=0.0, now=1012.0, job="J8")
+    finally:
+        store.close()
+    assert report["energy_joules"] == pytest.approx(2 * 10 * 700.0)
+    assert report["steps"] == 5 and report["joules_per_step"] == pytest.approx(2 * 10 * 700.0 / 5)
+    assert report["stragglers"] == [{"node": "n1", "gpu": 1, "rank": 1, "detector": "straggler_steps"}]
+    # Its own alert and the one on a GPU it held while it held it; not another node's, not a later one.
+    assert sorted(a["detector"] for a in report["alerts"]) == ["straggler_steps", "xid"]
+    assert all(a["node"] == "n1" for a in report["alerts"])
