@@ -67,20 +67,24 @@ class GpuShare:
     power_count: int = 0
 
 
+Label = tuple[str | None, str | None, int | None]  # (uuid, job, rank) of a GPU sample
+
+
 @dataclass
 class _Cursor:
     """The last sample accounted on one GPU: where the next increase starts."""
 
     t: float
-    energy: float  # NaN: that sample had no energy reading
-    job: str | None
+    energy: float  # the last energy reading (NaN: none yet)
+    job: str | None  # the job that reading named
 
 
 class JobLedger:
     """Per job and GPU: energy from counter increases, first and last sample, usage sums.
 
     Feed each GPU's samples in time order (`add_series`); a sample at or before one already
-    accounted for that GPU is skipped, so overlapping reads never count twice.
+    accounted for that GPU is skipped, so overlapping reads never count twice. The energy between
+    two consecutive readings of a GPU's counter is a job's when both readings name it.
     """
 
     def __init__(self) -> None:
@@ -92,60 +96,77 @@ class JobLedger:
         node: str,
         gpu: int,
         t: np.ndarray,
-        jobs: Sequence[str | None],
-        ranks: Sequence[int | None],
-        uuids: Sequence[str | None],
+        labels: Sequence[Label],
+        label_of_row: np.ndarray,
         values: Mapping[str, np.ndarray],
     ) -> None:
-        """One GPU's samples at times `t` (ascending), with the job, rank and uuid of each and the
-        `values` of energy_joules, gpu_util_percent and power_watts (NaN where absent)."""
+        """One GPU's samples at times `t` (ascending): row i names labels[label_of_row[i]], and
+        `values` holds energy_joules, gpu_util_percent and power_watts (NaN where absent)."""
         key = (node, gpu)
         cursor = self._cursors.get(key)
-        start = 0 if cursor is None else int(np.searchsorted(t, cursor.t, side="right"))
-        if start >= len(t):
-            return
-        energy = values.get(ENERGY_FIELD)
-        util = values.get(UTIL_FIELD)
-        power = values.get(POWER_FIELD)
         prev_t = -math.inf if cursor is None else cursor.t
-        prev_energy = math.nan if cursor is None else cursor.energy
-        prev_job = None if cursor is None else cursor.job
-        times = t[start:].tolist()
-        energies = [math.nan] * len(times) if energy is None else energy[start:].tolist()
-        utils = None if util is None else util[start:].tolist()
-        powers = None if power is None else power[start:].tolist()
-        for i, ts in enumerate(times):
-            if ts <= prev_t:
-                continue  # rows must ascend; a repeat of an accounted time adds nothing
-            row = start + i
-            job = jobs[row]
-            e = energies[i]
-            if job is not None:
-                share = self._share(job, node, gpu)
-                share.first_seen = min(share.first_seen, ts)
-                share.last_seen = max(share.last_seen, ts)
-                if uuids[row]:
-                    share.uuid = uuids[row]
-                rank = ranks[row]
+        # Rows after the cursor, each later than the one before (a repeated time adds nothing).
+        keep = t > prev_t
+        if len(t) > 1:
+            keep[1:] &= np.diff(t) > 0
+        rows = np.flatnonzero(keep)
+        if not len(rows):
+            return
+        times = t[rows]
+        # Jobs as small integers: -1 for a row that names none.
+        jobs = sorted({label[1] for label in labels if label[1] is not None})
+        code_of = {job: i for i, job in enumerate(jobs)}
+        label_codes = np.array([code_of.get(label[1], -1) for label in labels] or [-1], dtype=np.int64)
+        codes = label_codes[label_of_row[rows]]
+        nan = np.full(len(rows), np.nan)
+        energy = values.get(ENERGY_FIELD, nan)[rows] if ENERGY_FIELD in values else nan
+        util = values[UTIL_FIELD][rows] if UTIL_FIELD in values else nan
+        power = values[POWER_FIELD][rows] if POWER_FIELD in values else nan
+
+        # Energy: consecutive readings (the cursor's first), an increase counted where both name
+        # one job; a counter that went back (driver reload, GPU reset) adds nothing.
+        read = np.flatnonzero(~np.isnan(energy))
+        read_energy, read_codes = energy[read], codes[read]
+        if cursor is not None and cursor.energy == cursor.energy:
+            read_energy = np.concatenate(([cursor.energy], read_energy))
+            read_codes = np.concatenate(([code_of.get(cursor.job, -1) if cursor.job else -1], read_codes))
+        increase = np.diff(read_energy)
+        counted = (read_codes[1:] == read_codes[:-1]) & (read_codes[1:] >= 0) & (increase >= 0)
+        joules = np.bincount(read_codes[1:][counted], weights=increase[counted], minlength=len(jobs))
+
+        for code, job in enumerate(jobs):
+            mine = codes == code
+            if not mine.any():
+                if joules[code] > 0:  # only the cursor's reading and later rows of no job: cannot be
+                    self._share(job, node, gpu).energy_joules += float(joules[code])
+                continue
+            share = self._share(job, node, gpu)
+            share.energy_joules += float(joules[code])
+            job_times = times[mine]
+            share.first_seen = min(share.first_seen, float(job_times[0]))
+            share.last_seen = max(share.last_seen, float(job_times[-1]))
+            for label_index in np.unique(label_of_row[rows][mine]).tolist():
+                uuid, _, rank = labels[label_index]
+                if uuid:
+                    share.uuid = uuid
                 if rank is not None:
                     share.ranks.add(rank)
-                # The increase since the previous energy reading is this job's only if that
-                # reading was already the job's.
-                if prev_job == job and e == e and prev_energy == prev_energy and e >= prev_energy:
-                    share.energy_joules += e - prev_energy
-                if utils is not None and utils[i] == utils[i]:
-                    share.util_sum += utils[i]
-                    share.util_count += 1
-                if powers is not None and powers[i] == powers[i]:
-                    share.power_sum += powers[i]
-                    share.power_count += 1
-            if e == e:
-                prev_energy = e
-                prev_job = job
-            elif job != prev_job:
-                prev_energy, prev_job = math.nan, job  # a new job without a reading: nothing carries over
-            prev_t = ts
-        self._cursors[key] = _Cursor(prev_t, prev_energy, prev_job)
+            job_util, job_power = util[mine], power[mine]
+            util_read, power_read = ~np.isnan(job_util), ~np.isnan(job_power)
+            share.util_sum += float(job_util[util_read].sum())
+            share.util_count += int(util_read.sum())
+            share.power_sum += float(job_power[power_read].sum())
+            share.power_count += int(power_read.sum())
+
+        if len(read):
+            last = read[-1]
+            self._cursors[key] = _Cursor(
+                float(times[-1]), float(energy[last]), labels[int(label_of_row[rows][last])][1]
+            )
+        else:
+            self._cursors[key] = _Cursor(
+                float(times[-1]), math.nan if cursor is None else cursor.energy, None if cursor is None else cursor.job
+            )
 
     def _share(self, job: str, node: str, gpu: int) -> GpuShare:
         gpus = self.shares.setdefault(job, {})
@@ -189,14 +210,13 @@ def _block_series(node: str, block: Block, since: float, ledger: JobLedger) -> N
         # A run [first_row, uuid, job, rank] holds from its first row to the next run's.
         firsts = np.array([run[0] for run in runs], dtype=np.int64)
         which = np.searchsorted(firsts, rows, side="right") - 1
-        labels = [runs[w][1:] if w >= 0 else [None, None, None] for w in which.tolist()]
+        labels: list[Label] = [(run[1], run[2], run[3]) for run in runs] + [(None, None, None)]
         ledger.add_series(
             node,
             slot,
             block.t[rows],
-            [label[1] for label in labels],
-            [label[2] for label in labels],
-            [label[0] for label in labels],
+            labels,
+            np.where(which >= 0, which, len(runs)),
             {name: column[rows] for name, column in columns.items()},
         )
 
@@ -276,54 +296,89 @@ def _report(
 
 
 class LiveJobs:
-    """Running jobs' energy as batches arrive, for the collector's /metrics (event loop only)."""
+    """Running jobs' energy as batches arrive, for the collector's /metrics (event loop only).
+
+    The same rule as JobLedger (an increase between consecutive readings of a GPU's counter that
+    both name the job), counted over a whole batch in a few array operations: it runs for every
+    batch on the event loop, where a loop per GPU would cost more than storing the batch.
+    """
 
     def __init__(self) -> None:
-        self.ledger = JobLedger()
+        self.joules: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}
+        # Per (node, gpu): the time, energy reading and job of its last reading.
+        self._last: dict[tuple[str, int], tuple[float, float, str | None]] = {}
 
     def add_rows(self, node: str, rows: GpuRows) -> None:
         """A dense batch's GPU rows."""
-        gpus = rows.gpu
-        for gpu in np.unique(gpus).tolist():
-            picked = np.flatnonzero(gpus == gpu)
-            picked = picked[np.argsort(rows.t[picked], kind="stable")]
-            labels = [rows.labels[i] for i in rows.label[picked].tolist()]
-            self.ledger.add_series(
-                node,
-                int(gpu),
-                rows.t[picked],
-                [label[1] for label in labels],
-                [label[2] for label in labels],
-                [label[0] for label in labels],
-                {name: rows.values[picked, column] for name, column in _WIRE_COLUMN.items()},
-            )
+        jobs = [label[1] for label in rows.labels]
+        self._add(node, rows.t, rows.gpu, rows.values[:, _WIRE_COLUMN[ENERGY_FIELD]], jobs, rows.label)
 
     def add_samples(self, node: str, samples: Sequence[GpuSample]) -> None:
         """A batch's GPU samples in the per-sample form (agents before 0.2)."""
-        by_gpu: dict[int, list[GpuSample]] = {}
-        for sample in samples:
-            by_gpu.setdefault(sample.gpu, []).append(sample)
-        for gpu, group in by_gpu.items():
-            group.sort(key=lambda s: s.t)
-            self.ledger.add_series(
-                node,
-                gpu,
-                np.array([s.t for s in group], dtype=np.float64),
-                [s.job for s in group],
-                [s.rank for s in group],
-                [s.uuid for s in group],
-                {
-                    name: np.array([float(s.metrics.get(name, math.nan)) for s in group], dtype=np.float64)
-                    for name in _FIELDS
-                },
-            )
+        if not samples:
+            return
+        self._add(
+            node,
+            np.array([s.t for s in samples], dtype=np.float64),
+            np.array([s.gpu for s in samples], dtype=np.int64),
+            np.array([float(s.metrics.get(ENERGY_FIELD, math.nan)) for s in samples], dtype=np.float64),
+            [s.job for s in samples],
+            np.arange(len(samples)),
+        )
+
+    def _add(
+        self,
+        node: str,
+        t: np.ndarray,
+        gpu: np.ndarray,
+        energy: np.ndarray,
+        jobs: Sequence[str | None],
+        job_of_row: np.ndarray,
+    ) -> None:
+        names = sorted({job for job in jobs if job is not None})
+        if not names:
+            return
+        code_of = {job: i for i, job in enumerate(names)}
+        codes = np.array([code_of.get(job, -1) if job is not None else -1 for job in jobs], dtype=np.int64)[job_of_row]
+        for code, job in enumerate(names):  # a job's newest sample, read or not
+            seen = t[codes == code]
+            if len(seen):
+                self.last_seen[job] = max(self.last_seen.get(job, -math.inf), float(seen.max()))
+        read = ~np.isnan(energy)
+        t, gpu, energy, codes = t[read], gpu[read], energy[read], codes[read]
+        # Each GPU's last reading before this batch goes in front of its rows (readings of a time
+        # already accounted are dropped below).
+        held = [(g, self._last[(node, g)]) for g in np.unique(gpu).tolist() if (node, g) in self._last]
+        if held:
+            t = np.concatenate((t, [last[0] for _, last in held]))
+            gpu = np.concatenate((gpu, [g for g, _ in held]))
+            energy = np.concatenate((energy, [last[1] for _, last in held]))
+            codes = np.concatenate((codes, [code_of.get(last[2], -1) if last[2] else -1 for _, last in held]))
+        order = np.lexsort((t, gpu))
+        t, gpu, energy, codes = t[order], gpu[order], energy[order], codes[order]
+        if not len(t):
+            return
+        pair = (gpu[1:] == gpu[:-1]) & (t[1:] > t[:-1])
+        increase = np.diff(energy)
+        counted = pair & (codes[1:] == codes[:-1]) & (codes[1:] >= 0) & (increase >= 0)
+        joules = np.bincount(codes[1:][counted], weights=increase[counted], minlength=len(names))
+        for code in np.flatnonzero(joules).tolist():
+            self.joules[names[code]] = self.joules.get(names[code], 0.0) + float(joules[code])
+        last_rows = np.flatnonzero(np.append(gpu[1:] != gpu[:-1], True))
+        for row in last_rows.tolist():
+            key = (node, int(gpu[row]))
+            held_t = self._last.get(key, (-math.inf,))[0]
+            if t[row] > held_t:
+                self._last[key] = (float(t[row]), float(energy[row]), names[codes[row]] if codes[row] >= 0 else None)
 
     def running(self, now: float) -> dict[str, float]:
         """Joules counted per running job; jobs idle past RUNNING_WITHIN_SECONDS are forgotten."""
-        ledger = self.ledger
-        idle = [job for job in ledger.shares if now - ledger.last_seen(job) > RUNNING_WITHIN_SECONDS]
-        ledger.forget(idle)
-        if len(ledger.shares) > MAX_LIVE_JOBS:
-            oldest = sorted(ledger.shares, key=ledger.last_seen)[: len(ledger.shares) - MAX_LIVE_JOBS]
-            ledger.forget(oldest)
-        return {job: ledger.energy_joules(job) for job in ledger.shares}
+        idle = [job for job, seen in self.last_seen.items() if now - seen > RUNNING_WITHIN_SECONDS]
+        if len(self.last_seen) - len(idle) > MAX_LIVE_JOBS:
+            by_age = sorted(self.last_seen, key=self.last_seen.__getitem__)
+            idle = by_age[: len(self.last_seen) - MAX_LIVE_JOBS]
+        for job in idle:
+            self.last_seen.pop(job, None)
+            self.joules.pop(job, None)
+        return {job: self.joules.get(job, 0.0) for job in self.last_seen}

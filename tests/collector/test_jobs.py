@@ -20,9 +20,8 @@ def _feed(ledger: JobLedger, node: str, gpu: int, rows: list[tuple[float, str | 
         node,
         gpu,
         t,
-        [r[1] for r in rows],
-        [0 if r[1] else None for r in rows],
-        ["GPU-x" for _ in rows],
+        [("GPU-x", r[1], 0 if r[1] else None) for r in rows],
+        np.arange(len(rows)),
         {
             "energy_joules": energy,
             "power_watts": np.full(len(rows), 300.0),
@@ -168,3 +167,39 @@ def test_a_jobs_steps_stragglers_and_alerts(tmp_path) -> None:
     # Its own alert and the one on a GPU it held while it held it; not another node's, not a later one.
     assert sorted(a["detector"] for a in report["alerts"]) == ["straggler_steps", "xid"]
     assert all(a["node"] == "n1" for a in report["alerts"])
+
+
+def test_the_live_count_and_the_stored_accounting_agree() -> None:
+    """/metrics counts per batch across GPUs, the API per GPU over stored blocks: one rule, one answer."""
+    from fleetwatch.collector.storage.store import GpuRows
+    from fleetwatch.wire import GPU_FIELDS
+
+    rng = np.random.default_rng(7)
+    energy_column = GPU_FIELDS.index("energy_joules")
+    live, ledger = LiveJobs(), JobLedger()
+    counters = np.full(4, 1000.0)
+    labels = [("GPU-0", "A", 0), ("GPU-1", "A", 1), ("GPU-2", "B", 0), ("GPU-3", None, None), ("GPU-1", "B", 1)]
+    for batch in range(30):
+        t = np.repeat(np.arange(5.0) + 5 * batch, 4)
+        gpu = np.tile(np.arange(4), 5)
+        counters_rows = []
+        for _ in range(5):
+            counters += rng.uniform(100, 400, size=4)
+            if rng.random() < 0.05:
+                counters[rng.integers(4)] = 10.0  # a driver reload
+            counters_rows.append(counters.copy())
+        values = np.full((20, len(GPU_FIELDS)), np.nan)
+        values[:, energy_column] = np.concatenate(counters_rows)
+        values[rng.random(20) < 0.1, energy_column] = np.nan  # readings missing now and then
+        label = np.array([0, 1, 2, 3] * 5)
+        if batch >= 15:
+            label[label == 1] = 4  # GPU 1 moves from job A to job B
+        rows = GpuRows(t=t, gpu=gpu, values=values, label=label, labels=labels)
+        live.add_rows("n1", rows)
+        for g in range(4):
+            mine = gpu == g
+            ledger.add_series("n1", g, t[mine], labels, label[mine], {"energy_joules": values[mine, energy_column]})
+    counted = live.running(now=150.0)
+    assert set(counted) == {"A", "B"}
+    for job in ("A", "B"):
+        assert counted[job] == pytest.approx(ledger.energy_joules(job))
