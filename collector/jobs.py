@@ -46,7 +46,8 @@ RUNNING_WITHIN_SECONDS = 2 * BATCH_INTERVAL_MAX_SECONDS
 MAX_LIVE_JOBS = 10_000
 JOULES_PER_KWH = 3.6e6
 DEFAULT_JOBS_SECONDS = 24 * 3600.0  # `since` when a request names none
-STRAGGLER_DETECTORS = frozenset({"straggler_telemetry", "straggler_steps", "straggler_stage"})
+# The detectors that name a job's slow ranks (detectors/straggler_*.py).
+STRAGGLER_DETECTORS = frozenset({"straggler.telemetry", "straggler.steps", "straggler.stage"})
 _MAX_ALERTS_READ = 5000
 
 

@@ -151,7 +151,7 @@ def test_a_jobs_steps_stragglers_and_alerts(tmp_path) -> None:
         ]
         store.ingest([IngestBatch(node="n1", boot_id="b", seq=1, received_at=1011.0, gpu_samples=samples, steps=steps)])
         slow = Finding(
-            "straggler_steps", "warning", "check_app", "rank 1 slow", 1004.0, node="n1", gpu=1, job="J8", rank=1
+            "straggler.steps", "warning", "check_app", "rank 1 slow", 1004.0, node="n1", gpu=1, job="J8", rank=1
         )
         on_its_gpu = Finding("xid", "critical", "reboot", "XID 79", 1005.0, node="n1", gpu=0, key="79")
         elsewhere = Finding("xid", "critical", "reboot", "XID 79", 1005.0, node="n2", gpu=0, key="79")
@@ -163,9 +163,9 @@ def test_a_jobs_steps_stragglers_and_alerts(tmp_path) -> None:
         store.close()
     assert report["energy_joules"] == pytest.approx(2 * 10 * 700.0)
     assert report["steps"] == 5 and report["joules_per_step"] == pytest.approx(2 * 10 * 700.0 / 5)
-    assert report["stragglers"] == [{"node": "n1", "gpu": 1, "rank": 1, "detector": "straggler_steps"}]
+    assert report["stragglers"] == [{"node": "n1", "gpu": 1, "rank": 1, "detector": "straggler.steps"}]
     # Its own alert and the one on a GPU it held while it held it; not another node's, not a later one.
-    assert sorted(a["detector"] for a in report["alerts"]) == ["straggler_steps", "xid"]
+    assert sorted(a["detector"] for a in report["alerts"]) == ["straggler.steps", "xid"]
     assert all(a["node"] == "n1" for a in report["alerts"])
 
 
