@@ -36,6 +36,17 @@ def _collector_address(value: str) -> str | None:
     return None
 
 
+def _collector_addresses(values: list[str]) -> str | None:
+    """Every entry HOST:PORT; the error quotes the entry, since the list may be long."""
+    if not values:
+        return "needs at least one collector, HOST:PORT"
+    for entry in values:
+        problem = _collector_address(entry)
+        if problem:
+            return f"{entry!r}: {problem}"
+    return None
+
+
 def _node_name(value: str) -> str | None:
     """What the collector accepts as a node name (fleetwatch.limits); empty means the host name."""
     return node_name_problem(value) if value else None
@@ -57,10 +68,12 @@ def batch_interval(value: float) -> str | None:
 @dataclass(frozen=True)
 class AgentConfig:
     node: str = setting("", "node name reported to the collector (empty: the host name)", check=_node_name)
-    collector_address: str = setting(
-        "127.0.0.1:9470",
-        "collector gRPC address, HOST:PORT (a DNS name or an address; IPv6 in brackets)",
-        check=_collector_address,
+    collector_address: list[str] = setting(
+        ["127.0.0.1:9470"],
+        "collector gRPC addresses, HOST:PORT each (a DNS name or an address; IPv6 in brackets), comma "
+        "separated: the agent streams to one at a time and moves to the next (a name's every address in "
+        "turn) when it is unreachable or shutting down",
+        check=_collector_addresses,
     )
     tls_ca_file: str = setting(
         "",
@@ -72,7 +85,8 @@ class AgentConfig:
     tls_server_name: str = setting(
         "",
         "name to verify the collector's certificate against, when it is not issued for the host in "
-        "collector_address (e.g. an IP address or a load balancer's name; empty: that host)",
+        "collector_address (e.g. an IP address or a load balancer's name; empty: the entry's host, the "
+        "name itself where the agent dials an address that name resolved to)",
     )
     sampling_interval_seconds: float = setting(1.0, "seconds between samples", check=sampling_interval)
     # The collector's cost is mostly per message (gRPC read and ack, a commit): 10 cycles a batch
@@ -137,6 +151,10 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         wrap_secrets(self)
+        if isinstance(self.collector_address, str):
+            # Code that builds the config with one address, as before 0.3, gets the list form.
+            addresses = [a.strip() for a in self.collector_address.split(",") if a.strip()]
+            object.__setattr__(self, "collector_address", addresses)
         _check_metrics_trust(self)
 
 

@@ -121,6 +121,8 @@ def sample_once_json(config: AgentConfig, node: str) -> dict[str, Any]:
             "agent_version": __version__,
             "t": cycle.t,
             "nvml_available": sampler.nvml is not None,
+            # --once streams nothing: the collectors the daemon would walk over, as configured.
+            "collector_address": config.collector_address,
             "inventory": sampler.state.inventory,
             "gpus": cycle.gpus,
             "unsupported": {str(k): v for k, v in unsupported.items()},

@@ -3,12 +3,15 @@
 Every batch goes to the on-disk spool before it is sent and leaves it only when the collector
 acks that batch's own seq, so a collector restart, a network cut or an agent restart loses
 nothing: after reconnecting, the agent resends every un-acked batch in order. What a collector
-claims beyond that (a Welcome or an ack for seqs this agent never sent) removes nothing.
+claims beyond that (a Welcome or an ack for seqs this agent never sent) removes nothing. With
+several collectors the agent streams to one at a time and, when it fails or sends a Drain, moves
+to the next (fleetwatch.agent.collectors), where the un-acked batches are resent the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -20,6 +23,7 @@ from typing import Any
 import grpc
 
 from fleetwatch import __version__, limits
+from fleetwatch.agent.collectors import CollectorRotation, CollectorTarget, node_offset
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.liveness import Heartbeats, WatchdogFeeder
 from fleetwatch.agent.sampler import Cycle, Sampler
@@ -55,9 +59,22 @@ READER_DRAIN_SECONDS = 2.0
 REJECTIONS_BEFORE_QUARANTINE = 3
 # A collector's bogus claims are logged at most this often (it may repeat one on every ack).
 CLAIM_WARNING_INTERVAL_SECONDS = 60.0
+# On a Drain, how long the agent waits for the acks of the batches it has in flight before it
+# leaves: as long as a stopping collector keeps acking (CollectorApp.stop's grace, 2 s by default).
+# A batch not acked by then stays spooled and goes to the next collector (ingest is idempotent).
+DRAIN_ACK_WAIT_SECONDS = 2.0
+# Half-closing the stream is one small frame; a collector that does not take it is left anyway.
+HALF_CLOSE_SECONDS = 1.0
+# Picking the next collector resolves its name: glibc's resolver gives up after 2 tries of 5 s
+# (resolv.conf(5) defaults), so this bounds a hung lookup without cutting a slow one short.
+RESOLVE_TIMEOUT_SECONDS = 12.0
 # The loops whose progress feeds the systemd watchdog.
 SAMPLE_LOOP = "sample"
 SEND_LOOP = "send"
+
+
+class CollectorDraining(Exception):
+    """The collector said it is shutting down (a Drain): the agent moves to its next collector."""
 
 
 def batch_problem(seq: int, payload: bytes) -> str | None:
@@ -216,6 +233,11 @@ class Agent:
         self.sampling_interval_seconds = config.sampling_interval_seconds
         self.connected = False
         self._welcomed = False  # set once per connection, when the collector answered the hello
+        # One collector at a time, the next one after each failure or drain (fleetwatch.agent.collectors).
+        self.collectors = CollectorRotation(config.collector_address, start=node_offset(node))
+        self.collector = CollectorTarget.of(config.collector_address[0])  # streamed to, or last tried
+        self.acks_received = 0  # batches acked, on any stream
+        self._acks_at_drain: int | None = None  # acks_received when a collector last drained us
         self.highest_sent_seq = 0  # the highest seq this process wrote to any stream
         self.batches_made = 0
         self._claims = _RateLimitedLog(CLAIM_WARNING_INTERVAL_SECONDS)
@@ -465,7 +487,7 @@ class Agent:
                     "collector %s says it holds seq %d for this boot, ahead of any seq this agent allocated "
                     "(%d): another stream may be posing as node %s, or this spool's state was lost; "
                     "resending all %d spooled batches under their own seqs and numbering new ones above %d",
-                    self.config.collector_address,
+                    self.collector,
                     held,
                     newest,
                     self.node,
@@ -482,6 +504,7 @@ class Agent:
                 self.spool.ack(seq)
                 self._publish_spool_state()
             self._last_ack_at = time.monotonic()
+            self.acks_received += 1
             if seq == self._rejected_seq:
                 self._rejected_seq = self._rejections = 0
             return
@@ -489,7 +512,7 @@ class Agent:
             self._claims.warning(
                 "ack",
                 "collector %s acked seq %d, ahead of any seq this agent sent (%d); ignored, nothing removed",
-                self.config.collector_address,
+                self.collector,
                 seq,
                 self.highest_sent_seq,
             )
@@ -521,8 +544,8 @@ class Agent:
             self._quarantine(suspect, f"the collector refused it {self._rejections} times: {details}")
             self._rejected_seq = self._rejections = 0
 
-    async def _read_replies(self, call: Any, in_flight: set[int]) -> None:
-        assert self._acked is not None
+    async def _read_replies(self, call: Any, in_flight: set[int], draining: asyncio.Event) -> None:
+        assert self._acked is not None and self._wake_sender is not None
         while True:
             msg = await call.read()
             if msg is grpc.aio.EOF:
@@ -538,6 +561,10 @@ class Agent:
                     self.sampling_interval_seconds = interval
                     assert self._reschedule is not None
                     self._reschedule.set()
+            elif body == "drain":
+                log.info("collector %s is shutting down (%s)", self.collector, msg.drain.reason or "no reason given")
+                draining.set()
+                self._wake_sender.set()
 
     async def _handshake(self, call: Any) -> int:
         """Hello, then the collector's Welcome; returns the seq it says it holds."""
@@ -549,7 +576,7 @@ class Agent:
         if accepts != self.collector_accepts_columns:
             log.info(
                 "collector %s %s",
-                self.config.collector_address,
+                self.collector,
                 f"takes several sampling cycles a batch: sending every {self.config.batch_interval_seconds:g} s"
                 if accepts
                 else "takes one sampling cycle a batch (fleetwatch 0.1.0): sending every cycle",
@@ -578,6 +605,7 @@ class Agent:
             STREAM_METHOD, request_serializer=None, response_deserializer=pb.CollectorMessage.FromString
         )()
         in_flight: set[int] = set()  # sent on this stream, not yet acked on it
+        draining = asyncio.Event()  # the collector sent a Drain
         try:
             self.heartbeats.beat(SEND_LOOP, grace_seconds=WELCOME_TIMEOUT_SECONDS)
             held = await asyncio.wait_for(self._handshake(call), WELCOME_TIMEOUT_SECONDS)
@@ -587,13 +615,13 @@ class Agent:
             self._last_ack_at = time.monotonic()
             log.info(
                 "connected to collector %s (it holds up to seq %d; %d batches to send)",
-                self.config.collector_address,
+                self.collector,
                 held,
                 self.spool.count,
             )
-            reader = asyncio.create_task(self._read_replies(call, in_flight))
+            reader = asyncio.create_task(self._read_replies(call, in_flight, draining))
             try:
-                await self._send_spooled(call, reader, in_flight, stop_sending)
+                await self._send_spooled(call, reader, in_flight, stop_sending, draining)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     self._note_rejection(in_flight, exc.details() or "")
@@ -605,14 +633,21 @@ class Agent:
             call.cancel()
 
     async def _send_spooled(
-        self, call: Any, reader: asyncio.Task[None], in_flight: set[int], stop_sending: asyncio.Event
+        self,
+        call: Any,
+        reader: asyncio.Task[None],
+        in_flight: set[int],
+        stop_sending: asyncio.Event,
+        draining: asyncio.Event,
     ) -> None:
-        """Send every spooled batch, oldest first, then each new one, until the stream ends."""
+        """Send every spooled batch, oldest first, then each new one, until the stream ends or drains."""
         assert self._wake_sender is not None and self._acked is not None
         # Every stream starts from the oldest spooled batch, whatever the Welcome said: see
         # _on_welcome. cursor is the highest seq this stream has sent or quarantined.
         cursor = 0
         while True:
+            if draining.is_set():
+                await self._leave_draining(call, reader, in_flight)
             if reader.done():
                 reader.result()  # raises why the stream ended
                 raise ConnectionError("collector stopped answering")
@@ -625,6 +660,8 @@ class Agent:
                 with self._spool_lock:
                     pending = self.spool.pending(after_seq=cursor, max_batches=room)
                 for seq, payload in pending:
+                    if draining.is_set():
+                        break  # nothing more to a collector that is leaving
                     cursor = seq
                     problem = batch_problem(seq, payload)
                     if problem is not None:
@@ -644,6 +681,32 @@ class Agent:
             self.heartbeats.beat(SEND_LOOP, grace_seconds=1.0)
             await wait_any(self._wake_sender, self._acked, reader, timeout_seconds=1.0)
 
+    async def _leave_draining(self, call: Any, reader: asyncio.Task[None], in_flight: set[int]) -> None:
+        """The collector drains: wait (bounded) for the acks of what is in flight, half-close, move on.
+
+        Raises CollectorDraining; what was not acked stays spooled and goes to the next collector.
+        """
+        assert self._acked is not None
+        deadline = time.monotonic() + DRAIN_ACK_WAIT_SECONDS
+        while in_flight and not reader.done() and (remaining := deadline - time.monotonic()) > 0:
+            self._acked.clear()
+            self.heartbeats.beat(SEND_LOOP, grace_seconds=remaining)
+            await wait_any(self._acked, reader, timeout_seconds=remaining)
+        # The collector's read of this stream ends: it knows the agent left and stops waiting. A
+        # stream that ended already is cancelled on the way out either way.
+        with contextlib.suppress(TimeoutError, asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            await asyncio.wait_for(call.done_writing(), HALF_CLOSE_SECONDS)
+        raise CollectorDraining(f"{len(in_flight)} batches in flight not acked" if in_flight else "all acked")
+
+    async def _next_collector(self) -> CollectorTarget:
+        """The next collector in the rotation; its name is resolved off the event loop (getaddrinfo blocks)."""
+        self.heartbeats.beat(SEND_LOOP, grace_seconds=RESOLVE_TIMEOUT_SECONDS)
+        target = await asyncio.wait_for(asyncio.to_thread(self.collectors.next), RESOLVE_TIMEOUT_SECONDS)
+        self.heartbeats.beat(SEND_LOOP)  # done: the lookup's grace must not cover what comes next
+        with self.state.lock:
+            self.state.collector_entry, self.state.collector_address = target.entry, target.address
+        return target
+
     async def _send_loop(self, stop_sending: asyncio.Event) -> None:
         """Stream until drained after stop; supervised: no exception ends it, each is retried with backoff."""
         attempt = 0
@@ -651,11 +714,32 @@ class Agent:
         while True:
             self.heartbeats.beat(SEND_LOOP)
             try:
-                async with open_channel(self.config, options) as channel:
+                self.collector = await self._next_collector()
+                async with open_channel(self.config, options, self.collector) as channel:
                     await self._stream_once(channel, stop_sending)
                     return  # drained after stop
             except asyncio.CancelledError:
                 raise
+            except CollectorDraining as exc:
+                self._welcomed = False
+                # Straight to the next collector; but collectors that drain us again and again with
+                # nothing acked in between (all of them restarting, or one that drains every stream)
+                # are retried with the backoff, as failures are.
+                if self._acks_at_drain is None or self.acks_received > self._acks_at_drain:
+                    attempt, delay = 0, 0.0
+                else:
+                    attempt += 1
+                    delay = backoff_seconds(
+                        attempt, self.config.reconnect_min_seconds, self.config.reconnect_max_seconds, self._rng
+                    )
+                self._acks_at_drain = self.acks_received
+                log.info(
+                    "left collector %s as it asked (%s); %d batches spooled; next collector in %.1f s",
+                    self.collector,
+                    exc,
+                    self.spool.count,
+                    delay,
+                )
             except (grpc.aio.AioRpcError, ConnectionError, TimeoutError, OSError) as exc:
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 attempt = 0 if self._welcomed else attempt + 1
@@ -665,7 +749,7 @@ class Agent:
                 )
                 log.warning(
                     "collector %s: %s; %d batches spooled; reconnecting in %.1f s",
-                    self.config.collector_address,
+                    self.collector,
                     detail,
                     self.spool.count,
                     delay,

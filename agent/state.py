@@ -38,6 +38,9 @@ class AgentState:
     spool_dropped_batches_total: int = 0
     spool_quarantined_batches_total: int = 0  # spool files that could not be sent, moved aside
     collector_connected: bool = False
+    # The collector streamed to (or last tried): its collector_address entry and the address dialed.
+    collector_entry: str = ""
+    collector_address: str = ""
     nvml_available: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from fleetwatch.addresses import is_loopback, parse_host_port
+from fleetwatch.agent.collectors import CollectorTarget
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.configfile import ConfigError
 
@@ -30,9 +31,14 @@ class ChannelTls:
             root_certificates=self.root_pem, private_key=self.key_pem, certificate_chain=self.cert_chain_pem
         )
 
-    def options(self) -> list[tuple[str, Any]]:
-        # Only the name checked against the certificate changes; the agent still dials collector_address.
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+    def options(self, target: CollectorTarget | None = None) -> list[tuple[str, Any]]:
+        """The name the collector's certificate is checked against, where it is not the dialed host's.
+
+        Only that name changes; the agent still dials the target's address. Dialing an address a
+        DNS name resolved to, the certificate must still carry the configured name, not the address.
+        """
+        name = self.server_name or (target.host if target is not None and target.resolved else "")
+        return [("grpc.ssl_target_name_override", name)] if name else []
 
 
 def _read(key: str, path: str, marker: bytes, what: str) -> bytes:
@@ -89,20 +95,26 @@ def plaintext_warning(config: AgentConfig) -> str | None:
     """What to log when the agent streams without TLS to a collector on another machine."""
     if any(getattr(config, k) for k in TLS_KEYS):
         return None
-    try:
-        host, _ = parse_host_port(config.collector_address)
-    except ValueError:
-        return None  # the channel reports the bad address itself
-    if is_loopback(host):
+    remote = []
+    for entry in config.collector_address:
+        try:
+            host, _ = parse_host_port(entry)
+        except ValueError:
+            continue  # the channel reports the bad address itself
+        if not is_loopback(host):
+            remote.append(entry)
+    if not remote:
         return None
     return (
-        f"streaming to {config.collector_address} without TLS: anyone on the path can read or forge this "
+        f"streaming to {', '.join(remote)} without TLS: anyone on the path can read or forge this "
         f"node's data; set {', '.join(TLS_KEYS)} (fleetwatchctl certs issue NODE)"
     )
 
 
-def open_channel(config: AgentConfig, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    """A channel to collector_address, with mTLS when it is configured.
+def open_channel(
+    config: AgentConfig, options: list[tuple[str, Any]], target: CollectorTarget | None = None
+) -> grpc.aio.Channel:
+    """A channel to `target` (default: the first collector_address), with mTLS when it is configured.
 
     The files are read for every connection, so a renewed certificate is used from the next
     reconnect on without a restart; one that cannot be read fails that connection attempt
@@ -112,6 +124,8 @@ def open_channel(config: AgentConfig, options: list[tuple[str, Any]]) -> grpc.ai
         tls = load_channel_tls(config)
     except ConfigError as exc:
         raise ConnectionError(str(exc)) from None
+    if target is None:
+        target = CollectorTarget.of(config.collector_address[0])
     if tls is None:
-        return grpc.aio.insecure_channel(config.collector_address, options=options)
-    return grpc.aio.secure_channel(config.collector_address, tls.credentials(), options=options + tls.options())
+        return grpc.aio.insecure_channel(target.address, options=options)
+    return grpc.aio.secure_channel(target.address, tls.credentials(), options=options + tls.options(target))

@@ -4,10 +4,11 @@ What an agent is told: INVALID_ARGUMENT for a message that breaks the wire contr
 (collector/validate.py; the details name the batch and field, and trailing metadata
 `fleetwatch-rejected-seq` carries a refused batch's seq, so the agent can set that one batch
 aside: resending it cannot succeed), UNAVAILABLE while the database cannot store (the agent keeps
-its spool and resends), RESOURCE_EXHAUSTED at the stream limit. Acks go out in seq order, each
-only when that batch and every earlier one of the stream is stored; a batch that is not ends the
-stream with its own error, and none after it on that stream is stored, so the Welcome's
-"highest stored seq" never passes over a batch the agent still holds.
+its spool and resends), RESOURCE_EXHAUSTED at the stream limit; a Drain when the collector stops
+(`drain`: the agent moves to its next collector; a stream opened meanwhile gets UNAVAILABLE).
+Acks go out in seq order, each only when that batch and every earlier one of the stream is
+stored; a batch that is not ends the stream with its own error, and none after it on that stream
+is stored, so the Welcome's "highest stored seq" never passes over a batch the agent still holds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fleetwatch import limits
+from fleetwatch.asyncwait import wait_any
 from fleetwatch.collector.ingest import IngestStream, IngestWriter
 from fleetwatch.collector.storage.store import Store
 from fleetwatch.collector.tls import peer_identity
@@ -44,6 +46,10 @@ REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 # The agent's reply to a database outage; the cause (never SQL text) goes to the collector's log.
 STORAGE_UNAVAILABLE = "collector storage unavailable; keep the batches spooled and resend them"
 REJECTED_SEQ_METADATA_KEY = "fleetwatch-rejected-seq"
+# What a stream that opens while the collector drains is told: its agent tries its next collector.
+DRAINING = "collector shutting down; stream to another collector"
+# Put in a stream's queue to wake it to send its Drain.
+_WAKE = object()
 
 
 def reporting_interval_seconds(hello: pb.Hello, sampling_override_seconds: float = 0.0) -> float:
@@ -146,6 +152,32 @@ class TelemetryService(pb_grpc.TelemetryServicer):
         self.window = window if window is not None else ClockWindow()
         self.max_streams = max_streams
         self._warnings = RateLimitedLog(log, REFUSAL_LOG_INTERVAL_SECONDS)
+        self.draining = False
+        # Each stream past its Welcome, by the callback that wakes it to send its Drain.
+        self._streams: set[Callable[[], None]] = set()
+        self._streams_gone: asyncio.Event | None = None  # set once no stream is left while draining
+
+    async def drain(self, timeout_seconds: float) -> int:
+        """Refuse new streams, send every open one a Drain, and wait until their agents have left.
+
+        The streams keep acking what arrives meanwhile; each agent half-closes once its batches in
+        flight are acked (or after its own bound), which ends its stream. Returns how many streams
+        were still open at `timeout_seconds` (the server's stop cuts them; their agents resend).
+        """
+        self.draining = True
+        self._streams_gone = asyncio.Event()
+        if not self._streams:
+            return 0
+        log.info("draining: asking %d agents to move to another collector", len(self._streams))
+        for wake in list(self._streams):
+            wake()
+        await wait_any(self._streams_gone, timeout_seconds=timeout_seconds)
+        return len(self._streams)
+
+    def _stream_ended(self, wake: Callable[[], None]) -> None:
+        self._streams.discard(wake)
+        if not self._streams and self._streams_gone is not None:
+            self._streams_gone.set()
 
     def _node_label(self, node: str, known: bool = False) -> str:
         if limits.node_name_problem(node) is not None:
@@ -167,6 +199,8 @@ class TelemetryService(pb_grpc.TelemetryServicer):
 
     async def Stream(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
         peer = context.peer()
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if self.stats.streams_open >= self.max_streams:
             self.stats.streams_refused += 1
             self._warnings.warning(
@@ -233,6 +267,14 @@ class TelemetryService(pb_grpc.TelemetryServicer):
         link: NodeLink | None = None
         stream = IngestStream()
         pending: asyncio.Queue = asyncio.Queue(maxsize=MAX_UNACKED_PER_STREAM)
+        drain_sent = False
+
+        def wake() -> None:
+            # A full queue has entries for the loop below to take, and it looks at self.draining before each.
+            if not pending.full():
+                pending.put_nowait(_WAKE)
+
+        self._streams.add(wake)
 
         async def register() -> None:
             nonlocal link, label
@@ -303,7 +345,13 @@ class TelemetryService(pb_grpc.TelemetryServicer):
         reader = asyncio.create_task(read_batches())
         try:
             while True:
+                if self.draining and not drain_sent:
+                    # Acks go on after it: the agent waits for those of the batches it has in flight.
+                    drain_sent = True
+                    yield pb.CollectorMessage(drain=pb.Drain(reason="collector shutting down"))
                 entry = await pending.get()
+                if entry is _WAKE:
+                    continue
                 if entry is None:
                     break
                 if isinstance(entry, InvalidMessage):
@@ -332,6 +380,7 @@ class TelemetryService(pb_grpc.TelemetryServicer):
                 yield pb.CollectorMessage(ack=pb.Ack(seq=batch.seq))
         finally:
             reader.cancel()
+            self._stream_ended(wake)
             if link is not None:
                 link.connected = False
                 log.info("agent %s disconnected", node)

@@ -183,7 +183,7 @@ async def _run(
             nvml.start()
             config = AgentConfig(
                 node=node,
-                collector_address=f"127.0.0.1:{app.grpc_port}",
+                collector_address=[f"127.0.0.1:{app.grpc_port}"],
                 spool_dir=str(workdir / f"spool-{node}"),
                 spool_fsync=False,
                 # A demo lasts a minute or so: batches of 5 s, not the default 10, so its alerts

@@ -17,7 +17,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "config"
 def test_defaults_without_file(tmp_path: Path) -> None:
     config = load_config(AgentConfig, path=tmp_path / "missing.toml", env={})
     assert config.sampling_interval_seconds == 1.0
-    assert config.collector_address == "127.0.0.1:9470"
+    assert config.collector_address == ["127.0.0.1:9470"]
 
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -143,12 +143,49 @@ def test_default_config_path_may_be_missing(parser, tmp_path: Path) -> None:
     ],
 )
 def test_collector_address_needs_host_and_port(address: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^collector_address: {message}.*\(got '{re.escape(address)}'\)$"):
+    entry = re.escape(repr(address))
+    with pytest.raises(ConfigError, match=rf"^collector_address: {entry}: {message}.*\(got \[{entry}\]\)$"):
         load_config(AgentConfig, path=None, env={"FLEETWATCH_COLLECTOR_ADDRESS": address})
 
 
 @pytest.mark.parametrize("address", ["collector.example.internal:9470", "10.0.0.5:9470", "[fd00::1]:9470"])
 def test_collector_address_dns_name_or_address_with_port(address: str) -> None:
-    assert load_config(AgentConfig, path=None, env={"FLEETWATCH_COLLECTOR_ADDRESS": address}).collector_address == (
+    assert load_config(AgentConfig, path=None, env={"FLEETWATCH_COLLECTOR_ADDRESS": address}).collector_address == [
         address
-    )
+    ]
+
+
+def test_several_collectors_from_toml_env_and_flag(tmp_path: Path) -> None:
+    listed = tmp_path / "list.toml"
+    listed.write_text('collector_address = ["c1.example:9470", "[fd00::2]:9470"]\n')
+    assert load_config(AgentConfig, path=listed, env={}).collector_address == ["c1.example:9470", "[fd00::2]:9470"]
+    # The one-address form of 0.2 configurations keeps working.
+    single = tmp_path / "single.toml"
+    single.write_text('collector_address = "c1.example:9470"\n')
+    assert load_config(AgentConfig, path=single, env={}).collector_address == ["c1.example:9470"]
+    env = {"FLEETWATCH_COLLECTOR_ADDRESS": "c1.example:9470, c2.example:9471"}
+    assert load_config(AgentConfig, path=None, env=env).collector_address == ["c1.example:9470", "c2.example:9471"]
+    flags = agent_parser().parse_args(["--collector-address", "10.0.0.5:9470,10.0.0.6:9470"])
+    assert load_config(AgentConfig, path=single, env=env, flags=flags).collector_address == [
+        "10.0.0.5:9470",
+        "10.0.0.6:9470",
+    ]
+    # Code that builds the config with one string gets the list too.
+    assert AgentConfig(collector_address="c1.example:9470").collector_address == ["c1.example:9470"]  # type: ignore[arg-type]
+
+
+def test_a_bad_collector_entry_is_named_with_the_key(tmp_path: Path) -> None:
+    file = tmp_path / "agent.toml"
+    file.write_text('collector_address = ["c1.example:9470", "c2.example"]\n')
+    with pytest.raises(ConfigError, match=r"^collector_address: 'c2\.example': needs a port"):
+        load_config(AgentConfig, path=file, env={})
+    flags = agent_parser().parse_args(["--collector-address", "c1.example:9470,[fd00::1]"])
+    with pytest.raises(ConfigError, match=r"^collector_address: '\[fd00::1\]': needs a port"):
+        load_config(AgentConfig, path=None, env={}, flags=flags)
+    for empty in ("collector_address = []\n", 'collector_address = ""\n'):
+        file.write_text(empty)
+        with pytest.raises(ConfigError, match=r"^collector_address: needs at least one collector"):
+            load_config(AgentConfig, path=file, env={})
+    file.write_text("collector_address = [9470]\n")
+    with pytest.raises(ConfigError, match=r"^collector_address \(from .*\): expected a string, got 9470"):
+        load_config(AgentConfig, path=file, env={})

@@ -38,8 +38,11 @@ def run_once(*extra: str) -> dict:
 
 
 def test_once_json_has_inventory_gpus_host_infiniband_and_kernel_xids() -> None:
-    result = run_once("--kmsg-path", str(FIXTURES / "kmsg" / "dmesg-T.txt"))
+    result = run_once(
+        "--kmsg-path", str(FIXTURES / "kmsg" / "dmesg-T.txt"), "--collector-address", "c1.example:9470,c2.example:9470"
+    )
     assert result["nvml_available"] is True
+    assert result["collector_address"] == ["c1.example:9470", "c2.example:9470"]
     assert len(result["inventory"]) == 8 and len(result["gpus"]) == 8
     assert {g["name"] for g in result["inventory"]} == {"NVIDIA H100 80GB HBM3"}
     assert result["host"]["mem_total_bytes"] > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetwatch.agent.collectors import CollectorRotation
 from fleetwatch.agent.config import AgentConfig
 from fleetwatch.agent.runner import Agent
 from fleetwatch.agent.sampler import Sampler
@@ -151,6 +152,23 @@ async def test_agent_refuses_a_collector_certificate_not_issued_for_the_name_it_
         await run_for(agent, 1.5)
         assert not agent.connected
         assert app.store.nodes() == []
+    finally:
+        await app.stop(0.2)
+
+
+async def test_agent_dialing_an_address_its_collector_name_resolved_to_verifies_the_certificate_by_the_name(
+    tmp_path: Path, pki: Path
+) -> None:
+    app = await start_collector(tmp_path, pki)
+    try:
+        entry = f"collector.internal:{app.grpc_port}"
+        agent = make_agent(agent_config(tmp_path, pki, collector_address=entry, tls_server_name=""))
+        # The name resolves to two collectors; the agent dials 127.0.0.1, the first, by address.
+        dns = {"collector.internal": ["192.0.2.1", "127.0.0.1"]}
+        agent.collectors = CollectorRotation([entry], resolve=lambda host, port: dns[host])
+        await run_for(agent, 10)
+        assert agent.collector.address == f"127.0.0.1:{app.grpc_port}" and agent.collector.resolved
+        assert app.store.count_rows("batches") >= 1
     finally:
         await app.stop(0.2)
 

@@ -397,7 +397,8 @@ def test_service_routes_to_the_collectors_ports_and_agents_dial_it(
     assert collector.obj["spec"]["serviceName"] == service["metadata"]["name"]
 
     agent = effective_config(workload(objects, "fleetwatch-agent"), tmp_path).config
-    host, port = parse_host_port(agent.collector_address)
+    (address,) = agent.collector_address
+    host, port = parse_host_port(address)
     assert (host, port) == (service_dns(service), ports["grpc"]["port"])
     external = urllib.parse.urlsplit(effective_config(collector, tmp_path).config.external_url)
     tls = bool(effective_config(collector, tmp_path).config.tls_cert_file)

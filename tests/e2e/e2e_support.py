@@ -33,7 +33,8 @@ def wait_for(predicate, timeout_seconds: float, what: str) -> None:
 
 
 class Collector:
-    def __init__(self, db: Path, grpc_port: int, http_port: int, log: Path) -> None:
+    def __init__(self, db: Path | str, grpc_port: int, http_port: int, log: Path) -> None:
+        """`db`: a SQLite file, or a database URL (str), e.g. several collectors' PostgreSQL."""
         self.args = [
             sys.executable,
             "-m",
@@ -45,7 +46,7 @@ class Collector:
             "--http-listen",
             f"127.0.0.1:{http_port}",
             "--database-url",
-            f"sqlite:///{db}",
+            db if isinstance(db, str) else f"sqlite:///{db}",
             "--no-log-alerts",
         ]
         self.http_port = http_port
@@ -79,10 +80,17 @@ class Collector:
 
 
 def start_simulated_agent(
-    state: Path, node: str, grpc_port: int, metrics_port: int, *extra: str, sampling_seconds: float = 0.5
+    state: Path,
+    node: str,
+    grpc_port: int | list[int],
+    metrics_port: int,
+    *extra: str,
+    sampling_seconds: float = 0.5,
 ) -> subprocess.Popen:
     """`fleetwatch-agent --simulate` with its spool, kernel log and step socket under `state`,
-    streaming to a collector on `grpc_port` (nothing need listen there) and serving /metrics."""
+    streaming to a collector on `grpc_port` (nothing need listen there; a list: several
+    collectors, one at a time) and serving /metrics."""
+    ports = grpc_port if isinstance(grpc_port, list) else [grpc_port]
     state.mkdir(parents=True, exist_ok=True)
     (state / "kmsg").touch()
     argv = [
@@ -95,7 +103,7 @@ def start_simulated_agent(
         "--node",
         node,
         "--collector-address",
-        f"127.0.0.1:{grpc_port}",
+        ",".join(f"127.0.0.1:{port}" for port in ports),
         "--sampling-interval-seconds",
         str(sampling_seconds),
         "--spool-dir",
