@@ -68,6 +68,14 @@ class AlertmanagerUrl(Secret):
         return url_origin(value)
 
 
+class RemoteWriteUrl(Secret):
+    """A remote-write receiver's URL; shown as scheme://host[:port]/... (tokens may ride in the userinfo or path)."""
+
+    @staticmethod
+    def redact(value: str) -> str:
+        return url_origin(value)
+
+
 def _database_url(url: DatabaseUrl) -> str | None:
     # Checked here so that no parse error (which quotes the part it chokes on) is printed later.
     try:
@@ -91,7 +99,7 @@ def _is_http_url(url: str) -> bool:
         return False
 
 
-def _http_urls(urls: list[WebhookUrl] | list[AlertmanagerUrl]) -> str | None:
+def _http_urls(urls: list[WebhookUrl] | list[AlertmanagerUrl] | list[RemoteWriteUrl]) -> str | None:
     bad = [str(u) for u in urls if not _is_http_url(u.reveal())]
     return f"not http(s) URLs with a host: {', '.join(bad)}" if bad else None
 
@@ -257,6 +265,63 @@ class CollectorConfig:
     )
     alertmanager_ca_file: str = setting(
         "", "CA certificate(s) (PEM) for https:// Alertmanagers [default: the system's]", check=_readable_file
+    )
+    # Prometheus remote write (collector/remote_write.py). Timing and backoff are Prometheus's own
+    # queue_config defaults (configuration docs, <remote_write>): batch_send_deadline 5s,
+    # min_backoff 30ms, max_backoff 5s, remote_timeout 30s.
+    remote_write_urls: list[RemoteWriteUrl] = setting(
+        [],
+        "Prometheus remote-write (1.0) receivers that get every stored GPU, host and InfiniBand sample under "
+        "the agent's /metrics names, comma-separated (Prometheus --web.enable-remote-write-receiver and "
+        "VictoriaMetrics: http://HOST:PORT/api/v1/write); user:password@ is sent as basic auth; logged as "
+        "scheme://host:port/... only",
+        check=_http_urls,
+    )
+    remote_write_urls_file: str = setting(
+        "",
+        "file holding remote_write_urls, one a line (# comments), read at start (instead of remote_write_urls)",
+        file_for="remote_write_urls",
+    )
+    remote_write_shards: int = setting(
+        4,
+        "parallel senders per receiver, one request in flight each; a node's GPU always goes through the "
+        "same one, so its samples arrive in time order",
+        check=positive,
+    )
+    # Not Prometheus's 2000: a request costs the collector about 0.2 ms of CPU (aiohttp), 0.1 us a
+    # value at 2000 and 0.02 at 10,000 (tests/bench/remote_write.py); 10,000 is vmagent's default
+    # (-remoteWrite.maxRowsPerBlock), and about 50 kB compressed.
+    remote_write_max_samples_per_send: int = setting(
+        10_000, "samples in one remote-write request at most (Prometheus's max_samples_per_send)", check=positive
+    )
+    remote_write_batch_send_deadline_seconds: float = setting(
+        5.0,
+        "a shard sends what it holds after this long even when it has fewer than max_samples_per_send "
+        "(Prometheus's batch_send_deadline)",
+        check=positive,
+    )
+    # A minute of the 300-node benchmark fleet (README, Performance: 110,400 values a second) is
+    # 6.6 M samples; queued requests are snappy-compressed, 5 bytes a sample on its telemetry
+    # (tests/bench/remote_write.py), shared by the receivers while more than one holds them.
+    remote_write_capacity_samples: int = setting(
+        10_000_000,
+        "samples held per receiver while it is slow or down (compressed, about 5 bytes each: 50 MB at the "
+        "default, a minute and a half of 300 8-GPU nodes at 1 Hz); past it the oldest are dropped and "
+        "counted, ingest never waits",
+        check=positive,
+    )
+    remote_write_min_backoff_seconds: float = setting(
+        0.03,
+        "first retry delay after a 5xx, 408, 425, 429 or no answer; doubles each retry (Prometheus's min_backoff)",
+        check=positive,
+    )
+    remote_write_max_backoff_seconds: float = setting(
+        5.0,
+        "longest retry delay (Prometheus's max_backoff); a Retry-After header is honoured instead",
+        check=positive,
+    )
+    remote_write_timeout_seconds: float = setting(
+        30.0, "HTTP timeout of one remote-write request (Prometheus's remote_timeout)", check=positive
     )
     external_url: str = setting(
         "",

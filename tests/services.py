@@ -1,4 +1,4 @@
-"""Real Prometheus and Alertmanager for the tests that need them, from the Debian packages `.ci/run` installs.
+"""Real Prometheus, Alertmanager and VictoriaMetrics for the tests that need them (Debian packages `.ci/run` installs).
 
 A missing binary skips the test on a developer's machine and fails it under CI (CI set), so a
 missing service is never silently green.
@@ -37,9 +37,11 @@ def binary(*names: str) -> str:
 
 
 def package_for(name: str) -> str:
-    return {"prometheus-alertmanager": "prometheus-alertmanager", "amtool": "prometheus-alertmanager"}.get(
-        name, "prometheus"
-    )
+    return {
+        "prometheus-alertmanager": "prometheus-alertmanager",
+        "amtool": "prometheus-alertmanager",
+        "victoria-metrics": "victoria-metrics",
+    }.get(name, "prometheus")
 
 
 def free_port() -> int:
@@ -104,8 +106,11 @@ def alertmanager(config: Path, workdir: Path) -> Iterator[str]:
 
 
 @contextmanager
-def prometheus(config: Path, workdir: Path) -> Iterator[str]:
-    """A Prometheus on a free loopback port with its own data directory; yields its base URL."""
+def prometheus(config: Path, workdir: Path, *extra: str) -> Iterator[str]:
+    """A Prometheus on a free loopback port with its own data directory; yields its base URL.
+
+    `extra` flags go on its command line (e.g. --web.enable-remote-write-receiver).
+    """
     exe = binary("prometheus")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -115,6 +120,29 @@ def prometheus(config: Path, workdir: Path) -> Iterator[str]:
         f"--storage.tsdb.path={workdir / 'prom-data'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--log.level=warn",
+        *extra,
     ]
     with running(argv, f"{url}/-/ready", workdir / "prometheus.log", "prometheus"):
+        yield url
+
+
+@contextmanager
+def victoria_metrics(workdir: Path, port: int = 0) -> Iterator[str]:
+    """A single-node VictoriaMetrics on loopback (a free port unless given), data under `workdir`;
+    yields its base URL. Started again with the same port and `workdir`, it has its data back.
+
+    Queries see a sample as soon as it is stored (no -search.latencyOffset, no response cache).
+    """
+    exe = binary("victoria-metrics")
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [
+        exe,
+        f"-httpListenAddr=127.0.0.1:{port}",
+        f"-storageDataPath={workdir / 'vm-data'}",
+        "-search.latencyOffset=0s",
+        "-search.disableCache",
+        "-loggerLevel=WARN",
+    ]
+    with running(argv, f"{url}/health", workdir / "victoria-metrics.log", "victoria-metrics"):
         yield url

@@ -176,6 +176,7 @@ def build_state() -> AgentState:
     state.spool_batches = 3
     state.spool_dropped_batches_total = 1
     state.collector_connected = True
+    state.collector_entry, state.collector_address = "collectors.example.internal:9470", "10.0.0.9:9470"
     state.nvml_available = True
     return state
 
@@ -503,6 +504,8 @@ def test_agent_health(serve):
     assert lookup(found, "fleetwatch_agent_spool_batches", {}) == 3
     assert lookup(found, "fleetwatch_agent_spool_dropped_batches_total", {}) == 1
     assert lookup(found, "fleetwatch_agent_collector_connected", {}) == 1
+    collector = {"collector": "collectors.example.internal:9470", "address": "10.0.0.9:9470"}
+    assert lookup(found, "fleetwatch_agent_collector_info", collector) == 1
     assert lookup(found, "fleetwatch_agent_nvml_available", {}) == 1
     assert lookup(found, "fleetwatch_agent_source_duration_seconds", {"source": "nvml"}) == 0.0125
     assert lookup(found, "fleetwatch_agent_source_success", {"source": "nvml"}) == 1

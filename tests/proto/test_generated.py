@@ -9,8 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# The wire contract, and the kubelet's pod-resources API the agent reads (vendored).
-@pytest.mark.parametrize("proto", ["fleetwatch/v1/telemetry.proto", "fleetwatch/kubelet/podresources/v1/api.proto"])
+# The wire contract, the kubelet's pod-resources API the agent reads, and Prometheus's remote-write
+# messages the collector sends (both vendored).
+@pytest.mark.parametrize(
+    "proto",
+    [
+        "fleetwatch/v1/telemetry.proto",
+        "fleetwatch/kubelet/podresources/v1/api.proto",
+        "fleetwatch/prompb/types.proto",
+        "fleetwatch/prompb/remote.proto",
+    ],
+)
 def test_generated_modules_are_current(tmp_path: Path, proto: str) -> None:
     pytest.importorskip("grpc_tools")
     subprocess.run(
