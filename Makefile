@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The wire contract, and the kubelet's pod-resources API the agent reads (vendored: its SOURCE.md).
-PROTO_SRC := proto/fleetwatch/v1/telemetry.proto proto/fleetwatch/kubelet/podresources/v1/api.proto
+PROTO_SRC := proto/fleetwatch/v1/telemetry.proto proto/fleetwatch/kubelet/podresources/v1/api.proto proto/fleetwatch/prompb/types.proto proto/fleetwatch/prompb/remote.proto
 # mypy reads an installed copy: the package-dir mapping (fleetwatch.agent in agent/) is invisible to it.
 TYPECHECK := build/typecheck
 
@@ -46,6 +46,8 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/bench/agent_cycle.py
 	$(PY) tests/bench/demo_ingest.py
+	$(PY) tests/bench/remote_write.py
+	$(PY) tests/bench/fleet_scale.py
 	$(PY) tests/bench/false_alarms.py
 	$(PY) -m fleetwatch.ctl.main eval --corpus tests/scenarios
 	command -v prometheus >/dev/null || (apt-get update && apt-get install -y prometheus)

@@ -5,30 +5,31 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
-import numpy as np
+from sqlalchemy.engine import make_url
 
 from fleetwatch.addresses import parse_host_port
 from fleetwatch.asyncwait import wait_any
+from fleetwatch.collector.cluster import ALERTS, FLEET_DETECTION, RETENTION, Cluster
 from fleetwatch.collector.config import CollectorConfig
-from fleetwatch.collector.detection import DetectionLoop, finding_from_alert
+from fleetwatch.collector.detection import DetectionLoop, feed_recent, finding_from_alert, ib_sample
+from fleetwatch.collector.fleet import TAKEOVER_HOLD_SECONDS, FleetDetection, split_detectors
 from fleetwatch.collector.health import Readiness, sqlite_file
 from fleetwatch.collector.ingest import IngestWriter
 from fleetwatch.collector.jobs import LiveJobs
 from fleetwatch.collector.notify import AlertLinks, Notifiers
 from fleetwatch.collector.notify.alertmanager import AlertmanagerPusher
 from fleetwatch.collector.outbox import Outbox
+from fleetwatch.collector.remote_write import RemoteWriter
 from fleetwatch.collector.server import IngestStats, TelemetryService, reporting_interval_seconds
 from fleetwatch.collector.storage.compaction import compact, expire, roll_up
-from fleetwatch.collector.storage.store import GpuRows, IngestBatch, Store
+from fleetwatch.collector.storage.store import IngestBatch, Store
 from fleetwatch.collector.tls import check_listen_security, load_server_tls
 from fleetwatch.collector.validate import ClockWindow
 from fleetwatch.collector.web import WebServer
@@ -36,15 +37,10 @@ from fleetwatch.detectors import default_detectors
 from fleetwatch.detectors.engine import RecentData, Tracker
 from fleetwatch.detectors.model import Detector
 from fleetwatch.detectors.table import RowMetrics
-from fleetwatch.records import GpuSample, IbSample
 from fleetwatch.v1 import telemetry_pb2 as pb
 from fleetwatch.v1 import telemetry_pb2_grpc as pb_grpc
-from fleetwatch.wire import GPU_FIELDS
 
 log = logging.getLogger(__name__)
-
-_FIELD_INDEX = {name: i for i, name in enumerate(GPU_FIELDS)}
-_FIELD_COUNT = len(GPU_FIELDS)
 
 PURGE_EVERY_SECONDS = 600.0
 # s; batches wait compact_after_seconds plus at most this. A pass makes one block per node and
@@ -66,63 +62,6 @@ class StorageStats:
 TOUCH_NODES_EVERY_SECONDS = 10.0
 
 
-def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
-    """Stored batches into detection's recent data (in the detection thread)."""
-    dense: list[tuple[str, GpuRows]] = []
-    for item, new in zip(items, stored):
-        recent.note_node(item.node, item.received_at)
-        if not new:
-            continue
-        _add_gpu_samples(recent, item.node, item.gpu_samples)
-        if item.gpu_rows is not None and len(item.gpu_rows):
-            dense.append((item.node, item.gpu_rows))
-        for h in item.host_samples:
-            recent.add_host(h)
-        for e in item.events:
-            recent.add_event(e)
-        for st in item.steps:
-            recent.add_step(st)
-        for port in item.ib_ports:
-            recent.add_ib(ib_sample(item.node, port))
-    if dense:
-        _add_gpu_rows(recent, dense)
-
-
-def _add_gpu_rows(recent: RecentData, batches: Sequence[tuple[str, GpuRows]]) -> None:
-    """Dense batches' rows of every node in one write: detection's cost is per write, not per value."""
-    labels = [rows.labels[i] for _, rows in batches for i in rows.label.tolist()]
-    recent.add_gpu_rows_timed(
-        [node for node, rows in batches for _ in range(len(rows))],
-        np.concatenate([rows.t for _, rows in batches]),
-        np.concatenate([rows.gpu for _, rows in batches]).tolist(),
-        np.concatenate([rows.values for _, rows in batches]),
-        [label[0] for label in labels],
-        [label[1] for label in labels],
-        [label[2] for label in labels],
-    )
-
-
-def _add_gpu_samples(recent: RecentData, node: str, samples: Sequence[GpuSample]) -> None:
-    """A batch's GPU samples as rows, one add_gpu_rows per sampling time (one for an agent's batch)."""
-    by_time: dict[float, list[GpuSample]] = {}
-    for sample in samples:
-        by_time.setdefault(sample.t, []).append(sample)
-    for t, group in by_time.items():
-        rows = [[math.nan] * _FIELD_COUNT for _ in group]
-        for row, sample in zip(rows, group):
-            for name, value in sample.metrics.items():
-                row[_FIELD_INDEX[name]] = value  # check_batch kept canonical fields only
-        recent.add_gpu_rows(
-            node,
-            t,
-            [s.gpu for s in group],
-            np.array(rows, dtype=np.float64),
-            [s.uuid for s in group],
-            [s.job for s in group],
-            [s.rank for s in group],
-        )
-
-
 def default_external_url(listen_host: str, port: int, *, https: bool) -> str:
     """The collector's address for links in alerts: this host's name where it listens on every address."""
     host = socket.getfqdn() if listen_host in ("", "0.0.0.0", "::") else listen_host
@@ -131,10 +70,32 @@ def default_external_url(listen_host: str, port: int, *, https: bool) -> str:
     return f"{'https' if https else 'http'}://{host}:{port}"
 
 
-def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:
-    """An ingested (or stored) InfiniBand port row as the detectors' record."""
-    metrics = {k: v for k, v in port.items() if k.startswith("ib_") and v is not None}
-    return IbSample(t=port["t"], node=node, device=port["device"], port=int(port["port"]), metrics=metrics)
+def _load_recent(store: Store, recent: RecentData, now: float, node: str | None = None) -> None:
+    """The recent window of every node (or one) from the database into `recent` (blocking)."""
+    since = now - recent.retention_seconds
+    for row in store.nodes():
+        if node is None or row["node"] == node:
+            recent.note_node(
+                row["node"],
+                row["last_seen"],
+                boot_id=row["boot_id"],
+                sampling_interval_seconds=row["sampling_interval_seconds"],
+            )
+    for s in store.gpu_samples_since(since, node=node):
+        recent.add_gpu(s)
+    for h in store.host_samples_since(since, node=node):
+        recent.add_host(h)
+    for e in store.events_since(now - recent.event_retention_seconds, node=node):
+        recent.add_event(e)
+    for st in store.steps_since(since, node=node):
+        recent.add_step(st)
+    for port in store.ib_samples_since(since, node=node):
+        recent.add_ib(ib_sample(port["node"], port))
+
+
+def _forget_node(recent: RecentData, tracker: Tracker, node: str) -> None:
+    recent.forget_node(node)
+    tracker.forget(node)
 
 
 class CollectorApp:
@@ -150,9 +111,19 @@ class CollectorApp:
         self.clock = clock
         self.store = Store(config.database_url.reveal())
         detectors = default_detectors() if detectors is None else list(detectors)
+        # Several collectors may share a PostgreSQL database: then the job-level detectors run once
+        # for the fleet (collector/fleet.py) and the rest here, over the nodes streaming here.
+        self.shared_database = make_url(config.database_url.reveal()).get_backend_name() == "postgresql"
+        fleet_detectors: list[Detector] = []
+        if self.shared_database:
+            detectors, fleet_detectors = split_detectors(detectors)
         self.recent = RecentData.for_detectors(detectors)
         self.tracker = Tracker(detectors)
+        # Nodes whose detection state this collector holds (shared database: adopted on their Hello).
+        self._adopted: set[str] = set()
         self.stats = IngestStats()
+        # Membership among collectors sharing the database, and the fleet-wide duties' leases.
+        self.cluster = Cluster(self.store)
         self.writer = IngestWriter(
             self.store, self._on_stored, config.ingest_max_batches_per_commit, config.ingest_commit_wait_seconds
         )
@@ -178,8 +149,25 @@ class CollectorApp:
                 timeout_seconds=config.webhook_timeout_seconds,
                 ca_file=config.alertmanager_ca_file,
                 clock=clock,
+                active=lambda: self.cluster.holds(ALERTS),
             )
             if config.alertmanager_urls
+            else None
+        )
+        # Every stored sample, also to the TSDBs in remote_write_urls (collector/remote_write.py).
+        self.remote_write = (
+            RemoteWriter(
+                [url.reveal() for url in config.remote_write_urls],
+                shards=config.remote_write_shards,
+                max_samples_per_send=config.remote_write_max_samples_per_send,
+                batch_send_deadline_seconds=config.remote_write_batch_send_deadline_seconds,
+                capacity_samples=config.remote_write_capacity_samples,
+                min_backoff_seconds=config.remote_write_min_backoff_seconds,
+                max_backoff_seconds=config.remote_write_max_backoff_seconds,
+                timeout_seconds=config.remote_write_timeout_seconds,
+                clock=clock,
+            )
+            if config.remote_write_urls
             else None
         )
         self.outbox = Outbox(
@@ -189,6 +177,7 @@ class CollectorApp:
             backoff_min_seconds=config.delivery_backoff_min_seconds,
             backoff_max_seconds=config.delivery_backoff_max_seconds,
             clock=clock,
+            active=lambda: self.cluster.holds(ALERTS),
         )
         self.detection = DetectionLoop(
             self.store,
@@ -199,6 +188,26 @@ class CollectorApp:
             on_alerts_changed=self._alerts_changed,
             clock=clock,
         )
+        self.fleet = (
+            FleetDetection(
+                self.store,
+                fleet_detectors,
+                targets=self.targets,
+                interval_seconds=config.detect_interval_seconds,
+                on_alerts_changed=self._alerts_changed,
+                active=lambda: self.cluster.holds(FLEET_DETECTION),
+                local_nodes=lambda: list(self._adopted),
+                window=ClockWindow(config.max_clock_skew_seconds, config.max_data_age_seconds),
+                clock=clock,
+            )
+            if fleet_detectors
+            else None
+        )
+        if self.fleet is not None:
+            fleet = self.fleet
+            self.cluster.on_lease_change = lambda duty, held: (
+                fleet.lease_changed(held) if duty == FLEET_DETECTION else None
+            )
         self.storage_stats = StorageStats()
         # (node, gpu) -> (t, metrics) of its newest sample, for /api/v1/status (event loop only).
         self.latest_gpu: dict[tuple[str, int], tuple[float, Mapping[str, float | int]]] = {}
@@ -210,6 +219,7 @@ class CollectorApp:
         self.grpc_port = 0
         self.http_port = 0
         self._server: grpc.aio.Server | None = None
+        self._service: TelemetryService | None = None
         self._web: WebServer | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -228,16 +238,39 @@ class CollectorApp:
 
     def _on_hello(self, hello: pb.Hello, now: float) -> None:
         interval = reporting_interval_seconds(hello, self.config.agent_sampling_interval_seconds)
-        self.detection.feed(
-            functools.partial(
-                RecentData.note_node,
-                node=hello.node,
-                t=now,
-                boot_id=hello.boot_id,
-                sampling_interval_seconds=interval,
-                gpu_count=len(hello.gpus) or None,
-            )
+        if self.shared_database and hello.node not in self._adopted:
+            # Its firing alerts and recent window, from wherever it streamed before.
+            self._adopted.add(hello.node)
+            self.detection.feed(functools.partial(self._adopt, node=hello.node))
+        note = functools.partial(
+            RecentData.note_node,
+            node=hello.node,
+            t=now,
+            boot_id=hello.boot_id,
+            sampling_interval_seconds=interval,
+            gpu_count=len(hello.gpus) or None,
         )
+        self.detection.feed(note)
+        if self.fleet is not None:
+            self.fleet.loop.feed(note)
+
+    def _adopt(self, recent: RecentData, node: str) -> None:
+        """In the detection thread: a node that streams here now takes its firing node-level
+        alerts and recent data from the database, so they close here when their condition ends."""
+        ids = {d.id for d in self.tracker.detectors}
+        firing = [a for a in self.store.firing_alerts() if a["node"] == node and a["detector"] in ids]
+        self.tracker.restore((finding_from_alert(a) for a in firing), hold_until=self.clock() + TAKEOVER_HOLD_SECONDS)
+        _load_recent(self.store, recent, self.clock(), node=node)
+
+    def _let_go_of_moved_nodes(self, holders: Mapping[str, str | None]) -> None:
+        """Nodes that stream to another collector now: their detection state goes (not resolved)."""
+        for node in list(self._adopted):
+            link = self.stats.links.get(node)
+            holder = holders.get(node)
+            if (link is None or not link.connected) and holder is not None and holder != self.cluster.id:
+                self._adopted.discard(node)
+                self.detection.feed(functools.partial(_forget_node, tracker=self.tracker, node=node))
+                log.info("node %s streams to collector %s now: its detection state moved there", node, holder)
 
     def _on_stored(self, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
         """Count what was stored and hand it to detection (applied in its thread)."""
@@ -266,34 +299,27 @@ class CollectorApp:
                         # Read only by /api/v1/status: the row, not a dict made for every batch.
                         self.latest_gpu[(item.node, gpu)] = (t, RowMetrics(rows.values[row].tolist()))
         self.detection.feed(functools.partial(feed_recent, items=list(items), stored=list(stored)))
+        if self.fleet is not None:
+            self.fleet.feed_local(items, stored)
+        if self.remote_write is not None:
+            self.remote_write.enqueue(items, stored)
         if has_events:
             self.detection.trigger()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _warm_start(self) -> None:
-        """Reload what detection needs after a restart: firing alerts and the recent window."""
+        """Reload what detection needs after a restart: firing alerts and the recent window.
+
+        With a shared database, a node's state is loaded when its agent says Hello here instead
+        (`_adopt`), and the fleet detectors' when the lease comes here (collector/fleet.py).
+        """
         self.store.migrate()
-        self.tracker.restore(finding_from_alert(a) for a in self.store.firing_alerts())
-        since = self.clock() - self.recent.retention_seconds
-        for node in self.store.nodes():
-            self.recent.note_node(
-                node["node"],
-                node["last_seen"],
-                boot_id=node["boot_id"],
-                sampling_interval_seconds=node["sampling_interval_seconds"],
-            )
-        for s in self.store.gpu_samples_since(since):
-            self.recent.add_gpu(s)
         self.latest_gpu.update({key: (s.t, s.metrics) for key, s in self.store.latest_gpu_samples().items()})
-        for h in self.store.host_samples_since(since):
-            self.recent.add_host(h)
-        for e in self.store.events_since(self.clock() - self.recent.event_retention_seconds):
-            self.recent.add_event(e)
-        for st in self.store.steps_since(since):
-            self.recent.add_step(st)
-        for port in self.store.ib_samples_since(since):
-            self.recent.add_ib(ib_sample(port["node"], port))
+        if self.shared_database:
+            return
+        self.tracker.restore(finding_from_alert(a) for a in self.store.firing_alerts())
+        _load_recent(self.store, self.recent, self.clock())
 
     async def start(self) -> None:
         """Raises ConfigError, before migrating or listening, for TLS files or listen addresses that are refused."""
@@ -302,8 +328,12 @@ class CollectorApp:
             log.warning("%s", warning)
         await asyncio.to_thread(self._warm_start)
         self.detection.start()
+        if self.fleet is not None:
+            self.fleet.loop.start()
         self.writer.start()
-        service = TelemetryService(
+        if self.remote_write is not None:
+            self.remote_write.start()
+        self._service = service = TelemetryService(
             self.store,
             self.writer,
             self.stats,
@@ -330,6 +360,10 @@ class CollectorApp:
         self.http_port = await self._web.start(host, port)
         if not self.config.external_url:
             self.links.external_url = default_external_url(host, self.http_port, https=tls is not None)
+        self.cluster.grpc_address = f"{parse_host_port(self.config.grpc_listen)[0]}:{self.grpc_port}"
+        self.cluster.http_address = f"{host}:{self.http_port}"
+        # The leases first: a lone collector delivers from its first second.
+        await asyncio.to_thread(self.cluster.tick, *self._streams())
         self._tasks = [
             asyncio.create_task(self.detection.watchdog(self._stop), name="watchdog"),
             asyncio.create_task(self.outbox.run(self._stop), name="outbox"),
@@ -339,6 +373,8 @@ class CollectorApp:
                 else []
             ),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+            asyncio.create_task(self.cluster.run(self._stop, self._streams), name="cluster"),
+            *([asyncio.create_task(self._fleet_poll_loop(self.fleet), name="fleet-poll")] if self.fleet else []),
             asyncio.create_task(self._storage_loop(), name="storage-maintenance"),
         ]
         log.info(
@@ -401,7 +437,9 @@ class CollectorApp:
                 seen = {n: link.last_received_at for n, link in self.stats.links.items() if link.last_received_at}
                 if seen:
                     await asyncio.to_thread(self.store.touch_nodes, seen)
-                if self.clock() >= next_purge:
+                if self.shared_database and self._adopted:
+                    self._let_go_of_moved_nodes(await asyncio.to_thread(self.store.node_holders))
+                if self.clock() >= next_purge and self.cluster.holds(RETENTION):
                     next_purge = self.clock() + PURGE_EVERY_SECONDS
                     deleted = await asyncio.to_thread(self.store.purge, self.clock() - retention_seconds)
                     if deleted:
@@ -410,11 +448,32 @@ class CollectorApp:
                 log.exception("housekeeping (node last_seen, retention) failed")
             await wait_any(self._stop, timeout_seconds=TOUCH_NODES_EVERY_SECONDS)
 
+    async def _fleet_poll_loop(self, fleet: FleetDetection) -> None:
+        """While this collector holds fleet detection: the other collectors' batches, as they commit."""
+        while not self._stop.is_set():
+            if self.cluster.holds(FLEET_DETECTION):
+                try:
+                    await asyncio.to_thread(fleet.poll)
+                except Exception:
+                    log.exception("fleet detection could not read the other collectors' batches; retrying")
+            await wait_any(self._stop, timeout_seconds=self.config.detect_interval_seconds)
+
+    def _streams(self) -> tuple[int, list[str]]:
+        """Open agent streams, and the nodes streaming here (what the cluster records)."""
+        return self.stats.streams_open, [node for node, link in self.stats.links.items() if link.connected]
+
     async def stop(self, grace_seconds: float = 2.0) -> None:
+        """Drain (agents told to move, their in-flight batches acked, for up to grace_seconds), then close."""
+        if self._service is not None:
+            left = await self._service.drain(grace_seconds)
+            if left:
+                log.warning("%d agent streams still open after %.1f s of draining; closing them", left, grace_seconds)
         self._stop.set()
         if self._server is not None:
             await self._server.stop(grace_seconds)
         await asyncio.to_thread(self.writer.stop)
+        if self.remote_write is not None:  # what the writer stored last, sent for up to grace_seconds
+            await self.remote_write.close(grace_seconds)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -426,7 +485,10 @@ class CollectorApp:
         if self.alertmanagers is not None:
             self.alertmanagers.close()
         await asyncio.to_thread(self.detection.close)
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.loop.close)
         await asyncio.to_thread(self.readiness.close)
         # A compaction in progress commits or rolls back whole before the store closes.
         await asyncio.to_thread(self._maintenance.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self.cluster.leave)
         self.store.close()

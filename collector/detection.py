@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import numpy as np
 
 from fleetwatch.asyncwait import wait_any
-from fleetwatch.collector.storage.store import Store, Targets
+from fleetwatch.collector.storage.store import GpuRows, IngestBatch, Store, Targets
 from fleetwatch.detectors.engine import RecentData, Tracker
-from fleetwatch.records import Finding
+from fleetwatch.records import Finding, GpuSample, IbSample
 from fleetwatch.systemd import notify, watchdog_interval_seconds
+from fleetwatch.wire import GPU_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,74 @@ def finding_from_alert(alert: dict) -> Finding:
         evidence=alert.get("evidence") or {},
         key=alert["key"],
     )
+
+
+# What ingest stored, as detection's records (feed_recent), in the detection thread.
+_FIELD_INDEX = {name: i for i, name in enumerate(GPU_FIELDS)}
+_FIELD_COUNT = len(GPU_FIELDS)
+
+
+def feed_recent(recent: RecentData, items: Sequence[IngestBatch], stored: Sequence[bool]) -> None:
+    """Stored batches into detection's recent data (in the detection thread)."""
+    dense: list[tuple[str, GpuRows]] = []
+    for item, new in zip(items, stored):
+        recent.note_node(item.node, item.received_at)
+        if not new:
+            continue
+        _add_gpu_samples(recent, item.node, item.gpu_samples)
+        if item.gpu_rows is not None and len(item.gpu_rows):
+            dense.append((item.node, item.gpu_rows))
+        for h in item.host_samples:
+            recent.add_host(h)
+        for e in item.events:
+            recent.add_event(e)
+        for st in item.steps:
+            recent.add_step(st)
+        for port in item.ib_ports:
+            recent.add_ib(ib_sample(item.node, port))
+    if dense:
+        _add_gpu_rows(recent, dense)
+
+
+def _add_gpu_rows(recent: RecentData, batches: Sequence[tuple[str, GpuRows]]) -> None:
+    """Dense batches' rows of every node in one write: detection's cost is per write, not per value."""
+    labels = [rows.labels[i] for _, rows in batches for i in rows.label.tolist()]
+    recent.add_gpu_rows_timed(
+        [node for node, rows in batches for _ in range(len(rows))],
+        np.concatenate([rows.t for _, rows in batches]),
+        np.concatenate([rows.gpu for _, rows in batches]).tolist(),
+        np.concatenate([rows.values for _, rows in batches]),
+        [label[0] for label in labels],
+        [label[1] for label in labels],
+        [label[2] for label in labels],
+    )
+
+
+def _add_gpu_samples(recent: RecentData, node: str, samples: Sequence[GpuSample]) -> None:
+    """A batch's GPU samples as rows, one add_gpu_rows per sampling time (one for an agent's batch)."""
+    by_time: dict[float, list[GpuSample]] = {}
+    for sample in samples:
+        by_time.setdefault(sample.t, []).append(sample)
+    for t, group in by_time.items():
+        rows = [[math.nan] * _FIELD_COUNT for _ in group]
+        for row, sample in zip(rows, group):
+            for name, value in sample.metrics.items():
+                row[_FIELD_INDEX[name]] = value  # check_batch kept canonical fields only
+        recent.add_gpu_rows(
+            node,
+            t,
+            [s.gpu for s in group],
+            np.array(rows, dtype=np.float64),
+            [s.uuid for s in group],
+            [s.job for s in group],
+            [s.rank for s in group],
+        )
+
+
+def ib_sample(node: str, port: Mapping[str, Any]) -> IbSample:
+    """An ingested (or stored) InfiniBand port row as the detectors' record."""
+    metrics = {k: v for k, v in port.items() if k.startswith("ib_") and v is not None}
+    return IbSample(t=port["t"], node=node, device=port["device"], port=int(port["port"]), metrics=metrics)
 
 
 # A pass that has not finished in this many intervals (at least this many seconds) stops the
@@ -63,8 +135,14 @@ class DetectionLoop:
         interval_seconds: float,
         on_alerts_changed: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        active: Callable[[], bool] = lambda: True,
+        name: str = "detection",
     ) -> None:
+        """`active`: whether passes run now (fleet detection runs only on its lease's holder);
+        while not, what is fed is still applied, so the data is there when it turns active."""
         self.store = store
+        self.active = active
+        self.name = name
         self.recent = recent
         self.tracker = tracker
         self.targets = targets
@@ -106,7 +184,7 @@ class DetectionLoop:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="detection", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def _save(self, transitions: list[tuple[str, Finding]], now: float) -> None:
@@ -134,6 +212,9 @@ class DetectionLoop:
         """One pass (in the detection thread, or a test's): apply what was fed, detect, record transitions."""
         self._drain()
         now = self.clock()
+        if not self.active():
+            self.recent.window(now, self.watching_since)  # prunes what grew past retention meanwhile
+            return [], []
         opened, closed = self.tracker.evaluate(self.recent.window(now, self.watching_since))
         self.passes += 1
         transitions = self._unsaved + [("open", f) for f in opened] + [("close", f) for f in closed]

@@ -117,7 +117,9 @@ class JobLedger:
         # Jobs as small integers: -1 for a row that names none.
         jobs = sorted({label[1] for label in labels if label[1] is not None})
         code_of = {job: i for i, job in enumerate(jobs)}
-        label_codes = np.array([code_of.get(label[1], -1) for label in labels] or [-1], dtype=np.int64)
+        label_codes = np.array(
+            [-1 if label[1] is None else code_of[label[1]] for label in labels] or [-1], dtype=np.int64
+        )
         codes = label_codes[label_of_row[rows]]
         nan = np.full(len(rows), np.nan)
         energy = values.get(ENERGY_FIELD, nan)[rows] if ENERGY_FIELD in values else nan

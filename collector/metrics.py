@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleetwatch.collector.cluster import DUTIES
 from fleetwatch.collector.notify import target_for_log
 from fleetwatch.records import Finding
 
@@ -142,6 +143,29 @@ class CollectorMetrics(Collector):
         yield deliveries
         if app.alertmanagers is not None:
             yield from app.alertmanagers.metrics()
+        if app.remote_write is not None:
+            yield from app.remote_write.metrics()
+        cluster = app.cluster
+        held = GaugeMetricFamily(
+            "fleetwatch_collector_lease_held",
+            "1 while this collector holds the fleet-wide lease (alerts, fleet_detection, retention).",
+            labels=["lease"],
+        )
+        taken = CounterMetricFamily(
+            "fleetwatch_collector_lease_acquisitions",
+            "Times this collector took each fleet-wide lease (another collector held it, or nobody).",
+            labels=["lease"],
+        )
+        for duty in DUTIES:
+            held.add_metric([duty], 1.0 if cluster.holds(duty) else 0.0)
+            taken.add_metric([duty], cluster.lease_changes[duty])
+        yield held
+        yield taken
+        yield counter(
+            "fleetwatch_collector_heartbeat_failures",
+            "Heartbeats (with their lease renewals) that could not be written to the database.",
+            cluster.renew_failures,
+        )
         job_energy = CounterMetricFamily(
             "fleetwatch_job_energy_joules",
             "Energy used by each running job's GPUs since this collector saw the job start (counter "

@@ -40,6 +40,8 @@ DUE_PER_QUERY = 100
 # receiver's request size limit is not).
 GROUP_MAX_ALERTS = 100
 IDLE_POLL_SECONDS = 5.0
+# While another collector holds the alerts lease: how often to look whether this one took it.
+INACTIVE_POLL_SECONDS = 1.0
 # A delivery whose outcome could not be written (the database failed) waits this long before it is
 # sent again: it stays pending, and re-sending it at once would flood the receiver.
 UNRECORDED_HOLD_SECONDS = 5.0
@@ -75,9 +77,12 @@ class Outbox:
         backoff_max_seconds: float = 300.0,
         sends_per_target: int = SENDS_PER_TARGET,
         clock: Callable[[], float] = time.time,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`active`: whether this collector sends now (it holds the alerts lease, collector/cluster.py)."""
         self.store = store
         self.notifiers = notifiers
+        self.active = active
         self.max_attempts = max_attempts
         self.backoff_min_seconds = backoff_min_seconds
         self.backoff_max_seconds = backoff_max_seconds
@@ -282,6 +287,9 @@ class Outbox:
         self._loop = asyncio.get_running_loop()
         while not stop.is_set():
             self._wake.clear()
+            if not self.active():  # another collector sends the fleet's deliveries
+                await wait_any(self._wake, stop, timeout_seconds=INACTIVE_POLL_SECONDS)
+                continue
             try:
                 next_due = await self._pass()
             except Exception:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,8 +87,28 @@ def _worst(alerts: list[FiringAlert]) -> str:
     return max((a.severity for a in alerts), key=SEVERITY_RANK.__getitem__, default="ok")
 
 
-def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
-    """Nodes and GPUs from the database with the worst firing alert on each as their health (blocking)."""
+# A node whose agent streams to another live collector counts as connected while that collector
+# touched its last_seen this recently (it writes every TOUCH_NODES_EVERY_SECONDS, 10 s).
+PEER_CONNECTED_SECONDS = 30.0
+
+
+def build_status(store: Store, snapshot: DetectionSnapshot, cluster: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Nodes and GPUs from the database with the worst firing alert on each as their health (blocking).
+
+    `cluster` (Cluster.state()): with collectors sharing the database, the alerts the others
+    raised count too, a node streaming to another live collector is connected, and the
+    collectors with their leases are listed.
+    """
+    alerts = list(snapshot.alerts)
+    if cluster is not None and len(cluster["collectors"]) > 1:
+        known = {(a.node, a.gpu, a.detector) for a in alerts}
+        for row in store.firing_alerts():
+            if (row["node"], row["gpu"], row["detector"]) not in known:
+                alerts.append(FiringAlert(row["node"], row["gpu"], row["detector"], row["severity"]))
+    snapshot = DetectionSnapshot(alerts=tuple(alerts), links=snapshot.links, latest=snapshot.latest)
+    holders: Mapping[str, str | None] = cluster["node_collectors"] if cluster is not None else {}
+    alive = {c["id"] for c in cluster["collectors"] if c["alive"]} if cluster is not None else set()
+    now = time.time()
     gpus_by_node: dict[str, list[dict]] = {}
     for gpu in store.gpus():
         gpus_by_node.setdefault(gpu["node"], []).append(gpu)
@@ -111,10 +132,17 @@ def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
                 }
             )
         link = snapshot.links.get(name)
+        holder = holders.get(name)
+        elsewhere = (
+            holder in alive
+            and holder != (cluster or {}).get("self")
+            and now - node["last_seen"] <= PEER_CONNECTED_SECONDS
+        )
         nodes_out.append(
             {
                 "node": name,
-                "connected": bool(link and link.connected),
+                "connected": bool(link and link.connected) or elsewhere,
+                "collector": holder,
                 "boot_id": node.get("boot_id"),
                 "agent_version": node.get("agent_version"),
                 "last_seen": (link.last_received_at if link else None) or node.get("last_seen"),
@@ -122,12 +150,21 @@ def build_status(store: Store, snapshot: DetectionSnapshot) -> dict[str, Any]:
                 "gpus": gpus_out,
             }
         )
-    return {"nodes": nodes_out, "alerts_firing": len(snapshot.alerts)}
+    status: dict[str, Any] = {"nodes": nodes_out, "alerts_firing": len(snapshot.alerts)}
+    if cluster is not None:
+        status["collectors"] = cluster["collectors"]
+        status["leases"] = cluster["leases"]
+    return status
 
 
 async def fleet_status(app: CollectorApp) -> dict[str, Any]:
     """/api/v1/status: the detection state copied on the loop, the database read in a worker thread."""
-    return await asyncio.to_thread(build_status, app.store, DetectionSnapshot.take(app))
+    snapshot = DetectionSnapshot.take(app)
+
+    def read() -> dict[str, Any]:
+        return build_status(app.store, snapshot, app.cluster.state())
+
+    return await asyncio.to_thread(read)
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

@@ -178,6 +178,13 @@ def format_status(status: dict, out: TextIO) -> None:
             if gpu["alerts"]:
                 print(f"{'':<16}   gpu {gpu['gpu']} {gpu['uuid'] or ''}: {', '.join(gpu['alerts'])}", file=out)
     print(f"{status['alerts_firing']} alerts firing", file=out)
+    collectors = status.get("collectors") or []
+    if len(collectors) > 1:  # one collector is the whole story; several share the fleet's work
+        print(f"\n{'COLLECTOR':<32} {'STATE':<6} {'STREAMS':>7} {'NODES':>5} LEASES", file=out)
+        for c in collectors:
+            state = "alive" if c["alive"] else "dead"
+            name = c["id"] + (" (this)" if c.get("self") else "")
+            print(f"{name:<32} {state:<6} {c['streams']:>7} {c['nodes']:>5} {', '.join(c['leases']) or '-'}", file=out)
 
 
 def format_alerts(alerts: list[dict], out: TextIO, *, times: bool = False, now: float | None = None) -> None:

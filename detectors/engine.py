@@ -681,21 +681,26 @@ class Tracker:
             raise ValueError(f"detector ids must be unique, repeated: {duplicated}")
         self.open: dict[str, Finding] = {}
         self._owner: dict[str, str] = {}  # fingerprint -> id of the detector that raised it
+        self._hold_until: dict[str, float] = {}  # restored fingerprint -> not closed before (restore)
         # One page per fault: stragglers ride on their GPU's firing hardware finding (fold.py).
         self._folding = StragglerFolding()
         self.stats: dict[str, DetectorStats] = {d.id: DetectorStats() for d in self.detectors}
 
-    def restore(self, findings: Iterable[Finding]) -> None:
+    def restore(self, findings: Iterable[Finding], *, hold_until: float | None = None) -> None:
         """Re-opens findings that were open before (e.g. firing alerts reloaded after a restart).
 
         They are not reported as opened again when their detector still finds them; they close
-        normally when it does not.
+        normally when it does not, but not before `hold_until` (data time): a collector that takes
+        over a node or the fleet's detection may lack the newest samples for a while (the agents
+        are still moving and resending), and closing then would only open the alert again.
         """
         for finding in findings:
             if finding.end is not None:
                 continue
             self.open[finding.fingerprint] = finding
             self._owner[finding.fingerprint] = finding.detector
+            if hold_until is not None:
+                self._hold_until[finding.fingerprint] = hold_until
 
     def _run(self, detector: Detector, window: Window) -> dict[str, Finding] | None:
         stats = self.stats[detector.id]
@@ -750,12 +755,26 @@ class Tracker:
             self.open[fingerprint] = finding
 
         closed: list[Finding] = []
+        if self._hold_until:
+            self._hold_until = {fp: t for fp, t in self._hold_until.items() if t > window.now and fp in self.open}
         for fingerprint in [fp for fp in self.open if fp not in seen]:
             if self._owner.get(fingerprint) in failed:
                 continue  # a crash says nothing about whether the condition still holds
+            if fingerprint in self._hold_until:
+                continue  # restored moments ago: the data may not have caught up yet
             closed.append(replace(self.open.pop(fingerprint), end=window.now))
             self._owner.pop(fingerprint, None)
         return opened, closed
+
+    def forget(self, node: str | None = None) -> list[Finding]:
+        """Drops the open findings (of one node, or all) without closing them: another collector
+        carries them on (the node streams there now, or the fleet-wide lease moved). Returns them."""
+        dropped = [f for f in self.open.values() if node is None or f.node == node]
+        for finding in dropped:
+            self.open.pop(finding.fingerprint, None)
+            self._owner.pop(finding.fingerprint, None)
+            self._hold_until.pop(finding.fingerprint, None)
+        return dropped
 
     def open_findings(self) -> list[Finding]:
         """The open findings, ordered by start."""

@@ -39,6 +39,8 @@ from fleetwatch.collector.storage.store import Store, silence_matches
 from fleetwatch.configfile import url_origin
 
 log = logging.getLogger(__name__)
+# While another collector holds the alerts lease: how often to look whether this one took it.
+INACTIVE_POLL_SECONDS = 1.0
 
 API_PATH = "/api/v2/alerts"
 # A firing alert's endsAt is this many resend intervals ahead (Prometheus: 4 x max(resend, evaluation)).
@@ -94,9 +96,12 @@ class AlertmanagerPusher:
         timeout_seconds: float = 5.0,
         ca_file: str = "",
         clock: Callable[[], float] = time.time,
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`active`: whether this collector posts the feed now (it holds the alerts lease)."""
         self.store = store
         self.links = links
+        self.active = active
         self.resend_seconds = resend_seconds
         self.timeout_seconds = timeout_seconds
         self.clock = clock
@@ -175,7 +180,7 @@ class AlertmanagerPusher:
         while not stop.is_set():
             self._wake.clear()
             now = self.clock()
-            for member in self._members:
+            for member in self._members if self.active() else ():
                 if not member.busy and (member.wanted or member.next_at <= now):
                     member.busy, member.wanted = True, False
                     future = loop.run_in_executor(self._executor, self._push, member)
@@ -184,6 +189,8 @@ class AlertmanagerPusher:
                     future.add_done_callback(pending.discard)
             waiting = [m.next_at for m in self._members if not m.busy and not m.wanted]
             wait = min(waiting, default=now + self.resend_seconds) - now
+            if not self.active():  # another collector posts the feed; look again for the lease soon
+                wait = INACTIVE_POLL_SECONDS
             await wait_any(self._wake, stop, timeout_seconds=min(self.resend_seconds, max(0.05, wait)))
 
     def _done(self, member: _Member, _: asyncio.Future[None]) -> None:

@@ -91,6 +91,8 @@ nodes = Table(
     Column("first_seen", Double, nullable=False),
     Column("last_seen", Double, nullable=False),
     Column("boot_seen_at", Double, nullable=False),
+    # Added by revision 0008: the collector whose stream the node's agent last sent on.
+    Column("collector", String(255), nullable=True),
 )
 
 gpus = Table(
@@ -335,4 +337,31 @@ RETENTION_TABLES: tuple[tuple[Table, str], ...] = (
     (steps, "ts"),
     (batches, "received_at"),
     (batch_ranges, "last_received_at"),
+)
+
+
+# Revision 0008: collectors sharing one database. Each running collector beats here every few
+# seconds; a fleet-wide duty (alert delivery, job-level detection, retention) is a lease one of
+# them holds until it stops renewing it (collector/cluster.py).
+collectors = Table(
+    "collectors",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(64), nullable=False, default="", server_default=""),
+    Column("grpc_address", String(255), nullable=False, default="", server_default=""),
+    Column("http_address", String(255), nullable=False, default="", server_default=""),
+    Column("started_at", Double, nullable=False),
+    Column("heartbeat_at", Double, nullable=False),
+    Column("streams", Integer, nullable=False, default=0, server_default="0"),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255), nullable=False),
+    Column("acquired_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
 )

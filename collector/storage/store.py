@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -45,7 +46,7 @@ from fleetwatch.collector.storage.blocks import blocks_from_bodies
 from fleetwatch.collector.storage.blocks import gpu_samples as block_gpu_samples
 from fleetwatch.collector.storage.blocks import host_samples as block_host_samples
 from fleetwatch.collector.storage.blocks import ib_ports as block_ib_ports
-from fleetwatch.collector.storage.chunks import Block, compress_body, decode_block
+from fleetwatch.collector.storage.chunks import Block, body_message, compress_body, decode_block
 from fleetwatch.collector.storage.migrations import alembic_config, script_directory
 from fleetwatch.configfile import MASK
 from fleetwatch.limits import storable_metric
@@ -416,6 +417,34 @@ class Store:
                 raise BatchRefused(_reason(exc), item.key, done) from exc
         return stored
 
+    def newest_batch_id(self) -> int:
+        """The id of the newest stored batch not compacted yet (0: none)."""
+        b = schema.batches
+        with self._read("read newest batch id") as conn:
+            return int(conn.execute(select(func.max(b.c.id))).scalar() or 0)
+
+    def batch_ids_after(self, after_id: int, limit: int) -> list[int]:
+        """Ids of stored batches (not compacted yet) after `after_id`, ascending."""
+        b = schema.batches
+        query = select(b.c.id).where(b.c.id > after_id, b.c.body.is_not(None)).order_by(b.c.id).limit(limit)
+        with self._read("read new batch ids") as conn:
+            return [int(row_id) for row_id in conn.execute(query).scalars()]
+
+    def batches_by_id(self, ids: Collection[int]) -> list[tuple[int, str, str, float, bytes]]:
+        """(id, node, boot_id, received_at, serialized Batch) of these stored batches, by id: what
+        other collectors stored, for the fleet-wide detectors."""
+        if not ids:
+            return []
+        b = schema.batches
+        query = (
+            select(b.c.id, b.c.node, b.c.boot_id, b.c.received_at, b.c.body)
+            .where(b.c.id.in_(list(ids)), b.c.body.is_not(None))
+            .order_by(b.c.id)
+        )
+        with self._read("read new batches") as conn:
+            rows = conn.execute(query).all()
+        return [(int(r.id), r.node, r.boot_id, float(r.received_at), body_message(r.body)) for r in rows]
+
     def node_known(self, node: str) -> bool:
         """Whether `node` has a row, i.e. some stream of it has had a batch stored."""
         n = schema.nodes
@@ -510,6 +539,97 @@ class Store:
         with self._write("touch nodes") as conn:
             conn.execute(stmt, rows)
 
+    # -- collectors sharing the database (collector/cluster.py) ------------------------------
+
+    def beat(self, collector: Mapping[str, Any]) -> None:
+        """Inserts or refreshes a collector's row: id, host, pid, version, grpc_address,
+        http_address, started_at, heartbeat_at, streams."""
+        c = schema.collectors
+        row = dict(collector)
+        with self._write("collector heartbeat") as conn:
+            upsert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(c).values(**row)
+            changing = {key: value for key, value in row.items() if key not in ("id", "started_at")}
+            conn.execute(upsert.on_conflict_do_update(index_elements=[c.c.id], set_=changing))
+
+    def collectors(self) -> list[dict[str, Any]]:
+        """Every collector that has beaten, newest start first (dead ones until forgotten)."""
+        c = schema.collectors
+        with self._read("read collectors") as conn:
+            rows = conn.execute(select(c).order_by(c.c.started_at.desc(), c.c.id)).mappings()
+            return [dict(row) for row in rows]
+
+    def forget_collector(self, collector_id: str) -> None:
+        """A collector's row and its leases, on a clean stop (its duties move at once)."""
+        c, le = schema.collectors, schema.leases
+        with self._write("forget collector") as conn:
+            conn.execute(delete(le).where(le.c.holder == collector_id))
+            conn.execute(delete(c).where(c.c.id == collector_id))
+
+    def forget_dead_collectors(self, older_than: float) -> int:
+        """Rows of collectors that have not beaten since `older_than` (their leases have long expired)."""
+        c = schema.collectors
+        with self._write("forget dead collectors") as conn:
+            return int(conn.execute(delete(c).where(c.c.heartbeat_at < older_than)).rowcount or 0)
+
+    def acquire_lease(self, name: str, holder: str, now: float, ttl_seconds: float) -> bool:
+        """Takes or renews lease `name` for `holder` until now + ttl; False while another holds it.
+
+        One statement decides: the row is updated only where this holder has it or it has expired,
+        so two collectors racing for an expired lease cannot both win (the loser updates no row).
+        """
+        le = schema.leases
+        expires_at = now + ttl_seconds
+        # RETURNING, not rowcount: what a driver reports as rowcount for ON CONFLICT varies.
+        with self._write(f"acquire lease {name}") as conn:
+            taken = conn.execute(
+                update(le)
+                .where(le.c.name == name, or_(le.c.holder == holder, le.c.expires_at < now))
+                .values(
+                    holder=holder,
+                    expires_at=expires_at,
+                    acquired_at=case((le.c.holder == holder, le.c.acquired_at), else_=now),
+                )
+                .returning(le.c.name)
+            ).first()
+            if taken is not None:
+                return True
+            dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+            inserted = conn.execute(
+                dialect_insert(le)
+                .values(name=name, holder=holder, acquired_at=now, expires_at=expires_at)
+                .on_conflict_do_nothing(index_elements=[le.c.name])
+                .returning(le.c.name)
+            ).first()
+            return inserted is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        le = schema.leases
+        with self._write(f"release lease {name}") as conn:
+            conn.execute(delete(le).where(le.c.name == name, le.c.holder == holder))
+
+    def leases(self) -> list[dict[str, Any]]:
+        le = schema.leases
+        with self._read("read leases") as conn:
+            return [dict(row) for row in conn.execute(select(le).order_by(le.c.name)).mappings()]
+
+    def claim_nodes(self, nodes: Collection[str], collector: str) -> None:
+        """Records that these nodes' agents stream to `collector` now."""
+        if not nodes:
+            return
+        n = schema.nodes
+        with self._write("claim nodes") as conn:
+            conn.execute(
+                update(n)
+                .where(n.c.node.in_(list(nodes)), or_(n.c.collector.is_(None), n.c.collector != collector))
+                .values(collector=collector)
+            )
+
+    def node_holders(self) -> dict[str, str | None]:
+        """node -> the collector its agent last streamed to (None: not recorded)."""
+        n = schema.nodes
+        with self._read("read node holders") as conn:
+            return {row.node: row.collector for row in conn.execute(select(n.c.node, n.c.collector))}
+
     def nodes(self) -> list[dict[str, Any]]:
         n = schema.nodes
         with self._read("read nodes") as conn:
@@ -561,12 +681,12 @@ class Store:
                 out.append((row_node, block))
         return out
 
-    def gpu_samples_since(self, ts: float) -> list[GpuSample]:
+    def gpu_samples_since(self, ts: float, node: str | None = None) -> list[GpuSample]:
         """GPU samples with t >= ts, oldest first."""
-        samples = [s for node, block in self.blocks("gpu", ts) for s in block_gpu_samples(node, block, ts)]
+        samples = [s for name, block in self.blocks("gpu", ts, node=node) for s in block_gpu_samples(name, block, ts)]
         g = schema.gpu_samples
         with self._read("read gpu samples") as conn:
-            rows = conn.execute(select(g).where(g.c.ts >= ts).order_by(g.c.ts, g.c.id)).mappings()
+            rows = conn.execute(_of_node(select(g).where(g.c.ts >= ts), g, node).order_by(g.c.ts, g.c.id)).mappings()
             samples += [_gpu_sample(row) for row in rows]  # written before revision 0004, not moved yet
         samples.sort(key=lambda s: s.t)
         return samples
@@ -619,24 +739,30 @@ class Store:
                     keep(sample)
         return latest
 
-    def host_samples_since(self, ts: float) -> list[HostSample]:
+    def host_samples_since(self, ts: float, node: str | None = None) -> list[HostSample]:
         """Host samples with t >= ts, oldest first."""
-        samples = [s for node, block in self.blocks("host", ts) for s in block_host_samples(node, block, ts)]
+        samples = [s for name, block in self.blocks("host", ts, node=node) for s in block_host_samples(name, block, ts)]
         h = schema.host_samples
         with self._read("read host samples") as conn:
-            rows = conn.execute(select(h).where(h.c.ts >= ts).order_by(h.c.ts, h.c.id)).mappings()
+            rows = conn.execute(_of_node(select(h).where(h.c.ts >= ts), h, node).order_by(h.c.ts, h.c.id)).mappings()
             samples += [
                 HostSample(t=row["ts"], node=row["node"], metrics=_row_metrics(row, HOST_FIELDS)) for row in rows
             ]
         samples.sort(key=lambda s: s.t)
         return samples
 
-    def ib_samples_since(self, ts: float) -> list[dict[str, Any]]:
+    def ib_samples_since(self, ts: float, node: str | None = None) -> list[dict[str, Any]]:
         """InfiniBand port samples with t >= ts, oldest first: the ingest dict shape plus node."""
-        result = [{**port, "node": node} for node, block in self.blocks("ib", ts) for port in block_ib_ports(block, ts)]
+        result = [
+            {**port, "node": name}
+            for name, block in self.blocks("ib", ts, node=node)
+            for port in block_ib_ports(block, ts)
+        ]
         ib = schema.ib_samples
         with self._read("read ib samples") as conn:
-            rows = conn.execute(select(ib).where(ib.c.ts >= ts).order_by(ib.c.ts, ib.c.id)).mappings()
+            rows = conn.execute(
+                _of_node(select(ib).where(ib.c.ts >= ts), ib, node).order_by(ib.c.ts, ib.c.id)
+            ).mappings()
             for row in rows:
                 port: dict[str, Any] = {
                     "t": row["ts"],
@@ -651,11 +777,11 @@ class Store:
         result.sort(key=lambda p: p["t"])
         return result
 
-    def events_since(self, ts: float) -> list[Event]:
+    def events_since(self, ts: float, node: str | None = None) -> list[Event]:
         """Events with t >= ts, oldest first."""
         e = schema.events
         with self._read("read events") as conn:
-            rows = conn.execute(select(e).where(e.c.ts >= ts).order_by(e.c.ts, e.c.id)).mappings()
+            rows = conn.execute(_of_node(select(e).where(e.c.ts >= ts), e, node).order_by(e.c.ts, e.c.id)).mappings()
             return [
                 Event(
                     t=row["ts"],
@@ -671,11 +797,11 @@ class Store:
                 for row in rows
             ]
 
-    def steps_since(self, ts: float) -> list[Step]:
+    def steps_since(self, ts: float, node: str | None = None) -> list[Step]:
         """Step reports with t >= ts, oldest first."""
         s = schema.steps
         with self._read("read steps") as conn:
-            rows = conn.execute(select(s).where(s.c.ts >= ts).order_by(s.c.ts, s.c.id)).mappings()
+            rows = conn.execute(_of_node(select(s).where(s.c.ts >= ts), s, node).order_by(s.c.ts, s.c.id)).mappings()
             return [
                 Step(
                     t=row["ts"],
@@ -1337,6 +1463,11 @@ def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any]) -> boo
         and (silence["gpu"] is None or silence["gpu"] == alert.get("gpu"))
         and (silence["detector"] is None or silence["detector"] == alert.get("detector"))
     )
+
+
+def _of_node(query: Select, table: Table, node: str | None) -> Select:
+    """`query` narrowed to one node's rows, when `node` is given."""
+    return query if node is None else query.where(table.c.node == node)
 
 
 def _evidence_with_board(finding: Finding) -> dict[str, Any]:

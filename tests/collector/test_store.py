@@ -350,6 +350,7 @@ def test_upsert_node_moves_boot_seen_at_only_on_a_new_boot(store: Store) -> None
         "first_seen": T0,
         "last_seen": T0 + 60,
         "boot_seen_at": T0,
+        "collector": None,  # no collector has claimed it (collector/cluster.py)
     }
 
     # Rebooted with a GPU gone and a new driver: boot_seen_at moves, GPU rows are replaced.

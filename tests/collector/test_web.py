@@ -112,7 +112,13 @@ async def test_alerts_parameters(app: CollectorApp, client: Client) -> None:
 async def test_status_of_an_empty_fleet(client: Client) -> None:
     status, headers, body = await client.get("/api/v1/status")
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert json.loads(body) == {"nodes": [], "alerts_firing": 0}
+    answer = json.loads(body)
+    assert (answer["nodes"], answer["alerts_firing"]) == ([], 0)
+    # The collectors sharing the database: this one alone, alive, doing every fleet-wide duty.
+    (collector,) = answer["collectors"]
+    assert collector["self"] and collector["alive"]
+    assert collector["leases"] == ["alerts", "fleet_detection", "retention"]
+    assert {lease["name"] for lease in answer["leases"]} == set(collector["leases"])
 
 
 async def test_a_failing_query_is_a_json_503(app: CollectorApp, client: Client, monkeypatch) -> None:
