@@ -137,3 +137,29 @@ def test_every_command_speaks_json() -> None:
         if leaf[0] != "detect" and "--json" not in leaf[-1]._option_string_actions
     ]
     assert missing == []
+
+
+def test_status_lists_the_collectors_when_several_share_the_database() -> None:
+    import io
+
+    from fleetwatch.ctl.main import format_status
+
+    collector = {"alive": True, "streams": 10, "nodes": 10, "leases": [], "self": False}
+    status = {
+        "nodes": [{"node": "n01", "connected": True, "health": "ok", "gpus": [], "collector": "c1"}],
+        "alerts_firing": 0,
+        "collectors": [
+            {**collector, "id": "c1", "leases": ["alerts", "fleet_detection", "retention"], "self": True},
+            {**collector, "id": "c2"},
+            {**collector, "id": "c3", "alive": False, "streams": 0, "nodes": 0},
+        ],
+    }
+    out = io.StringIO()
+    format_status(status, out)
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("c1 (this)") and "alerts, fleet_detection, retention" in line for line in lines)
+    assert any(line.startswith("c3") and " dead " in line for line in lines)
+    # One collector is the whole story: no table.
+    out = io.StringIO()
+    format_status({**status, "collectors": status["collectors"][:1]}, out)
+    assert "COLLECTOR" not in out.getvalue()

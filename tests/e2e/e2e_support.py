@@ -79,6 +79,22 @@ class Collector:
             self.proc.wait(20)
 
 
+def stop_agents(agents: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM every agent (each drains its spool), then each must exit 0 within 40 s."""
+    for proc in agents.values():
+        proc.send_signal(signal.SIGTERM)
+    for node, proc in agents.items():
+        assert proc.wait(40) == 0, f"agent {node} exited with {proc.returncode}"
+
+
+def kill_leftovers(agents: dict[str, subprocess.Popen]) -> None:
+    """In a test's finally: agents still running after a failure are killed and reaped."""
+    for proc in agents.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def start_simulated_agent(
     state: Path,
     node: str,

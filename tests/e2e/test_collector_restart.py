@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 from fleetwatch.collector.storage.store import Store
-from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
+from tests.e2e.e2e_support import Collector, clean_env, free_port, kill_leftovers, stop_agents, wait_for
 
 GPUS = 4
 
@@ -79,14 +78,9 @@ def test_every_batch_stored_exactly_once_across_collector_kills(tmp_path: Path) 
             before = stored_batches(db)
             collector.start()
             wait_for(lambda before=before: stored_batches(db) > before + 20, 20, "the spooled backlog to arrive")
-        for proc in agents.values():
-            proc.send_signal(signal.SIGTERM)
-        for node, proc in agents.items():
-            assert proc.wait(40) == 0, f"agent {node} exited with {proc.returncode}"
+        stop_agents(agents)
     finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                proc.kill()
+        kill_leftovers(agents)
         collector.stop()
         print(log.read_text()[-5000:])
 

@@ -29,8 +29,8 @@ from tests.e2e.e2e_support import Collector, clean_env, free_port, wait_for
 from tests.e2e.test_failover import pg_url  # noqa: F401  (the fixture, found by name)
 
 NODES, GPUS = 30, 2
-RUN_SECONDS = 55.0
-KILL_AT = 22.0  # seconds into the run
+RUN_SECONDS = 48.0
+KILL_AT = 20.0  # seconds into the run
 XID_NODE, XID_GPU = "n05", 1
 HOT_NODE, HOT_GPU = "n17", 0
 FAULTS = (f"{XID_NODE}:xid:79@{XID_GPU}+8", f"{HOT_NODE}:thermal_slowdown@{HOT_GPU}+4")

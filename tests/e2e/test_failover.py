@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from fleetwatch.collector.storage.store import Store
 from tests.collector.conftest import pg_admin_engine  # noqa: F401  (the fixture, found by name)
-from tests.e2e.e2e_support import Collector, free_port, start_simulated_agent, wait_for
+from tests.e2e.e2e_support import Collector, free_port, kill_leftovers, start_simulated_agent, stop_agents, wait_for
 
 NODES = ("f01", "f02", "f03", "f04")
 # What the issue asks of a move: the agents of a stopped or killed collector stream to the other
@@ -107,15 +107,9 @@ def test_agents_move_to_the_other_collector_and_every_batch_is_stored_once(
         assert victim.proc.wait(20) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
         time.sleep(1.0)  # and go on streaming there
 
-        for proc in agents.values():
-            proc.send_signal(signal.SIGTERM)
-        for node, proc in agents.items():
-            assert proc.wait(40) == 0, f"agent {node} exited with {proc.returncode}"
+        stop_agents(agents)
     finally:
-        for proc in agents.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        kill_leftovers(agents)
         for collector in collectors:
             collector.stop()
         print(log.read_text()[-4000:])
