@@ -125,7 +125,8 @@ def test_three_collectors_one_database_thirty_agents_one_killed(
             nodes = {n["node"]: n for n in status(survivors[0])["nodes"]}
             return all(nodes[m]["connected"] and nodes[m]["collector"] in alive_ids for m in movers)
 
-        wait_for(moved, MOVE_SECONDS + 5, f"the dead collector's {len(movers)} agents to move")  # +5: the claim's tick
+        # Within 10 s as the database shows it (the agents move in under a second; the claim ticks every 3 s).
+        wait_for(moved, MOVE_SECONDS, f"the dead collector's {len(movers)} agents to move")
         print(f"{len(movers)} agents of the killed collector moved in {time.monotonic() - killed_at:.1f} s")
 
         def leases_taken() -> bool:
@@ -136,7 +137,7 @@ def test_three_collectors_one_database_thirty_agents_one_killed(
                 "retention",
             }
 
-        wait_for(leases_taken, LEASE_MOVE_SECONDS + 3, f"the dead collector's leases {victim_leases} to move")
+        wait_for(leases_taken, LEASE_MOVE_SECONDS, f"the dead collector's leases {victim_leases} to move")
         print(f"leases {victim_leases} taken over in {time.monotonic() - killed_at:.1f} s")
         assert fleet.wait(RUN_SECONDS + 60) == 0, (tmp_path / "fleet.log").read_text()[-3000:]
         time.sleep(3)  # the last deliveries
