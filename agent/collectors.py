@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import zlib
 from collections.abc import Callable, Sequence
@@ -73,6 +74,17 @@ def node_offset(node: str) -> int:
     return zlib.crc32(node.encode())
 
 
+def spread_step(start: int, count: int) -> int:
+    """How far along the walk an agent moves from a collector it leaves: 1 to count - 1, hashed
+    from the node like its start, so a drained or dead collector's agents spread over the others
+    instead of all landing on the one after it. A step that shares a factor with `count` would
+    skip collectors for ever, so such a node takes 1."""
+    if count < 3:
+        return 1
+    step = 1 + start % (count - 1)
+    return step if math.gcd(step, count) == 1 else 1
+
+
 class CollectorRotation:
     """Round robin over the collectors of `entries` (HOST:PORT each, checked by the config)."""
 
@@ -121,7 +133,7 @@ class CollectorRotation:
         if self._last is None:
             index = self._start
         elif self._last in targets:
-            index = targets.index(self._last) + 1
+            index = targets.index(self._last) + spread_step(self._start, len(targets))
         else:
             index = self._last_index
         self._last_index = index % len(targets)

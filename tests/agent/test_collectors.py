@@ -217,3 +217,19 @@ async def test_a_stopping_collector_drains_its_agents_to_the_other_with_nothing_
         stop.set()
         await asyncio.wait_for(task, 10)
         await second.stop(0.2)
+
+
+def test_a_collectors_agents_spread_over_the_others_when_they_leave_it() -> None:
+    from collections import Counter
+
+    entries = [f"10.0.0.{i}:9470" for i in range(1, 4)]
+    moved_to: Counter[str] = Counter()
+    for i in range(300):
+        rotation = CollectorRotation(entries, start=node_offset(f"node{i:03d}"))
+        if str(rotation.next()) != entries[0]:
+            continue  # the agents that start on the first collector
+        moved_to[str(rotation.next())] += 1
+        # and every collector is still visited, one move after another
+        assert {str(rotation.next()) for _ in range(3)} | {entries[0]} == set(entries)
+    assert set(moved_to) == set(entries[1:])  # not all onto the one after it
+    assert min(moved_to.values()) > 0.3 * sum(moved_to.values())
