@@ -587,6 +587,8 @@ def test_collector_database_is_where_the_overlay_puts_it(
             _, volume, _ = collector.mount(effective.files["database_url_file"])
             assert "secret" in volume, f"{variant}: the database URL is not from a Secret"
             assert "volumeClaimTemplates" not in collector.obj["spec"]
+            # Collectors share a PostgreSQL database (collector/cluster.py): more than one runs.
+            assert collector.obj["spec"]["replicas"] >= 2
 
 
 # --- the agent's pod on a GPU node ----------------------------------------------------------
