@@ -224,6 +224,12 @@ class CollectorApp:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
+    @property
+    def trackers(self) -> tuple[Tracker, ...]:
+        """Every detection loop's tracker: node-level detection's, and fleet detection's where the
+        database is shared (what /metrics, the status API and the detector lists read)."""
+        return (self.tracker,) if self.fleet is None else (self.tracker, self.fleet.tracker)
+
     def silences_changed(self) -> None:
         """A silence was added or expired: Alertmanager's feed changes at once; the outbox reads them at each send."""
         if self.alertmanagers is not None:

@@ -117,13 +117,14 @@ class CollectorMetrics(Collector):
             spool_batches.add_metric([node], link.spool_batches)
         yield from (connected, lag, spool, spool_batches)
 
-        yield from _alert_series(list(app.tracker.open.values()))  # copied at once: detection has its own thread
+        # Copied at once: detection has its own thread (fleet detection another).
+        yield from _alert_series([f for tracker in app.trackers for f in list(tracker.open.values())])
 
         duration = GaugeMetricFamily(
             "fleetwatch_detector_duration_seconds", "Duration of the detector's last run.", labels=["detector"]
         )
         errors = CounterMetricFamily("fleetwatch_detector_errors", "Detector runs that raised.", labels=["detector"])
-        for detector_id, st in sorted(list(app.tracker.stats.items())):
+        for detector_id, st in sorted(item for tracker in app.trackers for item in list(tracker.stats.items())):
             duration.add_metric([detector_id], st.last_duration_seconds)
             errors.add_metric([detector_id], st.errors)
         yield from (duration, errors)

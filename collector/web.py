@@ -77,7 +77,11 @@ class DetectionSnapshot:
         """Call on the event loop, the one place that changes stats.links (tracker.open is copied at once)."""
         return cls(
             # list() copies in one step: the detection thread may change the dict meanwhile.
-            alerts=tuple(FiringAlert(f.node, f.gpu, f.detector, f.severity) for f in list(app.tracker.open.values())),
+            alerts=tuple(
+                FiringAlert(f.node, f.gpu, f.detector, f.severity)
+                for tracker in app.trackers
+                for f in list(tracker.open.values())
+            ),
             links={name: AgentLink(link.connected, link.last_received_at) for name, link in app.stats.links.items()},
             latest={key: metrics for key, (_, metrics) in app.latest_gpu.items()},
         )
@@ -295,7 +299,7 @@ class _Handlers:
             return _json({"error": "the body must be a JSON object"}, 400)
         now = self.app.clock()
         try:
-            silence = parse_silence(body, now, known_detectors=[d.id for d in self.app.tracker.detectors])
+            silence = parse_silence(body, now, known_detectors=[d.id for t in self.app.trackers for d in t.detectors])
         except ValueError as exc:
             return _json({"error": str(exc)}, 400)
         silence_id = await asyncio.to_thread(lambda: self.app.store.add_silence(**silence, now=now))
@@ -328,7 +332,7 @@ class _Handlers:
         detector = request.match_info["detector"]
         page = runbook_page(detector)
         if page is None:
-            known = ", ".join(sorted(d.id for d in self.app.tracker.detectors))
+            known = ", ".join(sorted(d.id for t in self.app.trackers for d in t.detectors))
             return _json({"error": f"no runbook for {detector[:64]!a} (detectors: {known})"}, 404)
         return web.Response(text=page, content_type="text/markdown")
 

@@ -77,3 +77,21 @@ def test_poll_reads_each_batch_once_including_one_that_commits_after_a_higher_id
         assert fed == [["n1", "n2"], ["n3"]]
     finally:
         store.close()
+
+
+def test_the_status_snapshot_counts_the_fleet_detectors_findings_too() -> None:
+    """With PostgreSQL, thermal and straggler findings live in fleet detection's tracker: a GPU's
+    health in /api/v1/status must still show them."""
+    from types import SimpleNamespace
+
+    from fleetwatch.collector.web import DetectionSnapshot
+    from fleetwatch.detectors.engine import Tracker
+    from fleetwatch.records import Finding
+
+    local, fleet = split_detectors(default_detectors())
+    node_tracker, fleet_tracker = Tracker(local), Tracker(fleet)
+    fleet_tracker.restore([Finding("thermal", "warning", "inspect_hardware", "hot", T0, node="n1", gpu=2)])
+    node_tracker.restore([Finding("xid", "critical", "reboot", "XID 79", T0, node="n1", gpu=5, key="79")])
+    app = SimpleNamespace(trackers=(node_tracker, fleet_tracker), stats=SimpleNamespace(links={}), latest_gpu={})
+    snapshot = DetectionSnapshot.take(app)  # type: ignore[arg-type]
+    assert sorted((a.gpu, a.detector) for a in snapshot.alerts) == [(2, "thermal"), (5, "xid")]
