@@ -359,9 +359,10 @@ def test_a_thousand_nodes_of_healthy_ports_are_cheap():
     detector = InfinibandDetector()
     best = float("inf")
     for _ in range(3):
-        started = time.perf_counter()
+        # CPU time of this thread: the suite's other workers share the cores, and wall time with them.
+        started = time.thread_time()
         assert detector.detect(w) == []
-        best = min(best, time.perf_counter() - started)
+        best = min(best, time.thread_time() - started)
     assert best < 0.1  # 8,000 ports; measured around 15 ms
 
 
